@@ -1,0 +1,346 @@
+// nanochat._C: pybind11 bindings over the core. Takes raw buffers only (address,
+// shape, strides in elements, dtype, device); no torch headers. The Python layer
+// (nanochat/ternary.py) builds Buffers from torch tensors or numpy arrays and
+// allocates outputs; these functions check everything again and throw
+// nanochat::Error (ValueError in Python) instead of touching bad memory.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "common/cpu.h"
+#include "common/membw.h"
+#include "common/threadpool.h"
+#include "ternary/dispatch.h"
+#include "ternary/ternary.h"
+#ifdef NANOCHAT_HAVE_CUDA
+#include "cuda/ternary_cuda.h"
+#endif
+
+namespace py = pybind11;
+using namespace nanochat;
+
+namespace {
+
+struct Buffer {
+  uintptr_t ptr = 0;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;  // in elements
+  std::string dtype;             // "float32", "int8", "uint8", "int32"
+  std::string device;            // "cpu" or "cuda:N"
+
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    return n;
+  }
+};
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string o = "(";
+  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  return o + (s.size() == 1 ? ",)" : ")");
+}
+
+// Validates a buffer and returns its typed address.
+template <typename T>
+T* get(const Buffer& b, const char* name, const char* dtype, size_t ndim, bool cuda = false) {
+  if (b.dtype != dtype)
+    throw Error(std::string(name) + ": expected dtype " + dtype + ", got " + b.dtype);
+  if (b.shape.size() != ndim || b.strides.size() != ndim)
+    throw Error(std::string(name) + ": expected " + std::to_string(ndim) + "-d, got shape " +
+                shape_str(b.shape));
+  const bool on_cuda = b.device.rfind("cuda", 0) == 0;
+  if (on_cuda != cuda)
+    throw Error(std::string(name) + ": expected a " + (cuda ? "CUDA" : "CPU") +
+                " buffer, got device " + b.device);
+  int64_t expect = 1;
+  for (size_t i = ndim; i-- > 0;) {
+    if (b.shape[i] < 0) throw Error(std::string(name) + ": negative dimension");
+    if (b.shape[i] > 1 && b.strides[i] != expect)
+      throw Error(std::string(name) + ": must be contiguous (row-major), got strides " +
+                  shape_str(b.strides) + " for shape " + shape_str(b.shape));
+    expect *= b.shape[i];
+  }
+  if (b.numel() > 0 && b.ptr == 0) throw Error(std::string(name) + ": null address");
+  if (b.ptr % alignof(T) != 0) throw Error(std::string(name) + ": misaligned address");
+  return reinterpret_cast<T*>(b.ptr);
+}
+
+void expect_shape(const Buffer& b, const char* name, std::vector<int64_t> want) {
+  if (b.shape != want)
+    throw Error(std::string(name) + ": expected shape " + shape_str(want) + ", got " +
+                shape_str(b.shape));
+}
+
+int64_t blocks_per_row(int64_t cols, const char* what) {
+  if (cols % QK != 0)
+    throw Error(std::string(what) + ": row length " + std::to_string(cols) +
+                " is not a multiple of the 256-weight block");
+  return cols / QK;
+}
+
+// codes (rows, cols) int8 + packed (rows, cols/256*block_bytes) uint8
+std::pair<int8_t*, uint8_t*> codes_and_packed(const Buffer& codes, const Buffer& packed,
+                                              int64_t block_bytes, const char* what) {
+  int8_t* c = get<int8_t>(codes, "codes", "int8", 2);
+  uint8_t* p = get<uint8_t>(packed, "packed", "uint8", 2);
+  const int64_t rows = codes.shape[0], cols = codes.shape[1];
+  expect_shape(packed, "packed", {rows, blocks_per_row(cols, what) * block_bytes});
+  return {c, p};
+}
+
+float* optional_scales(const py::object& o, int64_t rows, int64_t cols) {
+  if (o.is_none()) return nullptr;
+  const Buffer& b = o.cast<const Buffer&>();
+  float* s = get<float>(b, "block_scales", "float32", 2);
+  expect_shape(b, "block_scales", {rows, cols / QK});
+  return s;
+}
+
+py::dict info() {
+  py::dict d;
+  d["version"] = NANOCHAT_VERSION;
+  const CpuFeatures& f = cpu_features();
+  py::dict feats;
+  feats["avx2"] = f.avx2;
+  feats["avx512"] = f.avx512bw;
+  feats["avx512_vnni"] = f.avx512vnni;
+#ifdef NANOCHAT_HAVE_X86_KERNELS
+  feats["x86_kernels_compiled"] = true;
+#else
+  feats["x86_kernels_compiled"] = false;
+#endif
+  d["features"] = feats;
+  py::dict cuda;
+#ifdef NANOCHAT_HAVE_CUDA
+  cuda["compiled"] = true;
+  cuda["devices"] = cuda_device_count();
+#else
+  cuda["compiled"] = false;
+  cuda["devices"] = 0;
+#endif
+  d["cuda"] = cuda;
+  d["threads"] = num_threads();
+  std::vector<std::string> isas;
+  for (Isa i : supported_isas()) isas.emplace_back(isa_name(i));
+  d["isas"] = isas;
+  d["isa"] = isa_name(active_isa());
+  return d;
+}
+
+void gemm_checked(const Buffer& w, int64_t rows, int64_t cols, float scale, const Buffer& q,
+                  const Buffer& x_scale, const Buffer& y, TernaryMatrixView* view,
+                  const int8_t** qp, const float** sp, float** yp, int64_t* tokens,
+                  bool cuda = false) {
+  const uint8_t* wp = get<uint8_t>(w, "weights", "uint8", 2, cuda);
+  expect_shape(w, "weights", {rows, tk2_row_bytes(cols)});
+  *qp = get<int8_t>(q, "q", "int8", 2, cuda);
+  *tokens = q.shape[0];
+  expect_shape(q, "q", {*tokens, cols});
+  *sp = get<float>(x_scale, "x_scale", "float32", 1, cuda);
+  expect_shape(x_scale, "x_scale", {*tokens});
+  *yp = get<float>(y, "y", "float32", 2, cuda);
+  expect_shape(y, "y", {*tokens, rows});
+  *view = TernaryMatrixView{wp, rows, cols, scale};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "nanochat C++ core: ternary formats and W1.58A8 kernels";
+  py::register_exception<Error>(m, "CoreError", PyExc_ValueError);
+
+  py::class_<Buffer>(m, "Buffer")
+      .def(py::init<uintptr_t, std::vector<int64_t>, std::vector<int64_t>, std::string,
+                    std::string>(),
+           py::arg("ptr"), py::arg("shape"), py::arg("strides"), py::arg("dtype"),
+           py::arg("device") = "cpu")
+      .def_readonly("ptr", &Buffer::ptr)
+      .def_readonly("shape", &Buffer::shape)
+      .def_readonly("dtype", &Buffer::dtype)
+      .def_readonly("device", &Buffer::device);
+
+  m.def("info", &info, "Version, CPU features, CUDA, threads and kernel dispatch.");
+  m.def("num_threads", &num_threads);
+  m.def("set_num_threads", &set_num_threads, py::arg("n"),
+        "Kernel thread count; n <= 0 restores the default (NANOCHAT_NUM_THREADS or all cores).");
+  m.def("supported_isas", [] {
+    std::vector<std::string> o;
+    for (Isa i : supported_isas()) o.emplace_back(isa_name(i));
+    return o;
+  });
+  m.def("active_isa", [] { return std::string(isa_name(active_isa())); });
+  m.def("set_isa", [](const std::string& n) { set_isa(isa_from_name(n)); }, py::arg("name"));
+  m.def("reset_isa", &reset_isa);
+
+  m.def(
+      "absmean_quantize",
+      [](const Buffer& w, const Buffer& codes) {
+        const float* wp = get<float>(w, "w", "float32", 2);
+        int8_t* cp = get<int8_t>(codes, "codes", "int8", 2);
+        expect_shape(codes, "codes", w.shape);
+        return absmean_quantize(wp, w.numel(), cp);
+      },
+      py::arg("w"), py::arg("codes"), py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "tq2_0_pack",
+      [](const Buffer& codes, float scale, const Buffer& out) {
+        auto [c, p] = codes_and_packed(codes, out, TQ2_0_BLOCK_BYTES, "tq2_0_pack");
+        tq2_0_pack(c, codes.shape[0], codes.shape[1], scale, p);
+      },
+      py::arg("codes"), py::arg("scale"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "tq2_0_unpack",
+      [](const Buffer& in, const Buffer& codes, py::object block_scales) {
+        auto [c, p] = codes_and_packed(codes, in, TQ2_0_BLOCK_BYTES, "tq2_0_unpack");
+        float* s = optional_scales(block_scales, codes.shape[0], codes.shape[1]);
+        py::gil_scoped_release nogil;
+        tq2_0_unpack(p, codes.shape[0], codes.shape[1], c, s);
+      },
+      py::arg("packed"), py::arg("codes"), py::arg("block_scales") = py::none());
+  m.def(
+      "tq1_0_pack",
+      [](const Buffer& codes, float scale, const Buffer& out) {
+        auto [c, p] = codes_and_packed(codes, out, TQ1_0_BLOCK_BYTES, "tq1_0_pack");
+        tq1_0_pack(c, codes.shape[0], codes.shape[1], scale, p);
+      },
+      py::arg("codes"), py::arg("scale"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "tq1_0_unpack",
+      [](const Buffer& in, const Buffer& codes, py::object block_scales) {
+        auto [c, p] = codes_and_packed(codes, in, TQ1_0_BLOCK_BYTES, "tq1_0_unpack");
+        float* s = optional_scales(block_scales, codes.shape[0], codes.shape[1]);
+        py::gil_scoped_release nogil;
+        tq1_0_unpack(p, codes.shape[0], codes.shape[1], c, s);
+      },
+      py::arg("packed"), py::arg("codes"), py::arg("block_scales") = py::none());
+
+  m.def(
+      "tk2_pack",
+      [](const Buffer& codes, const Buffer& out) {
+        auto [c, p] = codes_and_packed(codes, out, TK2_BLOCK_BYTES, "tk2_pack");
+        tk2_pack(c, codes.shape[0], codes.shape[1], p);
+      },
+      py::arg("codes"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "tk2_unpack",
+      [](const Buffer& in, const Buffer& codes) {
+        auto [c, p] = codes_and_packed(codes, in, TK2_BLOCK_BYTES, "tk2_unpack");
+        tk2_unpack(p, codes.shape[0], codes.shape[1], c);
+      },
+      py::arg("packed"), py::arg("codes"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "tq2_0_to_tk2",
+      [](const Buffer& tq, int64_t cols, const Buffer& out) {
+        const uint8_t* t = get<uint8_t>(tq, "tq2_0", "uint8", 2);
+        uint8_t* o = get<uint8_t>(out, "out", "uint8", 2);
+        const int64_t rows = tq.shape[0];
+        expect_shape(tq, "tq2_0", {rows, blocks_per_row(cols, "tq2_0_to_tk2") * TQ2_0_BLOCK_BYTES});
+        expect_shape(out, "out", {rows, tk2_row_bytes(cols)});
+        return tq2_0_to_tk2(t, rows, cols, o);
+      },
+      py::arg("tq2_0"), py::arg("cols"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "tk2_to_tq2_0",
+      [](const Buffer& tk, int64_t cols, float scale, const Buffer& out) {
+        const uint8_t* t = get<uint8_t>(tk, "tk2", "uint8", 2);
+        uint8_t* o = get<uint8_t>(out, "out", "uint8", 2);
+        const int64_t rows = tk.shape[0];
+        expect_shape(tk, "tk2", {rows, tk2_row_bytes(cols)});
+        expect_shape(out, "out", {rows, blocks_per_row(cols, "tk2_to_tq2_0") * TQ2_0_BLOCK_BYTES});
+        tk2_to_tq2_0(t, rows, cols, scale, o);
+      },
+      py::arg("tk2"), py::arg("cols"), py::arg("scale"), py::arg("out"),
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "quantize_activations",
+      [](const Buffer& x, const Buffer& q, const Buffer& scale) {
+        const float* xp = get<float>(x, "x", "float32", 2);
+        int8_t* qp = get<int8_t>(q, "q", "int8", 2);
+        float* sp = get<float>(scale, "x_scale", "float32", 1);
+        expect_shape(q, "q", x.shape);
+        expect_shape(scale, "x_scale", {x.shape[0]});
+        quantize_activations(xp, x.shape[0], x.shape[1], qp, sp);
+      },
+      py::arg("x"), py::arg("q"), py::arg("x_scale"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "dequantize_activations",
+      [](const Buffer& q, const Buffer& scale, const Buffer& x) {
+        const int8_t* qp = get<int8_t>(q, "q", "int8", 2);
+        const float* sp = get<float>(scale, "x_scale", "float32", 1);
+        float* xp = get<float>(x, "x", "float32", 2);
+        expect_shape(x, "x", q.shape);
+        expect_shape(scale, "x_scale", {q.shape[0]});
+        dequantize_activations(qp, sp, q.shape[0], q.shape[1], xp);
+      },
+      py::arg("q"), py::arg("x_scale"), py::arg("x"), py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "ternary_gemm",
+      [](const Buffer& w, int64_t rows, int64_t cols, float scale, const Buffer& q,
+         const Buffer& x_scale, const Buffer& y) {
+        TernaryMatrixView v;
+        const int8_t* qp;
+        const float* sp;
+        float* yp;
+        int64_t tokens;
+        gemm_checked(w, rows, cols, scale, q, x_scale, y, &v, &qp, &sp, &yp, &tokens);
+        ternary_gemm(v, qp, sp, tokens, yp);
+      },
+      py::arg("weights"), py::arg("rows"), py::arg("cols"), py::arg("scale"), py::arg("q"),
+      py::arg("x_scale"), py::arg("y"), py::call_guard<py::gil_scoped_release>(),
+      "y = scale * x_scale * (codes @ q^T)^T over TK2 weights on the active ISA.");
+
+  m.def(
+      "time_ternary_gemm",
+      [](const Buffer& w, int64_t rows, int64_t cols, float scale, const Buffer& q,
+         const Buffer& x_scale, const Buffer& y, int iters) {
+        TernaryMatrixView v;
+        const int8_t* qp;
+        const float* sp;
+        float* yp;
+        int64_t tokens;
+        gemm_checked(w, rows, cols, scale, q, x_scale, y, &v, &qp, &sp, &yp, &tokens);
+        std::vector<double> secs;
+        for (int i = 0; i < iters; ++i) {
+          const auto t0 = std::chrono::steady_clock::now();
+          ternary_gemm(v, qp, sp, tokens, yp);
+          secs.push_back(
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+        return secs;
+      },
+      py::arg("weights"), py::arg("rows"), py::arg("cols"), py::arg("scale"), py::arg("q"),
+      py::arg("x_scale"), py::arg("y"), py::arg("iters"), py::call_guard<py::gil_scoped_release>(),
+      "Runs ternary_gemm `iters` times back to back; returns each call's seconds.");
+
+  m.def("measure_read_bandwidth", &measure_read_bandwidth, py::arg("bytes"), py::arg("threads"),
+        py::arg("reps") = 5, py::call_guard<py::gil_scoped_release>(),
+        "Best memory read rate in GB/s over `reps` passes of a `bytes` buffer.");
+
+#ifdef NANOCHAT_HAVE_CUDA
+  m.def("cuda_device_count", &cuda_device_count);
+  m.def(
+      "cuda_ternary_gemm",
+      [](const Buffer& w, int64_t rows, int64_t cols, float scale, const Buffer& q,
+         const Buffer& x_scale, const Buffer& y, uintptr_t stream) {
+        TernaryMatrixView v;
+        const int8_t* qp;
+        const float* sp;
+        float* yp;
+        int64_t tokens;
+        gemm_checked(w, rows, cols, scale, q, x_scale, y, &v, &qp, &sp, &yp, &tokens, true);
+        cuda_ternary_gemm(v.data, rows, cols, scale, qp, sp, tokens, yp, stream);
+      },
+      py::arg("weights"), py::arg("rows"), py::arg("cols"), py::arg("scale"), py::arg("q"),
+      py::arg("x_scale"), py::arg("y"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
+#else
+  m.def("cuda_device_count", [] { return 0; });
+#endif
+}

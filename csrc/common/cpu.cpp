@@ -1,0 +1,53 @@
+#include "common/cpu.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#include <cstdint>
+#define NANOCHAT_X86 1
+#endif
+
+namespace nanochat {
+
+namespace {
+
+#ifdef NANOCHAT_X86
+uint64_t xgetbv0() {
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (uint64_t(hi) << 32) | lo;
+}
+#endif
+
+CpuFeatures detect() {
+  CpuFeatures f;
+#ifdef NANOCHAT_X86
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = c & (1u << 27);
+  const bool fma = c & (1u << 12);
+  if (!osxsave) return f;
+  const uint64_t xcr0 = xgetbv0();
+  const bool ymm_os = (xcr0 & 0x6) == 0x6;             // SSE + AVX state
+  const bool zmm_os = ymm_os && (xcr0 & 0xE0) == 0xE0;  // opmask + ZMM state
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool avx2 = b & (1u << 5);
+  const bool avx512f = b & (1u << 16);
+  const bool avx512bw = b & (1u << 30);
+  const bool avx512vl = b & (1u << 31);
+  const bool avx512vnni = c & (1u << 11);
+  f.avx2 = ymm_os && avx2 && fma;
+  f.avx512bw = zmm_os && avx512f && avx512bw && avx512vl;
+  f.avx512vnni = f.avx512bw && avx512vnni;
+#endif
+  return f;
+}
+
+}  // namespace
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = detect();
+  return f;
+}
+
+}  // namespace nanochat

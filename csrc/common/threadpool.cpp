@@ -1,0 +1,158 @@
+#include "common/threadpool.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define NANOCHAT_PAUSE() _mm_pause()
+#else
+#define NANOCHAT_PAUSE() std::this_thread::yield()
+#endif
+
+namespace nanochat {
+
+namespace {
+
+class Pool {
+ public:
+  explicit Pool(int n) : size_(n < 1 ? 1 : n) {
+    for (int i = 1; i < size_; ++i) workers_.emplace_back([this] { worker(); });
+  }
+
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+  int size() const { return size_; }
+
+  // Returns false (having done nothing) when the pool is already running a job.
+  bool try_run(int64_t n, const std::function<void(int64_t)>& fn) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    fn_ = &fn;
+    n_ = n;
+    next_.store(0, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    error_ = nullptr;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    work();
+    const int others = size_ - 1;
+    while (done_.load(std::memory_order_acquire) < others) NANOCHAT_PAUSE();
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+    return true;
+  }
+
+ private:
+  void work() {
+    for (;;) {
+      const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
+      if (i >= n_) break;
+      try {
+        (*fn_)(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(err_mu_);
+        if (!error_) error_ = std::current_exception();
+        next_.store(n_, std::memory_order_relaxed);  // stop handing out work
+      }
+    }
+  }
+
+  void worker() {
+    uint64_t seen = generation_.load(std::memory_order_acquire);
+    for (;;) {
+      // Spin ~tens of microseconds for the next job, then sleep.
+      int spins = 0;
+      while (generation_.load(std::memory_order_acquire) == seen && spins < 20000) {
+        NANOCHAT_PAUSE();
+        ++spins;
+      }
+      if (generation_.load(std::memory_order_acquire) == seen) {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+      }
+      seen = generation_.load(std::memory_order_acquire);
+      if (stop_) return;
+      work();
+      done_.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+
+  const int size_;
+  std::vector<std::thread> workers_;
+  std::mutex busy_;  // held by the thread whose job is running
+  std::mutex mu_;    // guards sleeping
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  bool stop_ = false;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0;
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> done_{0};
+  std::mutex err_mu_;
+  std::exception_ptr error_;
+};
+
+int default_threads() {
+  if (const char* env = std::getenv("NANOCHAT_NUM_THREADS")) {
+    const int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  const unsigned hw = std::thread::hardware_concurrency();
+  return hw ? int(hw) : 1;
+}
+
+std::mutex g_pool_mu;
+std::shared_ptr<Pool> g_pool;
+
+std::shared_ptr<Pool> pool() {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  if (!g_pool) g_pool = std::make_shared<Pool>(default_threads());
+  return g_pool;
+}
+
+thread_local bool t_inside_job = false;
+
+}  // namespace
+
+int num_threads() { return pool()->size(); }
+
+void set_num_threads(int n) {
+  auto fresh = std::make_shared<Pool>(n > 0 ? n : default_threads());
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  g_pool = std::move(fresh);  // the old pool joins once its last user drops it
+}
+
+void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) {
+  if (n <= 0) return;
+  auto p = pool();
+  if (n > 1 && p->size() > 1 && !t_inside_job) {
+    // Mark the caller so fn() calling parallel_for runs inline; workers never
+    // call into the pool (their fn() would find it busy and run inline).
+    t_inside_job = true;
+    struct Reset {
+      ~Reset() { t_inside_job = false; }
+    } reset;
+    if (p->try_run(n, fn)) return;
+  }
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
+}  // namespace nanochat

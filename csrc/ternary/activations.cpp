@@ -1,0 +1,43 @@
+// BitNet A8: per-token absmax int8 activation quantization and its inverse.
+#include <cmath>
+#include <string>
+
+#include "ternary/ternary.h"
+
+namespace nanochat {
+
+namespace {
+void check_act(const void* a, const void* b, const void* c, int64_t tokens, int64_t k,
+               const char* what) {
+  if (tokens < 0 || k < 0) throw Error(std::string(what) + ": negative shape");
+  if (tokens * k > 0 && (!a || !b || !c)) throw Error(std::string(what) + ": null buffer");
+}
+}  // namespace
+
+void quantize_activations(const float* x, int64_t tokens, int64_t k, int8_t* q, float* x_scale) {
+  check_act(x, q, x_scale, tokens, k, "quantize_activations");
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* xt = x + t * k;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < k; ++i) amax = std::fmax(amax, std::fabs(xt[i]));
+    if (!std::isfinite(amax))
+      throw Error("quantize_activations: token " + std::to_string(t) + " has a non-finite value");
+    const float s = 127.0f / (amax < 1e-5f ? 1e-5f : amax);
+    int8_t* qt = q + t * k;
+    for (int64_t i = 0; i < k; ++i) {
+      float r = std::nearbyint(xt[i] * s);
+      r = r > 127.0f ? 127.0f : (r < -128.0f ? -128.0f : r);
+      qt[i] = int8_t(r);
+    }
+    x_scale[t] = 1.0f / s;
+  }
+}
+
+void dequantize_activations(const int8_t* q, const float* x_scale, int64_t tokens, int64_t k,
+                            float* x) {
+  check_act(q, x_scale, x, tokens, k, "dequantize_activations");
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t i = 0; i < k; ++i) x[t * k + i] = float(q[t * k + i]) * x_scale[t];
+}
+
+}  // namespace nanochat

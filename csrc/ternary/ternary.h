@@ -1,0 +1,82 @@
+// Ternary (BitNet b1.58) core: weight formats, activation quantization and the
+// W1.58 x A8 GEMV/GEMM. Plain C++17; no Python, no torch.
+//
+// Conventions (shared by every function here):
+//   - A weight matrix is `rows x cols` (out_features x in_features), row-major.
+//   - Ternary codes are int8 in {-1, 0, +1}; the real weight is code * scale.
+//   - `cols` must be a multiple of QK (256) for every packed format.
+//   - Quantized activations: x ~= q * x_scale with q int8, one x_scale per token.
+//   - Every function validates its arguments and throws nanochat::Error on misuse.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace nanochat {
+
+// All argument and format errors the core reports. Bindings map it to ValueError.
+struct Error : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+constexpr int64_t QK = 256;  // weights per block, as ggml's QK_K
+
+// ---- fp16 (IEEE binary16, round-to-nearest-even, as numpy's astype(float16)) ----
+uint16_t fp32_to_fp16(float f);
+float fp16_to_fp32(uint16_t h);
+
+// ---- BitNet absmean weight quantization -------------------------------------
+// scale = max(mean|W|, 1e-5); code = clamp(round(W / scale), -1, 1). Returns scale.
+float absmean_quantize(const float* w, int64_t n, int8_t* codes);
+
+// ---- ggml TQ2_0: 66 bytes per 256 weights (qs[64], fp16 d) -------------------
+// ---- ggml TQ1_0: 54 bytes per 256 weights (qs[48], qh[4], fp16 d) ------------
+// pack: d = fp16(scale) for blocks holding a nonzero code, 0 for all-zero blocks
+// (what ggml's absmax quantizer yields for codes * scale). unpack: codes, and the
+// per-block d as float when `block_scales` is not null (rows * cols/QK entries).
+constexpr int64_t TQ2_0_BLOCK_BYTES = 66;
+constexpr int64_t TQ1_0_BLOCK_BYTES = 54;
+void tq2_0_pack(const int8_t* codes, int64_t rows, int64_t cols, float scale, uint8_t* out);
+void tq2_0_unpack(const uint8_t* in, int64_t rows, int64_t cols, int8_t* codes,
+                  float* block_scales);
+void tq1_0_pack(const int8_t* codes, int64_t rows, int64_t cols, float scale, uint8_t* out);
+void tq1_0_unpack(const uint8_t* in, int64_t rows, int64_t cols, int8_t* codes,
+                  float* block_scales);
+
+// ---- TK2: this project's kernel layout ---------------------------------------
+// 2 bits per weight, code+1 in {0,1,2}; 64 bytes per 256-weight block, no
+// per-block scale (one float scale per tensor travels beside the bytes). Byte j
+// of a block holds columns j, j+64, j+128, j+192 at bit shifts 0, 2, 4, 6, so one
+// 64-byte load split by 2-bit masks yields four vectors that line up with four
+// contiguous 64-byte slices of the activation row.
+constexpr int64_t TK2_BLOCK_BYTES = 64;
+int64_t tk2_row_bytes(int64_t cols);
+void tk2_pack(const int8_t* codes, int64_t rows, int64_t cols, uint8_t* out);
+void tk2_unpack(const uint8_t* in, int64_t rows, int64_t cols, int8_t* codes);
+// TQ2_0 -> TK2 is lossless only when every block's d is 0 or one common value
+// (a BitNet per-tensor scale); otherwise it throws. Returns that scale as float.
+float tq2_0_to_tk2(const uint8_t* tq, int64_t rows, int64_t cols, uint8_t* out);
+void tk2_to_tq2_0(const uint8_t* tk, int64_t rows, int64_t cols, float scale, uint8_t* out);
+
+// ---- activations: per-token absmax int8 (BitNet A8) ---------------------------
+// s = 127 / max(absmax(x_t), 1e-5); q = clamp(round(x * s), -128, 127); x_scale = 1/s.
+void quantize_activations(const float* x, int64_t tokens, int64_t k, int8_t* q, float* x_scale);
+void dequantize_activations(const int8_t* q, const float* x_scale, int64_t tokens, int64_t k,
+                            float* x);
+
+// ---- ternary GEMM/GEMV ---------------------------------------------------------
+// y[t, r] = w_scale * x_scale[t] * sum_k code[r, k] * q[t, k], integer accumulation.
+// w: TK2 bytes, rows * tk2_row_bytes(cols). q: tokens x cols int8. y: tokens x rows.
+// tokens == 1 is the GEMV. Runs on the active ISA (see dispatch.h) and thread pool.
+struct TernaryMatrixView {
+  const uint8_t* data;  // TK2 bytes
+  int64_t rows;
+  int64_t cols;
+  float scale;
+};
+void ternary_gemm(const TernaryMatrixView& w, const int8_t* q, const float* x_scale,
+                  int64_t tokens, float* y);
+
+}  // namespace nanochat

@@ -1,0 +1,14 @@
+"""nanochat: ternary (BitNet b1.58) language models you can train, export and embed.
+
+`import nanochat` is cheap: the compiled core (`nanochat._C`) and torch load on
+first use. Start with `nanochat info` on the command line.
+"""
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("nanochat-ternary")
+except _metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__"]

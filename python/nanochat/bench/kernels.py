@@ -1,0 +1,181 @@
+"""nanochat bench kernels: ternary GEMV and GEMM per kernel path and thread count.
+
+For each layer shape (rows x cols = out x in features) it times, in one process and
+interleaved round by round (A B A B, medians reported, so drift hits all alike):
+  - our TK2 ternary kernel on every ISA this CPU runs, GEMV (1 token) and GEMM
+    (--tokens, default 128), int8 activations already quantized;
+  - torch's f32 matmul on the same shape and thread count.
+It also measures the machine's memory read bandwidth per thread count, and
+reports GEMV weight bytes/s as a fraction of it.
+
+Columns: seconds per call (median), GOPS = 2*rows*cols*tokens/s, weight GB/s
+(TK2 bytes = rows*cols/4 per call), bw_fraction = weight GB/s / read bandwidth,
+vs_torch = torch time / our time (above 1: we are faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+DEFAULT_SHAPES = [
+    (768, 768), (2048, 768), (768, 2048), (1536, 1536), (4096, 1536), (1536, 4096),
+    (4096, 4096), (32768, 768), (32768, 16384),
+]
+QUICK_SHAPES = [(256, 256), (512, 768)]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="one JSON object per measurement")
+    p.add_argument("--markdown", action="store_true", help="print a markdown table")
+    p.add_argument("--quick", action="store_true", help="two small shapes, few repeats (smoke)")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated thread counts (default: 1 and all cores)")
+    p.add_argument("--isa", default=None,
+                   help="comma-separated kernel paths (default: every one this CPU runs)")
+    p.add_argument("--shapes", default=None, help="e.g. 4096x4096,768x2048 (rows x cols)")
+    p.add_argument("--tokens", type=int, default=128, help="tokens for the GEMM (default 128)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--min-time", type=float, default=0.05,
+                   help="seconds of calls per variant per round (default 0.05)")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch f32 baseline")
+
+
+def _parse_shapes(s: str) -> list[tuple[int, int]]:
+    out = []
+    for part in s.split(","):
+        try:
+            r, c = part.lower().split("x")
+            out.append((int(r), int(c)))
+        except ValueError:
+            raise ValueError(f"--shapes: cannot parse {part!r}; expected ROWSxCOLS") from None
+    return out
+
+
+def _time_calls(fn, min_time: float) -> float:
+    """Median seconds per call over as many calls as fit in min_time (at least 3)."""
+    fn()  # warm caches and page in
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 1000:
+            break
+    return statistics.median(times)
+
+
+def _time_ours(C, args_tuple, min_time: float) -> float:
+    # Timed inside C++ so Python call overhead does not pollute microsecond GEMVs.
+    secs = C.time_ternary_gemm(*args_tuple, 1)
+    n = max(3, min(2000, int(min_time / max(secs[0], 1e-7))))
+    return statistics.median(C.time_ternary_gemm(*args_tuple, n))
+
+
+def run(args: argparse.Namespace):
+    """Yields one dict per measurement."""
+    import os
+
+    import torch
+
+    from nanochat import ternary
+    from nanochat._core import core
+
+    C = core()
+    ncpu = os.cpu_count() or 1
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, ncpu})
+    isas = args.isa.split(",") if args.isa else ternary.supported_isas()
+    for i in isas:
+        if i not in ternary.supported_isas():
+            raise ValueError(f"--isa: {i} is not supported here ({ternary.supported_isas()})")
+    if args.shapes:
+        shapes = _parse_shapes(args.shapes)
+    else:
+        shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
+    rounds = 2 if args.quick else args.rounds
+    min_time = 0.005 if args.quick else args.min_time
+    bw_bytes = (64 << 20) if args.quick else (1 << 30)
+
+    bandwidth = {t: C.measure_read_bandwidth(bw_bytes, t, 3 if args.quick else 5) for t in threads}
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for rows, cols in shapes:
+            codes = torch.randint(-1, 2, (rows, cols), dtype=torch.int8, generator=gen)
+            W = ternary.TernaryMatrix.from_codes(codes, 0.02)
+            wf = codes.to(torch.float32) * 0.02 if not args.no_torch else None
+            del codes
+            for tokens in (1, args.tokens):
+                x = torch.randn(tokens, cols, generator=gen)
+                q, s = ternary.quantize_activations(x)
+                y = torch.empty(tokens, rows)
+                call = (ternary._buffer(W.data, "w"), rows, cols, W.scale,
+                        ternary._buffer(q, "q"), ternary._buffer(s, "s"), ternary._buffer(y, "y"))
+                op = "gemv" if tokens == 1 else "gemm"
+                for t in threads:
+                    samples: dict[str, list[float]] = {i: [] for i in isas}
+                    torch_samples: list[float] = []
+                    for _ in range(rounds):
+                        for isa in isas:
+                            ternary.set_isa(isa)
+                            ternary.set_num_threads(t)
+                            samples[isa].append(_time_ours(C, call, min_time))
+                        if wf is not None:
+                            torch.set_num_threads(t)
+                            if tokens == 1:
+                                xv = x[0]
+                                torch_samples.append(_time_calls(lambda: torch.mv(wf, xv), min_time))
+                            else:
+                                wt = wf.t()
+                                torch_samples.append(_time_calls(lambda: x @ wt, min_time))
+                    torch_s = statistics.median(torch_samples) if torch_samples else None
+                    for isa in isas:
+                        sec = statistics.median(samples[isa])
+                        wgbps = rows * cols / 4 / sec / 1e9
+                        yield {
+                            "op": op, "rows": rows, "cols": cols, "tokens": tokens,
+                            "threads": t, "isa": isa, "seconds": sec,
+                            "gops": 2.0 * rows * cols * tokens / sec / 1e9,
+                            "weight_gbps": wgbps,
+                            "read_bw_gbps": bandwidth[t],
+                            "bw_fraction": wgbps / bandwidth[t],
+                            "torch_seconds": torch_s,
+                            "vs_torch": (torch_s / sec) if torch_s else None,
+                        }
+            del W, wf
+    finally:
+        ternary.set_isa(None)
+        ternary.set_num_threads(0)
+
+
+def main(args: argparse.Namespace) -> int:
+    rows = []
+    if args.markdown:
+        print("| op | shape | tokens | threads | isa | time | GOPS | weight GB/s | of read BW | vs torch f32 |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+    elif not args.json:
+        print(f"{'op':4} {'rows x cols':>13} {'tok':>4} {'thr':>3} {'isa':>11} "
+              f"{'time':>10} {'GOPS':>7} {'wGB/s':>7} {'ofBW':>5} {'vs torch':>8}")
+    for m in run(args):
+        rows.append(m)
+        vs = f"{m['vs_torch']:.2f}x" if m["vs_torch"] else "-"
+        if args.json:
+            print(json.dumps(m), flush=True)
+        elif args.markdown:
+            print(f"| {m['op']} | {m['rows']}x{m['cols']} | {m['tokens']} | {m['threads']} | "
+                  f"{m['isa']} | {_fmt_time(m['seconds'])} | {m['gops']:.1f} | "
+                  f"{m['weight_gbps']:.1f} | {m['bw_fraction']:.0%} | {vs} |", flush=True)
+        else:
+            print(f"{m['op']:4} {m['rows']:>6}x{m['cols']:<6} {m['tokens']:>4} {m['threads']:>3} "
+                  f"{m['isa']:>11} {_fmt_time(m['seconds']):>10} {m['gops']:>7.1f} "
+                  f"{m['weight_gbps']:>7.1f} {m['bw_fraction']:>5.0%} {vs:>8}", flush=True)
+    if not args.json and rows:
+        bws = sorted({(m["threads"], m["read_bw_gbps"]) for m in rows})
+        print("read bandwidth: " + ", ".join(f"{t} thread(s) {b:.1f} GB/s" for t, b in bws))
+    return 0
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"

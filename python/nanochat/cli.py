@@ -1,0 +1,80 @@
+"""The `nanochat` command: thin argument parsing over the package.
+
+    nanochat info [--json]
+    nanochat bench kernels [--json] [--quick] [--threads 1,2] [--isa ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from nanochat import __version__
+    from nanochat._core import core
+
+    info = dict(core().info())
+    info["version"] = __version__
+    info["core_version"] = core().info()["version"]
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    feats = info["features"]
+    cuda = info["cuda"]
+    print(f"nanochat {info['version']}")
+    print(f"  cpu features : " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in feats.items()))
+    print(f"  cuda         : compiled={'yes' if cuda['compiled'] else 'no'}, devices={cuda['devices']}")
+    print(f"  threads      : {info['threads']}  (NANOCHAT_NUM_THREADS overrides)")
+    print(f"  kernel paths : {', '.join(info['isas'])}")
+    print(f"  ternary_gemm : dispatches to {info['isa']}  (NANOCHAT_ISA pins one)")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "kernels":
+        from nanochat.bench import kernels
+
+        return kernels.main(args)
+    raise AssertionError(args.bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nanochat",
+        description="Ternary (BitNet b1.58) language models: train, export to GGUF, run fast on CPUs.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pi = sub.add_parser("info", help="version, CPU features, CUDA, threads and kernel dispatch")
+    pi.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    pi.set_defaults(func=_cmd_info)
+
+    pb = sub.add_parser("bench", help="benchmarks that compare alternatives side by side")
+    bsub = pb.add_subparsers(dest="bench", required=True, metavar="NAME")
+    from nanochat.bench import kernels
+
+    kernels.add_arguments(
+        bsub.add_parser(
+            "kernels",
+            help="ternary GEMV/GEMM per kernel path and thread count vs torch f32 matmul",
+            description=kernels.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    pb.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"nanochat {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
