@@ -76,7 +76,9 @@ class Pool {
   }
 
   void worker() {
-    uint64_t seen = generation_.load(std::memory_order_acquire);
+    // Start from the constructor's generation, not a fresh load: a job may be
+    // posted before this thread first runs, and it must not be skipped.
+    uint64_t seen = 0;
     for (;;) {
       // Spin ~tens of microseconds for the next job, then sleep.
       int spins = 0;

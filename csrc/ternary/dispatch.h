@@ -27,6 +27,7 @@ void reset_isa();       // back to the default
 // over TK2 weights (code + 1 is what TK2 stores; qsum[t] = sum_k q[t,k] removes the +1).
 struct GemmArgs {
   const uint8_t* w;
+  int64_t rows;  // whole matrix (kernels may prefetch rows past their tile)
   int64_t w_row_bytes;
   int64_t cols;
   const int8_t* q;

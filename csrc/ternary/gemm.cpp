@@ -37,7 +37,7 @@ void ternary_gemm(const TernaryMatrixView& w, const int8_t* q, const float* x_sc
     qsum[size_t(t)] = s;
   }
 
-  GemmArgs a{w.data, tk2_row_bytes(w.cols), w.cols, q, w.cols, qsum.data(), x_scale,
+  GemmArgs a{w.data, w.rows, tk2_row_bytes(w.cols), w.cols, q, w.cols, qsum.data(), x_scale,
              w.scale, y, w.rows};
   const GemmKernel kernel = gemm_kernel(active_isa());
 

@@ -59,6 +59,7 @@ struct Tile<R, 1> {
     for (int i = 0; i < R; ++i) w[i] = a.w + (r + i) * a.w_row_bytes;
     __m512i total[R];
     for (int i = 0; i < R; ++i) total[i] = _mm512_setzero_si512();
+    const bool prefetch = r + 2 * R <= a.rows;
     const int64_t nb = a.cols / 256;
     for (int64_t b0 = 0; b0 < nb; b0 += 256) {
       const int64_t b1 = b0 + 256 < nb ? b0 + 256 : nb;
@@ -66,6 +67,12 @@ struct Tile<R, 1> {
       for (int i = 0; i < R; ++i)
         for (int n = 0; n < 4; ++n) acc[i][n] = _mm512_setzero_si512();
       for (int64_t b = b0; b < b1; ++b) {
+        // Rows are short streams (a 16384-wide row is one 4 KiB page, where
+        // hardware prefetchers stop), so fetch the next tile's block by hand.
+        if (prefetch)
+          for (int i = 0; i < R; ++i)
+            _mm_prefetch(reinterpret_cast<const char*>(w[i] + R * a.w_row_bytes + b * 64),
+                         _MM_HINT_T0);
         const __m512i x0 = _mm512_loadu_si512(x + b * 256);
         const __m512i x1 = _mm512_loadu_si512(x + b * 256 + 64);
         const __m512i x2 = _mm512_loadu_si512(x + b * 256 + 128);
