@@ -297,13 +297,17 @@ class TernaryMatrix:
 
         `x` is (tokens, cols) float32 or a single (cols,) vector (the GEMV).
         """
+        if not isinstance(x, (torch.Tensor, np.ndarray)):
+            raise TypeError(f"x: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
         vector = x.ndim == 1
         x2 = x.reshape(1, -1) if vector else x
         if isinstance(x2, torch.Tensor) and x2.device.type == "cuda":
+            # Same float32 ops as the C++ quantizer (true divisions: torch's `127.0 / t`
+            # is t.reciprocal() * 127, two roundings), so CUDA and CPU agree bit for bit.
             amax = x2.abs().amax(dim=1).clamp(min=1e-5)
-            s = 127.0 / amax
+            s = torch.full_like(amax, 127.0) / amax
             q = torch.clamp(torch.round(x2 * s[:, None]), -128, 127).to(torch.int8)
-            y = self.matmul_quantized(q.contiguous(), (1.0 / s).contiguous())
+            y = self.matmul_quantized(q.contiguous(), (torch.ones_like(s) / s).contiguous())
         else:
             q, s = quantize_activations(x2)
             y = self.matmul_quantized(q, s)

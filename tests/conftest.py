@@ -1,0 +1,113 @@
+"""Shared fixtures: dispatch state (ISA, threads) is process-global in the C++ core,
+so every test gets it restored afterwards, and subprocess helpers get a clean env.
+
+A per-test watchdog turns a hang (the kernels run a C++ thread pool; a pool start-up
+deadlock was fixed in 377f92a) into a stack dump and a failed run instead of a stall.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nanochat import ternary
+
+SUPPORTED_ISAS = ternary.supported_isas()
+DEFAULT_THREADS = ternary.num_threads()
+HANG_TIMEOUT_S = 120  # per test; far above any test's normal run time
+
+_watchdog_fd: list[int] = []
+
+
+def pytest_configure(config):
+    # Output capture is suspended here, so fd 2 is the real stderr: dup it for the
+    # watchdog so its traceback is visible even though the test's stderr is captured.
+    _watchdog_fd.append(os.dup(2))
+
+
+@pytest.fixture(autouse=True)
+def hang_watchdog():
+    """Dump all threads' stacks and exit if one test runs past HANG_TIMEOUT_S."""
+    if _watchdog_fd:
+        faulthandler.dump_traceback_later(HANG_TIMEOUT_S, exit=True, file=_watchdog_fd[0])
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def set_threads(n: int) -> None:
+    """ternary.set_num_threads(n) (n <= 0: the default)."""
+    ternary.set_num_threads(n)
+
+
+def _reset_dispatch() -> None:
+    ternary.set_isa(None)
+    if ternary.num_threads() != DEFAULT_THREADS:  # each set builds a new pool: skip no-ops
+        set_threads(0)
+
+
+@pytest.fixture(autouse=True)
+def reset_dispatch():
+    """Restore the default ISA and thread count after every test, pass or fail."""
+    _reset_dispatch()
+    try:
+        yield
+    finally:
+        _reset_dispatch()
+
+
+@pytest.fixture(params=SUPPORTED_ISAS)
+def isa(request):
+    """Pins each supported kernel path in turn (restored by reset_dispatch)."""
+    ternary.set_isa(request.param)
+    assert ternary.active_isa() == request.param
+    return request.param
+
+
+@pytest.fixture
+def threads():
+    """threads(n): set the kernel thread count (restored by reset_dispatch)."""
+    return set_threads
+
+
+def clean_env(**overrides: str | None) -> dict[str, str]:
+    """os.environ without the NANOCHAT_* knobs (so the caller's shell cannot leak in),
+    then `overrides` applied (None removes)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NANOCHAT_")}
+    for k, v in overrides.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
+
+
+def _run(argv: list[str], env: dict[str, str | None], timeout: float):
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, env=clean_env(**env)
+    )
+
+
+@pytest.fixture
+def run_nanochat():
+    """run_nanochat(args, **env): `python -m nanochat ARGS` -> CompletedProcess (text)."""
+
+    def run(args: list[str], timeout: float = 120, **env: str | None):
+        return _run([sys.executable, "-m", "nanochat", *args], env, timeout)
+
+    return run
+
+
+@pytest.fixture
+def run_python():
+    """run_python(code, **env): `python -c CODE` -> CompletedProcess (text)."""
+
+    def run(code: str, timeout: float = 120, **env: str | None):
+        return _run([sys.executable, "-c", code], env, timeout)
+
+    return run

@@ -1,0 +1,137 @@
+"""The `nanochat` command line, run as a user would: in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SUPPORTED_ISAS, clean_env
+
+INFO_KEYS = {"version", "features", "cuda", "threads", "isa", "isas"}
+BENCH_KEYS = {"op", "rows", "cols", "tokens", "threads", "isa", "seconds", "gops",
+              "weight_gbps", "bw_fraction", "vs_torch"}
+
+
+def console_script() -> str | None:
+    """The `nanochat` entry point of this interpreter's environment, else one on PATH."""
+    here = Path(sys.executable).parent / "nanochat"
+    if here.exists():
+        return str(here)
+    return shutil.which("nanochat")
+
+
+LAUNCHERS = [pytest.param([sys.executable, "-m", "nanochat"], id="python-m")]
+if console_script():
+    LAUNCHERS.append(pytest.param([console_script()], id="console-script"))
+
+
+def run(argv: list[str], timeout: float = 180, **env: str | None):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          env=clean_env(**env))
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_info_json(launcher):
+    r = run(launcher + ["info", "--json"])
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert INFO_KEYS <= info.keys()
+    assert isinstance(info["version"], str) and info["version"]
+    for k in ("avx2", "avx512", "avx512_vnni"):
+        assert isinstance(info["features"][k], bool)
+    assert isinstance(info["cuda"]["compiled"], bool)
+    assert isinstance(info["cuda"]["devices"], int) and info["cuda"]["devices"] >= 0
+    assert isinstance(info["threads"], int) and info["threads"] >= 1
+    assert info["isas"] == SUPPORTED_ISAS and info["isas"][0] == "scalar"
+    assert info["isa"] == info["isas"][-1]  # the best, with NANOCHAT_ISA unset
+    # a feature the CPU lacks cannot have a kernel path
+    for isa, feat in (("avx2", "avx2"), ("avx512", "avx512"), ("avx512_vnni", "avx512_vnni")):
+        if isa in info["isas"]:
+            assert info["features"][feat]
+
+
+@pytest.mark.parametrize("n", ["1", "3"])
+def test_info_threads_env(n):
+    r = run([sys.executable, "-m", "nanochat", "info", "--json"], NANOCHAT_NUM_THREADS=n)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["threads"] == int(n)
+
+
+def test_info_text():
+    r = run([sys.executable, "-m", "nanochat", "info"])
+    assert r.returncode == 0, r.stderr
+    assert "ternary_gemm : dispatches to " + SUPPORTED_ISAS[-1] in r.stdout
+    assert "kernel paths : " + ", ".join(SUPPORTED_ISAS) in r.stdout
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("args", [["--help"], ["bench", "kernels", "--help"], ["info", "--help"]],
+                         ids=["top", "bench-kernels", "info"])
+def test_help(launcher, args):
+    r = run(launcher + args)
+    assert r.returncode == 0, r.stderr
+    assert "usage: nanochat" in r.stdout
+
+
+def test_no_command_is_usage_error():
+    r = run([sys.executable, "-m", "nanochat"])
+    assert r.returncode == 2 and "usage: nanochat" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def bench_lines():
+    r = run([sys.executable, "-m", "nanochat", "bench", "kernels", "--quick", "--json",
+             "--threads", "1"])
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in lines]  # every line must be one JSON object
+
+
+def test_bench_kernels_json(bench_lines):
+    assert bench_lines
+    for m in bench_lines:
+        assert isinstance(m, dict)
+        assert BENCH_KEYS <= m.keys(), BENCH_KEYS - m.keys()
+        for k in ("rows", "cols", "tokens", "threads"):
+            assert isinstance(m[k], int) and m[k] > 0, (k, m)
+        for k in ("seconds", "gops", "weight_gbps", "bw_fraction", "vs_torch"):
+            v = m[k]
+            assert isinstance(v, (int, float)) and not isinstance(v, bool), (k, m)
+            assert math.isfinite(v) and v > 0, (k, m)
+        assert m["threads"] == 1
+        assert m["isa"] in SUPPORTED_ISAS
+        assert m["op"] in ("gemv", "gemm")
+        assert (m["op"] == "gemv") == (m["tokens"] == 1)
+        # the derived columns are what the docstring says they are
+        assert math.isclose(m["gops"], 2 * m["rows"] * m["cols"] * m["tokens"] / m["seconds"] / 1e9,
+                            rel_tol=1e-9)
+        assert math.isclose(m["weight_gbps"], m["rows"] * m["cols"] / 4 / m["seconds"] / 1e9,
+                            rel_tol=1e-9)
+    assert {m["op"] for m in bench_lines} == {"gemv", "gemm"}
+    assert {m["isa"] for m in bench_lines} == set(SUPPORTED_ISAS)
+    # every (shape, op) is measured on every ISA
+    cells = {(m["rows"], m["cols"], m["op"]) for m in bench_lines}
+    assert len(bench_lines) == len(cells) * len(SUPPORTED_ISAS)
+
+
+def test_bench_kernels_bad_isa():
+    r = run([sys.executable, "-m", "nanochat", "bench", "kernels", "--quick", "--json",
+             "--isa", "bogus"])
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "bogus" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_env_is_clean(monkeypatch):
+    """The helpers strip NANOCHAT_* from the caller's environment."""
+    monkeypatch.setenv("NANOCHAT_ISA", "x")
+    assert "NANOCHAT_ISA" not in clean_env()
+    assert clean_env(NANOCHAT_ISA="scalar")["NANOCHAT_ISA"] == "scalar"
+    assert clean_env()["PATH"] == os.environ["PATH"]
