@@ -19,7 +19,15 @@ void quantize_activations(const float* x, int64_t tokens, int64_t k, int8_t* q, 
   for (int64_t t = 0; t < tokens; ++t) {
     const float* xt = x + t * k;
     float amax = 0.0f;
-    for (int64_t i = 0; i < k; ++i) amax = std::fmax(amax, std::fabs(xt[i]));
+    for (int64_t i = 0; i < k; ++i) {
+      // Not fmax: it drops NaN operands, so a NaN would pass the check below and
+      // reach the int8 cast (undefined behaviour). A NaN ends the scan as amax.
+      const float a = std::fabs(xt[i]);
+      if (!(a <= amax)) {
+        amax = a;
+        if (std::isnan(a)) break;
+      }
+    }
     if (!std::isfinite(amax))
       throw Error("quantize_activations: token " + std::to_string(t) + " has a non-finite value");
     const float s = 127.0f / (amax < 1e-5f ? 1e-5f : amax);
