@@ -299,12 +299,6 @@ def test_infinite_activations(W, bad):
         W(x[2])
 
 
-@pytest.mark.xfail(
-    reason="C++ bug in builds before the activations.cpp fix: absmax via std::fmax drops "
-    "NaN, so a NaN passed the isfinite check and int8_t(nearbyint(NaN)) (undefined "
-    "behaviour) was stored. Drop this marker once the fixed core is built.",
-    raises=AssertionError, strict=False,
-)
 @pytest.mark.parametrize("where", ["one", "all"])
 def test_nan_activations(W, where):
     x = torch.randn(3, 512)

@@ -222,12 +222,6 @@ def test_zero_tokens_torch():
     assert tuple(W(torch.zeros(0, 256)).shape) == (0, 3)
 
 
-@pytest.mark.xfail(
-    reason="C++ bug: Buffer contiguity check (csrc/bindings/module.cpp get()) rejects "
-    "zero-size arrays, whose strides torch/numpy leave arbitrary: torch (4, 0) has "
-    "strides (1, 1), numpy 2 reports (0, 0) for every empty array",
-    raises=ValueError, strict=True,
-)
 @pytest.mark.parametrize("case", ["torch_zero_rows", "numpy_zero_rows", "numpy_zero_tokens"])
 def test_zero_size_arrays(case):
     if case == "torch_zero_rows":

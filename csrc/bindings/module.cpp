@@ -56,10 +56,12 @@ T* get(const Buffer& b, const char* name, const char* dtype, size_t ndim, bool c
   if (on_cuda != cuda)
     throw Error(std::string(name) + ": expected a " + (cuda ? "CUDA" : "CPU") +
                 " buffer, got device " + b.device);
+  for (int64_t s : b.shape)
+    if (s < 0) throw Error(std::string(name) + ": negative dimension");
+  const bool empty = b.numel() == 0;  // strides of empty arrays are arbitrary
   int64_t expect = 1;
   for (size_t i = ndim; i-- > 0;) {
-    if (b.shape[i] < 0) throw Error(std::string(name) + ": negative dimension");
-    if (b.shape[i] > 1 && b.strides[i] != expect)
+    if (!empty && b.shape[i] > 1 && b.strides[i] != expect)
       throw Error(std::string(name) + ": must be contiguous (row-major), got strides " +
                   shape_str(b.strides) + " for shape " + shape_str(b.shape));
     expect *= b.shape[i];

@@ -23,11 +23,11 @@ void ternary_gemm(const TernaryMatrixView& w, const int8_t* q, const float* x_sc
     throw Error("ternary_gemm: row length " + std::to_string(w.cols) + " exceeds " +
                 std::to_string(kMaxCols));
   if (w.rows == 0 || tokens == 0) return;
+  if (!y || (w.cols > 0 && (!w.data || !q || !x_scale))) throw Error("ternary_gemm: null buffer");
   if (w.cols == 0) {
     std::fill(y, y + tokens * w.rows, 0.0f);
     return;
   }
-  if (!w.data || !q || !x_scale || !y) throw Error("ternary_gemm: null buffer");
 
   std::vector<int32_t> qsum(size_t(tokens), 0);
   for (int64_t t = 0; t < tokens; ++t) {
