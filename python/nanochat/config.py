@@ -1,0 +1,265 @@
+"""Run configuration: TOML files parsed into typed dataclasses. Unknown keys are errors.
+
+A config file has up to five tables, each optional (missing keys keep their defaults):
+
+    [model]     architecture (ModelConfig)
+    [train]     batch, steps, budget, eval, checkpoints (TrainConfig)
+    [optim]     optimizer (OptimConfig)
+    [schedule]  WSD learning-rate schedule (ScheduleConfig)
+    [data]      corpus sources and split (DataConfig)
+
+`nanochat train --config configs/models/tiny.toml --set train.lr=1e-3` loads a file and
+applies dotted overrides; `load_config` and `apply_overrides` are the Python entry points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _config_dir() -> Path:
+    """configs/ as installed in the wheel, else the source tree's (editable installs)."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "configs", here.parent.parent / "configs"):
+        if d.is_dir():
+            return d
+    return here / "configs"
+
+
+CONFIG_DIR = _config_dir()
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the file and key."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4  # grouped-query attention when < n_heads
+    ffn_hidden: int = 768
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    activation: str = "silu"  # "silu" (llama.cpp's bitnet graph) or "relu2" (BitNet 2B4T)
+    init_std: float = 0.02
+
+    def validate(self, where: str = "model") -> None:
+        _positive(self, where, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                  "ffn_hidden", "max_seq_len", "rope_theta", "norm_eps", "init_std")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"{where}.d_model ({self.d_model}) must be divisible by "
+                              f"n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"{where}.n_heads ({self.n_heads}) must be a multiple of "
+                              f"n_kv_heads ({self.n_kv_heads})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"{where}: head dim {self.d_model // self.n_heads} must be even (RoPE)")
+        if self.activation not in ("silu", "relu2"):
+            raise ConfigError(f"{where}.activation must be 'silu' or 'relu2', got {self.activation!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 256
+    grad_accum: int = 1
+    max_steps: int = 2000
+    time_budget_s: float = 0.0  # 0: no budget; otherwise stop (after a decay) at this wall time
+    eval_every: int = 100
+    eval_tokens: int = 32768
+    log_every: int = 10
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    bitlinear: str = "auto"  # "auto" (C++ kernel where faster), "cpp", "torch"
+    prefetch: int = 4  # batches the loader keeps ready
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    sample_tokens: int = 128  # length of the end-of-run sample
+
+    def validate(self, where: str = "train") -> None:
+        _positive(self, where, "batch_size", "seq_len", "grad_accum", "max_steps", "eval_every",
+                  "eval_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "prefetch")
+        if self.time_budget_s < 0:
+            raise ConfigError(f"{where}.time_budget_s must be >= 0, got {self.time_budget_s}")
+        if self.bitlinear not in ("auto", "cpp", "torch"):
+            raise ConfigError(f"{where}.bitlinear must be auto, cpp or torch, got {self.bitlinear!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{where}.device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3  # peak LR of the ternary (BitLinear) matrices
+    embed_lr: float = 3e-3  # embeddings (tied with the LM head)
+    scalar_lr: float = 3e-3  # norms and other 1-D parameters
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # matrices only; never on norms or embeddings
+    grad_clip: float = 1.0  # 0 disables
+
+    def validate(self, where: str = "optim") -> None:
+        if self.name != "adamw":
+            raise ConfigError(f"{where}.name: only 'adamw' exists so far, got {self.name!r}")
+        _positive(self, where, "lr", "embed_lr", "scalar_lr", "eps")
+        for k in ("beta1", "beta2"):
+            if not 0 <= getattr(self, k) < 1:
+                raise ConfigError(f"{where}.{k} must be in [0, 1), got {getattr(self, k)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(f"{where}: weight_decay and grad_clip must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # last fraction of the run spent decaying
+    decay_shape: str = "1-sqrt"  # "linear", "cosine" or "1-sqrt"
+    final_lr_fraction: float = 0.0
+
+    def validate(self, where: str = "schedule") -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{where}.warmup_steps must be >= 0")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError(f"{where}.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.decay_shape not in ("linear", "cosine", "1-sqrt"):
+            raise ConfigError(f"{where}.decay_shape must be linear, cosine or 1-sqrt, "
+                              f"got {self.decay_shape!r}")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ConfigError(f"{where}.final_lr_fraction must be in [0, 1]")
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=list)  # empty: the Python standard library
+    val_fraction: float = 0.05
+    extensions: list[str] = field(default_factory=lambda: [".py"])
+
+    def validate(self, where: str = "data") -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"{where}.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> "RunConfig":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
+                              f"({self.model.max_seq_len})")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _positive(obj, where: str, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not v > 0:
+            raise ConfigError(f"{where}.{n} must be > 0, got {v}")
+
+
+def _coerce(value, typ, where: str):
+    """Check/convert one TOML value against a dataclass field type."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool) and not (
+        isinstance(value, typ) and not (typ is not bool and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, table: dict, where: str):
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; "
+                          f"valid keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in table.items():
+        if dataclasses.is_dataclass(hints[k]):
+            kwargs[k] = _build(hints[k], v, f"{where}.{k}" if where else k)
+        else:
+            kwargs[k] = _coerce(v, hints[k], f"{where}.{k}" if where else k)
+    return cls(**kwargs)
+
+
+def from_dict(d: dict, where: str = "config") -> RunConfig:
+    """RunConfig from a nested dict (a parsed TOML file or a checkpoint's saved config)."""
+    try:
+        return _build(RunConfig, d, "").validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path to a TOML file, or a built-in name such as 'tiny' (configs/models/tiny.toml)."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        return p
+    builtin = CONFIG_DIR / "models" / f"{name_or_path}.toml"
+    if builtin.is_file():
+        return builtin
+    names = sorted(x.stem for x in (CONFIG_DIR / "models").glob("*.toml"))
+    raise ConfigError(f"unknown config {name_or_path!r}: not a file and not one of {names}")
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
+    path = resolve_config_path(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    cfg = from_dict(data, str(path))
+    return apply_overrides(cfg, overrides or [], str(path))
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str], where: str = "--set") -> RunConfig:
+    """Apply 'table.key=value' overrides; values are parsed as TOML (strings may be bare)."""
+    d = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected table.key=value, e.g. train.lr=1e-3")
+        key, raw = item.split("=", 1)
+        table, name = key.strip().split(".", 1)
+        if table not in d:
+            raise ConfigError(f"--set {item!r}: unknown table {table!r}; "
+                              f"valid: {', '.join(d)}")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare string such as relu2
+        d[table][name] = value
+    return from_dict(d, where)
