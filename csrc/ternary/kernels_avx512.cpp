@@ -3,7 +3,7 @@
 // summed <= 2048, no saturation), then vpmaddwd by ones into int32.
 #include <immintrin.h>
 
-#include "ternary/kernels_driver.h"
+#include "ternary/kernels_avx512_reduce.h"
 
 namespace nanochat {
 namespace {
@@ -34,9 +34,7 @@ struct Tile {
         }
       }
     }
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < T; ++j)
-        a.y[(t + j) * a.y_stride + r + i] = finish(a, t + j, _mm512_reduce_add_epi32(acc[i][j]));
+    store_tile<R, T>(a, r, t, acc);
   }
 };
 
