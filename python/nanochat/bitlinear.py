@@ -1,0 +1,225 @@
+"""BitLinear: the BitNet b1.58 (W1.58 A8) linear layer used for every matrix in a block.
+
+Forward semantics (both kernel paths):
+
+    s  = max(mean|W|, 1e-5)                       one scale per tensor, recomputed every call
+    Wq = clamp(round(W / s), -1, 1)               ternary codes
+    a  = 127 / max(max|x|, 1e-5)                  one scale per token (last dim)
+    xq = clamp(round(x * a), -128, 127)           int8 codes
+    y  = (xq / a) @ (Wq * s)^T
+
+Backward is the straight-through estimator for both quantizers: grad_x = grad_y @ (Wq * s)
+and grad_W = grad_y^T @ (xq / a) (the gradient wrt the dequantized weight passes through to
+the latent fp32 weight unchanged; no gradient flows through s or a).
+
+Two paths with the same semantics:
+  "torch": pure torch, STE written as `x + (q(x) - x).detach()` (the textbook form). Runs
+           anywhere (CPU, CUDA, meta) and for any in_features.
+  "cpp":   the custom op `nanochat::bitlinear`: weight codes in torch, TK2 packing, per-token
+           int8 activations and the ternary GEMM (int32 accumulation) in the C++ core; the
+           backward is two float matmuls on the saved int8 codes. CPU, float32, and
+           in_features % 256 == 0 only. It saves int8 activations for backward (1 byte per
+           element instead of the 4 the torch path keeps).
+  "auto":  cpp where it applies, else torch.
+
+The paths agree to float rounding: the C++ core dequantizes with float(int32 acc) * (s * 1/a)
+where torch sums float products (xq / a) * (Wq * s); tests/test_bitlinear.py measures it.
+
+    pytest tests/test_bitlinear.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat import ternary
+
+KERNELS = ("auto", "cpp", "torch")
+EPS = 1e-5
+
+
+# ---- quantizers (shared by both paths, so the codes match exactly) ----------------------
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean ternary codes (as w's dtype, values in {-1, 0, 1}) and the scale (0-d)."""
+    s = w.abs().mean().clamp(min=EPS)
+    return (w / s).round().clamp(-1, 1), s
+
+
+def weight_codes(w: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The int8 codes and float scale a trained BitLinear weight exports as (no grad)."""
+    with torch.no_grad():
+        codes, s = quantize_weight(w.float())
+    return codes.to(torch.int8), float(s)
+
+
+def activation_scale(x: torch.Tensor) -> torch.Tensor:
+    """a = 127 / max|x| per token, (..., 1). A true division, as in the C++ core
+    (torch's `127.0 / t` is `t.reciprocal() * 127`: two roundings, different codes)."""
+    amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    return torch.full_like(amax, 127.0) / amax
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 codes (as x's dtype) and the scale a (..., 1): x ~= codes / a."""
+    a = activation_scale(x)
+    return (x * a).round().clamp(-128, 127), a
+
+
+# ---- the pure-torch reference -----------------------------------------------------------
+
+
+def bitlinear_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = STE(q(x)) @ STE(q(W))^T for x (..., in), weight (out, in)."""
+    codes, s = quantize_weight(weight)
+    w = weight + (codes * s - weight).detach()
+    xq, a = quantize_activations(x)
+    x = x + (xq / a - x).detach()
+    return F.linear(x, w)
+
+
+# ---- the C++ path: a custom op with a fake kernel and an STE autograd formula -----------
+
+
+@torch.library.custom_op("nanochat::bitlinear", mutates_args=(), device_types="cpu")
+def _bitlinear_op(
+    x: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, weight codes int8, weight scale 0-d, activation codes int8, 1/a per token).
+
+    Only y is differentiable; the rest are saved for the backward (and are what the
+    exporter would store)."""
+    codes_f, s = quantize_weight(weight)
+    codes = codes_f.to(torch.int8)
+    W = ternary.TernaryMatrix.from_codes(codes, float(s))
+    q, x_scale = ternary.quantize_activations(x.contiguous())
+    y = W.matmul_quantized(q, x_scale)
+    return y, codes, s.clone(), q, x_scale
+
+
+@_bitlinear_op.register_fake
+def _(x, weight):
+    torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-d")
+    torch._check(x.shape[1] == weight.shape[1], lambda: "x and weight: in_features differ")
+    n, k = x.shape
+    m = weight.shape[0]
+    return (
+        x.new_empty((n, m)),
+        weight.new_empty((m, k), dtype=torch.int8),
+        weight.new_empty(()),
+        x.new_empty((n, k), dtype=torch.int8),
+        x.new_empty((n,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    _, codes, s, q, x_scale = output
+    ctx.mark_non_differentiable(codes, s, q, x_scale)
+    ctx.save_for_backward(codes, s, q, x_scale)
+
+
+def _backward(ctx, grad_y, *_unused):
+    codes, s, q, x_scale = ctx.saved_tensors
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_y @ (codes.to(grad_y.dtype) * s)  # (N, out) @ (out, in)
+    if ctx.needs_input_grad[1]:
+        grad_w = grad_y.t() @ (q.to(grad_y.dtype) * x_scale[:, None])  # (out, N) @ (N, in)
+    return grad_x, grad_w
+
+
+_bitlinear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bitlinear_cpp(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y for x (..., in) float32 CPU and weight (out, in) with in % 256 == 0."""
+    lead = x.shape[:-1]
+    y = torch.ops.nanochat.bitlinear(x.reshape(-1, x.shape[-1]), weight)[0]
+    return y.reshape(*lead, weight.shape[0])
+
+
+def cpp_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the C++ path can run this call (what kernel="auto" picks it by)."""
+    return (
+        x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and weight.shape[1] % ternary.QK == 0
+    )
+
+
+# ---- the module ------------------------------------------------------------------------
+
+
+class BitLinear(nn.Module):
+    """A bias-free linear layer with a latent fp32 weight (out, in), ternary in the forward."""
+
+    def __init__(self, in_features: int, out_features: int, kernel: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"BitLinear kernel must be one of {KERNELS}, got {kernel!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel = kernel
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32)
+        )
+        self._frozen: ternary.TernaryMatrix | None = None  # set only inside frozen()
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Normal(0, std), std defaulting to 1/sqrt(in_features). The GPT sets its own std."""
+        nn.init.normal_(self.weight, 0.0, std if std is not None else 1 / math.sqrt(self.in_features))
+
+    def uses_cpp(self, x: torch.Tensor) -> bool:
+        if self.kernel == "torch":
+            return False
+        ok = cpp_applies(x, self.weight)
+        if self.kernel == "cpp" and not ok:
+            raise ValueError(
+                f"BitLinear(kernel='cpp') needs float32 CPU tensors and in_features % "
+                f"{ternary.QK} == 0; got x {x.dtype} on {x.device}, weight "
+                f"{self.weight.dtype} on {self.weight.device}, in_features {self.in_features}"
+            )
+        return ok
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._frozen is not None and not torch.is_grad_enabled() and self.uses_cpp(x):
+            # inference inside frozen(): the weight was packed once, skip re-quantizing it
+            y = self._frozen(x.reshape(-1, self.in_features).contiguous())
+            return y.reshape(*x.shape[:-1], self.out_features)
+        if self.uses_cpp(x):
+            return bitlinear_cpp(x, self.weight)
+        return bitlinear_torch(x, self.weight)
+
+    def ternary(self) -> ternary.TernaryMatrix:
+        """The layer's weight in the C++ kernel layout (inference), same codes/scale as training."""
+        codes, s = weight_codes(self.weight.detach().cpu())
+        return ternary.TernaryMatrix.from_codes(codes, s)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """Pack every cpp-capable BitLinear of `model` once for the duration of the block, so
+    no-grad forwards (generation) skip the per-call weight quantization. Same codes, scale
+    and kernels as the op. The weights must not change inside the block."""
+    layers = [m for m in model.modules() if isinstance(m, BitLinear) and m.kernel != "torch"
+              and cpp_applies(m.weight.new_empty((0, m.in_features)), m.weight)]
+    try:
+        for m in layers:
+            m._frozen = m.ternary()
+        yield model
+    finally:
+        for m in layers:
+            m._frozen = None

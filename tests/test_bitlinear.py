@@ -1,0 +1,177 @@
+"""BitLinear (W1.58 A8): quantizer semantics, STE gradients, C++ op vs torch reference,
+opcheck on nanochat::bitlinear and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanochat import ternary
+from nanochat.bitlinear import (
+    BitLinear,
+    bitlinear_cpp,
+    bitlinear_torch,
+    frozen,
+    quantize_activations,
+    quantize_weight,
+    weight_codes,
+)
+
+# Measured (40 random shapes, K up to 2048): |y_cpp - y_torch| <= 1.03e-7 * sum_i |x_i w_i|,
+# i.e. under one fp32 epsilon of the absolute sum (float(int32 acc) * (s * 1/a) vs a float
+# sum of (xq/a)(Wq*s)); gradients differ by <= 2.2e-7 of their max. Tests allow ~8x that.
+OUT_TOL = 1e-6
+GRAD_TOL = 1e-6
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _pair(n_tokens_shape, k, m, seed=0, xscale=1.0):
+    g = _gen(seed)
+    x = (torch.randn(*n_tokens_shape, k, generator=g) * xscale).requires_grad_()
+    w = (torch.randn(m, k, generator=g) * 0.02).requires_grad_()
+    return x, w
+
+
+def _run(fn, x, w, gy):
+    x.grad = w.grad = None
+    y = fn(x, w)
+    y.backward(gy)
+    return y.detach(), x.grad.clone(), w.grad.clone()
+
+
+def _abs_sum(x, w):
+    """sum_i |x_i w_i| of the dequantized operands: the scale of fp32 rounding."""
+    xq, a = quantize_activations(x.detach())
+    c, s = quantize_weight(w.detach())
+    return (xq.abs() / a) @ (c.abs() * s).T
+
+
+# ---- quantizers ---------------------------------------------------------------------
+
+
+def test_weight_codes_at_gaussian_init():
+    w = torch.randn(1024, 1024, generator=_gen(1)) * 0.02
+    codes, s = weight_codes(w)
+    assert codes.dtype == torch.int8
+    assert set(codes.unique().tolist()) <= {-1, 0, 1}
+    assert s == pytest.approx(w.abs().mean().item(), rel=1e-6)
+    frac = {v: (codes == v).float().mean().item() for v in (-1, 0, 1)}
+    # |w| < 0.5 * E|w| = 0.399 sigma -> P(0) = 2 Phi(0.399) - 1 = 0.310
+    assert frac[0] == pytest.approx(0.310, abs=0.02)
+    assert frac[1] == pytest.approx(0.345, abs=0.02)
+    assert frac[-1] == pytest.approx(0.345, abs=0.02)
+
+
+def test_weight_scale_floor():
+    codes, s = weight_codes(torch.zeros(4, 256))
+    assert s == pytest.approx(1e-5) and not codes.any()
+
+
+def test_activation_codes_match_the_core():
+    x = torch.randn(37, 512, generator=_gen(2)) * 3
+    x[5] = 0.0  # an all-zero token: the 1e-5 floor, codes 0
+    q, a = quantize_activations(x)
+    qc, x_scale = ternary.quantize_activations(x)
+    assert torch.equal(q.to(torch.int8), qc)  # bit-identical codes (true division for a)
+    assert q.abs().amax(dim=1)[torch.arange(37) != 5].eq(127).all()  # absmax -> +-127
+    assert not q[5].any()
+    torch.testing.assert_close(1 / a[:, 0], x_scale, rtol=1e-6, atol=0)
+
+
+# ---- STE gradients ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [bitlinear_torch, bitlinear_cpp], ids=["torch", "cpp"])
+def test_ste_gradients_are_the_analytic_formulas(fn):
+    x, w = _pair((6,), 512, 48, seed=3)
+    gy = torch.randn(6, 48, generator=_gen(4))
+    _, gx, gw = _run(fn, x, w, gy)
+    codes, s = quantize_weight(w.detach())
+    xq, a = quantize_activations(x.detach())
+    torch.testing.assert_close(gx, gy @ (codes * s), rtol=GRAD_TOL, atol=GRAD_TOL * gx.abs().max())
+    torch.testing.assert_close(gw, gy.T @ (xq / a), rtol=GRAD_TOL, atol=GRAD_TOL * gw.abs().max())
+
+
+# ---- the C++ op against the torch reference ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "lead,k,m,xscale",
+    [((5,), 256, 64, 1.0), ((2, 7), 512, 96, 5.0), ((1,), 768, 300, 0.01), ((3, 1), 1024, 17, 1.0),
+     ((33,), 256, 1, 100.0)],
+)
+def test_cpp_matches_torch(lead, k, m, xscale):
+    x, w = _pair(lead, k, m, seed=k + m, xscale=xscale)
+    gy = torch.randn(*lead, m, generator=_gen(5))
+    yt, gxt, gwt = _run(bitlinear_torch, x, w, gy)
+    yc, gxc, gwc = _run(bitlinear_cpp, x, w, gy)
+    assert yc.shape == (*lead, m)
+    assert ((yc - yt).abs() <= OUT_TOL * _abs_sum(x, w) + 1e-30).all()
+    for a, b in ((gxc, gxt), (gwc, gwt)):
+        assert (a - b).abs().max() <= GRAD_TOL * b.abs().max()
+
+
+def test_module_dispatch():
+    x = torch.randn(2, 3, 256)
+    auto = BitLinear(256, 32)
+    assert auto.uses_cpp(x) and not BitLinear(256, 32, kernel="torch").uses_cpp(x)
+    odd = BitLinear(200, 32)  # not a multiple of 256: auto falls back to torch
+    assert not odd.uses_cpp(torch.randn(4, 200))
+    assert odd(torch.randn(2, 4, 200)).shape == (2, 4, 32)
+    with pytest.raises(ValueError, match="in_features % 256"):
+        BitLinear(200, 32, kernel="cpp")(torch.randn(4, 200))
+    assert not auto.uses_cpp(x.double())
+    with pytest.raises(ValueError, match="kernel"):
+        BitLinear(256, 8, kernel="fast")
+
+
+def test_module_paths_agree_and_have_no_bias():
+    torch.manual_seed(0)
+    a = BitLinear(512, 40, kernel="cpp")
+    b = BitLinear(512, 40, kernel="torch")
+    b.load_state_dict(a.state_dict())
+    assert [n for n, _ in a.named_parameters()] == ["weight"]
+    x = torch.randn(4, 9, 512)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_inference_equals_the_op():
+    torch.manual_seed(1)
+    m = BitLinear(256, 24)
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        ref = m(x)
+        with frozen(m):
+            assert m._frozen is not None
+            y = m(x)
+        assert m._frozen is None
+    assert torch.equal(y, ref)
+
+
+def test_opcheck():
+    x, w = _pair((6,), 256, 32, seed=6)
+    torch.library.opcheck(torch.ops.nanochat.bitlinear.default, (x, w))
+    torch.library.opcheck(torch.ops.nanochat.bitlinear.default, (x.detach(), w.detach()))
+
+
+def test_compiles_without_graph_breaks():
+    torch.manual_seed(2)
+    m = BitLinear(256, 32, kernel="cpp")
+
+    def f(x):
+        return m(x).relu().square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 256, requires_grad=True)
+    loss = compiled(x)
+    loss.backward()
+    gx, gw = x.grad.clone(), m.weight.grad.clone()
+    x.grad = m.weight.grad = None
+    ref = f(x)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, m.weight.grad)
