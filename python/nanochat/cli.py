@@ -1,5 +1,6 @@
 """The `nanochat` command: thin argument parsing over the package.
 
+    nanochat data prepare [--source PATH ...] [--out DIR] [--vocab-size N] [--ext .py ...]
     nanochat info [--json]
     nanochat bench kernels [--json] [--quick] [--threads 1,2] [--isa ...]
 """
@@ -32,6 +33,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from nanochat import corpus
+
+    if args.data == "prepare":
+        m = corpus.prepare(args.source or None, args.out, args.vocab_size, args.val_fraction,
+                           args.ext or [".py"], progress=not args.no_progress)
+        print("\n".join(corpus.summary_lines(m)))
+        return 0
+    raise AssertionError(args.data)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "kernels":
         from nanochat.bench import kernels
@@ -46,6 +58,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ternary (BitNet b1.58) language models: train, export to GGUF, run fast on CPUs.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from nanochat.config import DataConfig, ModelConfig
+
+    pd = sub.add_parser("data", help="prepare a corpus: tokenizer + train/val token files")
+    dsub = pd.add_subparsers(dest="data", required=True, metavar="ACTION")
+    pdp = dsub.add_parser(
+        "prepare", help="collect source files, train the tokenizer, tokenize (cached)",
+        description="Walk the sources for files with the given extensions, skip binary and "
+        "non-UTF-8 files, drop duplicates, split train/val by file, train a byte-level BPE "
+        "tokenizer on train and write train.bin/val.bin, tokenizer/ and manifest.json. "
+        "Reuses the output directory when the settings and the files are unchanged.")
+    pdp.add_argument("--source", action="append", metavar="PATH",
+                     help="directory or file to read (repeatable; default: this Python's "
+                     "standard library, without site-packages)")
+    pdp.add_argument("--out", metavar="DIR", help="output directory (default: "
+                     "$NANOCHAT_CACHE/data/<settings hash>, ~/.cache/nanochat if unset)")
+    vocab, val = ModelConfig().vocab_size, DataConfig().val_fraction
+    pdp.add_argument("--vocab-size", type=int, default=vocab,
+                     help=f"tokenizer vocabulary, = model.vocab_size ({vocab})")
+    pdp.add_argument("--val-fraction", type=float, default=val,
+                     help=f"fraction of files held out for validation ({val})")
+    pdp.add_argument("--ext", action="append", metavar=".EXT",
+                     help="file extension to include (repeatable; default: .py)")
+    pdp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pd.set_defaults(func=_cmd_data)
 
     pi = sub.add_parser("info", help="version, CPU features, CUDA, threads and kernel dispatch")
     pi.add_argument("--json", action="store_true", help="one JSON object instead of text")

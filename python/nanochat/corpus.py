@@ -1,0 +1,431 @@
+"""Corpus discovery and preparation: source trees -> tokenizer + flat token files.
+
+    nanochat data prepare                      # the Python standard library, vocab 4096
+    nanochat data prepare --source ~/src/proj --ext .py --ext .md --vocab-size 8192
+
+`collect` walks the sources (sorted, so deterministic), keeps files with the given
+extensions, skips binary (NUL byte), undecodable (not UTF-8) and empty files, drops exact
+duplicates by content hash, and splits train/val by file: a file goes to val when the sha1
+of its path relative to its source root, read as a fraction of 2**64, is below
+val_fraction. The split does not depend on where the tree lives on disk or on which other
+files exist.
+
+`prepare` trains the tokenizer on the train split only, tokenizes every document with
+<|bos|> before it, and writes into out_dir:
+
+    train.bin, val.bin   flat token arrays (uint16 when vocab_size <= 65536, else uint32)
+    tokenizer/           tokenizer.json
+    manifest.json        settings, counts, tokenizer hash; written last
+
+Each file is written under a temporary name and renamed, and the old manifest is removed
+first, so an interrupted run never leaves a manifest describing other files. A second
+`prepare` with the same settings and unchanged sources (same relative paths, sizes and
+mtimes) returns the existing manifest. The default out_dir is
+$NANOCHAT_CACHE/data/<hash of the settings>, where NANOCHAT_CACHE defaults to
+$XDG_CACHE_HOME/nanochat, else ~/.cache/nanochat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from nanochat.tokenizer import Tokenizer
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+# Directory names never descended into below a source root (a root itself may be one).
+EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", ".git", ".hg",
+                           ".svn", ".tox", ".venv", "node_modules"})
+ENCODE_CHUNK = 64  # documents per encode_batch call
+
+
+def default_sources() -> list[str]:
+    """The running interpreter's standard library directory. Walking it skips
+    site-packages/dist-packages (EXCLUDED_DIRS), so installed packages are not included."""
+    return [sysconfig.get_paths()["stdlib"]]
+
+
+def cache_dir() -> Path:
+    """$NANOCHAT_CACHE, else $XDG_CACHE_HOME/nanochat, else ~/.cache/nanochat."""
+    if os.environ.get("NANOCHAT_CACHE"):
+        return Path(os.environ["NANOCHAT_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "nanochat"
+
+
+# ---- discovery ------------------------------------------------------------------------
+
+
+@dataclass
+class Document:
+    source: str  # absolute source root
+    rel: str  # path relative to the source root, "/"-separated
+    text: str
+    nbytes: int
+
+
+@dataclass
+class CorpusFiles:
+    """What `collect` found: kept documents per split, and what was skipped."""
+
+    train: list[Document]
+    val: list[Document]
+    matched: int = 0  # files with a wanted extension
+    binary: int = 0
+    undecodable: int = 0
+    empty: int = 0
+    duplicates: int = 0
+
+    def summary(self) -> dict:
+        return {
+            "matched": self.matched, "binary": self.binary, "undecodable": self.undecodable,
+            "empty": self.empty, "duplicates": self.duplicates,
+        }
+
+
+def _normalize_extensions(extensions) -> list[str]:
+    exts = [e if e.startswith(".") else "." + e for e in extensions]
+    if not exts or any(e == "." for e in exts):
+        raise ValueError(f"extensions must be non-empty suffixes such as .py, got {extensions!r}")
+    return sorted(set(exts))
+
+
+def _resolve_sources(sources) -> list[Path]:
+    out = []
+    for s in sources:
+        p = Path(s).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"source {p} does not exist")
+        out.append(p.resolve())
+    if not out:
+        raise ValueError("no sources given")
+    return out
+
+
+def _walk(root: Path, exts: list[str]):
+    """(path, rel) of the files under root with a wanted extension, sorted."""
+    if root.is_file():
+        if root.name.endswith(tuple(exts)):
+            yield root, root.name
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS)
+        for name in sorted(filenames):
+            if name.endswith(tuple(exts)):
+                p = Path(dirpath) / name
+                if p.is_file():
+                    yield p, p.relative_to(root).as_posix()
+
+
+def _scan(sources: list[Path], exts: list[str]) -> list[tuple[Path, Path, str]]:
+    """(root, path, rel) of every matching file; errors for a source with none."""
+    found = []
+    for root in sources:
+        files = [(root, p, rel) for p, rel in _walk(root, exts)]
+        if not files:
+            raise ValueError(f"source {root} has no files with extension {', '.join(exts)}")
+        found += files
+    return found
+
+
+def split_fraction(rel: str) -> float:
+    """The file's position in [0, 1) for the train/val split: sha1 of its relative path."""
+    return int.from_bytes(hashlib.sha1(rel.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def collect(sources, extensions=(".py",), val_fraction: float = 0.05,
+            progress: bool = False) -> CorpusFiles:
+    """Read, filter, deduplicate and split the files under `sources` (see module doc)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    exts = _normalize_extensions(extensions)
+    found = _scan(_resolve_sources(sources), exts)
+    out = CorpusFiles(train=[], val=[], matched=len(found))
+    seen: set[bytes] = set()
+    docs: list[tuple[float, Document]] = []
+    for root, path, rel in _progress(found, progress, "reading", "files"):
+        data = path.read_bytes()
+        if not data:
+            out.empty += 1
+            continue
+        if b"\0" in data:
+            out.binary += 1
+            continue
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            out.undecodable += 1
+            continue
+        digest = hashlib.sha1(data).digest()
+        if digest in seen:
+            out.duplicates += 1
+            continue
+        seen.add(digest)
+        docs.append((split_fraction(rel), Document(str(root), rel, text, len(data))))
+    where = ", ".join(str(s) for s in sources)
+    if not docs:
+        raise ValueError(f"nothing usable under {where}: {out.matched} file(s) matched "
+                         f"{', '.join(exts)} but all were skipped ({out.summary()})")
+    if len(docs) == 1:
+        raise ValueError(f"only one usable file under {where} ({docs[0][1].rel}): need at "
+                         "least 2 files to have both a train and a val split")
+    for frac, d in docs:
+        (out.val if frac < val_fraction else out.train).append(d)
+    # Too few files for the fraction: move the file nearest the boundary (deterministic).
+    if not out.val:
+        i = min(range(len(docs)), key=lambda k: docs[k][0])
+        out.val.append(docs[i][1])
+        out.train.remove(docs[i][1])
+    elif not out.train:
+        i = max(range(len(docs)), key=lambda k: docs[k][0])
+        out.train.append(docs[i][1])
+        out.val.remove(docs[i][1])
+    return out
+
+
+# ---- manifest -------------------------------------------------------------------------
+
+
+@dataclass
+class SplitStats:
+    files: int = 0
+    bytes: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class Manifest:
+    """manifest.json of a prepared data directory."""
+
+    schema: int
+    sources: list[str]
+    extensions: list[str]
+    vocab_size: int
+    val_fraction: float
+    dtype: str
+    train: SplitStats
+    val: SplitStats
+    skipped: dict  # binary, undecodable, empty
+    duplicates: int
+    matched: int
+    tokenizer_sha256: str
+    settings_hash: str
+    fingerprint: str  # of the source files' relative paths, sizes and mtimes
+    created: str
+    prepare_s: float = 0.0
+    out_dir: str = field(default="", compare=False)  # where it lives; not serialized
+
+    def split(self, name: str) -> SplitStats:
+        if name not in SPLITS:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("out_dir")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = MANIFEST) -> "Manifest":
+        names = {f.name for f in dataclasses.fields(cls)} - {"out_dir"}
+        missing = sorted(n for n in names if n not in d and n != "prepare_s")
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
+        kw = {k: d[k] for k in names if k in d}
+        try:
+            kw["train"], kw["val"] = SplitStats(**d["train"]), SplitStats(**d["val"])
+        except TypeError as e:
+            raise ValueError(f"{where}: bad split stats: {e}") from None
+        return cls(**kw)
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "Manifest":
+        f = Path(out_dir) / MANIFEST
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} does not exist (run `nanochat data prepare`)")
+        try:
+            d = json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{f}: not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{f}: expected a JSON object")
+        if d.get("schema") != SCHEMA_VERSION:
+            raise ValueError(f"{f}: schema {d.get('schema')!r}, this version reads "
+                             f"{SCHEMA_VERSION} (prepare the data again)")
+        m = cls.from_dict(d, str(f))
+        m.out_dir = str(Path(out_dir))
+        return m
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def _settings(sources: list[Path], exts: list[str], vocab_size: int,
+              val_fraction: float) -> dict:
+    return {"schema": SCHEMA_VERSION, "sources": [str(s) for s in sources], "extensions": exts,
+            "vocab_size": vocab_size, "val_fraction": val_fraction}
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _fingerprint(found: list[tuple[Path, Path, str]]) -> str:
+    h = hashlib.sha256()
+    for root, path, rel in found:
+        st = path.stat()
+        h.update(f"{root}\0{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def default_out_dir(sources, vocab_size: int, val_fraction: float,
+                    extensions=(".py",)) -> Path:
+    """cache_dir()/data/<first 12 hex of the settings hash>."""
+    s = _settings(_resolve_sources(sources), _normalize_extensions(extensions), vocab_size,
+                  val_fraction)
+    return cache_dir() / "data" / _hash(s)[:12]
+
+
+# ---- preparation ----------------------------------------------------------------------
+
+
+def _progress(it, enabled: bool, desc: str, unit: str, total=None):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, unit=unit, total=total, file=sys.stderr, dynamic_ncols=True,
+                leave=False)
+
+
+def _cached(out_dir: Path, settings_hash: str, fingerprint: str) -> Manifest | None:
+    try:
+        m = Manifest.load(out_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+    if m.settings_hash != settings_hash or m.fingerprint != fingerprint:
+        return None
+    item = token_dtype(m.vocab_size).itemsize
+    for name in SPLITS:
+        f = out_dir / f"{name}.bin"
+        if not f.is_file() or f.stat().st_size != m.split(name).tokens * item:
+            return None
+    try:
+        if Tokenizer.load(out_dir / "tokenizer").sha256() != m.tokenizer_sha256:
+            return None
+    except (FileNotFoundError, ValueError):
+        return None
+    return m
+
+
+def _write_tokens(docs: list[Document], tok: Tokenizer, dest: Path, dtype: np.dtype,
+                  progress: bool, desc: str) -> int:
+    """Tokenize docs (BOS before each) into dest atomically; returns the token count."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    n = 0
+    bar = _progress(None, progress, desc, "B", total=sum(d.nbytes for d in docs))
+    try:
+        with open(tmp, "wb") as f:
+            for i in range(0, len(docs), ENCODE_CHUNK):
+                chunk = docs[i:i + ENCODE_CHUNK]
+                ids = tok.encode_batch([d.text for d in chunk])
+                arr = np.concatenate([np.array([tok.bos_id, *x], dtype=dtype) for x in ids])
+                arr.tofile(f)
+                n += len(arr)
+                if progress:
+                    bar.update(sum(d.nbytes for d in chunk))
+        os.replace(tmp, dest)
+    finally:
+        if progress:
+            bar.close()
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4096,
+            val_fraction: float = 0.05, extensions=(".py",), progress: bool = True) -> Manifest:
+    """Collect, train the tokenizer on train, tokenize both splits; cached (module doc)."""
+    t0 = time.perf_counter()
+    if vocab_size > 2**32:
+        raise ValueError(f"vocab_size {vocab_size} does not fit in uint32")
+    roots = _resolve_sources(sources or default_sources())
+    exts = _normalize_extensions(extensions)
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    settings = _settings(roots, exts, vocab_size, val_fraction)
+    settings_hash = _hash(settings)
+    out = Path(out_dir).expanduser() if out_dir else cache_dir() / "data" / settings_hash[:12]
+    fingerprint = _fingerprint(_scan(roots, exts))
+    cached = _cached(out, settings_hash, fingerprint)
+    if cached is not None:
+        print(f"using cached data in {out}", file=sys.stderr)
+        return cached
+
+    files = collect(roots, exts, val_fraction, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    if progress:
+        n = sum(d.nbytes for d in files.train)
+        print(f"training tokenizer (vocab {vocab_size}) on {len(files.train)} files, "
+              f"{n / 1e6:.1f} MB", file=sys.stderr)
+    tok = Tokenizer.train((d.text for d in files.train), vocab_size)
+    tmp_tok = out / "tokenizer.tmp"
+    shutil.rmtree(tmp_tok, ignore_errors=True)
+    tok.save(tmp_tok)
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    os.replace(tmp_tok, out / "tokenizer")
+
+    dtype = token_dtype(vocab_size)
+    stats = {}
+    for name in SPLITS:
+        docs = getattr(files, name)
+        ntok = _write_tokens(docs, tok, out / f"{name}.bin", dtype, progress,
+                             f"tokenizing {name}")
+        stats[name] = SplitStats(len(docs), sum(d.nbytes for d in docs), ntok)
+
+    m = Manifest(
+        schema=SCHEMA_VERSION, sources=settings["sources"], extensions=exts,
+        vocab_size=vocab_size, val_fraction=val_fraction, dtype=dtype.name,
+        train=stats["train"], val=stats["val"],
+        skipped={"binary": files.binary, "undecodable": files.undecodable,
+                 "empty": files.empty},
+        duplicates=files.duplicates, matched=files.matched, tokenizer_sha256=tok.sha256(),
+        settings_hash=settings_hash, fingerprint=fingerprint,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        prepare_s=round(time.perf_counter() - t0, 2), out_dir=str(out),
+    )
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(m.to_dict(), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / MANIFEST)
+    return m
+
+
+def summary_lines(m: Manifest) -> list[str]:
+    """Human-readable summary of a manifest (what `nanochat data prepare` prints)."""
+    sk = m.skipped
+    return [
+        f"data dir     : {m.out_dir}",
+        f"sources      : {', '.join(m.sources)}  ({', '.join(m.extensions)})",
+        f"files        : {m.matched} matched; train {m.train.files}, val {m.val.files}",
+        f"skipped      : {sk['binary']} binary, {sk['undecodable']} undecodable, "
+        f"{sk['empty']} empty; {m.duplicates} duplicates dropped",
+        f"bytes        : train {m.train.bytes:,}, val {m.val.bytes:,}",
+        f"tokens       : train {m.train.tokens:,}, val {m.val.tokens:,}  ({m.dtype}, "
+        f"{m.train.bytes / max(m.train.tokens, 1):.2f} bytes/token on train)",
+        f"tokenizer    : vocab {m.vocab_size}, sha256 {m.tokenizer_sha256[:16]}",
+        f"prepared in  : {m.prepare_s:.1f} s  ({m.created})",
+    ]

@@ -1,0 +1,103 @@
+"""A prepared data directory, opened read-only, and the n-gram baselines for bits per byte.
+
+    nanochat data prepare        # writes the directory this opens
+    python -c "from nanochat.dataset import *; d = TokenData('DIR'); print(unigram_bigram_bpb(d))"
+
+`TokenData(dir)` validates manifest.json against the files next to it (dtype, sizes, the
+tokenizer hash) and memory-maps train.bin / val.bin, so opening even a large corpus costs
+nothing. Every check names the file it is about.
+
+Bits per byte convention (the same as the trainer's held-out eval): the targets are the
+val tokens after the first; bits/byte = sum over targets of -ln p(target), divided by
+ln 2 times the UTF-8 bytes of the targets (token_bytes). <|bos|> targets count in the nats
+(predicting a document boundary is part of the job) and add 0 bytes. Being per byte, the
+number compares across tokenizers and vocab sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from nanochat.corpus import SPLITS, Manifest, token_dtype
+from nanochat.tokenizer import Tokenizer
+
+
+class TokenData:
+    """train/val token arrays (read-only np.memmap), tokenizer, manifest, token_bytes."""
+
+    def __init__(self, path: str | Path):
+        self.dir = Path(path).expanduser()
+        if not self.dir.is_dir():
+            raise FileNotFoundError(f"data directory {self.dir} does not exist "
+                                    "(run `nanochat data prepare`)")
+        self.manifest = Manifest.load(self.dir)
+        mf = self.dir / "manifest.json"
+        dtype = token_dtype(self.manifest.vocab_size)
+        if self.manifest.dtype != dtype.name:
+            raise ValueError(f"{mf}: dtype {self.manifest.dtype!r} does not match vocab_size "
+                             f"{self.manifest.vocab_size} (expected {dtype.name})")
+        self.dtype = dtype
+        arrays = {}
+        for name in SPLITS:
+            f = self.dir / f"{name}.bin"
+            ntok = self.manifest.split(name).tokens
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} does not exist (listed in {mf})")
+            size = f.stat().st_size
+            if size != ntok * dtype.itemsize:
+                raise ValueError(f"{f}: {size} bytes, but {mf} says {ntok} {dtype.name} "
+                                 f"tokens ({ntok * dtype.itemsize} bytes)")
+            if ntok == 0:
+                raise ValueError(f"{f}: the {name} split is empty")
+            arrays[name] = np.memmap(f, dtype=dtype, mode="r", shape=(ntok,))
+        self.train: np.ndarray = arrays["train"]
+        self.val: np.ndarray = arrays["val"]
+        self.tokenizer = Tokenizer.load(self.dir / "tokenizer")
+        if self.tokenizer.sha256() != self.manifest.tokenizer_sha256:
+            raise ValueError(f"{self.dir / 'tokenizer'}: tokenizer hash does not match {mf}")
+        if self.tokenizer.vocab_size != self.manifest.vocab_size:
+            raise ValueError(f"{self.dir / 'tokenizer'}: vocab size {self.tokenizer.vocab_size}"
+                             f" != {self.manifest.vocab_size} in {mf}")
+        self.token_bytes: np.ndarray = self.tokenizer.token_bytes()  # (V,) int32
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size
+
+    def __repr__(self) -> str:
+        return (f"TokenData({str(self.dir)!r}, train={len(self.train):,}, "
+                f"val={len(self.val):,}, vocab={self.vocab_size})")
+
+
+def unigram_bigram_bpb(data: TokenData, max_tokens: int | None = None) -> tuple[float, float]:
+    """Bits per byte on val of add-one smoothed unigram and bigram models fit on train.
+
+    max_tokens: evaluate on the first max_tokens val tokens only (the region the trainer's
+    eval_batches sweep covers with the same max_tokens); None: the whole val split.
+    """
+    V = data.vocab_size
+    train = np.asarray(data.train, dtype=np.int64)
+    val = np.asarray(data.val[:max_tokens], dtype=np.int64)
+    if len(val) < 2:
+        raise ValueError(f"{data.dir}: need at least 2 val tokens, got {len(val)}")
+    tb = data.token_bytes.astype(np.int64)
+    prev, tgt = val[:-1], val[1:]  # (N-1,) each
+    nbytes = int(tb[tgt].sum())
+    if nbytes == 0:
+        raise ValueError(f"{data.dir}: the val split has no byte-bearing tokens")
+    denom = math.log(2) * nbytes
+
+    uni = np.bincount(train, minlength=V).astype(np.float64)  # (V,)
+    uni_nats = -np.log((uni[tgt] + 1) / (len(train) + V)).sum()
+
+    # Bigram counts over the pair codes a*V+b: sorted unique codes, looked up by bisection.
+    codes, counts = np.unique(train[:-1] * V + train[1:], return_counts=True)
+    ctx = np.bincount(train[:-1], minlength=V).astype(np.float64)  # times a is a context
+    q = prev * V + tgt
+    pos = np.minimum(np.searchsorted(codes, q), len(codes) - 1)
+    pair = np.where(codes[pos] == q, counts[pos], 0).astype(np.float64)
+    bi_nats = -np.log((pair + 1) / (ctx[prev] + V)).sum()
+    return float(uni_nats / denom), float(bi_nats / denom)
