@@ -2,6 +2,7 @@
 
     nanochat data prepare [--source PATH ...] [--out DIR] [--vocab-size N] [--ext .py ...]
     nanochat info [--json]
+    nanochat model info [--config tiny] [--json] [--batch B --seq T]
     nanochat bench kernels [--json] [--quick] [--threads 1,2] [--isa ...]
 """
 
@@ -31,6 +32,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"  kernel paths : {', '.join(info['isas'])}")
     print(f"  ternary_gemm : dispatches to {info['isa']}  (NANOCHAT_ISA pins one)")
     return 0
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    from nanochat import config as C
+    from nanochat import gpt
+
+    if args.model == "info":
+        cfg = C.load_config(args.config)
+        info = gpt.model_info(cfg.model, args.batch or cfg.train.batch_size,
+                              args.seq or cfg.train.seq_len)
+        print(json.dumps(info) if args.json else gpt.format_model_info(info))
+        return 0
+    raise AssertionError(args.model)
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -87,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     pi = sub.add_parser("info", help="version, CPU features, CUDA, threads and kernel dispatch")
     pi.add_argument("--json", action="store_true", help="one JSON object instead of text")
     pi.set_defaults(func=_cmd_info)
+
+    pm = sub.add_parser("model", help="model sizes: parameter counts and memory estimates")
+    msub = pm.add_subparsers(dest="model", required=True, metavar="ACTION")
+    pmi = msub.add_parser(
+        "info", help="parameter counts and memory of a config (built on the meta device)",
+        description="Build the config's model on the meta device (no memory) and print its "
+        "parameter counts and rough training / packed-inference memory.")
+    pmi.add_argument("--config", default="tiny",
+                     help="built-in config name (tiny, nano_125m, ...) or a TOML file")
+    pmi.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    pmi.add_argument("--batch", type=int, help="batch for the memory estimate "
+                     "(default: the config's train.batch_size)")
+    pmi.add_argument("--seq", type=int, help="sequence length for the memory estimate "
+                     "(default: the config's train.seq_len)")
+    pm.set_defaults(func=_cmd_model)
 
     pb = sub.add_parser("bench", help="benchmarks that compare alternatives side by side")
     bsub = pb.add_subparsers(dest="bench", required=True, metavar="NAME")

@@ -1,0 +1,335 @@
+"""The GPT: a BitNet b1.58 decoder laid out exactly like llama.cpp's `bitnet` graph.
+
+    h = token_embd[idx]                                         # (B, T, d) full precision
+    per block:
+        a = attn_norm(h)                                         # pre-norm RMSNorm
+        q, k, v = attn_q(a), attn_k(a), attn_v(a)                # BitLinear, GQA (n_kv_heads)
+        h = h + attn_output(attn_sub_norm(attention(rope(q), rope(k), v)))
+        f = ffn_norm(h)
+        h = h + ffn_down(ffn_sub_norm(act(ffn_gate(f)) * ffn_up(f)))   # act: silu or relu2
+    logits = output_norm(h) @ token_embd^T                      # tied LM head
+
+Module names mirror the GGUF tensor names (`blocks.3.attn_q.weight` -> `blk.3.attn_q.weight`,
+`token_embd`, `output_norm`), so an exporter maps them one to one. No biases anywhere.
+
+RoPE: llama.cpp runs LLM_ARCH_BITNET with LLAMA_ROPE_TYPE_NEOX ("the pairs of head values
+are offset by n_rot/2", llama_model_rope_type in src/llama-model.cpp), i.e. the half-split
+pairing (x[i], x[i + head_dim/2]), as in HF's rotate_half. NOT the "normal" consecutive
+pairing (x[2i], x[2i+1]) of LLM_ARCH_LLAMA. We rotate the same pairs, so exported Q/K
+weights need no permutation.
+
+    nanochat model info --config nano_125m       # parameter counts and memory (meta device)
+    pytest tests/test_gpt.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.bitlinear import BitLinear, frozen
+from nanochat.config import ModelConfig, _build
+
+log = logging.getLogger(__name__)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (ggml_rms_norm then a multiply)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos, sin (T, head_dim/2) float32 for the given absolute positions (T,)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device,
+                                       dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NEOX (half-split) rotation of x (B, H, T, D): pairs (x[i], x[i + D/2]) by angle
+    pos * theta^(-2i/D), the pairing llama.cpp uses for the bitnet architecture."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, bitlinear: str):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+        self.activation = cfg.activation
+        self.attn_norm = RMSNorm(d, cfg.norm_eps)
+        self.attn_q = BitLinear(d, cfg.n_heads * hd, bitlinear)
+        self.attn_k = BitLinear(d, cfg.n_kv_heads * hd, bitlinear)
+        self.attn_v = BitLinear(d, cfg.n_kv_heads * hd, bitlinear)
+        self.attn_sub_norm = RMSNorm(d, cfg.norm_eps)
+        self.attn_output = BitLinear(cfg.n_heads * hd, d, bitlinear)
+        self.ffn_norm = RMSNorm(d, cfg.norm_eps)
+        self.ffn_gate = BitLinear(d, cfg.ffn_hidden, bitlinear)
+        self.ffn_up = BitLinear(d, cfg.ffn_hidden, bitlinear)
+        self.ffn_sub_norm = RMSNorm(cfg.ffn_hidden, cfg.norm_eps)
+        self.ffn_down = BitLinear(cfg.ffn_hidden, d, bitlinear)
+
+    def attention(self, x, cos, sin, cache: list | None):
+        B, T, _ = x.shape
+        q = self.attn_q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,T,D)
+        k = self.attn_k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.attn_v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:  # [k, v] of earlier positions (B, Hkv, past, D), or [None, None]
+            if cache[0] is not None:
+                past = cache[0].shape[2]
+                k = torch.cat((cache[0], k), dim=2)
+                v = torch.cat((cache[1], v), dim=2)
+            cache[0], cache[1] = k, v
+        if self.n_kv_heads != self.n_heads:  # q head h reads kv head h // group (llama.cpp's)
+            group = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)  # the new token sees everything
+        else:  # a chunk after a cache: query i (absolute past+i) sees keys 0..past+i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B,T,H*D)
+
+    def forward(self, x, cos, sin, cache: list | None = None):
+        x = x + self.attn_output(self.attn_sub_norm(self.attention(self.attn_norm(x), cos, sin, cache)))
+        h = self.ffn_norm(x)
+        g = self.ffn_gate(h)
+        g = F.silu(g) if self.activation == "silu" else F.relu(g).square()
+        return x + self.ffn_down(self.ffn_sub_norm(g * self.ffn_up(h)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig, bitlinear: str = "auto"):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.token_embd = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, bitlinear) for _ in range(config.n_layers))
+        self.output_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.init_weights()
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_config_dict(cls, d: dict, bitlinear: str = "auto") -> "GPT":
+        """From a ModelConfig dict (a checkpoint's saved config). Missing keys take their
+        defaults (logged, so old checkpoints keep loading); unknown keys are errors."""
+        missing = sorted({f.name for f in dataclasses.fields(ModelConfig)} - set(d))
+        if missing:
+            log.info("model config: missing key(s) %s take their defaults", ", ".join(missing))
+        cfg = _build(ModelConfig, dict(d), "model")
+        return cls(cfg, bitlinear=bitlinear)
+
+    def config_dict(self) -> dict:
+        return dataclasses.asdict(self.config)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """normal(0, init_std) for the embedding and every BitLinear; the two residual output
+        projections (attn_output, ffn_down) scaled by 1/sqrt(2 * n_layers); norms at 1."""
+        std = self.config.init_std
+        nn.init.normal_(self.token_embd.weight, 0.0, std)
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for m in self.modules():
+            if isinstance(m, BitLinear):
+                m.reset_parameters(std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        for b in self.blocks:
+            b.attn_output.reset_parameters(out_std)
+            b.ffn_down.reset_parameters(out_std)
+
+    def set_bitlinear_kernel(self, kernel: str) -> None:
+        for m in self.modules():
+            if isinstance(m, BitLinear):
+                m.kernel = kernel
+
+    # ---- forward ----------------------------------------------------------------------
+    def _trunk(self, idx: torch.Tensor, caches: list | None = None, start: int = 0):
+        B, T = idx.shape
+        pos = torch.arange(start, start + T, device=idx.device)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        x = self.token_embd(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, None if caches is None else caches[i])
+        return self.output_norm(x)
+
+    def forward_hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states (B, T, d), before the tied LM head."""
+        return self._trunk(idx)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.token_embd.weight).float()  # (B, T, V)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                loss_reduction: str = "mean"):
+        """logits (B, T, V), or (logits, loss) with targets (B, T) (-1 = ignore). With
+        loss_reduction="none" the loss is per token, shaped like targets."""
+        logits = self.logits(self._trunk(idx))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+        if loss_reduction == "none":
+            loss = loss.view(targets.shape)
+        return logits, loss
+
+    # ---- generation -------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop_ids: Iterable[int] = ()) -> torch.Tensor:
+        """Sample continuations with a KV cache (prefill the prompt, then one token a step).
+
+        idx: (B, T) or (T,) token ids (a list works too); returns the prompt plus the new
+        tokens in the same layout. temperature 0 is greedy. Generation ends early once every
+        row has produced one of stop_ids (kept in the output; a finished row repeats it)."""
+        device = self.token_embd.weight.device
+        idx = torch.as_tensor(idx, dtype=torch.long, device=device)
+        vector = idx.dim() == 1
+        if vector:
+            idx = idx[None]
+        B, T = idx.shape
+        if T == 0:
+            raise ValueError("generate: the prompt must have at least one token")
+        if T + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"generate: prompt ({T}) + max_new_tokens ({max_new_tokens}) "
+                             f"exceeds max_seq_len ({self.config.max_seq_len})")
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=device).manual_seed(seed)
+        stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        caches = [[None, None] for _ in self.blocks]
+        out = [idx]
+        x, pos = idx, 0
+        with frozen(self):  # pack the ternary weights once for the whole generation
+            for _ in range(max_new_tokens):
+                logits = self.logits(self._trunk(x, caches, pos)[:, -1])  # (B, V)
+                pos += x.shape[1]
+                nxt = sample(logits, temperature, top_k, top_p, gen)  # (B,)
+                if stop.numel():
+                    nxt = torch.where(done, out[-1][:, -1], nxt)
+                    done |= torch.isin(nxt, stop)
+                out.append(nxt[:, None])
+                if stop.numel() and bool(done.all()):
+                    break
+                x = nxt[:, None]
+        res = torch.cat(out, dim=1)
+        return res[0] if vector else res
+
+    # ---- sizes ------------------------------------------------------------------------
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts: total, ternary (BitLinear weights), embedding (tied), norm."""
+        ternary = sum(m.weight.numel() for m in self.modules() if isinstance(m, BitLinear))
+        norm = sum(m.weight.numel() for m in self.modules() if isinstance(m, RMSNorm))
+        embedding = self.token_embd.weight.numel()
+        total = sum(p.numel() for p in self.parameters())
+        assert total == ternary + norm + embedding, "a parameter is not accounted for"
+        return {"total": total, "active": total, "ternary": ternary, "embedding": embedding,
+                "norm": norm}
+
+    def estimate_memory(self, batch: int, seq: int) -> dict[str, int]:
+        """Rough bytes. Training: fp32 params + grads + AdamW's two fp32 moments (16 B/param)
+        plus saved activations: per token and layer about 14*d + 2*d_kv + 6*ffn floats
+        (norm outputs, quantized BitLinear inputs, q/k/v, attention output, the FFN's four
+        ffn-wide tensors; fused attention assumed: no T^2 term), plus fp32 logits and their
+        softmax gradient (2*V floats per token). Inference: ternary weights packed at 2 bits
+        (+ one fp32 scale per matrix), the embedding in f16, norms in f32; KV cache in f16."""
+        c = self.config
+        n = self.num_params()
+        d_kv = c.n_kv_heads * c.head_dim
+        tokens = batch * seq
+        act = tokens * (c.n_layers * (14 * c.d_model + 2 * d_kv + 6 * c.ffn_hidden)
+                        + 2 * c.vocab_size) * 4
+        state = n["total"] * 16
+        n_mats = sum(1 for m in self.modules() if isinstance(m, BitLinear))
+        packed = n["ternary"] // 4 + 4 * n_mats + 2 * n["embedding"] + 4 * n["norm"]
+        kv = 2 * c.n_layers * tokens * d_kv * 2
+        return {"params_bytes": n["total"] * 4, "optimizer_state_bytes": n["total"] * 8,
+                "activation_bytes": act, "training_state_bytes": state + act,
+                "packed_inference_bytes": packed, "kv_cache_bytes": kv}
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of logits (B, V): greedy at temperature 0, else top-k / nucleus."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the token that crosses p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def model_info(config: ModelConfig, batch: int = 1, seq: int | None = None) -> dict:
+    """Counts and memory estimates of a config, built on the meta device (no memory)."""
+    seq = seq or config.max_seq_len
+    with torch.device("meta"):
+        model = GPT(config)
+    n = model.num_params()
+    mem = model.estimate_memory(batch, seq)
+    return {
+        "config": dataclasses.asdict(config),
+        "batch": batch, "seq": seq,
+        "total_params": n["total"], "active_params": n["active"],
+        "ternary_params": n["ternary"], "embedding_params": n["embedding"],
+        "norm_params": n["norm"],
+        **mem,
+    }
+
+
+
+
+def format_model_info(info: dict) -> str:
+    """The text form of model_info for `nanochat model info`."""
+    c = info["config"]
+
+    def gib(b):
+        return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+    lines = [
+        f"model: d_model {c['d_model']}, {c['n_layers']} layers, {c['n_heads']} heads "
+        f"({c['n_kv_heads']} kv), head_dim {c['d_model'] // c['n_heads']}, ffn {c['ffn_hidden']}, "
+        f"vocab {c['vocab_size']}, {c['activation']}",
+        f"  total params       : {info['total_params']:>15,}  ({info['total_params'] / 1e6:.1f}M)",
+        f"  active params      : {info['active_params']:>15,}",
+        f"  ternary (BitLinear): {info['ternary_params']:>15,}",
+        f"  embedding (tied)   : {info['embedding_params']:>15,}",
+        f"  norms              : {info['norm_params']:>15,}",
+        f"memory (batch {info['batch']} x seq {info['seq']}, rough):",
+        f"  training state     : {gib(info['training_state_bytes'])}  (params+grads+AdamW "
+        f"{gib(info['params_bytes'] * 2 + info['optimizer_state_bytes'])}, activations "
+        f"{gib(info['activation_bytes'])})",
+        f"  packed inference   : {gib(info['packed_inference_bytes'])}  (2-bit ternary, f16 "
+        f"embedding) + KV cache {gib(info['kv_cache_bytes'])}",
+    ]
+    return "\n".join(lines)
