@@ -15,7 +15,9 @@ asked for is always the size you get (the model's embedding matrix matches it).
 
 Plain text never encodes to a special token: "<|bos|>" inside a source file is encoded as
 ordinary bytes. Special ids are added by the code that builds documents (corpus.py puts
-`bos_id` before every document).
+`bos_id` before every document). HF keeps that switch (encode_special_tokens) outside
+tokenizer.json, so load through `Tokenizer.load`, not a bare `tokenizers.Tokenizer`, which
+would split the special strings out of text (llama.cpp's parse_special=false matches ours).
 """
 
 from __future__ import annotations
