@@ -1,5 +1,7 @@
 """The `nanochat` command: thin argument parsing over the package.
 
+    nanochat train [--config tiny] [--data DIR] [--out DIR] [--steps N] [--resume]
+    nanochat sample --checkpoint DIR --prompt "def "
     nanochat data prepare [--source PATH ...] [--out DIR] [--vocab-size N] [--ext .py ...]
     nanochat info [--json]
     nanochat model info [--config tiny] [--json] [--batch B --seq T]
@@ -47,6 +49,50 @@ def _cmd_model(args: argparse.Namespace) -> int:
     raise AssertionError(args.model)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from nanochat import config as C
+    from nanochat import train as T
+
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
+    cfg = C.load_config(args.config, args.set)
+    overrides = []
+    if args.steps is not None:
+        overrides.append(f"train.max_steps={args.steps}")
+    if args.time_budget is not None:
+        overrides.append(f"train.time_budget_s={args.time_budget}")
+    cfg = C.apply_overrides(cfg, overrides)
+    run_dir = Path(args.out) if args.out else Path("runs") / time.strftime(
+        f"%Y%m%d-%H%M%S-{Path(args.config).stem}")
+    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
+    if args.data:
+        data_dir = Path(args.data)
+    else:
+        from nanochat import corpus
+
+        sources = cfg.data.sources or None
+        manifest = corpus.prepare(sources, None, cfg.model.vocab_size, cfg.data.val_fraction,
+                                  cfg.data.extensions)
+        data_dir = Path(manifest.out_dir)
+    result = T.train(cfg, data_dir, run_dir, resume=args.resume,
+                     progress_bar=not args.no_progress)
+    T.summarize(result, cfg, prompt=args.sample_prompt)
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from nanochat.sample import sample_from_checkpoint
+
+    text = sample_from_checkpoint(args.checkpoint, args.prompt, max_tokens=args.max_tokens,
+                                  temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, seed=args.seed)
+    print(text)
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from nanochat import corpus
 
@@ -59,11 +105,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.bench == "kernels":
-        from nanochat.bench import kernels
-
-        return kernels.main(args)
-    raise AssertionError(args.bench)
+    return args.bench_module.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +114,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ternary (BitNet b1.58) language models: train, export to GGUF, run fast on CPUs.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pt = sub.add_parser(
+        "train", help="train a ternary model (default: tiny on the Python stdlib, ~10 min)",
+        description="Train a BitNet b1.58 model. With no arguments: prepares the local Python "
+        "standard library as the corpus (cached), trains the `tiny` config within its time "
+        "budget, evaluates held-out bits/byte against unigram/bigram baselines and prints a "
+        "sample. Checkpoints, TensorBoard events and metrics.jsonl go to the run directory.")
+    pt.add_argument("--config", default="tiny",
+                    help="built-in config name (tiny, nano_125m, ...) or a TOML file (default: tiny)")
+    pt.add_argument("--data", help="prepared data dir (nanochat data prepare); default: "
+                    "prepare the config's [data] sources, the Python stdlib unless set")
+    pt.add_argument("--out", help="run directory (default: runs/<time>-<config>)")
+    pt.add_argument("--steps", type=int, help="max optimizer steps (train.max_steps)")
+    pt.add_argument("--time-budget", type=float,
+                    help="wall-clock budget in seconds, 0 = none (train.time_budget_s)")
+    pt.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its latest checkpoint")
+    pt.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                    help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
+    pt.add_argument("--sample-prompt", default="def ", help="prompt of the end-of-run sample")
+    pt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pt.set_defaults(func=_cmd_train)
+
+    ps = sub.add_parser("sample", help="generate text from a checkpoint (torch, KV cache)")
+    ps.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest)")
+    ps.add_argument("--prompt", default="", help="text to continue")
+    ps.add_argument("--max-tokens", type=int, default=200)
+    ps.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ps.add_argument("--top-k", type=int, default=None)
+    ps.add_argument("--top-p", type=float, default=None)
+    ps.add_argument("--seed", type=int, default=None)
+    ps.set_defaults(func=_cmd_sample)
 
     from nanochat.config import DataConfig, ModelConfig
 
@@ -120,15 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("bench", help="benchmarks that compare alternatives side by side")
     bsub = pb.add_subparsers(dest="bench", required=True, metavar="NAME")
     from nanochat.bench import kernels
+    from nanochat.bench import train as bench_train
 
-    kernels.add_arguments(
-        bsub.add_parser(
-            "kernels",
-            help="ternary GEMV/GEMM per kernel path and thread count vs torch f32 matmul",
-            description=kernels.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    )
+    benches = [
+        (kernels, "kernels", "ternary GEMV/GEMM per kernel path and thread count vs torch f32"),
+        (bench_train, "train", "training tokens/s and peak memory, C++ BitLinear vs torch"),
+    ]
+    for module, name, help_text in benches:
+        pn = bsub.add_parser(name, help=help_text, description=module.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(pn)
+        pn.set_defaults(bench_module=module)
     pb.set_defaults(func=_cmd_bench)
     return p
 
@@ -137,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
         print(f"nanochat {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,106 @@
+"""nanochat bench train: training tokens/s and peak memory, C++ BitLinear vs plain torch.
+
+Same model, batch, seed and thread count; the only difference is the BitLinear path:
+"cpp" (the forward runs the C++ ternary GEMM through the nanochat::bitlinear custom op)
+or "torch" (the textbook fake-quant BitLinear in pure PyTorch). Each measurement runs
+in a fresh child process so its peak memory (max RSS on CPU) is its own; the variants
+alternate round by round (A B A B) and medians are reported, with the ratio cpp/torch.
+
+A step is forward + backward + AdamW update on random tokens (data loading excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="one JSON object per (config, variant)")
+    p.add_argument("--configs", default="tiny,nano_125m", help="comma-separated model configs")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="torch + kernel threads (0: all)")
+
+
+def _measure(config: str, variant: str, batch: int, seq: int, steps: int, threads: int, q):
+    import resource
+    import time
+
+    import torch
+
+    from nanochat import ternary
+    from nanochat.config import load_config
+    from nanochat.gpt import GPT
+
+    try:
+        if threads > 0:
+            torch.set_num_threads(threads)
+            ternary.set_num_threads(threads)
+        cfg = load_config(config)
+        torch.manual_seed(0)
+        model = GPT(cfg.model, bitlinear=variant)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), generator=g)
+
+        def step():
+            _, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()  # warm up (allocations, first-call overheads)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sec = (time.perf_counter() - t0) / steps
+        q.put({"step_seconds": sec, "tokens_per_s": batch * seq / sec,
+               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               "params": model.num_params()["total"]})
+    except BaseException as e:  # report, don't hang the parent
+        q.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def run(args: argparse.Namespace):
+    ctx = mp.get_context("spawn")
+    for config in args.configs.split(","):
+        samples = {"cpp": [], "torch": []}
+        for _ in range(args.rounds):
+            for variant in ("cpp", "torch"):
+                q = ctx.Queue()
+                p = ctx.Process(target=_measure, args=(config, variant, args.batch, args.seq,
+                                                       args.steps, args.threads, q))
+                p.start()
+                r = q.get()
+                p.join()
+                if "error" in r:
+                    raise RuntimeError(f"bench train {config}/{variant}: {r['error']}")
+                samples[variant].append(r)
+        med = {v: {k: statistics.median(s[k] for s in samples[v])
+                   for k in ("step_seconds", "tokens_per_s", "peak_rss_bytes")}
+               for v in samples}
+        for v in ("cpp", "torch"):
+            yield {"config": config, "bitlinear": v, "batch": args.batch, "seq": args.seq,
+                   "threads": args.threads or None, "params": samples[v][0]["params"], **med[v],
+                   "speedup_vs_torch": med["torch"]["step_seconds"] / med[v]["step_seconds"],
+                   "memory_vs_torch": med[v]["peak_rss_bytes"] / med["torch"]["peak_rss_bytes"]}
+
+
+def main(args: argparse.Namespace) -> int:
+    if not args.json:
+        print(f"{'config':>10} {'bitlinear':>9} {'params':>12} {'step':>9} {'tokens/s':>9} "
+              f"{'peak RSS':>9} {'speed vs torch':>14} {'mem vs torch':>12}")
+    for m in run(args):
+        if args.json:
+            print(json.dumps(m), flush=True)
+        else:
+            print(f"{m['config']:>10} {m['bitlinear']:>9} {m['params']:>12,} "
+                  f"{m['step_seconds'] * 1e3:>7.0f}ms {m['tokens_per_s']:>9,.0f} "
+                  f"{m['peak_rss_bytes'] / 2**20:>7.0f}MB {m['speedup_vs_torch']:>13.2f}x "
+                  f"{m['memory_vs_torch']:>11.2f}x", flush=True)
+    return 0

@@ -1,0 +1,312 @@
+"""The training loop: BitNet b1.58 QAT with AdamW, WSD schedule, async data, evals,
+TensorBoard/JSONL metrics, atomic checkpoints and bit-exact resume.
+
+    nanochat train                       # tiny model on the Python stdlib, ~10 minutes
+    nanochat train --config nano_125m --data DIR --out runs/x --steps 5000
+    nanochat train --out runs/x --resume # continue where runs/x stopped
+
+`train()` is the whole job; the CLI only parses arguments. SIGINT/SIGTERM finish
+the current step, write a checkpoint and return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nanochat import checkpoint
+from nanochat.config import RunConfig, from_dict
+from nanochat.dataset import TokenData, unigram_bigram_bpb
+from nanochat.gpt import GPT
+from nanochat.loader import BatchLoader, eval_batches
+from nanochat.metrics import MetricsLogger, peak_memory_bytes
+from nanochat.schedule import progress, wsd_factor
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: list[float] = field(default_factory=list)  # train loss of every step run here
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    tokens_per_s: float = 0.0
+    interrupted: bool = False
+    checkpoint: Path | None = None
+    model: object = None  # the trained GPT, for the summary and sample
+    data: object = None  # the TokenData it trained on
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device = 'cuda' but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def build_optimizer(model: GPT, cfg: RunConfig, log=print) -> torch.optim.Optimizer:
+    """AdamW with one group per kind of parameter, so later optimizers (Muon for the
+    matrices, 8-bit state, GaLore) can take over a group without touching the rest."""
+    o = cfg.optim
+    groups = {"matrix": [], "embedding": [], "scalar": []}
+    names = {k: [] for k in groups}
+    for name, p in model.named_parameters():
+        kind = "embedding" if "embed" in name else ("matrix" if p.ndim >= 2 else "scalar")
+        groups[kind].append(p)
+        names[kind].append(name)
+    settings = {
+        "matrix": dict(lr=o.lr, weight_decay=o.weight_decay),
+        "embedding": dict(lr=o.embed_lr, weight_decay=0.0),
+        "scalar": dict(lr=o.scalar_lr, weight_decay=0.0),
+    }
+    param_groups = []
+    for kind, params in groups.items():
+        if params:
+            s = settings[kind]
+            param_groups.append({"params": params, "name": kind, "base_lr": s["lr"], **s})
+            log(f"optimizer group {kind:9s}: AdamW lr={s['lr']:g} wd={s['weight_decay']:g}, "
+                f"{len(params)} tensors, {sum(p.numel() for p in params):,} params "
+                f"({', '.join(names[kind][:3])}{', ...' if len(params) > 3 else ''})")
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    return torch.optim.AdamW(param_groups, betas=(o.beta1, o.beta2), eps=o.eps, **fused)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, data: TokenData, cfg: RunConfig, device: torch.device) -> tuple[float, float]:
+    """Held-out mean loss (nats/token) and bits per UTF-8 byte on the val split."""
+    was_training = model.training
+    model.eval()
+    token_bytes = torch.as_tensor(data.token_bytes, dtype=torch.float64)
+    nats, n_tokens, n_bytes = 0.0, 0, 0.0
+    for x, y in eval_batches(data.val, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_tokens):
+        x, y = x.to(device), y.to(device)
+        _, loss = model(x, y, loss_reduction="none")
+        nats += float(loss.double().sum())
+        n_tokens += y.numel()
+        n_bytes += float(token_bytes[y.cpu()].sum())
+    model.train(was_training)
+    if n_tokens == 0:
+        raise ValueError("the validation split is shorter than one eval sequence; "
+                         "prepare more data or lower train.seq_len")
+    return nats / n_tokens, nats / (math.log(2) * max(n_bytes, 1.0))
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag the loop checks between steps (a second SIGINT aborts)."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        if threading_is_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint "
+              "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
+          progress_bar: bool = True, stop_at_step: int | None = None,
+          log=print) -> TrainResult:
+    """Train `cfg` on prepared data in `data_dir`, writing checkpoints/logs to `run_dir`.
+
+    `resume` continues from the run's latest checkpoint (its config wins over `cfg`
+    for the model; the schedule/budget settings of `cfg` apply). `stop_at_step`
+    stops early as if interrupted (used to test bit-exact resume).
+    """
+    run_dir = Path(run_dir)
+    data = TokenData(data_dir)
+    if data.tokenizer.vocab_size != cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size = {cfg.model.vocab_size} but the tokenizer in {data_dir} "
+                         f"has {data.tokenizer.vocab_size} tokens; prepare data with "
+                         f"--vocab-size {cfg.model.vocab_size} or set model.vocab_size")
+    t = cfg.train
+    device = pick_device(t.device)
+
+    state = None
+    if resume:
+        state = checkpoint.load(run_dir)
+        saved = from_dict(state["config"], f"checkpoint {state['path']}")
+        if saved.model != cfg.model:
+            raise ValueError(f"checkpoint {state['path']} was trained with a different model config "
+                             f"({saved.model}) than the one given ({cfg.model})")
+        if state["tokenizer_sha256"] != data.tokenizer.sha256():
+            raise ValueError(f"checkpoint {state['path']} used a different tokenizer than {data_dir}")
+
+    torch.manual_seed(t.seed)
+    model = GPT(cfg.model, bitlinear=t.bitlinear).to(device)
+    opt = build_optimizer(model, cfg, log=log if state is None else (lambda *_: None))
+    step, elapsed_before = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        elapsed_before = state["elapsed_s"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        log(f"resumed from {state['path']} at step {step}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    counts = model.num_params()
+    log(f"model: {counts['total']:,} params ({counts['ternary']:,} ternary), device {device}, "
+        f"bitlinear={t.bitlinear}, threads={torch.get_num_threads()}")
+    metrics = MetricsLogger(run_dir, purge_step=step if state is not None else None)
+    loader = BatchLoader(data.train, t.batch_size, t.seq_len, seed=t.seed,
+                         start_step=step * t.grad_accum, prefetch=t.prefetch, device=str(device),
+                         pin_memory=device.type == "cuda")
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+    result = TrainResult(run_dir=run_dir, step=step)
+    bar = None
+    if progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.max_steps, initial=step, unit="step", dynamic_ncols=True,
+                   file=sys.stderr, desc="train")
+
+    def save() -> Path:
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+        st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+              "elapsed_s": elapsed, "rng": rng, "config": cfg.to_dict(),
+              "loader": loader.state_dict(), "tokenizer_sha256": data.tokenizer.sha256()}
+        return checkpoint.save(run_dir, step, st, cfg.to_dict(), data.dir / "tokenizer",
+                               keep=t.keep_checkpoints)
+
+    start = time.perf_counter()
+    elapsed = elapsed_before
+    window_t, window_tokens, window_wait = time.perf_counter(), 0, 0.0
+    last_saved, last_eval = None, -1
+    try:
+        with _StopFlag() as flag:
+            model.train()
+            while step < t.max_steps:
+                elapsed = elapsed_before + time.perf_counter() - start
+                if t.time_budget_s and elapsed >= t.time_budget_s:
+                    log(f"time budget of {t.time_budget_s:g}s reached at step {step}")
+                    break
+                if flag.stop or (stop_at_step is not None and step >= stop_at_step):
+                    result.interrupted = True
+                    break
+                lr_factor = wsd_factor(step, progress(step, t.max_steps, elapsed, t.time_budget_s),
+                                       cfg.schedule)
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * lr_factor
+                loss_sum = 0.0
+                for _ in range(t.grad_accum):
+                    x, y = loader.next()
+                    window_wait += loader.last_wait_s
+                    with autocast:
+                        _, loss = model(x, y)
+                    (loss / t.grad_accum).backward()
+                    loss_sum += float(loss.detach())
+                grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+                             if cfg.optim.grad_clip > 0 else None)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                loss_val = loss_sum / t.grad_accum
+                if not math.isfinite(loss_val):
+                    raise FloatingPointError(f"loss became {loss_val} at step {step}; lower optim.lr")
+                result.losses.append(loss_val)
+                window_tokens += tokens_per_step
+                if bar is not None:
+                    bar.update(1)
+
+                is_last = step >= t.max_steps
+                if step % t.log_every == 0 or is_last:
+                    now = time.perf_counter()
+                    span = now - window_t
+                    tps = window_tokens / span if span > 0 else 0.0
+                    result.tokens_per_s = tps
+                    metrics.log(step, loss=loss_val, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm,
+                                tokens_per_s=tps, data_wait_s=window_wait,
+                                data_wait_fraction=window_wait / span if span > 0 else 0.0,
+                                peak_memory_bytes=peak_memory_bytes(device))
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}",
+                                        lr=f"{opt.param_groups[0]['lr']:.2e}")
+                    window_t, window_tokens, window_wait = now, 0, 0.0
+                if step % t.eval_every == 0 or is_last:
+                    result.val_loss, result.val_bpb = evaluate(model, data, cfg, device)
+                    metrics.log(step, val_loss=result.val_loss, val_bpb=result.val_bpb)
+                    last_eval = step
+                    msg = f"step {step}: val loss {result.val_loss:.4f}, val bits/byte {result.val_bpb:.4f}"
+                    (bar.write(msg) if bar is not None else log(msg))
+                if step % t.checkpoint_every == 0 or is_last:
+                    elapsed = elapsed_before + time.perf_counter() - start
+                    last_saved = save()
+            elapsed = elapsed_before + time.perf_counter() - start
+            if last_eval != step:
+                result.val_loss, result.val_bpb = evaluate(model, data, cfg, device)
+                metrics.log(step, val_loss=result.val_loss, val_bpb=result.val_bpb)
+            if last_saved is None or last_saved.name != f"step_{step:06d}":
+                last_saved = save()
+    finally:
+        if bar is not None:
+            bar.close()
+        loader.close()
+        metrics.close()
+    result.step = step
+    result.checkpoint = last_saved
+    result.model = model
+    result.data = data
+    return result
+
+
+def summarize(result: TrainResult, cfg: RunConfig, prompt: str = "def ", log=print) -> dict:
+    """Held-out bits/byte next to unigram/bigram baselines, speed, and a sample."""
+    data = result.data
+    uni, bi = unigram_bigram_bpb(data, max_tokens=cfg.train.eval_tokens)  # the tokens evaluate() scores
+    model = result.model
+    ids = data.tokenizer.encode(prompt)
+    x = torch.tensor([[data.tokenizer.bos_id] + ids], device=next(model.parameters()).device)
+    out = model.generate(x, max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=40,
+                         seed=cfg.train.seed, stop_ids=(data.tokenizer.bos_id,))
+    sample = prompt + data.tokenizer.decode(out[0, x.shape[1]:].tolist())
+    summary = {
+        "run_dir": str(result.run_dir), "step": result.step, "val_loss": result.val_loss,
+        "val_bpb": result.val_bpb, "unigram_bpb": uni, "bigram_bpb": bi,
+        "vs_unigram": 1 - result.val_bpb / uni if uni else None,
+        "tokens_per_s": result.tokens_per_s, "checkpoint": str(result.checkpoint),
+        "interrupted": result.interrupted, "sample": sample,
+    }
+    (Path(result.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log("")
+    log(f"held-out bits/byte: {result.val_bpb:.4f}   (unigram {uni:.4f}, bigram {bi:.4f}; "
+        f"{summary['vs_unigram']:.0%} below unigram)")
+    log(f"training speed:     {result.tokens_per_s:,.0f} tokens/s   steps: {result.step}")
+    log(f"checkpoint:         {result.checkpoint}")
+    log("sample:")
+    log("  " + sample.replace("\n", "\n  "))
+    return summary
