@@ -77,9 +77,9 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def bitlinear_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y = STE(q(x)) @ STE(q(W))^T for x (..., in), weight (out, in)."""
-    codes, s = quantize_weight(weight)
+    codes, s = quantize_weight(weight.detach())  # detached: no graph for the quantizers
     w = weight + (codes * s - weight).detach()
-    xq, a = quantize_activations(x)
+    xq, a = quantize_activations(x.detach())
     x = x + (xq / a - x).detach()
     return F.linear(x, w)
 

@@ -255,7 +255,9 @@ class GPT(nn.Module):
         (norm outputs, quantized BitLinear inputs, q/k/v, attention output, the FFN's four
         ffn-wide tensors; fused attention assumed: no T^2 term), plus fp32 logits and their
         softmax gradient (2*V floats per token). Inference: ternary weights packed at 2 bits
-        (+ one fp32 scale per matrix), the embedding in f16, norms in f32; KV cache in f16."""
+        (+ one fp32 scale per matrix), the embedding in f16, norms in f32; KV cache in f16.
+        Checked on tiny at 4 x 256 tokens: 197 MiB estimated vs 159 MiB (cpp BitLinear,
+        int8 saved inputs) / 204 MiB (torch BitLinear) of live saved tensors."""
         c = self.config
         n = self.num_params()
         d_kv = c.n_kv_heads * c.head_dim
