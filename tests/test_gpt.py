@@ -76,6 +76,15 @@ def test_tied_embedding_is_one_parameter():
     assert m.token_embd.weight.grad[~torch.isin(torch.arange(SMALL.vocab_size), idx)].abs().sum() > 0
 
 
+def test_parameter_kinds():
+    m = _model()
+    k = m.parameter_kinds()
+    assert [n for n, _ in k["embedding"]] == ["token_embd.weight"]
+    assert all(p.ndim == 1 for _, p in k["scalar"]) and all(p.ndim == 2 for _, p in k["matrix"])
+    assert len(k["matrix"]) == 7 * SMALL.n_layers
+    assert sum(len(v) for v in k.values()) == len(list(m.parameters()))
+
+
 def test_init():
     m = _model(n_layers=4)
     std = SMALL.init_std

@@ -239,6 +239,17 @@ class GPT(nn.Module):
         return res[0] if vector else res
 
     # ---- sizes ------------------------------------------------------------------------
+    def parameter_kinds(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """(name, parameter) by kind, for optimizer groups: "matrix" (BitLinear latent
+        weights), "embedding" (token_embd, tied with the LM head), "scalar" (RMSNorm gains)."""
+        kinds: dict[str, list] = {"matrix": [], "embedding": [], "scalar": []}
+        owner = {id(m.weight): k for m in self.modules() for k, cls in
+                 (("matrix", BitLinear), ("scalar", RMSNorm), ("embedding", nn.Embedding))
+                 if isinstance(m, cls)}
+        for name, p in self.named_parameters():
+            kinds[owner[id(p)]].append((name, p))
+        return kinds
+
     def num_params(self) -> dict[str, int]:
         """Parameter counts: total, ternary (BitLinear weights), embedding (tied), norm."""
         ternary = sum(m.weight.numel() for m in self.modules() if isinstance(m, BitLinear))
