@@ -15,9 +15,24 @@ import torch
 import torch.nn.functional as F
 
 from conftest import clean_env
+from nanochat import ternary
 from nanochat.bitlinear import BitLinear
 from nanochat.config import CONFIG_DIR, ConfigError, ModelConfig, load_config
 from nanochat.gpt import GPT, RMSNorm, apply_rope, model_info, rope_cos_sin
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small shapes: one torch and one kernel thread. On a loaded 2-core machine, two-thread
+    barriers on tiny ops stall for scheduler ticks (a 0.2 s test once took 45 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ternary.set_num_threads(1)  # conftest's reset_dispatch restores the default afterwards
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
 
 SMALL = ModelConfig(vocab_size=384, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2,
                     ffn_hidden=512, max_seq_len=64)
@@ -73,7 +88,8 @@ def test_tied_embedding_is_one_parameter():
     torch.testing.assert_close(m(idx), h @ m.token_embd.weight.T)
     # the LM head's gradient lands on the embedding
     m(idx).sum().backward()
-    assert m.token_embd.weight.grad[~torch.isin(torch.arange(SMALL.vocab_size), idx)].abs().sum() > 0
+    unseen = ~torch.isin(torch.arange(SMALL.vocab_size), idx)
+    assert m.token_embd.weight.grad[unseen].abs().sum() > 0
 
 
 def test_parameter_kinds():
@@ -99,7 +115,8 @@ def test_init():
 def test_num_params_breakdown():
     m = _model()
     c, hd = SMALL, SMALL.d_model // SMALL.n_heads
-    per = 2 * c.d_model * c.d_model + 2 * c.d_model * c.n_kv_heads * hd + 3 * c.d_model * c.ffn_hidden
+    d, kv, f = c.d_model, c.n_kv_heads * hd, c.ffn_hidden
+    per = 2 * d * d + 2 * d * kv + 3 * d * f
     n = m.num_params()
     assert n["ternary"] == c.n_layers * per
     assert n["embedding"] == c.vocab_size * c.d_model

@@ -177,7 +177,8 @@ class BitLinear(nn.Module):
 
     def reset_parameters(self, std: float | None = None) -> None:
         """Normal(0, std), std defaulting to 1/sqrt(in_features). The GPT sets its own std."""
-        nn.init.normal_(self.weight, 0.0, std if std is not None else 1 / math.sqrt(self.in_features))
+        std = std if std is not None else 1 / math.sqrt(self.in_features)
+        nn.init.normal_(self.weight, 0.0, std)
 
     def uses_cpp(self, x: torch.Tensor) -> bool:
         if self.kernel == "torch":
@@ -206,7 +207,8 @@ class BitLinear(nn.Module):
         return ternary.TernaryMatrix.from_codes(codes, s)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"kernel={self.kernel}")
 
 
 @contextlib.contextmanager

@@ -112,7 +112,8 @@ class Block(nn.Module):
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B,T,H*D)
 
     def forward(self, x, cos, sin, cache: list | None = None):
-        x = x + self.attn_output(self.attn_sub_norm(self.attention(self.attn_norm(x), cos, sin, cache)))
+        a = self.attention(self.attn_norm(x), cos, sin, cache)  # (B, T, d)
+        x = x + self.attn_output(self.attn_sub_norm(a))
         h = self.ffn_norm(x)
         g = self.ffn_gate(h)
         g = F.silu(g) if self.activation == "silu" else F.relu(g).square()
