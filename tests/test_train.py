@@ -207,3 +207,21 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
     assert 2 <= state["step"] < 100000
     summary = json.loads((run / "summary.json").read_text())
     assert summary["interrupted"] is True
+
+
+def test_optimizer_groups_by_parameter_kind():
+    from nanochat.gpt import GPT
+    from nanochat.train import build_optimizer
+
+    cfg = small_config()
+    model = GPT(cfg.model, bitlinear="torch")
+    lines = []
+    opt = build_optimizer(model, cfg, log=lines.append)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"matrix", "embedding", "scalar"}
+    assert groups["matrix"]["weight_decay"] == cfg.optim.weight_decay
+    assert groups["embedding"]["weight_decay"] == 0 and groups["scalar"]["weight_decay"] == 0
+    assert [p for p in groups["embedding"]["params"]] == [model.token_embd.weight]
+    assert all(p.ndim == 1 for p in groups["scalar"]["params"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert len(lines) == 3 and all("AdamW" in line for line in lines)  # logged at start-up

@@ -57,12 +57,9 @@ def build_optimizer(model: GPT, cfg: RunConfig, log=print) -> torch.optim.Optimi
     """AdamW with one group per kind of parameter, so later optimizers (Muon for the
     matrices, 8-bit state, GaLore) can take over a group without touching the rest."""
     o = cfg.optim
-    groups = {"matrix": [], "embedding": [], "scalar": []}
-    names = {k: [] for k in groups}
-    for name, p in model.named_parameters():
-        kind = "embedding" if "embed" in name else ("matrix" if p.ndim >= 2 else "scalar")
-        groups[kind].append(p)
-        names[kind].append(name)
+    kinds = model.parameter_kinds()
+    groups = {k: [p for _, p in v] for k, v in kinds.items()}
+    names = {k: [n for n, _ in v] for k, v in kinds.items()}
     settings = {
         "matrix": dict(lr=o.lr, weight_decay=o.weight_decay),
         "embedding": dict(lr=o.embed_lr, weight_decay=0.0),
