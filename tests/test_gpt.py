@@ -331,3 +331,19 @@ def test_cli_unknown_config_key_exits_2(tmp_path):
     r = _cli("--config", str(bad))
     assert r.returncode == 2
     assert "n_layerz" in r.stderr and str(bad) in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["cpp", "torch"])
+def test_whole_model_compiles_fullgraph(kernel):
+    m = _model(kernel)
+    idx, tgt = _idx(), _idx(seed=1)
+    _, loss = torch.compile(m, backend="aot_eager", fullgraph=True)(idx, tgt)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    _, ref = m(idx, tgt)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
