@@ -20,6 +20,8 @@ namespace nanochat {
 
 namespace {
 
+int spin_limit();
+
 class Pool {
  public:
   explicit Pool(int n) : size_(n < 1 ? 1 : n) {
@@ -82,7 +84,7 @@ class Pool {
     for (;;) {
       // Spin ~tens of microseconds for the next job, then sleep.
       int spins = 0;
-      while (generation_.load(std::memory_order_acquire) == seen && spins < 20000) {
+      while (generation_.load(std::memory_order_acquire) == seen && spins < spin_limit()) {
         NANOCHAT_PAUSE();
         ++spins;
       }
@@ -111,6 +113,18 @@ class Pool {
   std::mutex err_mu_;
   std::exception_ptr error_;
 };
+
+// Pause iterations a worker spins before sleeping (NANOCHAT_SPIN overrides). Short:
+// long enough to catch back-to-back kernel calls (decode), short enough not to steal
+// the core from torch's own OpenMP threads between ops in training, where a 20000-spin
+// default made the C++ BitLinear path 4x slower on 2 cores (`nanochat bench train`).
+int spin_limit() {
+  static const int n = [] {
+    const char* env = std::getenv("NANOCHAT_SPIN");
+    return env ? std::atoi(env) : 2000;
+  }();
+  return n;
+}
 
 int default_threads() {
   if (const char* env = std::getenv("NANOCHAT_NUM_THREADS")) {

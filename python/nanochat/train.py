@@ -238,6 +238,10 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                 result.losses.append(loss_val)
                 window_tokens += tokens_per_step
                 if bar is not None:
+                    if t.time_budget_s:  # a budget-bound run: total = steps expected in it
+                        p = progress(step, t.max_steps, elapsed_before + time.perf_counter() - start,
+                                     t.time_budget_s)
+                        bar.total = max(step, min(t.max_steps, round(step / max(p, 1e-9))))
                     bar.update(1)
 
                 is_last = step >= t.max_steps
