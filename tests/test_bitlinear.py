@@ -128,9 +128,11 @@ def test_cpp_matches_torch(lead, k, m, xscale):
 
 
 def test_module_dispatch():
-    x = torch.randn(2, 3, 256)
-    auto = BitLinear(256, 32)
-    assert auto.uses_cpp(x) and not BitLinear(256, 32, kernel="torch").uses_cpp(x)
+    x = torch.randn(2, 3, 768)
+    auto = BitLinear(768, 768)
+    assert auto.uses_cpp(x) and not BitLinear(768, 768, kernel="torch").uses_cpp(x)
+    assert not BitLinear(256, 32).uses_cpp(x[..., :256])  # small: auto keeps torch
+    assert BitLinear(256, 32, kernel="cpp").uses_cpp(x[..., :256])
     odd = BitLinear(200, 32)  # not a multiple of 256: auto falls back to torch
     assert not odd.uses_cpp(torch.randn(4, 200))
     assert odd(torch.randn(2, 4, 200)).shape == (2, 4, 32)
