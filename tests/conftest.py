@@ -111,3 +111,20 @@ def run_python():
         return _run([sys.executable, "-c", code], env, timeout)
 
     return run
+
+
+@pytest.fixture
+def one_thread():
+    """Small shapes: one torch and one kernel thread. On a loaded 2-core machine, two-thread
+    barriers on tiny ops stall for scheduler ticks (a 0.2 s test once took 45 s)."""
+    import torch
+
+    from nanochat import ternary
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ternary.set_num_threads(1)  # reset_dispatch restores the default afterwards
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -17,17 +17,8 @@ from nanochat.bitlinear import (
     weight_codes,
 )
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small shapes: one torch and one kernel thread. On a loaded 2-core machine, two-thread
-    barriers on tiny ops stall for scheduler ticks (a 0.2 s test once took 45 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    ternary.set_num_threads(1)  # conftest's reset_dispatch restores the default afterwards
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+# Small shapes: run single-threaded (conftest.one_thread explains why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Measured (40 random shapes, K up to 2048): |y_cpp - y_torch| <= 1.03e-7 * sum_i |x_i w_i|,

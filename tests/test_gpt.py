@@ -15,23 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import clean_env
-from nanochat import ternary
 from nanochat.bitlinear import BitLinear
 from nanochat.config import CONFIG_DIR, ConfigError, ModelConfig, load_config
 from nanochat.gpt import GPT, RMSNorm, apply_rope, model_info, rope_cos_sin
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small shapes: one torch and one kernel thread. On a loaded 2-core machine, two-thread
-    barriers on tiny ops stall for scheduler ticks (a 0.2 s test once took 45 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    ternary.set_num_threads(1)  # conftest's reset_dispatch restores the default afterwards
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+# Small shapes: run single-threaded (conftest.one_thread explains why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = ModelConfig(vocab_size=384, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2,
