@@ -3,16 +3,19 @@
 // (nanochat/ternary.py) builds Buffers from torch tensors or numpy arrays and
 // allocates outputs; these functions check everything again and throw
 // nanochat::Error (ValueError in Python) instead of touching bad memory.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <chrono>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "common/cpu.h"
 #include "common/membw.h"
 #include "common/threadpool.h"
+#include "gguf/gguf.h"
 #include "ternary/dispatch.h"
 #include "ternary/ternary.h"
 #ifdef NANOCHAT_HAVE_CUDA
@@ -147,6 +150,142 @@ void gemm_checked(const Buffer& w, int64_t rows, int64_t cols, float scale, cons
   *yp = get<float>(y, "y", "float32", 2, cuda);
   expect_shape(y, "y", {*tokens, rows});
   *view = TernaryMatrixView{wp, rows, cols, scale};
+}
+
+
+// ---- GGUF ------------------------------------------------------------------------
+// Python values <-> gguf::Value. KV type names: "u8", ..., "f64", "bool", "string",
+// "array[<elem>]" with a scalar or string element type.
+gguf::Value gguf_scalar(gguf::ValueType t, py::handle h, const std::string& what) {
+  using gguf::ValueType;
+  if (t == ValueType::STRING) {
+    if (!py::isinstance<py::str>(h)) throw Error(what + ": expected str");
+    return gguf::Value::string(h.cast<std::string>());
+  }
+  if (t == ValueType::F32 || t == ValueType::F64) {
+    if (!py::isinstance<py::float_>(h) && !py::isinstance<py::int_>(h))
+      throw Error(what + ": expected a float");
+    return gguf::Value::floating(t, h.cast<double>());
+  }
+  if (t == ValueType::BOOL) {
+    if (!py::isinstance<py::bool_>(h)) throw Error(what + ": expected a bool");
+    return gguf::Value::boolean(h.cast<bool>());
+  }
+  if (t == ValueType::ARRAY) throw Error(what + ": nested arrays are not supported here");
+  if (!py::isinstance<py::int_>(h) || py::isinstance<py::bool_>(h))
+    throw Error(what + ": expected an int");
+  if (t == ValueType::U64) {
+    const unsigned long long v = PyLong_AsUnsignedLongLong(h.ptr());
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      throw Error(what + ": value does not fit in u64");
+    }
+    return gguf::Value::u64(v);
+  }
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
+  if (overflow || (v == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    throw Error(what + ": value does not fit in " + gguf::value_type_name(t));
+  }
+  try {
+    return gguf::Value::integer(t, v);
+  } catch (const Error& e) {
+    throw Error(what + ": " + e.what());
+  }
+}
+
+gguf::Value gguf_value(const std::string& type_name, py::handle h, const std::string& what) {
+  using gguf::ValueType;
+  const std::string pre = "array[";
+  if (type_name.rfind(pre, 0) != 0 || type_name.back() != ']')
+    return gguf_scalar(gguf::value_type_from_name(type_name), h, what);
+  const ValueType et =
+      gguf::value_type_from_name(type_name.substr(pre.size(), type_name.size() - pre.size() - 1));
+  if (et == ValueType::ARRAY) throw Error(what + ": nested arrays are not supported here");
+  if (py::isinstance<py::str>(h) || !py::isinstance<py::sequence>(h))
+    throw Error(what + ": expected a list for " + type_name);
+  const py::sequence seq = h.cast<py::sequence>();
+  gguf::Value a;
+  a.type = ValueType::ARRAY;
+  a.elem_type = et;
+  a.count = seq.size();
+  const size_t n = gguf::value_type_size(et);
+  for (size_t i = 0; i < seq.size(); ++i) {
+    gguf::Value e = gguf_scalar(et, seq[i], what + "[" + std::to_string(i) + "]");
+    if (et == ValueType::STRING) {
+      a.strings.push_back(std::move(e.str));
+    } else {
+      const auto* b = reinterpret_cast<const uint8_t*>(&e.bits);
+      a.raw.insert(a.raw.end(), b, b + n);
+    }
+  }
+  return a;
+}
+
+py::str utf8(const std::string& s) {  // never throws on bad UTF-8 in a file
+  PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace");
+  if (!o) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(o);
+}
+
+py::object gguf_to_py(const gguf::Value& v) {
+  using gguf::ValueType;
+  switch (v.type) {
+    case ValueType::STRING: return utf8(v.str);
+    case ValueType::BOOL: return py::bool_(v.as_bool());
+    case ValueType::F32: case ValueType::F64: return py::float_(v.as_f64());
+    case ValueType::U64: return py::int_(v.bits);
+    case ValueType::ARRAY: {
+      py::list l;
+      if (v.elem_type == ValueType::STRING) {
+        for (const auto& s : v.strings) l.append(utf8(s));
+      } else if (v.elem_type == ValueType::ARRAY) {
+        for (const auto& it : v.items) l.append(gguf_to_py(it));
+      } else {
+        const size_t n = gguf::value_type_size(v.elem_type);
+        for (uint64_t i = 0; i < v.count; ++i) {
+          gguf::Value e;
+          e.type = v.elem_type;
+          std::memcpy(&e.bits, v.raw.data() + i * n, n);
+          l.append(gguf_to_py(e));
+        }
+      }
+      return std::move(l);
+    }
+    default: return py::int_(v.as_i64());
+  }
+}
+
+void gguf_write(const std::string& path, const py::list& kvs, const py::list& tensors) {
+  gguf::GgufWriter w;
+  try {
+    for (size_t i = 0; i < kvs.size(); ++i) {
+      const py::tuple kv = kvs[i].cast<py::tuple>();
+      if (kv.size() != 3) throw Error("kvs[" + std::to_string(i) + "]: expected (key, type, value)");
+      const std::string key = kv[0].cast<std::string>();
+      const std::string type = kv[1].cast<std::string>();
+      w.add_kv(key, gguf_value(type, kv[2], "metadata '" + key + "'"));
+    }
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const py::tuple t = tensors[i].cast<py::tuple>();
+      if (t.size() != 4)
+        throw Error("tensors[" + std::to_string(i) + "]: expected (name, type, dims, Buffer)");
+      const std::string name = t[0].cast<std::string>();
+      const uint32_t type = t[1].cast<uint32_t>();
+      const std::vector<int64_t> dims = t[2].cast<std::vector<int64_t>>();
+      const Buffer& b = t[3].cast<const Buffer&>();
+      const std::string what = "tensor '" + name + "' data";
+      const uint8_t* p = get<uint8_t>(b, what.c_str(), "uint8", b.shape.size());
+      gguf::type_traits(type);  // unknown ids throw here
+      w.add_tensor_ref(name, static_cast<gguf::GgmlType>(type), dims, p,
+                       static_cast<size_t>(b.numel()));
+    }
+  } catch (const Error& e) {
+    throw Error(path + ": " + e.what());
+  }
+  py::gil_scoped_release nogil;
+  w.write(path);
 }
 
 }  // namespace
@@ -324,6 +463,56 @@ PYBIND11_MODULE(_C, m) {
   m.def("measure_read_bandwidth", &measure_read_bandwidth, py::arg("bytes"), py::arg("threads"),
         py::arg("reps") = 5, py::call_guard<py::gil_scoped_release>(),
         "Best memory read rate in GB/s over `reps` passes of a `bytes` buffer.");
+
+
+  // ---- GGUF v3 files ----
+  m.def("gguf_write", &gguf_write, py::arg("path"), py::arg("kvs"), py::arg("tensors"),
+        "Writes a GGUF v3 file atomically. kvs: [(key, type, value)] with type 'u8'..'f64', "
+        "'bool', 'string' or 'array[<elem>]'; tensors: [(name, ggml_type_id, dims in GGUF "
+        "order (fastest first), Buffer of uint8 bytes)].");
+  py::class_<gguf::GgufFile, std::unique_ptr<gguf::GgufFile>>(m, "GgufFile")
+      .def(py::init([](const std::string& path) {
+             py::gil_scoped_release nogil;
+             return gguf::GgufFile::open(path);
+           }),
+           py::arg("path"), "Maps and validates a GGUF v3 file (read-only).")
+      .def_property_readonly("path", &gguf::GgufFile::path)
+      .def_property_readonly("version", &gguf::GgufFile::version)
+      .def_property_readonly("alignment", &gguf::GgufFile::alignment)
+      .def_property_readonly("data_offset", &gguf::GgufFile::data_offset)
+      .def_property_readonly("file_size", &gguf::GgufFile::file_size)
+      .def("kv", [](const gguf::GgufFile& f) {
+        py::dict d;
+        for (const auto& kv : f.kvs()) d[utf8(kv.first)] = gguf_to_py(kv.second);
+        return d;
+      }, "Metadata as {key: python value} in file order.")
+      .def("kv_types", [](const gguf::GgufFile& f) {
+        py::dict d;
+        for (const auto& kv : f.kvs()) d[utf8(kv.first)] = kv.second.type_name();
+        return d;
+      }, "Metadata value types as {key: 'u32' | 'string' | 'array[string]' | ...}.")
+      .def("tensors", [](const gguf::GgufFile& f) {
+        py::list l;
+        for (const auto& t : f.tensors()) {
+          py::dict d;
+          d["name"] = utf8(t.name);
+          d["type"] = t.type;
+          d["type_name"] = gguf::type_traits(t.type).name;
+          d["dims"] = t.dims;
+          d["offset"] = t.offset;
+          d["nbytes"] = t.nbytes;
+          l.append(d);
+        }
+        return l;
+      }, "Tensor infos: dicts of name, type (ggml id), type_name, dims (GGUF order), offset, nbytes.")
+      .def("tensor_data", [](py::object self, const std::string& name) {
+        const gguf::TensorInfo& t = self.cast<const gguf::GgufFile&>().tensor(name);
+        py::array a(py::dtype::of<uint8_t>(), {static_cast<py::ssize_t>(t.nbytes)}, {1},
+                    const_cast<uint8_t*>(t.data), self);
+        a.attr("setflags")(py::arg("write") = false);
+        return a;
+      }, py::arg("name"),
+      "Read-only zero-copy uint8 array over the tensor's bytes; keeps the file mapped.");
 
 #ifdef NANOCHAT_HAVE_CUDA
   m.def("cuda_device_count", &cuda_device_count);
