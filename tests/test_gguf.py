@@ -246,7 +246,11 @@ def test_writer_rejects_bad_input(tmp_path):
         ([], [("t", 35, [128], _buffer(raw[:33], "t"))], "block size"),
         ([], [("t", 35, [256], _buffer(raw[:65], "t"))], "needs 66 bytes"),
         ([], [("t", 99, [66], _buffer(raw, "t"))], "unknown ggml tensor type"),
-        ([], [("t", 35, [256], _buffer(raw, "t")), ("t", 35, [256], _buffer(raw, "t"))], "duplicate"),
+        (
+            [],
+            [("t", 35, [256], _buffer(raw, "t")), ("t", 35, [256], _buffer(raw, "t"))],
+            "duplicate",
+        ),
         ([], [("t", 0, [16], _buffer(raw[:64].view(np.float32), "t"))], "expected dtype uint8"),
     ]
     for kvs, tensors, msg in cases:

@@ -27,8 +27,8 @@ bool is_int_type(ValueType t) {
   }
 }
 
-// Interprets `size` raw little-endian bytes of integer type t as int64 / uint64.
-// For U64 values above INT64_MAX, `neg_or_big` is set.
+// The scalar bits of integer (or bool) type t as int64; sets *too_big for U64 values
+// above INT64_MAX.
 int64_t decode_int(ValueType t, uint64_t bits, bool* too_big) {
   *too_big = false;
   switch (t) {
@@ -61,11 +61,15 @@ void check_int_range(ValueType t, int64_t v) {
     case ValueType::U16: lo = 0; hi = 0xffff; break;
     case ValueType::I16: lo = -32768; hi = 32767; break;
     case ValueType::U32: lo = 0; hi = 0xffffffffLL; break;
-    case ValueType::I32: lo = std::numeric_limits<int32_t>::min(); hi = std::numeric_limits<int32_t>::max(); break;
+    case ValueType::I32:
+      lo = std::numeric_limits<int32_t>::min();
+      hi = std::numeric_limits<int32_t>::max();
+      break;
     case ValueType::U64: lo = 0; hi = std::numeric_limits<int64_t>::max(); break;
     case ValueType::I64: return;
     case ValueType::BOOL: lo = 0; hi = 1; break;
-    default: throw Error(std::string("value type ") + value_type_name(t) + " is not an integer type");
+    default:
+      throw Error(std::string("value type ") + value_type_name(t) + " is not an integer type");
   }
   if (v < lo || v > hi)
     throw Error("value " + std::to_string(v) + " does not fit in " + value_type_name(t));
