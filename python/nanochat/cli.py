@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError) as e:  # bad input; anything else is a bug: traceback
         print(f"nanochat {args.command}: error: {e}", file=sys.stderr)
         return 2
 
