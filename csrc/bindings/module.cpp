@@ -290,6 +290,10 @@ void gguf_write(const std::string& path, const py::list& kvs, const py::list& te
 
 }  // namespace
 
+// Defined in engine.cpp and tokenizer.cpp (one file per bound concept).
+void bind_engine(py::module_& m);
+void bind_tokenizer(py::module_& m);
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "nanochat C++ core: ternary formats and W1.58A8 kernels";
   py::register_exception<Error>(m, "CoreError", PyExc_ValueError);
@@ -534,4 +538,7 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.def("cuda_device_count", [] { return 0; });
 #endif
+
+  bind_engine(m);
+  bind_tokenizer(m);
 }

@@ -14,12 +14,9 @@
 #include <stdexcept>
 #include <string>
 
-namespace nanochat {
+#include "nanochat/error.hpp"  // nanochat::Error; bindings map it to ValueError
 
-// All argument and format errors the core reports. Bindings map it to ValueError.
-struct Error : std::invalid_argument {
-  using std::invalid_argument::invalid_argument;
-};
+namespace nanochat {
 
 constexpr int64_t QK = 256;  // weights per block, as ggml's QK_K
 

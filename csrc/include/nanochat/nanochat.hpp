@@ -1,0 +1,143 @@
+// nanochat C++ embedding API: load a ternary (BitNet b1.58) GGUF model and generate text.
+//
+//   auto model = nanochat::Model::load("model.gguf");      // immutable, share across threads
+//   nanochat::Session chat(model);                          // one KV cache per conversation
+//   nanochat::SamplingParams sp;  sp.temperature = 0.7f;  sp.max_tokens = 64;
+//   auto r = chat.generate(model->tokenize("def main("), sp,
+//                          [](int32_t, const std::string& piece) { std::cout << piece; return true; });
+//
+// A Model is read-only after load(): any number of Sessions on any threads may use it at
+// once. A Session is not thread-safe; use one per conversation (or per thread). Every
+// error (bad file, bad argument, full context) throws nanochat::Error with a message that
+// names the file, key or argument at fault. The C API (nanochat.h) wraps this one.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "nanochat/error.hpp"
+
+namespace nanochat {
+
+struct ModelInfo {
+  std::string path;
+  std::string architecture;  // "bitnet" (llama.cpp-compatible) or "nanochat"
+  std::string name;          // general.name
+  int32_t vocab_size = 0;
+  int32_t d_model = 0;
+  int32_t n_layers = 0;
+  int32_t n_heads = 0;
+  int32_t n_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t ffn_hidden = 0;
+  int32_t context_length = 0;  // the longest context a Session may hold
+  float rope_theta = 0.0f;
+  float norm_eps = 0.0f;
+  std::string activation;   // "silu" or "relu2"
+  std::string weight_type;  // ggml type of the ternary matrices on disk: "TQ2_0" / "TQ1_0"
+  std::string embd_type;    // ggml type of token_embd: "F16", "Q8_0", "F32"
+  int64_t n_params = 0;     // every weight in the file
+  int64_t weight_bytes = 0; // bytes the engine reads per decoded token (matrices + head)
+  int32_t bos_id = -1;
+  int32_t eos_id = -1;      // ends a document; also a stop token by default
+  int32_t eot_id = -1;      // ends an assistant turn (chat); -1 when the model has none
+};
+
+struct LoadOptions {
+  int32_t n_threads = 0;  // 0: keep the library-wide setting (NANOCHAT_NUM_THREADS / cores)
+};
+
+struct SamplingParams {
+  float temperature = 0.8f;         // <= 0: greedy (argmax)
+  int32_t top_k = 0;                // 0: off
+  float top_p = 1.0f;               // 1: off
+  float repetition_penalty = 1.0f;  // 1: off; > 1 penalizes recent tokens (CTRL-style)
+  int32_t repetition_window = 64;   // how many recent tokens the penalty looks at
+  uint64_t seed = 0;                // same seed, same prompt, same params -> same tokens
+  int32_t max_tokens = 128;         // generated tokens at most
+  std::vector<int32_t> stop_tokens; // generation ends when one is sampled (not emitted)
+  std::vector<std::string> stop_strings;  // ... or when the text ends with one (trimmed)
+  bool stop_at_eos = true;          // eos_id (and eot_id) are stop tokens
+};
+
+// Called for every generated token with its text piece (UTF-8 bytes; a multi-byte
+// character split across tokens arrives when it is complete). Return false to stop.
+using TokenCallback = std::function<bool(int32_t token, const std::string& piece)>;
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;  // generated ids (stop tokens excluded)
+  std::string text;             // their text (a matched stop string trimmed off)
+  std::string stop_reason;      // "max_tokens", "stop_token", "stop_string", "callback", "context_full"
+  int32_t prompt_tokens = 0;
+  double prefill_seconds = 0.0;
+  double decode_seconds = 0.0;  // time for all decode steps (sampling included)
+  int32_t decode_steps = 0;     // forward passes after the prefill
+};
+
+class Model {
+ public:
+  // Maps the GGUF file, validates every key, shape, type and offset, and prepares the
+  // kernel layouts. Throws nanochat::Error naming the file and what is wrong.
+  static std::shared_ptr<const Model> load(const std::string& path, const LoadOptions& opts = {});
+  ~Model();
+
+  const ModelInfo& info() const;
+  // Byte-level BPE from the file's tokenizer.ggml.* metadata. parse_special: text such as
+  // "<|user_start|>" becomes that special token; otherwise it is plain bytes.
+  std::vector<int32_t> tokenize(const std::string& text, bool parse_special = false) const;
+  std::string detokenize(const std::vector<int32_t>& tokens) const;
+  std::string token_text(int32_t id) const;  // raw bytes of one token ("" for specials)
+  int32_t token_id(const std::string& token) const;  // id of a vocabulary entry, or -1
+
+  struct Impl;
+  const Impl& impl() const { return *impl_; }
+
+ private:
+  explicit Model(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+class Session {
+ public:
+  // n_ctx: tokens this session's KV cache holds; 0 means the model's context_length.
+  explicit Session(std::shared_ptr<const Model> model, int32_t n_ctx = 0);
+  ~Session();
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+  Session(Session&&) noexcept;
+  Session& operator=(Session&&) noexcept;
+
+  const Model& model() const;
+  int32_t n_ctx() const;
+  int32_t n_past() const;  // tokens in the KV cache
+  void reset();            // forget the conversation
+  // Drop cached tokens from position n on (n <= n_past): lets a caller rewind.
+  void truncate(int32_t n);
+
+  // Runs the tokens at positions n_past .. n_past+n-1 (prefill in batches) and returns
+  // the logits (vocab_size floats) of the last one. Throws when the context would overflow.
+  const std::vector<float>& eval(const std::vector<int32_t>& tokens);
+  // As eval, but returns logits for every token (n * vocab_size, row-major). For tests
+  // and scoring; slower, since it runs the head on every position.
+  std::vector<float> eval_all(const std::vector<int32_t>& tokens);
+
+  // Feeds `prompt` (may be empty to continue from the cache) and samples up to
+  // params.max_tokens tokens, streaming each through `on_token` (may be empty).
+  GenerateResult generate(const std::vector<int32_t>& prompt, const SamplingParams& params,
+                          const TokenCallback& on_token = nullptr);
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// Library-wide settings (the kernels' thread pool and ISA), shared by every Model.
+void set_num_threads(int32_t n);  // 0: all cores
+int32_t num_threads();
+std::string version();
+
+}  // namespace nanochat
