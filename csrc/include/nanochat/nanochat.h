@@ -43,6 +43,7 @@ typedef struct nc_model_info {
   int32_t vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, ffn_hidden;
   int32_t context_length;
   int32_t bos_id, eos_id, eot_id; /* -1 when absent */
+  int32_t add_bos;                /* nonzero: nc_generate starts a fresh prompt with bos_id */
   int64_t n_params;
   int64_t weight_bytes; /* bytes read per decoded token */
   char architecture[32];

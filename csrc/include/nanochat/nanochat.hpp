@@ -44,6 +44,7 @@ struct ModelInfo {
   int32_t bos_id = -1;
   int32_t eos_id = -1;      // ends a document; also a stop token by default
   int32_t eot_id = -1;      // ends an assistant turn (chat); -1 when the model has none
+  bool add_bos = false;     // tokenizer.ggml.add_bos_token: a fresh prompt starts with bos_id
 };
 
 struct LoadOptions {
