@@ -6,6 +6,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/large_buffer.h"
 #include "ternary/ternary.h"
 
 namespace nanochat {
@@ -35,8 +36,11 @@ double measure_read_bandwidth(int64_t bytes, int threads, int reps) {
   if (bytes < 4096 || threads < 1 || reps < 1)
     throw Error("measure_read_bandwidth: need bytes >= 4096, threads >= 1, reps >= 1");
   const int64_t n = bytes / 8 / 512 * 512;
-  std::vector<uint64_t> buf(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) buf[size_t(i)] = uint64_t(i);  // touch every page
+  // Huge pages as the engine's weights get (common/large_buffer.h), so the GEMV's
+  // fraction of this rate compares like with like.
+  LargeBuffer mem(size_t(n) * 8);
+  uint64_t* buf = reinterpret_cast<uint64_t*>(mem.data());
+  for (int64_t i = 0; i < n; ++i) buf[i] = uint64_t(i);  // touch every page
   const int64_t per = (n / threads + 511) / 512 * 512;
   std::vector<uint64_t> sums(static_cast<size_t>(threads));
   double best = 0.0;
@@ -46,9 +50,9 @@ double measure_read_bandwidth(int64_t bytes, int threads, int reps) {
     for (int k = 1; k < threads; ++k)
       ts.emplace_back([&, k] {
         const int64_t b = std::min(n, k * per), e = std::min(n, b + per);
-        sums[size_t(k)] = sum_range(buf.data() + b, e - b);
+        sums[size_t(k)] = sum_range(buf + b, e - b);
       });
-    sums[0] = sum_range(buf.data(), std::min(n, per));
+    sums[0] = sum_range(buf, std::min(n, per));
     for (auto& t : ts) t.join();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = std::max(best, double(n) * 8.0 / s / 1e9);
