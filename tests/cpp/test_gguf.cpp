@@ -1,17 +1,23 @@
 // GGUF v3 writer/reader: round trips, every malformed case throws nanochat::Error,
-// and random byte flips never crash (run under ASan + UBSan by .ci/run).
+// and random byte flips never crash (run under ASan + UBSan by .ci/run); Q8_0, the
+// token embedding's block type, against ggml's reference bytes.
 #include <gtest/gtest.h>
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "dense/dense.h"
 #include "gguf/gguf.h"
 
 using namespace nanochat;
@@ -370,4 +376,120 @@ TEST(GgufReader, RandomByteFlipsNeverCrash) {
   }
   EXPECT_GT(rejected, 0);
   EXPECT_GT(opened, 0);
+}
+
+// ---- Q8_0 (token embedding): ggml's quantize_row_q8_0_ref, byte for byte ----------
+// Expected bytes below come from gguf.quants.quantize(..., Q8_0) (gguf-py 0.19);
+// tests/test_export.py compares random tensors with it as well.
+
+namespace {
+
+std::vector<uint8_t> q8(const std::vector<float>& x, int64_t rows) {
+  std::vector<uint8_t> out(x.size() / 32 * 34, 0xAB);
+  q8_0_quantize(x.data(), rows, static_cast<int64_t>(x.size()) / rows, out.data());
+  return out;
+}
+
+uint16_t block_d(const std::vector<uint8_t>& b, size_t block) {
+  uint16_t d;
+  std::memcpy(&d, b.data() + block * 34, 2);
+  return d;
+}
+
+int8_t block_q(const std::vector<uint8_t>& b, size_t block, size_t j) {
+  return static_cast<int8_t>(b[block * 34 + 2 + j]);
+}
+
+}  // namespace
+
+TEST(Q8_0, RoundsHalfAwayFromZero) {
+  // amax 127 -> d = 1, id = 1: q = roundf(x); nearest-even would give 0, -0, 2, -2, 2.
+  std::vector<float> x(32, 0.0f);
+  const float v[] = {127.0f, -127.0f, 0.5f, -0.5f, 1.5f, -1.5f, 2.5f, std::nextafter(2.5f, 0.0f)};
+  std::copy(std::begin(v), std::end(v), x.begin());
+  const auto b = q8(x, 1);
+  EXPECT_EQ(block_d(b, 0), 0x3C00);  // fp16(1.0)
+  const int8_t want[] = {127, -127, 1, -1, 2, -2, 3, 2};
+  for (size_t j = 0; j < 8; ++j) EXPECT_EQ(block_q(b, 0, j), want[j]) << j;
+  for (size_t j = 8; j < 32; ++j) EXPECT_EQ(block_q(b, 0, j), 0) << j;
+}
+
+TEST(Q8_0, MultipliesByTheReciprocalAsGgml) {
+  // x * (1/d) and x / d land on different sides of .5 for these values (found by search
+  // against gguf.quants): 104 vs 103 for x[1].
+  std::vector<float> x(32, 0.0f);
+  x[0] = 0x1.de7f86p+0f;   // amax
+  x[1] = 0x1.85f506p+0f;   // x[1] / d rounds to 103, x[1] * (1/d) to 104
+  x[2] = -0x1.85f506p+0f;
+  x[3] = 0x1.d6ddb4p-2f;
+  const auto b = q8(x, 1);
+  EXPECT_EQ(block_d(b, 0), 0x2389);
+  EXPECT_EQ(block_q(b, 0, 0), 127);
+  EXPECT_EQ(block_q(b, 0, 1), 104);
+  EXPECT_EQ(block_q(b, 0, 2), -104);
+  EXPECT_EQ(block_q(b, 0, 3), 31);
+}
+
+TEST(Q8_0, AllZeroAndTinyBlocks) {
+  std::vector<float> x(96, 0.0f);
+  x[5] = -0.0f;
+  x[32 + 3] = 1e-39f;   // subnormal: 1/d overflows; q = 0 (fp16 d is 0 anyway)
+  x[32 + 4] = -1e-39f;
+  x[64 + 7] = -2.0f;    // a normal block after them is unaffected
+  const auto b = q8(x, 1);
+  for (size_t blk = 0; blk < 2; ++blk) {
+    EXPECT_EQ(block_d(b, blk), 0) << blk;
+    for (size_t j = 0; j < 32; ++j) EXPECT_EQ(block_q(b, blk, j), 0) << blk << " " << j;
+  }
+  EXPECT_EQ(block_q(b, 2, 7), -127);
+  std::vector<float> back(96, 1.0f);
+  q8_0_dequantize(b.data(), 1, 96, back.data());
+  for (size_t i = 0; i < 96; ++i)
+    EXPECT_EQ(back[i], i == 64 + 7 ? fp16_to_fp32(block_d(b, 2)) * -127.0f : 0.0f) << i;
+}
+
+TEST(Q8_0, RandomRowsRoundTripWithinHalfAStep) {
+  std::mt19937 rng(7);
+  const int64_t rows = 5, cols = 96;
+  std::vector<float> x(rows * cols);
+  std::normal_distribution<float> n(0.0f, 0.05f);
+  for (auto& v : x) v = n(rng);
+  const auto b = q8(x, rows);
+  ASSERT_EQ(b.size(), static_cast<size_t>(rows * cols / 32 * 34));
+  std::vector<float> back(x.size());
+  q8_0_dequantize(b.data(), rows, cols, back.data());
+  for (int64_t blk = 0; blk < rows * cols / 32; ++blk) {
+    float amax = 0.0f;
+    int qmax = 0;
+    for (int64_t j = 0; j < 32; ++j) {
+      amax = std::max(amax, std::fabs(x[blk * 32 + j]));
+      qmax = std::max(qmax, std::abs(int(block_q(b, blk, j))));
+    }
+    EXPECT_EQ(block_d(b, blk), fp32_to_fp16(amax / 127.0f));
+    EXPECT_EQ(qmax, 127);  // the block's absmax maps to +-127
+    const float d = fp16_to_fp32(block_d(b, blk));
+    for (int64_t j = 0; j < 32; ++j) {
+      const size_t i = static_cast<size_t>(blk * 32 + j);
+      EXPECT_EQ(back[i], d * block_q(b, blk, j));
+      // half a step of the fp32 d, plus fp16's relative error on d times |q| <= 127
+      EXPECT_NEAR(back[i], x[i], 0.5f * amax / 127.0f + 127.0f * d / 1024.0f) << i;
+    }
+  }
+}
+
+TEST(Q8_0, BadInputThrows) {
+  std::vector<float> x(64, 1.0f);
+  std::vector<uint8_t> out(68);
+  expect_error_containing([&] { q8_0_quantize(x.data(), 1, 48, out.data()); },
+                          "not a multiple of the 32-weight Q8_0 block");
+  expect_error_containing([&] { q8_0_dequantize(out.data(), 2, 33, x.data()); },
+                          "q8_0_dequantize: row length 33");
+  expect_error_containing([&] { q8_0_quantize(x.data(), -1, 32, out.data()); }, "negative");
+  expect_error_containing([&] { q8_0_quantize(nullptr, 1, 32, out.data()); }, "null");
+  x[40] = std::numeric_limits<float>::quiet_NaN();
+  expect_error_containing([&] { q8_0_quantize(x.data(), 2, 32, out.data()); },
+                          "non-finite value at row 1, column 8");
+  x[40] = -std::numeric_limits<float>::infinity();
+  EXPECT_THROW(q8_0_quantize(x.data(), 1, 64, out.data()), Error);
+  q8_0_quantize(x.data(), 0, 64, out.data());  // empty is fine
 }
