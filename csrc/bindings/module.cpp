@@ -15,6 +15,7 @@
 #include "common/cpu.h"
 #include "common/membw.h"
 #include "common/threadpool.h"
+#include "dense/dense.h"
 #include "gguf/gguf.h"
 #include "ternary/dispatch.h"
 #include "ternary/ternary.h"
@@ -363,6 +364,35 @@ PYBIND11_MODULE(_C, m) {
         tq1_0_unpack(p, codes.shape[0], codes.shape[1], c, s);
       },
       py::arg("packed"), py::arg("codes"), py::arg("block_scales") = py::none());
+
+  // Q8_0 (the token embedding's optional type): x (rows, cols) float32 <-> (rows,
+  // cols/32*34) uint8, ggml's reference quantizer, byte-equal to gguf.quants.
+  m.def(
+      "q8_0_quantize",
+      [](const Buffer& x, const Buffer& out) {
+        const float* xp = get<float>(x, "x", "float32", 2);
+        uint8_t* op = get<uint8_t>(out, "out", "uint8", 2);
+        const int64_t rows = x.shape[0], cols = x.shape[1];
+        if (cols % QK8_0 != 0)
+          throw Error("q8_0_quantize: row length " + std::to_string(cols) +
+                      " is not a multiple of the 32-weight Q8_0 block");
+        expect_shape(out, "out", {rows, cols / QK8_0 * Q8_0_BLOCK_BYTES});
+        q8_0_quantize(xp, rows, cols, op);
+      },
+      py::arg("x"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "q8_0_dequantize",
+      [](const Buffer& in, const Buffer& x) {
+        const uint8_t* ip = get<uint8_t>(in, "packed", "uint8", 2);
+        float* xp = get<float>(x, "x", "float32", 2);
+        const int64_t rows = x.shape[0], cols = x.shape[1];
+        if (cols % QK8_0 != 0)
+          throw Error("q8_0_dequantize: row length " + std::to_string(cols) +
+                      " is not a multiple of the 32-weight Q8_0 block");
+        expect_shape(in, "packed", {rows, cols / QK8_0 * Q8_0_BLOCK_BYTES});
+        q8_0_dequantize(ip, rows, cols, xp);
+      },
+      py::arg("packed"), py::arg("x"), py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "tk2_pack",

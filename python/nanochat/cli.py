@@ -2,6 +2,7 @@
 
     nanochat train [--config tiny] [--data DIR] [--out DIR] [--steps N] [--resume]
     nanochat sample --checkpoint DIR --prompt "def "
+    nanochat export --gguf OUT.gguf --checkpoint DIR [--type tq2_0|tq1_0] [--embd f16|q8_0|f32]
     nanochat data prepare [--source PATH ...] [--out DIR] [--vocab-size N] [--ext .py ...]
     nanochat info [--json]
     nanochat model info [--config tiny] [--json] [--batch B --seq T]
@@ -93,6 +94,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from nanochat.export import export_checkpoint, format_summary
+
+    summary = export_checkpoint(args.checkpoint, args.gguf, weight_type=args.type,
+                                embd_type=args.embd, name=args.name)
+    print(format_summary(summary))
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from nanochat import corpus
 
@@ -146,6 +156,27 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--top-p", type=float, default=None)
     ps.add_argument("--seed", type=int, default=None)
     ps.set_defaults(func=_cmd_sample)
+
+    pe = sub.add_parser(
+        "export", help="write a checkpoint as one GGUF file (ternary TQ2_0/TQ1_0 weights)",
+        description="Export a training checkpoint to GGUF v3 (layout: docs/gguf.md). Every "
+        "BitLinear weight is stored as its trained ternary codes in ggml TQ2_0 or TQ1_0 "
+        "blocks whose scale is the layer's trained absmean scale (fp16); the tied token "
+        "embedding as F16, Q8_0 or F32; norms as F32; the tokenizer as GPT-2 byte-level BPE. "
+        "SiLU models are written as llama.cpp's 'bitnet' architecture, others (e.g. relu2) "
+        "as 'nanochat'. The file is written to a temporary name and renamed when complete.",
+        epilog="example: nanochat export --gguf nano.gguf --checkpoint runs/nano --embd q8_0")
+    pe.add_argument("--gguf", required=True, metavar="OUT.gguf",
+                    help="output file (its directory must exist; an existing file is replaced)")
+    pe.add_argument("--checkpoint", required=True, metavar="DIR",
+                    help="checkpoint dir (RUN/checkpoints/step_N) or run dir (its latest)")
+    pe.add_argument("--type", default="tq2_0", type=str.lower, choices=("tq2_0", "tq1_0"),
+                    help="ternary block type: tq2_0 (2.06 bits/weight, faster) or tq1_0 "
+                    "(1.69 bits/weight, smaller) (default: tq2_0)")
+    pe.add_argument("--embd", default="f16", type=str.lower, choices=("f16", "q8_0", "f32"),
+                    help="type of the token embedding, also the tied LM head (default: f16)")
+    pe.add_argument("--name", help="general.name (default: the run directory's name)")
+    pe.set_defaults(func=_cmd_export)
 
     from nanochat.config import DataConfig, ModelConfig
 
