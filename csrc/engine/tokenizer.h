@@ -8,8 +8,11 @@
 // each piece's bytes mapped through GPT-2's bytes_to_unicode; BPE merges by rank.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <utility>
 #include <unordered_map>
 #include <vector>
 
@@ -36,14 +39,45 @@ class BpeTokenizer {
   // parse_special: control/user-defined token strings in `text` become their ids.
   std::vector<int32_t> encode(const std::string& text, bool parse_special = false) const;
   // Raw bytes (may be invalid UTF-8 for a partial character); specials decode to "".
+  // (Precisely, as llama.cpp: control, unknown and unused tokens decode to "", a
+  // user-defined token to its text as stored, the others through bytes_to_unicode.)
   std::string decode(const std::vector<int32_t>& ids) const;
   const std::string& token_bytes(int32_t id) const;  // throws on a bad id
-  bool is_special(int32_t id) const;
+  bool is_special(int32_t id) const;  // control or user-defined (what parse_special finds)
   int32_t find(const std::string& token) const;  // id of a vocabulary entry (byte-level form), or -1
 
+  // ---- extra helpers (not used by the engine) ----
+  int32_t token_type(int32_t id) const;  // throws on a bad id
+  // GPT-2 pre-tokenization of `text`: the [begin, end) byte ranges of its pieces, in order,
+  // covering the text. Invalid UTF-8: each byte that does not start a valid sequence is
+  // one "other" character (so it groups with punctuation) and keeps its byte value, so
+  // encode/decode stay lossless. (llama.cpp replaces it with U+FFFD: same split, other
+  // bytes; HF only ever sees valid text.)
+  static std::vector<std::pair<size_t, size_t>> pre_tokenize(const std::string& text);
+
  private:
-  // ... (implementation-defined)
+  struct PairMap;  // (left id, right id) -> (rank, merged id), open addressing
+  struct Scratch;  // per-call buffers and piece cache
+  BpeTokenizer(std::vector<std::string> tokens, std::vector<int32_t> token_types,
+               const std::vector<std::string>& merges, const std::string& where);
+  void encode_plain(const char* text, size_t n, std::vector<int32_t>& out, Scratch& s) const;
+  void encode_piece(const uint8_t* p, size_t n, std::vector<int32_t>& out, Scratch& s) const;
+  void merge_small(std::vector<int32_t>& ids, Scratch& s) const;
+  void merge_large(std::vector<int32_t>& ids, Scratch& s) const;
+  // special-token strings that parse_special splits out; leftmost, then longest
+  bool match_special(const char* p, size_t n, size_t* len, int32_t* id) const;
+
   std::vector<std::string> tokens_;
+  std::vector<int32_t> types_;
+  std::vector<std::string> bytes_;  // what each id decodes to
+  std::unordered_map<std::string, int32_t> ids_;
+  int32_t byte_ids_[256];
+  std::shared_ptr<const PairMap> merges_;
+  // parse_special: control + user-defined ids by a hash of their text (ids, not pointers,
+  // so copies stay valid), their distinct lengths longest first, and their first bytes.
+  std::unordered_map<uint64_t, std::vector<int32_t>> specials_;
+  std::vector<size_t> special_lengths_;
+  bool special_first_byte_[256];
 };
 
 }  // namespace nanochat
