@@ -1,8 +1,13 @@
 // Token sampling: repetition penalty, temperature, top-k, top-p, seeded RNG. Plain C++17.
+// Order: penalty; then argmax when temperature <= 0; else logits / temperature, top-k,
+// top-p over the softmax of what is left, and one draw from the renormalized rest.
+// Same seed, logits and history -> same token on every platform: the draw is
+// mt19937_64 turned into a double by hand (no std:: distributions).
 #pragma once
 
 #include <cstdint>
 #include <random>
+#include <utility>
 #include <vector>
 
 namespace nanochat {
@@ -26,7 +31,9 @@ class Sampler {
  private:
   SamplerConfig cfg_;
   std::mt19937_64 rng_;
-  std::vector<std::pair<float, int32_t>> scratch_;
+  std::vector<std::pair<float, int32_t>> scratch_;  // candidates: (logit, id)
+  std::vector<double> weights_;                     // exp((logit - max) / temperature)
+  std::vector<int32_t> recent_;                     // distinct ids of the penalty window
 };
 
 }  // namespace nanochat
