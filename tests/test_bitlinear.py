@@ -118,6 +118,29 @@ def test_cpp_matches_torch(lead, k, m, xscale):
         assert (a - b).abs().max() <= GRAD_TOL * b.abs().max()
 
 
+def test_bf16_backward_is_close_to_f32():
+    """bf16 backward GEMMs: only grad_y is rounded (codes and int8 activations are exact in
+    bf16), so each gradient is within a few bf16 ulps (2^-8 relative) of the f32 one, and
+    the forward is untouched."""
+    x, w = _pair((4, 16), 768, 300, seed=3, xscale=2.0)
+    gy = torch.randn(4, 16, 300, generator=_gen(9))
+    y32, gx32, gw32 = _run(lambda a, b: bitlinear_cpp(a, b, False), x, w, gy)
+    y16, gx16, gw16 = _run(lambda a, b: bitlinear_cpp(a, b, True), x, w, gy)
+    assert torch.equal(y16, y32)
+    for g16, g32 in ((gx16, gx32), (gw16, gw32)):
+        err = (g16 - g32).abs().max() / g32.abs().max()
+        assert 0 < err < 2 ** -6, err  # rounded (so bf16 really ran), yet close
+
+
+def test_backward_precision_setting():
+    m = BitLinear(768, 768, kernel="cpp", backward_precision="float32")
+    assert m._bf16_backward is False
+    m.backward_precision = "bf16"
+    assert m._bf16_backward is True and "backward_precision=bf16" in repr(m)
+    with pytest.raises(ValueError, match="backward"):
+        m.backward_precision = "fp8"
+
+
 def test_module_dispatch():
     x = torch.randn(2, 3, 768)
     auto = BitLinear(768, 768)

@@ -114,6 +114,8 @@ py::dict info() {
   feats["avx2"] = f.avx2;
   feats["avx512"] = f.avx512bw;
   feats["avx512_vnni"] = f.avx512vnni;
+  feats["avx512_bf16"] = f.avx512bf16;
+  feats["amx_bf16"] = f.amx_bf16;
 #ifdef NANOCHAT_HAVE_X86_KERNELS
   feats["x86_kernels_compiled"] = true;
 #else

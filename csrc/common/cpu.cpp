@@ -31,14 +31,22 @@ CpuFeatures detect() {
   const bool zmm_os = ymm_os && (xcr0 & 0xE0) == 0xE0;  // opmask + ZMM state
   if (__get_cpuid_max(0, nullptr) < 7) return f;
   __cpuid_count(7, 0, a, b, c, d);
+  const unsigned max_subleaf = a;
   const bool avx2 = b & (1u << 5);
   const bool avx512f = b & (1u << 16);
   const bool avx512bw = b & (1u << 30);
   const bool avx512vl = b & (1u << 31);
   const bool avx512vnni = c & (1u << 11);
+  const bool amx_bf16 = d & (1u << 22);
+  const bool amx_tile = d & (1u << 24);
   f.avx2 = ymm_os && avx2 && fma;
   f.avx512bw = zmm_os && avx512f && avx512bw && avx512vl;
   f.avx512vnni = f.avx512bw && avx512vnni;
+  f.amx_bf16 = amx_bf16 && amx_tile && (xcr0 & 0x60000) == 0x60000;  // XTILECFG + XTILEDATA
+  if (max_subleaf >= 1) {
+    __cpuid_count(7, 1, a, b, c, d);
+    f.avx512bf16 = f.avx512bw && (a & (1u << 5));
+  }
 #endif
   return f;
 }

@@ -26,12 +26,20 @@ Two paths with the same semantics:
 The paths agree to float rounding: the C++ core dequantizes with float(int32 acc) * (s * 1/a)
 where torch sums float products (xq / a) * (Wq * s); tests/test_bitlinear.py measures it.
 
+Backward precision of the C++ path (`backward_precision=`): "float32" runs the two backward GEMMs in
+f32 like the torch path; "bf16" feeds them bf16 operands, where the ternary codes and the
+int8 activation codes are exact and only grad_y (times 1/a) is rounded (relative error
+<= 2^-9 per element, the precision bf16 autocast training runs every GEMM at), with the
+product rounded to bf16 on output; oneDNN runs these at ~2x the f32 rate on CPUs with
+AVX512-BF16 or AMX. "auto" (default) picks bf16 on such CPUs and float32 elsewhere.
+
     pytest tests/test_bitlinear.py
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -41,6 +49,7 @@ import torch.nn.functional as F
 from nanochat import ternary
 
 KERNELS = ("auto", "cpp", "torch")
+BACKWARDS = ("auto", "bf16", "float32")
 AUTO_MIN_WEIGHTS = 1 << 19  # "auto" takes the C++ path from 768x768-sized layers up
 EPS = 1e-5
 
@@ -89,14 +98,31 @@ def bitlinear_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # ---- the C++ path: a custom op with a fake kernel and an STE autograd formula -----------
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), so bf16 GEMMs
+    beat f32 ones rather than being emulated."""
+    from nanochat._core import core
+
+    feats = core().info()["features"]
+    return bool(feats.get("avx512_bf16") or feats.get("amx_bf16"))
+
+
+def resolve_backward(backward: str) -> bool:
+    """True when the C++ path's backward GEMMs run in bf16 for this `backward` setting."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"BitLinear backward must be one of {BACKWARDS}, got {backward!r}")
+    return backward == "bf16" or (backward == "auto" and cpu_has_fast_bf16())
+
+
 @torch.library.custom_op("nanochat::bitlinear", mutates_args=(), device_types="cpu")
 def _bitlinear_op(
-    x: torch.Tensor, weight: torch.Tensor
+    x: torch.Tensor, weight: torch.Tensor, bf16_backward: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, weight codes int8, weight scale 0-d, activation codes int8, 1/a per token).
 
     Only y is differentiable; the rest are saved for the backward (and are what the
-    exporter would store)."""
+    exporter would store). bf16_backward picks the backward GEMM precision (module doc)."""
     codes_f, s = quantize_weight(weight)
     codes = codes_f.to(torch.int8)
     W = ternary.TernaryMatrix.from_codes(codes, float(s))
@@ -106,7 +132,7 @@ def _bitlinear_op(
 
 
 @_bitlinear_op.register_fake
-def _(x, weight):
+def _(x, weight, bf16_backward=False):
     torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-d")
     torch._check(x.shape[1] == weight.shape[1], lambda: "x and weight: in_features differ")
     n, k = x.shape
@@ -124,25 +150,34 @@ def _setup_context(ctx, inputs, output):
     _, codes, s, q, x_scale = output
     ctx.mark_non_differentiable(codes, s, q, x_scale)
     ctx.save_for_backward(codes, s, q, x_scale)
+    ctx.bf16 = len(inputs) > 2 and bool(inputs[2])
 
 
 def _backward(ctx, grad_y, *_unused):
     codes, s, q, x_scale = ctx.saved_tensors
     grad_x = grad_w = None
+    if ctx.bf16:  # codes and q are exact in bf16; only grad_y (times 1/a) is rounded
+        bf = torch.bfloat16
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_y.to(bf) @ codes.to(bf)).to(grad_y.dtype) * s
+        if ctx.needs_input_grad[1]:
+            g = (grad_y * x_scale[:, None]).to(bf)  # (N, out)
+            grad_w = (g.t() @ q.to(bf)).to(grad_y.dtype)
+        return grad_x, grad_w, None
     if ctx.needs_input_grad[0]:
         grad_x = grad_y @ (codes.to(grad_y.dtype) * s)  # (N, out) @ (out, in)
     if ctx.needs_input_grad[1]:
         grad_w = grad_y.t() @ (q.to(grad_y.dtype) * x_scale[:, None])  # (out, N) @ (N, in)
-    return grad_x, grad_w
+    return grad_x, grad_w, None
 
 
 _bitlinear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def bitlinear_cpp(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def bitlinear_cpp(x: torch.Tensor, weight: torch.Tensor, bf16_backward: bool = False) -> torch.Tensor:
     """y for x (..., in) float32 CPU and weight (out, in) with in % 256 == 0."""
     lead = x.shape[:-1]
-    y = torch.ops.nanochat.bitlinear(x.reshape(-1, x.shape[-1]), weight)[0]
+    y = torch.ops.nanochat.bitlinear(x.reshape(-1, x.shape[-1]), weight, bf16_backward)[0]
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -164,18 +199,29 @@ class BitLinear(nn.Module):
     """A bias-free linear layer with a latent fp32 weight (out, in), ternary in the forward."""
 
     def __init__(self, in_features: int, out_features: int, kernel: str = "auto",
-                 device=None, dtype=None):
+                 device=None, dtype=None, backward_precision: str = "auto"):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"BitLinear kernel must be one of {KERNELS}, got {kernel!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.kernel = kernel
+        self.backward_precision = backward_precision  # C++ path's backward GEMMs (module doc)
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32)
         )
         self._frozen: ternary.TernaryMatrix | None = None  # set only inside frozen()
         self.reset_parameters()
+
+    @property
+    def backward_precision(self) -> str:
+        return self._backward_precision
+
+    @backward_precision.setter
+    def backward_precision(self, value: str) -> None:
+        # Resolved here, once: forward stays free of CPU probing (torch.compile traces it).
+        self._bf16_backward = resolve_backward(value)
+        self._backward_precision = value
 
     def reset_parameters(self, std: float | None = None) -> None:
         """Normal(0, std), std defaulting to 1/sqrt(in_features). The GPT sets its own std."""
@@ -205,7 +251,7 @@ class BitLinear(nn.Module):
             y = self._frozen(x.reshape(-1, self.in_features).contiguous())
             return y.reshape(*x.shape[:-1], self.out_features)
         if self.uses_cpp(x):
-            return bitlinear_cpp(x, self.weight)
+            return bitlinear_cpp(x, self.weight, self._bf16_backward)
         return bitlinear_torch(x, self.weight)
 
     def ternary(self) -> ternary.TernaryMatrix:
@@ -215,7 +261,7 @@ class BitLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"kernel={self.kernel}")
+                f"kernel={self.kernel}, backward_precision={self.backward_precision}")
 
 
 @contextlib.contextmanager

@@ -84,6 +84,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 1337
     bitlinear: str = "auto"  # "auto" (C++ kernel where faster), "cpp", "torch"
+    # C++ BitLinear backward GEMMs: "auto" (bf16 on CPUs with AVX512-BF16/AMX), "bf16", "float32"
+    bitlinear_backward: str = "auto"
     prefetch: int = 4  # batches the loader keeps ready
     device: str = "auto"  # "auto", "cpu", "cuda"
     sample_tokens: int = 128  # length of the end-of-run sample
@@ -95,6 +97,9 @@ class TrainConfig:
             raise ConfigError(f"{where}.time_budget_s must be >= 0, got {self.time_budget_s}")
         if self.bitlinear not in ("auto", "cpp", "torch"):
             raise ConfigError(f"{where}.bitlinear must be auto, cpp or torch, got {self.bitlinear!r}")
+        if self.bitlinear_backward not in ("auto", "bf16", "float32"):
+            raise ConfigError(f"{where}.bitlinear_backward must be auto, bf16 or float32, got "
+                              f"{self.bitlinear_backward!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"{where}.device must be auto, cpu or cuda, got {self.device!r}")
 

@@ -165,6 +165,15 @@ class GPT(nn.Module):
             if isinstance(m, BitLinear):
                 m.kernel = kernel
 
+    def set_bitlinear_backward(self, precision: str) -> None:
+        """Backward GEMM precision of the C++ BitLinear path: auto, bf16 or float32."""
+        from nanochat.bitlinear import resolve_backward
+
+        resolve_backward(precision)
+        for m in self.modules():
+            if isinstance(m, BitLinear):
+                m.backward_precision = precision
+
     # ---- forward ----------------------------------------------------------------------
     def _trunk(self, idx: torch.Tensor, caches: list | None = None, start: int = 0):
         B, T = idx.shape

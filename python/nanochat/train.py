@@ -153,6 +153,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
 
     torch.manual_seed(t.seed)
     model = GPT(cfg.model, bitlinear=t.bitlinear).to(device)
+    model.set_bitlinear_backward(t.bitlinear_backward)
     opt = build_optimizer(model, cfg, log=log if state is None else (lambda *_: None))
     step, elapsed_before = 0, 0.0
     if state is not None:
@@ -170,7 +171,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
 
     counts = model.num_params()
     log(f"model: {counts['total']:,} params ({counts['ternary']:,} ternary), device {device}, "
-        f"bitlinear={t.bitlinear}, threads={torch.get_num_threads()}")
+        f"bitlinear={t.bitlinear} (backward {t.bitlinear_backward}), threads={torch.get_num_threads()}")
     metrics = MetricsLogger(run_dir, purge_step=step if state is not None else None)
     loader = BatchLoader(data.train, t.batch_size, t.seq_len, seed=t.seed,
                          start_step=step * t.grad_accum, prefetch=t.prefetch, device=str(device),

@@ -7,6 +7,8 @@ in a fresh child process so its peak memory (max RSS on CPU) is its own; the var
 alternate round by round (A B A B) and medians are reported, with the ratio cpp/torch.
 
 A step is forward + backward + AdamW update on random tokens (data loading excluded).
+The C++ path's backward GEMMs run at `--backward` precision (default auto: bf16 on CPUs
+with AVX512-BF16/AMX, see nanochat/bitlinear.py); the torch baseline is f32 throughout.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch + kernel threads (0: all)")
+    p.add_argument("--backward", default="auto", choices=("auto", "bf16", "float32"),
+                   help="C++ path backward GEMM precision (default auto)")
 
 
-def _measure(config: str, variant: str, batch: int, seq: int, steps: int, threads: int, q):
+def _measure(config: str, variant: str, batch: int, seq: int, steps: int, threads: int,
+             backward: str, q):
     import resource
     import time
 
@@ -44,6 +49,7 @@ def _measure(config: str, variant: str, batch: int, seq: int, steps: int, thread
         cfg = load_config(config)
         torch.manual_seed(0)
         model = GPT(cfg.model, bitlinear=variant)
+        model.set_bitlinear_backward(backward)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), generator=g)
@@ -67,14 +73,18 @@ def _measure(config: str, variant: str, batch: int, seq: int, steps: int, thread
 
 
 def run(args: argparse.Namespace):
+    from nanochat.bitlinear import resolve_backward
+
     ctx = mp.get_context("spawn")
+    backward = "bf16" if resolve_backward(args.backward) else "float32"
     for config in args.configs.split(","):
         samples = {"cpp": [], "torch": []}
         for _ in range(args.rounds):
             for variant in ("cpp", "torch"):
                 q = ctx.Queue()
                 p = ctx.Process(target=_measure, args=(config, variant, args.batch, args.seq,
-                                                       args.steps, args.threads, q))
+                                                       args.steps, args.threads,
+                                                       args.backward, q))
                 p.start()
                 r = q.get()
                 p.join()
@@ -85,7 +95,9 @@ def run(args: argparse.Namespace):
                    for k in ("step_seconds", "tokens_per_s", "peak_rss_bytes")}
                for v in samples}
         for v in ("cpp", "torch"):
-            yield {"config": config, "bitlinear": v, "batch": args.batch, "seq": args.seq,
+            yield {"config": config, "bitlinear": v,
+                   "backward": backward if v == "cpp" else "float32",
+                   "batch": args.batch, "seq": args.seq,
                    "threads": args.threads or None, "params": samples[v][0]["params"], **med[v],
                    "speedup_vs_torch": med["torch"]["step_seconds"] / med[v]["step_seconds"],
                    "memory_vs_torch": med[v]["peak_rss_bytes"] / med["torch"]["peak_rss_bytes"]}
@@ -93,13 +105,13 @@ def run(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     if not args.json:
-        print(f"{'config':>10} {'bitlinear':>9} {'params':>12} {'step':>9} {'tokens/s':>9} "
+        print(f"{'config':>10} {'bitlinear':>9} {'backward':>8} {'params':>12} {'step':>9} {'tokens/s':>9} "
               f"{'peak RSS':>9} {'speed vs torch':>14} {'mem vs torch':>12}")
     for m in run(args):
         if args.json:
             print(json.dumps(m), flush=True)
         else:
-            print(f"{m['config']:>10} {m['bitlinear']:>9} {m['params']:>12,} "
+            print(f"{m['config']:>10} {m['bitlinear']:>9} {m['backward']:>8} {m['params']:>12,} "
                   f"{m['step_seconds'] * 1e3:>7.0f}ms {m['tokens_per_s']:>9,.0f} "
                   f"{m['peak_rss_bytes'] / 2**20:>7.0f}MB {m['speedup_vs_torch']:>13.2f}x "
                   f"{m['memory_vs_torch']:>11.2f}x", flush=True)
