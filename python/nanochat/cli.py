@@ -16,13 +16,39 @@ import json
 import sys
 
 
+def _embedding_paths() -> dict[str, str]:
+    """Where `pip install .` put the C/C++ embedding library (inside the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    # Next to the compiled extension, which editable installs keep in site-packages too.
+    root = Path(importlib.util.find_spec("nanochat._C").origin).resolve().parent
+    paths = {"cmake_dir": root / "share" / "cmake" / "nanochat", "include_dir": root / "include",
+             "lib": root / "lib" / "libnanochat.so"}
+    for name, path in paths.items():
+        if not path.exists():
+            raise FileNotFoundError(f"{name}: {path} is missing; reinstall the package "
+                                    f"(pip install .) to get the embedding library")
+    return {k: str(v) for k, v in paths.items()}
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from nanochat import __version__
     from nanochat._core import core
 
+    wanted = [k for k in ("cmake_dir", "include_dir", "lib") if getattr(args, k)]
+    if wanted:  # one path per line, for scripts: -Dnanochat_DIR="$(nanochat info --cmake-dir)"
+        paths = _embedding_paths()
+        print("\n".join(paths[k] for k in wanted))
+        return 0
+
     info = dict(core().info())
     info["version"] = __version__
     info["core_version"] = core().info()["version"]
+    try:
+        info["embedding"] = _embedding_paths()
+    except FileNotFoundError:
+        info["embedding"] = None
     if args.json:
         print(json.dumps(info))
         return 0
@@ -34,6 +60,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"  threads      : {info['threads']}  (NANOCHAT_NUM_THREADS overrides)")
     print(f"  kernel paths : {', '.join(info['isas'])}")
     print(f"  ternary_gemm : dispatches to {info['isa']}  (NANOCHAT_ISA pins one)")
+    emb = info["embedding"]
+    print(f"  C/C++ library: {emb['lib'] if emb else 'not installed'}"
+          + ("  (find_package: nanochat info --cmake-dir)" if emb else ""))
     return 0
 
 
@@ -205,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pi = sub.add_parser("info", help="version, CPU features, CUDA, threads and kernel dispatch")
     pi.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    pi.add_argument("--cmake-dir", dest="cmake_dir", action="store_true",
+                    help="print the folder for find_package(nanochat) (C/C++ embedding) and exit")
+    pi.add_argument("--include-dir", dest="include_dir", action="store_true",
+                    help="print the folder holding nanochat/nanochat.h and nanochat.hpp and exit")
+    pi.add_argument("--lib", action="store_true", help="print the path of libnanochat.so and exit")
     pi.set_defaults(func=_cmd_info)
 
     pm = sub.add_parser("model", help="model sizes: parameter counts and memory estimates")
