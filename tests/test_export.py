@@ -131,6 +131,21 @@ def test_ternary_bytes_equal_gguf_py_quantize_of_dequantized(model, tok, tmp_pat
     assert np.asarray(ts["blk.1.ffn_down.weight"].data).tobytes() == ref.tobytes()
 
 
+def test_tq2_0_loads_into_the_kernel_layout_with_the_trained_scale(model, tok, tmp_path):
+    """The engine's path: TQ2_0 -> TK2 takes the common block d as the tensor scale."""
+    from nanochat.ternary import TernaryMatrix
+
+    path = tmp_path / "m.gguf"
+    export_gguf(model, tok, path)
+    ts = tensors(read(path))
+    for name, w in ternary_modules(model):
+        codes, scale = weight_codes(w)
+        m = TernaryMatrix.from_tq2_0(np.asarray(ts[name].data).reshape(w.shape[0], -1).copy(),
+                                     w.shape[1])
+        assert m.scale == float(np.float16(scale)), name
+        np.testing.assert_array_equal(m.codes(), codes.numpy(), err_msg=name)
+
+
 @pytest.mark.parametrize("embd", ["f16", "q8_0", "f32"])
 def test_embedding_and_norms(model, tok, tmp_path, embd):
     path = tmp_path / "m.gguf"
