@@ -121,7 +121,8 @@ int32_t Sampler::sample(float* logits, int32_t n_vocab, const std::vector<int32_
   double total = 0.0;
   for (size_t i = 0; i < n; ++i) total += weight(scratch_[i].first);
 
-  // The nucleus: sort only as far as needed, in growing chunks from the top.
+  // The nucleus: sort only as far as needed, in growing chunks from the top (select the
+  // next chunk with nth_element, sort just that chunk).
   size_t keep = n;
   weights_.clear();
   double kept = 0.0;
@@ -130,8 +131,10 @@ int32_t Sampler::sample(float* logits, int32_t n_vocab, const std::vector<int32_
     size_t sorted = 0, upto = std::min<size_t>(n, 64);
     keep = 0;
     while (keep == 0) {
-      std::partial_sort(scratch_.begin() + sorted, scratch_.begin() + upto, scratch_.end(),
-                        before);
+      auto first = scratch_.begin() + static_cast<std::ptrdiff_t>(sorted);
+      auto stop = scratch_.begin() + static_cast<std::ptrdiff_t>(upto);
+      if (upto < scratch_.size()) std::nth_element(first, stop - 1, scratch_.end(), before);
+      std::sort(first, stop, before);
       for (size_t i = sorted; i < upto; ++i) {
         weights_.push_back(weight(scratch_[i].first));
         kept += weights_.back();
