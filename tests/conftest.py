@@ -128,3 +128,52 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+# ---- a trained model, shared by the engine/interop/CLI tests ------------------------------
+
+TRAINED_FILES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "fnmatch.py",
+                 "colorsys.py", "bisect.py", "heapq.py", "keyword.py", "glob.py", "queue.py",
+                 "sched.py", "string.py", "tokenize.py", "dataclasses.py", "argparse.py",
+                 "csv.py", "calendar.py", "pprint.py", "difflib.py"]
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory):
+    """The `tiny` architecture (vocab 1024) trained ~1 minute on 20 stdlib modules, exported.
+
+    Random weights leave logits nearly tied, so greedy-token comparisons between two correct
+    implementations could still flip; a trained model has the peaked logits real use has.
+    Returns a dict: run (dir), model (GPT), tok (Tokenizer), gguf (f16 head), gguf_q8 (Q8_0).
+    """
+    import sysconfig
+    from pathlib import Path
+
+    import torch
+
+    from nanochat import corpus
+    from nanochat.config import apply_overrides, load_config
+    from nanochat.export import export_gguf
+    from nanochat.sample import load_model
+    from nanochat.train import train
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    src = tmp_path_factory.mktemp("trained-src")
+    for f in TRAINED_FILES:
+        (src / f.replace("/", "_")).write_text((stdlib / f).read_text())
+    data = Path(corpus.prepare([str(src)], tmp_path_factory.mktemp("trained-data"),
+                               vocab_size=1024, val_fraction=0.1, progress=False).out_dir)
+    cfg = apply_overrides(load_config("tiny"), [
+        "model.vocab_size=1024", "train.seq_len=128", "train.max_steps=160",
+        "train.time_budget_s=0", "train.eval_every=1000", "train.eval_tokens=4096",
+        "train.checkpoint_every=1000", "train.log_every=1000", "schedule.warmup_steps=20",
+        "train.sample_tokens=1"])
+    run = tmp_path_factory.mktemp("trained-run")
+    torch.manual_seed(0)
+    train(cfg, data, run, progress_bar=False, log=lambda *a, **k: None)
+    model, tok, _ = load_model(run)
+    out = {"run": run, "model": model, "tok": tok, "gguf": run / "model.gguf",
+           "gguf_q8": run / "model-q8.gguf"}
+    export_gguf(model, tok, out["gguf"], embd_type="f16")
+    export_gguf(model, tok, out["gguf_q8"], embd_type="q8_0")
+    return out

@@ -258,11 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pb = sub.add_parser("bench", help="benchmarks that compare alternatives side by side")
     bsub = pb.add_subparsers(dest="bench", required=True, metavar="NAME")
+    from nanochat.bench import decode as bench_decode
     from nanochat.bench import kernels
     from nanochat.bench import train as bench_train
 
     benches = [
         (kernels, "kernels", "ternary GEMV/GEMM per kernel path and thread count vs torch f32"),
+        (bench_decode, "decode", "prefill/decode tokens/s of the C++ engine vs llama.cpp"),
         (bench_train, "train", "training tokens/s and peak memory, C++ BitLinear vs torch"),
     ]
     for module, name, help_text in benches:

@@ -1,0 +1,157 @@
+"""nanochat bench decode: prefill and decode tokens/s, our C++ engine vs llama.cpp, same GGUF.
+
+For each model config (random weights are fine for speed) it exports one GGUF (TQ2_0
+matrices, Q8_0 tied embedding/head; cached under ~/.cache/nanochat/bench) and, for each
+thread count, alternates rounds of (ours, llama.cpp) in this one process (A B A B; medians):
+
+  prefill: one batch of --prompt random tokens (default 128) from an empty cache
+  decode:  --tokens single-token steps after it (default 64), greedy
+
+Ours is timed by the engine's own counters (Session.generate: prefill and decode seconds);
+llama.cpp by its own perf counters (llama_perf_context: t_p_eval_ms / n_p_eval and
+t_eval_ms / n_eval), never by a Python loop around it, so its per-token Python overhead
+does not count against it. llama.cpp needs `pip install llama-cpp-python`; without it only
+our numbers are printed. The decode rate is also given as weight bytes read per second
+against this machine's measured read bandwidth at the same thread count.
+
+    nanochat bench decode [--configs nano_125m,small_560m] [--threads 1,2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+CACHE = Path(os.environ.get("NANOCHAT_CACHE", Path.home() / ".cache" / "nanochat")) / "bench"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="one JSON object per measurement")
+    p.add_argument("--configs", default="nano_125m,small_560m",
+                   help="comma-separated model configs (default nano_125m,small_560m)")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--prompt", type=int, default=128, help="prefill tokens (default 128)")
+    p.add_argument("--tokens", type=int, default=64, help="decode steps (default 64)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--embd", default="q8_0", choices=("q8_0", "f16"),
+                   help="embedding/head type of the benchmark files (default q8_0)")
+    p.add_argument("--no-llama", action="store_true", help="skip llama.cpp even if installed")
+
+
+def model_file(config: str, embd: str, log=print) -> Path:
+    """A GGUF of `config` with random weights (cached): what both engines load."""
+    import torch
+
+    from nanochat.config import load_config
+    from nanochat.export import export_gguf
+    from nanochat.gpt import GPT
+    from nanochat.tokenizer import Tokenizer
+
+    cfg = load_config(config).model
+    path = CACHE / f"{config}-tq2_0-{embd}.gguf"
+    if path.exists():
+        return path
+    CACHE.mkdir(parents=True, exist_ok=True)
+    log(f"[bench decode] exporting random-weight {config} to {path} (once)")
+    # A tokenizer trained on a few lines, padded with <|reserved_N|> fillers to the size
+    # of the config's vocabulary: speed does not depend on what the tokens mean.
+    tok = Tokenizer.train(["def main():\n    return 0\n" * 64], cfg.vocab_size)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = GPT(cfg, bitlinear="torch")
+    export_gguf(model, tok, path, weight_type="tq2_0", embd_type=embd, name=f"bench-{config}")
+    return path
+
+
+def _ours(path: Path, threads: int, prompt: list[int], n_decode: int) -> dict:
+    from nanochat import ternary
+    from nanochat.engine import Engine
+
+    ternary.set_num_threads(threads)
+    eng = Engine(str(path), n_ctx=len(prompt) + n_decode + 8)
+    r = eng.complete(prompt, max_tokens=n_decode + 1, temperature=0.0, stop_at_eos=False)
+    return {"prefill_tokens_per_s": r["prefill_tokens_per_s"],
+            "decode_tokens_per_s": r["decode_tokens_per_s"],
+            "decode_steps": r["decode_steps"], "info": eng.info}
+
+
+def _llama(llama_cpp, path: Path, threads: int, prompt: list[int], n_decode: int) -> dict:
+    llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + n_decode + 8, n_batch=512,
+                          n_ubatch=512, n_threads=threads, n_threads_batch=threads,
+                          verbose=False)
+    ctx = llm._ctx.ctx
+    llm.reset()
+    llama_cpp.llama_perf_context_reset(ctx)
+    llm.eval(prompt)
+    tok = int(llm.scores[llm.n_tokens - 1].argmax()) if llm.scores is not None else 0
+    for _ in range(n_decode):
+        llm.eval([tok])
+        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+    perf = llama_cpp.llama_perf_context(ctx)
+    out = {"prefill_tokens_per_s": perf.n_p_eval / (perf.t_p_eval_ms / 1e3),
+           "decode_tokens_per_s": perf.n_eval / (perf.t_eval_ms / 1e3),
+           "decode_steps": perf.n_eval}
+    llm.close()
+    return out
+
+
+def run(args: argparse.Namespace, log=print):
+    import random
+
+    from nanochat._core import core
+
+    llama_cpp = None
+    if not args.no_llama:
+        try:
+            import llama_cpp  # noqa: F811
+        except ImportError:
+            log("[bench decode] llama-cpp-python is not installed: ours only "
+                "(pip install llama-cpp-python)")
+    threads = [int(t) for t in args.threads.split(",")]
+    bw = {t: core().measure_read_bandwidth(1 << 30, t, 3) * 1e9 for t in threads}
+    for config in args.configs.split(","):
+        path = model_file(config, args.embd, log)
+        rng = random.Random(0)
+        prompt = [0] + [rng.randrange(5, 261) for _ in range(args.prompt - 1)]  # bos + bytes
+        for t in threads:
+            samples: dict[str, list[dict]] = {"nanochat": [], "llama.cpp": []}
+            for _ in range(args.rounds):
+                samples["nanochat"].append(_ours(path, t, prompt, args.tokens))
+                if llama_cpp is not None:
+                    samples["llama.cpp"].append(_llama(llama_cpp, path, t, prompt, args.tokens))
+            info = samples["nanochat"][0]["info"]
+            med = {eng: {k: statistics.median(s[k] for s in ss)
+                         for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
+                   for eng, ss in samples.items() if ss}
+            for eng, m in med.items():
+                row = {"config": config, "engine": eng, "threads": t, "prompt": args.prompt,
+                       "decode_steps": args.tokens, "embd": args.embd, **m,
+                       "weight_bytes_per_token": info["weight_bytes"],
+                       "read_bandwidth_bytes_per_s": bw[t],
+                       "bandwidth_fraction": m["decode_tokens_per_s"] * info["weight_bytes"] / bw[t]}
+                if "llama.cpp" in med:
+                    ref = med["llama.cpp"]
+                    row["prefill_vs_llama"] = m["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"]
+                    row["decode_vs_llama"] = m["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+                yield row
+
+
+def main(args: argparse.Namespace) -> int:
+    if not args.json:
+        print(f"{'config':>11} {'engine':>9} {'thr':>3} {'prefill tok/s':>13} {'decode tok/s':>12} "
+              f"{'bw frac':>7} {'prefill vs llama':>16} {'decode vs llama':>15}")
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    for r in run(args, log):
+        if args.json:
+            print(json.dumps(r), flush=True)
+            continue
+        pv = f"{r['prefill_vs_llama']:.2f}x" if "prefill_vs_llama" in r else "-"
+        dv = f"{r['decode_vs_llama']:.2f}x" if "decode_vs_llama" in r else "-"
+        print(f"{r['config']:>11} {r['engine']:>9} {r['threads']:>3} "
+              f"{r['prefill_tokens_per_s']:>13.1f} {r['decode_tokens_per_s']:>12.1f} "
+              f"{r['bandwidth_fraction']:>7.0%} {pv:>16} {dv:>15}", flush=True)
+    return 0
