@@ -143,6 +143,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
     raise AssertionError(args.data)
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from nanochat import validate
+
+    return validate.main(args)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     return args.bench_module.main(args)
 
@@ -206,6 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="type of the token embedding, also the tied LM head (default: f16)")
     pe.add_argument("--name", help="general.name (default: the run directory's name)")
     pe.set_defaults(func=_cmd_export)
+
+    pv = sub.add_parser(
+        "validate", help="30-second end-to-end check: train, export, engine, parity, generate",
+        description="Checks an install end to end on a micro model: prepares a few stdlib "
+        "modules, trains a 2-layer BitNet for a few dozen steps, exports it to GGUF, loads it "
+        "in the C++ engine, checks torch and the engine agree (logits and greedy tokens) and "
+        "generates. One line per stage with PASS/FAIL and its time; exit status 1 on failure.")
+    pv.add_argument("--keep", metavar="DIR", help="work in DIR and keep its files "
+                    "(default: a temporary folder, removed afterwards)")
+    pv.add_argument("--json", action="store_true", help="one JSON object per stage")
+    pv.add_argument("--verbose", action="store_true", help="tracebacks of failing stages")
+    pv.set_defaults(func=_cmd_validate)
 
     from nanochat.config import DataConfig, ModelConfig
 
