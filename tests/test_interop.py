@@ -78,6 +78,7 @@ def _llama(llama_cpp, path):
     return llama_cpp.Llama(str(path), n_ctx=512, n_threads=1, logits_all=True, verbose=False)
 
 
+@pytest.mark.llama
 def test_llama_cpp_tokenizes_like_us(trained_tiny, llama_cpp):
     tok = trained_tiny["tok"]
     llm = _llama(llama_cpp, trained_tiny["gguf"])
@@ -88,6 +89,7 @@ def test_llama_cpp_tokenizes_like_us(trained_tiny, llama_cpp):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
 
 
+@pytest.mark.llama
 @pytest.mark.parametrize("gguf_key", ["gguf", "gguf_q8"])
 def test_llama_cpp_greedy_matches_engine(trained_tiny, llama_cpp, gguf_key):
     from nanochat.engine import Engine
