@@ -1,1 +1,262 @@
-// (being written)
+// nanochat.h: the C API over nanochat.hpp. Every entry point catches everything and maps
+// it to an nc_status, keeping the message for nc_last_error() on the calling thread.
+#include "nanochat/nanochat.h"
+
+#include <cstring>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "engine/model.h"
+#include "nanochat/nanochat.hpp"
+
+struct nc_model {
+  std::shared_ptr<const nanochat::Model> model;
+};
+
+struct nc_session {
+  nanochat::Session session;
+};
+
+namespace {
+
+thread_local std::string t_last_error;
+
+nc_status fail(nc_status st, const std::string& msg) {
+  t_last_error = msg;
+  return st;
+}
+
+// Runs f, mapping exceptions: nanochat::Error -> `error_status` (bad input by default),
+// a full context -> NC_ERR_CONTEXT_FULL, out of memory and anything else -> internal.
+template <class F>
+nc_status guarded(const char* fn, F&& f, nc_status error_status = NC_ERR_INVALID_ARGUMENT) {
+  try {
+    return f();
+  } catch (const nanochat::ContextFullError& e) {
+    return fail(NC_ERR_CONTEXT_FULL, std::string(fn) + ": " + e.what());
+  } catch (const nanochat::Error& e) {
+    return fail(error_status, std::string(fn) + ": " + e.what());
+  } catch (const std::bad_alloc&) {
+    return fail(NC_ERR_INTERNAL, std::string(fn) + ": out of memory");
+  } catch (const std::exception& e) {
+    return fail(NC_ERR_INTERNAL, std::string(fn) + ": internal error: " + e.what());
+  } catch (...) {
+    return fail(NC_ERR_INTERNAL, std::string(fn) + ": unknown internal error");
+  }
+}
+
+void copy_str(char* dst, size_t cap, const std::string& s) {
+  const size_t n = s.size() < cap - 1 ? s.size() : cap - 1;
+  std::memcpy(dst, s.data(), n);
+  dst[n] = '\0';
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* nc_version(void) {
+  static const std::string v = nanochat::version();
+  return v.c_str();
+}
+
+const char* nc_last_error(void) { return t_last_error.c_str(); }
+
+void nc_set_num_threads(int32_t n) {
+  try {
+    nanochat::set_num_threads(n < 0 ? 0 : n);
+  } catch (...) {
+    t_last_error = "nc_set_num_threads: could not start the thread pool";
+  }
+}
+
+nc_status nc_model_load(const char* path, nc_model** out) {
+  if (!out) return fail(NC_ERR_INVALID_ARGUMENT, "nc_model_load: out is NULL");
+  *out = nullptr;
+  if (!path) return fail(NC_ERR_INVALID_ARGUMENT, "nc_model_load: path is NULL");
+  return guarded(
+      "nc_model_load",
+      [&] {
+        auto m = std::make_unique<nc_model>();
+        m->model = nanochat::Model::load(path);
+        *out = m.release();
+        return NC_OK;
+      },
+      NC_ERR_FILE);
+}
+
+void nc_model_free(nc_model* model) { delete model; }
+
+nc_status nc_model_get_info(const nc_model* model, nc_model_info* out) {
+  if (!model || !out) return fail(NC_ERR_INVALID_ARGUMENT, "nc_model_get_info: NULL argument");
+  const nanochat::ModelInfo& i = model->model->info();
+  nc_model_info r;
+  std::memset(&r, 0, sizeof r);
+  r.vocab_size = i.vocab_size;
+  r.d_model = i.d_model;
+  r.n_layers = i.n_layers;
+  r.n_heads = i.n_heads;
+  r.n_kv_heads = i.n_kv_heads;
+  r.head_dim = i.head_dim;
+  r.ffn_hidden = i.ffn_hidden;
+  r.context_length = i.context_length;
+  r.bos_id = i.bos_id;
+  r.eos_id = i.eos_id;
+  r.eot_id = i.eot_id;
+  r.add_bos = i.add_bos ? 1 : 0;
+  r.n_params = i.n_params;
+  r.weight_bytes = i.weight_bytes;
+  copy_str(r.architecture, sizeof r.architecture, i.architecture);
+  copy_str(r.weight_type, sizeof r.weight_type, i.weight_type);
+  copy_str(r.embd_type, sizeof r.embd_type, i.embd_type);
+  *out = r;
+  return NC_OK;
+}
+
+nc_status nc_tokenize(const nc_model* model, const char* text, size_t len, int parse_special,
+                      int32_t* out, size_t cap, size_t* n_out) {
+  if (!model || !n_out || (!text && len > 0) || (!out && cap > 0))
+    return fail(NC_ERR_INVALID_ARGUMENT, "nc_tokenize: NULL argument");
+  return guarded("nc_tokenize", [&] {
+    const std::vector<int32_t> ids =
+        model->model->tokenize(std::string(text ? text : "", len), parse_special != 0);
+    *n_out = ids.size();
+    if (ids.size() > cap)
+      return fail(NC_ERR_BUFFER_TOO_SMALL, "nc_tokenize: " + std::to_string(ids.size()) +
+                                               " tokens do not fit cap = " + std::to_string(cap));
+    if (!ids.empty()) std::memcpy(out, ids.data(), ids.size() * sizeof(int32_t));
+    return NC_OK;
+  });
+}
+
+nc_status nc_detokenize(const nc_model* model, const int32_t* tokens, size_t n, char* out,
+                        size_t cap, size_t* n_out) {
+  if (!model || !n_out || (!tokens && n > 0) || (!out && cap > 0))
+    return fail(NC_ERR_INVALID_ARGUMENT, "nc_detokenize: NULL argument");
+  return guarded("nc_detokenize", [&] {
+    const int32_t vocab = model->model->info().vocab_size;
+    for (size_t i = 0; i < n; ++i)
+      if (tokens[i] < 0 || tokens[i] >= vocab)
+        return fail(NC_ERR_INVALID_ARGUMENT, "nc_detokenize: token " + std::to_string(tokens[i]) +
+                                                 " at index " + std::to_string(i) +
+                                                 " is out of range");
+    const std::string s = model->model->detokenize(std::vector<int32_t>(tokens, tokens + n));
+    *n_out = s.size();
+    if (s.size() + 1 > cap)
+      return fail(NC_ERR_BUFFER_TOO_SMALL, "nc_detokenize: " + std::to_string(s.size() + 1) +
+                                               " bytes (with the NUL) do not fit cap = " +
+                                               std::to_string(cap));
+    std::memcpy(out, s.data(), s.size());
+    out[s.size()] = '\0';
+    return NC_OK;
+  });
+}
+
+nc_status nc_session_new(const nc_model* model, int32_t n_ctx, nc_session** out) {
+  if (!out) return fail(NC_ERR_INVALID_ARGUMENT, "nc_session_new: out is NULL");
+  *out = nullptr;
+  if (!model) return fail(NC_ERR_INVALID_ARGUMENT, "nc_session_new: model is NULL");
+  return guarded("nc_session_new", [&] {
+    *out = new nc_session{nanochat::Session(model->model, n_ctx)};
+    return NC_OK;
+  });
+}
+
+void nc_session_free(nc_session* session) { delete session; }
+
+nc_status nc_session_reset(nc_session* session) {
+  if (!session) return fail(NC_ERR_INVALID_ARGUMENT, "nc_session_reset: session is NULL");
+  session->session.reset();
+  return NC_OK;
+}
+
+int32_t nc_session_n_past(const nc_session* session) {
+  if (!session) {
+    t_last_error = "nc_session_n_past: session is NULL";
+    return -1;
+  }
+  return session->session.n_past();
+}
+
+nc_status nc_session_eval(nc_session* session, const int32_t* tokens, size_t n, float* logits) {
+  if (!session || (!tokens && n > 0))
+    return fail(NC_ERR_INVALID_ARGUMENT, "nc_session_eval: NULL argument");
+  return guarded("nc_session_eval", [&] {
+    const std::vector<float>& l =
+        session->session.eval(std::vector<int32_t>(tokens, tokens + n));
+    if (logits) std::memcpy(logits, l.data(), l.size() * sizeof(float));
+    return NC_OK;
+  });
+}
+
+void nc_sampling_default(nc_sampling* out) {
+  if (!out) return;
+  const nanochat::SamplingParams d;
+  std::memset(out, 0, sizeof *out);
+  out->temperature = d.temperature;
+  out->top_k = d.top_k;
+  out->top_p = d.top_p;
+  out->repetition_penalty = d.repetition_penalty;
+  out->repetition_window = d.repetition_window;
+  out->seed = d.seed;
+  out->max_tokens = d.max_tokens;
+  out->stop_tokens = nullptr;
+  out->n_stop_tokens = 0;
+  out->stop_strings = nullptr;
+  out->n_stop_strings = 0;
+  out->stop_at_eos = d.stop_at_eos ? 1 : 0;
+}
+
+nc_status nc_generate(nc_session* session, const char* prompt, const nc_sampling* params,
+                      nc_token_callback callback, void* user_data, nc_generate_stats* stats) {
+  if (!session || !prompt) return fail(NC_ERR_INVALID_ARGUMENT, "nc_generate: NULL argument");
+  nc_sampling def;
+  if (!params) {
+    nc_sampling_default(&def);
+    params = &def;
+  }
+  if ((params->n_stop_tokens > 0 && !params->stop_tokens) ||
+      (params->n_stop_strings > 0 && !params->stop_strings))
+    return fail(NC_ERR_INVALID_ARGUMENT, "nc_generate: stop list with a NULL pointer");
+  return guarded("nc_generate", [&] {
+    nanochat::SamplingParams sp;
+    sp.temperature = params->temperature;
+    sp.top_k = params->top_k;
+    sp.top_p = params->top_p;
+    sp.repetition_penalty = params->repetition_penalty;
+    sp.repetition_window = params->repetition_window;
+    sp.seed = params->seed;
+    sp.max_tokens = params->max_tokens;
+    sp.stop_at_eos = params->stop_at_eos != 0;
+    sp.stop_tokens.assign(params->stop_tokens, params->stop_tokens + params->n_stop_tokens);
+    for (size_t i = 0; i < params->n_stop_strings; ++i) {
+      if (!params->stop_strings[i])
+        return fail(NC_ERR_INVALID_ARGUMENT,
+                    "nc_generate: stop_strings[" + std::to_string(i) + "] is NULL");
+      sp.stop_strings.emplace_back(params->stop_strings[i]);
+    }
+    nanochat::Session& s = session->session;
+    const nanochat::Model& m = s.model();
+    std::vector<int32_t> ids = m.tokenize(prompt, true);
+    if (m.info().add_bos && s.n_past() == 0) ids.insert(ids.begin(), m.info().bos_id);
+    nanochat::TokenCallback cb;
+    if (callback)
+      cb = [&](int32_t tok, const std::string& piece) {
+        return callback(tok, piece.data(), piece.size(), user_data) == 0;
+      };
+    const nanochat::GenerateResult r = s.generate(ids, sp, cb);
+    if (stats) {
+      std::memset(stats, 0, sizeof *stats);
+      stats->prompt_tokens = r.prompt_tokens;
+      stats->generated_tokens = int32_t(r.tokens.size());
+      stats->decode_steps = r.decode_steps;
+      stats->prefill_seconds = r.prefill_seconds;
+      stats->decode_seconds = r.decode_seconds;
+      copy_str(stats->stop_reason, sizeof stats->stop_reason, r.stop_reason);
+    }
+    return NC_OK;
+  });
+}
+
+}  // extern "C"

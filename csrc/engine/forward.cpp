@@ -1,1 +1,302 @@
-// (being written)
+// The forward pass: python/nanochat/gpt.py's graph on the C++ kernels.
+//
+//   x = token_embd[tok]
+//   per layer:  a = rmsnorm(x) -> int8 (once) -> q, k, v (one pool dispatch) -> NEOX RoPE
+//               -> causal GQA attention over the f32 KV cache (1/sqrt(hd))
+//               x += attn_output(int8(rmsnorm(a, attn_sub_norm)))
+//               f = int8(rmsnorm(x)) -> gate, up (one dispatch) -> act(gate) * up
+//               x += ffn_down(int8(rmsnorm(., ffn_sub_norm)))
+//   logits = token_embd . rmsnorm(x, output_norm)      (tied head, dense kernels)
+//
+// A batch of up to kMaxBatch tokens runs each matrix as one GEMM (prefill); one token
+// is the decode GEMV. Nothing here allocates: SessionState holds every buffer.
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+
+#include "common/threadpool.h"
+#include "engine/model.h"
+#include "ternary/dispatch.h"
+#include "ternary/ternary.h"
+
+namespace nanochat {
+
+SessionState::SessionState(const Model::Impl& model, int32_t ctx) : m(model), n_ctx(ctx) {
+  const ModelInfo& I = m.info;
+  const int64_t d = I.d_model, hd = I.head_dim, ffn = I.ffn_hidden;
+  const int64_t kv_dim = int64_t(I.n_kv_heads) * hd, wide = std::max(d, ffn);
+  kv = LargeBuffer(size_t(2 * int64_t(I.n_layers) * n_ctx * kv_dim) * sizeof(float));
+  const size_t B = size_t(kMaxBatch);
+  x.resize(B * size_t(d));
+  xn.resize(B * size_t(wide));
+  qkv.resize(B * size_t(d + 2 * kv_dim));
+  att.resize(B * size_t(d));
+  gu.resize(B * size_t(2 * ffn));
+  h.resize(B * size_t(ffn));
+  proj.resize(B * size_t(d));
+  rope.resize(B * size_t(hd));
+  q8.resize(B * size_t(wide));
+  q8_scale.resize(B);
+  q8_sum.resize(B);
+  head_act.reserve(kMaxBatch, d);
+}
+
+float* SessionState::k_cache(int64_t layer, int64_t kv_head) {
+  const ModelInfo& I = m.info;
+  const int64_t per_head = int64_t(n_ctx) * I.head_dim;
+  return reinterpret_cast<float*>(kv.data()) + (layer * I.n_kv_heads + kv_head) * per_head;
+}
+
+float* SessionState::v_cache(int64_t layer, int64_t kv_head) {
+  const ModelInfo& I = m.info;
+  const int64_t half = int64_t(I.n_layers) * I.n_kv_heads * int64_t(n_ctx) * I.head_dim;
+  return k_cache(layer, kv_head) + half;
+}
+
+namespace {
+
+// Work (multiply-adds) below which a step runs on the calling thread: a pool dispatch
+// costs a few microseconds.
+constexpr int64_t kParallelWork = int64_t(1) << 17;
+
+// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, as torch's F.rms_norm.
+void rmsnorm(const float* x, const float* w, int64_t tokens, int64_t n, float eps, float* out) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* xt = x + t * n;
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; ++i) ss += double(xt[i]) * xt[i];
+    const float r = 1.0f / std::sqrt(float(ss / double(n)) + eps);
+    float* o = out + t * n;
+    for (int64_t i = 0; i < n; ++i) o[i] = (xt[i] * r) * w[i];
+  }
+}
+
+struct Ctx {
+  SessionState& s;
+  const ModelInfo& info;
+  const DenseKernels& dk;
+  GemmKernel kernel;
+  int64_t threads;
+};
+
+// Per-token int8 quantization of xn (tokens x k) into s.q8 with its sums (the kernels'
+// +1 code offset correction), shared by every matrix that reads this input.
+void quantize(Ctx& c, int64_t tokens, int64_t k) {
+  SessionState& s = c.s;
+  quantize_activations(s.xn.data(), tokens, k, s.q8.data(), s.q8_scale.data());
+  for (int64_t t = 0; t < tokens; ++t) {
+    int32_t sum = 0;
+    const int8_t* q = s.q8.data() + t * k;
+    for (int64_t i = 0; i < k; ++i) sum += q[i];
+    s.q8_sum[size_t(t)] = sum;
+  }
+}
+
+struct MatOut {
+  const TernaryWeight* w;
+  float* y;  // row t of the output at y + t * ldy
+};
+
+// y = W . q for up to 3 matrices that read the same quantized input, in one pool
+// dispatch: tasks are (matrix, 16-row-multiple chunk, 64-token chunk) tiles.
+template <size_t N>
+void matmul(Ctx& c, const MatOut (&outs)[N], int64_t tokens, int64_t ldy) {
+  SessionState& s = c.s;
+  GemmArgs args[N];
+  int64_t rows = 0;
+  for (size_t i = 0; i < N; ++i) {
+    const TernaryWeight& w = *outs[i].w;
+    args[i] = GemmArgs{w.data,        w.rows,   tk2_row_bytes(w.cols), w.cols, s.q8.data(),
+                       w.cols,        s.q8_sum.data(), s.q8_scale.data(), w.scale, outs[i].y, ldy};
+    rows += w.rows;
+  }
+  const int64_t cols = outs[0].w->cols;
+  if (c.threads == 1 || rows * cols * tokens < kParallelWork) {
+    for (size_t i = 0; i < N; ++i) c.kernel(args[i], 0, args[i].rows, 0, tokens);
+    return;
+  }
+  const int64_t tchunk = 64, ntc = (tokens + tchunk - 1) / tchunk;
+  // About 4 tasks per thread in all, row chunks a multiple of the 4-row tiles (16).
+  const int64_t want = std::max<int64_t>(1, (4 * c.threads + ntc - 1) / ntc);
+  int64_t rchunk = (rows + want - 1) / want;
+  rchunk = std::max<int64_t>(16, (rchunk + 15) / 16 * 16);
+  int64_t first[N + 1];  // task index where matrix i's row chunks start
+  first[0] = 0;
+  for (size_t i = 0; i < N; ++i) first[i + 1] = first[i] + (args[i].rows + rchunk - 1) / rchunk;
+  const int64_t nrc = first[N];
+  auto body = [&](int64_t task) {
+    const int64_t rc = task % nrc, tc = task / nrc;
+    size_t i = 0;
+    while (rc >= first[i + 1]) ++i;
+    const int64_t r0 = (rc - first[i]) * rchunk, t0 = tc * tchunk;
+    c.kernel(args[i], r0, std::min(args[i].rows, r0 + rchunk), t0, std::min(tokens, t0 + tchunk));
+  };
+  parallel_for(nrc * ntc, std::ref(body));  // std::ref: no std::function allocation
+}
+
+// NEOX RoPE in place on n_heads heads of one token: pairs (x[i], x[i + hd/2]).
+void rope(float* x, int64_t n_heads, int64_t hd, const float* cs) {
+  const int64_t half = hd / 2;
+  const float* cos = cs;
+  const float* sin = cs + half;
+  for (int64_t h = 0; h < n_heads; ++h) {
+    float* v = x + h * hd;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = v[i], b = v[i + half];
+      v[i] = a * cos[i] - b * sin[i];
+      v[i + half] = a * sin[i] + b * cos[i];
+    }
+  }
+}
+
+// Causal GQA attention of the batch's queries (positions pos0 ..) over the cache, with
+// an online softmax over key blocks (no score buffer beyond one block on the stack).
+void attention(Ctx& c, int64_t layer, int64_t tokens, int64_t pos0) {
+  SessionState& s = c.s;
+  const ModelInfo& I = c.info;
+  const int64_t H = I.n_heads, hd = I.head_dim, d = I.d_model;
+  const int64_t group = H / I.n_kv_heads;
+  const int64_t ldq = d + 2 * int64_t(I.n_kv_heads) * hd;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  constexpr int64_t kKeyBlock = 256;
+  constexpr int64_t kQueryChunk = 16;
+  const int64_t nqc = (tokens + kQueryChunk - 1) / kQueryChunk;
+  const DenseKernels& dk = c.dk;
+  auto body = [&](int64_t task) {
+    const int64_t h = task % H, qc = task / H;
+    const float* K = s.k_cache(layer, h / group);
+    const float* V = s.v_cache(layer, h / group);
+    float sc[kKeyBlock];
+    for (int64_t t = qc * kQueryChunk; t < std::min(tokens, (qc + 1) * kQueryChunk); ++t) {
+      const float* q = s.qkv.data() + t * ldq + h * hd;
+      float* out = s.att.data() + t * d + h * hd;
+      std::fill(out, out + hd, 0.0f);
+      const int64_t nkeys = pos0 + t + 1;
+      float mx = -std::numeric_limits<float>::infinity(), sum = 0.0f;
+      for (int64_t j0 = 0; j0 < nkeys; j0 += kKeyBlock) {
+        const int64_t nb = std::min(kKeyBlock, nkeys - j0);
+        dk.scores(q, K + j0 * hd, hd, nb, hd, scale, sc);
+        float bm = sc[0];
+        for (int64_t j = 1; j < nb; ++j) bm = std::max(bm, sc[j]);
+        if (bm > mx) {
+          if (sum > 0.0f) {  // rescale what earlier blocks accumulated to the new max
+            const float f = std::exp(mx - bm);
+            sum *= f;
+            for (int64_t i = 0; i < hd; ++i) out[i] *= f;
+          }
+          mx = bm;
+        }
+        sum += dk.exp_sum(sc, nb, mx);
+        dk.accumulate(sc, V + j0 * hd, hd, nb, hd, out);
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+    }
+  };
+  const int64_t ntasks = H * nqc;
+  const int64_t work = H * tokens * (pos0 + tokens) * hd;
+  if (c.threads == 1 || work < kParallelWork) {
+    for (int64_t i = 0; i < ntasks; ++i) body(i);
+  } else {
+    parallel_for(ntasks, std::ref(body));
+  }
+}
+
+// One batch of tokens through every layer; leaves the final hidden states in s.x.
+void run_batch(Ctx& c, const int32_t* tokens, int64_t T) {
+  SessionState& s = c.s;
+  const Model::Impl& m = s.m;
+  const ModelInfo& I = c.info;
+  const int64_t d = I.d_model, hd = I.head_dim, ffn = I.ffn_hidden;
+  const int64_t kv_dim = int64_t(I.n_kv_heads) * hd, ldq = d + 2 * kv_dim;
+  const int64_t pos0 = s.n_cached;
+  const float eps = I.norm_eps;
+
+  for (int64_t t = 0; t < T; ++t) dense_row(m.embd, tokens[t], s.x.data() + t * d);
+  // cos | sin rows for each position: angle = pos * theta^(-2i/hd) in float32, as torch.
+  for (int64_t t = 0; t < T; ++t) {
+    float* cs = s.rope.data() + t * hd;
+    for (int64_t i = 0; i < hd / 2; ++i) {
+      const float a = float(pos0 + t) * m.inv_freq[size_t(i)];
+      cs[i] = float(std::cos(double(a)));
+      cs[hd / 2 + i] = float(std::sin(double(a)));
+    }
+  }
+
+  for (int64_t l = 0; l < I.n_layers; ++l) {
+    const LayerWeights& L = m.layers[size_t(l)];
+    // ---- attention ----
+    rmsnorm(s.x.data(), L.attn_norm, T, d, eps, s.xn.data());
+    quantize(c, T, d);
+    float* q = s.qkv.data();
+    const MatOut qkv[3] = {{&L.q, q}, {&L.k, q + d}, {&L.v, q + d + kv_dim}};
+    matmul(c, qkv, T, ldq);
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = q + t * ldq;
+      rope(row, I.n_heads, hd, s.rope.data() + t * hd);
+      rope(row + d, I.n_kv_heads, hd, s.rope.data() + t * hd);
+      for (int64_t h = 0; h < I.n_kv_heads; ++h) {
+        std::copy(row + d + h * hd, row + d + (h + 1) * hd, s.k_cache(l, h) + (pos0 + t) * hd);
+        std::copy(row + d + kv_dim + h * hd, row + d + kv_dim + (h + 1) * hd,
+                  s.v_cache(l, h) + (pos0 + t) * hd);
+      }
+    }
+    attention(c, l, T, pos0);
+    rmsnorm(s.att.data(), L.attn_sub_norm, T, d, eps, s.xn.data());
+    quantize(c, T, d);
+    const MatOut o[1] = {{&L.o, s.proj.data()}};
+    matmul(c, o, T, d);
+    for (int64_t i = 0; i < T * d; ++i) s.x[size_t(i)] += s.proj[size_t(i)];
+
+    // ---- feed-forward ----
+    rmsnorm(s.x.data(), L.ffn_norm, T, d, eps, s.xn.data());
+    quantize(c, T, d);
+    const MatOut gu[2] = {{&L.gate, s.gu.data()}, {&L.up, s.gu.data() + ffn}};
+    matmul(c, gu, T, 2 * ffn);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* g = s.gu.data() + t * 2 * ffn;
+      const float* u = g + ffn;
+      float* out = s.h.data() + t * ffn;
+      if (m.activation == Activation::silu) {
+        c.dk.silu_mul(g, u, ffn, out);
+      } else {
+        for (int64_t i = 0; i < ffn; ++i) {
+          const float r = g[i] > 0.0f ? g[i] : 0.0f;
+          out[i] = (r * r) * u[i];
+        }
+      }
+    }
+    rmsnorm(s.h.data(), L.ffn_sub_norm, T, ffn, eps, s.xn.data());
+    quantize(c, T, ffn);
+    const MatOut down[1] = {{&L.down, s.proj.data()}};
+    matmul(c, down, T, d);
+    for (int64_t i = 0; i < T * d; ++i) s.x[size_t(i)] += s.proj[size_t(i)];
+  }
+  s.n_cached += int32_t(T);
+}
+
+// logits (tokens x vocab) of the final hidden states s.x[first .. first + tokens).
+void head(Ctx& c, int64_t first, int64_t tokens, float* logits) {
+  SessionState& s = c.s;
+  const Model::Impl& m = s.m;
+  const int64_t d = c.info.d_model;
+  rmsnorm(s.x.data() + first * d, m.output_norm, tokens, d, c.info.norm_eps, s.xn.data());
+  const DenseActs& a = s.head_act.prepare(m.embd.type, s.xn.data(), tokens, d);
+  dense_gemm(m.embd, a, logits, m.embd.rows);
+}
+
+}  // namespace
+
+void forward(SessionState& s, const int32_t* tokens, int64_t n, LogitsMode mode, float* logits) {
+  Ctx c{s, s.m.info, dense_kernels(), gemm_kernel(active_isa()), num_threads()};
+  const int64_t vocab = s.m.info.vocab_size;
+  for (int64_t c0 = 0; c0 < n; c0 += kMaxBatch) {
+    const int64_t T = std::min(kMaxBatch, n - c0);
+    run_batch(c, tokens + c0, T);
+    if (mode == LogitsMode::all) head(c, 0, T, logits + c0 * vocab);
+    if (mode == LogitsMode::last && c0 + T == n) head(c, T - 1, 1, logits);
+  }
+}
+
+}  // namespace nanochat

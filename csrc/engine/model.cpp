@@ -1,1 +1,304 @@
-// (being written)
+// Model loading: GGUF metadata and tensors (docs: the GGUF contract in
+// python/nanochat/export.py and shared/reference/formats.md) -> validated hyperparameters,
+// TK2 ternary matrices, the dense embedding / tied head and the tokenizer.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "engine/model.h"
+#include "ternary/ternary.h"
+
+namespace nanochat {
+
+namespace {
+
+std::string dims_str(const std::vector<int64_t>& d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+class Loader {
+ public:
+  explicit Loader(const gguf::GgufFile& f) : f_(f) {}
+
+  [[noreturn]] void fail(const std::string& what) const { throw Error(f_.path() + ": " + what); }
+
+  // An integer hyperparameter in [lo, hi].
+  int64_t hparam(const std::string& key, int64_t lo, int64_t hi) const {
+    const int64_t v = f_.get_i64(key);
+    if (v < lo || v > hi)
+      fail("metadata '" + key + "' = " + std::to_string(v) + " is out of range [" +
+           std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    return v;
+  }
+  int64_t hparam_or(const std::string& key, int64_t def, int64_t lo, int64_t hi) const {
+    return f_.has(key) ? hparam(key, lo, hi) : def;
+  }
+  float positive_float(const std::string& key) const {
+    const float v = f_.get_f32(key);
+    if (!std::isfinite(v) || v <= 0.0f)
+      fail("metadata '" + key + "' = " + std::to_string(v) + " must be a finite number > 0");
+    return v;
+  }
+
+  // A tensor that must exist with these dims (GGUF order) and one of these types.
+  const gguf::TensorInfo& tensor(const std::string& name, const std::vector<int64_t>& dims,
+                                 std::initializer_list<gguf::GgmlType> types) {
+    const gguf::TensorInfo* t = f_.find_tensor(name);
+    if (!t) fail("missing tensor '" + name + "'");
+    used_.insert(name);
+    if (t->dims != dims)
+      fail("tensor '" + name + "' has dims " + dims_str(t->dims) + ", expected " +
+           dims_str(dims));
+    bool ok = false;
+    std::string names;
+    for (gguf::GgmlType ty : types) {
+      ok = ok || t->type == uint32_t(ty);
+      names += std::string(names.empty() ? "" : " or ") + gguf::type_traits(uint32_t(ty)).name;
+    }
+    if (!ok)
+      fail("tensor '" + name + "' has type " + gguf::type_traits(t->type).name + ", expected " +
+           names);
+    return *t;
+  }
+
+  // Every tensor in the file must be one the engine reads: anything else (an untied
+  // output.weight, llama.cpp's optional .scale tensors, extensions) would change the
+  // model's meaning if silently ignored.
+  void check_no_extra_tensors() const {
+    for (const gguf::TensorInfo& t : f_.tensors())
+      if (!used_.count(t.name))
+        fail("unexpected tensor '" + t.name + "' (not part of the " +
+             "bitnet graph this engine runs)");
+  }
+
+ private:
+  const gguf::GgufFile& f_;
+  std::set<std::string> used_;
+};
+
+// TQ2_0 / TQ1_0 -> TK2 with one per-tensor scale. Unpacking rejects TQ2_0's invalid code
+// 3; TQ1_0 decodes any byte to valid trits, so a byte the packer cannot produce (corrupt
+// data) is caught by re-packing each block and comparing.
+float load_ternary(const Loader& ld, const gguf::TensorInfo& t, int64_t rows, int64_t cols,
+                   uint8_t* out, std::vector<int8_t>& codes, std::vector<float>& scales) {
+  codes.resize(size_t(rows * cols));
+  scales.resize(size_t(rows * cols / QK));
+  const bool tq2 = t.type == uint32_t(gguf::GgmlType::TQ2_0);
+  try {
+    if (tq2)
+      tq2_0_unpack(t.data, rows, cols, codes.data(), scales.data());
+    else
+      tq1_0_unpack(t.data, rows, cols, codes.data(), scales.data());
+  } catch (const Error& e) {
+    ld.fail("tensor '" + t.name + "': " + e.what());
+  }
+  const int64_t nblocks = rows * cols / QK;
+  if (!tq2) {
+    uint8_t block[TQ1_0_BLOCK_BYTES];
+    for (int64_t b = 0; b < nblocks; ++b) {
+      tq1_0_pack(codes.data() + b * QK, 1, QK, 1.0f, block);
+      if (std::memcmp(block, t.data + b * TQ1_0_BLOCK_BYTES, TQ1_0_BLOCK_BYTES - 2) != 0)
+        ld.fail("tensor '" + t.name + "': TQ1_0 block " + std::to_string(b) +
+                " holds a byte that is not a valid base-3 code (corrupt data)");
+    }
+  }
+  float common = 0.0f;
+  int64_t first = -1;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const float d = scales[size_t(b)];
+    if (!std::isfinite(d))
+      ld.fail("tensor '" + t.name + "': block " + std::to_string(b) + " has a non-finite scale");
+    if (d == 0.0f) {  // ggml reads a d = 0 block as zeros, whatever its codes say
+      std::fill(codes.begin() + b * QK, codes.begin() + (b + 1) * QK, int8_t(0));
+    } else if (first < 0) {
+      first = b;
+      common = d;
+    } else if (d != common) {
+      ld.fail("tensor '" + t.name + "': block " + std::to_string(b) + " has scale " +
+              std::to_string(d) + " but block " + std::to_string(first) + " has " +
+              std::to_string(common) +
+              "; the engine needs one scale per tensor (a BitNet absmean export)");
+    }
+  }
+  tk2_pack(codes.data(), rows, cols, out);
+  return common;
+}
+
+}  // namespace
+
+std::unique_ptr<Model::Impl> load_model(const std::string& path) {
+  auto m = std::make_unique<Model::Impl>();
+  m->file = gguf::GgufFile::open(path);
+  const gguf::GgufFile& f = *m->file;
+  Loader ld(f);
+  ModelInfo& info = m->info;
+  info.path = path;
+
+  // ---- hyperparameters ----
+  const std::string arch = f.get_string("general.architecture");
+  if (arch != "bitnet" && arch != "nanochat")
+    ld.fail("general.architecture '" + arch + "' is not supported (expected bitnet or nanochat)");
+  info.architecture = arch;
+  info.name = f.has("general.name") ? f.get_string("general.name") : "";
+  const std::string p = arch + ".";
+  info.d_model = int32_t(ld.hparam(p + "embedding_length", 1, 1 << 16));
+  info.n_layers = int32_t(ld.hparam(p + "block_count", 1, 4096));
+  info.ffn_hidden = int32_t(ld.hparam(p + "feed_forward_length", 1, 1 << 18));
+  info.n_heads = int32_t(ld.hparam(p + "attention.head_count", 1, 4096));
+  info.n_kv_heads =
+      int32_t(ld.hparam_or(p + "attention.head_count_kv", info.n_heads, 1, info.n_heads));
+  info.context_length = int32_t(ld.hparam(p + "context_length", 1, 1 << 24));
+  info.head_dim = int32_t(
+      ld.hparam_or(p + "rope.dimension_count", info.d_model / info.n_heads, 1, 1 << 16));
+  info.rope_theta = f.has(p + "rope.freq_base") ? ld.positive_float(p + "rope.freq_base")
+                                                : 10000.0f;  // llama.cpp's default
+  info.norm_eps = ld.positive_float(p + "attention.layer_norm_rms_epsilon");
+  if (arch == "nanochat") {
+    info.activation = f.get_string("nanochat.ffn_activation");
+    if (info.activation != "silu" && info.activation != "relu2")
+      ld.fail("metadata 'nanochat.ffn_activation' = '" + info.activation +
+              "' (expected silu or relu2)");
+  } else {
+    info.activation = "silu";  // llama.cpp's bitnet graph
+  }
+  m->activation = info.activation == "silu" ? Activation::silu : Activation::relu2;
+
+  const int64_t d = info.d_model, hd = info.head_dim, ffn = info.ffn_hidden;
+  if (info.n_heads % info.n_kv_heads != 0)
+    ld.fail("attention.head_count (" + std::to_string(info.n_heads) +
+            ") is not a multiple of attention.head_count_kv (" +
+            std::to_string(info.n_kv_heads) + ")");
+  if (int64_t(info.n_heads) * hd != d)
+    ld.fail("attention.head_count (" + std::to_string(info.n_heads) + ") x head dim (" +
+            std::to_string(hd) + ") != embedding_length (" + std::to_string(d) +
+            "); rope.dimension_count must be the whole head");
+  if (hd % 2 != 0) ld.fail("head dim " + std::to_string(hd) + " is odd (RoPE rotates pairs)");
+  if (d % QK != 0 || ffn % QK != 0)
+    ld.fail("embedding_length (" + std::to_string(d) + ") and feed_forward_length (" +
+            std::to_string(ffn) + ") must be multiples of 256 (ternary block rows)");
+  const int64_t kv_dim = int64_t(info.n_kv_heads) * hd;  // rows of attn_k/v: any count
+
+  // ---- tokenizer and vocabulary ----
+  m->tokenizer = std::make_unique<BpeTokenizer>(BpeTokenizer::from_gguf(f));
+  const int64_t vocab = m->tokenizer->vocab_size();
+  if (vocab < 1) ld.fail("tokenizer.ggml.tokens is empty");
+  if (f.has(p + "vocab_size") && ld.hparam(p + "vocab_size", 1, INT32_MAX) != vocab)
+    ld.fail("metadata '" + p + "vocab_size' (" + std::to_string(f.get_i64(p + "vocab_size")) +
+            ") != the tokenizer's " + std::to_string(vocab) + " tokens");
+  info.vocab_size = int32_t(vocab);
+  auto special = [&](const std::string& key) -> int32_t {
+    if (!f.has(key)) return -1;
+    return int32_t(ld.hparam(key, 0, vocab - 1));
+  };
+  info.bos_id = special("tokenizer.ggml.bos_token_id");
+  info.eos_id = special("tokenizer.ggml.eos_token_id");
+  info.eot_id = special("tokenizer.ggml.eot_token_id");
+  info.add_bos = f.has("tokenizer.ggml.add_bos_token") && f.get_bool("tokenizer.ggml.add_bos_token");
+  if (info.add_bos && info.bos_id < 0)
+    ld.fail("tokenizer.ggml.add_bos_token is true but tokenizer.ggml.bos_token_id is missing");
+
+  // ---- tensors ----
+  using T = gguf::GgmlType;
+  const gguf::TensorInfo& embd = ld.tensor("token_embd.weight", {d, vocab}, {T::F16, T::Q8_0, T::F32});
+  m->output_norm = reinterpret_cast<const float*>(ld.tensor("output_norm.weight", {d}, {T::F32}).data);
+
+  struct Mat {
+    const gguf::TensorInfo* t;
+    TernaryWeight* w;
+  };
+  std::vector<Mat> mats;
+  m->layers.resize(size_t(info.n_layers));
+  uint32_t ternary_type = 0;
+  for (int64_t l = 0; l < info.n_layers; ++l) {
+    LayerWeights& L = m->layers[size_t(l)];
+    const std::string b = "blk." + std::to_string(l) + ".";
+    auto norm = [&](const char* n, int64_t size) {
+      return reinterpret_cast<const float*>(ld.tensor(b + n, {size}, {T::F32}).data);
+    };
+    L.attn_norm = norm("attn_norm.weight", d);
+    L.attn_sub_norm = norm("attn_sub_norm.weight", d);
+    L.ffn_norm = norm("ffn_norm.weight", d);
+    L.ffn_sub_norm = norm("ffn_sub_norm.weight", ffn);
+    auto mat = [&](const char* n, TernaryWeight& w, int64_t in, int64_t out) {
+      const gguf::TensorInfo& t = ld.tensor(b + n, {in, out}, {T::TQ2_0, T::TQ1_0});
+      if (ternary_type == 0) ternary_type = t.type;
+      if (t.type != ternary_type)
+        ld.fail("tensor '" + t.name + "' is " + gguf::type_traits(t.type).name +
+                " but earlier ternary tensors are " + gguf::type_traits(ternary_type).name);
+      w.rows = out;
+      w.cols = in;
+      mats.push_back({&t, &w});
+    };
+    mat("attn_q.weight", L.q, d, d);
+    mat("attn_k.weight", L.k, d, kv_dim);
+    mat("attn_v.weight", L.v, d, kv_dim);
+    mat("attn_output.weight", L.o, d, d);
+    mat("ffn_gate.weight", L.gate, d, ffn);
+    mat("ffn_up.weight", L.up, d, ffn);
+    mat("ffn_down.weight", L.down, ffn, d);
+  }
+  ld.check_no_extra_tensors();
+  info.weight_type = gguf::type_traits(ternary_type).name;
+
+  // Ternary matrices -> one TK2 buffer in decode order.
+  int64_t total = 0;
+  for (const Mat& x : mats) total += x.w->rows * tk2_row_bytes(x.w->cols);
+  m->ternary = LargeBuffer(size_t(total));
+  std::vector<int8_t> codes;
+  std::vector<float> scales;
+  int64_t off = 0;
+  for (const Mat& x : mats) {
+    uint8_t* dst = m->ternary.data() + off;
+    x.w->scale = load_ternary(ld, *x.t, x.w->rows, x.w->cols, dst, codes, scales);
+    x.w->data = dst;
+    off += x.w->rows * tk2_row_bytes(x.w->cols);
+  }
+
+  // Embedding / head.
+  DenseMatrix& E = m->embd;
+  E.rows = vocab;
+  E.cols = d;
+  if (embd.type == uint32_t(T::Q8_0)) {
+    E.type = DenseType::Q8_0;
+    m->embd_data = LargeBuffer(size_t(vocab * d));
+    m->embd_scales = LargeBuffer(size_t(vocab * d / QK8_0) * sizeof(uint16_t));
+    uint16_t* sc = reinterpret_cast<uint16_t*>(m->embd_scales.data());
+    q8_0_repack(embd.data, vocab, d, m->embd_data.data(), sc);
+    for (int64_t i = 0; i < vocab * d / QK8_0; ++i)
+      if (!std::isfinite(fp16_to_fp32(sc[i])))
+        ld.fail("tensor 'token_embd.weight': Q8_0 block " + std::to_string(i) +
+                " has a non-finite scale");
+    E.scales = sc;
+  } else {
+    E.type = embd.type == uint32_t(T::F16) ? DenseType::F16 : DenseType::F32;
+    m->embd_data = LargeBuffer(size_t(embd.nbytes));
+    std::memcpy(m->embd_data.data(), embd.data, size_t(embd.nbytes));
+  }
+  E.data = m->embd_data.data();
+  info.embd_type = dense_type_name(E.type);
+
+  // Sizes: every weight in the file; bytes one decode step reads (TK2 + head + norms).
+  info.n_params = 0;
+  for (const gguf::TensorInfo& t : f.tensors()) {
+    int64_t n = 1;
+    for (int64_t x : t.dims) n *= x;
+    info.n_params += n;
+  }
+  info.weight_bytes = total + embd.nbytes + int64_t(sizeof(float)) * (d + info.n_layers * (3 * d + ffn));
+
+  m->inv_freq.resize(size_t(hd / 2));
+  for (int64_t i = 0; i < hd / 2; ++i) {
+    // As torch: the exponent -(2i)/hd in float32, then theta ** exponent.
+    const float e = -float(2 * i) / float(hd);
+    m->inv_freq[size_t(i)] = float(std::pow(double(info.rope_theta), double(e)));
+  }
+  return m;
+}
+
+}  // namespace nanochat

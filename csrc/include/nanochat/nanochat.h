@@ -76,7 +76,8 @@ typedef struct nc_generate_stats {
 } nc_generate_stats;
 
 /* Called per generated token with its UTF-8 piece (not NUL-terminated). Return nonzero
- * to stop generation. */
+ * to stop generation. Text held back when generation ends (a possible stop-string start,
+ * an unfinished character) comes in one last call with token -1. */
 typedef int (*nc_token_callback)(int32_t token, const char* piece, size_t len, void* user_data);
 
 NC_API const char* nc_version(void);

@@ -65,7 +65,9 @@ struct SamplingParams {
 };
 
 // Called for every generated token with its text piece (UTF-8 bytes; a multi-byte
-// character split across tokens arrives when it is complete). Return false to stop.
+// character split across tokens arrives when it is complete; text that may begin a stop
+// string waits until it cannot). Return false to stop. If text is still held back when
+// generation ends, one last call passes token -1 with it (the pieces add up to .text).
 using TokenCallback = std::function<bool(int32_t token, const std::string& piece)>;
 
 struct GenerateResult {

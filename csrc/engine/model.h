@@ -1,0 +1,118 @@
+// The engine's internals behind nanochat.hpp: the loaded model (Model::Impl, model.cpp),
+// a session's KV cache and scratch (SessionState), and the forward pass (forward.cpp).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/large_buffer.h"
+#include "dense/dense.h"
+#include "engine/tokenizer.h"
+#include "gguf/gguf.h"
+#include "nanochat/nanochat.hpp"
+
+namespace nanochat {
+
+// Thrown when tokens do not fit a session's context (the C API maps it to
+// NC_ERR_CONTEXT_FULL); still a nanochat::Error for C++ callers.
+struct ContextFullError : Error {
+  using Error::Error;
+};
+
+enum class Activation { silu, relu2 };
+
+// One ternary matrix in TK2 (rows = out_features, cols = in_features), inside
+// Model::Impl::ternary; every block's scale is `scale`.
+struct TernaryWeight {
+  const uint8_t* data = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  float scale = 0.0f;
+};
+
+struct LayerWeights {
+  const float* attn_norm = nullptr;  // d_model, in the file's mapping
+  const float* attn_sub_norm = nullptr;
+  const float* ffn_norm = nullptr;
+  const float* ffn_sub_norm = nullptr;  // ffn_hidden
+  TernaryWeight q, k, v, o, gate, up, down;
+};
+
+struct Model::Impl {
+  std::unique_ptr<gguf::GgufFile> file;
+  ModelInfo info;
+  Activation activation = Activation::silu;
+  std::unique_ptr<BpeTokenizer> tokenizer;
+  // Every ternary matrix in TK2, 64-byte aligned, in the order a decode step reads them
+  // (layer by layer: q, k, v, o, gate, up, down), so one token streams one buffer.
+  LargeBuffer ternary;
+  std::vector<LayerWeights> layers;
+  const float* output_norm = nullptr;
+  // token_embd: the embedding and the tied LM head, copied into 2 MiB pages (F32/F16)
+  // or repacked to Q8R (Q8_0): the head streams it once per decoded token.
+  DenseMatrix embd;
+  LargeBuffer embd_data;
+  LargeBuffer embd_scales;
+  std::vector<float> inv_freq;  // head_dim/2 RoPE frequencies theta^(-2i/head_dim)
+};
+
+// Loads and validates `path` (model.cpp). Errors name the file and the key/tensor.
+std::unique_ptr<Model::Impl> load_model(const std::string& path);
+
+// Tokens a forward pass runs per batch (prefill GEMMs are this wide at most).
+constexpr int64_t kMaxBatch = 128;
+
+// A session's KV cache and every scratch buffer a forward pass needs, sized once.
+struct SessionState {
+  SessionState(const Model::Impl& m, int32_t n_ctx);
+  const Model::Impl& m;
+  int32_t n_ctx;
+  int32_t n_cached = 0;  // positions in the KV cache
+  // KV cache, f32: [layer][kv_head][position][head_dim] for K, then the same for V.
+  LargeBuffer kv;
+  float* k_cache(int64_t layer, int64_t kv_head);
+  float* v_cache(int64_t layer, int64_t kv_head);
+  // Scratch (kMaxBatch tokens).
+  std::vector<float> x;      // residual stream, B x d
+  std::vector<float> xn;     // normed input of a matmul, B x max(d, ffn)
+  std::vector<float> qkv;    // B x (d + 2 * kv_dim)
+  std::vector<float> att;    // attention output, B x d
+  std::vector<float> gu;     // gate | up, B x 2 * ffn
+  std::vector<float> h;      // act(gate) * up, B x ffn
+  std::vector<float> proj;   // attn_output / ffn_down output, B x d
+  std::vector<float> rope;   // cos | sin per token, B x head_dim
+  std::vector<int8_t> q8;    // quantized activations, B x max(d, ffn)
+  std::vector<float> q8_scale;  // B
+  std::vector<int32_t> q8_sum;  // B
+  DenseActBuffer head_act;
+};
+
+// The text side of generate(): appends each token's bytes and says what may be streamed.
+// Held back: an unfinished UTF-8 sequence at the end, and a suffix that could still grow
+// into a stop string. A completed stop string cuts the text where it starts.
+class TextStream {
+ public:
+  explicit TextStream(std::vector<std::string> stops);  // throws on an empty stop string
+  // Appends bytes; returns the piece that may be emitted now (all of the rest when a stop
+  // string completed: then stopped() is true and text() ends before the stop string).
+  std::string push(const std::string& bytes);
+  bool stopped() const { return stopped_; }
+  std::string flush();  // everything still held back (generation is over)
+  const std::string& text() const { return text_; }
+
+ private:
+  size_t safe_end() const;
+  std::vector<std::string> stops_;
+  std::string text_;
+  size_t emitted_ = 0;
+  bool stopped_ = false;
+};
+
+enum class LogitsMode { none, last, all };
+// Runs tokens at positions n_cached .. n_cached+n-1 (ids already checked, and they fit
+// n_ctx) and advances n_cached. logits: vocab floats (last) or n x vocab (all).
+void forward(SessionState& s, const int32_t* tokens, int64_t n, LogitsMode mode, float* logits);
+
+}  // namespace nanochat
