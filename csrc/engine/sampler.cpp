@@ -110,6 +110,8 @@ int32_t Sampler::sample(float* logits, int32_t n_vocab, const std::vector<int32_
   scratch_.resize(static_cast<size_t>(n_vocab));
   for (int32_t i = 0; i < n_vocab; ++i) scratch_[i] = {clean(logits[i]), i};
   size_t n = scratch_.size();
+  double total = 0.0;
+  weights_.clear();
   if (use_k) {
     n = static_cast<size_t>(cfg_.top_k);
     std::nth_element(scratch_.begin(), scratch_.begin() + (n - 1), scratch_.end(), before);
@@ -117,27 +119,32 @@ int32_t Sampler::sample(float* logits, int32_t n_vocab, const std::vector<int32_
     // nth_element leaves an order each standard library picks; sums and the draw below
     // must run in one canonical order.
     std::sort(scratch_.begin(), scratch_.end(), before);
+    for (size_t i = 0; i < n; ++i) total += weight(scratch_[i].first);
+  } else {  // top-p alone: each token's weight once, summed in id order
+    weights_.resize(n);
+    for (size_t i = 0; i < n; ++i) total += weights_[i] = weight(scratch_[i].first);
   }
-  double total = 0.0;
-  for (size_t i = 0; i < n; ++i) total += weight(scratch_[i].first);
+  // Weight of the candidate now at position i of scratch_.
+  auto weight_at = [&](size_t i) {
+    return use_k ? weight(scratch_[i].first) : weights_[static_cast<size_t>(scratch_[i].second)];
+  };
 
   // The nucleus: sort only as far as needed, in growing chunks from the top (select the
   // next chunk with nth_element, sort just that chunk).
   size_t keep = n;
-  weights_.clear();
-  double kept = 0.0;
+  double kept = total;
   if (use_p) {
     const double need = static_cast<double>(cfg_.top_p) * total;
     size_t sorted = 0, upto = std::min<size_t>(n, 64);
     keep = 0;
+    kept = 0.0;
     while (keep == 0) {
       auto first = scratch_.begin() + static_cast<std::ptrdiff_t>(sorted);
       auto stop = scratch_.begin() + static_cast<std::ptrdiff_t>(upto);
       if (upto < scratch_.size()) std::nth_element(first, stop - 1, scratch_.end(), before);
       std::sort(first, stop, before);
       for (size_t i = sorted; i < upto; ++i) {
-        weights_.push_back(weight(scratch_[i].first));
-        kept += weights_.back();
+        kept += weight_at(i);
         if (kept >= need) {
           keep = i + 1;
           break;
@@ -147,18 +154,15 @@ int32_t Sampler::sample(float* logits, int32_t n_vocab, const std::vector<int32_
       sorted = upto;
       upto = std::min(n, upto * 4);
     }
-    weights_.resize(keep);
-  } else {
-    for (size_t i = 0; i < n; ++i) weights_.push_back(weight(scratch_[i].first));
-    kept = total;
   }
 
   const double target = u * kept;
   double acc = 0.0;
   int32_t last = scratch_[0].second;
   for (size_t i = 0; i < keep; ++i) {
-    if (weights_[i] <= 0.0) continue;
-    acc += weights_[i];
+    const double w = weight_at(i);
+    if (w <= 0.0) continue;
+    acc += w;
     last = scratch_[i].second;
     if (target < acc) return last;
   }
