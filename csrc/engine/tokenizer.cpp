@@ -20,9 +20,9 @@ namespace {
 
 using unicode::CharClass;
 
-// llama.cpp's token types (tokenizer.ggml.token_type).
-constexpr int32_t TYPE_NORMAL = 1, TYPE_UNKNOWN = 2, TYPE_CONTROL = 3, TYPE_USER_DEFINED = 4,
-                  TYPE_UNUSED = 5, TYPE_BYTE = 6;
+// llama.cpp's token types (tokenizer.ggml.token_type); 2 unknown and 5 unused, like
+// control, decode to "" and are never produced by BPE or parse_special.
+constexpr int32_t TYPE_NORMAL = 1, TYPE_CONTROL = 3, TYPE_USER_DEFINED = 4, TYPE_BYTE = 6;
 
 constexpr uint32_t INVALID_CP = 0xFFFFFFFFu;
 
@@ -469,6 +469,9 @@ void BpeTokenizer::encode_piece(const uint8_t* p, size_t n, std::vector<int32_t>
     out.push_back(byte_ids_[p[0]]);
     return;
   }
+  if (n > static_cast<size_t>(INT32_MAX))  // merge_large indexes symbols with int32
+    throw Error("BpeTokenizer: a pre-tokenizer piece of " + std::to_string(n) +
+                " bytes (over 2^31) cannot be encoded");
   const bool cacheable = n <= CACHE_MAX_PIECE;
   std::string_view key(reinterpret_cast<const char*>(p), n);
   if (cacheable) {
