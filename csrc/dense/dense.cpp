@@ -98,8 +98,7 @@ const DenseActs& DenseActBuffer::prepare(DenseType type, const float* x, int64_t
       float amax = 0.0f;
       for (int64_t k = 0; k < QK8_0; ++k) {
         if (!std::isfinite(xb[k]))  // would reach the int8 cast (undefined behaviour)
-          throw Error("dense activations: token " + std::to_string(t) +
-                      " has a non-finite value");
+          throw Error("dense activations: token " + std::to_string(t) + " has a non-finite value");
         amax = std::max(amax, std::fabs(xb[k]));
       }
       const float d = amax / 127.0f;
@@ -145,11 +144,11 @@ const DenseKernels& dense_kernels() { return dense_kernels(active_isa()); }
 void dense_gemm(const DenseMatrix& w, const DenseActs& a, float* y, int64_t ldy) {
   if (w.rows < 0 || w.cols < 0 || a.tokens < 0) throw Error("dense_gemm: negative shape");
   if (a.cols != w.cols)
-    throw Error("dense_gemm: activations have " + std::to_string(a.cols) +
-                " columns, the matrix " + std::to_string(w.cols));
+    throw Error("dense_gemm: activations have " + std::to_string(a.cols) + " columns, the matrix " +
+                std::to_string(w.cols));
   if (ldy < w.rows) throw Error("dense_gemm: output stride below the row count");
-  if (w.type == DenseType::Q8_0 && (w.cols % QK8_0 != 0 || (w.rows * w.cols > 0 && !w.scales) ||
-                                    (a.tokens > 0 && !a.q)))
+  if (w.type == DenseType::Q8_0 &&
+      (w.cols % QK8_0 != 0 || (w.rows * w.cols > 0 && !w.scales) || (a.tokens > 0 && !a.q)))
     throw Error("dense_gemm: Q8_0 needs 32-column blocks, scales and prepared activations");
   if (w.rows == 0 || a.tokens == 0) return;
   if (!y || !w.data || !a.x) throw Error("dense_gemm: null buffer");

@@ -95,8 +95,8 @@ struct DenseKernels {
   const char* name;
   void (*gemm)(const DenseMatrix& w, const DenseActs& a, int64_t r0, int64_t r1, float* y,
                int64_t ldy);
-  void (*scores)(const float* q, const float* k, int64_t stride, int64_t n, int64_t d,
-                 float scale, float* out);
+  void (*scores)(const float* q, const float* k, int64_t stride, int64_t n, int64_t d, float scale,
+                 float* out);
   void (*accumulate)(const float* p, const float* v, int64_t stride, int64_t n, int64_t d,
                      float* acc);
   void (*silu_mul)(const float* g, const float* u, int64_t n, float* out);

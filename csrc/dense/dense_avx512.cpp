@@ -30,8 +30,8 @@ inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
   const __m512d a = _mm512_castps_pd(t0), b = _mm512_castps_pd(t1);
   const __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
                                  _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  const __m256 h = _mm256_add_ps(
-      _mm512_castps512_ps256(u), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(u), 1)));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(u), 1)));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
@@ -46,7 +46,9 @@ inline void store_tile(const __m512 (&acc)[R][T], int64_t r, int64_t t, float* y
   }
 }
 
-inline __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+inline __mmask16 mask16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
 
 // ---- F32: 16 columns per step -------------------------------------------------------------
 template <int R, int T>
@@ -144,8 +146,8 @@ struct TileQ8 {
         const __m512 ws = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, S + i * nb + g));
         for (int j = 0; j < T; ++j) {
           const __m512 xd = _mm512_maskz_loadu_ps(lm, a.block_d + (t + j) * nb + g);
-          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][j]), _mm512_mul_ps(ws, xd),
-                                      acc[i][j]);
+          acc[i][j] =
+              _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][j]), _mm512_mul_ps(ws, xd), acc[i][j]);
         }
       }
     }
@@ -175,8 +177,7 @@ void drive(const DenseMatrix& w, const DenseActs& a, int64_t r0, int64_t r1, flo
   for (; r < r1; ++r) tokens_for<Tile, 1>(w, a, r, y, ldy);
 }
 
-void gemm(const DenseMatrix& w, const DenseActs& a, int64_t r0, int64_t r1, float* y,
-          int64_t ldy) {
+void gemm(const DenseMatrix& w, const DenseActs& a, int64_t r0, int64_t r1, float* y, int64_t ldy) {
   switch (w.type) {
     case DenseType::F32: drive<TileF32>(w, a, r0, r1, y, ldy); break;
     case DenseType::F16: drive<TileF16>(w, a, r0, r1, y, ldy); break;
@@ -230,8 +231,7 @@ void accumulate_group(const float* p, const float* v, int64_t stride, int64_t n,
   for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(acc + c0 + 16 * c, m[c], s[c]);
 }
 
-void accumulate(const float* p, const float* v, int64_t stride, int64_t n, int64_t d,
-                float* acc) {
+void accumulate(const float* p, const float* v, int64_t stride, int64_t n, int64_t d, float* acc) {
   for (int64_t c0 = 0; c0 < d; c0 += 128) {
     switch (std::min<int64_t>(8, (d - c0 + 15) / 16)) {
       case 1: accumulate_group<1>(p, v, stride, n, d, c0, acc); break;

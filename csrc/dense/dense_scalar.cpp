@@ -37,8 +37,7 @@ float dot_q8(const uint8_t* codes, const uint16_t* scales, const int8_t* q, cons
   return s;
 }
 
-void gemm(const DenseMatrix& w, const DenseActs& a, int64_t r0, int64_t r1, float* y,
-          int64_t ldy) {
+void gemm(const DenseMatrix& w, const DenseActs& a, int64_t r0, int64_t r1, float* y, int64_t ldy) {
   const int64_t n = w.cols;
   for (int64_t t = 0; t < a.tokens; ++t)
     for (int64_t r = r0; r < r1; ++r) {
@@ -64,8 +63,7 @@ void scores(const float* q, const float* k, int64_t stride, int64_t n, int64_t d
   for (int64_t j = 0; j < n; ++j) out[j] = scale * dot_f32(q, k + j * stride, d);
 }
 
-void accumulate(const float* p, const float* v, int64_t stride, int64_t n, int64_t d,
-                float* acc) {
+void accumulate(const float* p, const float* v, int64_t stride, int64_t n, int64_t d, float* acc) {
   for (int64_t j = 0; j < n; ++j)
     for (int64_t i = 0; i < d; ++i) acc[i] += p[j] * v[j * stride + i];
 }

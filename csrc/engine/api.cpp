@@ -145,8 +145,8 @@ void Session::reset() {
 void Session::truncate(int32_t n) {
   Impl& s = *impl_;
   if (n < 0 || size_t(n) > s.history.size())
-    throw Error("truncate: n = " + std::to_string(n) + " is outside [0, n_past = " +
-                std::to_string(s.history.size()) + "]");
+    throw Error("truncate: n = " + std::to_string(n) +
+                " is outside [0, n_past = " + std::to_string(s.history.size()) + "]");
   if (size_t(n) == s.history.size()) return;
   s.history.resize(size_t(n));
   s.st.n_cached = std::min(s.st.n_cached, n);
@@ -242,8 +242,8 @@ GenerateResult Session::generate(const std::vector<int32_t>& prompt, const Sampl
   TextStream stream(params.stop_strings);  // validates them
   for (size_t i = 0; i < params.stop_tokens.size(); ++i)
     if (params.stop_tokens[i] < 0 || params.stop_tokens[i] >= s.vocab())
-      throw Error("generate: stop_tokens[" + std::to_string(i) + "] = " +
-                  std::to_string(params.stop_tokens[i]) + " is out of range");
+      throw Error("generate: stop_tokens[" + std::to_string(i) +
+                  "] = " + std::to_string(params.stop_tokens[i]) + " is out of range");
   SamplerConfig sc;
   sc.temperature = params.temperature;
   sc.top_k = params.top_k;

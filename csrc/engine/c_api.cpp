@@ -1,13 +1,12 @@
 // nanochat.h: the C API over nanochat.hpp. Every entry point catches everything and maps
 // it to an nc_status, keeping the message for nc_last_error() on the calling thread.
-#include "nanochat/nanochat.h"
-
 #include <cstring>
 #include <new>
 #include <string>
 #include <vector>
 
 #include "engine/model.h"
+#include "nanochat/nanochat.h"
 #include "nanochat/nanochat.hpp"
 
 struct nc_model {
@@ -144,9 +143,9 @@ nc_status nc_detokenize(const nc_model* model, const int32_t* tokens, size_t n, 
     const std::string s = model->model->detokenize(std::vector<int32_t>(tokens, tokens + n));
     *n_out = s.size();
     if (s.size() + 1 > cap)
-      return fail(NC_ERR_BUFFER_TOO_SMALL, "nc_detokenize: " + std::to_string(s.size() + 1) +
-                                               " bytes (with the NUL) do not fit cap = " +
-                                               std::to_string(cap));
+      return fail(NC_ERR_BUFFER_TOO_SMALL,
+                  "nc_detokenize: " + std::to_string(s.size() + 1) +
+                      " bytes (with the NUL) do not fit cap = " + std::to_string(cap));
     std::memcpy(out, s.data(), s.size());
     out[s.size()] = '\0';
     return NC_OK;
@@ -183,8 +182,7 @@ nc_status nc_session_eval(nc_session* session, const int32_t* tokens, size_t n, 
   if (!session || (!tokens && n > 0))
     return fail(NC_ERR_INVALID_ARGUMENT, "nc_session_eval: NULL argument");
   return guarded("nc_session_eval", [&] {
-    const std::vector<float>& l =
-        session->session.eval(std::vector<int32_t>(tokens, tokens + n));
+    const std::vector<float>& l = session->session.eval(std::vector<int32_t>(tokens, tokens + n));
     if (logits) std::memcpy(logits, l.data(), l.size() * sizeof(float));
     return NC_OK;
   });

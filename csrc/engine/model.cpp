@@ -1,6 +1,8 @@
 // Model loading: GGUF metadata and tensors (docs: the GGUF contract in
 // python/nanochat/export.py and shared/reference/formats.md) -> validated hyperparameters,
 // TK2 ternary matrices, the dense embedding / tied head and the tokenizer.
+#include "engine/model.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -9,7 +11,6 @@
 #include <string>
 #include <vector>
 
-#include "engine/model.h"
 #include "ternary/ternary.h"
 
 namespace nanochat {
@@ -53,8 +54,7 @@ class Loader {
     if (!t) fail("missing tensor '" + name + "'");
     used_.insert(name);
     if (t->dims != dims)
-      fail("tensor '" + name + "' has dims " + dims_str(t->dims) + ", expected " +
-           dims_str(dims));
+      fail("tensor '" + name + "' has dims " + dims_str(t->dims) + ", expected " + dims_str(dims));
     bool ok = false;
     std::string names;
     for (gguf::GgmlType ty : types) {
@@ -154,8 +154,8 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
   info.n_kv_heads =
       int32_t(ld.hparam_or(p + "attention.head_count_kv", info.n_heads, 1, info.n_heads));
   info.context_length = int32_t(ld.hparam(p + "context_length", 1, 1 << 24));
-  info.head_dim = int32_t(
-      ld.hparam_or(p + "rope.dimension_count", info.d_model / info.n_heads, 1, 1 << 16));
+  info.head_dim =
+      int32_t(ld.hparam_or(p + "rope.dimension_count", info.d_model / info.n_heads, 1, 1 << 16));
   info.rope_theta = f.has(p + "rope.freq_base") ? ld.positive_float(p + "rope.freq_base")
                                                 : 10000.0f;  // llama.cpp's default
   info.norm_eps = ld.positive_float(p + "attention.layer_norm_rms_epsilon");
@@ -172,8 +172,8 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
   const int64_t d = info.d_model, hd = info.head_dim, ffn = info.ffn_hidden;
   if (info.n_heads % info.n_kv_heads != 0)
     ld.fail("attention.head_count (" + std::to_string(info.n_heads) +
-            ") is not a multiple of attention.head_count_kv (" +
-            std::to_string(info.n_kv_heads) + ")");
+            ") is not a multiple of attention.head_count_kv (" + std::to_string(info.n_kv_heads) +
+            ")");
   if (int64_t(info.n_heads) * hd != d)
     ld.fail("attention.head_count (" + std::to_string(info.n_heads) + ") x head dim (" +
             std::to_string(hd) + ") != embedding_length (" + std::to_string(d) +
@@ -199,14 +199,17 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
   info.bos_id = special("tokenizer.ggml.bos_token_id");
   info.eos_id = special("tokenizer.ggml.eos_token_id");
   info.eot_id = special("tokenizer.ggml.eot_token_id");
-  info.add_bos = f.has("tokenizer.ggml.add_bos_token") && f.get_bool("tokenizer.ggml.add_bos_token");
+  info.add_bos =
+      f.has("tokenizer.ggml.add_bos_token") && f.get_bool("tokenizer.ggml.add_bos_token");
   if (info.add_bos && info.bos_id < 0)
     ld.fail("tokenizer.ggml.add_bos_token is true but tokenizer.ggml.bos_token_id is missing");
 
   // ---- tensors ----
   using T = gguf::GgmlType;
-  const gguf::TensorInfo& embd = ld.tensor("token_embd.weight", {d, vocab}, {T::F16, T::Q8_0, T::F32});
-  m->output_norm = reinterpret_cast<const float*>(ld.tensor("output_norm.weight", {d}, {T::F32}).data);
+  const gguf::TensorInfo& embd =
+      ld.tensor("token_embd.weight", {d, vocab}, {T::F16, T::Q8_0, T::F32});
+  m->output_norm =
+      reinterpret_cast<const float*>(ld.tensor("output_norm.weight", {d}, {T::F32}).data);
 
   struct Mat {
     const gguf::TensorInfo* t;
@@ -290,7 +293,8 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
     for (int64_t x : t.dims) n *= x;
     info.n_params += n;
   }
-  info.weight_bytes = total + embd.nbytes + int64_t(sizeof(float)) * (d + info.n_layers * (3 * d + ffn));
+  info.weight_bytes =
+      total + embd.nbytes + int64_t(sizeof(float)) * (d + info.n_layers * (3 * d + ffn));
 
   m->inv_freq.resize(size_t(hd / 2));
   for (int64_t i = 0; i < hd / 2; ++i) {

@@ -75,15 +75,15 @@ struct SessionState {
   float* k_cache(int64_t layer, int64_t kv_head);
   float* v_cache(int64_t layer, int64_t kv_head);
   // Scratch (kMaxBatch tokens).
-  std::vector<float> x;      // residual stream, B x d
-  std::vector<float> xn;     // normed input of a matmul, B x max(d, ffn)
-  std::vector<float> qkv;    // B x (d + 2 * kv_dim)
-  std::vector<float> att;    // attention output, B x d
-  std::vector<float> gu;     // gate | up, B x 2 * ffn
-  std::vector<float> h;      // act(gate) * up, B x ffn
-  std::vector<float> proj;   // attn_output / ffn_down output, B x d
-  std::vector<float> rope;   // cos | sin per token, B x head_dim
-  std::vector<int8_t> q8;    // quantized activations, B x max(d, ffn)
+  std::vector<float> x;         // residual stream, B x d
+  std::vector<float> xn;        // normed input of a matmul, B x max(d, ffn)
+  std::vector<float> qkv;       // B x (d + 2 * kv_dim)
+  std::vector<float> att;       // attention output, B x d
+  std::vector<float> gu;        // gate | up, B x 2 * ffn
+  std::vector<float> h;         // act(gate) * up, B x ffn
+  std::vector<float> proj;      // attn_output / ffn_down output, B x d
+  std::vector<float> rope;      // cos | sin per token, B x head_dim
+  std::vector<int8_t> q8;       // quantized activations, B x max(d, ffn)
   std::vector<float> q8_scale;  // B
   std::vector<int32_t> q8_sum;  // B
   DenseActBuffer head_act;

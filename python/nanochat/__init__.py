@@ -11,4 +11,12 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["Engine", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "Engine":  # lazy: importing nanochat loads no compiled code
+        from nanochat.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'nanochat' has no attribute {name!r}")

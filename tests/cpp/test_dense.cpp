@@ -8,9 +8,9 @@
 #include <vector>
 
 #include "dense/dense.h"
-#include "test_util.h"
 #include "ternary/dispatch.h"
 #include "ternary/ternary.h"
+#include "test_util.h"
 
 using namespace nanochat;
 using nanochat_test::GlobalStateGuard;
@@ -110,7 +110,8 @@ TEST(Dense, Q8RepackRoundTrip) {
     uint8_t* p = blocks.data() + b * Q8_0_BLOCK_BYTES;
     p[0] = uint8_t(d & 0xff);
     p[1] = uint8_t(d >> 8);
-    for (int k = 0; k < 32; ++k) p[2 + k] = uint8_t(int8_t(std::round(x[size_t(b * 32 + k)] * 127 / amax)));
+    for (int k = 0; k < 32; ++k)
+      p[2 + k] = uint8_t(int8_t(std::round(x[size_t(b * 32 + k)] * 127 / amax)));
   }
   std::vector<uint8_t> codes(size_t(rows * cols));
   std::vector<uint16_t> scales(size_t(rows * cols / 32));
@@ -153,7 +154,8 @@ TEST(Dense, PrepareQ8) {
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t b = 0; b < 2; ++b) {
       float amax = 0;
-      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(x[size_t(t * cols + b * 32 + k)]));
+      for (int k = 0; k < 32; ++k)
+        amax = std::max(amax, std::fabs(x[size_t(t * cols + b * 32 + k)]));
       const float d = amax / 127;
       EXPECT_EQ(a.block_d[t * 2 + b], d);
       int32_t s = 0;
@@ -193,11 +195,10 @@ TEST(Dense, ScalarMatchesDouble) {
       for (int64_t r = 0; r < rows; ++r) {
         double want = 0, mag = 0;
         for (int64_t k = 0; k < cols; ++k) {
-          const double xv =
-              type == DenseType::Q8_0
-                  ? double(a.q[t * cols + q8r_offset(cols / 32, k / 32, k % 32)]) *
-                        a.block_d[(t * cols + k) / 32]
-                  : double(x[size_t(t * cols + k)]);
+          const double xv = type == DenseType::Q8_0
+                                ? double(a.q[t * cols + q8r_offset(cols / 32, k / 32, k % 32)]) *
+                                      a.block_d[(t * cols + k) / 32]
+                                : double(x[size_t(t * cols + k)]);
           want += m.value[size_t(r * cols + k)] * xv;
           mag += std::fabs(m.value[size_t(r * cols + k)] * xv);
         }
@@ -283,11 +284,13 @@ TEST(Dense, AttentionHelpersMatchScalar) {
       for (const DenseKernels* ks : sets) {
         std::vector<float> out(size_t(n) + 1, -9.0f);
         ks->scores(q.data(), k.data(), stride, n, d, 0.125f, out.data());
-        for (int64_t j = 0; j < n; ++j) EXPECT_NEAR(out[size_t(j)], s_ref[size_t(j)], 1e-5) << ks->name;
+        for (int64_t j = 0; j < n; ++j)
+          EXPECT_NEAR(out[size_t(j)], s_ref[size_t(j)], 1e-5) << ks->name;
         EXPECT_EQ(out[size_t(n)], -9.0f);
         std::vector<float> acc = acc0;
         ks->accumulate(p.data(), k.data(), stride, n, d, acc.data());
-        for (int64_t i = 0; i < d; ++i) EXPECT_NEAR(acc[size_t(i)], a_ref[size_t(i)], 1e-5) << ks->name;
+        for (int64_t i = 0; i < d; ++i)
+          EXPECT_NEAR(acc[size_t(i)], a_ref[size_t(i)], 1e-5) << ks->name;
         EXPECT_EQ(acc[size_t(d)], acc0[size_t(d)]);  // past d: untouched
       }
     }
@@ -305,8 +308,10 @@ TEST(Dense, SiluMulMatchesScalar) {
     std::vector<float> out(1001, -9.0f);
     ks->silu_mul(g.data(), u.data(), 999, out.data());  // odd length
     for (int i = 0; i < 999; ++i) {
-      const double want = double(g[size_t(i)]) / (1.0 + std::exp(-double(g[size_t(i)]))) * u[size_t(i)];
-      EXPECT_NEAR(out[size_t(i)], want, 4e-7 * std::fabs(want) + 1e-30) << ks->name << " " << g[size_t(i)];
+      const double want =
+          double(g[size_t(i)]) / (1.0 + std::exp(-double(g[size_t(i)]))) * u[size_t(i)];
+      EXPECT_NEAR(out[size_t(i)], want, 4e-7 * std::fabs(want) + 1e-30)
+          << ks->name << " " << g[size_t(i)];
     }
     EXPECT_EQ(out[999], -9.0f);
   }

@@ -4,18 +4,18 @@
 // strings, UTF-8-safe streaming), every load error naming the file and tensor/key, and
 // the C API's statuses and nc_last_error.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstring>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <random>
 #include <string>
 #include <thread>
-#include <unistd.h>
 #include <vector>
 
 #include "common/threadpool.h"
@@ -24,9 +24,9 @@
 #include "gguf/gguf.h"
 #include "nanochat/nanochat.h"
 #include "nanochat/nanochat.hpp"
-#include "test_util.h"
 #include "ternary/dispatch.h"
 #include "ternary/ternary.h"
+#include "test_util.h"
 
 using namespace nanochat;
 using nanochat_test::GlobalStateGuard;
@@ -115,14 +115,15 @@ struct FileSpec {
     throw std::runtime_error("test: no tensor " + name);
   }
   void erase_tensor(const std::string& name) {
-    tensors.erase(std::remove_if(tensors.begin(), tensors.end(),
-                                 [&](auto& t) { return t.name == name; }),
-                  tensors.end());
+    tensors.erase(
+        std::remove_if(tensors.begin(), tensors.end(), [&](auto& t) { return t.name == name; }),
+        tensors.end());
   }
   void write(const std::string& path) const {
     gguf::GgufWriter w;
     for (const auto& kv : kvs) w.add_kv(kv.first, kv.second);
-    for (const auto& t : tensors) w.add_tensor(t.name, t.type, t.dims, t.bytes.data(), t.bytes.size());
+    for (const auto& t : tensors)
+      w.add_tensor(t.name, t.type, t.dims, t.bytes.data(), t.bytes.size());
     w.write(path);
   }
 };
@@ -135,7 +136,8 @@ std::vector<uint8_t> f32_bytes(const std::vector<float>& v) {
 
 std::vector<uint8_t> pack(const Mat& m, gguf::GgmlType type) {
   const bool tq2 = type == gguf::GgmlType::TQ2_0;
-  std::vector<uint8_t> b(static_cast<size_t>(m.rows * m.cols / QK * (tq2 ? TQ2_0_BLOCK_BYTES : TQ1_0_BLOCK_BYTES)));
+  std::vector<uint8_t> b(
+      static_cast<size_t>(m.rows * m.cols / QK * (tq2 ? TQ2_0_BLOCK_BYTES : TQ1_0_BLOCK_BYTES)));
   if (tq2)
     tq2_0_pack(m.codes.data(), m.rows, m.cols, m.scale, b.data());
   else
@@ -232,7 +234,8 @@ std::pair<FileSpec, Ref> make_model(const Spec& s) {
     out.assign(w.begin(), w.end());
     return f32_bytes(w);
   };
-  f.tensors.push_back({"output_norm.weight", gguf::GgmlType::F32, {s.d}, norm(s.d, ref.output_norm)});
+  f.tensors.push_back(
+      {"output_norm.weight", gguf::GgmlType::F32, {s.d}, norm(s.d, ref.output_norm)});
   const int64_t hd = s.d / s.heads, kv = s.kv_heads * hd;
   ref.layers.resize(size_t(s.layers));
   for (int64_t l = 0; l < s.layers; ++l) {
@@ -243,10 +246,12 @@ std::pair<FileSpec, Ref> make_model(const Spec& s) {
       m.cols = in;
       m.codes = nanochat_test::random_codes(rng, in * out);
       // ~1/sqrt(in) keeps activations O(1); fp16-exact like a file's d.
-      m.scale = fp16_to_fp32(fp32_to_fp16((0.8f + 0.4f * std::fabs(uni(rng))) / std::sqrt(float(in))));
+      m.scale =
+          fp16_to_fp32(fp32_to_fp16((0.8f + 0.4f * std::fabs(uni(rng))) / std::sqrt(float(in))));
       f.tensors.push_back({b + name, s.wtype, {in, out}, pack(m, s.wtype)});
     };
-    f.tensors.push_back({b + "attn_norm.weight", gguf::GgmlType::F32, {s.d}, norm(s.d, L.attn_norm)});
+    f.tensors.push_back(
+        {b + "attn_norm.weight", gguf::GgmlType::F32, {s.d}, norm(s.d, L.attn_norm)});
     mat("attn_q.weight", L.q, s.d, s.d);
     mat("attn_k.weight", L.k, s.d, kv);
     mat("attn_v.weight", L.v, s.d, kv);
@@ -267,7 +272,8 @@ std::pair<FileSpec, Ref> make_model(const Spec& s) {
 
 using Rows = std::vector<std::vector<double>>;
 
-std::vector<double> rmsnorm(const std::vector<double>& x, const std::vector<double>& w, double eps) {
+std::vector<double> rmsnorm(const std::vector<double>& x, const std::vector<double>& w,
+                            double eps) {
   double ss = 0;
   for (double v : x) ss += v * v;
   const double r = 1.0 / std::sqrt(ss / double(x.size()) + eps);
@@ -298,14 +304,16 @@ Rows reference_logits(const Ref& ref, const std::vector<int32_t>& tokens) {
   const int64_t d = s.d, hd = d / s.heads, T = int64_t(tokens.size()), group = s.heads / s.kv_heads;
   Rows x(static_cast<size_t>(T));
   for (int64_t t = 0; t < T; ++t)
-    x[size_t(t)].assign(ref.embd.begin() + tokens[size_t(t)] * d, ref.embd.begin() + (tokens[size_t(t)] + 1) * d);
+    x[size_t(t)].assign(ref.embd.begin() + tokens[size_t(t)] * d,
+                        ref.embd.begin() + (tokens[size_t(t)] + 1) * d);
   auto rope = [&](std::vector<double>& v, int64_t nh, int64_t pos) {
     for (int64_t h = 0; h < nh; ++h)
       for (int64_t i = 0; i < hd / 2; ++i) {
         const double a = double(pos) * std::pow(double(s.theta), -2.0 * double(i) / double(hd));
         double& x1 = v[size_t(h * hd + i)];
         double& x2 = v[size_t(h * hd + i + hd / 2)];
-        const double n1 = x1 * std::cos(a) - x2 * std::sin(a), n2 = x1 * std::sin(a) + x2 * std::cos(a);
+        const double n1 = x1 * std::cos(a) - x2 * std::sin(a),
+                     n2 = x1 * std::sin(a) + x2 * std::cos(a);
         x1 = n1;
         x2 = n2;
       }
@@ -328,7 +336,8 @@ Rows reference_logits(const Ref& ref, const std::vector<int32_t>& tokens) {
         double mx = -1e300;
         for (int64_t j = 0; j <= t; ++j) {
           double dot = 0;
-          for (int64_t i = 0; i < hd; ++i) dot += q[size_t(t)][size_t(h * hd + i)] * k[size_t(j)][size_t(g * hd + i)];
+          for (int64_t i = 0; i < hd; ++i)
+            dot += q[size_t(t)][size_t(h * hd + i)] * k[size_t(j)][size_t(g * hd + i)];
           sc[size_t(j)] = dot / std::sqrt(double(hd));
           mx = std::max(mx, sc[size_t(j)]);
         }
@@ -345,7 +354,8 @@ Rows reference_logits(const Ref& ref, const std::vector<int32_t>& tokens) {
       std::vector<double> hmid(static_cast<size_t>(s.ffn));
       for (int64_t i = 0; i < s.ffn; ++i) {
         const double gi = g[size_t(i)];
-        const double act = s.activation == "silu" ? gi / (1.0 + std::exp(-gi)) : std::pow(std::max(gi, 0.0), 2);
+        const double act =
+            s.activation == "silu" ? gi / (1.0 + std::exp(-gi)) : std::pow(std::max(gi, 0.0), 2);
         hmid[size_t(i)] = act * u[size_t(i)];
       }
       const auto dn = bitlinear(L.down, rmsnorm(hmid, L.ffn_sub_norm, s.eps));
@@ -375,8 +385,8 @@ Rows reference_logits(const Ref& ref, const std::vector<int32_t>& tokens) {
 
 std::string temp_path(const std::string& tag) {
   static std::atomic<int> n{0};
-  return ::testing::TempDir() + "nanochat_engine_" + std::to_string(::getpid()) + "_" + tag +
-         "_" + std::to_string(n++) + ".gguf";
+  return ::testing::TempDir() + "nanochat_engine_" + std::to_string(::getpid()) + "_" + tag + "_" +
+         std::to_string(n++) + ".gguf";
 }
 
 // Writes a model and removes the file when the test ends.
@@ -707,7 +717,8 @@ TEST(Engine, SeededSamplingAndStops) {
   sp.stop_tokens = {a.tokens[5]};
   s.reset();
   const GenerateResult st = s.generate(prompt, sp);
-  const size_t first = size_t(std::find(a.tokens.begin(), a.tokens.end(), a.tokens[5]) - a.tokens.begin());
+  const size_t first =
+      size_t(std::find(a.tokens.begin(), a.tokens.end(), a.tokens[5]) - a.tokens.begin());
   EXPECT_EQ(st.stop_reason, "stop_token");
   EXPECT_EQ(st.tokens, std::vector<int32_t>(a.tokens.begin(), a.tokens.begin() + long(first)));
 
@@ -731,10 +742,10 @@ TEST(Engine, SeededSamplingAndStops) {
   s.reset();
   sp.stop_strings = {};
   int calls = 0;
-  const GenerateResult cb = s.generate(prompt, sp, [&](int32_t, const std::string&) { return ++calls < 3; });
+  const GenerateResult cb =
+      s.generate(prompt, sp, [&](int32_t, const std::string&) { return ++calls < 3; });
   EXPECT_EQ(cb.stop_reason, "callback");
   EXPECT_EQ(cb.tokens.size(), 3u);
-
 }
 
 // eos and eot are stop tokens when stop_at_eos: a file whose eos is a token greedy
@@ -826,7 +837,8 @@ TEST(EngineLoad, ErrorsNameFileAndWhat) {
   f = good;
   f.tensor("blk.0.attn_k.weight").dims = {256, 256};
   f.tensor("blk.0.attn_k.weight").bytes.resize(256 * 256 / 256 * 66);
-  EXPECT_TRUE(contains(error_of(f), "'blk.0.attn_k.weight' has dims [256, 256], expected [256, 128]"));
+  EXPECT_TRUE(
+      contains(error_of(f), "'blk.0.attn_k.weight' has dims [256, 256], expected [256, 128]"));
 
   f = good;  // a norm stored as F16
   {
@@ -870,7 +882,8 @@ TEST(EngineLoad, ErrorsNameFileAndWhat) {
   }
 
   f = good;  // an untied head is not what this engine runs
-  f.tensors.push_back(TensorSpec{"output.weight", gguf::GgmlType::F32, {256, 4}, std::vector<uint8_t>(4096)});
+  f.tensors.push_back(
+      TensorSpec{"output.weight", gguf::GgmlType::F32, {256, 4}, std::vector<uint8_t>(4096)});
   EXPECT_TRUE(contains(error_of(f), "unexpected tensor 'output.weight'"));
 
   f = good;
@@ -1069,13 +1082,15 @@ TEST(EngineCApi, StatusesAndLastError) {
   EXPECT_EQ(st.generated_tokens, 2);
   std::string long_prompt(40, 'z');
   nc_session_reset(s);
-  EXPECT_EQ(nc_generate(s, long_prompt.c_str(), &sp, nullptr, nullptr, nullptr), NC_ERR_CONTEXT_FULL);
+  EXPECT_EQ(nc_generate(s, long_prompt.c_str(), &sp, nullptr, nullptr, nullptr),
+            NC_ERR_CONTEXT_FULL);
   sp.top_p = -1.0f;
   EXPECT_EQ(nc_generate(s, "hi", &sp, nullptr, nullptr, nullptr), NC_ERR_INVALID_ARGUMENT);
   nc_sampling_default(&sp);
   sp.n_stop_strings = 1;  // with a NULL list
   EXPECT_EQ(nc_generate(s, "hi", &sp, nullptr, nullptr, nullptr), NC_ERR_INVALID_ARGUMENT);
-  EXPECT_EQ(nc_generate(nullptr, "hi", nullptr, nullptr, nullptr, nullptr), NC_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(nc_generate(nullptr, "hi", nullptr, nullptr, nullptr, nullptr),
+            NC_ERR_INVALID_ARGUMENT);
   nc_session_free(s);
   nc_session_free(nullptr);
   nc_model_free(m);
