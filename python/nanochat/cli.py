@@ -4,9 +4,12 @@
     nanochat sample --checkpoint DIR --prompt "def "
     nanochat export --gguf OUT.gguf --checkpoint DIR [--type tq2_0|tq1_0] [--embd f16|q8_0|f32]
     nanochat data prepare [--source PATH ...] [--out DIR] [--vocab-size N] [--ext .py ...]
-    nanochat info [--json]
+    nanochat generate --model OUT.gguf --prompt "def " [--json]
+    nanochat chat --model OUT.gguf
+    nanochat validate
+    nanochat info [--json] [--cmake-dir]
     nanochat model info [--config tiny] [--json] [--batch B --seq T]
-    nanochat bench kernels [--json] [--quick] [--threads 1,2] [--isa ...]
+    nanochat bench kernels|train|decode [--json]
 """
 
 from __future__ import annotations
@@ -143,6 +146,56 @@ def _cmd_data(args: argparse.Namespace) -> int:
     raise AssertionError(args.data)
 
 
+def _sampling(args: argparse.Namespace) -> dict:
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _open_engine(args: argparse.Namespace):
+    from pathlib import Path
+
+    from nanochat import ternary
+    from nanochat.engine import Engine
+
+    if not Path(args.model).is_file():
+        raise FileNotFoundError(f"--model: {args.model} does not exist (export one with "
+                                f"nanochat export --gguf)")
+    if args.threads:
+        ternary.set_num_threads(args.threads)
+    return Engine(args.model, n_ctx=args.ctx)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    eng = _open_engine(args)
+    kw = dict(max_tokens=args.max_tokens, stop=args.stop, **_sampling(args))
+    if args.json:
+        r = eng.complete(args.prompt, **kw)
+        r["prompt"] = args.prompt
+        print(json.dumps(r))
+        return 0
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for _, piece in eng.generate(args.prompt, **kw):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    r = eng.last_result
+    if r is not None and not args.quiet:
+        pre, dec = r["prefill_seconds"], r["decode_seconds"]
+        print(f"[{r['prompt_tokens']} prompt tokens, {len(r['tokens'])} generated "
+              f"({r['stop_reason']}); prefill {r['prompt_tokens'] / pre if pre else 0:.0f} tok/s, "
+              f"decode {r['decode_steps'] / dec if dec else 0:.0f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from nanochat import chat
+
+    return chat.repl(_open_engine(args), args.max_tokens, _sampling(args))
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from nanochat import validate
 
@@ -212,6 +265,47 @@ def build_parser() -> argparse.ArgumentParser:
                     help="type of the token embedding, also the tied LM head (default: f16)")
     pe.add_argument("--name", help="general.name (default: the run directory's name)")
     pe.set_defaults(func=_cmd_export)
+
+    def engine_args(sp: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+        sp.add_argument("--model", required=True, metavar="FILE.gguf",
+                        help="a GGUF model (nanochat export --gguf)")
+        sp.add_argument("--max-tokens", type=int, default=max_tokens,
+                        help=f"tokens to generate at most (default {max_tokens})")
+        sp.add_argument("--temperature", type=float, default=temperature,
+                        help=f"sampling temperature; 0 = greedy (default {temperature})")
+        sp.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: off)")
+        sp.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling: smallest set with this probability (1: off)")
+        sp.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 discourages recently seen tokens (1: off)")
+        sp.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+        sp.add_argument("--threads", type=int, default=0,
+                        help="kernel threads (default: NANOCHAT_NUM_THREADS or all cores)")
+        sp.add_argument("--ctx", type=int, default=0,
+                        help="context length in tokens (default: the model's)")
+
+    pg = sub.add_parser(
+        "generate", help="complete a prompt with a GGUF model on the C++ engine",
+        description="Streams a completion of --prompt from a GGUF model on the C++ inference "
+        "engine (the prompt is tokenized like the training data; bos first when the model asks "
+        "for it). With --json prints one object: prompt, prompt_tokens, tokens (generated ids), "
+        "text, stop_reason, prefill_tokens_per_s, decode_tokens_per_s, ...")
+    engine_args(pg, 128, 0.8)
+    pg.add_argument("--prompt", required=True, help="text to continue")
+    pg.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                    help="stop when the text ends with TEXT (repeatable; trimmed off)")
+    pg.add_argument("--json", action="store_true", help="one JSON object instead of streaming")
+    pg.add_argument("--quiet", action="store_true", help="no speed line on stderr")
+    pg.set_defaults(func=_cmd_generate)
+
+    pc = sub.add_parser(
+        "chat", help="interactive chat with a GGUF model on the C++ engine",
+        description="A conversation on the C++ engine with nanochat's chat template "
+        "(<|user_start|>...<|user_end|><|assistant_start|>...<|assistant_end|>); the history "
+        "stays in the KV cache. /reset forgets it, /quit or Ctrl-D leaves. Reads one message "
+        "per line, so it also takes piped input.")
+    engine_args(pc, 256, 0.7)
+    pc.set_defaults(func=_cmd_chat)
 
     pv = sub.add_parser(
         "validate", help="30-second end-to-end check: train, export, engine, parity, generate",
