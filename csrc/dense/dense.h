@@ -91,6 +91,8 @@ class DenseActBuffer {
 // accumulate: acc[i] += sum_j p[j] * v[j * stride + i] for i < d.
 // silu_mul: out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u.
 // exp_sum: p[j] = exp(p[j] - m) for j < n (p[j] <= m), returns their sum (softmax).
+// quantize: ternary.h's quantize_activations (BitNet per-token absmax int8, bit for bit,
+// including its error on a non-finite value), plus each token's code sum in qsum.
 struct DenseKernels {
   const char* name;
   void (*gemm)(const DenseMatrix& w, const DenseActs& a, int64_t r0, int64_t r1, float* y,
@@ -101,6 +103,8 @@ struct DenseKernels {
                      float* acc);
   void (*silu_mul)(const float* g, const float* u, int64_t n, float* out);
   float (*exp_sum)(float* p, int64_t n, float m);
+  void (*quantize)(const float* x, int64_t tokens, int64_t k, int8_t* q, float* x_scale,
+                   int32_t* qsum);
 };
 // The kernels an ISA choice maps to: AVX-512 (F16C, FMA, VNNI) for avx512 / avx512_vnni
 // on a CPU with AVX-512 VNNI, else the scalar reference (so pinning the ternary ISA to

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "dense/dense.h"
+#include "ternary/ternary.h"  // quantize_activations (its errors)
 
 namespace nanochat {
 namespace {
@@ -287,8 +288,45 @@ float exp_sum(float* p, int64_t n, float m) {
   return _mm512_reduce_add_ps(s);
 }
 
+// Same arithmetic as quantize_activations: amax (exact in any order), s = 127 / amax in
+// scalar float, q = nearest-even(x * s) clamped (the saturating int32 -> int8 narrowing
+// is the clamp: the rounded values are integers). Non-finite input goes to the scalar
+// code, which throws its error.
+void quantize(const float* x, int64_t tokens, int64_t k, int8_t* q, float* x_scale, int32_t* qsum) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* xt = x + t * k;
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t i = 0; i < k; i += 16) {
+      const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(mask16(k - i), xt + i));
+      bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.402823466e38f), _CMP_NLE_UQ);  // inf, NaN
+      amax = _mm512_max_ps(amax, a);
+    }
+    if (bad) {
+      quantize_activations(xt, 1, k, q + t * k, x_scale + t);  // throws
+      continue;
+    }
+    const float m = _mm512_reduce_max_ps(amax);
+    const float s = 127.0f / (m < 1e-5f ? 1e-5f : m);
+    const __m512 sv = _mm512_set1_ps(s);
+    __m512i sum = _mm512_setzero_si512();
+    int8_t* qt = q + t * k;
+    for (int64_t i = 0; i < k; i += 16) {
+      const __mmask16 mk = mask16(k - i);
+      const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xt + i), sv),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512i v = _mm512_cvtps_epi32(r);
+      const __m128i b = _mm512_cvtsepi32_epi8(v);
+      _mm_mask_storeu_epi8(qt + i, mk, b);
+      sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(b));  // the clamped codes
+    }
+    x_scale[t] = 1.0f / s;
+    qsum[t] = _mm512_reduce_add_epi32(sum);
+  }
+}
+
 }  // namespace
 
-const DenseKernels kDenseAvx512 = {"avx512", gemm, scores, accumulate, silu_mul, exp_sum};
+const DenseKernels kDenseAvx512 = {"avx512", gemm, scores, accumulate, silu_mul, exp_sum, quantize};
 
 }  // namespace nanochat

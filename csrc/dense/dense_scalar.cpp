@@ -81,8 +81,17 @@ float exp_sum(float* p, int64_t n, float m) {
   return s;
 }
 
+void quantize(const float* x, int64_t tokens, int64_t k, int8_t* q, float* x_scale, int32_t* qsum) {
+  quantize_activations(x, tokens, k, q, x_scale);
+  for (int64_t t = 0; t < tokens; ++t) {
+    int32_t s = 0;
+    for (int64_t i = 0; i < k; ++i) s += q[t * k + i];
+    qsum[t] = s;
+  }
+}
+
 }  // namespace
 
-const DenseKernels kDenseScalar = {"scalar", gemm, scores, accumulate, silu_mul, exp_sum};
+const DenseKernels kDenseScalar = {"scalar", gemm, scores, accumulate, silu_mul, exp_sum, quantize};
 
 }  // namespace nanochat

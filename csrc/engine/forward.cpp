@@ -64,9 +64,16 @@ constexpr int64_t kParallelWork = int64_t(1) << 17;
 void rmsnorm(const float* x, const float* w, int64_t tokens, int64_t n, float eps, float* out) {
   for (int64_t t = 0; t < tokens; ++t) {
     const float* xt = x + t * n;
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; ++i) ss += double(xt[i]) * xt[i];
-    const float r = 1.0f / std::sqrt(float(ss / double(n)) + eps);
+    // 16 running sums in a fixed order: the compiler vectorizes them (one long chain of
+    // dependent adds was 3% of a decode step).
+    float part[16] = {};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+      for (int j = 0; j < 16; ++j) part[j] += xt[i + j] * xt[i + j];
+    for (; i < n; ++i) part[0] += xt[i] * xt[i];
+    float ss = 0.0f;
+    for (float p : part) ss += p;
+    const float r = 1.0f / std::sqrt(ss / float(n) + eps);
     float* o = out + t * n;
     for (int64_t i = 0; i < n; ++i) o[i] = (xt[i] * r) * w[i];
   }
@@ -84,13 +91,7 @@ struct Ctx {
 // +1 code offset correction), shared by every matrix that reads this input.
 void quantize(Ctx& c, int64_t tokens, int64_t k) {
   SessionState& s = c.s;
-  quantize_activations(s.xn.data(), tokens, k, s.q8.data(), s.q8_scale.data());
-  for (int64_t t = 0; t < tokens; ++t) {
-    int32_t sum = 0;
-    const int8_t* q = s.q8.data() + t * k;
-    for (int64_t i = 0; i < k; ++i) sum += q[i];
-    s.q8_sum[size_t(t)] = sum;
-  }
+  c.dk.quantize(s.xn.data(), tokens, k, s.q8.data(), s.q8_scale.data(), s.q8_sum.data());
 }
 
 struct MatOut {

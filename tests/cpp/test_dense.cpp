@@ -338,6 +338,43 @@ TEST(Dense, ExpSumMatchesScalar) {
   }
 }
 
+// quantize: bit for bit ternary.h's quantize_activations, with the code sums; its errors.
+TEST(Dense, QuantizeEqualsActivations) {
+  std::mt19937 rng(10);
+  for (int64_t k : {1, 15, 16, 17, 256, 771}) {
+    const int64_t tokens = 3;
+    std::vector<float> x = random_floats(rng, tokens * k, -4.0f, 4.0f);
+    if (k > 4) {
+      x[2] = 4.0f;  // amax: 4 -> s = 31.75, so x = 0.5/31.75 * odd is an exact .5 tie
+      x[3] = 1.0f / 63.5f;
+      x[4] = 3.0f / 63.5f;
+    }
+    for (int64_t i = 2 * k; i < 3 * k; ++i) x[size_t(i)] = 0.0f;  // an all-zero token
+    std::vector<int8_t> want(size_t(tokens * k));
+    std::vector<float> want_s(static_cast<size_t>(tokens));
+    quantize_activations(x.data(), tokens, k, want.data(), want_s.data());
+    for (const DenseKernels* ks : kernel_sets()) {
+      std::vector<int8_t> q(size_t(tokens * k) + 1, 99);
+      std::vector<float> sc(static_cast<size_t>(tokens));
+      std::vector<int32_t> sum(static_cast<size_t>(tokens));
+      ks->quantize(x.data(), tokens, k, q.data(), sc.data(), sum.data());
+      EXPECT_EQ(std::vector<int8_t>(q.begin(), q.end() - 1), want) << ks->name << " k " << k;
+      EXPECT_EQ(q.back(), 99);
+      EXPECT_EQ(sc, want_s) << ks->name;
+      for (int64_t t = 0; t < tokens; ++t) {
+        int32_t s = 0;
+        for (int64_t i = 0; i < k; ++i) s += want[size_t(t * k + i)];
+        EXPECT_EQ(sum[size_t(t)], s);
+      }
+      std::vector<float> bad = x;
+      bad[size_t(k - 1)] = std::nanf("");
+      EXPECT_THROW(ks->quantize(bad.data(), tokens, k, q.data(), sc.data(), sum.data()), Error);
+      bad[size_t(k - 1)] = -INFINITY;
+      EXPECT_THROW(ks->quantize(bad.data(), tokens, k, q.data(), sc.data(), sum.data()), Error);
+    }
+  }
+}
+
 // The threaded driver: same result with 1 and 2 threads, on the pinned scalar path too;
 // argument errors.
 TEST(Dense, GemmDriver) {
