@@ -87,18 +87,21 @@ def clean_env(**overrides: str | None) -> dict[str, str]:
     return env
 
 
-def _run(argv: list[str], env: dict[str, str | None], timeout: float):
-    return subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, env=clean_env(**env)
-    )
+def _run(argv: list[str], env: dict[str, str | None], timeout: float,
+         stdin_path: str | None = None):
+    with open(stdin_path or os.devnull) as stdin:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              env=clean_env(**env), stdin=stdin)
 
 
 @pytest.fixture
 def run_nanochat():
-    """run_nanochat(args, **env): `python -m nanochat ARGS` -> CompletedProcess (text)."""
+    """run_nanochat(args, **env): `python -m nanochat ARGS` -> CompletedProcess (text).
+    stdin_path: a file fed as standard input (default: empty)."""
 
-    def run(args: list[str], timeout: float = 120, **env: str | None):
-        return _run([sys.executable, "-m", "nanochat", *args], env, timeout)
+    def run(args: list[str], timeout: float = 120, stdin_path: str | None = None,
+            **env: str | None):
+        return _run([sys.executable, "-m", "nanochat", *args], env, timeout, stdin_path)
 
     return run
 
