@@ -23,19 +23,20 @@ const char* dense_type_name(DenseType t) {
   return "?";
 }
 
-void q8_0_repack(const uint8_t* blocks, int64_t rows, int64_t cols, uint8_t* codes,
-                 uint16_t* scales) {
+void q8_0_repack(const uint8_t* blocks, int64_t rows, int64_t cols, uint8_t* codes, int64_t ld,
+                 uint16_t* scales, int64_t ld_scales) {
   if (rows < 0 || cols < 0 || cols % QK8_0 != 0)
     throw Error("q8_0_repack: bad shape (" + std::to_string(rows) + ", " + std::to_string(cols) +
                 "): columns must be a multiple of 32");
+  if (ld < cols || ld_scales < cols / QK8_0) throw Error("q8_0_repack: row stride below the row");
   if (rows * cols > 0 && (!blocks || !codes || !scales)) throw Error("q8_0_repack: null buffer");
   const int64_t nb = cols / QK8_0;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* p = blocks + (r * nb + b) * Q8_0_BLOCK_BYTES;
-      scales[r * nb + b] = uint16_t(p[0] | (p[1] << 8));
+      scales[r * ld_scales + b] = uint16_t(p[0] | (p[1] << 8));
       for (int64_t k = 0; k < QK8_0; ++k)
-        codes[r * cols + q8r_offset(nb, b, k)] = uint8_t(p[2 + k] ^ 0x80);
+        codes[r * ld + q8r_offset(nb, b, k)] = uint8_t(p[2 + k] ^ 0x80);
     }
 }
 
@@ -43,20 +44,20 @@ void dense_row(const DenseMatrix& w, int64_t r, float* out) {
   if (r < 0 || r >= w.rows)
     throw Error("dense_row: row " + std::to_string(r) + " out of range [0, " +
                 std::to_string(w.rows) + ")");
-  const int64_t n = w.cols;
+  const int64_t n = w.cols, ld = w.row_stride();
   switch (w.type) {
     case DenseType::F32:
-      std::memcpy(out, static_cast<const float*>(w.data) + r * n, size_t(n) * sizeof(float));
+      std::memcpy(out, static_cast<const float*>(w.data) + r * ld, size_t(n) * sizeof(float));
       break;
     case DenseType::F16: {
-      const uint16_t* p = static_cast<const uint16_t*>(w.data) + r * n;
+      const uint16_t* p = static_cast<const uint16_t*>(w.data) + r * ld;
       for (int64_t k = 0; k < n; ++k) out[k] = fp16_to_fp32(p[k]);
       break;
     }
     case DenseType::Q8_0: {
       const int64_t nb = n / QK8_0;
-      const uint8_t* c = static_cast<const uint8_t*>(w.data) + r * n;
-      const uint16_t* s = w.scales + r * nb;
+      const uint8_t* c = static_cast<const uint8_t*>(w.data) + r * ld;
+      const uint16_t* s = w.scales + r * w.scale_stride();
       for (int64_t b = 0; b < nb; ++b) {
         const float d = fp16_to_fp32(s[b]);
         for (int64_t k = 0; k < QK8_0; ++k)
@@ -147,6 +148,8 @@ void dense_gemm(const DenseMatrix& w, const DenseActs& a, float* y, int64_t ldy)
     throw Error("dense_gemm: activations have " + std::to_string(a.cols) + " columns, the matrix " +
                 std::to_string(w.cols));
   if (ldy < w.rows) throw Error("dense_gemm: output stride below the row count");
+  if (w.row_stride() < w.cols || (w.type == DenseType::Q8_0 && w.scale_stride() < w.cols / 32))
+    throw Error("dense_gemm: row stride below the row length");
   if (w.type == DenseType::Q8_0 &&
       (w.cols % QK8_0 != 0 || (w.rows * w.cols > 0 && !w.scales) || (a.tokens > 0 && !a.q)))
     throw Error("dense_gemm: Q8_0 needs 32-column blocks, scales and prepared activations");

@@ -48,11 +48,17 @@ struct DenseMatrix {
   int64_t cols = 0;                  // Q8_0: a multiple of 32
   const void* data = nullptr;        // F32 floats / F16 halfs / Q8_0 biased codes
   const uint16_t* scales = nullptr;  // Q8_0 only
+  int64_t ld = 0;                    // row stride of data in elements (0: cols)
+  int64_t ld_scales = 0;             // row stride of scales (0: cols/32)
+  int64_t row_stride() const { return ld ? ld : cols; }
+  int64_t scale_stride() const { return ld_scales ? ld_scales : cols / 32; }
 };
 
-// ggml Q8_0 blocks (rows x cols/32 of them) -> Q8R codes and scales.
-void q8_0_repack(const uint8_t* blocks, int64_t rows, int64_t cols, uint8_t* codes,
-                 uint16_t* scales);
+// ggml Q8_0 blocks (rows x cols/32 of them) -> Q8R codes and scales, row r's codes at
+// codes + r * ld and its scales at scales + r * ld_scales (ld >= cols, ld_scales >= cols/32;
+// the two may interleave in one buffer).
+void q8_0_repack(const uint8_t* blocks, int64_t rows, int64_t cols, uint8_t* codes, int64_t ld,
+                 uint16_t* scales, int64_t ld_scales);
 // Row r of w as floats (the embedding lookup); exact (d * q in float for Q8_0).
 void dense_row(const DenseMatrix& w, int64_t r, float* out);
 

@@ -38,19 +38,19 @@ float dot_q8(const uint8_t* codes, const uint16_t* scales, const int8_t* q, cons
 }
 
 void gemm(const DenseMatrix& w, const DenseActs& a, int64_t r0, int64_t r1, float* y, int64_t ldy) {
-  const int64_t n = w.cols;
+  const int64_t n = w.cols, ld = w.row_stride();
   for (int64_t t = 0; t < a.tokens; ++t)
     for (int64_t r = r0; r < r1; ++r) {
       float v = 0.0f;
       switch (w.type) {
         case DenseType::F32:
-          v = dot_f32(static_cast<const float*>(w.data) + r * n, a.x + t * n, n);
+          v = dot_f32(static_cast<const float*>(w.data) + r * ld, a.x + t * n, n);
           break;
         case DenseType::F16:
-          v = dot_f16(static_cast<const uint16_t*>(w.data) + r * n, a.x + t * n, n);
+          v = dot_f16(static_cast<const uint16_t*>(w.data) + r * ld, a.x + t * n, n);
           break;
         case DenseType::Q8_0:
-          v = dot_q8(static_cast<const uint8_t*>(w.data) + r * n, w.scales + r * (n / QK8_0),
+          v = dot_q8(static_cast<const uint8_t*>(w.data) + r * ld, w.scales + r * w.scale_stride(),
                      a.q + t * n, a.block_d + t * (n / QK8_0), n);
           break;
       }

@@ -272,7 +272,7 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
     m->embd_data = LargeBuffer(size_t(vocab * d));
     m->embd_scales = LargeBuffer(size_t(vocab * d / QK8_0) * sizeof(uint16_t));
     uint16_t* sc = reinterpret_cast<uint16_t*>(m->embd_scales.data());
-    q8_0_repack(embd.data, vocab, d, m->embd_data.data(), sc);
+    q8_0_repack(embd.data, vocab, d, m->embd_data.data(), d, sc, d / QK8_0);
     for (int64_t i = 0; i < vocab * d / QK8_0; ++i)
       if (!std::isfinite(fp16_to_fp32(sc[i])))
         ld.fail("tensor 'token_embd.weight': Q8_0 block " + std::to_string(i) +

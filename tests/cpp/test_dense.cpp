@@ -29,12 +29,17 @@ std::vector<const DenseKernels*> kernel_sets() {
 struct Matrix {
   DenseType type;
   int64_t rows, cols;
+  bool strided;  // rows padded (F32/F16); Q8_0: codes and scales interleaved per row
   std::vector<float> f32;
   std::vector<uint16_t> f16;
-  std::vector<uint8_t> codes;
+  std::vector<uint8_t> codes;  // Q8_0 (strided: whole rows with their scales)
   std::vector<uint16_t> scales;
   std::vector<double> value;  // rows x cols, what the weights mean
 
+  int64_t ld() const {  // row stride in elements
+    if (!strided) return cols;
+    return type == DenseType::Q8_0 ? (cols + cols / 16 + 63) / 64 * 64 : cols + 3;
+  }
   DenseMatrix view() const {
     DenseMatrix m;
     m.type = type;
@@ -43,21 +48,37 @@ struct Matrix {
     m.data = type == DenseType::F32   ? static_cast<const void*>(f32.data())
              : type == DenseType::F16 ? static_cast<const void*>(f16.data())
                                       : static_cast<const void*>(codes.data());
+    m.ld = ld();
     m.scales = scales.data();
+    if (strided && type == DenseType::Q8_0) {
+      m.scales = reinterpret_cast<const uint16_t*>(codes.data() + cols);
+      m.ld_scales = ld() / 2;
+    }
     return m;
   }
 };
 
-Matrix make_matrix(std::mt19937& rng, DenseType type, int64_t rows, int64_t cols) {
-  Matrix m{type, rows, cols, {}, {}, {}, {}, {}};
+Matrix make_matrix(std::mt19937& rng, DenseType type, int64_t rows, int64_t cols,
+                   bool strided = false) {
+  Matrix m{type, rows, cols, strided, {}, {}, {}, {}, {}};
   const std::vector<float> x = random_floats(rng, rows * cols, -1.0f, 1.0f);
   m.value.resize(size_t(rows * cols));
+  const int64_t ld = m.ld();
   if (type == DenseType::F32) {
-    m.f32 = x;
-    for (size_t i = 0; i < x.size(); ++i) m.value[i] = x[i];
+    m.f32.assign(size_t(rows * ld), std::nanf(""));  // padding must not be read
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < cols; ++k) {
+        m.f32[size_t(r * ld + k)] = x[size_t(r * cols + k)];
+        m.value[size_t(r * cols + k)] = x[size_t(r * cols + k)];
+      }
   } else if (type == DenseType::F16) {
-    for (float v : x) m.f16.push_back(fp32_to_fp16(v));
-    for (size_t i = 0; i < x.size(); ++i) m.value[i] = fp16_to_fp32(m.f16[i]);
+    m.f16.assign(size_t(rows * ld), 0x7e00);  // NaN padding
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < cols; ++k) {
+        const uint16_t h = fp32_to_fp16(x[size_t(r * cols + k)]);
+        m.f16[size_t(r * ld + k)] = h;
+        m.value[size_t(r * cols + k)] = fp16_to_fp32(h);
+      }
   } else {
     // ggml blocks with every code in [-128, 127] (not only the quantizer's [-127, 127]).
     std::uniform_int_distribution<int> q(-128, 127);
@@ -73,9 +94,16 @@ Matrix make_matrix(std::mt19937& rng, DenseType type, int64_t rows, int64_t cols
         m.value[size_t(b * 32 + k)] = double(fp16_to_fp32(d)) * v;
       }
     }
-    m.codes.resize(size_t(rows * cols));
-    m.scales.resize(size_t(rows * cols / 32));
-    q8_0_repack(blocks.data(), rows, cols, m.codes.data(), m.scales.data());
+    if (strided) {
+      m.codes.assign(size_t(rows * ld), 0xAB);
+      const DenseMatrix v = m.view();
+      q8_0_repack(blocks.data(), rows, cols, m.codes.data(), ld, const_cast<uint16_t*>(v.scales),
+                  v.ld_scales);
+    } else {
+      m.codes.resize(size_t(rows * cols));
+      m.scales.resize(size_t(rows * cols / 32));
+      q8_0_repack(blocks.data(), rows, cols, m.codes.data(), cols, m.scales.data(), cols / 32);
+    }
   }
   return m;
 }
@@ -115,7 +143,7 @@ TEST(Dense, Q8RepackRoundTrip) {
   }
   std::vector<uint8_t> codes(size_t(rows * cols));
   std::vector<uint16_t> scales(size_t(rows * cols / 32));
-  q8_0_repack(blocks.data(), rows, cols, codes.data(), scales.data());
+  q8_0_repack(blocks.data(), rows, cols, codes.data(), cols, scales.data(), cols / 32);
   DenseMatrix m{DenseType::Q8_0, rows, cols, codes.data(), scales.data()};
   std::vector<float> row(static_cast<size_t>(cols));
   for (int64_t r = 0; r < rows; ++r) {
@@ -129,17 +157,21 @@ TEST(Dense, Q8RepackRoundTrip) {
   }
   EXPECT_THROW(dense_row(m, rows, row.data()), Error);
   EXPECT_THROW(dense_row(m, -1, row.data()), Error);
-  EXPECT_THROW(q8_0_repack(blocks.data(), 1, 33, codes.data(), scales.data()), Error);
+  EXPECT_THROW(q8_0_repack(blocks.data(), 1, 33, codes.data(), 33, scales.data(), 1), Error);
+  EXPECT_THROW(q8_0_repack(blocks.data(), 1, 64, codes.data(), 32, scales.data(), 2), Error);
 }
 
-TEST(Dense, RowF16F32) {
+TEST(Dense, RowEveryType) {
   std::mt19937 rng(2);
-  for (DenseType t : {DenseType::F32, DenseType::F16}) {
-    const Matrix m = make_matrix(rng, t, 5, 37);
-    std::vector<float> row(37);
-    dense_row(m.view(), 4, row.data());
-    for (int k = 0; k < 37; ++k) EXPECT_EQ(double(row[size_t(k)]), m.value[size_t(4 * 37 + k)]);
-  }
+  for (DenseType t : {DenseType::F32, DenseType::F16, DenseType::Q8_0})
+    for (bool strided : {false, true}) {
+      const int64_t cols = t == DenseType::Q8_0 ? 544 : 37;
+      const Matrix m = make_matrix(rng, t, 5, cols, strided);
+      std::vector<float> row(static_cast<size_t>(cols));
+      dense_row(m.view(), 4, row.data());
+      for (int64_t k = 0; k < cols; ++k)
+        ASSERT_EQ(double(row[size_t(k)]), m.value[size_t(4 * cols + k)]) << dense_type_name(t);
+    }
 }
 
 // Activation preparation: ggml's q8_0 quantizer, and the lane helpers.
@@ -226,37 +258,38 @@ TEST(Dense, KernelsMatchScalar) {
   struct Shape {
     int64_t rows, cols;
   };
-  for (DenseType type : {DenseType::F32, DenseType::F16, DenseType::Q8_0}) {
-    for (Shape s : {Shape{1, 32}, Shape{7, 96}, Shape{13, 544}, Shape{66, 768}, Shape{5, 1056}}) {
-      int64_t cols = s.cols;
-      if (type != DenseType::Q8_0) cols += 3;  // F32/F16: any width, incl. ragged tails
-      const Matrix m = make_matrix(rng, type, s.rows, cols);
-      for (int64_t tokens : {1, 2, 3, 4, 5, 9}) {
-        const std::vector<float> x = random_floats(rng, tokens * cols, -1.0f, 1.0f);
-        DenseActBuffer buf;
-        buf.reserve(tokens, cols);
-        for (auto range : {std::pair<int64_t, int64_t>{0, s.rows},
-                           std::pair<int64_t, int64_t>{s.rows / 3, s.rows - s.rows / 4}}) {
-          const auto ref = run_gemm(kDenseScalar, m, buf, x, tokens, range.first, range.second);
-          for (size_t ks = 1; ks < sets.size(); ++ks) {
-            const auto got = run_gemm(*sets[ks], m, buf, x, tokens, range.first, range.second);
-            for (int64_t t = 0; t < tokens; ++t)
-              for (int64_t r = range.first; r < range.second; ++r) {
-                // Bound: n * eps * sum |w x| (reassociation of the float sums).
-                const float* xt = x.data() + t * cols;
-                double mag = 0;
-                for (int64_t k = 0; k < cols; ++k)
-                  mag += std::fabs(m.value[size_t(r * cols + k)] * xt[k]);
-                const size_t i = size_t(t * (s.rows + 3) + r);
-                ASSERT_NEAR(got[i], ref[i], 2e-6 * mag + 1e-6)
-                    << sets[ks]->name << " " << dense_type_name(type) << " " << s.rows << "x"
-                    << cols << " tokens " << tokens << " t" << t << " r" << r;
-              }
+  for (DenseType type : {DenseType::F32, DenseType::F16, DenseType::Q8_0})
+    for (bool strided : {false, true})
+      for (Shape s : {Shape{1, 32}, Shape{7, 96}, Shape{13, 544}, Shape{66, 768}, Shape{5, 1056}}) {
+        int64_t cols = s.cols;
+        if (type != DenseType::Q8_0) cols += 3;  // F32/F16: any width, incl. ragged tails
+        const Matrix m = make_matrix(rng, type, s.rows, cols, strided);
+        for (int64_t tokens : {1, 2, 3, 4, 5, 9}) {
+          const std::vector<float> x = random_floats(rng, tokens * cols, -1.0f, 1.0f);
+          DenseActBuffer buf;
+          buf.reserve(tokens, cols);
+          for (auto range : {std::pair<int64_t, int64_t>{0, s.rows},
+                             std::pair<int64_t, int64_t>{s.rows / 3, s.rows - s.rows / 4}}) {
+            const auto ref = run_gemm(kDenseScalar, m, buf, x, tokens, range.first, range.second);
+            for (size_t ks = 1; ks < sets.size(); ++ks) {
+              const auto got = run_gemm(*sets[ks], m, buf, x, tokens, range.first, range.second);
+              for (int64_t t = 0; t < tokens; ++t)
+                for (int64_t r = range.first; r < range.second; ++r) {
+                  // Bound: n * eps * sum |w x| (reassociation of the float sums).
+                  const float* xt = x.data() + t * cols;
+                  double mag = 0;
+                  for (int64_t k = 0; k < cols; ++k)
+                    mag += std::fabs(m.value[size_t(r * cols + k)] * xt[k]);
+                  const size_t i = size_t(t * (s.rows + 3) + r);
+                  ASSERT_NEAR(got[i], ref[i], 2e-6 * mag + 1e-6)
+                      << sets[ks]->name << " " << dense_type_name(type) << " " << s.rows << "x"
+                      << cols << " tokens " << tokens << " t" << t << " r" << r
+                      << (strided ? " strided" : "");
+                }
+            }
           }
         }
       }
-    }
-  }
 }
 
 TEST(Dense, AttentionHelpersMatchScalar) {
