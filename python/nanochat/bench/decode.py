@@ -84,19 +84,32 @@ def _llama(llama_cpp, path: Path, threads: int, prompt: list[int], n_decode: int
                           n_ubatch=512, n_threads=threads, n_threads_batch=threads,
                           verbose=False)
     ctx = llm._ctx.ctx
-    llm.reset()
-    llama_cpp.llama_perf_context_reset(ctx)
-    llm.eval(prompt)
-    tok = int(llm.scores[llm.n_tokens - 1].argmax()) if llm.scores is not None else 0
+
+    def step(ids: list[int]) -> int:
+        llm.eval(ids)
+        llama_cpp.llama_synchronize(ctx)  # llama.cpp books a decode's time when it syncs
+        return int(llm.scores[llm.n_tokens - 1].argmax())
+
+    # A fresh context: its counters hold exactly this prefill (one batch of len(prompt)).
+    tok = step(prompt)
+    pre = llama_cpp.llama_perf_context(ctx)
+    prefill = pre.n_p_eval / (pre.t_p_eval_ms / 1e3)
+    # llama.cpp books the first single-token decode after a prompt as prompt time, and its
+    # counters read max(1, n): take the decode rate as a difference after two warm steps.
+    for _ in range(2):
+        tok = step([tok])
+    a = llama_cpp.llama_perf_context(ctx)
     for _ in range(n_decode):
-        llm.eval([tok])
-        tok = int(llm.scores[llm.n_tokens - 1].argmax())
-    perf = llama_cpp.llama_perf_context(ctx)
-    out = {"prefill_tokens_per_s": perf.n_p_eval / (perf.t_p_eval_ms / 1e3),
-           "decode_tokens_per_s": perf.n_eval / (perf.t_eval_ms / 1e3),
-           "decode_steps": perf.n_eval}
+        tok = step([tok])
+    b = llama_cpp.llama_perf_context(ctx)
     llm.close()
-    return out
+    if pre.n_p_eval != len(prompt) or b.n_eval - a.n_eval != n_decode:
+        raise RuntimeError(f"llama.cpp perf counters booked {pre.n_p_eval} prompt and "
+                           f"{b.n_eval - a.n_eval} decode tokens, expected {len(prompt)} "
+                           f"and {n_decode}")
+    return {"prefill_tokens_per_s": prefill,
+            "decode_tokens_per_s": n_decode / ((b.t_eval_ms - a.t_eval_ms) / 1e3),
+            "decode_steps": n_decode}
 
 
 def run(args: argparse.Namespace, log=print):
