@@ -10,9 +10,11 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <new>
 #include <random>
 #include <string>
 #include <thread>
@@ -30,6 +32,20 @@
 
 using namespace nanochat;
 using nanochat_test::GlobalStateGuard;
+
+// Counts heap allocations (any thread) while g_count_allocs is set: a decode step must
+// make none. A plain malloc/free wrapper, so every other test runs as before.
+namespace {
+std::atomic<bool> g_count_allocs{false};
+std::atomic<int64_t> g_allocs{0};
+}  // namespace
+void* operator new(size_t n) {
+  if (g_count_allocs.load(std::memory_order_relaxed)) g_allocs.fetch_add(1);
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, size_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -525,6 +541,30 @@ TEST(Engine, BatchedPrefillEqualsTokenByToken) {
     const auto& last = pieces.eval(std::vector<int32_t>(tokens.begin() + 100, tokens.end()));
     for (size_t i = 0; i < V; ++i) ASSERT_NEAR(last[i], all[(size_t(n) - 1) * V + i], 1e-5 * scale);
     EXPECT_EQ(pieces.n_past(), n);
+  }
+}
+
+// Decode steps (and a prefill batch) allocate nothing: every buffer lives in the Session.
+TEST(Engine, EvalDoesNotAllocate) {
+  GlobalStateGuard guard;
+  Spec spec;
+  spec.etype = gguf::GgmlType::Q8_0;
+  auto [file, ref] = make_model(spec);
+  TempModel tm(file);
+  auto model = Model::load(tm.path);
+  const auto prompt = random_tokens(4, 40, ref.vocab);
+  const std::vector<int32_t> one = {7};
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    Session s(model);
+    s.eval(prompt);
+    s.eval(one);  // warm: the pool's threads exist
+    g_allocs = 0;
+    g_count_allocs = true;
+    for (int i = 0; i < 8; ++i) s.eval(one);
+    s.eval(prompt);
+    g_count_allocs = false;
+    EXPECT_EQ(g_allocs.load(), 0) << threads << " threads";
   }
 }
 
