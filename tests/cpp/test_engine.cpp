@@ -568,6 +568,35 @@ TEST(Engine, EvalDoesNotAllocate) {
   }
 }
 
+// One Model, sessions on several threads at once (the pool serves one, the others run
+// inline): every thread gets the logits a lone session gets.
+TEST(Engine, SessionsOnThreadsShareAModel) {
+  GlobalStateGuard guard;
+  set_num_threads(2);
+  auto [file, ref] = make_model(Spec{});
+  TempModel tm(file);
+  auto model = Model::load(tm.path);
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::vector<float>> want;
+  for (uint32_t i = 0; i < 4; ++i) {
+    prompts.push_back(random_tokens(20 + i, 30, ref.vocab));
+    Session s(model);
+    want.push_back(s.eval_all(prompts.back()));
+  }
+  std::vector<std::vector<float>> got(4);
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < 4; ++i)
+    threads.emplace_back([&, i] {
+      Session s(model);
+      for (int rep = 0; rep < 3; ++rep) {
+        s.reset();
+        got[i] = s.eval_all(prompts[i]);
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < 4; ++i) EXPECT_EQ(got[i], want[i]) << i;
+}
+
 // A TQ1_0 file holds the same codes as the TQ2_0 one: identical logits.
 TEST(Engine, Tq1EqualsTq2) {
   Spec a;
