@@ -1,6 +1,6 @@
-// Model loading: GGUF metadata and tensors (docs: the GGUF contract in
-// python/nanochat/export.py and shared/reference/formats.md) -> validated hyperparameters,
-// TK2 ternary matrices, the dense embedding / tied head and the tokenizer.
+// Model loading: GGUF metadata and tensors (the layout docs/gguf.md describes) ->
+// validated hyperparameters, TK2 ternary matrices, the dense embedding / tied head and the
+// tokenizer. Every error names the file and the key or tensor at fault.
 #include "engine/model.h"
 
 #include <algorithm>

@@ -115,7 +115,8 @@ class Session {
 
   const Model& model() const;
   int32_t n_ctx() const;
-  int32_t n_past() const;  // tokens in the KV cache
+  int32_t n_past() const;  // tokens in the conversation (the cache holds them; the last
+                           // one generate() sampled is run when the conversation goes on)
   void reset();            // forget the conversation
   // Drop cached tokens from position n on (n <= n_past): lets a caller rewind.
   void truncate(int32_t n);
