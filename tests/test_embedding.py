@@ -61,7 +61,7 @@ def examples(tmp_path_factory) -> Path:
 
 
 def test_info_paths_exist():
-    lib, inc = _nanochat("info", "--lib", "--include-dir").splitlines()
+    inc, lib = _nanochat("info", "--include-dir", "--lib").splitlines()
     assert Path(lib).is_file() and Path(lib).name == "libnanochat.so"
     assert (Path(inc) / "nanochat" / "nanochat.h").is_file()
     assert (Path(inc) / "nanochat" / "nanochat.hpp").is_file()

@@ -31,7 +31,7 @@ class Pool {
   ~Pool() {
     {
       std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
+      stop_.store(true, std::memory_order_release);
       generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
@@ -41,39 +41,58 @@ class Pool {
   int size() const { return size_; }
 
   // Returns false (having done nothing) when the pool is already running a job.
+  //
+  // Tasks are claimed from ticket_ = (job << 32) | next index, so a worker that wakes
+  // late (its core lent to another process for a while) finds the job's tasks gone and
+  // touches nothing; the caller returns as soon as every task has completed, not when
+  // every worker has checked in (waiting for check-ins cut 2-thread decode to a fifth
+  // whenever another process held the second core).
   bool try_run(int64_t n, const std::function<void(int64_t)>& fn) {
+    if (n > 0xffffffffLL) return false;  // the index lives in 32 bits of ticket_
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
+    const uint64_t job = ++job_ & 0xffffffffu;
     fn_ = &fn;
-    n_ = n;
-    next_.store(0, std::memory_order_relaxed);
-    done_.store(0, std::memory_order_relaxed);
+    n_.store(n, std::memory_order_relaxed);
+    completed_.store(0, std::memory_order_relaxed);
+    failed_.store(false, std::memory_order_relaxed);
     error_ = nullptr;
+    ticket_.store(job << 32, std::memory_order_release);  // publishes fn_, n_ with it
     {
       std::lock_guard<std::mutex> lk(mu_);
       generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     work();
-    const int others = size_ - 1;
-    while (done_.load(std::memory_order_acquire) < others) NANOCHAT_PAUSE();
-    fn_ = nullptr;
+    while (completed_.load(std::memory_order_acquire) < n) NANOCHAT_PAUSE();
     if (error_) std::rethrow_exception(error_);
     return true;
   }
 
  private:
+  // Claims and runs tasks of the job currently in ticket_ until none are left.
   void work() {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
     for (;;) {
-      const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
-      if (i >= n_) break;
-      try {
-        (*fn_)(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lk(err_mu_);
-        if (!error_) error_ = std::current_exception();
-        next_.store(n_, std::memory_order_relaxed);  // stop handing out work
+      const int64_t i = int64_t(t & 0xffffffffu);
+      // n_ may already belong to a newer job; then ticket_ has changed too and the
+      // exchange below fails, so a stale n_ never lets a task run twice.
+      if (i >= n_.load(std::memory_order_relaxed)) return;
+      if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel,
+                                         std::memory_order_acquire))
+        continue;  // t reloaded: another thread claimed, or a new job started
+      // Task i of this job is ours: the caller waits for it, so fn_ stays valid.
+      if (!failed_.load(std::memory_order_relaxed)) {
+        try {
+          (*fn_)(i);
+        } catch (...) {
+          std::lock_guard<std::mutex> lk(err_mu_);
+          if (!error_) error_ = std::current_exception();
+          failed_.store(true, std::memory_order_relaxed);  // skip the remaining tasks
+        }
       }
+      completed_.fetch_add(1, std::memory_order_acq_rel);
+      t = ticket_.load(std::memory_order_acquire);
     }
   }
 
@@ -93,9 +112,8 @@ class Pool {
         cv_.wait(lk, [&] { return generation_.load(std::memory_order_acquire) != seen; });
       }
       seen = generation_.load(std::memory_order_acquire);
-      if (stop_) return;
+      if (stop_.load(std::memory_order_acquire)) return;
       work();
-      done_.fetch_add(1, std::memory_order_acq_rel);
     }
   }
 
@@ -105,11 +123,13 @@ class Pool {
   std::mutex mu_;    // guards sleeping
   std::condition_variable cv_;
   std::atomic<uint64_t> generation_{0};
-  bool stop_ = false;
+  std::atomic<bool> stop_{false};
+  uint64_t job_ = 0;                       // caller side only (under busy_)
+  std::atomic<uint64_t> ticket_{0};        // (job << 32) | next task index
   const std::function<void(int64_t)>* fn_ = nullptr;
-  int64_t n_ = 0;
-  std::atomic<int64_t> next_{0};
-  std::atomic<int> done_{0};
+  std::atomic<int64_t> n_{0};
+  std::atomic<int64_t> completed_{0};
+  std::atomic<bool> failed_{false};
   std::mutex err_mu_;
   std::exception_ptr error_;
 };

@@ -40,7 +40,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from nanochat._core import core
 
     wanted = [k for k in ("cmake_dir", "include_dir", "lib") if getattr(args, k)]
-    if wanted:  # one path per line, for scripts: -Dnanochat_DIR="$(nanochat info --cmake-dir)"
+    if wanted:  # one path per line in this order, for scripts: -Dnanochat_DIR="$(nanochat info --cmake-dir)"
         paths = _embedding_paths()
         print("\n".join(paths[k] for k in wanted))
         return 0

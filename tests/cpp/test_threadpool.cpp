@@ -232,3 +232,18 @@ TEST(ThreadPool, JobPostedRightAfterResizeIsNotLost) {
     ASSERT_TRUE(covers_once(64)) << rep;
   }
 }
+
+// Back-to-back small jobs: a worker that wakes late must never run a task of a finished
+// job, nor one twice (the caller returns once every task completed, without waiting for
+// workers to check in).
+TEST(ThreadPool, ManySmallJobsRunEachTaskOnce) {
+  nanochat_test::GlobalStateGuard guard;
+  nanochat::set_num_threads(2);
+  std::vector<std::atomic<int>> hits(5);
+  for (int job = 0; job < 20000; ++job) {
+    const int n = 1 + job % 5;
+    for (int i = 0; i < n; ++i) hits[size_t(i)].store(0);
+    nanochat::parallel_for(n, [&](int64_t i) { hits[size_t(i)].fetch_add(1); });
+    for (int i = 0; i < n; ++i) ASSERT_EQ(hits[size_t(i)].load(), 1) << "job " << job;
+  }
+}
