@@ -22,6 +22,9 @@ namespace {
 
 int spin_limit();
 
+// ticket_'s index while a job is being set up: above any task count.
+constexpr int64_t kClosed = 0xffffffffLL;
+
 class Pool {
  public:
   explicit Pool(int n) : size_(n < 1 ? 1 : n) {
@@ -48,10 +51,14 @@ class Pool {
   // every worker has checked in (waiting for check-ins cut 2-thread decode to a fifth
   // whenever another process held the second core).
   bool try_run(int64_t n, const std::function<void(int64_t)>& fn) {
-    if (n > 0xffffffffLL) return false;  // the index lives in 32 bits of ticket_
+    if (n >= kClosed) return false;  // the index lives in 32 bits of ticket_
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
     const uint64_t job = ++job_ & 0xffffffffu;
+    // Close the ticket before touching fn_ / n_: a worker still holding the previous
+    // job's ticket value must fail its exchange, not claim an index of this new job
+    // under the old ticket (a stress test caught exactly that: a task run twice).
+    ticket_.store((job << 32) | kClosed, std::memory_order_seq_cst);
     fn_ = &fn;
     n_.store(n, std::memory_order_relaxed);
     completed_.store(0, std::memory_order_relaxed);
