@@ -183,10 +183,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     r = eng.last_result
     if r is not None and not args.quiet:
-        pre, dec = r["prefill_seconds"], r["decode_seconds"]
         print(f"[{r['prompt_tokens']} prompt tokens, {len(r['tokens'])} generated "
-              f"({r['stop_reason']}); prefill {r['prompt_tokens'] / pre if pre else 0:.0f} tok/s, "
-              f"decode {r['decode_steps'] / dec if dec else 0:.0f} tok/s]", file=sys.stderr)
+              f"({r['stop_reason']}); prefill {r['prefill_tokens_per_s']:.0f} tok/s, "
+              f"decode {r['decode_tokens_per_s']:.0f} tok/s]", file=sys.stderr)
     return 0
 
 

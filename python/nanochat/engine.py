@@ -40,7 +40,7 @@ class Engine:
         self._session = core().EngineSession(self._model, int(n_ctx))
         self.info: dict = self._model.info
         self._lock = threading.Lock()  # the session is used by one call at a time
-        self.last_result: dict | None = None  # generate()'s raw result once it finished
+        self.last_result: dict | None = None  # generate()'s summary (as complete()'s) once done
 
     # ---- tokenizer ----------------------------------------------------------------------
     def tokenize(self, text: str, parse_special: bool = False, add_bos: bool = False) -> list[int]:
@@ -166,7 +166,7 @@ class Engine:
                     finished = True
                     if isinstance(item, Exception):
                         raise item
-                    self.last_result = item
+                    self.last_result = _summary(item)
                     return
                 if token >= 0:
                     yielded += 1
@@ -186,17 +186,22 @@ class Engine:
         """Generates to the end: dict of prompt_tokens, tokens, text, stop_reason,
         prefill_tokens_per_s, decode_tokens_per_s (the engine's own timers), decode_steps,
         prefill_seconds, decode_seconds."""
-        r = self._run(prompt, None, max_tokens, temperature, top_k, top_p, repetition_penalty,
-                      seed, stop, stop_tokens, add_bos, stop_at_eos)
-        pre, dec = r["prefill_seconds"], r["decode_seconds"]
-        return {
-            "prompt_tokens": r["prompt_tokens"],
-            "tokens": list(r["tokens"]),
-            "text": r["text"].decode("utf-8", errors="replace"),
-            "stop_reason": r["stop_reason"],
-            "prefill_tokens_per_s": r["prompt_tokens"] / pre if pre > 0 else 0.0,
-            "decode_tokens_per_s": r["decode_steps"] / dec if dec > 0 else 0.0,
-            "decode_steps": r["decode_steps"],
-            "prefill_seconds": pre,
-            "decode_seconds": dec,
-        }
+        return _summary(self._run(prompt, None, max_tokens, temperature, top_k, top_p,
+                                  repetition_penalty, seed, stop, stop_tokens, add_bos,
+                                  stop_at_eos))
+
+
+def _summary(r: dict) -> dict:
+    """The engine's raw generate() result as complete() returns it (rates from its timers)."""
+    pre, dec = r["prefill_seconds"], r["decode_seconds"]
+    return {
+        "prompt_tokens": r["prompt_tokens"],
+        "tokens": list(r["tokens"]),
+        "text": r["text"].decode("utf-8", errors="replace"),
+        "stop_reason": r["stop_reason"],
+        "prefill_tokens_per_s": r["prompt_tokens"] / pre if pre > 0 else 0.0,
+        "decode_tokens_per_s": r["decode_steps"] / dec if dec > 0 else 0.0,
+        "decode_steps": r["decode_steps"],
+        "prefill_seconds": pre,
+        "decode_seconds": dec,
+    }
