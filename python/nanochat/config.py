@@ -252,19 +252,24 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str], where: str = "--set") -> RunConfig:
-    """Apply 'table.key=value' overrides; values are parsed as TOML (strings may be bare)."""
+    """Apply 'table.key=value' overrides (nested tables too: 'model.moe.experts=8'); values
+    are parsed as TOML (strings may be bare)."""
     d = cfg.to_dict()
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"--set {item!r}: expected table.key=value, e.g. train.lr=1e-3")
         key, raw = item.split("=", 1)
-        table, name = key.strip().split(".", 1)
-        if table not in d:
-            raise ConfigError(f"--set {item!r}: unknown table {table!r}; "
-                              f"valid: {', '.join(d)}")
+        *tables, name = key.strip().split(".")
+        node = d
+        for i, t in enumerate(tables):
+            if not isinstance(node.get(t), dict):
+                path = ".".join(tables[:i + 1])
+                valid = ", ".join(k for k, v in node.items() if isinstance(v, dict))
+                raise ConfigError(f"--set {item!r}: unknown table {path!r}; valid: {valid}")
+            node = node[t]
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw  # a bare string such as relu2
-        d[table][name] = value
+        node[name] = value
     return from_dict(d, where)
