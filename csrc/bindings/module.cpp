@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings/buffer.h"
 #include "common/cpu.h"
 #include "common/membw.h"
 #include "common/threadpool.h"
@@ -25,61 +26,9 @@
 
 namespace py = pybind11;
 using namespace nanochat;
+using namespace nanochat::bindings;
 
 namespace {
-
-struct Buffer {
-  uintptr_t ptr = 0;
-  std::vector<int64_t> shape;
-  std::vector<int64_t> strides;  // in elements
-  std::string dtype;             // "float32", "int8", "uint8", "int32"
-  std::string device;            // "cpu" or "cuda:N"
-
-  int64_t numel() const {
-    int64_t n = 1;
-    for (int64_t s : shape) n *= s;
-    return n;
-  }
-};
-
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string o = "(";
-  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
-  return o + (s.size() == 1 ? ",)" : ")");
-}
-
-// Validates a buffer and returns its typed address.
-template <typename T>
-T* get(const Buffer& b, const char* name, const char* dtype, size_t ndim, bool cuda = false) {
-  if (b.dtype != dtype)
-    throw Error(std::string(name) + ": expected dtype " + dtype + ", got " + b.dtype);
-  if (b.shape.size() != ndim || b.strides.size() != ndim)
-    throw Error(std::string(name) + ": expected " + std::to_string(ndim) + "-d, got shape " +
-                shape_str(b.shape));
-  const bool on_cuda = b.device.rfind("cuda", 0) == 0;
-  if (on_cuda != cuda)
-    throw Error(std::string(name) + ": expected a " + (cuda ? "CUDA" : "CPU") +
-                " buffer, got device " + b.device);
-  for (int64_t s : b.shape)
-    if (s < 0) throw Error(std::string(name) + ": negative dimension");
-  const bool empty = b.numel() == 0;  // strides of empty arrays are arbitrary
-  int64_t expect = 1;
-  for (size_t i = ndim; i-- > 0;) {
-    if (!empty && b.shape[i] > 1 && b.strides[i] != expect)
-      throw Error(std::string(name) + ": must be contiguous (row-major), got strides " +
-                  shape_str(b.strides) + " for shape " + shape_str(b.shape));
-    expect *= b.shape[i];
-  }
-  if (b.numel() > 0 && b.ptr == 0) throw Error(std::string(name) + ": null address");
-  if (b.ptr % alignof(T) != 0) throw Error(std::string(name) + ": misaligned address");
-  return reinterpret_cast<T*>(b.ptr);
-}
-
-void expect_shape(const Buffer& b, const char* name, std::vector<int64_t> want) {
-  if (b.shape != want)
-    throw Error(std::string(name) + ": expected shape " + shape_str(want) + ", got " +
-                shape_str(b.shape));
-}
 
 int64_t blocks_per_row(int64_t cols, const char* what) {
   if (cols % QK != 0)
