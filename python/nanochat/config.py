@@ -38,6 +38,64 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MHCConfig:
+    """[model.mhc] manifold-constrained hyper-connections (nanochat/mhc.py)."""
+    streams: int = 1  # n residual streams; 1 is the plain residual (no mHC parameters)
+    res: str = "sinkhorn"  # H_res: "sinkhorn" (Sinkhorn-Knopp) or "lite" (mix of permutations)
+    sinkhorn_iters: int = 20
+    dynamic: bool = True  # coefficients also computed from the RMS-normed streams
+
+    def validate(self, where: str = "model.mhc") -> None:
+        if not 1 <= self.streams <= 8:
+            raise ConfigError(f"{where}.streams must be in 1..8, got {self.streams}")
+        if self.res not in ("sinkhorn", "lite"):
+            raise ConfigError(f"{where}.res must be 'sinkhorn' or 'lite', got {self.res!r}")
+        if self.res == "lite" and self.streams > 5:
+            raise ConfigError(f"{where}: res = 'lite' mixes all streams! permutations; "
+                              f"streams must be <= 5, got {self.streams}")
+        _positive(self, where, "sinkhorn_iters")
+
+
+@dataclass
+class MoEConfig:
+    """[model.moe] mixture of ternary experts in place of the FFN (nanochat/moe.py)."""
+    experts: int = 0  # routed experts E; 0 keeps the dense FFN
+    top_k: int = 2
+    expert_hidden: int = 0  # hidden width of each expert; 0: model.ffn_hidden
+    shared_expert: bool = False  # one always-on expert of the same width
+    balance: str = "bias"  # "bias" (DeepSeek-V3 auxiliary-loss-free) or "none"
+    bias_rate: float = 1e-3  # bias step per training forward (gamma)
+
+    def validate(self, where: str = "model.moe") -> None:
+        if self.experts < 0 or self.expert_hidden < 0:
+            raise ConfigError(f"{where}: experts and expert_hidden must be >= 0")
+        if self.experts and not 1 <= self.top_k <= self.experts:
+            raise ConfigError(f"{where}.top_k must be in 1..experts ({self.experts}), "
+                              f"got {self.top_k}")
+        if self.balance not in ("bias", "none"):
+            raise ConfigError(f"{where}.balance must be 'bias' or 'none', got {self.balance!r}")
+        if self.bias_rate < 0:
+            raise ConfigError(f"{where}.bias_rate must be >= 0, got {self.bias_rate}")
+
+
+@dataclass
+class AttentionConfig:
+    """[model.attention] per-layer full causal ("L") or sliding-window ("S") attention."""
+    pattern: str = "L"  # repeated over the layers: "SSSL" = three windowed, then one full
+    window: int = 1024  # keys a sliding-window query sees, itself included
+
+    def validate(self, where: str = "model.attention") -> None:
+        if not self.pattern or set(self.pattern) - {"L", "S"}:
+            raise ConfigError(f"{where}.pattern must be a non-empty string of L and S, "
+                              f"got {self.pattern!r}")
+        _positive(self, where, "window")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The window of layer `layer`, None for full causal attention."""
+        return self.window if self.pattern[layer % len(self.pattern)] == "S" else None
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 4096
     d_model: int = 256
@@ -50,8 +108,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     activation: str = "silu"  # "silu" (llama.cpp's bitnet graph) or "relu2" (BitNet 2B4T)
     init_std: float = 0.02
+    mhc: MHCConfig = field(default_factory=MHCConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
 
     def validate(self, where: str = "model") -> None:
+        self.mhc.validate(f"{where}.mhc")
+        self.moe.validate(f"{where}.moe")
+        self.attention.validate(f"{where}.attention")
         _positive(self, where, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                   "ffn_hidden", "max_seq_len", "rope_theta", "norm_eps", "init_std")
         if self.d_model % self.n_heads:
