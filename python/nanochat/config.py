@@ -135,6 +135,23 @@ class ModelConfig:
 
 
 @dataclass
+class ColliderConfig:
+    """Collider token filtering ([train.collider], nanochat/collider.py has the full definition):
+    per micro-batch, drop up to `sparsity` of the tokens, lowest score first, among those whose
+    min-max normalized score is below `threshold`; dropped tokens get no gradient in any layer."""
+    enabled: bool = False
+    sparsity: float = 0.35  # most tokens dropped, as a fraction of the (non-ignored) tokens
+    threshold: float = 0.3  # only tokens with normalized score < threshold may be dropped
+    reference: str = ""  # checkpoint or run dir of a frozen reference model: excess-loss scores
+
+    def validate(self, where: str = "train.collider") -> None:
+        if not 0 <= self.sparsity < 1:
+            raise ConfigError(f"{where}.sparsity must be in [0, 1), got {self.sparsity}")
+        if not 0 <= self.threshold <= 1:
+            raise ConfigError(f"{where}.threshold must be in [0, 1], got {self.threshold}")
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch
     seq_len: int = 256
@@ -153,8 +170,10 @@ class TrainConfig:
     prefetch: int = 4  # batches the loader keeps ready
     device: str = "auto"  # "auto", "cpu", "cuda"
     sample_tokens: int = 128  # length of the end-of-run sample
+    collider: ColliderConfig = field(default_factory=ColliderConfig)  # token filtering, off
 
     def validate(self, where: str = "train") -> None:
+        self.collider.validate(f"{where}.collider")
         _positive(self, where, "batch_size", "seq_len", "grad_accum", "max_steps", "eval_every",
                   "eval_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "prefetch")
         if self.time_budget_s < 0:
