@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat import ternary
+from nanochat import collider, ternary
 
 KERNELS = ("auto", "cpp", "torch")
 BACKWARDS = ("auto", "bf16", "float32")
@@ -87,12 +87,13 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bitlinear_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """y = STE(q(x)) @ STE(q(W))^T for x (..., in), weight (out, in)."""
+    """y = STE(q(x)) @ STE(q(W))^T for x (..., in), weight (out, in). Over a Collider
+    micro-batch's token rows the backward GEMMs run on the kept rows (nanochat/collider.py)."""
     codes, s = quantize_weight(weight.detach())  # detached: no graph for the quantizers
     w = weight + (codes * s - weight).detach()
     xq, a = quantize_activations(x.detach())
     x = x + (xq / a - x).detach()
-    return F.linear(x, w)
+    return collider.linear(x, w)
 
 
 # ---- the C++ path: a custom op with a fake kernel and an STE autograd formula -----------
@@ -117,12 +118,14 @@ def resolve_backward(backward: str) -> bool:
 
 @torch.library.custom_op("nanochat::bitlinear", mutates_args=(), device_types="cpu")
 def _bitlinear_op(
-    x: torch.Tensor, weight: torch.Tensor, bf16_backward: bool = False
+    x: torch.Tensor, weight: torch.Tensor, bf16_backward: bool = False, token_rows: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, weight codes int8, weight scale 0-d, activation codes int8, 1/a per token).
 
     Only y is differentiable; the rest are saved for the backward (and are what the
-    exporter would store). bf16_backward picks the backward GEMM precision (module doc)."""
+    exporter would store). bf16_backward picks the backward GEMM precision (module doc);
+    token_rows marks x's rows as a Collider micro-batch's tokens, whose backward GEMMs run
+    on the kept rows only (nanochat/collider.py)."""
     codes_f, s = quantize_weight(weight)
     codes = codes_f.to(torch.int8)
     W = ternary.TernaryMatrix.from_codes(codes, float(s))
@@ -132,7 +135,7 @@ def _bitlinear_op(
 
 
 @_bitlinear_op.register_fake
-def _(x, weight, bf16_backward=False):
+def _(x, weight, bf16_backward=False, token_rows=False):
     torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-d")
     torch._check(x.shape[1] == weight.shape[1], lambda: "x and weight: in_features differ")
     n, k = x.shape
@@ -151,10 +154,15 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(codes, s, q, x_scale)
     ctx.save_for_backward(codes, s, q, x_scale)
     ctx.bf16 = len(inputs) > 2 and bool(inputs[2])
+    ctx.token_rows = len(inputs) > 3 and bool(inputs[3])
 
 
 def _backward(ctx, grad_y, *_unused):
     codes, s, q, x_scale = ctx.saved_tensors
+    n = grad_y.shape[0]
+    rows = None
+    if ctx.token_rows:  # Collider: both GEMMs on the kept rows, grad_x scattered into zeros
+        rows, (grad_y, q, x_scale) = collider.gather_rows(n, grad_y, q, x_scale)
     grad_x = grad_w = None
     if ctx.bf16:  # codes and q are exact in bf16; only grad_y (times 1/a) is rounded
         bf = torch.bfloat16
@@ -163,12 +171,14 @@ def _backward(ctx, grad_y, *_unused):
         if ctx.needs_input_grad[1]:
             g = (grad_y * x_scale[:, None]).to(bf)  # (N, out)
             grad_w = (g.t() @ q.to(bf)).to(grad_y.dtype)
-        return grad_x, grad_w, None
-    if ctx.needs_input_grad[0]:
-        grad_x = grad_y @ (codes.to(grad_y.dtype) * s)  # (N, out) @ (out, in)
-    if ctx.needs_input_grad[1]:
-        grad_w = grad_y.t() @ (q.to(grad_y.dtype) * x_scale[:, None])  # (out, N) @ (N, in)
-    return grad_x, grad_w, None
+    else:
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ (codes.to(grad_y.dtype) * s)  # (N, out) @ (out, in)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_y.t() @ (q.to(grad_y.dtype) * x_scale[:, None])  # (out, N) @ (N, in)
+    if grad_x is not None:
+        grad_x = collider.scatter_rows(rows, n, grad_x)
+    return grad_x, grad_w, None, None
 
 
 _bitlinear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -177,7 +187,8 @@ _bitlinear_op.register_autograd(_backward, setup_context=_setup_context)
 def bitlinear_cpp(x: torch.Tensor, weight: torch.Tensor, bf16_backward: bool = False) -> torch.Tensor:
     """y for x (..., in) float32 CPU and weight (out, in) with in % 256 == 0."""
     lead = x.shape[:-1]
-    y = torch.ops.nanochat.bitlinear(x.reshape(-1, x.shape[-1]), weight, bf16_backward)[0]
+    y = torch.ops.nanochat.bitlinear(x.reshape(-1, x.shape[-1]), weight, bf16_backward,
+                                     collider.token_rows(x))[0]
     return y.reshape(*lead, weight.shape[0])
 
 

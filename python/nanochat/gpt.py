@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat import collider
 from nanochat.bitlinear import BitLinear, frozen
 from nanochat.config import ModelConfig, _build
 
@@ -189,7 +190,8 @@ class GPT(nn.Module):
         return self._trunk(idx)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.token_embd.weight).float()  # (B, T, V)
+        # collider.linear: F.linear, with a kept-rows-only backward in a Collider step
+        return collider.linear(hidden, self.token_embd.weight).float()  # (B, T, V)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_reduction: str = "mean"):

@@ -1,0 +1,227 @@
+"""Collider: token filtering that shrinks the backward pass, not just the loss.
+
+Rho-1-style selection with Collider's backward (shared/reference/algorithms.md). Per
+micro-batch, with the config of [train.collider] (config.ColliderConfig):
+
+  1. score    The forward computes every token's loss anyway: score_t = loss_t, or, with a
+              frozen reference model (`reference` = its checkpoint or run dir), the excess
+              loss score_t = loss_t - ref_loss_t (Rho-1; costs one reference forward).
+  2. select   Over the n tokens that have a target (target -1 is ignored, never kept):
+                u_t  = (score_t - min score) / (max score - min score)   (all 0 if equal)
+                drop the floor(sparsity * n) lowest-scored tokens, but only tokens with
+                     u_t < threshold (those within `threshold` of the way from the easiest
+                     token to the hardest); ties go to the lower index.
+              So `sparsity` is the most that is dropped and the kept fraction is
+              >= 1 - sparsity; threshold 1 drops exactly floor(sparsity * n), threshold 0
+              nothing. Seed settings: sparsity 0.35, threshold 0.3.
+  3. loss     The mean of loss_t over the kept tokens (the logged loss stays the mean over
+              all tokens, comparable with an unfiltered run).
+  4. backward Every linear layer over the (B, T) token rows gathers the kept rows of its
+              output gradient and runs both backward GEMMs on them only:
+                  grad_W = g_kept^T x_kept,   grad_x = scatter(g_kept W) (dropped rows 0)
+              That is each BitLinear (torch path: `linear` below; C++ path: the backward of
+              the `nanochat::bitlinear` op) and the tied LM head (GPT.logits). Every other op
+              is row-wise (RMSNorm, RoPE, SiLU, residual adds, the embedding), so a dropped
+              token's activation gradient is exactly zero in every layer. Attention is the
+              one op that mixes rows: kept queries send gradient to dropped tokens' keys and
+              values, and attn_k / attn_v drop it with their gathered GEMMs. That is the
+              approximation Collider makes: a dropped token still serves as context in the
+              forward but is not trained as context.
+
+How the mask reaches the layers: `armed(shape)` (entered by `Collider.forward_backward`
+around the forward and backward) marks calls whose leading dims are the micro-batch's
+(B, T) as token rows at forward time; `set_keep` stores the kept row indices after the
+scoring, and the backward of those calls reads them. Layers fed other rows (e.g. tokens
+gathered for an expert) are never marked and stay dense (their dropped rows are zero
+anyway, as they arrive through row-wise ops). The state is a module global rather than
+thread-local because CUDA's autograd runs the backward on its own threads. With sparsity
+0 nothing is armed: the step is exactly the unfiltered one.
+
+    nanochat train --set train.collider.enabled=true
+    nanochat bench collider            # backward / step time and held-out loss vs unfiltered
+    pytest tests/test_collider.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class _Rows:
+    shape: tuple | None = None  # (B, T) of the armed micro-batch: calls over these rows gather
+    keep: torch.Tensor | None = None  # kept flat row indices (long), set after the scoring
+
+
+_STATE = _Rows()
+
+
+@contextlib.contextmanager
+def armed(shape):
+    """Within the block, layer calls whose leading dims equal `shape` (B, T) are token rows
+    whose backward gathers the rows given to `set_keep` (dense until it is called)."""
+    if _STATE.shape is not None:
+        raise RuntimeError("collider.armed: already armed (nested micro-batches?)")
+    _STATE.shape, _STATE.keep = tuple(shape), None
+    try:
+        yield
+    finally:
+        _STATE.shape, _STATE.keep = None, None
+
+
+def set_keep(keep: torch.Tensor) -> None:
+    """Kept tokens of the armed micro-batch: a bool mask shaped like it (True = kept)."""
+    if _STATE.shape is None or tuple(keep.shape) != _STATE.shape:
+        raise ValueError(f"collider.set_keep: mask shape {tuple(keep.shape)} does not match "
+                         f"the armed micro-batch {_STATE.shape}")
+    _STATE.keep = keep.reshape(-1).nonzero().squeeze(1)
+
+
+def token_rows(x: torch.Tensor) -> bool:
+    """Whether a layer input x (..., in) is over the armed micro-batch's token rows."""
+    return _STATE.shape is not None and tuple(x.shape[:-1]) == _STATE.shape
+
+
+def kept_rows(n: int) -> torch.Tensor | None:
+    """The kept row indices for a token-row call with n rows, or None (run dense)."""
+    if _STATE.keep is None or n != math.prod(_STATE.shape):
+        return None
+    return _STATE.keep
+
+
+def gather_rows(n: int, *tensors: torch.Tensor):
+    """(rows, gathered tensors): each tensor (n, ...) cut to the kept rows, or unchanged
+    with rows None when nothing is selected."""
+    rows = kept_rows(n)
+    if rows is None:
+        return None, tensors
+    return rows, tuple(t.index_select(0, rows) for t in tensors)
+
+
+def scatter_rows(rows: torch.Tensor | None, n: int, values: torch.Tensor) -> torch.Tensor:
+    """values (kept, ...) placed at `rows` of an (n, ...) zero tensor (identity if rows None)."""
+    if rows is None:
+        return values
+    return values.new_zeros((n, *values.shape[1:])).index_copy_(0, rows, values)
+
+
+class _GatheredLinear(torch.autograd.Function):
+    """F.linear(x, w) whose backward runs on the kept token rows only (module doc, step 4)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w = ctx.saved_tensors
+        n = math.prod(grad_y.shape[:-1])
+        g = grad_y.reshape(n, grad_y.shape[-1]).to(w.dtype)  # (N, out)
+        rows, (g, xr) = gather_rows(n, g, x.reshape(n, x.shape[-1]))
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = scatter_rows(rows, n, g @ w).reshape(x.shape).to(x.dtype)  # (N, in)
+        if ctx.needs_input_grad[1]:
+            grad_w = g.t() @ xr.to(w.dtype)  # (out, kept) @ (kept, in)
+        return grad_x, grad_w
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w); over an armed micro-batch's token rows, with the gathered backward."""
+    return _GatheredLinear.apply(x, w) if token_rows(x) else F.linear(x, w)
+
+
+# ---- selection and the training step -----------------------------------------------------
+
+
+def select(scores: torch.Tensor, valid: torch.Tensor, sparsity: float,
+           threshold: float) -> torch.Tensor:
+    """The kept-token mask (bool, shaped like scores) of the module doc's step 2."""
+    s, v = scores.detach().reshape(-1).float(), valid.reshape(-1)
+    keep = v.clone()
+    n = int(v.sum())
+    n_drop = math.floor(sparsity * n)
+    if n_drop == 0:
+        return keep.view(scores.shape)
+    lo, hi = s[v].min(), s[v].max()
+    u = (s - lo) / (hi - lo) if hi > lo else torch.zeros_like(s)
+    candidate = v & (u < threshold)
+    m = min(n_drop, int(candidate.sum()))
+    order = torch.argsort(torch.where(candidate, s, math.inf), stable=True)
+    keep[order[:m]] = False
+    return keep.view(scores.shape)
+
+
+class Collider:
+    """One training step with token filtering: forward, score, select, gathered backward."""
+
+    def __init__(self, sparsity: float = 0.35, threshold: float = 0.3, reference=None):
+        if not 0 <= sparsity < 1:
+            raise ValueError(f"collider sparsity must be in [0, 1), got {sparsity}")
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"collider threshold must be in [0, 1], got {threshold}")
+        self.sparsity, self.threshold = sparsity, threshold
+        self.reference = reference  # frozen GPT for excess-loss scores, or None
+
+    @classmethod
+    def from_config(cls, cfg, vocab_size: int, device, log=print) -> "Collider | None":
+        """From a ColliderConfig; None when disabled. Loads and freezes the reference model."""
+        if not cfg.enabled:
+            return None
+        ref = None
+        if cfg.reference:
+            from nanochat.sample import load_model
+
+            try:
+                ref, _, _ = load_model(cfg.reference)
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(f"train.collider.reference: {e}") from None
+            if ref.config.vocab_size != vocab_size:
+                raise ValueError(f"train.collider.reference {cfg.reference}: vocab_size "
+                                 f"{ref.config.vocab_size}, the model trains with {vocab_size}")
+            ref.set_bitlinear_kernel("auto")
+            ref.to(device).eval().requires_grad_(False)
+        log(f"collider: sparsity {cfg.sparsity:g}, threshold {cfg.threshold:g}, scores: "
+            + (f"excess loss vs {cfg.reference}" if ref is not None else "own loss"))
+        return cls(cfg.sparsity, cfg.threshold, ref)
+
+    def scores(self, tok_loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+               autocast=contextlib.nullcontext()) -> torch.Tensor:
+        """score_t (B, T): the token loss, minus the reference's if there is one."""
+        s = tok_loss.detach().float()
+        if self.reference is not None:
+            with torch.no_grad(), autocast:
+                _, ref = self.reference(x, y, loss_reduction="none")
+            s = s - ref.float()
+        return s
+
+    def forward_backward(self, model, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0,
+                         autocast=contextlib.nullcontext()) -> tuple[float, float]:
+        """Forward and backward of one micro-batch (the gradient of scale * kept-token mean
+        loss accumulates into model's .grad). Returns (mean loss over all tokens, kept
+        fraction of the tokens with a target)."""
+        if self.sparsity == 0:  # nothing can be dropped: exactly the unfiltered step
+            with autocast:
+                _, loss = model(x, y)
+            (loss * scale).backward()
+            return float(loss.detach()), 1.0
+        with armed(x.shape):
+            with autocast:
+                _, tok = model(x, y, loss_reduction="none")  # (B, T), 0 where y == -1
+            valid = y != -1
+            keep = select(self.scores(tok, x, y, autocast), valid, self.sparsity, self.threshold)
+            n_valid, n_kept = int(valid.sum()), int(keep.sum())
+            if n_kept < n_valid:
+                set_keep(keep)
+                loss = (tok * keep).sum() / max(n_kept, 1)
+            else:
+                loss = tok.sum() / max(n_valid, 1)
+            (loss * scale).backward()
+        mean = float(tok.detach().sum()) / max(n_valid, 1)
+        return mean, n_kept / max(n_valid, 1)
