@@ -74,7 +74,7 @@ def _cmd_model(args: argparse.Namespace) -> int:
     from nanochat import gpt
 
     if args.model == "info":
-        cfg = C.load_config(args.config)
+        cfg = C.load_config(args.config, args.set)
         info = gpt.model_info(cfg.model, args.batch or cfg.train.batch_size,
                               args.seq or cfg.train.seq_len)
         print(json.dumps(info) if args.json else gpt.format_model_info(info))
@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     pmi.add_argument("--config", default="tiny",
                      help="built-in config name (tiny, nano_125m, ...) or a TOML file")
     pmi.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    pmi.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                     help="override a config value, e.g. model.moe.experts=8 (repeatable)")
     pmi.add_argument("--batch", type=int, help="batch for the memory estimate "
                      "(default: the config's train.batch_size)")
     pmi.add_argument("--seq", type=int, help="sequence length for the memory estimate "

@@ -34,8 +34,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat import collider
+from nanochat.attention import attend, trim
 from nanochat.bitlinear import BitLinear, frozen
 from nanochat.config import ModelConfig, _build
+from nanochat.mhc import MHC
+from nanochat.moe import MoE
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +72,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, bitlinear: str):
+    """One layer. Options (config.py): mHC streams around both sub-layers (x is then
+    (B, T, n, d)), a mixture of experts in place of the FFN, a sliding attention window."""
+
+    def __init__(self, cfg: ModelConfig, bitlinear: str, layer: int = 0):
         super().__init__()
         d, hd = cfg.d_model, cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
         self.activation = cfg.activation
+        self.window = cfg.attention.layer_window(layer)  # None: full causal attention
         self.attn_norm = RMSNorm(d, cfg.norm_eps)
         self.attn_q = BitLinear(d, cfg.n_heads * hd, bitlinear)
         self.attn_k = BitLinear(d, cfg.n_kv_heads * hd, bitlinear)
@@ -81,10 +88,21 @@ class Block(nn.Module):
         self.attn_sub_norm = RMSNorm(d, cfg.norm_eps)
         self.attn_output = BitLinear(cfg.n_heads * hd, d, bitlinear)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps)
-        self.ffn_gate = BitLinear(d, cfg.ffn_hidden, bitlinear)
-        self.ffn_up = BitLinear(d, cfg.ffn_hidden, bitlinear)
-        self.ffn_sub_norm = RMSNorm(cfg.ffn_hidden, cfg.norm_eps)
-        self.ffn_down = BitLinear(cfg.ffn_hidden, d, bitlinear)
+        self.moe = None
+        if cfg.moe.experts:  # the experts replace ffn_gate/up/sub_norm/down
+            e = cfg.moe
+            self.moe = MoE(d, e.expert_hidden or cfg.ffn_hidden, e.experts, e.top_k,
+                           e.shared_expert, e.balance, e.bias_rate, cfg.activation,
+                           cfg.norm_eps, bitlinear)
+        else:
+            self.ffn_gate = BitLinear(d, cfg.ffn_hidden, bitlinear)
+            self.ffn_up = BitLinear(d, cfg.ffn_hidden, bitlinear)
+            self.ffn_sub_norm = RMSNorm(cfg.ffn_hidden, cfg.norm_eps)
+            self.ffn_down = BitLinear(cfg.ffn_hidden, d, bitlinear)
+        m = cfg.mhc
+        if m.streams > 1:
+            self.mhc_attn = MHC(m.streams, d, m.res, m.sinkhorn_iters, m.dynamic, cfg.norm_eps)
+            self.mhc_ffn = MHC(m.streams, d, m.res, m.sinkhorn_iters, m.dynamic, cfg.norm_eps)
 
     def attention(self, x, cos, sin, cache: list | None):
         B, T, _ = x.shape
@@ -98,27 +116,32 @@ class Block(nn.Module):
                 past = cache[0].shape[2]
                 k = torch.cat((cache[0], k), dim=2)
                 v = torch.cat((cache[1], v), dim=2)
-            cache[0], cache[1] = k, v
+            cache[0], cache[1] = trim(k, self.window), trim(v, self.window)
         if self.n_kv_heads != self.n_heads:  # q head h reads kv head h // group (llama.cpp's)
             group = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v)  # the new token sees everything
-        else:  # a chunk after a cache: query i (absolute past+i) sees keys 0..past+i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attend(q, k, v, past, self.window)
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B,T,H*D)
 
-    def forward(self, x, cos, sin, cache: list | None = None):
+    def attn_branch(self, x, cos, sin, cache: list | None = None):
         a = self.attention(self.attn_norm(x), cos, sin, cache)  # (B, T, d)
-        x = x + self.attn_output(self.attn_sub_norm(a))
+        return self.attn_output(self.attn_sub_norm(a))
+
+    def ffn_branch(self, x):
         h = self.ffn_norm(x)
+        if self.moe is not None:
+            return self.moe(h)
         g = self.ffn_gate(h)
         g = F.silu(g) if self.activation == "silu" else F.relu(g).square()
-        return x + self.ffn_down(self.ffn_sub_norm(g * self.ffn_up(h)))
+        return self.ffn_down(self.ffn_sub_norm(g * self.ffn_up(h)))
+
+    def forward(self, x, cos, sin, cache: list | None = None):
+        if hasattr(self, "mhc_attn"):  # x (B, T, n, d): streams mixed around each sub-layer
+            x = self.mhc_attn(x, lambda h: self.attn_branch(h, cos, sin, cache))
+            return self.mhc_ffn(x, self.ffn_branch)
+        x = x + self.attn_branch(x, cos, sin, cache)
+        return x + self.ffn_branch(x)
 
 
 class GPT(nn.Module):
@@ -127,7 +150,7 @@ class GPT(nn.Module):
         config.validate()
         self.config = config
         self.token_embd = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config, bitlinear) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, bitlinear, i) for i in range(config.n_layers))
         self.output_norm = RMSNorm(config.d_model, config.norm_eps)
         self.init_weights()
 
@@ -148,7 +171,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """normal(0, init_std) for the embedding and every BitLinear; the two residual output
-        projections (attn_output, ffn_down) scaled by 1/sqrt(2 * n_layers); norms at 1."""
+        projections (attn_output, ffn_down) scaled by 1/sqrt(2 * n_layers); norms at 1.
+        Experts like the dense FFN (router at init_std); mHC per nanochat/mhc.py."""
         std = self.config.init_std
         nn.init.normal_(self.token_embd.weight, 0.0, std)
         out_std = std / math.sqrt(2 * self.config.n_layers)
@@ -157,9 +181,15 @@ class GPT(nn.Module):
                 m.reset_parameters(std)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
-        for b in self.blocks:
+        for i, b in enumerate(self.blocks):
             b.attn_output.reset_parameters(out_std)
-            b.ffn_down.reset_parameters(out_std)
+            if b.moe is not None:
+                b.moe.reset_parameters(std, out_std)
+            else:
+                b.ffn_down.reset_parameters(out_std)
+            if hasattr(b, "mhc_attn"):
+                b.mhc_attn.reset_parameters(std, 2 * i)
+                b.mhc_ffn.reset_parameters(std, 2 * i + 1)
 
     def set_bitlinear_kernel(self, kernel: str) -> None:
         for m in self.modules():
@@ -181,8 +211,13 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
         x = self.token_embd(idx)
+        n = self.config.mhc.streams
+        if n > 1:  # n copies of the input (mhc.py: the init makes the streams diverge)
+            x = x.unsqueeze(-2).expand(B, T, n, x.shape[-1])
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, None if caches is None else caches[i])
+        if n > 1:
+            x = x.mean(dim=-2)  # collapse the streams before the final norm
         return self.output_norm(x)
 
     def forward_hidden(self, idx: torch.Tensor) -> torch.Tensor:
@@ -253,24 +288,43 @@ class GPT(nn.Module):
     # ---- sizes ------------------------------------------------------------------------
     def parameter_kinds(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """(name, parameter) by kind, for optimizer groups: "matrix" (BitLinear latent
-        weights), "embedding" (token_embd, tied with the LM head), "scalar" (RMSNorm gains)."""
+        weights and the experts' (E, out, in) ternary weights), "embedding" (token_embd,
+        tied with the LM head), "scalar" (everything full precision and small: RMSNorm
+        gains, the experts' sub-norms, the MoE router, the mHC coefficients)."""
         kinds: dict[str, list] = {"matrix": [], "embedding": [], "scalar": []}
         owner = {id(m.weight): k for m in self.modules() for k, cls in
                  (("matrix", BitLinear), ("scalar", RMSNorm), ("embedding", nn.Embedding))
                  if isinstance(m, cls)}
+        for m in self.modules():
+            if isinstance(m, MHC):
+                owner.update({id(p): "scalar" for p in m.parameters()})
+            elif isinstance(m, MoE):
+                owner.update({id(p): "matrix" for p in m.expert_matrices()})
+                owner[id(m.ffn_gate_inp)] = owner[id(m.ffn_sub_norm_exps)] = "scalar"
+                if m.shared:
+                    owner[id(m.ffn_sub_norm_shexp)] = "scalar"
         for name, p in self.named_parameters():
             kinds[owner[id(p)]].append((name, p))
         return kinds
 
     def num_params(self) -> dict[str, int]:
-        """Parameter counts: total, ternary (BitLinear weights), embedding (tied), norm."""
+        """Parameter counts: total, active (per token: the routed experts a token does not
+        use left out), ternary (BitLinear and expert weights), embedding (tied), norm (RMSNorm
+        gains, expert sub-norms), router (MoE, full precision), mhc (mHC coefficients)."""
         ternary = sum(m.weight.numel() for m in self.modules() if isinstance(m, BitLinear))
         norm = sum(m.weight.numel() for m in self.modules() if isinstance(m, RMSNorm))
         embedding = self.token_embd.weight.numel()
+        mhc = sum(p.numel() for m in self.modules() if isinstance(m, MHC) for p in m.parameters())
+        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        ternary += sum(p.numel() for m in moes for p in m.expert_matrices())
+        norm += sum(m.ffn_sub_norm_exps.numel() + (m.ffn_sub_norm_shexp.numel() if m.shared
+                                                   else 0) for m in moes)
+        router = sum(m.ffn_gate_inp.numel() for m in moes)
+        inactive = sum((m.experts - m.top_k) * m.expert_params() for m in moes)
         total = sum(p.numel() for p in self.parameters())
-        assert total == ternary + norm + embedding, "a parameter is not accounted for"
-        return {"total": total, "active": total, "ternary": ternary, "embedding": embedding,
-                "norm": norm}
+        assert total == ternary + norm + embedding + router + mhc, "a parameter is not counted"
+        return {"total": total, "active": total - inactive, "ternary": ternary,
+                "embedding": embedding, "norm": norm, "router": router, "mhc": mhc}
 
     def estimate_memory(self, batch: int, seq: int) -> dict[str, int]:
         """Rough bytes. Training: fp32 params + grads + AdamW's two fp32 moments (16 B/param)
@@ -280,17 +334,29 @@ class GPT(nn.Module):
         softmax gradient (2*V floats per token). Inference: ternary weights packed at 2 bits
         (+ one fp32 scale per matrix), the embedding in f16, norms in f32; KV cache in f16.
         Checked on tiny at 4 x 256 tokens: 197 MiB estimated vs 159 MiB (cpp BitLinear,
-        int8 saved inputs) / 204 MiB (torch BitLinear) of live saved tensors."""
+        int8 saved inputs) / 204 MiB (torch BitLinear) of live saved tensors.
+        Options: MoE saves 6*hidden per routed slot (+ the shared expert) and 2*d for the
+        gathered rows instead of the dense FFN's 6*ffn; mHC adds about 3*n*d per sub-layer
+        (the streams, their RMS-normed copy, the mixed output); a windowed layer's KV cache
+        holds min(window, seq) positions; router and mHC weights stay f32 for inference."""
         c = self.config
         n = self.num_params()
         d_kv = c.n_kv_heads * c.head_dim
         tokens = batch * seq
-        act = tokens * (c.n_layers * (14 * c.d_model + 2 * d_kv + 6 * c.ffn_hidden)
+        ffn_act = 6 * c.ffn_hidden
+        if c.moe.experts:
+            h = c.moe.expert_hidden or c.ffn_hidden
+            ffn_act = 6 * h * (c.moe.top_k + c.moe.shared_expert) + 2 * c.d_model * c.moe.top_k
+        mhc_act = 6 * c.mhc.streams * c.d_model if c.mhc.streams > 1 else 0
+        act = tokens * (c.n_layers * (14 * c.d_model + 2 * d_kv + ffn_act + mhc_act)
                         + 2 * c.vocab_size) * 4
         state = n["total"] * 16
         n_mats = sum(1 for m in self.modules() if isinstance(m, BitLinear))
-        packed = n["ternary"] // 4 + 4 * n_mats + 2 * n["embedding"] + 4 * n["norm"]
-        kv = 2 * c.n_layers * tokens * d_kv * 2
+        n_mats += sum(3 * m.experts for m in self.modules() if isinstance(m, MoE))
+        packed = (n["ternary"] // 4 + 4 * n_mats + 2 * n["embedding"]
+                  + 4 * (n["norm"] + n["router"] + n["mhc"]))
+        kv_pos = sum(seq if b.window is None else min(b.window, seq) for b in self.blocks)
+        kv = 2 * batch * kv_pos * d_kv * 2
         return {"params_bytes": n["total"] * 4, "optimizer_state_bytes": n["total"] * 8,
                 "activation_bytes": act, "training_state_bytes": state + act,
                 "packed_inference_bytes": packed, "kv_cache_bytes": kv}
@@ -327,11 +393,28 @@ def model_info(config: ModelConfig, batch: int = 1, seq: int | None = None) -> d
         "batch": batch, "seq": seq,
         "total_params": n["total"], "active_params": n["active"],
         "ternary_params": n["ternary"], "embedding_params": n["embedding"],
-        "norm_params": n["norm"],
+        "norm_params": n["norm"], "router_params": n["router"], "mhc_params": n["mhc"],
         **mem,
     }
 
 
+
+
+def _option_lines(info: dict) -> list[str]:
+    """model info lines of the architecture options that are on."""
+    c, lines = info["config"], []
+    moe, mhc, att = c.get("moe", {}), c.get("mhc", {}), c.get("attention", {})
+    if moe.get("experts"):
+        lines.append(f"  router (f32)       : {info['router_params']:>15,}  (MoE: {moe['experts']} "
+                     f"experts, top-{moe['top_k']}{', shared expert' if moe['shared_expert'] else ''}"
+                     f"; active = {info['active_params'] / info['total_params']:.0%} of total)")
+    if mhc.get("streams", 1) > 1:
+        lines.append(f"  mHC (f32)          : {info['mhc_params']:>15,}  ({mhc['streams']} streams, "
+                     f"{mhc['res']}, {'dynamic' if mhc['dynamic'] else 'static'})")
+    if "S" in att.get("pattern", "L"):
+        lines.append(f"  attention          : pattern {att['pattern']!r} over the layers, "
+                     f"window {att['window']}")
+    return lines
 
 
 def format_model_info(info: dict) -> str:
@@ -350,6 +433,7 @@ def format_model_info(info: dict) -> str:
         f"  ternary (BitLinear): {info['ternary_params']:>15,}",
         f"  embedding (tied)   : {info['embedding_params']:>15,}",
         f"  norms              : {info['norm_params']:>15,}",
+        *_option_lines(info),
         f"memory (batch {info['batch']} x seq {info['seq']}, rough):",
         f"  training state     : {gib(info['training_state_bytes'])}  (params+grads+AdamW "
         f"{gib(info['params_bytes'] * 2 + info['optimizer_state_bytes'])}, activations "
