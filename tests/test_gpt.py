@@ -283,9 +283,10 @@ def test_builtin_configs_exist():
 def test_config_parses_and_counts(name):
     cfg = load_config(name).model
     info = model_info(cfg, batch=1, seq=128)  # meta device: no memory even for 3B
-    assert info["total_params"] == info["active_params"]
+    assert (info["total_params"] == info["active_params"]) == (cfg.moe.experts == 0)
     assert info["total_params"] == (info["ternary_params"] + info["embedding_params"]
-                                    + info["norm_params"])
+                                    + info["norm_params"] + info["router_params"]
+                                    + info["mhc_params"])
     if name in SIZES:
         assert cfg.vocab_size == 32768
         assert abs(info["total_params"] / SIZES[name] - 1) < 0.05, info["total_params"]

@@ -102,6 +102,23 @@ def architecture(cfg: ModelConfig) -> tuple[str, list[KV]]:
     return "nanochat", [("nanochat.ffn_activation", "string", cfg.activation), *extensions]
 
 
+def check_supported(cfg: ModelConfig) -> None:
+    """Refuse a model that uses an architecture option the GGUF writer and the engine do
+    not implement yet, naming the config key (the reserved keys are in docs/gguf.md)."""
+    unsupported = []
+    if cfg.moe.experts:
+        unsupported.append(f"model.moe.experts = {cfg.moe.experts} (mixture of experts)")
+    if cfg.mhc.streams > 1:
+        unsupported.append(f"model.mhc.streams = {cfg.mhc.streams} (mHC residual streams)")
+    if "S" in cfg.attention.pattern:
+        unsupported.append(f"model.attention.pattern = {cfg.attention.pattern!r} "
+                           f"(sliding-window layers)")
+    if unsupported:
+        raise ValueError(f"export: the GGUF writer does not support {'; '.join(unsupported)} "
+                         f"yet; only dense models with plain residuals and full attention "
+                         f"export")
+
+
 def metadata(cfg: ModelConfig, tok: Tokenizer, weight_type: str, name: str) -> list[KV]:
     """Every metadata key/value of the file, in file order (docs/gguf.md)."""
     arch, extra = architecture(cfg)
@@ -225,6 +242,7 @@ def export_gguf(model, tokenizer: Tokenizer, path: str | os.PathLike,
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {cfg.vocab_size}")
 
+    check_supported(cfg)
     plan = _plan(model)
     _check_shapes(plan, cfg, embd_type)
     name = name if name is not None else "nanochat"
