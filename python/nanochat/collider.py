@@ -201,15 +201,15 @@ class Collider:
             s = s - ref.float()
         return s
 
-    def forward_backward(self, model, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0,
+    def forward_backward(self, model, x: torch.Tensor, y: torch.Tensor, accum: int = 1,
                          autocast=contextlib.nullcontext()) -> tuple[float, float]:
-        """Forward and backward of one micro-batch (the gradient of scale * kept-token mean
-        loss accumulates into model's .grad). Returns (mean loss over all tokens, kept
-        fraction of the tokens with a target)."""
+        """Forward and backward of one micro-batch of `accum` (the gradient of the kept-token
+        mean loss / accum accumulates into model's .grad, as the trainer's unfiltered step
+        does). Returns (mean loss over all tokens, kept fraction of the tokens with a target)."""
         if self.sparsity == 0:  # nothing can be dropped: exactly the unfiltered step
             with autocast:
                 _, loss = model(x, y)
-            (loss * scale).backward()
+            (loss / accum).backward()
             return float(loss.detach()), 1.0
         with armed(x.shape):
             with autocast:
@@ -222,6 +222,6 @@ class Collider:
                 loss = (tok * keep).sum() / max(n_kept, 1)
             else:
                 loss = tok.sum() / max(n_valid, 1)
-            (loss * scale).backward()
+            (loss / accum).backward()
         mean = float(tok.detach().sum()) / max(n_valid, 1)
         return mean, n_kept / max(n_valid, 1)

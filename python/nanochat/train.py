@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from nanochat import checkpoint
+from nanochat.collider import Collider
 from nanochat.config import RunConfig, from_dict
 from nanochat.dataset import TokenData, unigram_bigram_bpb
 from nanochat.gpt import GPT
@@ -154,6 +155,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
     torch.manual_seed(t.seed)
     model = GPT(cfg.model, bitlinear=t.bitlinear).to(device)
     model.set_bitlinear_backward(t.bitlinear_backward)
+    collider = Collider.from_config(t.collider, cfg.model.vocab_size, device, log=log)
     opt = build_optimizer(model, cfg, log=log if state is None else (lambda *_: None))
     step, elapsed_before = 0, 0.0
     if state is not None:
@@ -215,10 +217,15 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                                        cfg.schedule)
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * lr_factor
-                loss_sum = 0.0
+                loss_sum, kept_sum = 0.0, 0.0
                 for _ in range(t.grad_accum):
                     x, y = loader.next()
                     window_wait += loader.last_wait_s
+                    if collider is not None:  # token filtering: score, select, gathered backward
+                        loss_f, kept = collider.forward_backward(model, x, y, t.grad_accum,
+                                                                 autocast)
+                        loss_sum, kept_sum = loss_sum + loss_f, kept_sum + kept
+                        continue
                     with autocast:
                         _, loss = model(x, y)
                     (loss / t.grad_accum).backward()
@@ -249,7 +256,9 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                     metrics.log(step, loss=loss_val, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm,
                                 tokens_per_s=tps, data_wait_s=window_wait,
                                 data_wait_fraction=window_wait / span if span > 0 else 0.0,
-                                peak_memory_bytes=peak_memory_bytes(device))
+                                peak_memory_bytes=peak_memory_bytes(device),
+                                collider_kept_fraction=(kept_sum / t.grad_accum if collider
+                                                        else None))
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}",
                                         lr=f"{opt.param_groups[0]['lr']:.2e}")
