@@ -245,6 +245,7 @@ void gguf_write(const std::string& path, const py::list& kvs, const py::list& te
 // Defined in engine.cpp and tokenizer.cpp (one file per bound concept).
 void bind_engine(py::module_& m);
 void bind_tokenizer(py::module_& m);
+void bind_loss(py::module_& m);  // loss.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "nanochat C++ core: ternary formats and W1.58A8 kernels";
@@ -522,4 +523,5 @@ PYBIND11_MODULE(_C, m) {
 
   bind_engine(m);
   bind_tokenizer(m);
+  bind_loss(m);
 }

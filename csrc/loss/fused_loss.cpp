@@ -1,0 +1,259 @@
+// The fused linear cross-entropy driver (see fused_loss.h): argument checks, the chunk loop
+// over each head's non-ignored tokens, and a blocked GEMM (Goto/BLIS order: KC x NC panels
+// of B and MC x KC panels of A packed per thread, MR x NR micro-tiles from the per-ISA
+// files), threaded over output blocks on the project pool. Every output block is owned by
+// one task and summed in a fixed order, so results do not depend on the thread count.
+#include "loss/fused_loss.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common/cpu.h"
+#include "common/threadpool.h"
+#include "nanochat/error.hpp"
+
+namespace nanochat {
+namespace {
+
+using loss_kernels::Kernels;
+using loss_kernels::MR;
+using loss_kernels::NR;
+
+// Block sizes: a KC x NR B panel (32 KiB) stays in L1 while MC x KC of A (120 KiB) sits
+// in L2 next to the KC x NC B block (256 KiB).
+constexpr int64_t KC = 256;
+constexpr int64_t MC = 10 * MR;
+constexpr int64_t NC = 8 * NR;
+
+// Element (i, k) of a matrix at p[i * rs + k * cs]: one view covers a matrix and its
+// transpose, so the three GEMMs of the loss (h W^T, G W, G^T h) share the packers.
+struct View {
+  const float* p;
+  int64_t rs, cs;
+};
+
+inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Rows [i0, i0 + mc) x k [k0, k0 + kc) of A into MR-row panels dst[panel][k][MR] (F32) or
+// dst[panel][k/2][MR][2] (BF16), zero-padded to whole panels (and an even kc).
+template <typename T>
+void pack_a(View a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, T* dst) {
+  const int64_t kp = std::is_same<T, float>::value ? kc : (kc + 1) & ~int64_t(1);
+  for (int64_t ip = 0; ip < mc; ip += MR) {
+    T* d = dst + ip * kp;
+    const int64_t rows = std::min<int64_t>(MR, mc - ip);
+    for (int64_t r = 0; r < MR; ++r) {
+      const float* src = a.p + (i0 + ip + r) * a.rs + k0 * a.cs;
+      for (int64_t k = 0; k < kp; ++k) {
+        const float v = (r < rows && k < kc) ? src[k * a.cs] : 0.0f;
+        if constexpr (std::is_same<T, float>::value)
+          d[k * MR + r] = v;
+        else
+          d[(k / 2) * 2 * MR + 2 * r + (k & 1)] = to_bf16(v);
+      }
+    }
+  }
+}
+
+// k [k0, k0 + kc) x columns [j0, j0 + nc) of B into NR-column panels dst[panel][k][NR]
+// (F32) or dst[panel][k/2][NR][2] (BF16), zero-padded.
+template <typename T>
+void pack_b(View b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) {
+  const int64_t kp = std::is_same<T, float>::value ? kc : (kc + 1) & ~int64_t(1);
+  for (int64_t jp = 0; jp < nc; jp += NR) {
+    T* d = dst + jp * kp;
+    const int64_t cols = std::min<int64_t>(NR, nc - jp);
+    for (int64_t j = 0; j < NR; ++j) {
+      const float* src = b.p + k0 * b.rs + (j0 + jp + j) * b.cs;
+      for (int64_t k = 0; k < kp; ++k) {
+        const float v = (j < cols && k < kc) ? src[k * b.rs] : 0.0f;
+        if constexpr (std::is_same<T, float>::value)
+          d[k * NR + j] = v;
+        else
+          d[(k / 2) * 2 * NR + 2 * j + (k & 1)] = to_bf16(v);
+      }
+    }
+  }
+}
+
+// C (M x N, row stride ldc) = (accumulate ? C : 0) + A (M x K) B (K x N).
+template <typename T>
+void gemm(const Kernels& kern, int64_t M, int64_t N, int64_t K, View a, View b, float* c,
+          int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.0f);
+    return;
+  }
+  const int64_t mb = (M + MC - 1) / MC, nb = (N + NC - 1) / NC;
+  parallel_for(mb * nb, [&](int64_t task) {
+    const int64_t i0 = (task % mb) * MC, j0 = (task / mb) * NC;
+    const int64_t mc = std::min(MC, M - i0), nc = std::min(NC, N - j0);
+    thread_local std::vector<T> ap, bp;
+    ap.resize(size_t(MC * (KC + 1)));
+    bp.resize(size_t(NC * (KC + 1)));
+    alignas(64) float tile[MR * NR];
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = std::min(KC, K - k0);
+      const int64_t kp = std::is_same<T, float>::value ? kc : (kc + 1) & ~int64_t(1);
+      const bool acc = accumulate || k0 > 0;
+      pack_a(a, i0, mc, k0, kc, ap.data());
+      pack_b(b, k0, kc, j0, nc, bp.data());
+      for (int64_t jr = 0; jr < nc; jr += NR) {
+        const T* bpanel = bp.data() + jr * kp;
+        const int64_t cols = std::min<int64_t>(NR, nc - jr);
+        for (int64_t ir = 0; ir < mc; ir += MR) {
+          const T* apanel = ap.data() + ir * kp;
+          const int64_t rows = std::min<int64_t>(MR, mc - ir);
+          float* cp = c + (i0 + ir) * ldc + j0 + jr;
+          if (rows == MR && cols == NR) {
+            if constexpr (std::is_same<T, float>::value)
+              kern.f32(kp, apanel, bpanel, cp, ldc, acc);
+            else
+              kern.bf16(kp, apanel, bpanel, cp, ldc, acc);
+            continue;
+          }
+          if constexpr (std::is_same<T, float>::value)
+            kern.f32(kp, apanel, bpanel, tile, NR, false);
+          else
+            kern.bf16(kp, apanel, bpanel, tile, NR, false);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < cols; ++j)
+              cp[r * ldc + j] = (acc ? cp[r * ldc + j] : 0.0f) + tile[r * NR + j];
+        }
+      }
+    }
+  });
+}
+
+const Kernels& kernels_for(Isa isa) {
+#ifdef NANOCHAT_HAVE_X86_KERNELS
+  if ((isa == Isa::avx512 || isa == Isa::avx512vnni) && loss_kernels::avx512_supported())
+    return loss_kernels::avx512;
+#endif
+  (void)isa;
+  return loss_kernels::scalar;
+}
+
+std::string num(int64_t v) { return std::to_string(v); }
+
+}  // namespace
+
+const char* loss_precision_name(LossPrecision p) {
+  return p == LossPrecision::bf16 ? "bf16" : "f32";
+}
+
+LossPrecision loss_precision_from_name(const char* name) {
+  const std::string n = name ? name : "";
+  if (n == "f32" || n == "float32") return LossPrecision::f32;
+  if (n == "bf16") return LossPrecision::bf16;
+  throw Error("fused loss precision: expected 'f32' or 'bf16', got '" + n + "'");
+}
+
+bool loss_precision_supported(LossPrecision p, Isa isa) {
+  if (p == LossPrecision::f32) return true;
+  // bf16 runs on the scalar reference anywhere, and on AVX-512 only with vdpbf16ps.
+  const Kernels& k = kernels_for(isa);
+  return &k == &loss_kernels::scalar || cpu_features().avx512bf16;
+}
+
+float fused_linear_cross_entropy(const FusedLossArgs& a) {
+  return fused_linear_cross_entropy(a, active_isa());
+}
+
+float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa) {
+  const std::string f = "fused_linear_cross_entropy: ";
+  if (a.vocab <= 0 || a.dim <= 0) throw Error(f + "vocab and dim must be > 0");
+  if (a.heads <= 0) throw Error(f + "heads must be > 0, got " + num(a.heads));
+  if (a.tokens < 0) throw Error(f + "tokens must be >= 0, got " + num(a.tokens));
+  if (a.chunk <= 0) throw Error(f + "chunk must be > 0, got " + num(a.chunk));
+  if (!a.weight) throw Error(f + "weight: null buffer");
+  if (a.tokens > 0 && (!a.hidden || !a.targets)) throw Error(f + "hidden/targets: null buffer");
+  if (!a.head_weights || !a.loss) throw Error(f + "head_weights/loss: null buffer");
+  const bool grad = a.grad_hidden != nullptr;
+  if (grad != (a.grad_weight != nullptr))
+    throw Error(f + "grad_hidden and grad_weight must be given together");
+  if (!loss_precision_supported(a.precision, isa))
+    throw Error(f + "precision bf16 needs AVX512-BF16 (this CPU lacks it) or the scalar ISA");
+  const int64_t V = a.vocab, D = a.dim, T = a.tokens;
+  for (int64_t i = 0; i < a.heads; ++i) {
+    if (!std::isfinite(a.head_weights[i]))
+      throw Error(f + "head_weights[" + num(i) + "] is not finite");
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t y = a.targets[i * T + t];
+      if (y < -1 || y >= V)
+        throw Error(f + "targets[" + num(i) + ", " + num(t) + "] = " + num(y) +
+                    " is outside [-1, vocab = " + num(V) + ")");
+    }
+  }
+  const Kernels& kern = kernels_for(isa);
+  const bool bf16 = a.precision == LossPrecision::bf16;
+  if (grad) {
+    std::fill(a.grad_hidden, a.grad_hidden + a.heads * T * D, 0.0f);
+    std::fill(a.grad_weight, a.grad_weight + V * D, 0.0f);
+  }
+  const int64_t C = std::max<int64_t>(1, std::min(a.chunk, T));
+  std::vector<float> logits(size_t(C * V)), hc(size_t(C * D)), gc(grad ? size_t(C * D) : 0);
+  std::vector<int64_t> rows(static_cast<size_t>(C));
+  std::vector<int32_t> tg(static_cast<size_t>(C));
+  std::vector<float> row_loss(static_cast<size_t>(C));
+  auto run_gemm = [&](int64_t M, int64_t N, int64_t K, View x, View y, float* out, int64_t ldc,
+                      bool accumulate) {
+    if (bf16)
+      gemm<uint16_t>(kern, M, N, K, x, y, out, ldc, accumulate);
+    else
+      gemm<float>(kern, M, N, K, x, y, out, ldc, accumulate);
+  };
+
+  double total = 0.0;
+  for (int64_t i = 0; i < a.heads; ++i) {
+    const int32_t* ti = a.targets + i * T;
+    const float* hi = a.hidden + i * T * D;
+    const int64_t n = std::count_if(ti, ti + T, [](int32_t y) { return y >= 0; });
+    if (n == 0) {  // nothing to predict (e.g. a sequence shorter than the head's offset)
+      a.loss[i] = 0.0f;
+      continue;
+    }
+    const float scale = float(double(a.head_weights[i]) / double(n));
+    double sum = 0.0;
+    int64_t t = 0;
+    while (t < T) {
+      int64_t c = 0;  // gather the next chunk of non-ignored tokens
+      for (; t < T && c < C; ++t)
+        if (ti[t] >= 0) {
+          rows[c] = t;
+          tg[c] = ti[t];
+          std::memcpy(hc.data() + c * D, hi + t * D, size_t(D) * sizeof(float));
+          ++c;
+        }
+      if (c == 0) break;
+      // logits (c x V) = h_c (c x D) W^T
+      run_gemm(c, V, D, View{hc.data(), D, 1}, View{a.weight, 1, D}, logits.data(), V, false);
+      parallel_for(c, [&](int64_t r) {
+        row_loss[r] = kern.ce_row(logits.data() + r * V, V, tg[r], scale, grad);
+      });
+      for (int64_t r = 0; r < c; ++r) sum += row_loss[r];
+      if (!grad) continue;
+      // grad_h_c (c x D) = G (c x V) W (V x D); grad_W (V x D) += G^T h_c
+      run_gemm(c, D, V, View{logits.data(), V, 1}, View{a.weight, D, 1}, gc.data(), D, false);
+      run_gemm(V, D, c, View{logits.data(), 1, V}, View{hc.data(), D, 1}, a.grad_weight, D, true);
+      float* gh = a.grad_hidden + i * T * D;
+      for (int64_t r = 0; r < c; ++r)
+        std::memcpy(gh + rows[r] * D, gc.data() + r * D, size_t(D) * sizeof(float));
+    }
+    a.loss[i] = float(sum / double(n));
+    total += double(a.head_weights[i]) * double(a.loss[i]);
+  }
+  return float(total);
+}
+
+}  // namespace nanochat

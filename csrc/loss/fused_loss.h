@@ -1,0 +1,90 @@
+// Fused linear cross-entropy for the LM head and the multi-token-prediction heads: the
+// output projection, softmax cross-entropy and its backward, chunked over tokens so the
+// [tokens x vocab] logits are never materialized (the idea of Liger-Kernel's fused linear
+// CE and Apple's Cut Cross-Entropy). Plain C++17.
+//
+// For head i (hidden h_i: tokens x d, targets t_i, -1 = ignore) and the tied unembedding
+// W (vocab x d):
+//   loss_i = mean over tokens with t_i >= 0 of  logsumexp(h_i W^T) - (h_i W^T)[t_i]
+//   total  = sum_i head_weight_i * loss_i                 (0 for a head with no target)
+// and, when asked, the gradients of `total`:
+//   grad_h_i = G_i W,   grad_W = sum_i G_i^T h_i,   G_i = (softmax - onehot) * w_i / n_i.
+//
+// Per chunk of c non-ignored tokens of one head: gather the rows, logits = h_c W^T (GEMM),
+// per row max, exp written in place, logsumexp and loss, then the softmax gradient in
+// place, grad_h_c = G W (GEMM), grad_W += G^T h_c (GEMM). Memory arithmetic: the scratch
+// is c * vocab floats of logits (1024 x 32768 x 4 B = 128 MiB at the default chunk) plus
+// 2 * c * d floats and per-thread GEMM pack buffers (< 1 MiB each), against
+// tokens * vocab * 4 B for the logits alone in the naive form (8192 tokens: 1 GiB, and
+// its softmax and gradient as much again each).
+//
+// GEMMs: one blocked, packed driver (fused_loss.cpp) over per-ISA micro-kernels
+// (fused_loss_scalar.cpp: the reference; fused_loss_avx512.cpp: AVX-512 F32 FMA and
+// AVX512-BF16 vdpbf16ps with f32 accumulation), picked at run time from active_isa().
+#pragma once
+
+#include <cstdint>
+
+#include "ternary/dispatch.h"  // Isa
+
+namespace nanochat {
+
+// GEMM operand precision: f32 (the reference) or bf16 operands rounded to nearest even
+// with f32 accumulation (AVX512-BF16 only; tests bound its error).
+enum class LossPrecision { f32, bf16 };
+
+const char* loss_precision_name(LossPrecision p);
+LossPrecision loss_precision_from_name(const char* name);  // "f32"/"float32" or "bf16"
+bool loss_precision_supported(LossPrecision p, Isa isa);   // bf16: AVX512-BF16 CPUs
+
+struct FusedLossArgs {
+  const float* weight = nullptr;        // vocab x dim, row-major
+  int64_t vocab = 0, dim = 0;
+  const float* hidden = nullptr;        // heads x tokens x dim
+  const int32_t* targets = nullptr;     // heads x tokens, in [0, vocab) or -1 (ignored)
+  int64_t heads = 0, tokens = 0;
+  const float* head_weights = nullptr;  // heads
+  float* loss = nullptr;                // out: heads, each head's unweighted mean loss
+  float* grad_hidden = nullptr;         // out (optional): heads x tokens x dim
+  float* grad_weight = nullptr;         // out (optional): vocab x dim, overwritten
+  int64_t chunk = 1024;                 // tokens per chunk (> 0)
+  LossPrecision precision = LossPrecision::f32;
+};
+
+// Runs the loss (and the gradients where grad_hidden / grad_weight are given: both or
+// neither) on the kernels of `isa`. Returns the weighted total. Throws nanochat::Error
+// naming the argument on bad shapes, null buffers or a target outside [-1, vocab).
+float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa);
+float fused_linear_cross_entropy(const FusedLossArgs& a);  // active_isa()
+
+// ---- per-ISA kernels (internal; declared here for the two kernel files) -----------------
+namespace loss_kernels {
+
+constexpr int MR = 12;  // micro-tile rows
+constexpr int NR = 32;  // micro-tile columns (two 16-float vectors)
+
+// C (MR x NR, row stride ldc) = (accumulate ? C : 0) + A_p * B_p over kc steps.
+// F32: A_p[k][MR], B_p[k][NR]. BF16: pairs along k, A_p[k/2][MR][2], B_p[k/2][NR][2]
+// (uint16 bf16 bits), kc even.
+using MicroF32 = void (*)(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc,
+                          bool accumulate);
+using MicroBf16 = void (*)(int64_t kc, const uint16_t* ap, const uint16_t* bp, float* c,
+                           int64_t ldc, bool accumulate);
+// One row of logits x (n floats), target t >= 0: returns logsumexp(x) - x[t]; with grad,
+// x becomes (softmax(x) - onehot(t)) * scale.
+using CeRow = float (*)(float* x, int64_t n, int32_t t, float scale, bool grad);
+
+struct Kernels {
+  MicroF32 f32;
+  MicroBf16 bf16;  // nullptr where the ISA has no bf16 dot product
+  CeRow ce_row;
+};
+
+extern const Kernels scalar;
+#ifdef NANOCHAT_HAVE_X86_KERNELS
+extern const Kernels avx512;
+bool avx512_supported();  // AVX-512 F/BW/VL on this CPU
+#endif
+
+}  // namespace loss_kernels
+}  // namespace nanochat

@@ -1,0 +1,256 @@
+// The fused linear cross-entropy (csrc/loss): loss and gradients against plain
+// double-precision math on odd sizes with ignored targets, every ISA and thread count,
+// chunk-size invariance, the F32 micro-tile bit-equal to the scalar reference, the bf16
+// path's error bound, and argument checks.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "common/cpu.h"
+#include "loss/fused_loss.h"
+#include "test_util.h"
+
+using namespace nanochat;
+using nanochat_test::GlobalStateGuard;
+using nanochat_test::random_floats;
+
+namespace {
+
+struct Problem {
+  int64_t heads, tokens, vocab, dim;
+  std::vector<float> w, h, hw;
+  std::vector<int32_t> y;
+};
+
+Problem make(std::mt19937& rng, int64_t heads, int64_t tokens, int64_t vocab, int64_t dim) {
+  Problem p{heads, tokens, vocab, dim, random_floats(rng, vocab * dim, -0.5f, 0.5f),
+            random_floats(rng, heads * tokens * dim, -1.0f, 1.0f), {}, {}};
+  for (int64_t i = 0; i < heads; ++i) p.hw.push_back(1.0f / float(1 + i));
+  std::uniform_int_distribution<int32_t> tok(0, int32_t(vocab - 1));
+  std::uniform_real_distribution<double> u(0, 1);
+  for (int64_t i = 0; i < heads * tokens; ++i) p.y.push_back(u(rng) < 0.2 ? -1 : tok(rng));
+  return p;
+}
+
+struct Result {
+  float total;
+  std::vector<float> loss, gh, gw;
+};
+
+Result run(const Problem& p, Isa isa, int64_t chunk, bool grad = true,
+           LossPrecision prec = LossPrecision::f32) {
+  Result r{0, std::vector<float>(size_t(p.heads)), {}, {}};
+  if (grad) {
+    r.gh.assign(size_t(p.heads * p.tokens * p.dim), 7.0f);  // overwritten, not accumulated
+    r.gw.assign(size_t(p.vocab * p.dim), 7.0f);
+  }
+  FusedLossArgs a;
+  a.weight = p.w.data();
+  a.vocab = p.vocab;
+  a.dim = p.dim;
+  a.hidden = p.h.data();
+  a.targets = p.y.data();
+  a.heads = p.heads;
+  a.tokens = p.tokens;
+  a.head_weights = p.hw.data();
+  a.loss = r.loss.data();
+  a.grad_hidden = grad ? r.gh.data() : nullptr;
+  a.grad_weight = grad ? r.gw.data() : nullptr;
+  a.chunk = chunk;
+  a.precision = prec;
+  r.total = fused_linear_cross_entropy(a, isa);
+  return r;
+}
+
+// Plain double-precision math: logits, softmax, mean CE over non-ignored tokens.
+Result reference(const Problem& p) {
+  const int64_t T = p.tokens, V = p.vocab, D = p.dim;
+  Result r{0, std::vector<float>(size_t(p.heads)), std::vector<float>(size_t(p.heads * T * D)),
+           std::vector<float>(size_t(V * D))};
+  std::vector<double> gw(static_cast<size_t>(V * D)), z(static_cast<size_t>(V));
+  double total = 0;
+  for (int64_t i = 0; i < p.heads; ++i) {
+    int64_t n = 0;
+    for (int64_t t = 0; t < T; ++t) n += p.y[i * T + t] >= 0;
+    double sum = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t y = p.y[i * T + t];
+      if (y < 0) continue;
+      const float* h = p.h.data() + (i * T + t) * D;
+      double m = -1e300;
+      for (int64_t v = 0; v < V; ++v) {
+        double s = 0;
+        for (int64_t d = 0; d < D; ++d) s += double(h[d]) * p.w[v * D + d];
+        z[v] = s;
+        m = std::max(m, s);
+      }
+      double se = 0;
+      for (int64_t v = 0; v < V; ++v) se += std::exp(z[v] - m);
+      sum += m + std::log(se) - z[y];
+      const double scale = double(p.hw[i]) / double(n);
+      for (int64_t v = 0; v < V; ++v) {
+        const double g = (std::exp(z[v] - m) / se - (v == y)) * scale;
+        for (int64_t d = 0; d < D; ++d) {
+          r.gh[(i * T + t) * D + d] += float(g * p.w[v * D + d]);
+          gw[v * D + d] += g * h[d];
+        }
+      }
+    }
+    r.loss[i] = n ? float(sum / n) : 0.0f;
+    total += p.hw[i] * r.loss[i];
+  }
+  for (size_t k = 0; k < gw.size(); ++k) r.gw[k] = float(gw[k]);
+  r.total = float(total);
+  return r;
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(double(a[i]) - b[i]));
+  return m;
+}
+
+std::vector<Isa> isas() {
+  std::vector<Isa> v = {Isa::scalar};
+  if (isa_supported(Isa::avx512)) v.push_back(Isa::avx512);
+  return v;
+}
+
+}  // namespace
+
+TEST(FusedLoss, MatchesDoublePrecisionReference) {
+  GlobalStateGuard guard;
+  std::mt19937 rng(1);
+  // Odd sizes: partial micro-tiles in every GEMM, K not a multiple of the block.
+  const Problem p = make(rng, 3, 45, 301, 37);
+  const Result ref = reference(p);
+  for (Isa isa : isas())
+    for (int threads : {1, 2}) {
+      set_num_threads(threads);
+      const Result r = run(p, isa, 16);
+      SCOPED_TRACE(std::string(isa_name(isa)) + " threads " + std::to_string(threads));
+      EXPECT_NEAR(r.total, ref.total, 1e-5);
+      for (int64_t i = 0; i < p.heads; ++i) EXPECT_NEAR(r.loss[i], ref.loss[i], 1e-5);
+      EXPECT_LT(max_abs_diff(r.gh, ref.gh), 1e-6);
+      EXPECT_LT(max_abs_diff(r.gw, ref.gw), 1e-6);
+    }
+}
+
+TEST(FusedLoss, ChunkSizeDoesNotChangeResults) {
+  GlobalStateGuard guard;
+  std::mt19937 rng(2);
+  const Problem p = make(rng, 2, 100, 97, 300);  // dim > KC: two K blocks in h W^T
+  for (Isa isa : isas()) {
+    const Result base = run(p, isa, 1000);
+    for (int64_t chunk : {1, 7, 13, 64}) {
+      const Result r = run(p, isa, chunk);
+      // Every row's logits, loss and grad_h are independent of the chunk; only grad_W's
+      // sum over tokens is split differently.
+      EXPECT_EQ(r.loss, base.loss) << "chunk " << chunk;
+      EXPECT_EQ(r.gh, base.gh) << "chunk " << chunk;
+      EXPECT_LT(max_abs_diff(r.gw, base.gw), 1e-6) << "chunk " << chunk;
+    }
+  }
+}
+
+TEST(FusedLoss, ThreadCountDoesNotChangeResults) {
+  GlobalStateGuard guard;
+  std::mt19937 rng(3);
+  const Problem p = make(rng, 2, 70, 500, 64);
+  for (Isa isa : isas()) {
+    set_num_threads(1);
+    const Result one = run(p, isa, 32);
+    set_num_threads(2);
+    const Result two = run(p, isa, 32);
+    EXPECT_EQ(one.loss, two.loss);
+    EXPECT_EQ(one.gh, two.gh);
+    EXPECT_EQ(one.gw, two.gw);
+  }
+}
+
+TEST(FusedLoss, LossOnlyEqualsLossWithGradients) {
+  std::mt19937 rng(4);
+  const Problem p = make(rng, 2, 30, 200, 48);
+  for (Isa isa : isas()) {
+    const Result a = run(p, isa, 8, false), b = run(p, isa, 8, true);
+    EXPECT_EQ(a.loss, b.loss);
+    EXPECT_EQ(a.total, b.total);
+  }
+}
+
+TEST(FusedLoss, AllIgnoredHeadIsZeroWithZeroGradient) {
+  std::mt19937 rng(5);
+  Problem p = make(rng, 2, 10, 50, 16);
+  for (int64_t t = 0; t < p.tokens; ++t) p.y[p.tokens + t] = -1;  // head 1: nothing to predict
+  const Result r = run(p, Isa::scalar, 4);
+  EXPECT_EQ(r.loss[1], 0.0f);
+  for (int64_t k = p.tokens * p.dim; k < 2 * p.tokens * p.dim; ++k) ASSERT_EQ(r.gh[k], 0.0f);
+  EXPECT_GT(r.loss[0], 0.0f);
+}
+
+TEST(FusedLoss, F32MicroTileBitEqualsScalar) {
+  if (!isa_supported(Isa::avx512)) GTEST_SKIP() << "no AVX-512";
+#ifdef NANOCHAT_HAVE_X86_KERNELS
+  using namespace loss_kernels;
+  std::mt19937 rng(6);
+  const int64_t kc = 77;
+  const auto ap = random_floats(rng, kc * MR, -1, 1), bp = random_floats(rng, kc * NR, -1, 1);
+  for (bool acc : {false, true}) {
+    std::vector<float> c1 = random_floats(rng, MR * 40, -1, 1), c2 = c1;
+    scalar.f32(kc, ap.data(), bp.data(), c1.data(), 40, acc);
+    avx512.f32(kc, ap.data(), bp.data(), c2.data(), 40, acc);
+    EXPECT_EQ(c1, c2);
+  }
+#endif
+}
+
+TEST(FusedLoss, Bf16StaysWithinItsErrorBound) {
+  std::mt19937 rng(7);
+  const Problem p = make(rng, 2, 64, 300, 96);
+  const Result f = run(p, Isa::scalar, 32);
+  std::vector<Isa> v = {Isa::scalar};
+  if (isa_supported(Isa::avx512) && cpu_features().avx512bf16) v.push_back(Isa::avx512);
+  for (Isa isa : v) {
+    ASSERT_TRUE(loss_precision_supported(LossPrecision::bf16, isa));
+    const Result b = run(p, isa, 32, true, LossPrecision::bf16);
+    // bf16 operands carry 8 mantissa bits (relative rounding <= 2^-9): logits of size
+    // ~sqrt(96) * 0.3 move by ~1e-2 at worst, the mean loss far less.
+    for (int64_t i = 0; i < p.heads; ++i) EXPECT_NEAR(b.loss[i], f.loss[i], 5e-3);
+    double gmax = 0;
+    for (float g : f.gw) gmax = std::max(gmax, double(std::fabs(g)));
+    EXPECT_LT(max_abs_diff(b.gw, f.gw), 0.02 * gmax);
+    EXPECT_GT(max_abs_diff(b.gw, f.gw), 0.0);  // it really ran in bf16
+  }
+}
+
+TEST(FusedLoss, RejectsBadArguments) {
+  std::mt19937 rng(8);
+  Problem p = make(rng, 1, 4, 10, 8);
+  EXPECT_THROW(run(p, Isa::scalar, 0), Error);
+  p.y[2] = 10;  // == vocab
+  try {
+    run(p, Isa::scalar, 4);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("targets[0, 2] = 10"), std::string::npos) << e.what();
+  }
+  p.y[2] = -2;
+  EXPECT_THROW(run(p, Isa::scalar, 4), Error);
+  p.y[2] = 0;
+  FusedLossArgs a;
+  std::vector<float> loss(1), gh(32);
+  a.weight = p.w.data();
+  a.vocab = 10;
+  a.dim = 8;
+  a.hidden = p.h.data();
+  a.targets = p.y.data();
+  a.heads = 1;
+  a.tokens = 4;
+  a.head_weights = p.hw.data();
+  a.loss = loss.data();
+  a.grad_hidden = gh.data();  // without grad_weight
+  EXPECT_THROW(fused_linear_cross_entropy(a, Isa::scalar), Error);
+  EXPECT_THROW(loss_precision_from_name("fp8"), Error);
+}
