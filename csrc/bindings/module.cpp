@@ -246,6 +246,7 @@ void gguf_write(const std::string& path, const py::list& kvs, const py::list& te
 void bind_engine(py::module_& m);
 void bind_tokenizer(py::module_& m);
 void bind_loss(py::module_& m);  // loss.cpp
+void bind_optim(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "nanochat C++ core: ternary formats and W1.58A8 kernels";
@@ -524,4 +525,5 @@ PYBIND11_MODULE(_C, m) {
   bind_engine(m);
   bind_tokenizer(m);
   bind_loss(m);
+  bind_optim(m);
 }
