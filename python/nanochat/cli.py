@@ -9,7 +9,7 @@
     nanochat validate
     nanochat info [--json] [--cmake-dir]
     nanochat model info [--config tiny] [--json] [--batch B --seq T]
-    nanochat bench kernels|train|decode [--json]
+    nanochat bench kernels|train|decode|collider [--json]
 """
 
 from __future__ import annotations
@@ -371,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pb = sub.add_parser("bench", help="benchmarks that compare alternatives side by side")
     bsub = pb.add_subparsers(dest="bench", required=True, metavar="NAME")
+    from nanochat.bench import collider as bench_collider
     from nanochat.bench import decode as bench_decode
     from nanochat.bench import kernels
     from nanochat.bench import train as bench_train
@@ -379,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         (kernels, "kernels", "ternary GEMV/GEMM per kernel path and thread count vs torch f32"),
         (bench_decode, "decode", "prefill/decode tokens/s of the C++ engine vs llama.cpp"),
         (bench_train, "train", "training tokens/s and peak memory, C++ BitLinear vs torch"),
+        (bench_collider, "collider", "Collider token filtering: backward/step time, held-out loss"),
     ]
     for module, name, help_text in benches:
         pn = bsub.add_parser(name, help=help_text, description=module.__doc__,

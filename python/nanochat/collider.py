@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -202,14 +203,20 @@ class Collider:
         return s
 
     def forward_backward(self, model, x: torch.Tensor, y: torch.Tensor, accum: int = 1,
-                         autocast=contextlib.nullcontext()) -> tuple[float, float]:
+                         autocast=contextlib.nullcontext(),
+                         timings: dict | None = None) -> tuple[float, float]:
         """Forward and backward of one micro-batch of `accum` (the gradient of the kept-token
         mean loss / accum accumulates into model's .grad, as the trainer's unfiltered step
-        does). Returns (mean loss over all tokens, kept fraction of the tokens with a target)."""
+        does). Returns (mean loss over all tokens, kept fraction of the tokens with a target).
+        `timings`, if given, gets forward_s (with the scoring) and backward_s."""
+        t0 = time.perf_counter()
         if self.sparsity == 0:  # nothing can be dropped: exactly the unfiltered step
             with autocast:
                 _, loss = model(x, y)
+            t1 = time.perf_counter()
             (loss / accum).backward()
+            if timings is not None:
+                timings.update(forward_s=t1 - t0, backward_s=time.perf_counter() - t1)
             return float(loss.detach()), 1.0
         with armed(x.shape):
             with autocast:
@@ -222,6 +229,9 @@ class Collider:
                 loss = (tok * keep).sum() / max(n_kept, 1)
             else:
                 loss = tok.sum() / max(n_valid, 1)
+            t1 = time.perf_counter()
             (loss / accum).backward()
+            if timings is not None:
+                timings.update(forward_s=t1 - t0, backward_s=time.perf_counter() - t1)
         mean = float(tok.detach().sum()) / max(n_valid, 1)
         return mean, n_kept / max(n_valid, 1)

@@ -1,0 +1,180 @@
+"""nanochat bench collider: Collider token filtering vs the unfiltered step.
+
+Two parts, in one process:
+
+1. Timing, per config (default tiny and nano_125m shapes, random tokens): the same model
+   and batch run the unfiltered trainer step (forward, mean loss, backward, AdamW) and the
+   Collider step (forward, scores, selection, gathered backward, AdamW) alternately, one
+   step each per round after a warm-up; medians of forward, backward and whole-step time
+   and the ratios collider / unfiltered. The timing drops exactly `--sparsity` of the tokens
+   (threshold 1), so the ratio measures the backward at that sparsity. BitLinear runs
+   `--bitlinear` (default cpp: the C++ custom op with its backward at `--backward`
+   precision, as `nanochat train` runs it on these widths with train.bitlinear=cpp).
+2. Held-out loss on tiny (`--train-steps N`, 0 skips it): `nanochat train`'s own loop on the
+   prepared Python-stdlib data, same seed and batches: unfiltered for N steps, Collider
+   (`--sparsity`, `--threshold`: the seed's 0.35 / 0.3) for N steps (equal steps), and
+   Collider for the unfiltered run's training time (equal wall time, train.time_budget_s).
+   The training time is the loop's time without the final eval and checkpoint (summed from
+   metrics.jsonl, log_every 1).
+
+    nanochat bench collider [--json] [--train-steps 200] [--configs tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="one JSON object per row")
+    p.add_argument("--configs", default="tiny,nano_125m", help="comma-separated configs to time")
+    p.add_argument("--batch", type=int, default=4, help="sequences per timed step (default 4)")
+    p.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")
+    p.add_argument("--rounds", type=int, default=5, help="A/B rounds, one step each (default 5)")
+    p.add_argument("--sparsity", type=float, default=0.35, help="fraction dropped (default 0.35)")
+    p.add_argument("--threshold", type=float, default=0.3,
+                   help="normalized-score threshold of the training runs (default 0.3)")
+    p.add_argument("--bitlinear", default="cpp", choices=("auto", "cpp", "torch"),
+                   help="BitLinear path (default cpp)")
+    p.add_argument("--backward", default="auto", choices=("auto", "bf16", "float32"),
+                   help="C++ path backward GEMM precision (default auto)")
+    p.add_argument("--train-steps", type=int, default=100,
+                   help="held-out comparison on tiny: steps of each run (default 100, 0 skips)")
+
+
+def _timing(config: str, args) -> list[dict]:
+    import torch
+
+    from nanochat.collider import Collider
+    from nanochat.config import load_config
+    from nanochat.gpt import GPT
+
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    model = GPT(cfg.model, bitlinear=args.bitlinear)
+    model.set_bitlinear_backward(args.backward)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), generator=g)
+    x, y = toks[:, :-1], toks[:, 1:]
+    col = Collider(args.sparsity, 1.0)  # threshold 1: exactly floor(sparsity * n) dropped
+
+    def step(variant: str) -> dict:
+        t = {}
+        t0 = time.perf_counter()
+        if variant == "collider":
+            _, kept = col.forward_backward(model, x, y, timings=t)
+        else:
+            _, loss = model(x, y)
+            t1 = time.perf_counter()
+            loss.backward()
+            t.update(forward_s=t1 - t0, backward_s=time.perf_counter() - t1)
+            kept = 1.0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t.update(step_s=time.perf_counter() - t0, kept_fraction=kept)
+        return t
+
+    variants = ("unfiltered", "collider")
+    for v in variants:  # warm up (allocations, first-call overheads)
+        step(v)
+    samples = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for v in variants:
+            samples[v].append(step(v))
+    med = {v: {k: statistics.median(s[k] for s in samples[v])
+               for k in ("forward_s", "backward_s", "step_s", "kept_fraction")} for v in variants}
+    return [{"part": "timing", "config": config, "variant": v, "bitlinear": args.bitlinear,
+             "batch": args.batch, "seq": args.seq, "rounds": args.rounds, **med[v],
+             "backward_ratio": med[v]["backward_s"] / med["unfiltered"]["backward_s"],
+             "step_ratio": med[v]["step_s"] / med["unfiltered"]["step_s"]} for v in variants]
+
+
+def _train_seconds(run_dir: Path, tokens_per_step: int) -> float:
+    """Loop time of a run without its final eval/checkpoint: the sum of the logged windows."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    return sum(tokens_per_step / r["tokens_per_s"] for r in rows if r.get("tokens_per_s"))
+
+
+def _heldout(args) -> list[dict]:
+    from nanochat import corpus
+    from nanochat.config import apply_overrides, load_config
+    from nanochat.train import train
+
+    base = load_config("tiny")
+    data = Path(corpus.prepare(base.data.sources or None, None, base.model.vocab_size,
+                               base.data.val_fraction, base.data.extensions,
+                               progress=False).out_dir)
+    n = args.train_steps
+    common = [f"train.max_steps={n}", "train.time_budget_s=0", "train.log_every=1",
+              f"train.eval_every={n}", f"train.checkpoint_every={n}", "train.keep_checkpoints=1",
+              f"train.bitlinear={args.bitlinear}", f"train.bitlinear_backward={args.backward}"]
+    col = ["train.collider.enabled=true", f"train.collider.sparsity={args.sparsity}",
+           f"train.collider.threshold={args.threshold}"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-collider-") as tmp:
+        def run(name, sets):
+            cfg = apply_overrides(base, common + sets)
+            out = Path(tmp) / name
+            r = train(cfg, data, out, progress_bar=False, log=lambda *a, **k: None)
+            tps = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum
+            metrics = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+            kept = [m["collider_kept_fraction"] for m in metrics if "collider_kept_fraction" in m]
+            row = {"part": "heldout", "config": "tiny", "variant": name, "steps": r.step,
+                   "train_s": _train_seconds(out, tps), "val_loss": r.val_loss,
+                   "val_bpb": r.val_bpb, "kept_fraction": statistics.mean(kept) if kept else 1.0,
+                   "sparsity": args.sparsity if kept else 0.0,
+                   "threshold": args.threshold if kept else None}
+            rows.append(row)
+            return row
+
+        b = run("unfiltered", [])
+        run("collider_equal_steps", col)
+        run("collider_equal_time", col + [f"train.max_steps={100 * n}",
+                                          f"train.time_budget_s={b['train_s']:.3f}"])
+    for r in rows:
+        r["val_loss_vs_unfiltered"] = r["val_loss"] - b["val_loss"]
+    return rows
+
+
+def run(args: argparse.Namespace):
+    if not 0 <= args.sparsity < 1:
+        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if not 0 <= args.threshold <= 1:
+        raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.rounds < 1 or args.batch < 1 or args.seq < 2 or args.train_steps < 0:
+        raise ValueError("--rounds, --batch must be >= 1, --seq >= 2, --train-steps >= 0")
+    for config in [c for c in args.configs.split(",") if c]:
+        yield from _timing(config, args)
+    if args.train_steps:
+        yield from _heldout(args)
+
+
+def main(args: argparse.Namespace) -> int:
+    header = False
+    for m in run(args):
+        if args.json:
+            print(json.dumps(m), flush=True)
+        elif m["part"] == "timing":
+            if not header:
+                print(f"{'config':>10} {'variant':>10} {'kept':>5} {'forward':>9} {'backward':>9} "
+                      f"{'step':>9} {'backward ratio':>14} {'step ratio':>10}")
+                header = True
+            print(f"{m['config']:>10} {m['variant']:>10} {m['kept_fraction']:>5.2f} "
+                  f"{m['forward_s'] * 1e3:>7.0f}ms {m['backward_s'] * 1e3:>7.0f}ms "
+                  f"{m['step_s'] * 1e3:>7.0f}ms {m['backward_ratio']:>13.2f}x "
+                  f"{m['step_ratio']:>9.2f}x", flush=True)
+        else:
+            if header is not None:
+                print(f"\nheld-out on tiny: {'variant':>20} {'steps':>6} {'kept':>5} "
+                      f"{'train time':>10} {'val loss':>8} {'val bpb':>8} {'vs unfiltered':>13}")
+                header = None
+            print(f"{'':>17} {m['variant']:>20} {m['steps']:>6} {m['kept_fraction']:>5.2f} "
+                  f"{m['train_s']:>9.1f}s {m['val_loss']:>8.4f} {m['val_bpb']:>8.4f} "
+                  f"{m['val_loss_vs_unfiltered']:>+13.4f}", flush=True)
+    return 0
