@@ -96,6 +96,24 @@ class AttentionConfig:
 
 
 @dataclass
+class MTPConfig:
+    """[model.mtp] multi-token prediction (nanochat/mtp.py): `heads` tokens predicted per
+    position, head 1 the ordinary next-token head, heads 2..n sequential MTP modules. The
+    training loss is loss_weights[0] * L_1 + weight * sum_{k>=2} loss_weights[k-1] * L_k."""
+    heads: int = 1  # 1: off (the plain LM); 4 is the usual setting
+    loss_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125])
+    weight: float = 0.2  # scales the extra heads' (2..n) terms
+
+    def validate(self, where: str = "model.mtp") -> None:
+        _positive(self, where, "heads")
+        if len(self.loss_weights) < self.heads:
+            raise ConfigError(f"{where}.loss_weights has {len(self.loss_weights)} entries, "
+                              f"fewer than heads ({self.heads})")
+        if any(not w >= 0 for w in self.loss_weights) or not self.weight >= 0:
+            raise ConfigError(f"{where}: loss_weights and weight must be >= 0")
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 4096
     d_model: int = 256
@@ -111,11 +129,13 @@ class ModelConfig:
     mhc: MHCConfig = field(default_factory=MHCConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)  # multi-token prediction, off
 
     def validate(self, where: str = "model") -> None:
         self.mhc.validate(f"{where}.mhc")
         self.moe.validate(f"{where}.moe")
         self.attention.validate(f"{where}.attention")
+        self.mtp.validate(f"{where}.mtp")
         _positive(self, where, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                   "ffn_hidden", "max_seq_len", "rope_theta", "norm_eps", "init_std")
         if self.d_model % self.n_heads:
@@ -171,6 +191,10 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda"
     sample_tokens: int = 128  # length of the end-of-run sample
     collider: ColliderConfig = field(default_factory=ColliderConfig)  # token filtering, off
+    # LM-head loss: "on" the C++ fused chunked cross-entropy (nanochat/fused_loss.py), "off"
+    # full logits + F.cross_entropy, "auto" fused where it applies (CPU) and MTP is on
+    fused_loss: str = "auto"
+    fused_loss_precision: str = "f32"  # the fused loss's GEMMs: "f32" or "bf16" (AVX512-BF16)
 
     def validate(self, where: str = "train") -> None:
         self.collider.validate(f"{where}.collider")
@@ -185,6 +209,11 @@ class TrainConfig:
                               f"{self.bitlinear_backward!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"{where}.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.fused_loss not in ("auto", "on", "off"):
+            raise ConfigError(f"{where}.fused_loss must be auto, on or off, got {self.fused_loss!r}")
+        if self.fused_loss_precision not in ("f32", "bf16"):
+            raise ConfigError(f"{where}.fused_loss_precision must be f32 or bf16, got "
+                              f"{self.fused_loss_precision!r}")
 
 
 @dataclass
