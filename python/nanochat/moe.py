@@ -110,9 +110,10 @@ class MoE(nn.Module):
         top, gates = self.route(x)
         flat = top.reshape(-1)  # (N*k,) expert of each (token, slot)
         counts = torch.bincount(flat, minlength=self.experts)
+        update = self.training and torch.is_grad_enabled() and self.balance == "bias"
         with torch.no_grad():
             self.load.copy_(counts)
-            if self.training and torch.is_grad_enabled() and self.balance == "bias":
+            if update:  # a training forward (not evaluation or generation)
                 self.expert_bias += self.bias_rate * torch.sign(counts.float().mean() - counts)
         order = torch.argsort(flat, stable=True)
         tok = order // k  # token of each sorted row
