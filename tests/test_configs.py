@@ -119,3 +119,30 @@ def test_export_refuses_unsupported_options(option, named, tmp_path):
         export_gguf(model, tok, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
     check_supported(load_config("nano_125m").model)  # the dense config exports
+
+
+def test_trainer_runs_every_option_and_resumes_bit_exact(tmp_path):
+    """`nanochat train`'s loop with mHC n = 4, MoE and hybrid attention on: the loss is
+    logged, and a resumed run (MoE bias buffers in the checkpoint) equals a straight one."""
+    from test_train import FILES, STDLIB, VOCAB, quiet, small_config
+
+    from nanochat import checkpoint, corpus
+    from nanochat.config import apply_overrides
+    from nanochat.train import train
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in FILES[:6]:
+        (src / f.replace("/", "_")).write_text((STDLIB / f).read_text())
+    data = corpus.prepare([str(src)], tmp_path / "data", vocab_size=VOCAB, val_fraction=0.2,
+                          progress=False).out_dir
+    cfg = apply_overrides(small_config(max_steps=6), [
+        "model.mhc.streams=4", "model.moe.experts=4", "model.attention.pattern=SL",
+        "model.attention.window=16", "model.n_layers=2"])
+    straight = train(cfg, data, tmp_path / "a", progress_bar=False, log=quiet)
+    first = train(cfg, data, tmp_path / "b", progress_bar=False, stop_at_step=3, log=quiet)
+    second = train(cfg, data, tmp_path / "b", resume=True, progress_bar=False, log=quiet)
+    assert first.losses + second.losses == straight.losses
+    a, b = checkpoint.load(tmp_path / "a")["model"], checkpoint.load(tmp_path / "b")["model"]
+    assert any(k.endswith("moe.expert_bias") and a[k].abs().sum() > 0 for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
