@@ -405,12 +405,13 @@ def _option_lines(info: dict) -> list[str]:
     c, lines = info["config"], []
     moe, mhc, att = c.get("moe", {}), c.get("mhc", {}), c.get("attention", {})
     if moe.get("experts"):
-        lines.append(f"  router (f32)       : {info['router_params']:>15,}  (MoE: {moe['experts']} "
-                     f"experts, top-{moe['top_k']}{', shared expert' if moe['shared_expert'] else ''}"
-                     f"; active = {info['active_params'] / info['total_params']:.0%} of total)")
+        shared = ", shared expert" if moe["shared_expert"] else ""
+        lines.append(f"  router (f32)       : {info['router_params']:>15,}  (MoE: "
+                     f"{moe['experts']} experts, top-{moe['top_k']}{shared}; active = "
+                     f"{info['active_params'] / info['total_params']:.0%} of total)")
     if mhc.get("streams", 1) > 1:
-        lines.append(f"  mHC (f32)          : {info['mhc_params']:>15,}  ({mhc['streams']} streams, "
-                     f"{mhc['res']}, {'dynamic' if mhc['dynamic'] else 'static'})")
+        lines.append(f"  mHC (f32)          : {info['mhc_params']:>15,}  ({mhc['streams']} "
+                     f"streams, {mhc['res']}, {'dynamic' if mhc['dynamic'] else 'static'})")
     if "S" in att.get("pattern", "L"):
         lines.append(f"  attention          : pattern {att['pattern']!r} over the layers, "
                      f"window {att['window']}")

@@ -60,7 +60,8 @@ class MoE(nn.Module):
         super().__init__()
         E, H, d = experts, hidden, d_model
         self.experts, self.top_k, self.hidden, self.d_model = E, top_k, H, d
-        self.balance, self.bias_rate, self.activation, self.eps = balance, bias_rate, activation, eps
+        self.balance, self.bias_rate = balance, bias_rate
+        self.activation, self.eps = activation, eps
         self.ffn_gate_inp = nn.Parameter(torch.empty(E, d))  # router (full precision)
         self.ffn_gate_exps = nn.Parameter(torch.empty(E, H, d))
         self.ffn_up_exps = nn.Parameter(torch.empty(E, H, d))
