@@ -146,3 +146,24 @@ def test_trainer_runs_every_option_and_resumes_bit_exact(tmp_path):
     a, b = checkpoint.load(tmp_path / "a")["model"], checkpoint.load(tmp_path / "b")["model"]
     assert any(k.endswith("moe.expert_bias") and a[k].abs().sum() > 0 for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bench_arch_rows(tmp_path, capsys):
+    """`nanochat bench arch --json`: one row per variant, measured bytes, ratios to plain."""
+    import json
+
+    from nanochat.cli import main
+
+    toml = tmp_path / "m.toml"
+    toml.write_text("[model]\nvocab_size = 256\nd_model = 64\nn_layers = 2\nn_heads = 2\n"
+                    "n_kv_heads = 2\nffn_hidden = 128\nmax_seq_len = 64\n"
+                    "[train]\nseq_len = 32\n")
+    assert main(["bench", "arch", "--config", str(toml), "--batch", "2", "--seq", "32",
+                 "--steps", "1", "--rounds", "1", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["variant"] for r in rows] == ["plain", "mhc", "mhc-lite", "moe", "hybrid"]
+    by = {r["variant"]: r for r in rows}
+    assert by["plain"]["time_vs_plain"] == 1.0
+    assert by["mhc"]["activation_bytes"] > by["plain"]["activation_bytes"] > 0
+    assert by["moe"]["params"] > by["moe"]["active_params"]
+    assert by["hybrid"]["params"] == by["plain"]["params"]

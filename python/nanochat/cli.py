@@ -371,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pb = sub.add_parser("bench", help="benchmarks that compare alternatives side by side")
     bsub = pb.add_subparsers(dest="bench", required=True, metavar="NAME")
+    from nanochat.bench import arch as bench_arch
     from nanochat.bench import collider as bench_collider
     from nanochat.bench import decode as bench_decode
     from nanochat.bench import kernels
@@ -381,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         (bench_decode, "decode", "prefill/decode tokens/s of the C++ engine vs llama.cpp"),
         (bench_train, "train", "training tokens/s and peak memory, C++ BitLinear vs torch"),
         (bench_collider, "collider", "Collider token filtering: backward/step time, held-out loss"),
+        (bench_arch, "arch", "step time and memory of mHC, MoE, hybrid attention vs plain"),
     ]
     for module, name, help_text in benches:
         pn = bsub.add_parser(name, help=help_text, description=module.__doc__,
