@@ -217,8 +217,68 @@ class TrainConfig:
 
 
 @dataclass
+class MuonConfig:
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5  # quintic Newton-Schulz iterations
+    # "moonlight" (0.2*sqrt(max(rows, cols)): AdamW's LR and WD carry over) or "original"
+    scale: str = "moonlight"
+
+    def validate(self, where: str = "optim.muon") -> None:
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"{where}.momentum must be in [0, 1), got {self.momentum}")
+        if self.ns_steps < 1:
+            raise ConfigError(f"{where}.ns_steps must be >= 1, got {self.ns_steps}")
+        if self.scale not in ("moonlight", "original"):
+            raise ConfigError(f"{where}.scale must be 'moonlight' or 'original', "
+                              f"got {self.scale!r}")
+
+
+@dataclass
+class LionConfig:
+    beta1: float = 0.9
+    beta2: float = 0.99
+    lr_scale: float = 0.3  # Lion LR = lr_scale * the AdamW LR of that kind; WD / lr_scale
+
+    def validate(self, where: str = "optim.lion") -> None:
+        if not 0 <= self.beta1 <= 1:
+            raise ConfigError(f"{where}.beta1 must be in [0, 1], got {self.beta1}")
+        if not 0 <= self.beta2 < 1:
+            raise ConfigError(f"{where}.beta2 must be in [0, 1), got {self.beta2}")
+        _positive(self, where, "lr_scale")
+
+
+@dataclass
+class GaLoreConfig:
+    enabled: bool = False  # low-rank projected AdamW state for the 2-D matrices
+    rank: int = 0  # 0: min(rows, cols) // 4 of each matrix
+    update_every: int = 200  # T: steps between projector refreshes (randomized SVD)
+    alpha: float = 0.25  # scale of the back-projected update
+    oversample: int = 8  # randomized SVD: extra sketch columns
+    power_iters: int = 2  # randomized SVD: power iterations
+
+    def validate(self, where: str = "optim.galore") -> None:
+        if self.rank < 0:
+            raise ConfigError(f"{where}.rank must be >= 0 (0: a quarter of each matrix's smaller "
+                              f"dim), got {self.rank}")
+        _positive(self, where, "update_every", "alpha")
+        if self.oversample < 0 or self.power_iters < 0:
+            raise ConfigError(f"{where}: oversample and power_iters must be >= 0")
+
+
+OPTIMIZERS = ("adamw", "muon", "lion")
+
+
+@dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # the BitLinear matrices: "adamw", "muon" or "lion"
+    rest: str = "adamw"  # everything else (embeddings, norms, mHC, routers): "adamw" or "lion"
+    # "PATTERN=OPTIMIZER" rules on parameter names (fnmatch, first match wins), e.g.
+    # ["*.attn_q.weight=adamw", "*router*=lion"]; they beat name/rest
+    overrides: list[str] = field(default_factory=list)
+    state: str = "fp32"  # optimizer-state precision: "fp32" or "8bit" (blockwise, C++ kernels)
+    block_size: int = 2048  # 8-bit state: elements per absmax block (multiple of 64)
+    min_8bit_size: int = 4096  # 8-bit state: smaller tensors keep fp32 state
     lr: float = 3e-3  # peak LR of the ternary (BitLinear) matrices
     embed_lr: float = 3e-3  # embeddings (tied with the LM head)
     scalar_lr: float = 3e-3  # norms and other 1-D parameters
@@ -227,16 +287,42 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # matrices only; never on norms or embeddings
     grad_clip: float = 1.0  # 0 disables
+    muon: MuonConfig = field(default_factory=MuonConfig)
+    lion: LionConfig = field(default_factory=LionConfig)
+    galore: GaLoreConfig = field(default_factory=GaLoreConfig)
 
     def validate(self, where: str = "optim") -> None:
-        if self.name != "adamw":
-            raise ConfigError(f"{where}.name: only 'adamw' exists so far, got {self.name!r}")
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"{where}.name must be one of {', '.join(OPTIMIZERS)}, "
+                              f"got {self.name!r}")
+        if self.rest not in ("adamw", "lion"):
+            raise ConfigError(f"{where}.rest must be 'adamw' or 'lion' (Muon is for matrices), "
+                              f"got {self.rest!r}")
+        for i, rule in enumerate(self.overrides):
+            pattern, sep, opt = rule.partition("=")
+            if not sep or not pattern.strip() or opt.strip() not in OPTIMIZERS:
+                raise ConfigError(f"{where}.overrides[{i}] = {rule!r}: expected "
+                                  f"'PATTERN=OPTIMIZER' with OPTIMIZER one of "
+                                  f"{', '.join(OPTIMIZERS)}")
+        if self.state not in ("fp32", "8bit"):
+            raise ConfigError(f"{where}.state must be 'fp32' or '8bit', got {self.state!r}")
+        if not (0 < self.block_size <= 1 << 20 and self.block_size % 64 == 0):
+            raise ConfigError(f"{where}.block_size must be a positive multiple of 64 up to 2^20, "
+                              f"got {self.block_size}")
+        if self.min_8bit_size < 0:
+            raise ConfigError(f"{where}.min_8bit_size must be >= 0, got {self.min_8bit_size}")
         _positive(self, where, "lr", "embed_lr", "scalar_lr", "eps")
         for k in ("beta1", "beta2"):
             if not 0 <= getattr(self, k) < 1:
                 raise ConfigError(f"{where}.{k} must be in [0, 1), got {getattr(self, k)}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError(f"{where}: weight_decay and grad_clip must be >= 0")
+        self.muon.validate(f"{where}.muon")
+        self.lion.validate(f"{where}.lion")
+        self.galore.validate(f"{where}.galore")
+        if self.galore.enabled and self.name != "adamw":
+            raise ConfigError(f"{where}.galore.enabled: GaLore projects AdamW's state; it needs "
+                              f"{where}.name = 'adamw', got {self.name!r}")
 
 
 @dataclass

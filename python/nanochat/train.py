@@ -1,4 +1,4 @@
-"""The training loop: BitNet b1.58 QAT with AdamW, WSD schedule, async data, evals,
+"""The training loop: BitNet b1.58 QAT (optimizer: nanochat.optim), WSD schedule, async data, evals,
 TensorBoard/JSONL metrics, atomic checkpoints and bit-exact resume.
 
     nanochat train                       # tiny model on the Python stdlib, ~10 minutes
@@ -30,6 +30,7 @@ from nanochat.dataset import TokenData, unigram_bigram_bpb
 from nanochat.gpt import GPT
 from nanochat.loader import BatchLoader, eval_batches
 from nanochat.metrics import MetricsLogger, peak_memory_bytes
+from nanochat.optim import build_optimizer, state_bytes
 from nanochat.schedule import progress, wsd_factor
 
 
@@ -53,30 +54,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device = 'cuda' but torch sees no CUDA device")
     return torch.device(name)
-
-
-def build_optimizer(model: GPT, cfg: RunConfig, log=print) -> torch.optim.Optimizer:
-    """AdamW with one group per kind of parameter, so later optimizers (Muon for the
-    matrices, 8-bit state, GaLore) can take over a group without touching the rest."""
-    o = cfg.optim
-    kinds = model.parameter_kinds()
-    groups = {k: [p for _, p in v] for k, v in kinds.items()}
-    names = {k: [n for n, _ in v] for k, v in kinds.items()}
-    settings = {
-        "matrix": dict(lr=o.lr, weight_decay=o.weight_decay),
-        "embedding": dict(lr=o.embed_lr, weight_decay=0.0),
-        "scalar": dict(lr=o.scalar_lr, weight_decay=0.0),
-    }
-    param_groups = []
-    for kind, params in groups.items():
-        if params:
-            s = settings[kind]
-            param_groups.append({"params": params, "name": kind, "base_lr": s["lr"], **s})
-            log(f"optimizer group {kind:9s}: AdamW lr={s['lr']:g} wd={s['weight_decay']:g}, "
-                f"{len(params)} tensors, {sum(p.numel() for p in params):,} params "
-                f"({', '.join(names[kind][:3])}{', ...' if len(params) > 3 else ''})")
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-    return torch.optim.AdamW(param_groups, betas=(o.beta1, o.beta2), eps=o.eps, **fused)
 
 
 @torch.no_grad()
@@ -257,6 +234,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                                 tokens_per_s=tps, data_wait_s=window_wait,
                                 data_wait_fraction=window_wait / span if span > 0 else 0.0,
                                 peak_memory_bytes=peak_memory_bytes(device),
+                                optim_state_bytes=state_bytes(opt),
                                 collider_kept_fraction=(kept_sum / t.grad_accum if collider
                                                         else None))
                     if bar is not None:
