@@ -42,77 +42,71 @@ inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
   return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-// Rows [i0, i0 + mc) x k [k0, k0 + kc) of A into MR-row panels dst[panel][k][MR] (F32) or
-// dst[panel][k/2][MR][2] (BF16), zero-padded to whole panels (and an even kc).
-template <typename T>
-void pack_a(View a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, T* dst) {
+// One panel: W lines (line l at src + l * ls, step k at + k * ks; lines >= n are zero) x
+// kc steps into d[k][W] (F32) or d[k/2][W][2] (BF16 pairs, kc rounded up to even).
+template <typename T, int W>
+void pack_panel(const float* src, int64_t ls, int64_t ks, int64_t n, int64_t kc, T* d) {
   const int64_t kp = std::is_same<T, float>::value ? kc : (kc + 1) & ~int64_t(1);
-  for (int64_t ip = 0; ip < mc; ip += MR) {
-    T* d = dst + ip * kp;
-    const int64_t rows = std::min<int64_t>(MR, mc - ip);
-    for (int64_t r = 0; r < MR; ++r) {
-      const float* src = a.p + (i0 + ip + r) * a.rs + k0 * a.cs;
-      for (int64_t k = 0; k < kp; ++k) {
-        const float v = (r < rows && k < kc) ? src[k * a.cs] : 0.0f;
-        if constexpr (std::is_same<T, float>::value)
-          d[k * MR + r] = v;
-        else
-          d[(k / 2) * 2 * MR + 2 * r + (k & 1)] = to_bf16(v);
-      }
+  for (int64_t l = 0; l < W; ++l) {
+    const float* s = src + l * ls;
+    for (int64_t k = 0; k < kp; ++k) {
+      const float v = (l < n && k < kc) ? s[k * ks] : 0.0f;
+      if constexpr (std::is_same<T, float>::value)
+        d[k * W + l] = v;
+      else
+        d[(k / 2) * 2 * W + 2 * l + (k & 1)] = to_bf16(v);
     }
   }
 }
 
-// k [k0, k0 + kc) x columns [j0, j0 + nc) of B into NR-column panels dst[panel][k][NR]
-// (F32) or dst[panel][k/2][NR][2] (BF16), zero-padded.
+// Rows [i0, i0 + rows) x k [k0, k0 + kc) of A into one MR-row panel.
 template <typename T>
-void pack_b(View b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, T* dst) {
-  const int64_t kp = std::is_same<T, float>::value ? kc : (kc + 1) & ~int64_t(1);
-  for (int64_t jp = 0; jp < nc; jp += NR) {
-    T* d = dst + jp * kp;
-    const int64_t cols = std::min<int64_t>(NR, nc - jp);
-    for (int64_t j = 0; j < NR; ++j) {
-      const float* src = b.p + k0 * b.rs + (j0 + jp + j) * b.cs;
-      for (int64_t k = 0; k < kp; ++k) {
-        const float v = (j < cols && k < kc) ? src[k * b.rs] : 0.0f;
-        if constexpr (std::is_same<T, float>::value)
-          d[k * NR + j] = v;
-        else
-          d[(k / 2) * 2 * NR + 2 * j + (k & 1)] = to_bf16(v);
-      }
-    }
-  }
+void pack_a(View a, int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* d) {
+  pack_panel<T, MR>(a.p + i0 * a.rs + k0 * a.cs, a.rs, a.cs, rows, kc, d);
 }
 
-// C (M x N, row stride ldc) = (accumulate ? C : 0) + A (M x K) B (K x N).
+// k [k0, k0 + kc) x columns [j0, j0 + cols) of B into one NR-column panel.
+template <typename T>
+void pack_b(View b, int64_t k0, int64_t kc, int64_t j0, int64_t cols, T* d) {
+  pack_panel<T, NR>(b.p + k0 * b.rs + j0 * b.cs, b.cs, b.rs, cols, kc, d);
+}
+
+// C (M x N, row stride ldc) = (accumulate ? C : 0) + A (M x K) B (K x N). Per KC block of
+// K, all of A and B are packed once into shared buffers (in parallel, by panel; (M + N) x KC
+// elements, 32 MiB at vocab 32768), then the MC x NC output blocks run in parallel.
 template <typename T>
 void gemm(const Kernels& kern, int64_t M, int64_t N, int64_t K, View a, View b, float* c,
-          int64_t ldc, bool accumulate) {
+          int64_t ldc, bool accumulate, std::vector<T>& ap, std::vector<T>& bp) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate)
       for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.0f);
     return;
   }
+  const int64_t mpan = (M + MR - 1) / MR, npan = (N + NR - 1) / NR;
+  ap.resize(size_t(mpan * MR * (KC + 1)));
+  bp.resize(size_t(npan * NR * (KC + 1)));
   const int64_t mb = (M + MC - 1) / MC, nb = (N + NC - 1) / NC;
-  parallel_for(mb * nb, [&](int64_t task) {
-    const int64_t i0 = (task % mb) * MC, j0 = (task / mb) * NC;
-    const int64_t mc = std::min(MC, M - i0), nc = std::min(NC, N - j0);
-    thread_local std::vector<T> ap, bp;
-    ap.resize(size_t(MC * (KC + 1)));
-    bp.resize(size_t(NC * (KC + 1)));
-    alignas(64) float tile[MR * NR];
-    for (int64_t k0 = 0; k0 < K; k0 += KC) {
-      const int64_t kc = std::min(KC, K - k0);
-      const int64_t kp = std::is_same<T, float>::value ? kc : (kc + 1) & ~int64_t(1);
-      const bool acc = accumulate || k0 > 0;
-      pack_a(a, i0, mc, k0, kc, ap.data());
-      pack_b(b, k0, kc, j0, nc, bp.data());
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min(KC, K - k0);
+    const int64_t kp = std::is_same<T, float>::value ? kc : (kc + 1) & ~int64_t(1);
+    const bool acc = accumulate || k0 > 0;
+    parallel_for(mpan + npan, [&](int64_t p) {
+      if (p < mpan)
+        pack_a(a, p * MR, std::min<int64_t>(MR, M - p * MR), k0, kc, ap.data() + p * MR * kp);
+      else
+        pack_b(b, k0, kc, (p - mpan) * NR, std::min<int64_t>(NR, N - (p - mpan) * NR),
+               bp.data() + (p - mpan) * NR * kp);
+    });
+    parallel_for(mb * nb, [&](int64_t task) {
+      const int64_t i0 = (task % mb) * MC, j0 = (task / mb) * NC;
+      const int64_t mc = std::min(MC, M - i0), nc = std::min(NC, N - j0);
+      alignas(64) float tile[MR * NR];
       for (int64_t jr = 0; jr < nc; jr += NR) {
-        const T* bpanel = bp.data() + jr * kp;
+        const T* bpanel = bp.data() + (j0 + jr) * kp;
         const int64_t cols = std::min<int64_t>(NR, nc - jr);
         for (int64_t ir = 0; ir < mc; ir += MR) {
-          const T* apanel = ap.data() + ir * kp;
+          const T* apanel = ap.data() + (i0 + ir) * kp;
           const int64_t rows = std::min<int64_t>(MR, mc - ir);
           float* cp = c + (i0 + ir) * ldc + j0 + jr;
           if (rows == MR && cols == NR) {
@@ -131,8 +125,8 @@ void gemm(const Kernels& kern, int64_t M, int64_t N, int64_t K, View a, View b, 
               cp[r * ldc + j] = (acc ? cp[r * ldc + j] : 0.0f) + tile[r * NR + j];
         }
       }
-    }
-  });
+    });
+  }
 }
 
 const Kernels& kernels_for(Isa isa) {
@@ -206,12 +200,14 @@ float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa) {
   std::vector<int64_t> rows(static_cast<size_t>(C));
   std::vector<int32_t> tg(static_cast<size_t>(C));
   std::vector<float> row_loss(static_cast<size_t>(C));
+  std::vector<float> apf, bpf;  // packed GEMM operands, reused by every GEMM of the call
+  std::vector<uint16_t> aph, bph;
   auto run_gemm = [&](int64_t M, int64_t N, int64_t K, View x, View y, float* out, int64_t ldc,
                       bool accumulate) {
     if (bf16)
-      gemm<uint16_t>(kern, M, N, K, x, y, out, ldc, accumulate);
+      gemm<uint16_t>(kern, M, N, K, x, y, out, ldc, accumulate, aph, bph);
     else
-      gemm<float>(kern, M, N, K, x, y, out, ldc, accumulate);
+      gemm<float>(kern, M, N, K, x, y, out, ldc, accumulate, apf, bpf);
   };
 
   double total = 0.0;
