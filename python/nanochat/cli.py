@@ -8,7 +8,8 @@
     nanochat chat --model OUT.gguf
     nanochat validate
     nanochat info [--json] [--cmake-dir]
-    nanochat model info [--config tiny] [--json] [--batch B --seq T]
+    nanochat model info [--config tiny] [--json] [--batch B --seq T] [--set K=V]
+    nanochat recipe nano_125m|small_560m|medium_3b [--dry-run] [--data DIR] [--out DIR]
     nanochat bench kernels|train|decode|collider [--json]
 """
 
@@ -351,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the folder holding nanochat/nanochat.h and nanochat.hpp and exit")
     pi.add_argument("--lib", action="store_true", help="print the path of libnanochat.so and exit")
     pi.set_defaults(func=_cmd_info)
+
+    from nanochat import recipes
+
+    pr = sub.add_parser("recipe", help="the production training recipes (nano/small/medium)",
+                        description=recipes.__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    recipes.add_arguments(pr)
+    pr.set_defaults(func=recipes.main)
 
     pm = sub.add_parser("model", help="model sizes: parameter counts and memory estimates")
     msub = pm.add_subparsers(dest="model", required=True, metavar="ACTION")

@@ -1,0 +1,91 @@
+"""`nanochat recipe`: the production recipes' plans (budget arithmetic, memory, time from a
+measured or given tokens/s) and a recipe run end to end on a shrunken model."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from nanochat import recipes
+from nanochat.cli import main
+from nanochat.config import ConfigError, load_config
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("name", sorted(recipes.RECIPES))
+def test_plan_arithmetic(name):
+    p = recipes.plan(name, tokens_per_s=100_000.0)
+    r = recipes.RECIPES[name]
+    seq = load_config(name).model.max_seq_len
+    assert p["tokens_per_step"] == r.micro_batch * r.grad_accum * seq
+    assert p["token_budget"] == p["tokens_per_step"] * r.steps
+    assert 18 <= p["tokens_per_active_param"] <= 22  # ~20 tokens per (active) parameter
+    assert p["expected_hours"] == pytest.approx(p["token_budget"] / 100_000 / 3600)
+    assert p["training_state_bytes"] < 70 * 2**30  # one 80 GB GPU
+    assert p["config"]["train"]["device"] == "cuda"
+    assert p["config"]["schedule"]["decay_shape"] == "1-sqrt"
+    # the printed command is the same config
+    _, cfg = recipes.build(name)
+    assert load_config(name, p["overrides"]).to_dict() == cfg.to_dict()
+    text = recipes.format_plan(p)
+    assert f"nanochat train --config {name}" in text and "given with --tokens-per-s" in text
+
+
+def test_extra_overrides_and_errors():
+    _, cfg = recipes.build("medium_3b", ["model.mhc.streams=4", "train.collider.enabled=true"])
+    assert cfg.model.mhc.streams == 4 and cfg.model.moe.experts == 16
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        recipes.build("huge_70b")
+
+
+def test_measured_tokens_per_s_full_and_extrapolated(monkeypatch):
+    _, cfg = recipes.build("nano_125m")
+    small = dataclasses.replace(cfg.model, vocab_size=256, d_model=64, n_heads=2, n_kv_heads=2,
+                                ffn_hidden=128, n_layers=4, max_seq_len=1024)
+    cfg = dataclasses.replace(cfg, model=small, train=dataclasses.replace(cfg.train, seq_len=64))
+    tps, how = recipes.measure_tokens_per_s(cfg, batch=1, steps=1)
+    assert tps > 0 and "full model" in how
+    monkeypatch.setattr(recipes, "_available_bytes", lambda device: 1)  # nothing fits
+    tps2, how2 = recipes.measure_tokens_per_s(cfg, batch=1, steps=1)
+    assert tps2 > 0 and "extrapolated to 4 layers" in how2
+
+
+def test_cli_dry_run_json(capsys):
+    assert main(["recipe", "small_560m", "--dry-run", "--tokens-per-s", "50000", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["recipe"] == "small_560m" and p["config"]["model"]["attention"]["pattern"] == "SSSL"
+    assert p["seed_hours"] == 8.0
+
+
+def test_cli_run_needs_data(capsys):
+    assert main(["recipe", "nano_125m"]) != 0  # the CLI reports errors, no traceback
+    assert "--data DIR is required" in capsys.readouterr().err
+
+
+def test_recipe_runs_training(tmp_path):
+    """The recipe's own path (its overrides, then --set ones shrinking it to seconds)."""
+    from test_train import FILES, STDLIB, VOCAB
+
+    from nanochat import corpus
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in FILES[:4]:
+        (src / f.replace("/", "_")).write_text((STDLIB / f).read_text())
+    data = corpus.prepare([str(src)], tmp_path / "data", vocab_size=VOCAB, val_fraction=0.2,
+                          progress=False).out_dir
+    shrink = [f"model.vocab_size={VOCAB}", "model.d_model=64", "model.n_layers=2",
+              "model.n_heads=2", "model.n_kv_heads=2", "model.ffn_hidden=128",
+              "model.max_seq_len=64", "model.attention.window=16", "train.seq_len=64",
+              "train.batch_size=2", "train.grad_accum=1", "train.max_steps=3",
+              "train.device=cpu", "train.eval_tokens=512", "train.sample_tokens=4",
+              "schedule.warmup_steps=1"]
+    argv = ["recipe", "small_560m", "--data", str(data), "--out", str(tmp_path / "run")]
+    for s in shrink:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["attention"]["pattern"] == "SSSL"  # the recipe's config
+    assert saved["train"]["max_steps"] == 3
