@@ -256,3 +256,23 @@ def test_collapse_is_mean_and_gain_preserved_at_init():
     assert h_post.mean().item() == pytest.approx(1.0, abs=1e-6)
     assert len(set(h_post.tolist())) == 4  # asymmetric
     assert (h_res.diagonal() > 0.8).all() and math.isclose(h_res.sum().item(), 4, rel_tol=1e-6)
+
+
+def test_mixing_stays_full_precision_under_autocast():
+    """F runs under bf16 autocast; the coefficients and the stream mixing do not."""
+    m = MHC(4, 16)
+    m.reset_parameters(0.02, 0)
+    x = torch.randn(2, 3, 4, 16)
+    lin = torch.nn.Linear(16, 16)
+    outs = []
+
+    def f(h):
+        assert h.dtype == torch.float32
+        outs.append(lin(h))
+        return outs[-1]
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x, f)
+    assert outs[0].dtype == torch.bfloat16 and y.dtype == torch.float32
+    _, h_post, h_res = m.coefficients(x)
+    assert torch.equal(y, h_res @ x + h_post.unsqueeze(-1) * outs[0].float().unsqueeze(-2))

@@ -72,9 +72,15 @@ def permutation_matrices(n: int) -> torch.Tensor:
 def mix(x: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor], h_pre: torch.Tensor,
         h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
     """x_next = H_res x + H_post^T F(H_pre x) for x (B, T, n, C); the coefficients are
-    static (n,), (n,), (n, n) or per token (B, T, n), (B, T, n), (B, T, n, n)."""
-    y = f((h_pre.unsqueeze(-2) @ x).squeeze(-2))  # (B, T, C)
-    return h_res @ x + h_post.unsqueeze(-1) * y.unsqueeze(-2)  # (B, T, n, C)
+    static (n,), (n,), (n, n) or per token (B, T, n), (B, T, n), (B, T, n, n). The mixing
+    runs in x's precision even under autocast (a bf16 matmul would round the residual
+    streams at every sub-layer, which the plain residual's fp32 add does not); F itself
+    runs under whatever autocast is active."""
+    with torch.autocast(x.device.type, enabled=False):
+        inp = (h_pre.unsqueeze(-2) @ x).squeeze(-2)  # (B, T, C)
+    y = f(inp)
+    with torch.autocast(x.device.type, enabled=False):
+        return h_res @ x + h_post.unsqueeze(-1) * y.to(x.dtype).unsqueeze(-2)  # (B, T, n, C)
 
 
 class MHC(nn.Module):
@@ -142,7 +148,9 @@ class MHC(nn.Module):
         return h_pre, h_post, h_res
 
     def forward(self, x: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        return mix(x, f, *self.coefficients(x))
+        with torch.autocast(x.device.type, enabled=False):  # coefficients in full precision
+            coeffs = self.coefficients(x)
+        return mix(x, f, *coeffs)
 
     def extra_repr(self) -> str:
         return (f"streams={self.n}, res={self.res}, sinkhorn_iters={self.iters}, "
