@@ -17,6 +17,7 @@ bytes per element: 1 + 4 / block. Exercised by tests/test_optim_8bit.py and
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from nanochat._core import core
@@ -72,6 +73,8 @@ def _stream(device: torch.device) -> int:
 
 
 # ---- the plain-torch reference (same float operations in the same order as the core) ------
+# torch turns a division by a scalar into a multiplication by its reciprocal, so divisors are
+# full tensors and scalar constants are computed in numpy float32 (IEEE, like C++).
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """(numel,) -> (nblocks, block), zero-padded (zeros change no absmax)."""
     n = x.numel()
@@ -84,10 +87,11 @@ def ref_quantize(x: torch.Tensor, block: int, map: str) -> tuple[torch.Tensor, t
     xb = _blocks(x.float(), block)
     absmax = xb.abs().nan_to_num(nan=0.0).amax(dim=1)
     if map == "linear":
-        inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+        inv = torch.where(absmax > 0, torch.full_like(absmax, 127.0) / absmax,
+                          torch.zeros_like(absmax))
         q = torch.round((xb * inv[:, None]).nan_to_num(nan=-127.0).clamp(-127, 127))
         return q.to(torch.int8).reshape(-1)[:n], absmax
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    inv = torch.where(absmax > 0, torch.ones_like(absmax) / absmax, torch.zeros_like(absmax))
     bits = (xb * inv[:, None]).view(torch.int32).to(torch.int64)
     t = (bits - MINI_LOW + MINI_STEP // 2).clamp(min=0)
     code = torch.where(bits < 0, torch.zeros_like(t), t >> 20).clamp(max=255)
@@ -98,43 +102,51 @@ def ref_dequantize(codes: torch.Tensor, absmax: torch.Tensor, block: int, map: s
     n = codes.numel()
     c = _blocks(codes.to(torch.int32), block)
     if map == "linear":
-        x = (c.float() / 127.0) * absmax[:, None]
+        cf = c.float()
+        x = (cf / torch.full_like(cf, 127.0)) * absmax[:, None]
     else:
         lv = (MINI_LOW + c * MINI_STEP).to(torch.int32).view(torch.float32)
         x = torch.where(c == 0, torch.zeros_like(lv), lv * absmax[:, None])
     return x.reshape(-1)[:n]
 
 
+def _f32(x) -> float:
+    """A Python float holding x rounded to float32 (torch multiplies in float32 with it)."""
+    return float(np.float32(x))
+
+
 def ref_adamw8_step(p, g, m, m_absmax, v, v_absmax, block, lr, beta1, beta2, eps, weight_decay,
                     bc1, bc2):
-    f = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731 - float32 constants, as C++
+    f = np.float32
     gf = g.reshape(-1)
-    mf = ref_dequantize(m, m_absmax, block, "linear") * f(beta1) + gf * (f(1.0) - f(beta1))
-    vf = (ref_dequantize(v, v_absmax, block, "minifloat") * f(beta2)
-          + (g.reshape(-1) * g.reshape(-1)) * (f(1.0) - f(beta2)))
-    denom = vf.sqrt() / f(bc2).sqrt() + f(eps)
-    decay, step = f(1.0) - f(lr) * f(weight_decay), f(lr) / f(bc1)
-    p.view(-1).copy_(p.reshape(-1) * decay - step * (mf / denom))
+    mf = ref_dequantize(m, m_absmax, block, "linear") * _f32(beta1) + gf * _f32(f(1) - f(beta1))
+    vf = (ref_dequantize(v, v_absmax, block, "minifloat") * _f32(beta2)
+          + (gf * gf) * _f32(f(1) - f(beta2)))
+    sqrt_v = vf.double().sqrt().float()  # correctly rounded (torch.sqrt on CPU is not, by 1 ulp)
+    denom = sqrt_v / torch.full_like(vf, _f32(np.sqrt(f(bc2)))) + _f32(eps)
+    decay, step = _f32(f(1) - f(lr) * f(weight_decay)), _f32(f(lr) / f(bc1))
+    p.view(-1).copy_(p.reshape(-1) * decay - (mf / denom) * step)
     m_new, ma = ref_quantize(mf, block, "linear")
     v_new, va = ref_quantize(vf, block, "minifloat")
     m.copy_(m_new), m_absmax.copy_(ma), v.copy_(v_new), v_absmax.copy_(va)
 
 
 def ref_lion8_step(p, g, m, m_absmax, block, lr, beta1, beta2, weight_decay):
-    f = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    f = np.float32
     mf = ref_dequantize(m, m_absmax, block, "linear")
     gf = g.reshape(-1)
-    c = mf * f(beta1) + gf * (f(1.0) - f(beta1))
-    p.view(-1).copy_(p.reshape(-1) * (f(1.0) - f(lr) * f(weight_decay)) - f(lr) * torch.sign(c))
-    m_new, ma = ref_quantize(mf * f(beta2) + gf * (f(1.0) - f(beta2)), block, "linear")
+    c = mf * _f32(beta1) + gf * _f32(f(1) - f(beta1))
+    decay = _f32(f(1) - f(lr) * f(weight_decay))
+    p.view(-1).copy_(p.reshape(-1) * decay - torch.sign(c) * _f32(lr))
+    m_new, ma = ref_quantize(mf * _f32(beta2) + gf * _f32(f(1) - f(beta2)), block, "linear")
     m.copy_(m_new), m_absmax.copy_(ma)
 
 
 def ref_momentum8_step(g, m, m_absmax, u, block, beta, nesterov):
-    f = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
     gf = g.reshape(-1)
-    mf = ref_dequantize(m, m_absmax, block, "linear") * f(beta) + gf * (f(1.0) - f(beta))
-    u.view(-1).copy_(gf + (mf - gf) * f(beta) if nesterov else mf)
+    mf = (ref_dequantize(m, m_absmax, block, "linear") * _f32(beta)
+          + gf * _f32(np.float32(1) - np.float32(beta)))
+    u.view(-1).copy_(gf + (mf - gf) * _f32(beta) if nesterov else mf)
     m_new, ma = ref_quantize(mf, block, "linear")
     m.copy_(m_new), m_absmax.copy_(ma)
 
@@ -264,6 +276,8 @@ def _(grad, momentum, momentum_absmax, update, block, beta, nesterov):
 # ---- state tensors -----------------------------------------------------------------------
 def zeros_state(like: torch.Tensor, block: int, map: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and absmax of an all-zero state shaped like `like` (codes flat)."""
+    if map not in CODE_DTYPE:
+        raise ValueError(f"map must be 'linear' or 'minifloat', got {map!r}")
     n = like.numel()
     return (torch.zeros(n, dtype=CODE_DTYPE[map], device=like.device),
             torch.zeros(num_blocks(n, block), dtype=torch.float32, device=like.device))
