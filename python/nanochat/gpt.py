@@ -153,6 +153,11 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, bitlinear, i) for i in range(config.n_layers))
         self.output_norm = RMSNorm(config.d_model, config.norm_eps)
         self.init_weights()
+        from nanochat import mtp  # multi-token prediction heads 2..n (nanochat/mtp.py)
+
+        self.mtp = mtp.build_heads(config, bitlinear)  # empty when model.mtp.heads == 1
+        self.fused_loss, self.fused_loss_precision = "off", "f32"  # set_fused_loss
+        self.last_head_losses: torch.Tensor | None = None  # per head, of the last loss
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -228,11 +233,33 @@ class GPT(nn.Module):
         # collider.linear: F.linear, with a kept-rows-only backward in a Collider step
         return collider.linear(hidden, self.token_embd.weight).float()  # (B, T, V)
 
+    def set_fused_loss(self, mode: str = "auto", precision: str = "f32") -> None:
+        """The loss of training calls (targets, mean reduction): "on" the fused chunked
+        cross-entropy op (nanochat/fused_loss.py: no (tokens, vocab) logits), "off" full
+        logits and F.cross_entropy, "auto" fused when MTP is on or vocab >= 16384 (where
+        `nanochat bench loss` measures it faster). A model starts "off"; train sets it."""
+        if mode not in ("auto", "on", "off") or precision not in ("f32", "bf16"):
+            raise ValueError(f"set_fused_loss: mode auto/on/off and precision f32/bf16, got "
+                             f"{mode!r}, {precision!r}")
+        self.fused_loss, self.fused_loss_precision = mode, precision
+
+    def _fused(self) -> bool:
+        if self.fused_loss == "auto":
+            return self.config.mtp.heads > 1 or self.config.vocab_size >= 16384
+        return self.fused_loss == "on"
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_reduction: str = "mean"):
         """logits (B, T, V), or (logits, loss) with targets (B, T) (-1 = ignore). With
-        loss_reduction="none" the loss is per token, shaped like targets."""
-        logits = self.logits(self._trunk(idx))
+        loss_reduction="none" the loss is per token, shaped like targets (the next-token
+        head only). With mean reduction and MTP on (model.mtp.heads > 1) the loss is the
+        weighted sum over the heads (nanochat/mtp.py), each head's own in last_head_losses;
+        when the fused loss runs (set_fused_loss) no logits exist and logits is None."""
+        h = self._trunk(idx)
+        if targets is not None and loss_reduction == "mean" and (
+                len(self.mtp) or self._fused()):
+            return self._head_loss(idx, h, targets)
+        logits = self.logits(h)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
@@ -240,6 +267,34 @@ class GPT(nn.Module):
         if loss_reduction == "none":
             loss = loss.view(targets.shape)
         return logits, loss
+
+    def _head_loss(self, idx, h, targets):
+        """(logits of head 1 or None, weighted mean loss over the heads) for a training call."""
+        from nanochat import fused_loss, mtp
+
+        n = len(self.mtp) + 1
+        hidden = [h]
+        if n > 1:
+            pos = torch.arange(idx.shape[1], device=idx.device)
+            cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+            hidden = mtp.head_hidden(self.mtp, h, self.token_embd(idx), cos, sin)
+        tgt = mtp.head_targets(targets, n).reshape(n, -1)  # (n, B*T), head i shifted by i
+        weights = mtp.head_weights(self.config.mtp) if n > 1 else [1.0]
+        W = self.token_embd.weight
+        if self._fused():
+            stacked = torch.stack(hidden).reshape(n, -1, h.shape[-1])  # (n, B*T, d)
+            total, per_head = fused_loss.fused_linear_cross_entropy(
+                stacked, W, tgt, weights, precision=self.fused_loss_precision)
+            logits = None
+        else:
+            logits = self.logits(h)
+            per_head = torch.stack([F.cross_entropy(
+                (logits if i == 0 else self.logits(x)).reshape(-1, W.shape[0]), tgt[i],
+                ignore_index=-1) if bool((tgt[i] >= 0).any()) else h.new_zeros(())
+                for i, x in enumerate(hidden)])  # a head with no target counts 0, not nan
+            total = (per_head * per_head.new_tensor(weights)).sum()
+        self.last_head_losses = per_head.detach()
+        return logits, total
 
     # ---- generation -------------------------------------------------------------------
     @torch.no_grad()

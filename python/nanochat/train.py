@@ -132,6 +132,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
     torch.manual_seed(t.seed)
     model = GPT(cfg.model, bitlinear=t.bitlinear).to(device)
     model.set_bitlinear_backward(t.bitlinear_backward)
+    model.set_fused_loss(t.fused_loss, t.fused_loss_precision)  # LM/MTP head loss
     collider = Collider.from_config(t.collider, cfg.model.vocab_size, device, log=log)
     opt = build_optimizer(model, cfg, log=log if state is None else (lambda *_: None))
     step, elapsed_before = 0, 0.0
