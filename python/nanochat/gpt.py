@@ -393,7 +393,10 @@ class GPT(nn.Module):
         Options: MoE saves 6*hidden per routed slot (+ the shared expert) and 2*d for the
         gathered rows instead of the dense FFN's 6*ffn; mHC adds about 3*n*d per sub-layer
         (the streams, their RMS-normed copy, the mixed output); a windowed layer's KV cache
-        holds min(window, seq) positions; router and mHC weights stay f32 for inference."""
+        holds min(window, seq) positions; router and mHC weights stay f32 for inference.
+        `nanochat bench arch --json` prints this estimate next to the saved-tensor bytes it
+        measures (tiny, 4 x 256, torch BitLinear: 0.96x with mHC n = 4, 0.82x with 8 experts
+        of ffn/2, top-2)."""
         c = self.config
         n = self.num_params()
         d_kv = c.n_kv_heads * c.head_dim

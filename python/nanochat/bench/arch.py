@@ -14,7 +14,8 @@ A step is forward + backward + AdamW update (data loading excluded). The variant
 round by round (A B C ... A B C ...) and medians are reported, with ratios to `plain`.
 Memory is measured, not estimated: `activation bytes` is the size of every distinct tensor
 autograd saves for the backward during one forward (torch.autograd.graph.saved_tensors_hooks,
-parameters excluded), `state bytes` the parameters plus their gradients and AdamW moments.
+parameters excluded), `state bytes` the parameters plus their gradients and AdamW moments;
+the JSON rows also carry GPT.estimate_memory's activation estimate for comparison.
 
     nanochat bench arch [--config tiny] [--mhc 4] [--variants plain,mhc,moe,hybrid] [--json]
 """
@@ -128,7 +129,9 @@ def run(args: argparse.Namespace):
                    "threads": args.threads or torch.get_num_threads(),
                    "params": n["total"], "active_params": n["active"],
                    "step_seconds": sec, "tokens_per_s": args.batch * args.seq / sec,
-                   "activation_bytes": _saved_bytes(model, x), "state_bytes": state}
+                   "activation_bytes": _saved_bytes(model, x), "state_bytes": state,
+                   "activation_estimate_bytes":
+                       model.estimate_memory(args.batch, args.seq)["activation_bytes"]}
     ref = rows.get("plain")
     for v in names:
         r = rows[v]
