@@ -256,6 +256,7 @@ def test_state_dict_resume_is_bit_exact(sets):
     ("optim.min_8bit_size=-1", "optim.min_8bit_size"),
     ("optim.muon.momentum=1.0", "optim.muon.momentum"), ("optim.muon.scale=x", "optim.muon.scale"),
     ("optim.muon.ns_steps=0", "optim.muon.ns_steps"), ("optim.lion.beta2=1", "optim.lion.beta2"),
+    ("optim.muon.ns_dtype=fp8", "optim.muon.ns_dtype"),
     ("optim.lion.lr_scale=0", "optim.lion.lr_scale"), ("optim.galore.rank=-1", "optim.galore.rank"),
     ("optim.galore.update_every=0", "optim.galore.update_every"),
     ('optim.overrides=["*=sgd"]', "optim.overrides[0]"), ("optim.muon.bogus=1", "bogus"),

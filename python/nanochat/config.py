@@ -223,12 +223,18 @@ class MuonConfig:
     ns_steps: int = 5  # quintic Newton-Schulz iterations
     # "moonlight" (0.2*sqrt(max(rows, cols)): AdamW's LR and WD carry over) or "original"
     scale: str = "moonlight"
+    # Newton-Schulz matmul precision: "auto" (bf16 on CUDA and on CPUs with AVX512-BF16/AMX,
+    # as the Muon reference runs it; else float32), "bfloat16" or "float32"
+    ns_dtype: str = "auto"
 
     def validate(self, where: str = "optim.muon") -> None:
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"{where}.momentum must be in [0, 1), got {self.momentum}")
         if self.ns_steps < 1:
             raise ConfigError(f"{where}.ns_steps must be >= 1, got {self.ns_steps}")
+        if self.ns_dtype not in ("auto", "bfloat16", "float32"):
+            raise ConfigError(f"{where}.ns_dtype must be auto, bfloat16 or float32, "
+                              f"got {self.ns_dtype!r}")
         if self.scale not in ("moonlight", "original"):
             raise ConfigError(f"{where}.scale must be 'moonlight' or 'original', "
                               f"got {self.scale!r}")

@@ -87,12 +87,13 @@ def build_optimizer(model: nn.Module, cfg, log=print) -> torch.optim.Optimizer:
              "eps": o.eps, "state": o.state, "block": o.block_size, "min_8bit": o.min_8bit_size,
              "momentum": o.muon.momentum, "nesterov": o.muon.nesterov,
              "ns_steps": o.muon.ns_steps, "muon_scale": o.muon.scale,
+             "ns_dtype": o.muon.ns_dtype,
              "galore": ({"rank": o.galore.rank, "update_every": o.galore.update_every,
                          "alpha": o.galore.alpha, "oversample": o.galore.oversample,
                          "power_iters": o.galore.power_iters} if use_galore else None)}
         param_groups.append(g)
         extra = (f", state {o.state}" + (" (GaLore)" if use_galore else "")
-                 + (f", scale {o.muon.scale}" if algo == "muon" else ""))
+                 + (f", scale {o.muon.scale}, NS {o.muon.ns_dtype}" if algo == "muon" else ""))
         log(f"optimizer group {g['name']:9s}: {LABELS[algo]} lr={lr:g} wd={wd:g}{extra}, "
             f"{len(named)} tensors, {sum(p.numel() for _, p in named):,} params: "
             f"{', '.join(n for n, _ in named)}")
@@ -101,7 +102,7 @@ def build_optimizer(model: nn.Module, cfg, log=print) -> torch.optim.Optimizer:
         # Today's optimizer, unchanged: torch's AdamW (fused on CUDA).
         for g in param_groups:
             for k in ("algo", "state", "block", "min_8bit", "momentum", "nesterov", "ns_steps",
-                      "muon_scale", "galore", "betas", "eps"):
+                      "muon_scale", "ns_dtype", "galore", "betas", "eps"):
                 g.pop(k)
         fused = {"fused": True} if next(model.parameters()).is_cuda else {}
         return torch.optim.AdamW(param_groups, betas=(o.beta1, o.beta2), eps=o.eps, **fused)

@@ -24,14 +24,15 @@ from nanochat.optim import galore as gl
 from nanochat.optim import state8bit as s8
 from nanochat.optim.adamw import adam_direction, adamw_fp32
 from nanochat.optim.lion import lion_step
-from nanochat.optim.muon import muon_update
+from nanochat.optim.muon import muon_update, ns_dtype
 
 
 class HybridOptimizer(torch.optim.Optimizer):
     def __init__(self, param_groups: list[dict]):
         defaults = dict(algo="adamw", state="fp32", block=s8.DEFAULT_BLOCK, min_8bit=4096,
                         lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, momentum=0.95,
-                        nesterov=True, ns_steps=5, muon_scale="moonlight", galore=None)
+                        nesterov=True, ns_steps=5, muon_scale="moonlight", ns_dtype="float32",
+                        galore=None)
         super().__init__(param_groups, defaults)
         index = 0
         for g in self.param_groups:  # a stable per-parameter index seeds GaLore's sketches
@@ -157,7 +158,7 @@ class HybridOptimizer(torch.optim.Optimizer):
             u = g.lerp(buf, beta) if group["nesterov"] else buf
         st["step"] += 1
         muon_update(p, u, group["lr"], group["weight_decay"], group["ns_steps"],
-                    group["muon_scale"])
+                    group["muon_scale"], ns_dtype(group["ns_dtype"], p.device))
 
     # ---- Lion ---------------------------------------------------------------------------
     def _lion(self, group: dict, p: torch.Tensor) -> None:

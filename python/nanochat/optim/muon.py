@@ -54,10 +54,23 @@ def shape_scale(rows: int, cols: int, mode: str = "moonlight") -> float:
     raise ValueError(f"muon scale must be one of {SCALES}, got {mode!r}")
 
 
+def ns_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """"auto": bf16 on CUDA (as the Muon reference) and on CPUs with fast bf16 GEMMs
+    (AVX512-BF16/AMX: about 2x the f32 rate), else float32."""
+    if setting == "float32":
+        return torch.float32
+    if setting == "bfloat16":
+        return torch.bfloat16
+    if setting != "auto":
+        raise ValueError(f"muon ns_dtype must be auto, bfloat16 or float32, got {setting!r}")
+    from nanochat.bitlinear import cpu_has_fast_bf16
+
+    return torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32
+
+
 def muon_update(p: torch.Tensor, u: torch.Tensor, lr: float, weight_decay: float, ns_steps: int,
-                scale_mode: str) -> None:
+                scale_mode: str, dtype: torch.dtype = torch.float32) -> None:
     """p *= 1 - lr wd; p -= lr scale NS(u) (u already momentum-filtered, p's shape)."""
-    dtype = torch.bfloat16 if p.is_cuda else torch.float32  # bf16 NS on GPU as in the paper
     o = newton_schulz(u.view(p.shape), ns_steps, dtype=dtype)
     p.mul_(1.0 - lr * weight_decay)
     p.add_(o, alpha=-lr * shape_scale(p.shape[-2], p.shape[-1], scale_mode))
