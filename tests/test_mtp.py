@@ -185,3 +185,61 @@ def test_cli_training_with_mtp_heads(run_nanochat, data_dir, tmp_path):
     state = checkpoint.load(run)
     assert any(k.startswith("mtp.2.block.") for k in state["model"])
     assert state["config"]["model"]["mtp"]["heads"] == 4
+
+
+def test_export_with_heads_loads_in_gguf_and_the_engine(tmp_path):
+    import gguf
+    import numpy as np
+
+    from nanochat.bitlinear import weight_codes
+    from nanochat.engine import Engine
+    from nanochat.export import export_gguf
+    from nanochat.tokenizer import Tokenizer
+
+    text = Path(mtp.__file__).read_text()
+    tok = Tokenizer.train([text], 512)
+    torch.manual_seed(5)
+    m = GPT(_cfg(3), bitlinear="torch")
+    path = tmp_path / "mtp.gguf"
+    export_gguf(m, tok, path)
+    r = gguf.GGUFReader(path)
+    assert bytes(r.fields["general.architecture"].parts[-1]).decode() == "nanochat"
+    assert int(r.fields["nanochat.nextn_predict_layers"].parts[-1][0]) == 2
+    assert int(r.fields["nanochat.block_count"].parts[-1][0]) == 2  # the trunk's
+    t = {x.name: x for x in r.tensors}
+    for j, head in enumerate(m.mtp):
+        b = f"blk.{2 + j}"
+        assert t[f"{b}.nextn.enorm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+        np.testing.assert_array_equal(np.asarray(t[f"{b}.nextn.hnorm.weight"].data),
+                                      head.hnorm.weight.detach().numpy())
+        for name, p in ((f"{b}.nextn.eh_proj.weight", head.eh_proj.weight),
+                        (f"{b}.ffn_down.weight", head.block.ffn_down.weight)):
+            x = t[name]
+            assert x.tensor_type == gguf.GGMLQuantizationType.TQ2_0
+            assert list(x.shape) == [p.shape[1], p.shape[0]]
+            codes, s = weight_codes(p)  # exact codes and the fp16 scale
+            got = gguf.quants.dequantize(x.data, x.tensor_type).reshape(p.shape)
+            np.testing.assert_array_equal(got, codes.numpy() * np.float32(np.float16(s)))
+    # The engine loads it (heads checked, not run) and decodes exactly as the same trunk
+    # exported without heads.
+    plain = GPT(_cfg(1), bitlinear="torch")
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("mtp.")})
+    export_gguf(plain, tok, tmp_path / "plain.gguf")
+    ids = [tok.bos_id] + tok.encode(text[:100])
+    a = Engine(path).eval_all(ids)
+    b = Engine(tmp_path / "plain.gguf").eval_all(ids)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_engine_rejects_heads_the_metadata_does_not_declare(tmp_path, monkeypatch):
+    from nanochat import export
+    from nanochat.engine import Engine
+    from nanochat.tokenizer import Tokenizer
+
+    tok = Tokenizer.train([Path(mtp.__file__).read_text()], 512)
+    torch.manual_seed(6)
+    m = GPT(_cfg(2), bitlinear="torch")
+    monkeypatch.setattr(export, "architecture", lambda cfg: ("bitnet", []))  # no nextn key
+    export.export_gguf(m, tok, tmp_path / "bad.gguf")
+    with pytest.raises(ValueError, match="unexpected tensor 'blk.2."):
+        Engine(tmp_path / "bad.gguf")

@@ -246,6 +246,25 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
     mat("ffn_up.weight", L.up, d, ffn);
     mat("ffn_down.weight", L.down, ffn, d);
   }
+  // Multi-token-prediction heads (docs/gguf.md): blocks n_layers.. after the trunk, each
+  // a regular block plus its nextn.* join. Plain decoding does not run them (they serve
+  // speculative decoding later), so they are checked for name, shape and type, not loaded.
+  const int64_t n_mtp =
+      arch == "nanochat" ? ld.hparam_or("nanochat.nextn_predict_layers", 0, 0, 64) : 0;
+  for (int64_t l = info.n_layers; l < info.n_layers + n_mtp; ++l) {
+    const std::string b = "blk." + std::to_string(l) + ".";
+    for (const char* n : {"attn_norm.weight", "attn_sub_norm.weight", "ffn_norm.weight",
+                          "nextn.enorm.weight", "nextn.hnorm.weight",
+                          "nextn.shared_head_norm.weight"})
+      ld.tensor(b + n, {d}, {T::F32});
+    ld.tensor(b + "ffn_sub_norm.weight", {ffn}, {T::F32});
+    const std::pair<const char*, std::vector<int64_t>> mtp_mats[] = {
+        {"attn_q.weight", {d, d}},        {"attn_k.weight", {d, kv_dim}},
+        {"attn_v.weight", {d, kv_dim}},   {"attn_output.weight", {d, d}},
+        {"ffn_gate.weight", {d, ffn}},    {"ffn_up.weight", {d, ffn}},
+        {"ffn_down.weight", {ffn, d}},    {"nextn.eh_proj.weight", {2 * d, d}}};
+    for (const auto& [n, dims] : mtp_mats) ld.tensor(b + n, dims, {T::TQ2_0, T::TQ1_0});
+  }
   ld.check_no_extra_tensors();
   info.weight_type = gguf::type_traits(ternary_type).name;
 

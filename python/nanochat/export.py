@@ -54,6 +54,9 @@ BLOCK_TENSORS = (
     ("ffn_gate", "ternary"), ("ffn_up", "ternary"), ("ffn_sub_norm", "norm"),
     ("ffn_down", "ternary"),
 )
+# An MTP head's join (nanochat/mtp.py), after its block's tensors: blk.{n_layers + j}.nextn.*
+MTP_TENSORS = (("enorm", "norm"), ("hnorm", "norm"), ("eh_proj", "ternary"),
+               ("shared_head_norm", "norm"))
 
 KV = tuple  # (key, gguf type name, value), as nanochat._C.gguf_write takes them
 
@@ -97,6 +100,8 @@ def architecture(cfg: ModelConfig) -> tuple[str, list[KV]]:
     forces "nanochat".
     """
     extensions: list[KV] = []
+    if cfg.mtp.heads > 1:  # MTP heads 2..n as blocks n_layers.. (nanochat/mtp.py)
+        extensions.append(("nanochat.nextn_predict_layers", "u32", cfg.mtp.heads - 1))
     if cfg.activation == "silu" and not extensions:
         return "bitnet", []
     return "nanochat", [("nanochat.ffn_activation", "string", cfg.activation), *extensions]
@@ -169,6 +174,12 @@ def _plan(model: torch.nn.Module) -> list[tuple[str, str, torch.Tensor]]:
     for i, block in enumerate(model.blocks):
         for attr, kind in BLOCK_TENSORS:
             plan.append((f"blk.{i}.{attr}.weight", kind, getattr(block, attr).weight))
+    for j, head in enumerate(getattr(model, "mtp", ())):  # MTP head j+2: blk.{n_layers + j}
+        b = f"blk.{len(model.blocks) + j}"
+        for attr, kind in BLOCK_TENSORS:
+            plan.append((f"{b}.{attr}.weight", kind, getattr(head.block, attr).weight))
+        for attr, kind in MTP_TENSORS:
+            plan.append((f"{b}.nextn.{attr}.weight", kind, getattr(head, attr).weight))
     mapped = {id(p) for _, _, p in plan}
     unmapped = [n for n, p in model.named_parameters() if id(p) not in mapped]
     if unmapped:
