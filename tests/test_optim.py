@@ -314,3 +314,19 @@ def test_cli_train_with_muon_8bit(tmp_path):
                           "--out", str(tmp_path / "bad"), "--set", "optim.state=16bit"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "optim.state" in bad.stderr
+
+
+def test_bench_optim_json_rows(run_nanochat):
+    r = run_nanochat(["bench", "optim", "--models", "tiny", "--configs",
+                      "adamw_fp32,adamw_8bit,lion_8bit", "--steps", "1", "--json"], timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    opt = {row["optimizer"]: row for row in rows if "optimizer" in row}
+    assert set(opt) == {"adamw_fp32", "adamw_8bit", "lion_8bit"}
+    for row in opt.values():
+        assert {"optimizer", "model", "state_bytes", "ratio_vs_adamw", "step_seconds"} <= set(row)
+    assert opt["adamw_fp32"]["ratio_vs_adamw"] == 1.0
+    assert 8.0 <= opt["adamw_fp32"]["bytes_per_param"] < 8.01  # two fp32 moments + step counters
+    assert 0.24 < opt["adamw_8bit"]["ratio_vs_adamw"] < 0.27  # 2 + 8/2048 B/param
+    assert opt["lion_8bit"]["ratio_vs_adamw"] < 0.14
+    assert all("peer" in row and row["model"] == "tiny" for row in rows if "optimizer" not in row)

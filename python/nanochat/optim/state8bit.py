@@ -17,6 +17,8 @@ bytes per element: 1 + 4 / block. Exercised by tests/test_optim_8bit.py and
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -65,7 +67,12 @@ def _native(device: torch.device) -> bool:
     """Whether the C++ core runs on this device (CPU always; CUDA in a CUDA build)."""
     if device.type == "cpu":
         return True
-    return device.type == "cuda" and core().info()["cuda"]["compiled"]
+    return device.type == "cuda" and _cuda_compiled()
+
+
+@functools.cache
+def _cuda_compiled() -> bool:
+    return bool(core().info()["cuda"]["compiled"])
 
 
 def _stream(device: torch.device) -> int:
