@@ -384,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nanochat.bench import collider as bench_collider
     from nanochat.bench import decode as bench_decode
     from nanochat.bench import kernels
+    from nanochat.bench import loss as bench_loss
     from nanochat.bench import optim as bench_optim
     from nanochat.bench import train as bench_train
 
@@ -395,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         (bench_arch, "arch", "step time and memory of mHC, MoE, hybrid attention vs plain"),
         (bench_optim, "optim", "optimizer-state bytes and step time: AdamW/Muon/Lion fp32 and "
          "8-bit, GaLore 2"),
+        (bench_loss, "loss", "fused LM/MTP-head cross-entropy vs naive torch: peak memory, time"),
     ]
     for module, name, help_text in benches:
         pn = bsub.add_parser(name, help=help_text, description=module.__doc__,
