@@ -48,6 +48,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 SINKHORN_TOL = 2e-2  # worst row-sum error after 20 iterations (module doc)
 
@@ -133,15 +134,24 @@ class MHC(nn.Module):
         n = self.n
         pre, post, res = self.b_pre, self.b_post, self.b_res
         if self.dynamic:
-            xn = F.rms_norm(x.flatten(-2), (x.shape[-2] * x.shape[-1],), eps=self.eps)
-            dyn = F.linear(xn, self.phi)  # (B, T, 2n + n_res)
+            # rms_norm(x) phi^T computed as (x phi^T) / rms(x): the same value, but autograd
+            # keeps x (already saved by the mixing) and one scale per token instead of a
+            # normed copy of all n streams
+            xf = x.flatten(-2)  # (B, T, n*C)
+            r = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + self.eps)
+            dyn = F.linear(xf, self.phi) * r  # (B, T, 2n + n_res)
             pre = pre + self.alpha[0] * dyn[..., :n]
             post = post + self.alpha[1] * dyn[..., n:2 * n]
             res = res + self.alpha[2] * dyn[..., 2 * n:]
         h_pre = torch.sigmoid(pre)
         h_post = 2 * torch.sigmoid(post)
         if self.res == "sinkhorn":
-            h_res = sinkhorn(res.unflatten(-1, (n, n)), self.iters)
+            logits = res.unflatten(-1, (n, n))
+            if torch.is_grad_enabled() and logits.requires_grad:
+                # recomputed in the backward: saves the logits, not 2 * iters (n, n) steps
+                h_res = checkpoint(sinkhorn, logits, self.iters, use_reentrant=False)
+            else:
+                h_res = sinkhorn(logits, self.iters)
         else:  # (..., n!) weights times (n!, n, n) permutations
             w = torch.softmax(res, dim=-1)
             h_res = (w @ self.perms.flatten(1)).unflatten(-1, (n, n))
