@@ -280,3 +280,18 @@ def test_train_cli_with_collider(data_dir, tmp_path):
     assert all(0.65 <= x["collider_kept_fraction"] <= 1 for x in rows if "loss" in x)
     assert any("val_loss" in x for x in rows)
 
+
+
+def test_bench_collider_rows(capsys):
+    from nanochat.cli import main
+
+    assert main(["bench", "collider", "--configs", "tiny", "--batch", "1", "--seq", "64",
+                 "--rounds", "1", "--train-steps", "0", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["variant"] for r in rows] == ["unfiltered", "collider"]
+    assert rows[1]["kept_fraction"] == 1 - 22 / 64  # floor(0.35 * 64) dropped
+    for r in rows:
+        assert r["backward_s"] > 0 and r["step_s"] >= r["forward_s"] + r["backward_s"]
+    assert rows[0]["backward_ratio"] == 1.0
+    assert rows[1]["backward_ratio"] == rows[1]["backward_s"] / rows[0]["backward_s"]
+    assert main(["bench", "collider", "--sparsity", "1.5"]) == 2
