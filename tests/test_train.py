@@ -84,6 +84,16 @@ def test_loss_falls_and_metrics_are_logged(data_dir, tmp_path):
         assert key in train_rows[-1], key
     assert [x["step"] for x in eval_rows] == [4, 8, 12]
     assert eval_rows[-1]["val_bpb"] > 0 and eval_rows[-1]["val_loss"] > 0
+    # train_s: time in training steps only, growing, and the throughput windows use it
+    # (evals fall between windows), so tokens/s times the window's train_s is its tokens
+    t = [x["train_s"] for x in eval_rows]
+    assert 0 < t[0] < t[1] < t[2]
+    step_tokens = cfg.train.batch_size * cfg.train.seq_len
+    prev_step, prev_t = 0, 0.0
+    for x in train_rows:
+        assert x["tokens_per_s"] * (x["train_s"] - prev_t) == pytest.approx(
+            (x["step"] - prev_step) * step_tokens, rel=1e-6)
+        prev_step, prev_t = x["step"], x["train_s"]
 
     # TensorBoard's own reader sees the same numbers
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

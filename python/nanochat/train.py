@@ -135,12 +135,13 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
     model.set_fused_loss(t.fused_loss, t.fused_loss_precision)  # LM/MTP head loss
     collider = Collider.from_config(t.collider, cfg.model.vocab_size, device, log=log)
     opt = build_optimizer(model, cfg, log=log if state is None else (lambda *_: None))
-    step, elapsed_before = 0, 0.0
+    step, elapsed_before, train_s = 0, 0.0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         elapsed_before = state["elapsed_s"]
+        train_s = state.get("train_s", elapsed_before)  # older checkpoints: wall time
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
@@ -171,14 +172,15 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
         st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-              "elapsed_s": elapsed, "rng": rng, "config": cfg.to_dict(),
+              "elapsed_s": elapsed, "train_s": train_s, "rng": rng, "config": cfg.to_dict(),
               "loader": loader.state_dict(), "tokenizer_sha256": data.tokenizer.sha256()}
         return checkpoint.save(run_dir, step, st, cfg.to_dict(), data.dir / "tokenizer",
                                keep=t.keep_checkpoints)
 
     start = time.perf_counter()
     elapsed = elapsed_before
-    window_t, window_tokens, window_wait = time.perf_counter(), 0, 0.0
+    # Throughput windows count training steps only (train_s), not evals or checkpoints.
+    window_train_s, window_tokens, window_wait = train_s, 0, 0.0
     last_saved, last_eval = None, -1
     try:
         with _StopFlag() as flag:
@@ -191,6 +193,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                 if flag.stop or (stop_at_step is not None and step >= stop_at_step):
                     result.interrupted = True
                     break
+                step_t0 = time.perf_counter()
                 lr_factor = wsd_factor(step, progress(step, t.max_steps, elapsed, t.time_budget_s),
                                        cfg.schedule)
                 for g in opt.param_groups:
@@ -212,6 +215,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                              if cfg.optim.grad_clip > 0 else None)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                train_s += time.perf_counter() - step_t0
                 step += 1
                 loss_val = loss_sum / t.grad_accum
                 if not math.isfinite(loss_val):
@@ -227,24 +231,24 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
 
                 is_last = step >= t.max_steps
                 if step % t.log_every == 0 or is_last:
-                    now = time.perf_counter()
-                    span = now - window_t
+                    span = train_s - window_train_s
                     tps = window_tokens / span if span > 0 else 0.0
                     result.tokens_per_s = tps
                     metrics.log(step, loss=loss_val, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm,
                                 tokens_per_s=tps, data_wait_s=window_wait,
                                 data_wait_fraction=window_wait / span if span > 0 else 0.0,
-                                peak_memory_bytes=peak_memory_bytes(device),
+                                peak_memory_bytes=peak_memory_bytes(device), train_s=train_s,
                                 optim_state_bytes=state_bytes(opt),
                                 collider_kept_fraction=(kept_sum / t.grad_accum if collider
                                                         else None))
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}",
                                         lr=f"{opt.param_groups[0]['lr']:.2e}")
-                    window_t, window_tokens, window_wait = now, 0, 0.0
+                    window_train_s, window_tokens, window_wait = train_s, 0, 0.0
                 if step % t.eval_every == 0 or is_last:
                     result.val_loss, result.val_bpb = evaluate(model, data, cfg, device)
-                    metrics.log(step, val_loss=result.val_loss, val_bpb=result.val_bpb)
+                    metrics.log(step, val_loss=result.val_loss, val_bpb=result.val_bpb,
+                                train_s=train_s)
                     last_eval = step
                     msg = f"step {step}: val loss {result.val_loss:.4f}, val bits/byte {result.val_bpb:.4f}"
                     (bar.write(msg) if bar is not None else log(msg))
@@ -254,7 +258,8 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
             elapsed = elapsed_before + time.perf_counter() - start
             if last_eval != step:
                 result.val_loss, result.val_bpb = evaluate(model, data, cfg, device)
-                metrics.log(step, val_loss=result.val_loss, val_bpb=result.val_bpb)
+                metrics.log(step, val_loss=result.val_loss, val_bpb=result.val_bpb,
+                            train_s=train_s)
             if last_saved is None or last_saved.name != f"step_{step:06d}":
                 last_saved = save()
     finally:
