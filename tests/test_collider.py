@@ -171,6 +171,26 @@ def test_gathered_head_equals_masked_head():
     torch.testing.assert_close(w.grad, gw_ref, rtol=1e-5, atol=1e-6)
 
 
+def test_gathered_linear_under_autocast_runs_the_backward_in_its_dtype():
+    torch.manual_seed(3)
+    w = torch.randn(96, 64, requires_grad=True)
+    h = torch.randn(2, 8, 64, requires_grad=True)
+    keep = torch.rand(2, 8) > 0.4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.linear(h, w)
+        with collider.armed((2, 8)):
+            out = collider.linear(h, w)
+            assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+            collider.set_keep(keep)
+            out.float().sum().backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    assert torch.count_nonzero(h.grad[~keep]) == 0
+    g = keep[..., None].expand(2, 8, 96).float()
+    torch.testing.assert_close(h.grad, g @ w.detach(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w.grad, g.reshape(-1, 96).t() @ h.detach().reshape(-1, 64),
+                               rtol=2e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_forward_is_unchanged_by_filtering(kernel):
     m = model(kernel)

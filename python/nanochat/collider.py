@@ -117,19 +117,21 @@ class _GatheredLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
-        return F.linear(x, w)
+        y = F.linear(x, w)
+        ctx.dtype = y.dtype  # the GEMM precision (bf16 under CUDA autocast): backward's too
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, w = ctx.saved_tensors
-        n = math.prod(grad_y.shape[:-1])
-        g = grad_y.reshape(n, grad_y.shape[-1]).to(w.dtype)  # (N, out)
+        dt, n = ctx.dtype, math.prod(grad_y.shape[:-1])
+        g = grad_y.reshape(n, grad_y.shape[-1]).to(dt)  # (N, out)
         rows, (g, xr) = gather_rows(n, g, x.reshape(n, x.shape[-1]))
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = scatter_rows(rows, n, g @ w).reshape(x.shape).to(x.dtype)  # (N, in)
+            grad_x = scatter_rows(rows, n, g @ w.to(dt)).reshape(x.shape).to(x.dtype)  # (N, in)
         if ctx.needs_input_grad[1]:
-            grad_w = g.t() @ xr.to(w.dtype)  # (out, kept) @ (kept, in)
+            grad_w = (g.t() @ xr.to(dt)).to(w.dtype)  # (out, kept) @ (kept, in)
         return grad_x, grad_w
 
 
