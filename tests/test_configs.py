@@ -58,7 +58,8 @@ def test_options_switch_by_config(name, option):
 
 def _reduced(cfg: ModelConfig) -> ModelConfig:
     """The same options on a model small enough to train a step in a test: 3 layers,
-    d_model 64, vocab 256, context 32, window 8, experts of width 32, mHC n = 4."""
+    d_model 64, vocab 256, context 32, window 8, experts of width 32, mHC n = 4, and two
+    MTP heads."""
     moe = cfg.moe
     if moe.experts:
         moe = dataclasses.replace(moe, experts=4, top_k=min(moe.top_k, 4), expert_hidden=32)
@@ -66,7 +67,8 @@ def _reduced(cfg: ModelConfig) -> ModelConfig:
         cfg, vocab_size=256, d_model=64, n_layers=3, n_heads=4,
         n_kv_heads=2 if cfg.n_kv_heads < cfg.n_heads else 4, ffn_hidden=96, max_seq_len=32,
         moe=moe, mhc=dataclasses.replace(cfg.mhc, streams=4),
-        attention=dataclasses.replace(cfg.attention, window=8))
+        attention=dataclasses.replace(cfg.attention, window=8),
+        mtp=dataclasses.replace(cfg.mtp, heads=2))
 
 
 @pytest.mark.parametrize("name", PRODUCTION)
