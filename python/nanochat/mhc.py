@@ -36,6 +36,13 @@ before the final norm. n = 1 has no free coefficient (a 1x1 doubly stochastic H_
 a single stream's H_pre / H_post gains are absorbed by the pre-norm and the BitLinear
 scale), so the GPT builds no MHC module for n = 1 and runs the plain residual.
 
+Memory (training): autograd keeps each sub-layer's n input streams (the mixing needs them),
+the sub-layer output and a few per-token coefficients; the dynamic projection is computed
+as (x phi^T) / rms(x) so no normed copy of the streams is kept, and Sinkhorn is recomputed
+in the backward instead of keeping its 2 * iters intermediate matrices. Precision: the
+coefficients and the stream mixing run in full precision under autocast.
+
+    nanochat bench arch            # step time and measured activation bytes vs plain
     pytest tests/test_mhc.py
 """
 
