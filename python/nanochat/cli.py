@@ -10,7 +10,7 @@
     nanochat info [--json] [--cmake-dir]
     nanochat model info [--config tiny] [--json] [--batch B --seq T] [--set K=V]
     nanochat recipe nano_125m|small_560m|medium_3b [--dry-run] [--data DIR] [--out DIR]
-    nanochat bench kernels|train|decode|collider [--json]
+    nanochat bench kernels|train|decode|collider|arch|optim|loss|e3 [--json]
 """
 
 from __future__ import annotations
@@ -383,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nanochat.bench import arch as bench_arch
     from nanochat.bench import collider as bench_collider
     from nanochat.bench import decode as bench_decode
+    from nanochat.bench import e3 as bench_e3
     from nanochat.bench import kernels
     from nanochat.bench import loss as bench_loss
     from nanochat.bench import optim as bench_optim
@@ -397,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
         (bench_optim, "optim", "optimizer-state bytes and step time: AdamW/Muon/Lion fp32 and "
          "8-bit, GaLore 2"),
         (bench_loss, "loss", "fused LM/MTP-head cross-entropy vs naive torch: peak memory, time"),
+        (bench_e3, "e3", "the seed's five training setups, one report: loss, speed, memory, "
+         "claims checked"),
     ]
     for module, name, help_text in benches:
         pn = bsub.add_parser(name, help=help_text, description=module.__doc__,

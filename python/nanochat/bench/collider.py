@@ -48,13 +48,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _timing(config: str, args) -> list[dict]:
+    from nanochat.config import load_config
+
+    return timing_rows(load_config(config), config, args)
+
+
+def timing_rows(cfg, config: str, args) -> list[dict]:
+    """The A/B timing of one RunConfig's model (`config` labels the rows); args carries
+    batch, seq, rounds, sparsity, bitlinear, backward (also used by bench e3)."""
     import torch
 
     from nanochat.collider import Collider
-    from nanochat.config import load_config
     from nanochat.gpt import GPT
 
-    cfg = load_config(config)
     torch.manual_seed(0)
     model = GPT(cfg.model, bitlinear=args.bitlinear)
     model.set_bitlinear_backward(args.backward)
