@@ -315,7 +315,7 @@ def run(args: argparse.Namespace):
         import matplotlib  # noqa: F401  (fail before the long runs, not after)
     except ImportError:
         raise RuntimeError("bench e3 draws its plots with matplotlib: pip install matplotlib "
-                           "(or pip install ".[bench]")") from None
+                           '(or pip install "nanochat-ternary[bench]")') from None
     cfgs = setup_configs(names, args.preset, args.steps, args.set)
     first = next(iter(cfgs.values()))
     out = Path(args.out) if args.out else Path("runs") / time.strftime("e3-%Y%m%d-%H%M%S")
