@@ -391,12 +391,12 @@ class GPT(nn.Module):
         Checked on tiny at 4 x 256 tokens: 197 MiB estimated vs 159 MiB (cpp BitLinear,
         int8 saved inputs) / 204 MiB (torch BitLinear) of live saved tensors.
         Options: MoE saves 6*hidden per routed slot (+ the shared expert) and 2*d for the
-        gathered rows instead of the dense FFN's 6*ffn; mHC adds about 3*n*d per sub-layer
-        (the streams, their RMS-normed copy, the mixed output); a windowed layer's KV cache
-        holds min(window, seq) positions; router and mHC weights stay f32 for inference.
-        `nanochat bench arch --json` prints this estimate next to the saved-tensor bytes it
-        measures (tiny, 4 x 256, torch BitLinear: 0.96x with mHC n = 4, 0.82x with 8 experts
-        of ffn/2, top-2)."""
+        gathered rows instead of the dense FFN's 6*ffn; mHC adds about (2n + 3)*d per layer
+        (each sub-layer's n input streams and its output, see mhc.py); a windowed layer's
+        KV cache holds min(window, seq) positions; router and mHC weights stay f32 for
+        inference. `nanochat bench arch --json` prints this estimate next to the saved-tensor
+        bytes it measures (tiny, 8 x 256, torch BitLinear: 1.00x plain, 1.00x with mHC n = 4,
+        0.91x with 8 experts of ffn/2, top-2)."""
         c = self.config
         n = self.num_params()
         d_kv = c.n_kv_heads * c.head_dim
@@ -405,7 +405,7 @@ class GPT(nn.Module):
         if c.moe.experts:
             h = c.moe.expert_hidden or c.ffn_hidden
             ffn_act = 6 * h * (c.moe.top_k + c.moe.shared_expert) + 2 * c.d_model * c.moe.top_k
-        mhc_act = 6 * c.mhc.streams * c.d_model if c.mhc.streams > 1 else 0
+        mhc_act = (2 * c.mhc.streams + 3) * c.d_model if c.mhc.streams > 1 else 0
         act = tokens * (c.n_layers * (14 * c.d_model + 2 * d_kv + ffn_act + mhc_act)
                         + 2 * c.vocab_size) * 4
         state = n["total"] * 16
