@@ -57,6 +57,25 @@ struct FusedLossArgs {
 float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa);
 float fused_linear_cross_entropy(const FusedLossArgs& a);  // active_isa()
 
+// ---- CUDA (csrc/cuda/fused_loss.cu, defined only when built with NANOCHAT_HAVE_CUDA) -----
+// Device pointers. Chunks of consecutive tokens; row_loss (heads x tokens) receives each
+// token's cross-entropy (0 where ignored) and the caller reduces it; head_scales[i] is
+// w_i / n_i (the caller counts the non-ignored targets). workspace: chunk x vocab floats.
+struct CudaFusedLossArgs {
+  const float* weight = nullptr;
+  int64_t vocab = 0, dim = 0;
+  const float* hidden = nullptr;
+  const int32_t* targets = nullptr;
+  int64_t heads = 0, tokens = 0;
+  const float* head_scales = nullptr;
+  float* row_loss = nullptr;
+  float* grad_hidden = nullptr;  // optional, with grad_weight
+  float* grad_weight = nullptr;
+  float* workspace = nullptr;
+  int64_t chunk = 1024;
+};
+void cuda_fused_linear_cross_entropy(const CudaFusedLossArgs& a, uintptr_t stream);
+
 // ---- per-ISA kernels (internal; declared here for the two kernel files) -----------------
 namespace loss_kernels {
 

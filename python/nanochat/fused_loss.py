@@ -18,8 +18,8 @@ GEMM buffers. `nanochat bench loss` measures both.
 
 Three layers, as every op here: `torch.ops.nanochat.fused_linear_cross_entropy` (a
 torch.library custom op with a fake kernel and autograd), the C++ kernel for CPU tensors,
-and `chunked_linear_cross_entropy` in plain torch (the same chunk loop; CUDA tensors run
-it). `naive_linear_cross_entropy` is the reference the tests and the benchmark compare to.
+csrc/cuda/fused_loss.cu for CUDA tensors when the core was built with nvcc, and
+`chunked_linear_cross_entropy` in plain torch (the same chunk loop) for any other device. `naive_linear_cross_entropy` is the reference the tests and the benchmark compare to.
 
     pytest tests/test_fused_loss.py
     nanochat bench loss
@@ -57,6 +57,8 @@ def _fused_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     """(total 0-d, per-head losses (heads,), grad_hidden, grad_weight); the gradients of
     total are computed here when with_grad (else empty) and only scaled in backward."""
     heads, n, d = hidden.shape
+    if hidden.device.type == "cuda" and hasattr(core(), "fused_linear_cross_entropy_cuda"):
+        return _cuda(hidden, weight, targets, head_weights, chunk, with_grad)
     if hidden.device.type != "cpu":
         return chunked_linear_cross_entropy(hidden, weight, targets, head_weights, chunk,
                                             with_grad)
@@ -71,6 +73,27 @@ def _fused_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         _buf(hidden), _buf(weight), _buf(t32), _buf(hw), _buf(loss),
         _buf(gh) if with_grad else None, _buf(gw) if with_grad else None, chunk, precision)
     return torch.tensor(total, dtype=torch.float32), loss, gh, gw
+
+
+def _cuda(hidden, weight, targets, head_weights, chunk, with_grad):
+    """csrc/cuda/fused_loss.cu: per-token losses reduced here, on the device (no sync)."""
+    heads, n, d = hidden.shape
+    hidden, weight = hidden.float().contiguous(), weight.float().contiguous()
+    t32 = targets.to(torch.int32).contiguous()
+    hw = torch.tensor(head_weights, dtype=torch.float32, device=hidden.device)
+    count = (t32 >= 0).sum(dim=1).clamp(min=1).float()
+    scales = (hw / count).contiguous()
+    rows = torch.empty(heads, n, dtype=torch.float32, device=hidden.device)
+    work = torch.empty(max(1, min(chunk, n)) * weight.shape[0], dtype=torch.float32,
+                       device=hidden.device)
+    gh = torch.empty_like(hidden) if with_grad else hidden.new_empty((0, 0, 0))
+    gw = torch.empty_like(weight) if with_grad else weight.new_empty((0, 0))
+    core().fused_linear_cross_entropy_cuda(
+        _buf(hidden), _buf(weight), _buf(t32), _buf(scales), _buf(rows),
+        _buf(gh) if with_grad else None, _buf(gw) if with_grad else None, _buf(work), chunk,
+        torch.cuda.current_stream(hidden.device).cuda_stream)
+    losses = rows.sum(dim=1) / count
+    return (losses * hw).sum(), losses, gh, gw
 
 
 @_fused_op.register_fake
