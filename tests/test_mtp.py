@@ -243,3 +243,30 @@ def test_engine_rejects_heads_the_metadata_does_not_declare(tmp_path, monkeypatc
     export.export_gguf(m, tok, tmp_path / "bad.gguf")
     with pytest.raises(ValueError, match="unexpected tensor 'blk.2."):
         Engine(tmp_path / "bad.gguf")
+
+
+@pytest.mark.parametrize("bad, key", [
+    ("model.mtp.heads=0", "model.mtp.heads"),
+    ("model.mtp.loss_weights=[1.0]", "model.mtp.loss_weights"),
+    ("model.mtp.weight=-1.0", "model.mtp"),
+    ("model.mtp.speculate=1", "speculate"),
+    ("train.fused_loss=maybe", "train.fused_loss"),
+    ("train.fused_loss_precision=fp8", "train.fused_loss_precision"),
+])
+def test_config_errors_name_the_key(bad, key):
+    from nanochat.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        apply_overrides(load_config("tiny"), ["model.mtp.heads=2", bad])
+
+
+def test_set_fused_loss_auto_rule():
+    m = GPT(_cfg(1))
+    m.set_fused_loss("auto")
+    assert not m._fused()  # vocab 512, no MTP: full logits
+    assert GPT(_cfg(2)).mtp and (m.set_fused_loss("on") or m._fused())
+    big = GPT(_cfg(1, "model.vocab_size=16384"))
+    big.set_fused_loss("auto")
+    assert big._fused()
+    with pytest.raises(ValueError, match="set_fused_loss"):
+        m.set_fused_loss("sometimes")
