@@ -136,7 +136,12 @@ def test_errors_name_the_argument():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("impl", ["", "kernel"])  # chunked torch (cuBLAS), csrc/cuda
+def test_cuda_matches_cpu(impl, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_FUSED_LOSS_CUDA", impl)
+    if impl and not fused_loss.cuda_kernel_selected():
+        pytest.skip("core built without nvcc")
+    torch.backends.cuda.matmul.allow_tf32 = False
     h, w, y = _problem(seed=9)
     cpu = _grads(fused_linear_cross_entropy, h, w, y, HW)
     gpu = _grads(fused_linear_cross_entropy, h.cuda(), w.cuda(), y.cuda(), HW)

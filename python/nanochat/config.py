@@ -192,7 +192,7 @@ class TrainConfig:
     sample_tokens: int = 128  # length of the end-of-run sample
     collider: ColliderConfig = field(default_factory=ColliderConfig)  # token filtering, off
     # LM-head loss: "on" the C++ fused chunked cross-entropy (nanochat/fused_loss.py), "off"
-    # full logits + F.cross_entropy, "auto" fused where it applies (CPU) and MTP is on
+    # full logits + F.cross_entropy, "auto" fused when MTP is on or on CPU at vocab >= 16384
     fused_loss: str = "auto"
     fused_loss_precision: str = "f32"  # the fused loss's GEMMs: "f32" or "bf16" (AVX512-BF16)
 

@@ -18,14 +18,17 @@ GEMM buffers. `nanochat bench loss` measures both.
 
 Three layers, as every op here: `torch.ops.nanochat.fused_linear_cross_entropy` (a
 torch.library custom op with a fake kernel and autograd), the C++ kernel for CPU tensors,
-csrc/cuda/fused_loss.cu for CUDA tensors when the core was built with nvcc, and
-`chunked_linear_cross_entropy` in plain torch (the same chunk loop) for any other device. `naive_linear_cross_entropy` is the reference the tests and the benchmark compare to.
+`chunked_linear_cross_entropy` in plain torch (the same chunk loop, cuBLAS GEMMs) for CUDA
+and other devices, or csrc/cuda/fused_loss.cu for CUDA tensors with
+NANOCHAT_FUSED_LOSS_CUDA=kernel (built when nvcc is found; see cuda_kernel_selected). `naive_linear_cross_entropy` is the reference the tests and the benchmark compare to.
 
     pytest tests/test_fused_loss.py
     nanochat bench loss
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +43,15 @@ def _buf(t: torch.Tensor):
     dtypes = {torch.float32: "float32", torch.int32: "int32"}
     return core().Buffer(t.data_ptr(), list(t.shape), list(t.stride()), dtypes[t.dtype],
                          str(t.device))
+
+
+def cuda_kernel_selected() -> bool:
+    """CUDA tensors run csrc/cuda/fused_loss.cu when NANOCHAT_FUSED_LOSS_CUDA=kernel (and
+    the core was built with nvcc); by default they run chunked_linear_cross_entropy, whose
+    per-chunk GEMMs are cuBLAS's: the hand-written CUDA GEMMs are plain shared-memory tiles
+    that no GPU run has measured yet."""
+    return (os.environ.get("NANOCHAT_FUSED_LOSS_CUDA", "") == "kernel"
+            and hasattr(core(), "fused_linear_cross_entropy_cuda"))
 
 
 def bf16_supported() -> bool:
@@ -57,7 +69,7 @@ def _fused_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     """(total 0-d, per-head losses (heads,), grad_hidden, grad_weight); the gradients of
     total are computed here when with_grad (else empty) and only scaled in backward."""
     heads, n, d = hidden.shape
-    if hidden.device.type == "cuda" and hasattr(core(), "fused_linear_cross_entropy_cuda"):
+    if hidden.device.type == "cuda" and cuda_kernel_selected():
         return _cuda(hidden, weight, targets, head_weights, chunk, with_grad)
     if hidden.device.type != "cpu":
         return chunked_linear_cross_entropy(hidden, weight, targets, head_weights, chunk,

@@ -236,8 +236,8 @@ class GPT(nn.Module):
     def set_fused_loss(self, mode: str = "auto", precision: str = "f32") -> None:
         """The loss of training calls (targets, mean reduction): "on" the fused chunked
         cross-entropy op (nanochat/fused_loss.py: no (tokens, vocab) logits), "off" full
-        logits and F.cross_entropy, "auto" fused when MTP is on or vocab >= 16384 (where
-        `nanochat bench loss` measures it faster). A model starts "off"; train sets it."""
+        logits and F.cross_entropy, "auto" fused when MTP is on, or on CPU at vocab >= 16384
+        (where `nanochat bench loss` measures it faster). A model starts "off"; train sets it."""
         if mode not in ("auto", "on", "off") or precision not in ("f32", "bf16"):
             raise ValueError(f"set_fused_loss: mode auto/on/off and precision f32/bf16, got "
                              f"{mode!r}, {precision!r}")
@@ -245,7 +245,8 @@ class GPT(nn.Module):
 
     def _fused(self) -> bool:
         if self.fused_loss == "auto":
-            return self.config.mtp.heads > 1 or self.config.vocab_size >= 16384
+            return self.config.mtp.heads > 1 or (self.config.vocab_size >= 16384 and
+                                                  self.token_embd.weight.device.type == "cpu")
         return self.fused_loss == "on"
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
