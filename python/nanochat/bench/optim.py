@@ -104,6 +104,16 @@ def _time_opt(opt, model, grads, steps: int) -> dict:
     return {"state_bytes": state_bytes(opt), "step_seconds": statistics.median(secs)}
 
 
+def _check(args: argparse.Namespace) -> list[str]:
+    configs = args.configs.split(",")
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        raise ValueError(f"--configs: unknown {', '.join(unknown)}; valid: {', '.join(CONFIGS)}")
+    if args.steps < 1:
+        raise ValueError("--steps must be >= 1")
+    return configs
+
+
 def run(args: argparse.Namespace):
     import torch
 
@@ -115,12 +125,7 @@ def run(args: argparse.Namespace):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
         ternary.set_num_threads(args.threads)
-    configs = args.configs.split(",")
-    unknown = sorted(set(configs) - set(CONFIGS))
-    if unknown:
-        raise ValueError(f"--configs: unknown {', '.join(unknown)}; valid: {', '.join(CONFIGS)}")
-    if args.steps < 1:
-        raise ValueError("--steps must be >= 1")
+    configs = _check(args)
     for model_name in args.models.split(","):
         cfg = load_config(model_name)
         torch.manual_seed(0)
@@ -156,6 +161,7 @@ def run(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
+    _check(args)
     if not args.json:
         print(f"{'model':>10} {'optimizer':>11} {'state':>10} {'B/param':>8} {'vs adamw':>9} "
               f"{'step':>9} {'8bit/fp32':>9}")
