@@ -13,9 +13,10 @@ Two parts, in one process:
 2. Held-out loss on tiny (`--train-steps N`, 0 skips it): `nanochat train`'s own loop on the
    prepared Python-stdlib data, same seed and batches: unfiltered for N steps, Collider
    (`--sparsity`, `--threshold`: the seed's 0.35 / 0.3) for N steps (equal steps), and
-   Collider for the unfiltered run's training time (equal wall time, train.time_budget_s).
-   The training time is the loop's time without the final eval and checkpoint (summed from
-   metrics.jsonl, log_every 1).
+   Collider for as many steps as fit in the unfiltered run's training time (equal wall
+   time): N x median unfiltered step / median Collider step. Step times are the per-step
+   windows of metrics.jsonl (log_every 1; medians, since other work on a shared machine
+   stretches single steps); train_s is their sum (no eval or checkpoint time).
 
     nanochat bench collider [--json] [--train-steps 200] [--configs tiny]
 """
@@ -101,10 +102,10 @@ def timing_rows(cfg, config: str, args) -> list[dict]:
              "step_ratio": med[v]["step_s"] / med["unfiltered"]["step_s"]} for v in variants]
 
 
-def _train_seconds(run_dir: Path, tokens_per_step: int) -> float:
-    """Loop time of a run without its final eval/checkpoint: the sum of the logged windows."""
+def _step_seconds(run_dir: Path, tokens_per_step: int) -> list[float]:
+    """Each step's time (log_every 1), without evals and checkpoints."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    return sum(tokens_per_step / r["tokens_per_s"] for r in rows if r.get("tokens_per_s"))
+    return [tokens_per_step / r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
 
 
 def _heldout(args) -> list[dict]:
@@ -129,10 +130,12 @@ def _heldout(args) -> list[dict]:
             out = Path(tmp) / name
             r = train(cfg, data, out, progress_bar=False, log=lambda *a, **k: None)
             tps = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum
+            step_s = _step_seconds(out, tps)
             metrics = [json.loads(line) for line in (out / "metrics.jsonl").open()]
             kept = [m["collider_kept_fraction"] for m in metrics if "collider_kept_fraction" in m]
             row = {"part": "heldout", "config": "tiny", "variant": name, "steps": r.step,
-                   "train_s": _train_seconds(out, tps), "val_loss": r.val_loss,
+                   "train_s": sum(step_s), "step_s": statistics.median(step_s),
+                   "val_loss": r.val_loss,
                    "val_bpb": r.val_bpb, "kept_fraction": statistics.mean(kept) if kept else 1.0,
                    "sparsity": args.sparsity if kept else 0.0,
                    "threshold": args.threshold if kept else None}
@@ -140,9 +143,10 @@ def _heldout(args) -> list[dict]:
             return row
 
         b = run("unfiltered", [])
-        run("collider_equal_steps", col)
-        run("collider_equal_time", col + [f"train.max_steps={100 * n}",
-                                          f"train.time_budget_s={b['train_s']:.3f}"])
+        c = run("collider_equal_steps", col)
+        n_time = max(1, round(n * b["step_s"] / c["step_s"]))  # steps in the unfiltered time
+        run("collider_equal_time", col + [f"train.max_steps={n_time}", f"train.eval_every={n_time}",
+                                          f"train.checkpoint_every={n_time}"])
     for r in rows:
         r["val_loss_vs_unfiltered"] = r["val_loss"] - b["val_loss"]
     return rows
@@ -177,10 +181,11 @@ def main(args: argparse.Namespace) -> int:
                   f"{m['step_ratio']:>9.2f}x", flush=True)
         else:
             if header is not None:
-                print(f"\nheld-out on tiny: {'variant':>20} {'steps':>6} {'kept':>5} "
+                print(f"\nheld-out on tiny: {'variant':>20} {'steps':>6} {'kept':>5} {'step':>7} "
                       f"{'train time':>10} {'val loss':>8} {'val bpb':>8} {'vs unfiltered':>13}")
                 header = None
             print(f"{'':>17} {m['variant']:>20} {m['steps']:>6} {m['kept_fraction']:>5.2f} "
-                  f"{m['train_s']:>9.1f}s {m['val_loss']:>8.4f} {m['val_bpb']:>8.4f} "
+                  f"{m['step_s'] * 1e3:>5.0f}ms {m['train_s']:>9.1f}s {m['val_loss']:>8.4f} "
+                  f"{m['val_bpb']:>8.4f} "
                   f"{m['val_loss_vs_unfiltered']:>+13.4f}", flush=True)
     return 0
