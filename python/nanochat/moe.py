@@ -107,7 +107,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, d)
-        N, k = x.shape[0], self.top_k
+        k = self.top_k
         top, gates = self.route(x)
         flat = top.reshape(-1)  # (N*k,) expert of each (token, slot)
         counts = torch.bincount(flat, minlength=self.experts)
@@ -133,7 +133,7 @@ class MoE(nn.Module):
             outs.append(F.linear(ste_activations(h), wd[e]))  # (c, d)
             start += c
         ys = torch.cat(outs) * gates.reshape(-1)[order, None]
-        y = torch.zeros_like(x).index_add_(0, tok, ys)
+        y = x.new_zeros(x.shape, dtype=ys.dtype).index_add_(0, tok, ys)  # ys: autocast's dtype
         if self.shared:
             h = self._act(self.ffn_gate_shexp(x)) * self.ffn_up_shexp(x)
             h = F.rms_norm(h, (self.hidden,), self.ffn_sub_norm_shexp, self.eps)
