@@ -315,3 +315,16 @@ def test_bench_collider_rows(capsys):
     assert rows[0]["backward_ratio"] == 1.0
     assert rows[1]["backward_ratio"] == rows[1]["backward_s"] / rows[0]["backward_s"]
     assert main(["bench", "collider", "--sparsity", "1.5"]) == 2
+
+
+@pytest.mark.slow
+def test_collider_run_resumes_bit_exactly(data_dir, tmp_path):
+    from nanochat.train import train
+
+    cfg = apply_overrides(RunConfig(), [*SMALL, "train.max_steps=4", "train.grad_accum=2",
+                                        "train.collider.enabled=true"])
+    quiet = lambda *a, **k: None  # noqa: E731
+    straight = train(cfg, data_dir, tmp_path / "a", progress_bar=False, log=quiet)
+    first = train(cfg, data_dir, tmp_path / "b", progress_bar=False, stop_at_step=2, log=quiet)
+    second = train(cfg, data_dir, tmp_path / "b", resume=True, progress_bar=False, log=quiet)
+    assert first.losses + second.losses == straight.losses
