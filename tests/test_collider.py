@@ -71,6 +71,8 @@ def test_config_table():
     old = RunConfig().to_dict()
     del old["train"]["collider"]  # a checkpoint from before the table
     assert from_dict(old).train.collider == RunConfig().train.collider
+    with pytest.raises(ConfigError, match="model.mtp.heads"):
+        apply_overrides(RunConfig(), ["train.collider.enabled=true", "model.mtp.heads=2"])
     for bad, key in (("sparsity=1.0", "train.collider.sparsity"),
                      ("threshold=-0.1", "train.collider.threshold"), ("foo=1", "foo")):
         with pytest.raises(ConfigError, match=key):
