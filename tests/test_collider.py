@@ -117,6 +117,48 @@ def test_dropped_rows_have_zero_activation_gradient_in_every_layer(kernel):
     assert collider._STATE.shape is None and collider._STATE.keep is None  # disarmed
 
 
+@pytest.mark.parametrize("sets", [["model.mhc.streams=4"], ["model.moe.experts=4"],
+                                  ["model.attention.pattern=SL", "model.attention.window=8"]],
+                         ids=["mhc", "moe", "hybrid"])
+def test_dropped_rows_stay_zero_with_architecture_options(sets):
+    """mHC streams, MoE experts (fed gathered rows: dense, their dropped rows arrive zero)
+    and sliding windows: every token-row BitLinear input and the embedding output."""
+    size = [f"model.{k}={getattr(CFG, k)}" for k in ("vocab_size", "d_model", "n_layers",
+                                                      "n_heads", "n_kv_heads", "ffn_hidden",
+                                                      "max_seq_len")]
+    cfg = apply_overrides(RunConfig(), size + sets + ["train.seq_len=64"]).model
+    torch.manual_seed(0)
+    m = GPT(cfg, bitlinear="torch")
+    x, y = batch(6)
+    m.eval()  # no router-bias update in the scoring pass
+    with torch.no_grad():
+        _, tok = m(x, y, loss_reduction="none")
+    m.train()
+    keep = select(tok, y != -1, 0.35, 1.0).reshape(-1)
+    grads = {}
+
+    def hook(name):
+        def pre(mod, args):
+            if args[0].requires_grad and tuple(args[0].shape[:2]) == tuple(x.shape):
+                args[0].register_hook(lambda g: grads.__setitem__(name, g))
+        return pre
+
+    for name, mod in m.named_modules():
+        if isinstance(mod, BitLinear):
+            mod.register_forward_pre_hook(hook(name))
+
+    def embd(mod, args, out):
+        out.register_hook(lambda g: grads.__setitem__("token_embd", g))
+
+    m.token_embd.register_forward_hook(embd)
+    Collider(0.35, 1.0).forward_backward(m, x, y)
+    assert "token_embd" in grads and len(grads) >= 1 + 4 * CFG.n_layers
+    for name, g in grads.items():
+        g = g.reshape(keep.numel(), -1)
+        assert torch.count_nonzero(g[~keep]) == 0, name
+        assert torch.count_nonzero(g[keep]) > 0, name
+
+
 def _layer_grads(layer, x, g, keep=None):
     x = x.clone().requires_grad_(True)
     layer.weight.grad = None
