@@ -330,3 +330,29 @@ def test_bench_optim_json_rows(run_nanochat):
     assert 0.24 < opt["adamw_8bit"]["ratio_vs_adamw"] < 0.27  # 2 + 8/2048 B/param
     assert opt["lion_8bit"]["ratio_vs_adamw"] < 0.14
     assert all("peer" in row and row["model"] == "tiny" for row in rows if "optimizer" not in row)
+
+
+def test_groups_agree_with_the_model_on_moe_and_mhc():
+    """The real MoE (3-D expert tensors) and mHC parameters: matrices -> Muon (each expert's
+    matrix orthogonalized), routers / mHC coefficients / sub-norms -> the rest; the same
+    kinds gpt.parameter_kinds() reports."""
+    cfg = tiny_cfg("model.moe.experts=4", "model.moe.top_k=2", "model.moe.shared_expert=true",
+                   "model.mhc.streams=2", "optim.name=muon", "optim.state=8bit",
+                   "optim.min_8bit_size=1024", "optim.block_size=256")
+    torch.manual_seed(0)
+    model = GPT(cfg.model, bitlinear="torch")
+    ours = {k: [n for n, _ in v] for k, v in parameter_kinds(model).items()}
+    theirs = {k: [n for n, _ in v] for k, v in model.parameter_kinds().items()}
+    assert ours == theirs
+    assert any(p.ndim == 3 for n, p in model.named_parameters() if n in ours["matrix"])
+    opt = build_optimizer(model, cfg, log=quiet)
+    x = torch.randint(0, 256, (2, 17))
+    _, loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    algo = {id(p): g["algo"] for g in opt.param_groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        assert algo[id(p)] == ("muon" if n in ours["matrix"] else "adamw"), n
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            assert not torch.equal(before[n], p.detach()), n
