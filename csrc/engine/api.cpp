@@ -148,6 +148,9 @@ void Session::truncate(int32_t n) {
     throw Error("truncate: n = " + std::to_string(n) +
                 " is outside [0, n_past = " + std::to_string(s.history.size()) + "]");
   if (size_t(n) == s.history.size()) return;
+  // The kept last token is run again for its logits; sliding-window rings must still
+  // hold the window before it (model.h: they allow rewinding kMaxBatch tokens).
+  if (n > 0 && n - 1 < s.st.n_cached) s.st.check_start(n - 1, "truncate");
   s.history.resize(size_t(n));
   s.st.n_cached = std::min(s.st.n_cached, n);
   s.logits_valid = false;

@@ -26,8 +26,18 @@ namespace nanochat {
 SessionState::SessionState(const Model::Impl& model, int32_t ctx) : m(model), n_ctx(ctx) {
   const ModelInfo& I = m.info;
   const int64_t d = I.d_model, hd = I.head_dim, ffn = I.ffn_hidden;
-  const int64_t kv_dim = int64_t(I.n_kv_heads) * hd, wide = std::max(d, ffn);
-  kv = LargeBuffer(size_t(2 * int64_t(I.n_layers) * n_ctx * kv_dim) * sizeof(float));
+  const int64_t kv_dim = int64_t(I.n_kv_heads) * hd;
+  const int64_t hidden = std::max<int64_t>(ffn, m.expert_hidden), wide = std::max(d, hidden);
+  slots.resize(size_t(I.n_layers));
+  layer_off.resize(size_t(I.n_layers));
+  size_t total = 0;
+  for (int64_t l = 0; l < I.n_layers; ++l) {
+    const bool ring = m.layers[size_t(l)].sliding;
+    slots[size_t(l)] = ring ? std::min<int64_t>(n_ctx, int64_t(m.window) + kMaxBatch) : n_ctx;
+    layer_off[size_t(l)] = total;
+    total += size_t(2 * slots[size_t(l)] * kv_dim);
+  }
+  kv = LargeBuffer(total * sizeof(float));
   // Fault the pages in now: the first token writes a row in every head's region, which
   // would otherwise zero the whole cache inside the first eval's timing.
   std::memset(kv.data(), 0, kv.size());
@@ -36,26 +46,46 @@ SessionState::SessionState(const Model::Impl& model, int32_t ctx) : m(model), n_
   xn.resize(B * size_t(wide));
   qkv.resize(B * size_t(d + 2 * kv_dim));
   att.resize(B * size_t(d));
-  gu.resize(B * size_t(2 * ffn));
-  h.resize(B * size_t(ffn));
+  gu.resize(B * size_t(2 * hidden));
+  h.resize(B * size_t(hidden));
   proj.resize(B * size_t(d));
   rope.resize(B * size_t(hd));
   q8.resize(B * size_t(wide));
   q8_scale.resize(B);
   q8_sum.resize(B);
   head_act.reserve(kMaxBatch, d);
+  if (m.n_experts) {
+    const size_t E = size_t(m.n_experts), k = size_t(m.n_experts_used);
+    moe_q8.resize(B * size_t(d));
+    moe_q8_scale.resize(B);
+    moe_q8_sum.resize(B);
+    moe_scores.resize(B * E);
+    moe_pick.resize(B * k);
+    moe_gate.resize(B * k);
+    moe_count.resize(E + 1);
+    moe_rows.resize(B * k);
+    moe_y.resize(B * size_t(d));
+  }
 }
 
 float* SessionState::k_cache(int64_t layer, int64_t kv_head) {
-  const ModelInfo& I = m.info;
-  const int64_t per_head = int64_t(n_ctx) * I.head_dim;
-  return reinterpret_cast<float*>(kv.data()) + (layer * I.n_kv_heads + kv_head) * per_head;
+  return reinterpret_cast<float*>(kv.data()) + layer_off[size_t(layer)] +
+         kv_head * slots[size_t(layer)] * m.info.head_dim;
 }
 
 float* SessionState::v_cache(int64_t layer, int64_t kv_head) {
-  const ModelInfo& I = m.info;
-  const int64_t half = int64_t(I.n_layers) * I.n_kv_heads * int64_t(n_ctx) * I.head_dim;
-  return k_cache(layer, kv_head) + half;
+  return k_cache(layer, kv_head) + int64_t(m.info.n_kv_heads) * slots[size_t(layer)] * m.info.head_dim;
+}
+
+void SessionState::check_start(int32_t pos, const char* what) const {
+  if (m.window == 0) return;
+  const int32_t need = std::max(0, pos - m.window + 1);  // first key position pos reads
+  if (need < pos && need < ring_lo)
+    throw Error(std::string(what) + ": the sliding-window layers' KV rings no longer hold " +
+                "positions " + std::to_string(need) + ".." + std::to_string(ring_lo - 1) +
+                " (they keep the last window + " + std::to_string(kMaxBatch) +
+                " positions, so at most " + std::to_string(kMaxBatch) +
+                " tokens can be rewound); reset the session and evaluate again");
 }
 
 namespace {
@@ -163,6 +193,7 @@ void attention(Ctx& c, int64_t layer, int64_t tokens, int64_t pos0) {
   const ModelInfo& I = c.info;
   const int64_t H = I.n_heads, hd = I.head_dim, d = I.d_model;
   const int64_t group = H / I.n_kv_heads;
+  const int64_t window = s.m.layers[size_t(layer)].sliding ? s.m.window : 0;
   const int64_t ldq = d + 2 * int64_t(I.n_kv_heads) * hd;
   const float scale = 1.0f / std::sqrt(float(hd));
   constexpr int64_t kKeyBlock = 256;
@@ -173,15 +204,20 @@ void attention(Ctx& c, int64_t layer, int64_t tokens, int64_t pos0) {
     const int64_t h = task % H, qc = task / H;
     const float* K = s.k_cache(layer, h / group);
     const float* V = s.v_cache(layer, h / group);
+    const int64_t S = s.slots[size_t(layer)];
     float sc[kKeyBlock];
     for (int64_t t = qc * kQueryChunk; t < std::min(tokens, (qc + 1) * kQueryChunk); ++t) {
       const float* q = s.qkv.data() + t * ldq + h * hd;
       float* out = s.att.data() + t * d + h * hd;
       std::fill(out, out + hd, 0.0f);
-      const int64_t nkeys = pos0 + t + 1;
+      // Key positions lo .. p; position j sits in slot j mod S (S > p for a full layer),
+      // so a block stops at the ring's end too.
+      const int64_t p = pos0 + t, lo = window ? std::max<int64_t>(0, p - window + 1) : 0;
       float mx = -std::numeric_limits<float>::infinity(), sum = 0.0f;
-      for (int64_t j0 = 0; j0 < nkeys; j0 += kKeyBlock) {
-        const int64_t nb = std::min(kKeyBlock, nkeys - j0);
+      for (int64_t j = lo; j <= p;) {
+        const int64_t j0 = j % S;
+        const int64_t nb = std::min({kKeyBlock, p + 1 - j, S - j0});
+        j += nb;
         dk.scores(q, K + j0 * hd, hd, nb, hd, scale, sc);
         float bm = sc[0];
         for (int64_t j = 1; j < nb; ++j) bm = std::max(bm, sc[j]);
@@ -201,11 +237,124 @@ void attention(Ctx& c, int64_t layer, int64_t tokens, int64_t pos0) {
     }
   };
   const int64_t ntasks = H * nqc;
-  const int64_t work = H * tokens * (pos0 + tokens) * hd;
+  const int64_t work = H * tokens * (window ? std::min(window, pos0 + tokens) : pos0 + tokens) * hd;
   if (c.threads == 1 || work < kParallelWork) {
     for (int64_t i = 0; i < ntasks; ++i) body(i);
   } else {
     parallel_for(ntasks, std::ref(body));
+  }
+}
+
+// down(int8(rmsnorm(act(gate . q) * (up . q), sub_norm))) for the T rows already quantized
+// in s.q8 (width d), into s.proj (T x d). Clobbers s.q8 with the hidden rows.
+void ffn_block(Ctx& c, const TernaryWeight& gate, const TernaryWeight& up,
+               const float* sub_norm, const TernaryWeight& down, int64_t T, int64_t ffn) {
+  SessionState& s = c.s;
+  const int64_t d = c.info.d_model;
+  const MatOut gu[2] = {{&gate, s.gu.data()}, {&up, s.gu.data() + ffn}};
+  matmul(c, gu, T, 2 * ffn);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* g = s.gu.data() + t * 2 * ffn;
+    const float* u = g + ffn;
+    float* out = s.h.data() + t * ffn;
+    if (s.m.activation == Activation::silu) {
+      c.dk.silu_mul(g, u, ffn, out);
+    } else {
+      for (int64_t i = 0; i < ffn; ++i) {
+        const float r = g[i] > 0.0f ? g[i] : 0.0f;
+        out[i] = (r * r) * u[i];
+      }
+    }
+  }
+  rmsnorm(s.h.data(), sub_norm, T, ffn, c.info.norm_eps, s.xn.data());
+  quantize(c, T, ffn);
+  const MatOut dn[1] = {{&down, s.proj.data()}};
+  matmul(c, dn, T, d);
+}
+
+// The MoE FFN (nanochat/moe.py) of T tokens whose normed input is s.xn (f32) and s.q8
+// (int8), into s.moe_y (T x d):
+//   score = sigmoid(router . xn)        top-k of score + expert_bias (selection only)
+//   gate  = score[pick] (/ their sum when expert_weights_norm)
+//   y     = sum gate * expert(x) (+ shared expert(x))
+// Tokens are grouped by expert and each expert runs once over its rows (one GEMV per
+// picked expert in decode, a GEMM per expert in prefill); buffers are SessionState's.
+void moe_ffn(Ctx& c, const LayerWeights& L, int64_t T) {
+  SessionState& s = c.s;
+  const Model::Impl& m = s.m;
+  const int64_t d = c.info.d_model, E = m.n_experts, k = m.n_experts_used, H = m.expert_hidden;
+  // Keep the input's int8 rows: each expert gathers its tokens' rows into s.q8.
+  std::copy(s.q8.begin(), s.q8.begin() + T * d, s.moe_q8.begin());
+  std::copy(s.q8_scale.begin(), s.q8_scale.begin() + T, s.moe_q8_scale.begin());
+  std::copy(s.q8_sum.begin(), s.q8_sum.begin() + T, s.moe_q8_sum.begin());
+  // Router (full precision) and top-k per token.
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = s.xn.data() + t * d;
+    float* sc = s.moe_scores.data() + t * E;
+    for (int64_t e = 0; e < E; ++e) {
+      const float* w = L.router + e * d;
+      float acc = 0.0f;
+      for (int64_t i = 0; i < d; ++i) acc += xt[i] * w[i];
+      sc[e] = 1.0f / (1.0f + std::exp(-acc));
+    }
+    int32_t* pick = s.moe_pick.data() + t * k;
+    float* gate = s.moe_gate.data() + t * k;
+    float sum = 0.0f;
+    for (int64_t j = 0; j < k; ++j) {  // k passes: the best not yet picked (torch.topk)
+      int32_t best = -1;
+      float bv = 0.0f;
+      for (int64_t e = 0; e < E; ++e) {
+        bool taken = false;
+        for (int64_t i = 0; i < j; ++i) taken = taken || pick[i] == e;
+        const float v = sc[e] + L.expert_bias[e];
+        if (!taken && (best < 0 || v > bv)) {
+          best = int32_t(e);
+          bv = v;
+        }
+      }
+      pick[j] = best;
+      gate[j] = sc[best];
+      sum += sc[best];
+    }
+    if (m.expert_weights_norm)
+      for (int64_t j = 0; j < k; ++j) gate[j] /= sum;
+  }
+  // Group the (token, slot) picks by expert: counting sort, token order kept.
+  std::fill(s.moe_count.begin(), s.moe_count.end(), 0);
+  for (int64_t i = 0; i < T * k; ++i) ++s.moe_count[size_t(s.moe_pick[size_t(i)]) + 1];
+  for (int64_t e = 0; e < E; ++e) s.moe_count[size_t(e + 1)] += s.moe_count[size_t(e)];
+  for (int64_t i = 0; i < T * k; ++i)
+    s.moe_rows[size_t(s.moe_count[size_t(s.moe_pick[size_t(i)])]++)] = int32_t(i);
+  for (int64_t e = E; e > 0; --e) s.moe_count[size_t(e)] = s.moe_count[size_t(e - 1)];
+  s.moe_count[0] = 0;
+
+  std::fill(s.moe_y.begin(), s.moe_y.begin() + T * d, 0.0f);
+  for (int64_t e = 0; e < E; ++e) {
+    const int32_t r0 = s.moe_count[size_t(e)], n = s.moe_count[size_t(e + 1)] - r0;
+    if (n == 0) continue;
+    for (int32_t r = 0; r < n; ++r) {  // gather the tokens' int8 rows
+      const int64_t tok = s.moe_rows[size_t(r0 + r)] / k;
+      std::copy(s.moe_q8.begin() + tok * d, s.moe_q8.begin() + (tok + 1) * d,
+                s.q8.begin() + int64_t(r) * d);
+      s.q8_scale[size_t(r)] = s.moe_q8_scale[size_t(tok)];
+      s.q8_sum[size_t(r)] = s.moe_q8_sum[size_t(tok)];
+    }
+    ffn_block(c, L.exp_gate[size_t(e)], L.exp_up[size_t(e)], L.exp_sub_norm + e * H,
+              L.exp_down[size_t(e)], n, H);
+    for (int32_t r = 0; r < n; ++r) {
+      const int64_t i = s.moe_rows[size_t(r0 + r)], tok = i / k;
+      const float g = s.moe_gate[size_t(i)];
+      const float* src = s.proj.data() + int64_t(r) * d;
+      float* dst = s.moe_y.data() + tok * d;
+      for (int64_t j = 0; j < d; ++j) dst[j] += src[j] * g;
+    }
+  }
+  if (L.shared) {
+    std::copy(s.moe_q8.begin(), s.moe_q8.begin() + T * d, s.q8.begin());
+    std::copy(s.moe_q8_scale.begin(), s.moe_q8_scale.begin() + T, s.q8_scale.begin());
+    std::copy(s.moe_q8_sum.begin(), s.moe_q8_sum.begin() + T, s.q8_sum.begin());
+    ffn_block(c, L.sh_gate, L.sh_up, L.sh_sub_norm, L.sh_down, T, H);
+    for (int64_t i = 0; i < T * d; ++i) s.moe_y[size_t(i)] += s.proj[size_t(i)];
   }
 }
 
@@ -242,10 +391,11 @@ void run_batch(Ctx& c, const int32_t* tokens, int64_t T) {
       float* row = q + t * ldq;
       rope(row, I.n_heads, hd, s.rope.data() + t * hd);
       rope(row + d, I.n_kv_heads, hd, s.rope.data() + t * hd);
+      const int64_t slot = (pos0 + t) % s.slots[size_t(l)];
       for (int64_t h = 0; h < I.n_kv_heads; ++h) {
-        std::copy(row + d + h * hd, row + d + (h + 1) * hd, s.k_cache(l, h) + (pos0 + t) * hd);
+        std::copy(row + d + h * hd, row + d + (h + 1) * hd, s.k_cache(l, h) + slot * hd);
         std::copy(row + d + kv_dim + h * hd, row + d + kv_dim + (h + 1) * hd,
-                  s.v_cache(l, h) + (pos0 + t) * hd);
+                  s.v_cache(l, h) + slot * hd);
       }
     }
     attention(c, l, T, pos0);
@@ -258,28 +408,21 @@ void run_batch(Ctx& c, const int32_t* tokens, int64_t T) {
     // ---- feed-forward ----
     rmsnorm(s.x.data(), L.ffn_norm, T, d, eps, s.xn.data());
     quantize(c, T, d);
-    const MatOut gu[2] = {{&L.gate, s.gu.data()}, {&L.up, s.gu.data() + ffn}};
-    matmul(c, gu, T, 2 * ffn);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* g = s.gu.data() + t * 2 * ffn;
-      const float* u = g + ffn;
-      float* out = s.h.data() + t * ffn;
-      if (m.activation == Activation::silu) {
-        c.dk.silu_mul(g, u, ffn, out);
-      } else {
-        for (int64_t i = 0; i < ffn; ++i) {
-          const float r = g[i] > 0.0f ? g[i] : 0.0f;
-          out[i] = (r * r) * u[i];
-        }
-      }
+    if (L.moe) {
+      moe_ffn(c, L, T);
+      for (int64_t i = 0; i < T * d; ++i) s.x[size_t(i)] += s.moe_y[size_t(i)];
+      continue;
     }
-    rmsnorm(s.h.data(), L.ffn_sub_norm, T, ffn, eps, s.xn.data());
-    quantize(c, T, ffn);
-    const MatOut down[1] = {{&L.down, s.proj.data()}};
-    matmul(c, down, T, d);
+    ffn_block(c, L.gate, L.up, L.ffn_sub_norm, L.down, T, ffn);
     for (int64_t i = 0; i < T * d; ++i) s.x[size_t(i)] += s.proj[size_t(i)];
   }
   s.n_cached += int32_t(T);
+  if (m.window) {  // the rings now hold at most their last `slots` positions
+    int64_t ring = s.n_ctx;
+    for (int64_t l = 0; l < I.n_layers; ++l)
+      if (m.layers[size_t(l)].sliding) ring = std::min(ring, s.slots[size_t(l)]);
+    s.ring_lo = std::max<int32_t>(s.ring_lo, int32_t(s.n_cached - ring));
+  }
 }
 
 // logits (tokens x vocab) of the final hidden states s.x[first .. first + tokens).
@@ -297,6 +440,8 @@ void head(Ctx& c, int64_t first, int64_t tokens, float* logits) {
 void forward(SessionState& s, const int32_t* tokens, int64_t n, LogitsMode mode, float* logits) {
   Ctx c{s, s.m.info, dense_kernels(), gemm_kernel(active_isa()), num_threads()};
   const int64_t vocab = s.m.info.vocab_size;
+  if (s.n_cached == 0) s.ring_lo = 0;  // a fresh start reads no earlier key
+  s.check_start(s.n_cached, "forward");
   for (int64_t c0 = 0; c0 < n; c0 += kMaxBatch) {
     const int64_t T = std::min(kMaxBatch, n - c0);
     run_batch(c, tokens + c0, T);

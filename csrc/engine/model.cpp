@@ -85,6 +85,7 @@ class Loader {
 // TQ2_0 / TQ1_0 -> TK2 with one per-tensor scale. Unpacking rejects TQ2_0's invalid code
 // 3; TQ1_0 decodes any byte to valid trits, so a byte the packer cannot produce (corrupt
 // data) is caught by re-packing each block and comparing.
+// `t` may be one expert's slice of a stacked tensor: then its data and name are the slice's.
 float load_ternary(const Loader& ld, const gguf::TensorInfo& t, int64_t rows, int64_t cols,
                    uint8_t* out, std::vector<int8_t>& codes, std::vector<float>& scales) {
   codes.resize(size_t(rows * cols));
@@ -184,6 +185,30 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
             std::to_string(ffn) + ") must be multiples of 256 (ternary block rows)");
   const int64_t kv_dim = int64_t(info.n_kv_heads) * hd;  // rows of attn_k/v: any count
 
+  // ---- sliding-window attention (docs/gguf.md) ----
+  m->layers.resize(size_t(info.n_layers));
+  const std::string swa = "nanochat.attention.sliding_window";
+  if (arch == "nanochat" && (f.has(swa) || f.has(swa + "_pattern"))) {
+    if (!f.has(swa) || !f.has(swa + "_pattern"))
+      ld.fail("metadata '" + swa + "' and '" + swa + "_pattern' must come together");
+    if (f.get(swa + "_pattern").type_name() != "array[bool]")
+      ld.fail("metadata '" + swa + "_pattern' is " + f.get(swa + "_pattern").type_name() +
+              ", expected array[bool]");
+    const std::vector<int64_t> pat = f.get_int_array(swa + "_pattern");
+    if (int64_t(pat.size()) != info.n_layers)
+      ld.fail("metadata '" + swa + "_pattern' has " + std::to_string(pat.size()) +
+              " entries, expected block_count = " + std::to_string(info.n_layers));
+    m->window = int32_t(ld.hparam(swa, 1, 1 << 30));  // >= context: full in effect
+    for (int64_t l = 0; l < info.n_layers; ++l) {
+      if (pat[size_t(l)] != 0 && pat[size_t(l)] != 1)
+        ld.fail("metadata '" + swa + "_pattern'[" + std::to_string(l) + "] is not a bool");
+      m->layers[size_t(l)].sliding = pat[size_t(l)] == 1;
+      info.n_sliding_layers += pat[size_t(l)] == 1;
+    }
+    if (info.n_sliding_layers == 0) m->window = 0;  // nothing slides
+    info.sliding_window = m->window;
+  }
+
   // ---- tokenizer and vocabulary ----
   m->tokenizer = std::make_unique<BpeTokenizer>(BpeTokenizer::from_gguf(f));
   const int64_t vocab = m->tokenizer->vocab_size();
@@ -204,6 +229,41 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
   if (info.add_bos && info.bos_id < 0)
     ld.fail("tokenizer.ggml.add_bos_token is true but tokenizer.ggml.bos_token_id is missing");
 
+  // ---- mixture of experts (docs/gguf.md) ----
+  int64_t n_dense = info.n_layers;  // leading blocks with the dense FFN
+  const int64_t n_exp = arch == "nanochat" ? ld.hparam_or("nanochat.expert_count", 0, 0, 1024) : 0;
+  if (arch == "nanochat" && !n_exp) {
+    for (const char* k : {"expert_used_count", "expert_feed_forward_length",
+                          "expert_shared_count", "expert_gating_func", "expert_weights_norm",
+                          "leading_dense_block_count"})
+      if (f.has(std::string("nanochat.") + k))
+        ld.fail("metadata 'nanochat." + std::string(k) +
+                "' without 'nanochat.expert_count' (> 0)");
+  }
+  if (n_exp) {
+    if (n_exp < 1) ld.fail("metadata 'nanochat.expert_count' must be >= 1");
+    m->n_experts = int32_t(n_exp);
+    m->n_experts_used = int32_t(ld.hparam("nanochat.expert_used_count", 1, n_exp));
+    m->expert_hidden = int32_t(ld.hparam("nanochat.expert_feed_forward_length", 1, 1 << 18));
+    if (m->expert_hidden % QK != 0)
+      ld.fail("metadata 'nanochat.expert_feed_forward_length' (" +
+              std::to_string(m->expert_hidden) + ") must be a multiple of 256");
+    const int64_t shared = ld.hparam("nanochat.expert_shared_count", 0, 1);
+    const std::string gating = f.get_string("nanochat.expert_gating_func");
+    if (gating != "sigmoid")
+      ld.fail("metadata 'nanochat.expert_gating_func' = '" + gating +
+              "' (this engine runs sigmoid gating)");
+    m->expert_weights_norm = f.get_bool("nanochat.expert_weights_norm");
+    n_dense = ld.hparam("nanochat.leading_dense_block_count", 0, info.n_layers);
+    for (int64_t l = n_dense; l < info.n_layers; ++l) {
+      m->layers[size_t(l)].moe = true;
+      m->layers[size_t(l)].shared = shared == 1;
+    }
+    info.n_experts = m->n_experts;
+    info.n_experts_used = m->n_experts_used;
+  }
+  const int64_t eh = m->expert_hidden;
+
   // ---- tensors ----
   using T = gguf::GgmlType;
   const gguf::TensorInfo& embd =
@@ -212,11 +272,10 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
       reinterpret_cast<const float*>(ld.tensor("output_norm.weight", {d}, {T::F32}).data);
 
   struct Mat {
-    const gguf::TensorInfo* t;
+    gguf::TensorInfo t;  // for an expert: its slice (data, nbytes, name)
     TernaryWeight* w;
   };
   std::vector<Mat> mats;
-  m->layers.resize(size_t(info.n_layers));
   uint32_t ternary_type = 0;
   for (int64_t l = 0; l < info.n_layers; ++l) {
     LayerWeights& L = m->layers[size_t(l)];
@@ -227,24 +286,73 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
     L.attn_norm = norm("attn_norm.weight", d);
     L.attn_sub_norm = norm("attn_sub_norm.weight", d);
     L.ffn_norm = norm("ffn_norm.weight", d);
-    L.ffn_sub_norm = norm("ffn_sub_norm.weight", ffn);
-    auto mat = [&](const char* n, TernaryWeight& w, int64_t in, int64_t out) {
-      const gguf::TensorInfo& t = ld.tensor(b + n, {in, out}, {T::TQ2_0, T::TQ1_0});
+    auto ternary_tensor = [&](const std::string& n, const std::vector<int64_t>& dims) {
+      const gguf::TensorInfo& t = ld.tensor(b + n, dims, {T::TQ2_0, T::TQ1_0});
       if (ternary_type == 0) ternary_type = t.type;
       if (t.type != ternary_type)
         ld.fail("tensor '" + t.name + "' is " + gguf::type_traits(t.type).name +
                 " but earlier ternary tensors are " + gguf::type_traits(ternary_type).name);
+      return &t;
+    };
+    auto mat = [&](const char* n, TernaryWeight& w, int64_t in, int64_t out) {
       w.rows = out;
       w.cols = in;
-      mats.push_back({&t, &w});
+      mats.push_back({*ternary_tensor(n, {in, out}), &w});
     };
     mat("attn_q.weight", L.q, d, d);
     mat("attn_k.weight", L.k, d, kv_dim);
     mat("attn_v.weight", L.v, d, kv_dim);
     mat("attn_output.weight", L.o, d, d);
-    mat("ffn_gate.weight", L.gate, d, ffn);
-    mat("ffn_up.weight", L.up, d, ffn);
-    mat("ffn_down.weight", L.down, ffn, d);
+    if (!L.moe) {
+      L.ffn_sub_norm = norm("ffn_sub_norm.weight", ffn);
+      mat("ffn_gate.weight", L.gate, d, ffn);
+      mat("ffn_up.weight", L.up, d, ffn);
+      mat("ffn_down.weight", L.down, ffn, d);
+      continue;
+    }
+    // Stacked experts [in, out, E]: expert e is rows e*out .. of the (E*out, in) matrix,
+    // whole blocks (in is a multiple of 256), so each loads as its own tensor and scale.
+    const int64_t E = n_exp;
+    auto f32 = [&](const std::string& n, const std::vector<int64_t>& dims) {
+      return reinterpret_cast<const float*>(ld.tensor(b + n, dims, {T::F32}).data);
+    };
+    L.router = f32("ffn_gate_inp.weight", {d, E});
+    L.expert_bias = f32("exp_probs_b.bias", {E});
+    for (int64_t i = 0; i < E * d; ++i)  // a NaN score would make the top-k meaningless
+      if (!std::isfinite(L.router[i]))
+        ld.fail("tensor '" + b + "ffn_gate_inp.weight': value " + std::to_string(i) +
+                " is not finite");
+    for (int64_t i = 0; i < E; ++i)
+      if (!std::isfinite(L.expert_bias[i]))
+        ld.fail("tensor '" + b + "exp_probs_b.bias': value " + std::to_string(i) +
+                " is not finite");
+    L.exp_sub_norm = f32("ffn_sub_norm_exps.weight", {eh, E});
+    L.exp_gate.resize(size_t(E));
+    L.exp_up.resize(size_t(E));
+    L.exp_down.resize(size_t(E));
+    auto experts = [&](const char* n, std::vector<TernaryWeight>& ws, int64_t in, int64_t out) {
+      const gguf::TensorInfo* t = ternary_tensor(n, {in, out, E});
+      const int64_t bytes = t->nbytes / E;  // whole rows of whole blocks per expert
+      for (int64_t e = 0; e < E; ++e) {
+        gguf::TensorInfo slice = *t;
+        slice.name = t->name + "' expert '" + std::to_string(e);
+        slice.data = t->data + e * bytes;
+        slice.nbytes = bytes;
+        slice.dims = {in, out};
+        ws[size_t(e)].rows = out;
+        ws[size_t(e)].cols = in;
+        mats.push_back({slice, &ws[size_t(e)]});
+      }
+    };
+    experts("ffn_gate_exps.weight", L.exp_gate, d, eh);
+    experts("ffn_up_exps.weight", L.exp_up, d, eh);
+    experts("ffn_down_exps.weight", L.exp_down, eh, d);
+    if (L.shared) {
+      L.sh_sub_norm = norm("ffn_sub_norm_shexp.weight", eh);
+      mat("ffn_gate_shexp.weight", L.sh_gate, d, eh);
+      mat("ffn_up_shexp.weight", L.sh_up, d, eh);
+      mat("ffn_down_shexp.weight", L.sh_down, eh, d);
+    }
   }
   // Multi-token-prediction heads (docs/gguf.md): blocks n_layers.. after the trunk, each
   // a regular block plus its nextn.* join. Plain decoding does not run them (they serve
@@ -266,6 +374,20 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
     for (const auto& [n, dims] : mtp_mats) ld.tensor(b + n, dims, {T::TQ2_0, T::TQ1_0});
   }
   ld.check_no_extra_tensors();
+  // An option this engine does not know could change the model's meaning: refuse it.
+  if (arch == "nanochat") {
+    static const std::set<std::string> known = {
+        "vocab_size", "context_length", "embedding_length", "block_count",
+        "feed_forward_length", "attention.head_count", "attention.head_count_kv",
+        "rope.dimension_count", "rope.freq_base", "attention.layer_norm_rms_epsilon",
+        "ffn_activation", "nextn_predict_layers", "attention.sliding_window",
+        "attention.sliding_window_pattern", "expert_count", "expert_used_count",
+        "expert_feed_forward_length", "expert_shared_count", "expert_gating_func",
+        "expert_weights_norm", "leading_dense_block_count"};
+    for (const auto& kv : f.kvs())
+      if (kv.first.rfind("nanochat.", 0) == 0 && !known.count(kv.first.substr(9)))
+        ld.fail("unknown metadata key '" + kv.first + "' (an option this engine does not run)");
+  }
   info.weight_type = gguf::type_traits(ternary_type).name;
 
   // Ternary matrices -> one TK2 buffer in decode order.
@@ -277,7 +399,7 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
   int64_t off = 0;
   for (const Mat& x : mats) {
     uint8_t* dst = m->ternary.data() + off;
-    x.w->scale = load_ternary(ld, *x.t, x.w->rows, x.w->cols, dst, codes, scales);
+    x.w->scale = load_ternary(ld, x.t, x.w->rows, x.w->cols, dst, codes, scales);
     x.w->data = dst;
     off += x.w->rows * tk2_row_bytes(x.w->cols);
   }
@@ -314,6 +436,10 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
   }
   info.weight_bytes =
       total + embd.nbytes + int64_t(sizeof(float)) * (d + info.n_layers * (3 * d + ffn));
+  for (const LayerWeights& L : m->layers)  // a token reads only its top-k experts
+    if (L.moe)
+      info.weight_bytes -= (n_exp - m->n_experts_used) *
+                           (2 * eh * tk2_row_bytes(d) + d * tk2_row_bytes(eh));
 
   m->inv_freq.resize(size_t(hd / 2));
   for (int64_t i = 0; i < hd / 2; ++i) {

@@ -38,6 +38,16 @@ struct LayerWeights {
   const float* ffn_norm = nullptr;
   const float* ffn_sub_norm = nullptr;  // ffn_hidden
   TernaryWeight q, k, v, o, gate, up, down;
+  bool sliding = false;  // sliding-window attention (Model::Impl::window keys), else full
+  // Mixture of experts in place of gate/up/ffn_sub_norm/down (nanochat/moe.py).
+  bool moe = false;
+  const float* router = nullptr;        // ffn_gate_inp: n_experts x d_model, f32
+  const float* expert_bias = nullptr;   // exp_probs_b: n_experts, selection only
+  const float* exp_sub_norm = nullptr;  // n_experts x expert_hidden
+  std::vector<TernaryWeight> exp_gate, exp_up, exp_down;  // per expert, own scale
+  bool shared = false;                  // the always-on shared expert below
+  const float* sh_sub_norm = nullptr;   // expert_hidden
+  TernaryWeight sh_gate, sh_up, sh_down;
 };
 
 struct Model::Impl {
@@ -56,6 +66,9 @@ struct Model::Impl {
   LargeBuffer embd_data;
   LargeBuffer embd_scales;
   std::vector<float> inv_freq;  // head_dim/2 RoPE frequencies theta^(-2i/head_dim)
+  int32_t window = 0;           // keys a sliding layer's query sees (0: no sliding layer)
+  int32_t n_experts = 0, n_experts_used = 0, expert_hidden = 0;  // 0: no MoE layer
+  bool expert_weights_norm = false;  // top-k gates divided by their sum
 };
 
 // Loads and validates `path` (model.cpp). Errors name the file and the key/tensor.
@@ -70,10 +83,21 @@ struct SessionState {
   const Model::Impl& m;
   int32_t n_ctx;
   int32_t n_cached = 0;  // positions in the KV cache
-  // KV cache, f32: [layer][kv_head][position][head_dim] for K, then the same for V.
+  // KV cache, f32, per layer: K [kv_head][slot][head_dim], then V the same. A full layer
+  // has n_ctx slots (slot = position); a sliding layer a ring of min(n_ctx, window +
+  // kMaxBatch) slots (slot = position mod slots): a batch writes its keys before it
+  // attends, so the ring must hold the window - 1 keys behind the batch's first query
+  // plus the batch; one more slot lets truncate rewind kMaxBatch tokens (the kept last
+  // token is run again, reading the window - 1 keys before it).
   LargeBuffer kv;
+  std::vector<int64_t> slots;      // per layer
+  std::vector<size_t> layer_off;   // per layer: first float of its K
+  int32_t ring_lo = 0;  // lowest position every ring still holds (valid: ring_lo..n_cached)
   float* k_cache(int64_t layer, int64_t kv_head);
   float* v_cache(int64_t layer, int64_t kv_head);
+  // Throws unless a forward pass may start at position `pos` (the sliding layers' rings
+  // still hold the window before it); truncate(n) reruns position n - 1.
+  void check_start(int32_t pos, const char* what) const;
   // Scratch (kMaxBatch tokens).
   std::vector<float> x;         // residual stream, B x d
   std::vector<float> xn;        // normed input of a matmul, B x max(d, ffn)
@@ -87,6 +111,17 @@ struct SessionState {
   std::vector<float> q8_scale;  // B
   std::vector<int32_t> q8_sum;  // B
   DenseActBuffer head_act;
+  // MoE (sized only when the model has experts): the FFN input's int8 rows kept while
+  // experts overwrite q8, router scores, each token's picks, tokens grouped by expert.
+  std::vector<int8_t> moe_q8;         // B x d
+  std::vector<float> moe_q8_scale;    // B
+  std::vector<int32_t> moe_q8_sum;    // B
+  std::vector<float> moe_scores;      // B x n_experts
+  std::vector<int32_t> moe_pick;      // B x k: expert
+  std::vector<float> moe_gate;        // B x k: gate weight
+  std::vector<int32_t> moe_count;     // n_experts + 1: start of each expert's rows
+  std::vector<int32_t> moe_rows;      // B x k: pick index (token * k + slot), by expert
+  std::vector<float> moe_y;           // B x d: the FFN output
 };
 
 // The text side of generate(): appends each token's bytes and says what may be streamed.

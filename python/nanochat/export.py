@@ -54,6 +54,18 @@ BLOCK_TENSORS = (
     ("ffn_gate", "ternary"), ("ffn_up", "ternary"), ("ffn_sub_norm", "norm"),
     ("ffn_down", "ternary"),
 )
+# A MoE block's FFN in place of the dense ffn_gate/up/sub_norm/down (nanochat/moe.py):
+# "router" full precision, "experts" (E, out, in) ternary with one scale per expert.
+MOE_TENSORS = (("ffn_gate_inp.weight", "ffn_gate_inp", "router"),
+               ("exp_probs_b.bias", "expert_bias", "router"),
+               ("ffn_gate_exps.weight", "ffn_gate_exps", "experts"),
+               ("ffn_up_exps.weight", "ffn_up_exps", "experts"),
+               ("ffn_sub_norm_exps.weight", "ffn_sub_norm_exps", "norm"),
+               ("ffn_down_exps.weight", "ffn_down_exps", "experts"))
+SHEXP_TENSORS = (("ffn_gate_shexp.weight", "ffn_gate_shexp", "ternary"),
+                 ("ffn_up_shexp.weight", "ffn_up_shexp", "ternary"),
+                 ("ffn_sub_norm_shexp.weight", "ffn_sub_norm_shexp", "norm"),
+                 ("ffn_down_shexp.weight", "ffn_down_shexp", "ternary"))
 # An MTP head's join (nanochat/mtp.py), after its block's tensors: blk.{n_layers + j}.nextn.*
 MTP_TENSORS = (("enorm", "norm"), ("hnorm", "norm"), ("eh_proj", "ternary"),
                ("shared_head_norm", "norm"))
@@ -102,6 +114,21 @@ def architecture(cfg: ModelConfig) -> tuple[str, list[KV]]:
     extensions: list[KV] = []
     if cfg.mtp.heads > 1:  # MTP heads 2..n as blocks n_layers.. (nanochat/mtp.py)
         extensions.append(("nanochat.nextn_predict_layers", "u32", cfg.mtp.heads - 1))
+    if "S" in cfg.attention.pattern:  # per-block sliding window (nanochat/attention.py)
+        extensions += [
+            ("nanochat.attention.sliding_window", "u32", cfg.attention.window),
+            ("nanochat.attention.sliding_window_pattern", "array[bool]",
+             [cfg.attention.layer_window(i) is not None for i in range(cfg.n_layers)])]
+    if cfg.moe.experts:  # every block's FFN is a mixture of ternary experts (nanochat/moe.py)
+        m = cfg.moe
+        extensions += [
+            ("nanochat.expert_count", "u32", m.experts),
+            ("nanochat.expert_used_count", "u32", m.top_k),
+            ("nanochat.expert_feed_forward_length", "u32", m.expert_hidden or cfg.ffn_hidden),
+            ("nanochat.expert_shared_count", "u32", int(m.shared_expert)),
+            ("nanochat.expert_gating_func", "string", "sigmoid"),
+            ("nanochat.expert_weights_norm", "bool", m.top_k > 1),
+            ("nanochat.leading_dense_block_count", "u32", 0)]
     if cfg.activation == "silu" and not extensions:
         return "bitnet", []
     return "nanochat", [("nanochat.ffn_activation", "string", cfg.activation), *extensions]
@@ -111,13 +138,8 @@ def check_supported(cfg: ModelConfig) -> None:
     """Refuse a model that uses an architecture option the GGUF writer and the engine do
     not implement yet, naming the config key (the reserved keys are in docs/gguf.md)."""
     unsupported = []
-    if cfg.moe.experts:
-        unsupported.append(f"model.moe.experts = {cfg.moe.experts} (mixture of experts)")
     if cfg.mhc.streams > 1:
         unsupported.append(f"model.mhc.streams = {cfg.mhc.streams} (mHC residual streams)")
-    if "S" in cfg.attention.pattern:
-        unsupported.append(f"model.attention.pattern = {cfg.attention.pattern!r} "
-                           f"(sliding-window layers)")
     if unsupported:
         raise ValueError(f"export: the GGUF writer does not support {'; '.join(unsupported)} "
                          f"yet; only dense models with plain residuals and full attention "
@@ -172,15 +194,22 @@ def _plan(model: torch.nn.Module) -> list[tuple[str, str, torch.Tensor]]:
     plan = [("token_embd.weight", "embd", model.token_embd.weight),
             ("output_norm.weight", "norm", model.output_norm.weight)]
     for i, block in enumerate(model.blocks):
+        moe = getattr(block, "moe", None)
         for attr, kind in BLOCK_TENSORS:
+            if moe is not None and attr.startswith("ffn_") and attr != "ffn_norm":
+                continue  # the experts below replace the dense FFN
             plan.append((f"blk.{i}.{attr}.weight", kind, getattr(block, attr).weight))
+        if moe is not None:
+            for name, attr, kind in MOE_TENSORS + (SHEXP_TENSORS if moe.shared else ()):
+                t = getattr(moe, attr)
+                plan.append((f"blk.{i}.{name}", kind, getattr(t, "weight", t)))
     for j, head in enumerate(getattr(model, "mtp", ())):  # MTP head j+2: blk.{n_layers + j}
         b = f"blk.{len(model.blocks) + j}"
         for attr, kind in BLOCK_TENSORS:
             plan.append((f"{b}.{attr}.weight", kind, getattr(head.block, attr).weight))
         for attr, kind in MTP_TENSORS:
             plan.append((f"{b}.nextn.{attr}.weight", kind, getattr(head, attr).weight))
-    mapped = {id(p) for _, _, p in plan}
+    mapped = {id(p) for _, _, p in plan}  # (expert_bias is a buffer, not a parameter)
     unmapped = [n for n, p in model.named_parameters() if id(p) not in mapped]
     if unmapped:
         raise ValueError(f"export: the GGUF layout has no tensor for model parameter(s) "
@@ -194,7 +223,7 @@ def _check_shapes(plan, cfg: ModelConfig, embd_type: str) -> None:
     for name, kind, p in plan:
         cols = p.shape[-1]
         what = dim_names.get(cols, "its row length")
-        if kind == "ternary" and cols % QK_K:
+        if kind in ("ternary", "experts") and cols % QK_K:
             raise ValueError(
                 f"{name}: input dimension {cols} ({what}) is not a multiple of {QK_K}, "
                 f"the TQ1_0/TQ2_0 block; pick sizes that are")
@@ -210,13 +239,19 @@ def _cpu_f32(p: torch.Tensor) -> np.ndarray:
 def _tensor_bytes(name: str, kind: str, p: torch.Tensor, weight_type: str, embd_type: str):
     """(ggml type id, GGUF dims, uint8 bytes) of one tensor."""
     dims = list(reversed(p.shape))  # GGUF order: fastest-varying first
+    pack = ternary.pack_tq2_0 if weight_type == "tq2_0" else ternary.pack_tq1_0
+    if kind == "experts":  # (E, out, in): each expert its own codes and scale, stacked
+        raws = []
+        for e in range(p.shape[0]):
+            codes, scale = weight_codes(p[e].detach().to("cpu"))
+            raws.append(pack(codes.contiguous().numpy(), scale).reshape(-1))
+        return WEIGHT_TYPES[weight_type], dims, np.concatenate(raws)
     if kind == "ternary":
         codes, scale = weight_codes(p.detach().to("cpu"))
         codes = codes.contiguous().numpy()
-        pack = ternary.pack_tq2_0 if weight_type == "tq2_0" else ternary.pack_tq1_0
         return WEIGHT_TYPES[weight_type], dims, pack(codes, scale)
     w = _cpu_f32(p)
-    if kind == "norm" or embd_type == "f32":
+    if kind in ("norm", "router") or embd_type == "f32":
         return GGML_F32, dims, w.view(np.uint8)
     if embd_type == "f16":
         return GGML_F16, dims, w.astype(np.float16).view(np.uint8)  # round to nearest even
@@ -267,7 +302,7 @@ def export_gguf(model, tokenizer: Tokenizer, path: str | os.PathLike,
         keep.append(raw)  # the writer reads these buffers by address
         entries.append((tname, typ, dims, ternary._buffer(raw, tname)))
         types[TYPE_NAMES[typ]] = types.get(TYPE_NAMES[typ], 0) + 1
-        if kind == "ternary":
+        if kind in ("ternary", "experts"):
             ternary_params += p.numel()
             ternary_bytes += raw.nbytes
     core().gguf_write(str(path), kvs, entries)

@@ -45,6 +45,10 @@ struct ModelInfo {
   int32_t eos_id = -1;      // ends a document; also a stop token by default
   int32_t eot_id = -1;      // ends an assistant turn (chat); -1 when the model has none
   bool add_bos = false;     // tokenizer.ggml.add_bos_token: a fresh prompt starts with bos_id
+  int32_t sliding_window = 0;    // keys a sliding-window layer sees (0: all layers full)
+  int32_t n_sliding_layers = 0;  // layers with sliding-window attention
+  int32_t n_experts = 0;         // routed experts of a MoE FFN (0: dense)
+  int32_t n_experts_used = 0;    // experts per token (top-k)
 };
 
 struct LoadOptions {

@@ -1,0 +1,335 @@
+"""The architecture options (sliding-window attention, MoE, mHC) through export and the C++
+engine, against the torch model they were exported from (as tests/test_engine.py for the
+dense model): logits within tolerance, identical greedy tokens, and clear errors for a
+missing or inconsistent key.
+
+Weights are "exact" (fp16-representable embedding, BitLinear scales rounded to fp16 on the
+torch side as the file stores them), so both sides multiply by the same numbers and differ
+by float summation order, now and then moving one activation across an int8 rounding
+boundary (tests/test_engine.py: 90% of positions within EXACT_TOL, all within FLIP_TOL).
+
+    pytest tests/test_engine_options.py
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from nanochat import bitlinear, export
+from nanochat.config import AttentionConfig, ModelConfig, MoEConfig
+from nanochat.engine import Engine
+from nanochat.export import export_gguf
+from nanochat.gpt import GPT, RMSNorm
+from nanochat.tokenizer import Tokenizer
+
+VOCAB = 512
+TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n"
+        "        self.x = x\n        self.y = y\n\nprint(add(1, 2), Point(3, 4).x)\n") * 4
+SMALL = {"vocab_size": VOCAB, "d_model": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+         "ffn_hidden": 512, "max_seq_len": 384}
+EXACT_TOL = 1e-5
+FLIP_TOL = 2e-2
+KMAX_BATCH = 128  # csrc/engine/model.h kMaxBatch: prefill chunk, ring margin, rewind limit
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train([TEXT], VOCAB)
+
+
+@pytest.fixture(autouse=True)
+def fp16_scales(monkeypatch):
+    """BitLinear's (and the experts') absmean scale rounded to fp16 on the torch side too."""
+    orig = bitlinear.quantize_weight
+
+    def quantize_weight(w):
+        codes, s = orig(w)
+        return codes, s.half().float()
+
+    monkeypatch.setattr(bitlinear, "quantize_weight", quantize_weight)
+
+
+def make_model(seed: int = 0, **over) -> GPT:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**SMALL, **over})
+    model = GPT(cfg, bitlinear="torch")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.uniform_(0.5, 1.5)
+        model.token_embd.weight.copy_(model.token_embd.weight.half().float())
+    return model.eval()
+
+
+def prompt_ids(n: int, seed: int = 1) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [0] + torch.randint(5, VOCAB, (n - 1,), generator=g).tolist()
+
+
+def torch_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0].numpy()
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    return np.abs(got - ref).max(axis=-1) / np.abs(ref).max()
+
+
+def check_exact(err: np.ndarray) -> None:
+    assert err.max() < FLIP_TOL, err
+    assert (err < EXACT_TOL).mean() >= 0.9, err
+
+
+def metadata(path) -> dict:
+    r = gguf.GGUFReader(path)
+    return {f.name: f.contents() for f in r.fields.values()}
+
+
+def export_with(monkeypatch, model, tok, path, edit) -> None:
+    """Export with architecture()'s nanochat.* keys edited by edit(list of (k, type, v))."""
+    orig = export.architecture
+
+    def architecture(cfg):
+        arch, kvs = orig(cfg)
+        return arch, edit(list(kvs))
+
+    monkeypatch.setattr(export, "architecture", architecture)
+    export_gguf(model, tok, path)
+    monkeypatch.setattr(export, "architecture", orig)
+
+
+# ---- sliding-window / hybrid attention ---------------------------------------------------
+
+WINDOW = 16
+
+
+@pytest.fixture(scope="module")
+def swa(tok, tmp_path_factory):
+    model = make_model(attention=AttentionConfig(pattern="SL", window=WINDOW))
+    path = tmp_path_factory.mktemp("swa") / "swa.gguf"
+    export_gguf(model, tok, path)
+    return model, path
+
+
+def test_swa_metadata(swa):
+    _, path = swa
+    md = metadata(path)
+    assert md["general.architecture"] == "nanochat"
+    assert md["nanochat.attention.sliding_window"] == WINDOW
+    assert md["nanochat.attention.sliding_window_pattern"] == [True, False]
+    assert "nanochat.rope.freq_base_swa" not in md
+    info = Engine(path).info
+    assert info["n_layers"] == 2
+
+
+def test_swa_prefill_matches_torch(swa):
+    """300 tokens: longer than the window and than the ring (16 + 128 slots), prefilled in
+    chunks of 128 that wrap the ring."""
+    model, path = swa
+    ids = prompt_ids(300)
+    eng = Engine(path)
+    check_exact(rel_err(eng.eval_all(ids), torch_logits(model, ids)))
+
+
+def test_swa_decode_equals_prefill(swa):
+    model, path = swa
+    ids = prompt_ids(200, seed=2)
+    eng = Engine(path)
+    all_ = eng.eval_all(ids)
+    eng.reset()
+    first = eng.eval(ids[:40])  # a prompt longer than the window, then decode across it
+    rows = np.stack([first] + [eng.eval([i]) for i in ids[40:]])
+    np.testing.assert_allclose(rows, all_[39:], rtol=0, atol=1e-5 * np.abs(all_).max())
+    # a context smaller than the ring: no wrap, same numbers
+    small = Engine(path, n_ctx=64)
+    np.testing.assert_allclose(small.eval_all(ids[:64]), all_[:64], rtol=0,
+                               atol=1e-5 * np.abs(all_).max())
+
+
+def test_swa_greedy_tokens_match_torch(swa):
+    """Prompt longer than the window, generation crossing the window and the ring."""
+    model, path = swa
+    ids = prompt_ids(40, seed=3)
+    want = model.generate(ids, 160, temperature=0.0)[len(ids):].tolist()
+    r = Engine(path).complete(ids, max_tokens=160, temperature=0.0, stop_at_eos=False)
+    assert r["tokens"] == want
+
+
+def test_swa_truncate_within_ring_and_refused_beyond(swa):
+    model, path = swa
+    ids = prompt_ids(300, seed=4)
+    ref = Engine(path).eval_all(ids)
+    eng = Engine(path)
+    eng.eval_all(ids)
+    eng.truncate(300 - KMAX_BATCH)  # the ring keeps the window behind the kept last token
+    assert eng.n_past == 300 - KMAX_BATCH
+    rows = np.stack([eng.eval([i]) for i in ids[300 - KMAX_BATCH:300 - KMAX_BATCH + 20]])
+    tol = 1e-5 * np.abs(ref).max()
+    np.testing.assert_allclose(rows, ref[300 - KMAX_BATCH:300 - KMAX_BATCH + 20], rtol=0,
+                               atol=tol)
+    eng.reset()
+    eng.eval_all(ids)
+    with pytest.raises(ValueError, match="truncate: the sliding-window layers"):
+        eng.truncate(300 - KMAX_BATCH - 1)
+    assert eng.n_past == 300  # refused: the session is unchanged
+    np.testing.assert_allclose(eng.eval([ids[0]]), Engine(path).eval_all(ids + [ids[0]])[-1],
+                               rtol=0, atol=tol)
+    with pytest.raises(ValueError, match="no longer hold positions 0..156"):
+        eng.truncate(5)  # the ring has wrapped past the start
+    eng.truncate(0)  # always fine: nothing before position 0
+    eng.eval(ids[:140])
+    eng.truncate(5)  # the ring (144 slots) has not wrapped yet
+    np.testing.assert_allclose(eng.eval(ids[5:8]), ref[7], rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda kvs: [kv for kv in kvs if kv[0] != "nanochat.attention.sliding_window"],
+     "must come together"),
+    (lambda kvs: [(k, t, v[:1]) if k.endswith("_pattern") else (k, t, v) for k, t, v in kvs],
+     "has 1 entries, expected block_count = 2"),
+    (lambda kvs: [(k, "array[u8]", [1, 0]) if k.endswith("_pattern") else (k, t, v)
+                  for k, t, v in kvs], "expected array\\[bool\\]"),
+    (lambda kvs: [(k, t, 0) if k.endswith("sliding_window") else (k, t, v)
+                  for k, t, v in kvs], "sliding_window' = 0 is out of range"),
+    (lambda kvs: kvs + [("nanochat.rope.freq_base_swa", "f32", 1e4)],
+     "unknown metadata key 'nanochat.rope.freq_base_swa'"),
+])
+def test_swa_bad_metadata_is_a_clear_error(swa, tok, tmp_path, monkeypatch, edit, match):
+    model, _ = swa
+    path = tmp_path / "bad.gguf"
+    export_with(monkeypatch, model, tok, path, edit)
+    with pytest.raises(ValueError, match="bad.gguf.*" + match):
+        Engine(path)
+
+
+# ---- mixture of experts --------------------------------------------------------------------
+
+@pytest.fixture
+def fp16_expert_scales(monkeypatch):
+    """moe.py's per-expert absmean scale rounded to fp16 too (the file's block d)."""
+    from nanochat import moe
+
+    def ste_expert_weights(w):
+        wd = w.detach()
+        s = torch.stack([wd[e].abs().mean() for e in range(w.shape[0])]).clamp(min=moe.EPS)
+        codes = (wd / s[:, None, None]).round().clamp(-1, 1)
+        return codes * s.half().float()[:, None, None]
+
+    monkeypatch.setattr(moe, "ste_expert_weights", ste_expert_weights)
+
+
+def check_moe(err: np.ndarray) -> None:
+    """moe.py runs the experts as float GEMMs of dequantized int8 activations (x_q / a)
+    and codes * s, not as integer sums scaled once like BitLinear and the engine: ~1e-7
+    relative differences that flip an int8 code of the experts' hidden rows much more
+    often than in the dense model, and through the KV cache one flip moves every later
+    position (measured: exact up to the first flip, then max 7e-3, median 3e-3); every
+    position stays within FLIP_TOL."""
+    assert err.max() < FLIP_TOL, err
+    assert err[0] < EXACT_TOL and np.median(err) < 1e-2, err
+
+
+def near_ties(model, ids, margin: float = 1e-4) -> np.ndarray:
+    """Per position: whether some layer's k-th and (k+1)-th expert scores (+ bias) are
+    within `margin`, where rounding differences may legitimately route differently."""
+    near = np.zeros(len(ids), dtype=bool)
+
+    def hook(moe, args):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        v = torch.sigmoid(x @ moe.ffn_gate_inp.T) + moe.expert_bias
+        top = v.sort(dim=-1, descending=True).values
+        if moe.top_k < moe.experts:
+            near[:] |= (top[:, moe.top_k - 1] - top[:, moe.top_k] < margin).numpy()
+
+    hs = [b.moe.register_forward_pre_hook(hook) for b in model.blocks]
+    torch_logits(model, ids)
+    for h in hs:
+        h.remove()
+    return near
+
+
+def moe_model(top_k: int, shared: bool, seed: int = 0) -> GPT:
+    model = make_model(seed, moe=MoEConfig(experts=4, top_k=top_k, expert_hidden=256,
+                                           shared_expert=shared))
+    with torch.no_grad():  # a trained-looking balancing bias: it changes the selection
+        g = torch.Generator().manual_seed(seed)
+        for b in model.blocks:
+            b.moe.expert_bias.copy_(torch.randn(4, generator=g) * 0.05)
+            b.moe.ffn_sub_norm_exps.uniform_(0.5, 1.5)
+            if shared:
+                b.moe.ffn_sub_norm_shexp.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("top_k,shared", [(1, False), (2, True), (3, False)])
+def test_moe_matches_torch(tok, tmp_path, fp16_expert_scales, top_k, shared):
+    model = moe_model(top_k, shared)
+    path = tmp_path / "moe.gguf"
+    export_gguf(model, tok, path)
+    md = metadata(path)
+    assert (md["nanochat.expert_count"], md["nanochat.expert_used_count"]) == (4, top_k)
+    assert md["nanochat.expert_feed_forward_length"] == 256
+    assert md["nanochat.expert_shared_count"] == int(shared)
+    assert md["nanochat.expert_gating_func"] == "sigmoid"
+    assert md["nanochat.expert_weights_norm"] == (top_k > 1)
+    assert md["nanochat.leading_dense_block_count"] == 0
+    eng = Engine(path)
+    ids = prompt_ids(200)  # prefill in two chunks (128 + 72), batched per expert
+    all_ = eng.eval_all(ids)
+    err = rel_err(all_, torch_logits(model, ids))
+    near = near_ties(model, ids)  # a float-order difference may pick the other expert
+    assert near.mean() < 0.05
+    check_moe(err[~near])
+    eng.reset()  # decode: routed per token
+    rows = np.stack([eng.eval([i]) for i in ids[:50]])
+    np.testing.assert_allclose(rows, all_[:50], rtol=0, atol=1e-5 * np.abs(all_).max())
+    want = model.generate(ids[:20], 40, temperature=0.0)[20:].tolist()
+    r = Engine(path).complete(ids[:20], max_tokens=40, temperature=0.0, stop_at_eos=False)
+    assert r["tokens"] == want
+
+
+def test_moe_expert_scales_are_per_expert(tok, tmp_path, fp16_expert_scales):
+    model = moe_model(2, False)
+    with torch.no_grad():  # expert 1's weights 3x larger: its own scale in the file
+        model.blocks[0].moe.ffn_up_exps[1] *= 3
+    path = tmp_path / "moe.gguf"
+    export_gguf(model, tok, path)
+    r = gguf.GGUFReader(path)
+    t = next(t for t in r.tensors if t.name == "blk.0.ffn_up_exps.weight")
+    assert list(t.shape) == [256, 256, 4] and t.tensor_type == gguf.GGMLQuantizationType.TQ2_0
+    ids = prompt_ids(60)
+    check_moe(rel_err(Engine(path).eval_all(ids), torch_logits(model, ids)))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda kvs: [kv for kv in kvs if kv[0] != "nanochat.expert_count"],
+     "'nanochat.expert_used_count' without 'nanochat.expert_count'"),
+    (lambda kvs: [(k, t, 5) if k == "nanochat.expert_used_count" else (k, t, v)
+                  for k, t, v in kvs], "expert_used_count' = 5 is out of range"),
+    (lambda kvs: [(k, t, "softmax") if k == "nanochat.expert_gating_func" else (k, t, v)
+                  for k, t, v in kvs], "sigmoid gating"),
+    (lambda kvs: [(k, t, 2) if k == "nanochat.expert_count" else (k, t, v)
+                  for k, t, v in kvs], "ffn_gate_inp.weight' has dims \\[256, 4\\], expected "
+                                       "\\[256, 2\\]"),
+    (lambda kvs: [kv for kv in kvs if kv[0] != "nanochat.expert_shared_count"],
+     "expert_shared_count"),
+])
+def test_moe_bad_metadata_is_a_clear_error(tok, tmp_path, monkeypatch, edit, match):
+    model = moe_model(2, False)
+    path = tmp_path / "bad.gguf"
+    export_with(monkeypatch, model, tok, path, edit)
+    with pytest.raises(ValueError, match="bad.gguf.*" + match):
+        Engine(path)
+
+
+def test_moe_missing_tensor_is_a_clear_error(tok, tmp_path, monkeypatch):
+    model = moe_model(2, True)
+    orig = export._plan
+    monkeypatch.setattr(export, "_plan", lambda m: [e for e in orig(m)
+                                                    if e[0] != "blk.1.ffn_down_shexp.weight"])
+    path = tmp_path / "bad.gguf"
+    export_gguf(model, tok, path)
+    with pytest.raises(ValueError, match="bad.gguf: missing tensor 'blk.1.ffn_down_shexp"):
+        Engine(path)
