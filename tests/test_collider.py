@@ -71,8 +71,8 @@ def test_config_table():
     old = RunConfig().to_dict()
     del old["train"]["collider"]  # a checkpoint from before the table
     assert from_dict(old).train.collider == RunConfig().train.collider
-    with pytest.raises(ConfigError, match="model.mtp.heads"):
-        apply_overrides(RunConfig(), ["train.collider.enabled=true", "model.mtp.heads=2"])
+    both = apply_overrides(RunConfig(), ["train.collider.enabled=true", "model.mtp.heads=2"])
+    assert both.train.collider.enabled and both.model.mtp.heads == 2  # they compose
     for bad, key in (("sparsity=1.0", "train.collider.sparsity"),
                      ("threshold=-0.1", "train.collider.threshold"), ("foo=1", "foo")):
         with pytest.raises(ConfigError, match=key):
@@ -115,6 +115,44 @@ def test_dropped_rows_have_zero_activation_gradient_in_every_layer(kernel):
         assert torch.count_nonzero(g[~keep]) == 0, name
         assert torch.count_nonzero(g[keep].abs().sum(1)) == int(keep.sum()), name
     assert collider._STATE.shape is None and collider._STATE.keep is None  # disarmed
+
+
+def test_mtp_heads_drop_the_same_rows_and_nothing_dropped_equals_unfiltered():
+    """With MTP heads every head's loss is masked by the same kept rows: each head's
+    transformer block sees exactly-zero gradient on dropped rows, and when nothing is
+    dropped (threshold 0) the step's loss and gradients equal the unfiltered MTP step's."""
+    cfg = copy.deepcopy(CFG)
+    cfg.mtp.heads = 3
+    x, y = batch(3)
+    torch.manual_seed(0)
+    m = GPT(copy.deepcopy(cfg), bitlinear="torch")
+    with torch.no_grad():
+        losses, tgt, weights = m.head_token_losses(x, y)
+    keep = select(losses[0], y != -1, 0.35, 1.0).reshape(-1)
+    grads = {}
+    def capture(j):
+        def hook(mod, args, out):  # out = (hidden for the next head, normed hidden)
+            out[0].register_hook(lambda g: grads.__setitem__(j, g.reshape(-1, g.shape[-1])))
+        return hook
+
+    for j, head in enumerate(m.mtp):
+        head.register_forward_hook(capture(j))
+    mean, kept = Collider(0.35, 1.0).forward_backward(m, x, y)
+    assert len(grads) == 2 and kept < 0.7
+    for g in grads.values():
+        assert torch.count_nonzero(g[~keep]) == 0
+    _, total = m(x, y)  # the unfiltered MTP loss: what the Collider step logs
+    assert mean == pytest.approx(float(total.detach()), rel=1e-5)
+
+    torch.manual_seed(0)
+    a, b = GPT(copy.deepcopy(cfg), bitlinear="torch"), GPT(copy.deepcopy(cfg), bitlinear="torch")
+    b.load_state_dict(a.state_dict())
+    _, loss = a(x, y)
+    loss.backward()
+    mean, kept = Collider(0.35, 0.0).forward_backward(b, x, y)  # threshold 0: drops nothing
+    assert kept == 1.0 and mean == pytest.approx(float(loss.detach()), rel=1e-5)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("sets", [["model.mhc.streams=4"], ["model.moe.experts=4"],

@@ -22,7 +22,7 @@ def test_setups_differ_only_in_their_feature():
     assert cfgs["galore2"].optim.galore.enabled
     full = cfgs["full"]
     assert full.model.mtp.heads == 4 and full.optim.state == "8bit"
-    assert not full.train.collider.enabled  # Collider refuses MTP (config.py)
+    assert full.train.collider.enabled and full.train.collider.sparsity == 0.35
     for c in cfgs.values():  # same data, seed, steps and shape
         assert (c.train.seed, c.train.max_steps, c.train.batch_size, c.model.d_model) == (
             base.train.seed, base.train.max_steps, base.train.batch_size, base.model.d_model)

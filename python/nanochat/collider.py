@@ -15,7 +15,9 @@ micro-batch, with the config of [train.collider] (config.ColliderConfig):
               >= 1 - sparsity; threshold 1 drops exactly floor(sparsity * n), threshold 0
               nothing. Seed settings: sparsity 0.35, threshold 0.3.
   3. loss     The mean of loss_t over the kept tokens (the logged loss stays the mean over
-              all tokens, comparable with an unfiltered run).
+              all tokens, comparable with an unfiltered run). With MTP heads
+              ([model.mtp]), each head's weighted mean over the kept rows: a dropped token
+              row is dropped for every head (scores come from the next-token head).
   4. backward Every linear layer over the (B, T) token rows gathers the kept rows of its
               output gradient and runs both backward GEMMs on them only:
                   grad_W = g_kept^T x_kept,   grad_x = scatter(g_kept W) (dropped rows 0)
@@ -221,19 +223,22 @@ class Collider:
                 timings.update(forward_s=t1 - t0, backward_s=time.perf_counter() - t1)
             return float(loss.detach()), 1.0
         with armed(x.shape):
-            with autocast:
-                _, tok = model(x, y, loss_reduction="none")  # (B, T), 0 where y == -1
-            valid = y != -1
+            with autocast:  # (heads, B, T) per-token losses, 0 where a head has no target
+                losses, tgt, weights = model.head_token_losses(x, y)
+            tok, valid = losses[0], y != -1
             keep = select(self.scores(tok, x, y, autocast), valid, self.sparsity, self.threshold)
             n_valid, n_kept = int(valid.sum()), int(keep.sum())
             if n_kept < n_valid:
                 set_keep(keep)
-                loss = (tok * keep).sum() / max(n_kept, 1)
-            else:
-                loss = tok.sum() / max(n_valid, 1)
+            # Each head's mean over its kept targets (MTP heads drop the same token rows:
+            # the row's activation gradient is dropped in every layer, heads included).
+            loss = sum(w * (losses[i] * keep).sum() / max(int((keep & (tgt[i] != -1)).sum()), 1)
+                       for i, w in enumerate(weights))
             t1 = time.perf_counter()
             (loss / accum).backward()
             if timings is not None:
                 timings.update(forward_s=t1 - t0, backward_s=time.perf_counter() - t1)
-        mean = float(tok.detach().sum()) / max(n_valid, 1)
+        # the logged loss: what the unfiltered step reports (every target of every head)
+        mean = sum(w * float(losses[i].detach().sum()) / max(int((tgt[i] != -1).sum()), 1)
+                   for i, w in enumerate(weights))
         return mean, n_kept / max(n_valid, 1)

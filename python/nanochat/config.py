@@ -375,9 +375,6 @@ class RunConfig:
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
                               f"({self.model.max_seq_len})")
-        if self.train.collider.enabled and self.model.mtp.heads > 1:  # it scores head 1 only
-            raise ConfigError("train.collider.enabled does not combine with model.mtp.heads > 1 "
-                              "yet: the Collider step trains the next-token head only")
         return self
 
     def to_dict(self) -> dict:

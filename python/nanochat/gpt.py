@@ -297,6 +297,28 @@ class GPT(nn.Module):
         self.last_head_losses = per_head.detach()
         return logits, total
 
+    def head_token_losses(self, idx: torch.Tensor, targets: torch.Tensor):
+        """Per-token losses of every head, (heads, B, T) with 0 where a head has no target,
+        its targets (heads, B, T) (-1 = none) and weights: the training loss is
+        sum_i weights[i] * mean of losses[i] over its targets. Full logits, one head at a time
+        (Collider scores and masks tokens with these; nanochat/collider.py)."""
+        from nanochat import mtp
+
+        n = len(self.mtp) + 1
+        h = self._trunk(idx)
+        hidden = [h]
+        if n > 1:
+            pos = torch.arange(idx.shape[1], device=idx.device)
+            cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+            hidden = mtp.head_hidden(self.mtp, h, self.token_embd(idx), cos, sin)
+        tgt = mtp.head_targets(targets, n)  # (n, B, T), head i shifted by i
+        losses = torch.stack([F.cross_entropy(
+            self.logits(x).reshape(-1, self.config.vocab_size), tgt[i].reshape(-1),
+            ignore_index=-1, reduction="none").view(targets.shape)
+            for i, x in enumerate(hidden)])
+        weights = mtp.head_weights(self.config.mtp) if n > 1 else [1.0]
+        return losses, tgt, weights
+
     # ---- generation -------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0,

@@ -45,7 +45,7 @@ DESCRIPTIONS = {
     "mtp_only": "baseline + MTP (4 heads)",
     "muon_8bit": "8-bit Muon (matrices) + 8-bit AdamW (rest)",
     "galore2": "AdamW with GaLore 2 (rank d/4)",
-    "full": "MTP + 8-bit Muon/AdamW",
+    "full": "MTP + 8-bit Muon/AdamW + Collider",
 }
 # The gpu preset: nano_125m's shape (configs/models/nano_125m.toml) and a batch and length
 # that keep an H100 busy; the features of each setup stay as its file sets them.
