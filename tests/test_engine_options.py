@@ -13,15 +13,18 @@ boundary (tests/test_engine.py: 90% of positions within EXACT_TOL, all within FL
 
 from __future__ import annotations
 
+import itertools
+
 import gguf
 import numpy as np
 import pytest
 import torch
 from nanochat import bitlinear, export
-from nanochat.config import AttentionConfig, ModelConfig, MoEConfig
+from nanochat.config import AttentionConfig, MHCConfig, ModelConfig, MoEConfig
 from nanochat.engine import Engine
 from nanochat.export import export_gguf
 from nanochat.gpt import GPT, RMSNorm
+from nanochat.mhc import MHC
 from nanochat.tokenizer import Tokenizer
 
 VOCAB = 512
@@ -332,4 +335,82 @@ def test_moe_missing_tensor_is_a_clear_error(tok, tmp_path, monkeypatch):
     path = tmp_path / "bad.gguf"
     export_gguf(model, tok, path)
     with pytest.raises(ValueError, match="bad.gguf: missing tensor 'blk.1.ffn_down_shexp"):
+        Engine(path)
+
+
+# ---- mHC residual streams ------------------------------------------------------------------
+
+def mhc_model(n: int, res: str, dynamic: bool, seed: int = 0) -> GPT:
+    model = make_model(seed, mhc=MHCConfig(streams=n, res=res, dynamic=dynamic))
+    with torch.no_grad():  # trained-looking coefficients: every part of the mixing matters
+        g = torch.Generator().manual_seed(seed)
+        for m in model.modules():
+            if isinstance(m, MHC):
+                for p in (m.b_pre, m.b_post, m.b_res):
+                    p.add_(torch.randn(p.shape, generator=g) * 0.5)
+                if dynamic:
+                    m.alpha.copy_(torch.tensor([0.3, -0.2, 0.5]))
+    return model
+
+
+@pytest.mark.parametrize("n,res,dynamic", [(2, "sinkhorn", True), (4, "sinkhorn", False),
+                                           (4, "lite", True), (3, "lite", False)])
+def test_mhc_matches_torch(tok, tmp_path, n, res, dynamic):
+    model = mhc_model(n, res, dynamic)
+    path = tmp_path / "mhc.gguf"
+    export_gguf(model, tok, path)
+    md = metadata(path)
+    assert md["nanochat.hc.stream_count"] == n and md["nanochat.hc.res_type"] == res
+    assert md["nanochat.hc.sinkhorn_iterations"] == 20 and md["nanochat.hc.dynamic"] == dynamic
+    r = gguf.GGUFReader(path)
+    shapes = {t.name: list(t.shape) for t in r.tensors}
+    assert shapes["blk.1.hc_ffn_res.weight"] == ([n, n] if res == "sinkhorn" else
+                                                 [len(list(itertools.permutations(range(n))))])
+    if dynamic:
+        nr = n * n if res == "sinkhorn" else len(list(itertools.permutations(range(n))))
+        assert shapes["blk.0.hc_attn_fn.weight"] == [n * 256, 2 * n + nr]
+        assert shapes["blk.0.hc_attn_alpha.weight"] == [3]
+    eng = Engine(path)
+    ids = prompt_ids(160)
+    all_ = eng.eval_all(ids)
+    # The stream mixing adds float work (in torch's order, not ours) ahead of every int8
+    # quantization: more rounding flips than the dense model (exact up to the first one).
+    check_moe(rel_err(all_, torch_logits(model, ids)))
+    eng.reset()
+    rows = np.stack([eng.eval([i]) for i in ids[:40]])
+    np.testing.assert_allclose(rows, all_[:40], rtol=0, atol=1e-5 * np.abs(all_).max())
+    want = model.generate(ids[:20], 40, temperature=0.0)[20:].tolist()
+    r = Engine(path).complete(ids[:20], max_tokens=40, temperature=0.0, stop_at_eos=False)
+    assert r["tokens"] == want
+
+
+def test_options_compose(tok, tmp_path, fp16_expert_scales):
+    """Sliding window + MoE + mHC in one model."""
+    model = make_model(attention=AttentionConfig(pattern="SL", window=WINDOW),
+                       moe=MoEConfig(experts=4, top_k=2, expert_hidden=256),
+                       mhc=MHCConfig(streams=2, dynamic=True))
+    path = tmp_path / "all.gguf"
+    export_gguf(model, tok, path)
+    ids = prompt_ids(40)
+    want = model.generate(ids[:20], 30, temperature=0.0)[20:].tolist()
+    r = Engine(path).complete(ids[:20], max_tokens=30, temperature=0.0, stop_at_eos=False)
+    assert r["tokens"] == want
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda kvs: [kv for kv in kvs if kv[0] != "nanochat.hc.stream_count"],
+     "'nanochat.hc.sinkhorn_iterations' without 'nanochat.hc.stream_count'"),
+    (lambda kvs: [(k, t, "exact") if k == "nanochat.hc.res_type" else (k, t, v)
+                  for k, t, v in kvs], "res_type' = 'exact'"),
+    (lambda kvs: [(k, t, 3) if k == "nanochat.hc.stream_count" else (k, t, v)
+                  for k, t, v in kvs], "hc_attn_pre.weight' has dims \\[2\\], expected \\[3\\]"),
+    (lambda kvs: [(k, t, False) if k == "nanochat.hc.dynamic" else (k, t, v)
+                  for k, t, v in kvs], "unexpected tensor 'blk.0.hc_attn_fn.weight'"),
+    (lambda kvs: [kv for kv in kvs if kv[0] != "nanochat.hc.dynamic"], "nanochat.hc.dynamic"),
+])
+def test_mhc_bad_metadata_is_a_clear_error(tok, tmp_path, monkeypatch, edit, match):
+    model = mhc_model(2, "sinkhorn", True)
+    path = tmp_path / "bad.gguf"
+    export_with(monkeypatch, model, tok, path, edit)
+    with pytest.raises(ValueError, match="bad.gguf.*" + match):
         Engine(path)

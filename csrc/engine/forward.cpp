@@ -54,6 +54,14 @@ SessionState::SessionState(const Model::Impl& model, int32_t ctx) : m(model), n_
   q8_scale.resize(B);
   q8_sum.resize(B);
   head_act.reserve(kMaxBatch, d);
+  if (m.hc_n) {
+    const size_t n = size_t(m.hc_n);
+    streams.resize(B * n * size_t(d));
+    hc_pre.resize(B * n);
+    hc_post.resize(B * n);
+    hc_res.resize(B * n * n);
+    hc_tmp.resize(n * size_t(d) + 2 * n + size_t(m.hc_n_res));
+  }
   if (m.n_experts) {
     const size_t E = size_t(m.n_experts), k = size_t(m.n_experts_used);
     moe_q8.resize(B * size_t(d));
@@ -358,6 +366,97 @@ void moe_ffn(Ctx& c, const LayerWeights& L, int64_t T) {
   }
 }
 
+float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+// mHC before a sub-layer (nanochat/mhc.py): each token's H_pre, H_post, H_res from the
+// static logits (plus, dynamic, alpha * (phi . streams) / rms(streams)), H_res made doubly
+// stochastic by Sinkhorn (rows then columns, `iters` rounds, from exp of the max-shifted
+// logits) or as the softmax-weighted sum of the permutation matrices ("lite"); then the
+// sub-layer input s.x = H_pre . streams.
+void hc_in(Ctx& c, const LayerWeights::Hc& H, int64_t T) {
+  SessionState& s = c.s;
+  const Model::Impl& m = s.m;
+  const int64_t n = m.hc_n, d = c.info.d_model, nd = n * d, nr = m.hc_n_res;
+  float* dyn = s.hc_tmp.data() + nd;  // 2n + n_res logits
+  for (int64_t t = 0; t < T; ++t) {
+    const float* X = s.streams.data() + t * nd;
+    for (int64_t i = 0; i < n; ++i) dyn[i] = H.pre[i];
+    for (int64_t i = 0; i < n; ++i) dyn[n + i] = H.post[i];
+    for (int64_t i = 0; i < nr; ++i) dyn[2 * n + i] = H.res[i];
+    if (m.hc_dynamic) {
+      float ss = 0.0f;
+      for (int64_t i = 0; i < nd; ++i) ss += X[i] * X[i];
+      const float r = 1.0f / std::sqrt(ss / float(nd) + c.info.norm_eps);
+      for (int64_t o = 0; o < 2 * n + nr; ++o) {
+        const float* w = H.fn + o * nd;
+        float acc = 0.0f;
+        for (int64_t i = 0; i < nd; ++i) acc += w[i] * X[i];
+        const float a = H.alpha[o < n ? 0 : o < 2 * n ? 1 : 2];
+        dyn[o] += a * (acc * r);
+      }
+    }
+    float* pre = s.hc_pre.data() + t * n;
+    float* post = s.hc_post.data() + t * n;
+    float* R = s.hc_res.data() + t * n * n;
+    for (int64_t i = 0; i < n; ++i) {
+      pre[i] = sigmoid(dyn[i]);
+      post[i] = 2.0f * sigmoid(dyn[n + i]);
+    }
+    const float* lg = dyn + 2 * n;
+    float mx = lg[0];
+    for (int64_t i = 1; i < nr; ++i) mx = std::max(mx, lg[i]);
+    if (!m.hc_lite) {
+      for (int64_t i = 0; i < n * n; ++i) R[i] = std::exp(lg[i] - mx);
+      for (int32_t it = 0; it < m.hc_iters; ++it) {
+        for (int64_t i = 0; i < n; ++i) {
+          float sum = 0.0f;
+          for (int64_t j = 0; j < n; ++j) sum += R[i * n + j];
+          for (int64_t j = 0; j < n; ++j) R[i * n + j] /= sum;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          float sum = 0.0f;
+          for (int64_t i = 0; i < n; ++i) sum += R[i * n + j];
+          for (int64_t i = 0; i < n; ++i) R[i * n + j] /= sum;
+        }
+      }
+    } else {
+      float* w = s.hc_tmp.data();  // softmax of the n! logits
+      float sum = 0.0f;
+      for (int64_t p = 0; p < nr; ++p) sum += (w[p] = std::exp(lg[p] - mx));
+      std::fill(R, R + n * n, 0.0f);
+      for (int64_t p = 0; p < nr; ++p) {
+        const int32_t* perm = m.hc_perms.data() + p * n;  // row i of P_p is e_{perm[i]}
+        for (int64_t i = 0; i < n; ++i) R[i * n + perm[i]] += w[p] / sum;
+      }
+    }
+    float* x = s.x.data() + t * d;
+    std::fill(x, x + d, 0.0f);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < d; ++j) x[j] += pre[i] * X[i * d + j];
+  }
+}
+
+// mHC after a sub-layer with output y (T x d): streams = H_res . streams + H_post^T y.
+void hc_out(Ctx& c, const float* y, int64_t T) {
+  SessionState& s = c.s;
+  const int64_t n = s.m.hc_n, d = c.info.d_model, nd = n * d;
+  float* tmp = s.hc_tmp.data();
+  for (int64_t t = 0; t < T; ++t) {
+    float* X = s.streams.data() + t * nd;
+    const float* R = s.hc_res.data() + t * n * n;
+    const float* post = s.hc_post.data() + t * n;
+    const float* yt = y + t * d;
+    for (int64_t i = 0; i < n; ++i) {
+      float* o = tmp + i * d;
+      std::fill(o, o + d, 0.0f);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t k = 0; k < d; ++k) o[k] += R[i * n + j] * X[j * d + k];
+      for (int64_t k = 0; k < d; ++k) o[k] += post[i] * yt[k];
+    }
+    std::copy(tmp, tmp + nd, X);
+  }
+}
+
 // One batch of tokens through every layer; leaves the final hidden states in s.x.
 void run_batch(Ctx& c, const int32_t* tokens, int64_t T) {
   SessionState& s = c.s;
@@ -379,9 +478,24 @@ void run_batch(Ctx& c, const int32_t* tokens, int64_t T) {
     }
   }
 
+  const int64_t n_hc = m.hc_n;
+  for (int64_t t = 0; t < T && n_hc; ++t)  // every stream starts as the embedding
+    for (int64_t i = 0; i < n_hc; ++i)
+      std::copy(s.x.data() + t * d, s.x.data() + (t + 1) * d,
+                s.streams.data() + (t * n_hc + i) * d);
+  // The residual update of a sub-layer's output: plain, or mixed into the mHC streams.
+  auto residual = [&](const float* y) {
+    if (n_hc) {
+      hc_out(c, y, T);
+    } else {
+      for (int64_t i = 0; i < T * d; ++i) s.x[size_t(i)] += y[i];
+    }
+  };
+
   for (int64_t l = 0; l < I.n_layers; ++l) {
     const LayerWeights& L = m.layers[size_t(l)];
     // ---- attention ----
+    if (n_hc) hc_in(c, L.hc[0], T);
     rmsnorm(s.x.data(), L.attn_norm, T, d, eps, s.xn.data());
     quantize(c, T, d);
     float* q = s.qkv.data();
@@ -403,18 +517,26 @@ void run_batch(Ctx& c, const int32_t* tokens, int64_t T) {
     quantize(c, T, d);
     const MatOut o[1] = {{&L.o, s.proj.data()}};
     matmul(c, o, T, d);
-    for (int64_t i = 0; i < T * d; ++i) s.x[size_t(i)] += s.proj[size_t(i)];
+    residual(s.proj.data());
 
     // ---- feed-forward ----
+    if (n_hc) hc_in(c, L.hc[1], T);
     rmsnorm(s.x.data(), L.ffn_norm, T, d, eps, s.xn.data());
     quantize(c, T, d);
     if (L.moe) {
       moe_ffn(c, L, T);
-      for (int64_t i = 0; i < T * d; ++i) s.x[size_t(i)] += s.moe_y[size_t(i)];
-      continue;
+      residual(s.moe_y.data());
+    } else {
+      ffn_block(c, L.gate, L.up, L.ffn_sub_norm, L.down, T, ffn);
+      residual(s.proj.data());
     }
-    ffn_block(c, L.gate, L.up, L.ffn_sub_norm, L.down, T, ffn);
-    for (int64_t i = 0; i < T * d; ++i) s.x[size_t(i)] += s.proj[size_t(i)];
+  }
+  for (int64_t t = 0; t < T && n_hc; ++t) {  // collapse: the streams' mean
+    float* x = s.x.data() + t * d;
+    std::fill(x, x + d, 0.0f);
+    for (int64_t i = 0; i < n_hc; ++i)
+      for (int64_t j = 0; j < d; ++j) x[j] += s.streams[size_t((t * n_hc + i) * d + j)];
+    for (int64_t j = 0; j < d; ++j) x[j] /= float(n_hc);
   }
   s.n_cached += int32_t(T);
   if (m.window) {  // the rings now hold at most their last `slots` positions

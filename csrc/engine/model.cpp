@@ -264,6 +264,32 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
   }
   const int64_t eh = m->expert_hidden;
 
+  // ---- mHC residual streams (docs/gguf.md) ----
+  if (arch == "nanochat" && f.has("nanochat.hc.stream_count")) {
+    const int64_t n = ld.hparam("nanochat.hc.stream_count", 1, 8);
+    const std::string res = f.get_string("nanochat.hc.res_type");
+    if (res != "sinkhorn" && res != "lite")
+      ld.fail("metadata 'nanochat.hc.res_type' = '" + res + "' (expected sinkhorn or lite)");
+    m->hc_lite = res == "lite";
+    if (m->hc_lite && n > 5) ld.fail("metadata 'nanochat.hc.stream_count' > 5 with res lite");
+    m->hc_iters = int32_t(ld.hparam("nanochat.hc.sinkhorn_iterations", 0, 100000));
+    m->hc_dynamic = f.get_bool("nanochat.hc.dynamic");
+    if (n > 1) {
+      m->hc_n = int32_t(n);
+      std::vector<int32_t> perm(static_cast<size_t>(n));
+      for (int32_t i = 0; i < n; ++i) perm[size_t(i)] = i;
+      do {  // lexicographic from the identity, as itertools.permutations(range(n))
+        m->hc_perms.insert(m->hc_perms.end(), perm.begin(), perm.end());
+      } while (m->hc_lite && std::next_permutation(perm.begin(), perm.end()));
+      m->hc_n_res = m->hc_lite ? int32_t(m->hc_perms.size() / size_t(n)) : int32_t(n * n);
+    }
+  } else if (arch == "nanochat") {
+    for (const char* k : {"sinkhorn_iterations", "dynamic", "res_type"})
+      if (f.has(std::string("nanochat.hc.") + k))
+        ld.fail("metadata 'nanochat.hc." + std::string(k) + "' without 'nanochat.hc.stream_count'");
+  }
+  info.hc_streams = m->hc_n ? m->hc_n : 1;
+
   // ---- tensors ----
   using T = gguf::GgmlType;
   const gguf::TensorInfo& embd =
@@ -303,6 +329,25 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
     mat("attn_k.weight", L.k, d, kv_dim);
     mat("attn_v.weight", L.v, d, kv_dim);
     mat("attn_output.weight", L.o, d, d);
+    if (m->hc_n) {
+      const int64_t n = m->hc_n, nr = m->hc_n_res;
+      auto f32 = [&](const std::string& nm, const std::vector<int64_t>& dims) {
+        return reinterpret_cast<const float*>(ld.tensor(b + nm, dims, {T::F32}).data);
+      };
+      const char* subs[2] = {"hc_attn_", "hc_ffn_"};
+      for (int i = 0; i < 2; ++i) {
+        LayerWeights::Hc& H = L.hc[i];
+        const std::string sb = subs[i];
+        H.pre = f32(sb + "pre.weight", {n});
+        H.post = f32(sb + "post.weight", {n});
+        H.res = f32(sb + "res.weight", m->hc_lite ? std::vector<int64_t>{nr}
+                                                  : std::vector<int64_t>{n, n});
+        if (m->hc_dynamic) {
+          H.fn = f32(sb + "fn.weight", {n * d, 2 * n + nr});
+          H.alpha = f32(sb + "alpha.weight", {3});
+        }
+      }
+    }
     if (!L.moe) {
       L.ffn_sub_norm = norm("ffn_sub_norm.weight", ffn);
       mat("ffn_gate.weight", L.gate, d, ffn);
@@ -383,7 +428,8 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
         "ffn_activation", "nextn_predict_layers", "attention.sliding_window",
         "attention.sliding_window_pattern", "expert_count", "expert_used_count",
         "expert_feed_forward_length", "expert_shared_count", "expert_gating_func",
-        "expert_weights_norm", "leading_dense_block_count"};
+        "expert_weights_norm", "leading_dense_block_count", "hc.stream_count",
+        "hc.sinkhorn_iterations", "hc.dynamic", "hc.res_type"};
     for (const auto& kv : f.kvs())
       if (kv.first.rfind("nanochat.", 0) == 0 && !known.count(kv.first.substr(9)))
         ld.fail("unknown metadata key '" + kv.first + "' (an option this engine does not run)");

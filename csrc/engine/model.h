@@ -48,6 +48,14 @@ struct LayerWeights {
   bool shared = false;                  // the always-on shared expert below
   const float* sh_sub_norm = nullptr;   // expert_hidden
   TernaryWeight sh_gate, sh_up, sh_down;
+  // mHC coefficients of the attention [0] and FFN [1] sub-layers (nanochat/mhc.py).
+  struct Hc {
+    const float* pre = nullptr;    // n static logits of H_pre
+    const float* post = nullptr;   // n, of H_post
+    const float* res = nullptr;    // n*n (sinkhorn) or n! (lite) logits of H_res
+    const float* fn = nullptr;     // dynamic: (2n + n_res) x (n*d_model) projection phi
+    const float* alpha = nullptr;  // dynamic: gates of pre, post, res
+  } hc[2];
 };
 
 struct Model::Impl {
@@ -69,6 +77,10 @@ struct Model::Impl {
   int32_t window = 0;           // keys a sliding layer's query sees (0: no sliding layer)
   int32_t n_experts = 0, n_experts_used = 0, expert_hidden = 0;  // 0: no MoE layer
   bool expert_weights_norm = false;  // top-k gates divided by their sum
+  // mHC: n residual streams (0: the plain residual), H_res by Sinkhorn or "lite".
+  int32_t hc_n = 0, hc_iters = 0, hc_n_res = 0;
+  bool hc_dynamic = false, hc_lite = false;
+  std::vector<int32_t> hc_perms;  // lite: n! permutations x n, lexicographic (identity first)
 };
 
 // Loads and validates `path` (model.cpp). Errors name the file and the key/tensor.
@@ -122,6 +134,11 @@ struct SessionState {
   std::vector<int32_t> moe_count;     // n_experts + 1: start of each expert's rows
   std::vector<int32_t> moe_rows;      // B x k: pick index (token * k + slot), by expert
   std::vector<float> moe_y;           // B x d: the FFN output
+  // mHC (sized only with streams): the n residual streams, per-token coefficients.
+  std::vector<float> streams;         // B x n x d
+  std::vector<float> hc_pre, hc_post; // B x n
+  std::vector<float> hc_res;          // B x n x n
+  std::vector<float> hc_tmp;          // max(n x d, 2n + n_res): one token's scratch
 };
 
 // The text side of generate(): appends each token's bytes and says what may be streamed.

@@ -129,6 +129,13 @@ def architecture(cfg: ModelConfig) -> tuple[str, list[KV]]:
             ("nanochat.expert_gating_func", "string", "sigmoid"),
             ("nanochat.expert_weights_norm", "bool", m.top_k > 1),
             ("nanochat.leading_dense_block_count", "u32", 0)]
+    if cfg.mhc.streams > 1:  # mHC residual streams around every sub-layer (nanochat/mhc.py)
+        m = cfg.mhc
+        extensions += [
+            ("nanochat.hc.stream_count", "u32", m.streams),
+            ("nanochat.hc.sinkhorn_iterations", "u32", m.sinkhorn_iters),
+            ("nanochat.hc.dynamic", "bool", bool(m.dynamic)),
+            ("nanochat.hc.res_type", "string", m.res)]
     if cfg.activation == "silu" and not extensions:
         return "bitnet", []
     return "nanochat", [("nanochat.ffn_activation", "string", cfg.activation), *extensions]
@@ -138,8 +145,6 @@ def check_supported(cfg: ModelConfig) -> None:
     """Refuse a model that uses an architecture option the GGUF writer and the engine do
     not implement yet, naming the config key (the reserved keys are in docs/gguf.md)."""
     unsupported = []
-    if cfg.mhc.streams > 1:
-        unsupported.append(f"model.mhc.streams = {cfg.mhc.streams} (mHC residual streams)")
     if unsupported:
         raise ValueError(f"export: the GGUF writer does not support {'; '.join(unsupported)} "
                          f"yet; only dense models with plain residuals and full attention "
@@ -203,6 +208,17 @@ def _plan(model: torch.nn.Module) -> list[tuple[str, str, torch.Tensor]]:
             for name, attr, kind in MOE_TENSORS + (SHEXP_TENSORS if moe.shared else ()):
                 t = getattr(moe, attr)
                 plan.append((f"blk.{i}.{name}", kind, getattr(t, "weight", t)))
+        for sub in ("attn", "ffn"):  # mHC coefficients of each sub-layer, f32 as trained
+            hc = getattr(block, f"mhc_{sub}", None)
+            if hc is None:
+                continue
+            plan += [(f"blk.{i}.hc_{sub}_pre.weight", "norm", hc.b_pre),
+                     (f"blk.{i}.hc_{sub}_post.weight", "norm", hc.b_post),
+                     (f"blk.{i}.hc_{sub}_res.weight",
+                      "hc_res" if hc.res == "sinkhorn" else "norm", hc.b_res)]
+            if hc.dynamic:
+                plan += [(f"blk.{i}.hc_{sub}_fn.weight", "norm", hc.phi),
+                         (f"blk.{i}.hc_{sub}_alpha.weight", "norm", hc.alpha)]
     for j, head in enumerate(getattr(model, "mtp", ())):  # MTP head j+2: blk.{n_layers + j}
         b = f"blk.{len(model.blocks) + j}"
         for attr, kind in BLOCK_TENSORS:
@@ -239,6 +255,9 @@ def _cpu_f32(p: torch.Tensor) -> np.ndarray:
 def _tensor_bytes(name: str, kind: str, p: torch.Tensor, weight_type: str, embd_type: str):
     """(ggml type id, GGUF dims, uint8 bytes) of one tensor."""
     dims = list(reversed(p.shape))  # GGUF order: fastest-varying first
+    if kind == "hc_res":  # Sinkhorn logits (n*n,) row-major: the (n, n) matrix, dims [n, n]
+        n = round(p.numel() ** 0.5)
+        dims, kind = [n, n], "norm"
     pack = ternary.pack_tq2_0 if weight_type == "tq2_0" else ternary.pack_tq1_0
     if kind == "experts":  # (E, out, in): each expert its own codes and scale, stacked
         raws = []

@@ -49,6 +49,7 @@ struct ModelInfo {
   int32_t n_sliding_layers = 0;  // layers with sliding-window attention
   int32_t n_experts = 0;         // routed experts of a MoE FFN (0: dense)
   int32_t n_experts_used = 0;    // experts per token (top-k)
+  int32_t hc_streams = 1;        // mHC residual streams (1: the plain residual)
 };
 
 struct LoadOptions {
