@@ -1013,6 +1013,110 @@ TEST(EngineLoad, ErrorsNameFileAndWhat) {
 }
 
 // A truncated file (every tensor byte counts) fails with the file's name, never crashes.
+// Sliding-window attention (docs/gguf.md): a window covering the context computes what
+// full attention does; a small one keeps a ring that wraps (ctx 256 > window 4 + 128), and
+// token-by-token decode equals batched prefill across the wrap; truncate within the ring
+// works and past it is refused.
+TEST(Engine, SlidingWindowRing) {
+  GlobalStateGuard guard;
+  set_num_threads(1);
+  auto [file, ref] = make_model(Spec{});
+  const auto tokens = random_tokens(11, 200, ref.vocab);
+  TempModel full_tm(file);
+  const std::vector<float> full = Session(Model::load(full_tm.path)).eval_all(tokens);
+  const double scale = max_abs(full);
+  FileSpec wide = file;
+  wide.set("nanochat.attention.sliding_window", gguf::Value::u32(256));
+  wide.set("nanochat.attention.sliding_window_pattern",
+           gguf::Value::int_array(gguf::ValueType::BOOL, {1, 0}));
+  TempModel wide_tm(wide);
+  const std::vector<float> w = Session(Model::load(wide_tm.path)).eval_all(tokens);
+  for (size_t i = 0; i < w.size(); ++i) ASSERT_NEAR(w[i], full[i], 1e-6 * scale) << i;
+
+  FileSpec small = wide;
+  small.set("nanochat.attention.sliding_window", gguf::Value::u32(4));
+  TempModel small_tm(small);
+  auto model = Model::load(small_tm.path);
+  EXPECT_EQ(model->info().sliding_window, 4);
+  EXPECT_EQ(model->info().n_sliding_layers, 1);
+  Session batched(model);
+  const std::vector<float> all = batched.eval_all(tokens);
+  const size_t V = size_t(ref.vocab);
+  double diff = 0.0;  // the window changes the model
+  for (size_t i = 0; i < all.size(); ++i) diff = std::max(diff, double(std::fabs(all[i] - full[i])));
+  EXPECT_GT(diff, 1e-3 * scale);
+  Session one(model);
+  for (size_t t = 0; t < tokens.size(); ++t) {
+    const auto& l = one.eval({tokens[t]});
+    for (size_t i = 0; i < V; ++i) ASSERT_NEAR(l[i], all[t * V + i], 1e-5 * scale) << t;
+  }
+  one.truncate(200 - int32_t(kMaxBatch));
+  const auto& again = one.eval({tokens[200 - kMaxBatch]});
+  for (size_t i = 0; i < V; ++i)
+    ASSERT_NEAR(again[i], all[(200 - kMaxBatch) * V + i], 1e-5 * scale);
+  Session deep(model);
+  deep.eval_all(tokens);
+  try {
+    deep.truncate(10);
+    FAIL() << "truncate past the ring must throw";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("sliding-window layers' KV rings"), std::string::npos);
+  }
+  EXPECT_EQ(deep.n_past(), 200);
+}
+
+TEST(EngineLoad, OptionKeysAreValidated) {
+  const FileSpec good = make_model(Spec{}).first;
+  auto has = [](const std::string& e, const std::string& what) {
+    return e.find(what) != std::string::npos;
+  };
+  using gguf::Value;
+  FileSpec f = good;
+  f.set("nanochat.attention.sliding_window", Value::u32(8));
+  EXPECT_TRUE(has(error_of(f), "must come together"));
+  f.set("nanochat.attention.sliding_window_pattern",
+        Value::int_array(gguf::ValueType::BOOL, {1, 0, 1}));
+  EXPECT_TRUE(has(error_of(f), "has 3 entries, expected block_count = 2"));
+  f.set("nanochat.attention.sliding_window_pattern",
+        Value::int_array(gguf::ValueType::U8, {1, 0}));
+  EXPECT_TRUE(has(error_of(f), "expected array[bool]"));
+
+  f = good;
+  f.set("nanochat.something_new", Value::u32(1));
+  EXPECT_TRUE(has(error_of(f), "unknown metadata key 'nanochat.something_new'"));
+
+  f = good;  // MoE keys without their tensors
+  f.set("nanochat.expert_count", Value::u32(4));
+  f.set("nanochat.expert_used_count", Value::u32(2));
+  f.set("nanochat.expert_feed_forward_length", Value::u32(256));
+  f.set("nanochat.expert_shared_count", Value::u32(0));
+  f.set("nanochat.expert_gating_func", Value::string("sigmoid"));
+  f.set("nanochat.expert_weights_norm", Value::boolean(true));
+  f.set("nanochat.leading_dense_block_count", Value::u32(0));
+  EXPECT_TRUE(has(error_of(f), "missing tensor 'blk.0.ffn_gate_inp.weight'"));
+  f.set("nanochat.leading_dense_block_count", Value::u32(2));  // every block dense: loads
+  {
+    TempModel ok(f);
+    EXPECT_EQ(Model::load(ok.path)->info().n_experts, 4);
+  }
+  f.set("nanochat.expert_used_count", Value::u32(5));
+  EXPECT_TRUE(has(error_of(f), "'nanochat.expert_used_count' = 5 is out of range [1, 4]"));
+  f = good;
+  f.set("nanochat.expert_used_count", Value::u32(2));
+  EXPECT_TRUE(has(error_of(f), "without 'nanochat.expert_count'"));
+
+  f = good;  // mHC keys without their tensors
+  f.set("nanochat.hc.stream_count", Value::u32(2));
+  f.set("nanochat.hc.sinkhorn_iterations", Value::u32(20));
+  f.set("nanochat.hc.dynamic", Value::boolean(false));
+  f.set("nanochat.hc.res_type", Value::string("sinkhorn"));
+  EXPECT_TRUE(has(error_of(f), "missing tensor 'blk.0.hc_attn_pre.weight'"));
+  f.set("nanochat.hc.res_type", Value::string("exact"));
+  EXPECT_TRUE(has(error_of(f), "'nanochat.hc.res_type' = 'exact'"));
+  f.erase_kv("nanochat.hc.stream_count");
+  EXPECT_TRUE(has(error_of(f), "without 'nanochat.hc.stream_count'"));
+}
+
 TEST(EngineLoad, TruncatedFile) {
   TempModel tm(make_model(Spec{}).first);
   std::ifstream in(tm.path, std::ios::binary);
