@@ -414,3 +414,12 @@ def test_mhc_bad_metadata_is_a_clear_error(tok, tmp_path, monkeypatch, edit, mat
     export_with(monkeypatch, model, tok, path, edit)
     with pytest.raises(ValueError, match="bad.gguf.*" + match):
         Engine(path)
+
+
+def test_export_refuses_what_the_engine_cannot_run():
+    from nanochat.export import check_supported
+    check_supported(ModelConfig(**SMALL, moe=MoEConfig(experts=1024, top_k=2)))
+    with pytest.raises(ValueError, match="model.moe.experts = 1025"):
+        check_supported(ModelConfig(**SMALL, moe=MoEConfig(experts=1025, top_k=2)))
+    with pytest.raises(ValueError, match="model.mhc.sinkhorn_iters = 100001"):
+        check_supported(ModelConfig(**SMALL, mhc=MHCConfig(streams=2, sinkhorn_iters=100001)))

@@ -142,13 +142,16 @@ def architecture(cfg: ModelConfig) -> tuple[str, list[KV]]:
 
 
 def check_supported(cfg: ModelConfig) -> None:
-    """Refuse a model that uses an architecture option the GGUF writer and the engine do
-    not implement yet, naming the config key (the reserved keys are in docs/gguf.md)."""
+    """Refuse a model the engine would reject, naming the config key: every option
+    (sliding window, MoE, mHC, MTP) exports, within the engine's limits (model.cpp)."""
     unsupported = []
+    if cfg.moe.experts > 1024:
+        unsupported.append(f"model.moe.experts = {cfg.moe.experts} (the engine runs <= 1024)")
+    if cfg.mhc.streams > 1 and cfg.mhc.sinkhorn_iters > 100000:
+        unsupported.append(f"model.mhc.sinkhorn_iters = {cfg.mhc.sinkhorn_iters} (the engine "
+                           f"runs <= 100000)")
     if unsupported:
-        raise ValueError(f"export: the GGUF writer does not support {'; '.join(unsupported)} "
-                         f"yet; only dense models with plain residuals and full attention "
-                         f"export")
+        raise ValueError(f"export: the GGUF engine does not support {'; '.join(unsupported)}")
 
 
 def metadata(cfg: ModelConfig, tok: Tokenizer, weight_type: str, name: str) -> list[KV]:
