@@ -82,7 +82,8 @@ float* SessionState::k_cache(int64_t layer, int64_t kv_head) {
 }
 
 float* SessionState::v_cache(int64_t layer, int64_t kv_head) {
-  return k_cache(layer, kv_head) + int64_t(m.info.n_kv_heads) * slots[size_t(layer)] * m.info.head_dim;
+  return k_cache(layer, kv_head) +
+         int64_t(m.info.n_kv_heads) * slots[size_t(layer)] * m.info.head_dim;
 }
 
 void SessionState::check_start(int32_t pos, const char* what) const {
