@@ -7,7 +7,9 @@ greedy comparisons on random weights would hinge on near-ties.
 Tolerances, and why:
 - torch vs engine: identical per-token int8 activations and ternary codes; the only
   differences are float summation order and the weight scale rounded to fp16 in the file,
-  so logits agree to ~1e-3 relative and the greedy tokens are identical (64 of 64).
+  so logits agree to ~1e-3 relative and the greedy tokens are identical (64 of 64), except
+  after a step where torch's top two logits are within TORCH_TIE of its logit range (a
+  freshly trained model can land on such a tie; the engine must then pick one of the two).
 - llama.cpp vs engine: llama.cpp quantizes activations per 256-element block (Q8_K) for
   its TQ2_0 dot products where BitNet quantizes per token, so its logits differ by a few
   percent of their range; its greedy continuation must match ours for the first
@@ -24,6 +26,7 @@ import torch
 PROMPTS = ["def ", "import os\n", "class ", "    return ", "for i in range("]
 LLAMA_MIN_AGREE = 16
 LLAMA_TIE = 0.5
+TORCH_TIE = 2e-3  # of torch's logit range
 
 
 def _torch_greedy(model, ids: list[int], n: int) -> list[int]:
@@ -63,7 +66,16 @@ def test_engine_greedy_64_tokens_match_torch(trained_tiny, engine, prompt):
     engine.reset()
     got = engine.complete(ids, max_tokens=64, temperature=0.0, stop_tokens=(),
                           stop_at_eos=False)["tokens"]
-    assert got == want
+    if got == want:
+        return
+    # A divergence is allowed only where torch itself is at a near-tie: the engine's token
+    # is within TORCH_TIE of torch's top logit there (the two agree to ~1e-3 relative, so a
+    # closer pair can rank either way; after it the continuations differ legitimately).
+    i = next(k for k, (a, b) in enumerate(zip(got, want)) if a != b)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids + want]))[0, len(ids) - 1 + i].numpy()
+    gap = (ref.max() - ref[got[i]]) / (ref.max() - ref.min())
+    assert gap < TORCH_TIE, (i, got[i], want[i], gap)
 
 
 # ---- llama.cpp ------------------------------------------------------------------------------
