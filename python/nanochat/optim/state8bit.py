@@ -159,16 +159,21 @@ def ref_momentum8_step(g, m, m_absmax, u, block, beta, nesterov):
 
 
 # ---- custom ops --------------------------------------------------------------------------
+def _check_codes(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, block: int,
+                 map: str) -> None:
+    """x (float32) and its blockwise codes / absmax agree in map, size, dtype and device."""
+    if map not in CODE_DTYPE:
+        raise ValueError(f"map must be 'linear' or 'minifloat', got {map!r}")
+    _check(x, "x", torch.float32, x.numel(), x.device)
+    _check(codes, "codes", CODE_DTYPE[map], x.numel(), x.device)
+    _check(absmax, "absmax", torch.float32, num_blocks(x.numel(), block), x.device)
+
+
 @torch.library.custom_op("nanochat::optim8_quantize", mutates_args=("codes", "absmax"))
 def optim8_quantize(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, block: int,
                     map: str) -> None:
     """Blockwise 8-bit codes and per-block absmax of x (written into codes / absmax)."""
-    if map not in CODE_DTYPE:
-        raise ValueError(f"map must be 'linear' or 'minifloat', got {map!r}")
-    nb = num_blocks(x.numel(), block)
-    _check(x, "x", torch.float32, x.numel(), x.device)
-    _check(codes, "codes", CODE_DTYPE[map], x.numel(), x.device)
-    _check(absmax, "absmax", torch.float32, nb, x.device)
+    _check_codes(x, codes, absmax, block, map)
     if _native(x.device):
         core().optim8_quantize(_buffer(x), _buffer(codes), _buffer(absmax), block, map,
                                _stream(x.device))
@@ -186,12 +191,7 @@ def _(x, codes, absmax, block, map):
 def optim8_dequantize(codes: torch.Tensor, absmax: torch.Tensor, x: torch.Tensor, block: int,
                       map: str) -> None:
     """x = the values the codes stand for."""
-    if map not in CODE_DTYPE:
-        raise ValueError(f"map must be 'linear' or 'minifloat', got {map!r}")
-    nb = num_blocks(x.numel(), block)
-    _check(x, "x", torch.float32, x.numel(), x.device)
-    _check(codes, "codes", CODE_DTYPE[map], x.numel(), x.device)
-    _check(absmax, "absmax", torch.float32, nb, x.device)
+    _check_codes(x, codes, absmax, block, map)
     if _native(x.device):
         core().optim8_dequantize(_buffer(codes), _buffer(absmax), _buffer(x), block, map,
                                  _stream(x.device))
