@@ -18,7 +18,8 @@ from nanochat import ternary
 
 SUPPORTED_ISAS = ternary.supported_isas()
 DEFAULT_THREADS = ternary.num_threads()
-HANG_TIMEOUT_S = 900  # per test: a hang, not a slow test on a loaded machine (train tests took >120 s there)
+# per test: a hang, not a slow test on a loaded machine (train tests took >120 s there)
+HANG_TIMEOUT_S = 900
 
 _watchdog_fd: list[int] = []
 

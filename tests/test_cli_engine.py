@@ -1,4 +1,5 @@
-"""The engine-backed commands as a user runs them: export, generate, chat, validate, bench decode."""
+"""The engine-backed commands as a user runs them: export, generate, chat, validate,
+bench decode."""
 
 from __future__ import annotations
 

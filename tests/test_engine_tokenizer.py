@@ -25,7 +25,8 @@ CASES = {
     "korean": "안녕하세요 세계! 한국어 텍스트를 토큰화합니다. 한글 자모: ㄱㄴㄷ",
     "emoji": ("family 👨‍👩‍👧‍👦 couple 👩‍❤️‍💋‍👨, skin 👍🏻👍🏽👍🏿, flags 🇫🇷🇯🇵🇺🇳 🏴󠁧󠁢󠁳󠁣󠁴󠁿, "
               "rainbow 🏳️‍🌈, keycap 1️⃣ #️⃣ ok"),
-    "whitespace": "a" + " " * 300 + "b\n\n\n\n" + "\t" * 40 + "c" + " \n" * 20 + "  \u3000\u00a0x   ",
+    "whitespace": ("a" + " " * 300 + "b\n\n\n\n" + "\t" * 40 + "c" + " \n" * 20
+                   + "  \u3000\u00a0x   "),
     "tabs_crlf": "line1\r\n\tline2\r\n\r\n\t\tline3\rend\x0b\x0c\x1c\x1d\x85\u2028\u2029 end",
     "digits": "0 12 345 6789 3.14159 1e-10 0x1F 1_000_000 ½ ⅔ Ⅻ ² ٣ १२ 42nd",
     "apostrophes": "it's It'S he'll I'M we've they're she'd don't DON'T ’s ’t ''s 'sup x' ' 's",

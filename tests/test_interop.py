@@ -94,7 +94,8 @@ def _llama(llama_cpp, path):
 def test_llama_cpp_tokenizes_like_us(trained_tiny, llama_cpp):
     tok = trained_tiny["tok"]
     llm = _llama(llama_cpp, trained_tiny["gguf"])
-    texts = ["def f(x):\n\treturn x ** 2  # square\r\n", "naïve café — 東京 Привет مرحبا नमस्ते 🎉👍🏽",
+    texts = ["def f(x):\n\treturn x ** 2  # square\r\n",
+             "naïve café — 東京 Привет مرحبا नमस्ते 🎉👍🏽",
              "   leading and trailing   \n\n\n", "it's 'quoted' don't WE'LL 12345 3.14159",
              open(__file__).read()]
     for text in texts:

@@ -94,7 +94,8 @@ def test_muon_step_matches_float64(scale):
         m = beta * m + (1 - beta) * g.double()
         u = g.double() + beta * (m - g.double())
         pr = pr * (1 - lr * wd) - lr * shape_scale(48, 80, scale) * ns_ref(u)
-    assert torch.allclose(p.detach().double(), pr, atol=1e-5), (p.detach().double() - pr).abs().max()
+    assert torch.allclose(p.detach().double(), pr, atol=1e-5), \
+        (p.detach().double() - pr).abs().max()
 
 
 def test_lion_step_matches_float64():
@@ -126,7 +127,8 @@ def test_adamw_step_matches_float64():
         gd = g.double()
         m = 0.9 * m + 0.1 * gd
         v = 0.95 * v + 0.05 * gd * gd
-        pr = pr * (1 - 0.01 * 0.1) - 0.01 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.95 ** t)).sqrt() + 1e-8)
+        pr = (pr * (1 - 0.01 * 0.1)
+              - 0.01 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.95 ** t)).sqrt() + 1e-8))
     st = opt.state[p]
     assert st["exp_avg"].dtype == torch.float32
     assert torch.allclose(st["exp_avg"].double(), m, atol=1e-6)

@@ -127,9 +127,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.nanochat.adamw8_step,
                           (p, g, m, ma, v, va, block, 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.5, 0.5))
     torch.library.opcheck(torch.ops.nanochat.lion8_step, (p, g, m, ma, block, 1e-4, 0.9, 0.99, 0.1))
-    torch.library.opcheck(torch.ops.nanochat.momentum8_step, (g, m, ma, torch.empty(n), block, 0.9, True))
+    torch.library.opcheck(torch.ops.nanochat.momentum8_step,
+                          (g, m, ma, torch.empty(n), block, 0.9, True))
     torch.library.opcheck(torch.ops.nanochat.optim8_quantize, (g, m, ma, block, "linear"))
-    torch.library.opcheck(torch.ops.nanochat.optim8_dequantize, (v, va, g.clone(), block, "minifloat"))
+    torch.library.opcheck(torch.ops.nanochat.optim8_dequantize,
+                          (v, va, g.clone(), block, "minifloat"))
 
 
 def test_bad_arguments_are_errors_naming_them():
@@ -240,7 +242,8 @@ def _cuda_ready() -> bool:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _cuda_ready(), reason="needs torch CUDA, a CUDA build of nanochat._C and a device")
+@pytest.mark.skipif(not _cuda_ready(),
+                    reason="needs torch CUDA, a CUDA build of nanochat._C and a device")
 def test_cuda_kernels_equal_cpu():
     n, block = 70001, 256
     cpu = list(_state(n, block, 13))

@@ -10,7 +10,8 @@ from nanochat.schedule import progress, wsd_factor
 
 @pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
 def test_phases_and_continuity(shape):
-    cfg = ScheduleConfig(warmup_steps=10, decay_fraction=0.2, decay_shape=shape, final_lr_fraction=0.1)
+    cfg = ScheduleConfig(warmup_steps=10, decay_fraction=0.2, decay_shape=shape,
+                         final_lr_fraction=0.1)
     n = 100
     f = [wsd_factor(s, progress(s, n, 0, 0), cfg) for s in range(n + 1)]
     assert f[0] == pytest.approx(0.1) and f[9] == 1.0       # linear warmup to the peak

@@ -44,7 +44,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from nanochat import collider, ternary
 
@@ -184,7 +183,8 @@ def _backward(ctx, grad_y, *_unused):
 _bitlinear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def bitlinear_cpp(x: torch.Tensor, weight: torch.Tensor, bf16_backward: bool = False) -> torch.Tensor:
+def bitlinear_cpp(x: torch.Tensor, weight: torch.Tensor,
+                  bf16_backward: bool = False) -> torch.Tensor:
     """y for x (..., in) float32 CPU and weight (out, in) with in % 256 == 0."""
     lead = x.shape[:-1]
     y = torch.ops.nanochat.bitlinear(x.reshape(-1, x.shape[-1]), weight, bf16_backward,

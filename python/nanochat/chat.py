@@ -68,7 +68,8 @@ class Conversation:
         self.turns.append(user + reply + [self.asst_end])
 
 
-def repl(engine: Engine, max_tokens: int, sampling: dict, stdin=sys.stdin, stdout=sys.stdout) -> int:
+def repl(engine: Engine, max_tokens: int, sampling: dict, stdin=sys.stdin,
+         stdout=sys.stdout) -> int:
     conv = Conversation(engine)
     interactive = stdin.isatty()
     if interactive:

@@ -59,7 +59,8 @@ def resolve(path: Path) -> Path:
         return path
     found = list_checkpoints(path)
     if not found:
-        raise FileNotFoundError(f"no checkpoint in {path} (expected {path}/checkpoints/step_*/state.pt)")
+        raise FileNotFoundError(f"no checkpoint in {path} "
+                                f"(expected {path}/checkpoints/step_*/state.pt)")
     return found[-1]
 
 

@@ -41,7 +41,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from nanochat._core import core
 
     wanted = [k for k in ("cmake_dir", "include_dir", "lib") if getattr(args, k)]
-    if wanted:  # one path per line in this order, for scripts: -Dnanochat_DIR="$(nanochat info --cmake-dir)"
+    # One path per line in this order, for scripts:
+    # -Dnanochat_DIR="$(nanochat info --cmake-dir)"
+    if wanted:
         paths = _embedding_paths()
         print("\n".join(paths[k] for k in wanted))
         return 0
@@ -60,7 +62,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     cuda = info["cuda"]
     print(f"nanochat {info['version']}")
     print(f"  cpu features : " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in feats.items()))
-    print(f"  cuda         : compiled={'yes' if cuda['compiled'] else 'no'}, devices={cuda['devices']}")
+    print(f"  cuda         : compiled={'yes' if cuda['compiled'] else 'no'}, "
+          f"devices={cuda['devices']}")
     print(f"  threads      : {info['threads']}  (NANOCHAT_NUM_THREADS overrides)")
     print(f"  kernel paths : {', '.join(info['isas'])}")
     print(f"  ternary_gemm : dispatches to {info['isa']}  (NANOCHAT_ISA pins one)")
@@ -209,7 +212,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nanochat",
-        description="Ternary (BitNet b1.58) language models: train, export to GGUF, run fast on CPUs.",
+        description="Ternary (BitNet b1.58) language models: train, export to GGUF, "
+                    "run fast on CPUs.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -220,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         "budget, evaluates held-out bits/byte against unigram/bigram baselines and prints a "
         "sample. Checkpoints, TensorBoard events and metrics.jsonl go to the run directory.")
     pt.add_argument("--config", default="tiny",
-                    help="built-in config name (tiny, nano_125m, ...) or a TOML file (default: tiny)")
+                    help="built-in config name (tiny, nano_125m, ...) or a TOML file "
+                    "(default: tiny)")
     pt.add_argument("--data", help="prepared data dir (nanochat data prepare); default: "
                     "prepare the config's [data] sources, the Python stdlib unless set")
     pt.add_argument("--out", help="run directory (default: runs/<time>-<config>)")

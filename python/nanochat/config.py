@@ -145,9 +145,11 @@ class ModelConfig:
             raise ConfigError(f"{where}.n_heads ({self.n_heads}) must be a multiple of "
                               f"n_kv_heads ({self.n_kv_heads})")
         if (self.d_model // self.n_heads) % 2:
-            raise ConfigError(f"{where}: head dim {self.d_model // self.n_heads} must be even (RoPE)")
+            raise ConfigError(f"{where}: head dim {self.d_model // self.n_heads} "
+                              f"must be even (RoPE)")
         if self.activation not in ("silu", "relu2"):
-            raise ConfigError(f"{where}.activation must be 'silu' or 'relu2', got {self.activation!r}")
+            raise ConfigError(f"{where}.activation must be 'silu' or 'relu2', "
+                              f"got {self.activation!r}")
 
     @property
     def head_dim(self) -> int:
@@ -203,14 +205,16 @@ class TrainConfig:
         if self.time_budget_s < 0:
             raise ConfigError(f"{where}.time_budget_s must be >= 0, got {self.time_budget_s}")
         if self.bitlinear not in ("auto", "cpp", "torch"):
-            raise ConfigError(f"{where}.bitlinear must be auto, cpp or torch, got {self.bitlinear!r}")
+            raise ConfigError(f"{where}.bitlinear must be auto, cpp or torch, "
+                              f"got {self.bitlinear!r}")
         if self.bitlinear_backward not in ("auto", "bf16", "float32"):
             raise ConfigError(f"{where}.bitlinear_backward must be auto, bf16 or float32, got "
                               f"{self.bitlinear_backward!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"{where}.device must be auto, cpu or cuda, got {self.device!r}")
         if self.fused_loss not in ("auto", "on", "off"):
-            raise ConfigError(f"{where}.fused_loss must be auto, on or off, got {self.fused_loss!r}")
+            raise ConfigError(f"{where}.fused_loss must be auto, on or off, "
+                              f"got {self.fused_loss!r}")
         if self.fused_loss_precision not in ("f32", "bf16"):
             raise ConfigError(f"{where}.fused_loss_precision must be f32 or bf16, got "
                               f"{self.fused_loss_precision!r}")
@@ -342,7 +346,8 @@ class ScheduleConfig:
         if self.warmup_steps < 0:
             raise ConfigError(f"{where}.warmup_steps must be >= 0")
         if not 0 <= self.decay_fraction <= 1:
-            raise ConfigError(f"{where}.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+            raise ConfigError(f"{where}.decay_fraction must be in [0, 1], "
+                              f"got {self.decay_fraction}")
         if self.decay_shape not in ("linear", "cosine", "1-sqrt"):
             raise ConfigError(f"{where}.decay_shape must be linear, cosine or 1-sqrt, "
                               f"got {self.decay_shape!r}")

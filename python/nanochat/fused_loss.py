@@ -20,7 +20,8 @@ Three layers, as every op here: `torch.ops.nanochat.fused_linear_cross_entropy` 
 torch.library custom op with a fake kernel and autograd), the C++ kernel for CPU tensors,
 `chunked_linear_cross_entropy` in plain torch (the same chunk loop, cuBLAS GEMMs) for CUDA
 and other devices, or csrc/cuda/fused_loss.cu for CUDA tensors with
-NANOCHAT_FUSED_LOSS_CUDA=kernel (built when nvcc is found; see cuda_kernel_selected). `naive_linear_cross_entropy` is the reference the tests and the benchmark compare to.
+NANOCHAT_FUSED_LOSS_CUDA=kernel (built when nvcc is found; see cuda_kernel_selected).
+`naive_linear_cross_entropy` is the reference the tests and the benchmark compare to.
 
     pytest tests/test_fused_loss.py
     nanochat bench loss
@@ -146,7 +147,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         hidden, targets = hidden[None], targets[None]
     if hidden.dim() != 3 or targets.shape != hidden.shape[:2]:
         raise ValueError(f"fused_linear_cross_entropy: hidden (heads, N, d) and targets "
-                         f"(heads, N) expected, got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+                         f"(heads, N) expected, got {tuple(hidden.shape)} and "
+                         f"{tuple(targets.shape)}")
     if precision not in PRECISIONS:
         raise ValueError(f"fused_linear_cross_entropy: precision must be one of {PRECISIONS}, "
                          f"got {precision!r}")

@@ -57,13 +57,15 @@ def pick_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, data: TokenData, cfg: RunConfig, device: torch.device) -> tuple[float, float]:
+def evaluate(model: GPT, data: TokenData, cfg: RunConfig,
+             device: torch.device) -> tuple[float, float]:
     """Held-out mean loss (nats/token) and bits per UTF-8 byte on the val split."""
     was_training = model.training
     model.eval()
     token_bytes = torch.as_tensor(data.token_bytes, dtype=torch.float64)
     nats, n_tokens, n_bytes = 0.0, 0, 0.0
-    for x, y in eval_batches(data.val, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_tokens):
+    for x, y in eval_batches(data.val, cfg.train.batch_size, cfg.train.seq_len,
+                             cfg.train.eval_tokens):
         x, y = x.to(device), y.to(device)
         _, loss = model(x, y, loss_reduction="none")
         nats += float(loss.double().sum())
@@ -113,8 +115,8 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
     run_dir = Path(run_dir)
     data = TokenData(data_dir)
     if data.tokenizer.vocab_size != cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size = {cfg.model.vocab_size} but the tokenizer in {data_dir} "
-                         f"has {data.tokenizer.vocab_size} tokens; prepare data with "
+        raise ValueError(f"model.vocab_size = {cfg.model.vocab_size} but the tokenizer in "
+                         f"{data_dir} has {data.tokenizer.vocab_size} tokens; prepare data with "
                          f"--vocab-size {cfg.model.vocab_size} or set model.vocab_size")
     t = cfg.train
     device = pick_device(t.device)
@@ -124,10 +126,11 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
         state = checkpoint.load(run_dir)
         saved = from_dict(state["config"], f"checkpoint {state['path']}")
         if saved.model != cfg.model:
-            raise ValueError(f"checkpoint {state['path']} was trained with a different model config "
-                             f"({saved.model}) than the one given ({cfg.model})")
+            raise ValueError(f"checkpoint {state['path']} was trained with a different model "
+                             f"config ({saved.model}) than the one given ({cfg.model})")
         if state["tokenizer_sha256"] != data.tokenizer.sha256():
-            raise ValueError(f"checkpoint {state['path']} used a different tokenizer than {data_dir}")
+            raise ValueError(f"checkpoint {state['path']} used a different tokenizer "
+                             f"than {data_dir}")
 
     torch.manual_seed(t.seed)
     model = GPT(cfg.model, bitlinear=t.bitlinear).to(device)
@@ -152,7 +155,8 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
 
     counts = model.num_params()
     log(f"model: {counts['total']:,} params ({counts['ternary']:,} ternary), device {device}, "
-        f"bitlinear={t.bitlinear} (backward {t.bitlinear_backward}), threads={torch.get_num_threads()}")
+        f"bitlinear={t.bitlinear} (backward {t.bitlinear_backward}), "
+        f"threads={torch.get_num_threads()}")
     metrics = MetricsLogger(run_dir, purge_step=step if state is not None else None)
     loader = BatchLoader(data.train, t.batch_size, t.seq_len, seed=t.seed,
                          start_step=step * t.grad_accum, prefetch=t.prefetch, device=str(device),
@@ -211,7 +215,8 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                         _, loss = model(x, y)
                     (loss / t.grad_accum).backward()
                     loss_sum += float(loss.detach())
-                grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+                grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                  cfg.optim.grad_clip))
                              if cfg.optim.grad_clip > 0 else None)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -219,12 +224,14 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                 step += 1
                 loss_val = loss_sum / t.grad_accum
                 if not math.isfinite(loss_val):
-                    raise FloatingPointError(f"loss became {loss_val} at step {step}; lower optim.lr")
+                    raise FloatingPointError(f"loss became {loss_val} at step {step}; "
+                                             f"lower optim.lr")
                 result.losses.append(loss_val)
                 window_tokens += tokens_per_step
                 if bar is not None:
                     if t.time_budget_s:  # a budget-bound run: total = steps expected in it
-                        p = progress(step, t.max_steps, elapsed_before + time.perf_counter() - start,
+                        p = progress(step, t.max_steps,
+                                     elapsed_before + time.perf_counter() - start,
                                      t.time_budget_s)
                         bar.total = max(step, min(t.max_steps, round(step / max(p, 1e-9))))
                     bar.update(1)
@@ -234,8 +241,8 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                     span = train_s - window_train_s
                     tps = window_tokens / span if span > 0 else 0.0
                     result.tokens_per_s = tps
-                    metrics.log(step, loss=loss_val, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm,
-                                tokens_per_s=tps, data_wait_s=window_wait,
+                    metrics.log(step, loss=loss_val, lr=opt.param_groups[0]["lr"],
+                                grad_norm=grad_norm, tokens_per_s=tps, data_wait_s=window_wait,
                                 data_wait_fraction=window_wait / span if span > 0 else 0.0,
                                 peak_memory_bytes=peak_memory_bytes(device), train_s=train_s,
                                 optim_state_bytes=state_bytes(opt),
@@ -250,7 +257,8 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                     metrics.log(step, val_loss=result.val_loss, val_bpb=result.val_bpb,
                                 train_s=train_s)
                     last_eval = step
-                    msg = f"step {step}: val loss {result.val_loss:.4f}, val bits/byte {result.val_bpb:.4f}"
+                    msg = (f"step {step}: val loss {result.val_loss:.4f}, "
+                           f"val bits/byte {result.val_bpb:.4f}")
                     (bar.write(msg) if bar is not None else log(msg))
                 if step % t.checkpoint_every == 0 or is_last:
                     elapsed = elapsed_before + time.perf_counter() - start
@@ -277,7 +285,8 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
 def summarize(result: TrainResult, cfg: RunConfig, prompt: str = "def ", log=print) -> dict:
     """Held-out bits/byte next to unigram/bigram baselines, speed, and a sample."""
     data = result.data
-    uni, bi = unigram_bigram_bpb(data, max_tokens=cfg.train.eval_tokens)  # the tokens evaluate() scores
+    # the same tokens evaluate() scores
+    uni, bi = unigram_bigram_bpb(data, max_tokens=cfg.train.eval_tokens)
     model = result.model
     ids = data.tokenizer.encode(prompt)
     x = torch.tensor([[data.tokenizer.bos_id] + ids], device=next(model.parameters()).device)

@@ -117,7 +117,8 @@ def validate(workdir: Path, report) -> bool:
             if n != s["tensors"]:
                 raise StageFailed(f"wrote {s['tensors']} tensors, read back {n}")
             state["gguf"] = path
-            rec["detail"] = f"{path.name}: {s['bytes'] / 1e6:.2f} MB, {n} tensors, {s['architecture']}"
+            rec["detail"] = (f"{path.name}: {s['bytes'] / 1e6:.2f} MB, {n} tensors, "
+                             f"{s['architecture']}")
 
     with stage("load") as rec:
         if ok:

@@ -145,11 +145,14 @@ def run(args: argparse.Namespace, log=print):
                        "decode_steps": args.tokens, "embd": args.embd, **m,
                        "weight_bytes_per_token": info["weight_bytes"],
                        "read_bandwidth_bytes_per_s": bw[t],
-                       "bandwidth_fraction": m["decode_tokens_per_s"] * info["weight_bytes"] / bw[t]}
+                       "bandwidth_fraction":
+                           m["decode_tokens_per_s"] * info["weight_bytes"] / bw[t]}
                 if "llama.cpp" in med:
                     ref = med["llama.cpp"]
-                    row["prefill_vs_llama"] = m["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"]
-                    row["decode_vs_llama"] = m["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+                    row["prefill_vs_llama"] = (m["prefill_tokens_per_s"]
+                                               / ref["prefill_tokens_per_s"])
+                    row["decode_vs_llama"] = (m["decode_tokens_per_s"]
+                                              / ref["decode_tokens_per_s"])
                 yield row
 
 

@@ -130,10 +130,12 @@ def run(args: argparse.Namespace):
                             torch.set_num_threads(t)
                             if tokens == 1:
                                 xv = x[0]
-                                torch_samples.append(_time_calls(lambda: torch.mv(wf, xv), min_time))
+                                torch_samples.append(
+                                    _time_calls(lambda wf=wf, xv=xv: torch.mv(wf, xv), min_time))
                             else:
                                 wt = wf.t()
-                                torch_samples.append(_time_calls(lambda: x @ wt, min_time))
+                                torch_samples.append(
+                                    _time_calls(lambda x=x, wt=wt: x @ wt, min_time))
                     torch_s = statistics.median(torch_samples) if torch_samples else None
                     for isa in variants:
                         sec = statistics.median(samples[isa])

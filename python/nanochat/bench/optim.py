@@ -169,7 +169,8 @@ def main(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(r), flush=True)
         elif "peer" in r:
-            what = r.get("skipped") or f"{r['state_bytes'] / 2**20:.0f} MiB, {r['step_seconds']:.3f} s"
+            what = (r.get("skipped")
+                    or f"{r['state_bytes'] / 2**20:.0f} MiB, {r['step_seconds']:.3f} s")
             print(f"{r['model']:>10} peer {r['peer']}: {what}", flush=True)
         else:
             ratio = f"{r['step_vs_fp32']:.2f}x" if "step_vs_fp32" in r else ""

@@ -105,8 +105,8 @@ def run(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     if not args.json:
-        print(f"{'config':>10} {'bitlinear':>9} {'backward':>8} {'params':>12} {'step':>9} {'tokens/s':>9} "
-              f"{'peak RSS':>9} {'speed vs torch':>14} {'mem vs torch':>12}")
+        print(f"{'config':>10} {'bitlinear':>9} {'backward':>8} {'params':>12} {'step':>9} "
+              f"{'tokens/s':>9} {'peak RSS':>9} {'speed vs torch':>14} {'mem vs torch':>12}")
     for m in run(args):
         if args.json:
             print(json.dumps(m), flush=True)
