@@ -354,3 +354,27 @@ def test_threads_pool_startup_race(run_python):
     except subprocess.TimeoutExpired:
         pytest.fail("set_num_threads + immediate destroy / GEMM deadlocked")
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr
+
+
+def test_gemm_codes_equals_packed_gemm_and_checks_arguments():
+    """ternary.gemm_codes (training's GEMM, no TK2 packing) gives matmul_quantized's y bit
+    for bit, on every ISA; bad codes and shapes are named."""
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(-1, 2, (50, 512), generator=g, dtype=torch.int8)
+    x = torch.randn(19, 512, generator=g)
+    try:
+        for isa in ternary.supported_isas():
+            ternary.set_isa(isa)
+            q, xs = ternary.quantize_activations(x)
+            want = ternary.TernaryMatrix.from_codes(codes, 0.03).matmul_quantized(q, xs)
+            assert torch.equal(ternary.gemm_codes(codes, 0.03, q, xs), want), isa
+    finally:
+        ternary.set_isa(None)
+    with pytest.raises(ValueError, match="q: expected 512 features"):
+        ternary.gemm_codes(codes, 0.03, q[:, :256].contiguous(), xs)
+    with pytest.raises(ValueError, match="x_scale: expected 19"):
+        ternary.gemm_codes(codes, 0.03, q, xs[:5].contiguous())
+    bad = codes.clone()
+    bad[3, 7] = 2
+    with pytest.raises(ValueError, match="not ternary"):
+        ternary.gemm_codes(bad, 0.03, q, xs)

@@ -425,6 +425,25 @@ PYBIND11_MODULE(_C, m) {
       "y = scale * x_scale * (codes @ q^T)^T over TK2 weights on the active ISA.");
 
   m.def(
+      "ternary_gemm_codes",
+      [](const Buffer& codes, float scale, const Buffer& q, const Buffer& x_scale,
+         const Buffer& y) {
+        const int8_t* cp = get<int8_t>(codes, "codes", "int8", 2);
+        const int64_t rows = codes.shape[0], cols = codes.shape[1];
+        const int8_t* qp = get<int8_t>(q, "q", "int8", 2);
+        const int64_t tokens = q.shape[0];
+        expect_shape(q, "q", {tokens, cols});
+        const float* sp = get<float>(x_scale, "x_scale", "float32", 1);
+        expect_shape(x_scale, "x_scale", {tokens});
+        float* yp = get<float>(y, "y", "float32", 2);
+        expect_shape(y, "y", {tokens, rows});
+        ternary_gemm_codes(cp, rows, cols, scale, qp, sp, tokens, yp);
+      },
+      py::arg("codes"), py::arg("scale"), py::arg("q"), py::arg("x_scale"), py::arg("y"),
+      py::call_guard<py::gil_scoped_release>(),
+      "ternary_gemm's y from int8 codes (rows, cols) instead of TK2 bytes (training).");
+
+  m.def(
       "time_ternary_gemm",
       [](const Buffer& w, int64_t rows, int64_t cols, float scale, const Buffer& q,
          const Buffer& x_scale, const Buffer& y, int iters) {

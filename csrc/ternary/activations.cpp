@@ -1,7 +1,10 @@
 // BitNet A8: per-token absmax int8 activation quantization and its inverse.
+#include <algorithm>
 #include <cmath>
 #include <string>
 
+#include "common/threadpool.h"
+#include "ternary/dispatch.h"
 #include "ternary/ternary.h"
 
 namespace nanochat {
@@ -14,9 +17,12 @@ void check_act(const void* a, const void* b, const void* c, int64_t tokens, int6
 }
 }  // namespace
 
-void quantize_activations(const float* x, int64_t tokens, int64_t k, int8_t* q, float* x_scale) {
-  check_act(x, q, x_scale, tokens, k, "quantize_activations");
-  for (int64_t t = 0; t < tokens; ++t) {
+namespace {
+
+// The reference: returns the first token with a non-finite value, or -1.
+int64_t quantize_rows_scalar(const float* x, int64_t t0, int64_t t1, int64_t k, int8_t* q,
+                             float* x_scale) {
+  for (int64_t t = t0; t < t1; ++t) {
     const float* xt = x + t * k;
     float amax = 0.0f;
     for (int64_t i = 0; i < k; ++i) {
@@ -28,8 +34,7 @@ void quantize_activations(const float* x, int64_t tokens, int64_t k, int8_t* q, 
         if (std::isnan(a)) break;
       }
     }
-    if (!std::isfinite(amax))
-      throw Error("quantize_activations: token " + std::to_string(t) + " has a non-finite value");
+    if (!std::isfinite(amax)) return t;
     const float s = 127.0f / (amax < 1e-5f ? 1e-5f : amax);
     int8_t* qt = q + t * k;
     for (int64_t i = 0; i < k; ++i) {
@@ -39,6 +44,37 @@ void quantize_activations(const float* x, int64_t tokens, int64_t k, int8_t* q, 
     }
     x_scale[t] = 1.0f / s;
   }
+  return -1;
+}
+
+void quantize_rows(const float* x, int64_t t0, int64_t t1, int64_t k, int8_t* q,
+                   float* x_scale) {
+  int64_t bad;
+#ifdef NANOCHAT_HAVE_X86_KERNELS
+  if (active_isa() >= Isa::avx512)
+    bad = quantize_activations_avx512(x, t0, t1, k, q, x_scale);
+  else
+#endif
+    bad = quantize_rows_scalar(x, t0, t1, k, q, x_scale);
+  if (bad >= 0)
+    throw Error("quantize_activations: token " + std::to_string(bad) +
+                " has a non-finite value");
+}
+
+}  // namespace
+
+void quantize_activations(const float* x, int64_t tokens, int64_t k, int8_t* q, float* x_scale) {
+  check_act(x, q, x_scale, tokens, k, "quantize_activations");
+  // Training quantizes (batch x seq) rows per layer call: spread them over the pool.
+  const int64_t threads = num_threads();
+  if (threads == 1 || tokens * k < (int64_t(1) << 16)) {
+    quantize_rows(x, 0, tokens, k, q, x_scale);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, (tokens + 4 * threads - 1) / (4 * threads));
+  parallel_for((tokens + chunk - 1) / chunk, [&](int64_t i) {
+    quantize_rows(x, i * chunk, std::min(tokens, (i + 1) * chunk), k, q, x_scale);
+  });
 }
 
 void dequantize_activations(const int8_t* q, const float* x_scale, int64_t tokens, int64_t k,

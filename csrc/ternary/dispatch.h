@@ -48,4 +48,25 @@ void gemm_avx2(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1
 void gemm_avx512(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 void gemm_avx512vnni(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 
+// ternary_gemm_codes' AVX-512 VNNI kernel. Weights as panels of 16 rows: panel p at
+// w + p * 16 * cols, its 4-column group g the 64 bytes at + g * 64, byte 4 * i + j =
+// code[16 p + i][4 g + j] + 1 (0 in rows past `rows`). Computes panels [p0, p1) x tokens
+// [t0, t1) of y with ternary_gemm's formula.
+struct PanelArgs {
+  const uint8_t* w;
+  int64_t rows;
+  int64_t cols;  // multiple of 4
+  const int8_t* q;  // tokens x cols
+  const int32_t* qsum;
+  const float* x_scale;
+  float w_scale;
+  float* y;  // tokens x rows
+};
+void gemm_panels_avx512vnni(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
+
+// quantize_activations for tokens [t0, t1) on AVX-512, bit-identical to the scalar loop.
+// Returns the first token holding a non-finite value (its row is left unwritten), or -1.
+int64_t quantize_activations_avx512(const float* x, int64_t t0, int64_t t1, int64_t k,
+                                    int8_t* q, float* x_scale);
+
 }  // namespace nanochat

@@ -1,5 +1,6 @@
-// ternary_gemm: validation, the per-token sums, and work split over the pool.
-// The ISA kernels only see GemmArgs and a [rows) x [tokens) tile range.
+// ternary_gemm and ternary_gemm_codes: validation, the per-token sums, the weight layout
+// and the work split over the pool. The ISA kernels only see GemmArgs/PanelArgs and a
+// [rows) x [tokens) tile range.
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -12,6 +13,22 @@ namespace nanochat {
 
 // Integer accumulation bound: |sum (code+1) * q| <= 256 * cols must fit int32.
 constexpr int64_t kMaxCols = int64_t(1) << 22;
+
+namespace {
+
+// sum_k q[t, k] per token: the kernels accumulate (code + 1) * q and subtract this.
+std::vector<int32_t> token_sums(const int8_t* q, int64_t tokens, int64_t cols) {
+  std::vector<int32_t> out(size_t(tokens), 0);
+  for (int64_t t = 0; t < tokens; ++t) {
+    int32_t s = 0;
+    const int8_t* qt = q + t * cols;
+    for (int64_t i = 0; i < cols; ++i) s += qt[i];
+    out[size_t(t)] = s;
+  }
+  return out;
+}
+
+}  // namespace
 
 void ternary_gemm(const TernaryMatrixView& w, const int8_t* q, const float* x_scale,
                   int64_t tokens, float* y) {
@@ -29,13 +46,7 @@ void ternary_gemm(const TernaryMatrixView& w, const int8_t* q, const float* x_sc
     return;
   }
 
-  std::vector<int32_t> qsum(size_t(tokens), 0);
-  for (int64_t t = 0; t < tokens; ++t) {
-    int32_t s = 0;
-    const int8_t* qt = q + t * w.cols;
-    for (int64_t i = 0; i < w.cols; ++i) s += qt[i];
-    qsum[size_t(t)] = s;
-  }
+  const std::vector<int32_t> qsum = token_sums(q, tokens, w.cols);
 
   GemmArgs a{w.data, w.rows, tk2_row_bytes(w.cols), w.cols, q, w.cols, qsum.data(), x_scale,
              w.scale, y, w.rows};
@@ -61,6 +72,85 @@ void ternary_gemm(const TernaryMatrixView& w, const int8_t* q, const float* x_sc
     const int64_t r0 = rc * rchunk, t0 = tc * tchunk;
     kernel(a, r0, std::min(w.rows, r0 + rchunk), t0, std::min(tokens, t0 + tchunk));
   });
+}
+
+
+#ifdef NANOCHAT_HAVE_X86_KERNELS
+namespace {
+
+void gemm_codes_panels(const int8_t* codes, int64_t rows, int64_t cols, float scale,
+                       const int8_t* q, const float* x_scale, int64_t tokens, float* y) {
+  const char* what = "ternary_gemm_codes";
+  // Panels (see PanelArgs), in a per-thread buffer: reused call after call, so the
+  // pages are not faulted in again each step.
+  const int64_t npanels = (rows + 15) / 16, panel = 16 * cols;
+  thread_local std::vector<uint8_t> buf;
+  buf.assign(size_t(npanels * panel), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* c = codes + r * cols;
+    uint8_t* o = buf.data() + (r / 16) * panel + (r % 16) * 4;
+    for (int64_t k = 0; k < cols; ++k) {
+      if (c[k] < -1 || c[k] > 1)
+        throw Error(std::string(what) + ": code " + std::to_string(int(c[k])) + " at row " +
+                    std::to_string(r) + ", column " + std::to_string(k) +
+                    " is not ternary (-1, 0, +1)");
+      o[(k / 4) * 64 + k % 4] = uint8_t(c[k] + 1);
+    }
+  }
+  const std::vector<int32_t> qsum = token_sums(q, tokens, cols);
+  const PanelArgs a{buf.data(), rows, cols, q, qsum.data(), x_scale, scale, y};
+
+  // Tasks: (pair-of-panels chunk, 64-token chunk), about 4 per thread.
+  const int64_t threads = num_threads();
+  if (threads == 1 || rows * cols * tokens < (int64_t(1) << 18)) {
+    gemm_panels_avx512vnni(a, 0, npanels, 0, tokens);
+    return;
+  }
+  const int64_t tchunk = 64, ntc = (tokens + tchunk - 1) / tchunk;
+  const int64_t want_pc = std::max<int64_t>(1, (4 * threads + ntc - 1) / ntc);
+  int64_t pchunk = (npanels + want_pc - 1) / want_pc;
+  pchunk = (pchunk + 1) / 2 * 2;
+  const int64_t npc = (npanels + pchunk - 1) / pchunk;
+  parallel_for(npc * ntc, [&](int64_t i) {
+    const int64_t pc = i % npc, tc = i / npc;
+    const int64_t p0 = pc * pchunk, t0 = tc * tchunk;
+    gemm_panels_avx512vnni(a, p0, std::min(npanels, p0 + pchunk), t0,
+                           std::min(tokens, t0 + tchunk));
+  });
+}
+
+}  // namespace
+#endif
+
+void ternary_gemm_codes(const int8_t* codes, int64_t rows, int64_t cols, float scale,
+                        const int8_t* q, const float* x_scale, int64_t tokens, float* y) {
+  const char* what = "ternary_gemm_codes";
+  if (rows < 0 || cols < 0 || tokens < 0) throw Error(std::string(what) + ": negative shape");
+  if (cols % 4 != 0)
+    throw Error(std::string(what) + ": row length " + std::to_string(cols) +
+                " is not a multiple of 4");
+  if (cols > kMaxCols)
+    throw Error(std::string(what) + ": row length " + std::to_string(cols) + " exceeds " +
+                std::to_string(kMaxCols));
+  if (rows == 0 || tokens == 0) return;
+  if (!y || (cols > 0 && (!codes || !q || !x_scale)))
+    throw Error(std::string(what) + ": null buffer");
+  if (cols == 0) {
+    std::fill(y, y + tokens * rows, 0.0f);
+    return;
+  }
+#ifdef NANOCHAT_HAVE_X86_KERNELS
+  if (active_isa() == Isa::avx512vnni) {
+    gemm_codes_panels(codes, rows, cols, scale, q, x_scale, tokens, y);
+    return;
+  }
+#endif
+  if (cols % QK != 0)
+    throw Error(std::string(what) + ": row length " + std::to_string(cols) +
+                " must be a multiple of 256 without AVX-512 VNNI");
+  std::vector<uint8_t> tk(size_t(rows * tk2_row_bytes(cols)));
+  tk2_pack(codes, rows, cols, tk.data());  // validates the codes
+  ternary_gemm(TernaryMatrixView{tk.data(), rows, cols, scale}, q, x_scale, tokens, y);
 }
 
 }  // namespace nanochat

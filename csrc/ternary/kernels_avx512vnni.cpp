@@ -3,6 +3,8 @@
 // and adds groups of 4 into int32 lanes; the +1 offset is removed by qsum later.
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "ternary/kernels_avx512_reduce.h"
 
 namespace nanochat {
@@ -102,10 +104,68 @@ struct Tile<R, 1> {
   }
 };
 
+// ---- ternary_gemm_codes: P 16-row panels x T tokens ------------------------------------
+// Per 4-column group: P weight loads, T 4-byte activation broadcasts and P * T vpdpbusd,
+// each giving 16 rows' partial dots in its lanes. 2 x 8 keeps 16 accumulators in flight
+// (vpdpbusd latency) and is bound by vpdpbusd, not loads. Lanes end as whole dots, so
+// the store is a subtract, convert and scale: ternary_gemm's finish(), 16 rows at once.
+template <int P, int T>
+inline void panel_tile(const PanelArgs& a, int64_t p, int64_t t) {
+  __m512i acc[P][T];
+  for (int i = 0; i < P; ++i)
+    for (int j = 0; j < T; ++j) acc[i][j] = _mm512_setzero_si512();
+  const int64_t panel = 16 * a.cols, groups = a.cols / 4;
+  const uint8_t* w = a.w + p * panel;
+  const int8_t* x = a.q + t * a.cols;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i wv[P];
+    for (int i = 0; i < P; ++i) wv[i] = _mm512_loadu_si512(w + i * panel + g * 64);
+    for (int j = 0; j < T; ++j) {
+      int32_t four;
+      std::memcpy(&four, x + j * a.cols + 4 * g, 4);
+      const __m512i xb = _mm512_set1_epi32(four);
+      for (int i = 0; i < P; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], wv[i], xb);
+    }
+  }
+  for (int j = 0; j < T; ++j) {
+    const __m512i qs = _mm512_set1_epi32(a.qsum[t + j]);
+    const __m512 sc = _mm512_set1_ps(a.w_scale * a.x_scale[t + j]);
+    for (int i = 0; i < P; ++i) {
+      const int64_t r = (p + i) * 16, n = a.rows - r;
+      const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], qs)), sc);
+      _mm512_mask_storeu_ps(a.y + (t + j) * a.rows + r, m, v);
+    }
+  }
+}
+
+// All tokens of [t0, t1) pass over a panel pair while its weights stay in L1/L2.
+template <int P>
+inline void panel_tokens(const PanelArgs& a, int64_t p, int64_t t0, int64_t t1) {
+  int64_t t = t0;
+  for (; t + 8 <= t1; t += 8) panel_tile<P, 8>(a, p, t);
+  switch (t1 - t) {
+    case 7: panel_tile<P, 7>(a, p, t); break;
+    case 6: panel_tile<P, 6>(a, p, t); break;
+    case 5: panel_tile<P, 5>(a, p, t); break;
+    case 4: panel_tile<P, 4>(a, p, t); break;
+    case 3: panel_tile<P, 3>(a, p, t); break;
+    case 2: panel_tile<P, 2>(a, p, t); break;
+    case 1: panel_tile<P, 1>(a, p, t); break;
+    default: break;
+  }
+}
+
 }  // namespace
 
 void gemm_avx512vnni(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
   drive<Tile, 4, 4>(a, r0, r1, t0, t1);
+}
+
+void gemm_panels_avx512vnni(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0, int64_t t1) {
+  int64_t p = p0;
+  for (; p + 2 <= p1; p += 2) panel_tokens<2>(a, p, t0, t1);
+  if (p < p1) panel_tokens<1>(a, p, t0, t1);
 }
 
 }  // namespace nanochat

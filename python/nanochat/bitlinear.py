@@ -15,8 +15,9 @@ the latent fp32 weight unchanged; no gradient flows through s or a).
 Two paths with the same semantics:
   "torch": pure torch, STE written as `x + (q(x) - x).detach()` (the textbook form). Runs
            anywhere (CPU, CUDA, meta) and for any in_features.
-  "cpp":   the custom op `nanochat::bitlinear`: weight codes in torch, TK2 packing, per-token
-           int8 activations and the ternary GEMM (int32 accumulation) in the C++ core; the
+  "cpp":   the custom op `nanochat::bitlinear`: weight codes in torch; per-token int8
+           activations and the ternary GEMM straight from the int8 codes (int32
+           accumulation, ternary.gemm_codes) in the C++ core; the
            backward is two float matmuls on the saved int8 codes. CPU, float32, and
            in_features % 256 == 0 only. It saves int8 activations for backward (1 byte per
            element instead of the 4 the torch path keeps).
@@ -127,9 +128,8 @@ def _bitlinear_op(
     on the kept rows only (nanochat/collider.py)."""
     codes_f, s = quantize_weight(weight)
     codes = codes_f.to(torch.int8)
-    W = ternary.TernaryMatrix.from_codes(codes, float(s))
     q, x_scale = ternary.quantize_activations(x.contiguous())
-    y = W.matmul_quantized(q, x_scale)
+    y = ternary.gemm_codes(codes, float(s), q, x_scale)
     return y, codes, s.clone(), q, x_scale
 
 

@@ -314,6 +314,28 @@ class TernaryMatrix:
         return y.reshape(-1) if vector else y
 
 
+def gemm_codes(codes: Array, scale: float, q: Array, x_scale: Array) -> Array:
+    """y (tokens, rows) = scale * x_scale[:, None] * (q @ codes^T) from int8 codes (rows,
+    cols) with cols % 4 == 0: TernaryMatrix.matmul_quantized's result, bit for bit,
+    without packing the weights first (what training wants: they change every step).
+    CPU only; cols % 256 == 0 on CPUs without AVX-512 VNNI."""
+    _check(codes, "codes", "int8", 2)
+    _check(q, "q", "int8", 2)
+    _check(x_scale, "x_scale", "float32", 1)
+    for a, name in ((codes, "codes"), (q, "q"), (x_scale, "x_scale")):
+        _require_cpu(a, name)
+    if q.shape[1] != codes.shape[1]:
+        raise ValueError(f"q: expected {codes.shape[1]} features per token, got {q.shape[1]}")
+    if x_scale.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"x_scale: expected {q.shape[0]} entries (one per token), got {x_scale.shape[0]}"
+        )
+    y = _empty_like_kind(q, (q.shape[0], codes.shape[0]), "float32")
+    core().ternary_gemm_codes(_buffer(codes, "codes"), float(scale), _buffer(q, "q"),
+                              _buffer(x_scale, "x_scale"), _buffer(y, "y"))
+    return y
+
+
 def _cuda_gemm(args, device: torch.device) -> None:
     C = core()
     if not hasattr(C, "cuda_ternary_gemm"):

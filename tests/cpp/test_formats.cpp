@@ -8,10 +8,13 @@
 #include <random>
 #include <vector>
 
+#include "common/threadpool.h"
 #include "test_util.h"
+#include "ternary/dispatch.h"
 #include "ternary/ternary.h"
 
 using namespace nanochat;
+using nanochat_test::GlobalStateGuard;
 using nanochat_test::random_codes;
 using nanochat_test::random_floats;
 
@@ -703,6 +706,35 @@ TEST(Activations, MatchesReferenceAndAbsmaxMapsTo127) {
   }
 }
 
+TEST(Activations, EveryIsaAndThreadCountBitIdenticalToScalar) {
+  // The AVX-512 quantizer and the pool split (large inputs) against the scalar loop,
+  // with row lengths that leave a partial 16-float tail.
+  GlobalStateGuard guard;
+  std::mt19937 rng(57);
+  for (auto [tokens, k] : std::vector<std::pair<int64_t, int64_t>>{
+           {1, 256}, {3, 100}, {2, 1}, {17, 768}, {300, 256}, {129, 1000}}) {
+    SCOPED_TRACE(testing::Message() << tokens << "x" << k);
+    auto x = random_floats(rng, tokens * k, -3.0f, 3.0f);
+    x[0] = 0.5f * 3.0f;  // ties of x * s land on .5 for some tokens
+    set_isa(Isa::scalar);
+    set_num_threads(1);
+    std::vector<int8_t> want(size_t(tokens * k));
+    std::vector<float> want_s(static_cast<size_t>(tokens));
+    quantize_activations(x.data(), tokens, k, want.data(), want_s.data());
+    for (Isa isa : supported_isas())
+      for (int threads : {1, 2}) {
+        set_isa(isa);
+        set_num_threads(threads);
+        std::vector<int8_t> q(want.size(), 42);
+        std::vector<float> xs(want_s.size(), -1.0f);
+        quantize_activations(x.data(), tokens, k, q.data(), xs.data());
+        ASSERT_EQ(q, want) << isa_name(isa) << " threads " << threads;
+        ASSERT_EQ(std::memcmp(xs.data(), want_s.data(), xs.size() * sizeof(float)), 0)
+            << isa_name(isa);
+      }
+  }
+}
+
 TEST(Activations, ZeroTokenUsesTheFloor) {
   std::vector<float> x(2 * 64, 0.0f);
   x[64 + 3] = -0.5f;
@@ -716,6 +748,7 @@ TEST(Activations, ZeroTokenUsesTheFloor) {
 }
 
 TEST(Activations, NonFiniteInputThrows) {
+  GlobalStateGuard guard;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float inf = std::numeric_limits<float>::infinity();
   for (float bad : {nan, -nan, inf, -inf}) {
@@ -727,7 +760,11 @@ TEST(Activations, NonFiniteInputThrows) {
       std::vector<int8_t> q(512);
       float xs[2];
       SCOPED_TRACE(testing::Message() << bad << " at " << pos);
-      EXPECT_THROW(quantize_activations(x.data(), 2, 256, q.data(), xs), Error);
+      for (Isa isa : supported_isas()) {
+        set_isa(isa);
+        EXPECT_THROW(quantize_activations(x.data(), 2, 256, q.data(), xs), Error)
+            << isa_name(isa);
+      }
     }
   }
 }

@@ -204,6 +204,82 @@ TEST(Gemm, ThreadCountDoesNotChangeResults) {
   }
 }
 
+// ---- ternary_gemm_codes: the training GEMM from int8 codes --------------------------------
+
+TEST(GemmCodes, EqualsTk2GemmBitForBitEveryIsaAndThreadCount) {
+  GlobalStateGuard guard;
+  std::mt19937 rng(110);
+  // Ragged panels (rows % 16), ragged token tiles (tokens % 8), one and many tasks.
+  const std::vector<std::array<int64_t, 3>> shapes = {
+      {1, 256, 1},   {15, 256, 7},   {16, 512, 8},  {17, 256, 9},   {33, 768, 65},
+      {100, 256, 130}, {250, 768, 37}, {64, 2304, 3}, {768, 256, 256}};
+  for (const auto& s : shapes) {
+    SCOPED_TRACE(testing::Message() << "rows " << s[0] << " cols " << s[1] << " tokens " << s[2]);
+    const Problem p = make_problem(rng, s[0], s[1], s[2]);
+    set_isa(Isa::scalar);
+    set_num_threads(1);
+    const auto want = p.run();
+    for (Isa isa : supported_isas()) {
+      set_isa(isa);
+      for (int threads : {1, 2, 3}) {
+        set_num_threads(threads);
+        std::vector<float> y(want.size(), std::numeric_limits<float>::quiet_NaN());
+        ternary_gemm_codes(p.codes.data(), p.rows, p.cols, p.w_scale, p.q.data(),
+                           p.x_scale.data(), p.tokens, y.data());
+        ASSERT_TRUE(bit_identical(y, want)) << isa_name(isa) << " threads " << threads;
+      }
+    }
+  }
+}
+
+TEST(GemmCodes, ShortRowsOnVnni) {
+  // Any cols % 4 == 0 runs on the VNNI panels (other ISAs need whole 256-blocks).
+  GlobalStateGuard guard;
+  if (!isa_supported(Isa::avx512vnni)) GTEST_SKIP() << "no AVX-512 VNNI here";
+  set_isa(Isa::avx512vnni);
+  std::mt19937 rng(111);
+  for (int64_t cols : {int64_t(4), int64_t(12), int64_t(100)}) {
+    Problem p;
+    p.rows = 19;
+    p.cols = cols;
+    p.tokens = 11;
+    p.codes = random_codes(rng, p.rows * cols);
+    p.w_scale = 0.05f;
+    p.q = random_q(rng, p.tokens * cols);
+    p.x_scale = random_floats(rng, p.tokens, 1e-3f, 0.05f);
+    std::vector<float> y(size_t(p.tokens * p.rows));
+    ternary_gemm_codes(p.codes.data(), p.rows, cols, p.w_scale, p.q.data(), p.x_scale.data(),
+                       p.tokens, y.data());
+    expect_near_reference(y, reference(p));
+  }
+}
+
+TEST(GemmCodes, BadArgumentsThrow) {
+  GlobalStateGuard guard;
+  std::vector<int8_t> codes(4 * 256, 1), q(2 * 256, 3);
+  std::vector<float> xs(2, 0.1f), y(8);
+  codes[5 * 1 + 256] = 2;  // row 1, column 5: not ternary
+  for (Isa isa : supported_isas()) {
+    set_isa(isa);
+    SCOPED_TRACE(isa_name(isa));
+    EXPECT_THROW(ternary_gemm_codes(codes.data(), 4, 256, 1.0f, q.data(), xs.data(), 2, y.data()),
+                 Error);
+    EXPECT_THROW(ternary_gemm_codes(codes.data(), 4, 6, 1.0f, q.data(), xs.data(), 2, y.data()),
+                 Error);
+    EXPECT_THROW(ternary_gemm_codes(codes.data(), -1, 256, 1.0f, q.data(), xs.data(), 2, y.data()),
+                 Error);
+    EXPECT_THROW(ternary_gemm_codes(nullptr, 4, 256, 1.0f, q.data(), xs.data(), 2, y.data()),
+                 Error);
+    EXPECT_NO_THROW(ternary_gemm_codes(nullptr, 0, 256, 1.0f, nullptr, nullptr, 2, nullptr));
+  }
+  try {
+    set_isa(Isa::scalar);
+    ternary_gemm_codes(codes.data(), 4, 256, 1.0f, q.data(), xs.data(), 2, y.data());
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("ternary"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Gemm, KernelsHonourTileRangesAndStrides) {
   // Each ISA kernel, called directly on a sub-range with padded strides, writes
   // exactly y[t * y_stride + r] for r in [r0, r1), t in [t0, t1) and nothing else.
