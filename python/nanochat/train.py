@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat import checkpoint
+from nanochat import checkpoint, malloc
 from nanochat.collider import Collider
 from nanochat.config import RunConfig, from_dict
 from nanochat.dataset import TokenData, unigram_bigram_bpb
@@ -113,6 +113,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
     stops early as if interrupted (used to test bit-exact resume).
     """
     run_dir = Path(run_dir)
+    malloc.tune()  # reuse activation buffers instead of re-faulting them each step
     data = TokenData(data_dir)
     if data.tokenizer.vocab_size != cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size = {cfg.model.vocab_size} but the tokenizer in "

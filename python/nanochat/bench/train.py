@@ -38,11 +38,12 @@ def _measure(config: str, variant: str, batch: int, seq: int, steps: int, thread
 
     import torch
 
-    from nanochat import ternary
+    from nanochat import malloc, ternary
     from nanochat.config import load_config
     from nanochat.gpt import GPT
 
     try:
+        malloc.tune()  # as the trainer does (nanochat/malloc.py), for both variants
         if threads > 0:
             torch.set_num_threads(threads)
             ternary.set_num_threads(threads)
