@@ -142,10 +142,12 @@ def test_backward_precision_setting():
 
 
 def test_module_dispatch():
-    x = torch.randn(2, 3, 768)
+    x = torch.randn(8, 256, 768)  # a training micro-batch: 2048 tokens
     auto = BitLinear(768, 768)
     assert auto.uses_cpp(x) and not BitLinear(768, 768, kernel="torch").uses_cpp(x)
-    assert not BitLinear(256, 32).uses_cpp(x[..., :256])  # small: auto keeps torch
+    assert not BitLinear(256, 32).uses_cpp(x[..., :256])  # little work: auto keeps torch
+    assert not auto.uses_cpp(x[:1, :4])  # few tokens: torch
+    assert auto.uses_cpp(x[:1, :4], packed=True)  # unless packed once (frozen())
     assert BitLinear(256, 32, kernel="cpp").uses_cpp(x[..., :256])
     odd = BitLinear(200, 32)  # not a multiple of 256: auto falls back to torch
     assert not odd.uses_cpp(torch.randn(4, 200))
@@ -169,7 +171,7 @@ def test_module_paths_agree_and_have_no_bias():
 
 def test_frozen_inference_equals_the_op():
     torch.manual_seed(1)
-    m = BitLinear(256, 24)
+    m = BitLinear(256, 24, kernel="cpp")
     x = torch.randn(3, 256)
     with torch.no_grad():
         ref = m(x)

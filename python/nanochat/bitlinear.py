@@ -21,8 +21,9 @@ Two paths with the same semantics:
            backward is two float matmuls on the saved int8 codes. CPU, float32, and
            in_features % 256 == 0 only. It saves int8 activations for backward (1 byte per
            element instead of the 4 the torch path keeps).
-  "auto":  cpp where it applies and the layer has >= AUTO_MIN_WEIGHTS weights (smaller
-           layers are faster in torch), else torch.
+  "auto":  cpp where it applies and the call multiplies >= AUTO_MIN_MACS (tokens x weights;
+           smaller calls are faster in torch), else torch; inside frozen() cpp wherever
+           it applies.
 
 The paths agree to float rounding: the C++ core dequantizes with float(int32 acc) * (s * 1/a)
 where torch sums float products (xq / a) * (Wq * s); tests/test_bitlinear.py measures it.
@@ -50,7 +51,7 @@ from nanochat import collider, ternary
 
 KERNELS = ("auto", "cpp", "torch")
 BACKWARDS = ("auto", "bf16", "float32")
-AUTO_MIN_WEIGHTS = 1 << 19  # "auto" takes the C++ path from 768x768-sized layers up
+AUTO_MIN_MACS = 1 << 25  # "auto" trains on the C++ path from this much work per call up
 EPS = 1e-5
 
 
@@ -239,7 +240,9 @@ class BitLinear(nn.Module):
         std = std if std is not None else 1 / math.sqrt(self.in_features)
         nn.init.normal_(self.weight, 0.0, std)
 
-    def uses_cpp(self, x: torch.Tensor) -> bool:
+    def uses_cpp(self, x: torch.Tensor, packed: bool = False) -> bool:
+        """Whether this call runs the C++ path. `packed`: inside frozen(), where the weight
+        is packed once, so "auto" takes it whenever it applies (the GEMV beats torch)."""
         if self.kernel == "torch":
             return False
         ok = cpp_applies(x, self.weight)
@@ -249,15 +252,18 @@ class BitLinear(nn.Module):
                 f"{ternary.QK} == 0; got x {x.dtype} on {x.device}, weight "
                 f"{self.weight.dtype} on {self.weight.device}, in_features {self.in_features}"
             )
-        if self.kernel == "auto":
-            # Below this size the per-call work (quantize + pack the weight, quantize the
-            # activations) outweighs the faster GEMM: `nanochat bench train` measured the
-            # cpp path at 0.91x of torch on tiny (256-wide layers), 1.13x on nano_125m.
-            ok = ok and self.in_features * self.out_features >= AUTO_MIN_WEIGHTS
+        if self.kernel == "auto" and not packed:
+            # Below this much work per call the fixed costs (quantize the weight, the op
+            # and autograd plumbing) outweigh the faster GEMMs. Forward + backward of one
+            # layer at 2048 tokens, 2 threads: 256->64 (2^25 MACs) 1.09x torch's speed,
+            # 256->128 1.51x, 768->256 1.42x; 256->128 at 256 tokens 0.83x.
+            tokens = x.numel() // self.in_features
+            ok = ok and self.in_features * self.out_features * tokens >= AUTO_MIN_MACS
         return ok
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._frozen is not None and not torch.is_grad_enabled() and self.uses_cpp(x):
+        if (self._frozen is not None and not torch.is_grad_enabled()
+                and self.uses_cpp(x, packed=True)):
             # inference inside frozen(): the weight was packed once, skip re-quantizing it
             y = self._frozen(x.reshape(-1, self.in_features).contiguous())
             return y.reshape(*x.shape[:-1], self.out_features)
