@@ -116,9 +116,16 @@ def test_bench_kernels_json(bench_lines):
                             rel_tol=1e-9)
     assert {m["op"] for m in bench_lines} == {"gemv", "gemm"}
     assert {m["isa"] for m in bench_lines} == set(SUPPORTED_ISAS)
-    # every (shape, op) is measured on every ISA
+    # every (shape, op) is measured on every ISA with the TK2 kernel
     cells = {(m["rows"], m["cols"], m["op"]) for m in bench_lines}
-    assert len(bench_lines) == len(cells) * len(SUPPORTED_ISAS)
+    assert {m["kernel"] for m in bench_lines} <= {"tk2", "codes"}
+    tk2 = [m for m in bench_lines if m["kernel"] == "tk2"]
+    assert len(tk2) == len(cells) * len(SUPPORTED_ISAS)
+    # and training's codes GEMM once per GEMM shape where AVX-512 VNNI runs
+    codes = [m for m in bench_lines if m["kernel"] == "codes"]
+    gemms = {c for c in cells if c[2] == "gemm"}
+    assert len(codes) == (len(gemms) if "avx512_vnni" in SUPPORTED_ISAS else 0)
+    assert all(m["op"] == "gemm" and m["isa"] == "avx512_vnni" for m in codes)
 
 
 def test_bench_kernels_bad_isa():

@@ -4,6 +4,9 @@ For each layer shape (rows x cols = out x in features) it times, in one process 
 interleaved round by round (A B A B, medians reported, so drift hits all alike):
   - our TK2 ternary kernel on every ISA this CPU runs, GEMV (1 token) and GEMM
     (--tokens, default 128), int8 activations already quantized;
+  - for the GEMM on AVX-512 VNNI CPUs, also training's GEMM straight from int8 codes
+    (ternary_gemm_codes: 16-row panels, no TK2; "codes" in the table, kernel=codes in
+    JSON, timed from Python so microsecond calls include ~2 us of call overhead);
   - torch's f32 matmul on the same shape and thread count.
 It also measures the machine's memory read bandwidth per thread count, and
 reports GEMV weight bytes/s as a fraction of it.
@@ -108,7 +111,6 @@ def run(args: argparse.Namespace):
             codes = torch.randint(-1, 2, (rows, cols), dtype=torch.int8, generator=gen)
             W = ternary.TernaryMatrix.from_codes(codes, 0.02)
             wf = codes.to(torch.float32) * 0.02 if not args.no_torch else None
-            del codes
             for tokens in (1, args.tokens):
                 x = torch.randn(tokens, cols, generator=gen)
                 q, s = ternary.quantize_activations(x)
@@ -118,14 +120,23 @@ def run(args: argparse.Namespace):
                 op = "gemv" if tokens == 1 else "gemm"
                 variants = [i for i in isas if not (
                     skip_scalar_big and i == "scalar" and tokens > 1 and rows * cols > 1 << 24)]
+                # training's GEMM from int8 codes (ternary_gemm_codes: VNNI panels)
+                codes_call = None
+                if tokens > 1 and "avx512_vnni" in variants:
+                    codes_call = (ternary._buffer(codes, "codes"), 0.02) + call[4:]
                 for t in threads:
                     samples: dict[str, list[float]] = {i: [] for i in variants}
+                    codes_samples: list[float] = []
                     torch_samples: list[float] = []
                     for _ in range(rounds):
                         for isa in variants:
                             ternary.set_isa(isa)
                             ternary.set_num_threads(t)
                             samples[isa].append(_time_ours(C, call, min_time))
+                        if codes_call is not None:
+                            ternary.set_isa("avx512_vnni")
+                            codes_samples.append(_time_calls(
+                                lambda a=codes_call: C.ternary_gemm_codes(*a), min_time))
                         if wf is not None:
                             torch.set_num_threads(t)
                             if tokens == 1:
@@ -137,12 +148,14 @@ def run(args: argparse.Namespace):
                                 torch_samples.append(
                                     _time_calls(lambda x=x, wt=wt: x @ wt, min_time))
                     torch_s = statistics.median(torch_samples) if torch_samples else None
-                    for isa in variants:
-                        sec = statistics.median(samples[isa])
+                    timed = [("tk2", isa, statistics.median(samples[isa])) for isa in variants]
+                    if codes_samples:
+                        timed.append(("codes", "avx512_vnni", statistics.median(codes_samples)))
+                    for kernel, isa, sec in timed:
                         wgbps = rows * cols / 4 / sec / 1e9
                         yield {
                             "op": op, "rows": rows, "cols": cols, "tokens": tokens,
-                            "threads": t, "isa": isa, "seconds": sec,
+                            "threads": t, "isa": isa, "kernel": kernel, "seconds": sec,
                             "gops": 2.0 * rows * cols * tokens / sec / 1e9,
                             "weight_gbps": wgbps,
                             "read_bw_gbps": bandwidth[t],
@@ -150,7 +163,7 @@ def run(args: argparse.Namespace):
                             "torch_seconds": torch_s,
                             "vs_torch": (torch_s / sec) if torch_s else None,
                         }
-            del W, wf
+            del W, wf, codes
     finally:
         ternary.set_isa(None)
         ternary.set_num_threads(0)
@@ -167,8 +180,9 @@ def main(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(m), flush=True)
         else:
+            isa = m["isa"] if m["kernel"] == "tk2" else "codes"
             print(f"{m['op']:4} {m['rows']:>6}x{m['cols']:<6} {m['tokens']:>4} {m['threads']:>3} "
-                  f"{m['isa']:>11} {_fmt_time(m['seconds']):>10} {m['gops']:>7.1f} "
+                  f"{isa:>11} {_fmt_time(m['seconds']):>10} {m['gops']:>7.1f} "
                   f"{m['weight_gbps']:>7.1f} {m['bw_fraction']:>5.0%} {vs:>8}", flush=True)
     if not args.json and rows:
         bws = sorted({(m["threads"], m["read_bw_gbps"]) for m in rows})
