@@ -59,9 +59,11 @@ def timing_rows(cfg, config: str, args) -> list[dict]:
     batch, seq, rounds, sparsity, bitlinear, backward (also used by bench e3)."""
     import torch
 
+    from nanochat import malloc
     from nanochat.collider import Collider
     from nanochat.gpt import GPT
 
+    malloc.tune()  # as the trainer runs (nanochat/malloc.py)
     torch.manual_seed(0)
     model = GPT(cfg.model, bitlinear=args.bitlinear)
     model.set_bitlinear_backward(args.backward)
