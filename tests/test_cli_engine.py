@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import assert_greedy_agrees
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,10 @@ def test_export_cli_then_generate_json(trained_tiny, run_nanochat, tmp_path):
     ids = [tok.bos_id] + tok.encode("def ")
     assert j["prompt_tokens"] == len(ids)
     want = model.generate(ids, 12, temperature=0.0)[len(ids):].tolist()
-    assert j["tokens"] == want
-    assert j["text"] == tok.decode(want)
+    # The Q8_0 head rounds each weight to 1/127 of its 32-block's absmax: looser than the
+    # f16 file's tie (test_interop.TORCH_TIE); a freshly trained model can sit on a tie.
+    assert_greedy_agrees(model, ids, j["tokens"], want, tie=1e-2)
+    assert j["text"] == tok.decode(j["tokens"])
 
 
 def test_generate_streams_the_same_text(gguf, run_nanochat):
