@@ -125,6 +125,8 @@ def test_swa_metadata(swa):
     assert "nanochat.rope.freq_base_swa" not in md
     info = Engine(path).info
     assert info["n_layers"] == 2
+    assert (info["sliding_window"], info["n_sliding_layers"]) == (WINDOW, 1)
+    assert (info["n_experts"], info["hc_streams"]) == (0, 1)
 
 
 def test_swa_prefill_matches_torch(swa):
@@ -393,8 +395,12 @@ def test_options_compose(tok, tmp_path, fp16_expert_scales):
     export_gguf(model, tok, path)
     ids = prompt_ids(40)
     want = model.generate(ids[:20], 30, temperature=0.0)[20:].tolist()
-    r = Engine(path).complete(ids[:20], max_tokens=30, temperature=0.0, stop_at_eos=False)
+    eng = Engine(path)
+    r = eng.complete(ids[:20], max_tokens=30, temperature=0.0, stop_at_eos=False)
     assert r["tokens"] == want
+    i = eng.info  # the options as the engine reads them
+    assert (i["sliding_window"], i["n_sliding_layers"]) == (WINDOW, 1)
+    assert (i["n_experts"], i["n_experts_used"], i["hc_streams"]) == (4, 2, 2)
 
 
 @pytest.mark.parametrize("edit,match", [

@@ -52,6 +52,11 @@ py::dict info_dict(const ModelInfo& i) {
   d["eos_id"] = i.eos_id;
   d["eot_id"] = i.eot_id;
   d["add_bos"] = i.add_bos;
+  d["sliding_window"] = i.sliding_window;
+  d["n_sliding_layers"] = i.n_sliding_layers;
+  d["n_experts"] = i.n_experts;
+  d["n_experts_used"] = i.n_experts_used;
+  d["hc_streams"] = i.hc_streams;
   return d;
 }
 

@@ -109,6 +109,11 @@ nc_status nc_model_get_info(const nc_model* model, nc_model_info* out) {
   copy_str(r.architecture, sizeof r.architecture, i.architecture);
   copy_str(r.weight_type, sizeof r.weight_type, i.weight_type);
   copy_str(r.embd_type, sizeof r.embd_type, i.embd_type);
+  r.sliding_window = i.sliding_window;
+  r.n_sliding_layers = i.n_sliding_layers;
+  r.n_experts = i.n_experts;
+  r.n_experts_used = i.n_experts_used;
+  r.hc_streams = i.hc_streams;
   *out = r;
   return NC_OK;
 }

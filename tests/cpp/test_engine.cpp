@@ -1173,6 +1173,9 @@ TEST(EngineCApi, StatusesAndLastError) {
   EXPECT_STREQ(info.architecture, "nanochat");
   EXPECT_STREQ(info.weight_type, "TQ2_0");
   EXPECT_STREQ(info.embd_type, "F16");
+  EXPECT_EQ(info.sliding_window, 0);  // no options: plain attention, dense FFN, 1 stream
+  EXPECT_EQ(info.n_experts, 0);
+  EXPECT_EQ(info.hc_streams, 1);
   EXPECT_EQ(nc_model_get_info(nullptr, &info), NC_ERR_INVALID_ARGUMENT);
 
   // Tokenize / detokenize with buffers too small.

@@ -49,6 +49,12 @@ typedef struct nc_model_info {
   char architecture[32];
   char weight_type[16];
   char embd_type[16];
+  /* architecture "nanochat" options (docs/gguf.md); 0 / 0 / 1 for a plain bitnet model */
+  int32_t sliding_window;   /* keys a sliding-window layer sees */
+  int32_t n_sliding_layers; /* layers with sliding-window attention */
+  int32_t n_experts;        /* routed experts of a MoE FFN */
+  int32_t n_experts_used;   /* experts per token (top-k) */
+  int32_t hc_streams;       /* mHC residual streams */
 } nc_model_info;
 
 typedef struct nc_sampling {
