@@ -1,0 +1,50 @@
+"""nanochat.malloc.tune(): a training step's freed activation buffers are reused instead of
+faulted in afresh.
+
+Each case runs a tiny-config training step (batch 8 x 256, torch BitLinear, one thread) in
+a fresh interpreter (malloc settings are process-wide) and counts the minor page faults of
+one step after two warm-up steps. With glibc's defaults the step faults in about 180 MiB
+(the (8, 256, 768) activations and the 32 MiB logits, every step); tuned, only blocks at or
+over the 32 MiB mmap threshold (the logits) still are."""
+
+from __future__ import annotations
+
+import pytest
+
+_CHILD = """
+import resource, torch
+from nanochat import malloc
+from nanochat.config import load_config
+from nanochat.gpt import GPT
+applied = malloc.tune()
+torch.set_num_threads(1)
+cfg = load_config("tiny")
+torch.manual_seed(0)
+m = GPT(cfg.model, bitlinear="torch")
+x = torch.randint(0, cfg.model.vocab_size, (8, 257))
+def step():
+    _, loss = m(x[:, :-1], x[:, 1:])
+    loss.backward()
+    m.zero_grad(set_to_none=True)
+step(); step()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+print(int(applied), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+def _faults(run_python, **env) -> tuple[bool, int]:
+    r = run_python(_CHILD, **env)
+    assert r.returncode == 0, r.stderr
+    applied, faults = r.stdout.split()
+    return applied == "1", int(faults)
+
+
+def test_tune_stops_refaulting_activation_buffers(run_python):
+    applied, tuned = _faults(run_python)
+    if not applied:
+        pytest.skip("not glibc: mallopt is unavailable, nothing is tuned")
+    opted_out, default = _faults(run_python, NANOCHAT_MALLOC_TUNE="0")
+    assert not opted_out  # NANOCHAT_MALLOC_TUNE=0 keeps glibc's defaults
+    # measured here: ~45,000 faults per step by default, ~13,000-20,000 tuned
+    assert tuned < 0.6 * default, (tuned, default)
