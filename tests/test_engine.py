@@ -22,20 +22,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-from nanochat import bitlinear
-from nanochat.config import ModelConfig
 from nanochat.engine import Engine
 from nanochat.export import export_gguf
-from nanochat.gpt import GPT, RMSNorm
 from nanochat.tokenizer import Tokenizer
 
-VOCAB = 512
-TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n"
-        "        self.x = x\n        self.y = y\n\nprint(add(1, 2), Point(3, 4).x)\n") * 8
-SMALL = {"vocab_size": VOCAB, "d_model": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-         "ffn_hidden": 512, "max_seq_len": 128}
-EXACT_TOL = 1e-5   # of the logit range: float summation order
-FLIP_TOL = 2e-2    # a position behind an int8 rounding flip
+from engine_helpers import (TEXT, VOCAB, check_exact, make_model, rel_err,
+                            round_scales_to_fp16, torch_logits)
+
+TEXT = TEXT * 8
 TRAINED_TOL = 8e-2  # fp32 trained scales vs the file's fp16 ones
 Q8_FILE_TOL = 8e-2  # a Q8_0 embedding file vs the F16 one
 
@@ -50,50 +44,15 @@ def prompt(tok) -> list[int]:
     return [tok.bos_id] + tok.encode(TEXT[:160])
 
 
-def make_model(seed: int = 0, exact: bool = True, **over) -> GPT:
-    """Random weights with norm gains away from 1; `exact`: fp16-representable embedding."""
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(**{**SMALL, **over}), bitlinear="torch")
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, RMSNorm):
-                m.weight.uniform_(0.5, 1.5)
-        if exact:
-            model.token_embd.weight.copy_(model.token_embd.weight.half().float())
-    return model
-
-
 @pytest.fixture
 def fp16_scales(monkeypatch):
-    """BitLinear's absmean scale rounded to fp16 on the torch side too (what TQ2_0 stores),
-    so torch and the engine multiply by identical weights."""
-    orig = bitlinear.quantize_weight
-
-    def quantize_weight(w):
-        codes, s = orig(w)
-        return codes, s.half().float()
-
-    monkeypatch.setattr(bitlinear, "quantize_weight", quantize_weight)
+    """Torch multiplies by the fp16 scales TQ2_0 stores, as the engine does."""
+    round_scales_to_fp16(monkeypatch)
 
 
 def export(model, tok, path, **kw) -> Engine:
     export_gguf(model, tok, path, **kw)
     return Engine(path)
-
-
-def torch_logits(model, ids) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([ids]))[0].numpy()
-
-
-def rel_err(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Per position: max |got - ref| over the vocabulary / the logit range."""
-    return np.abs(got - ref).max(axis=-1) / np.abs(ref).max()
-
-
-def check_exact(err: np.ndarray) -> None:
-    assert err.max() < FLIP_TOL, err
-    assert (err < EXACT_TOL).mean() >= 0.9, err
 
 
 @pytest.fixture(scope="module")

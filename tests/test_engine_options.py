@@ -19,21 +19,20 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from nanochat import bitlinear, export
+from nanochat import export
 from nanochat.config import AttentionConfig, MHCConfig, ModelConfig, MoEConfig
 from nanochat.engine import Engine
 from nanochat.export import export_gguf
-from nanochat.gpt import GPT, RMSNorm
+from nanochat.gpt import GPT
 from nanochat.mhc import MHC
 from nanochat.tokenizer import Tokenizer
 
-VOCAB = 512
-TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n"
-        "        self.x = x\n        self.y = y\n\nprint(add(1, 2), Point(3, 4).x)\n") * 4
-SMALL = {"vocab_size": VOCAB, "d_model": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-         "ffn_hidden": 512, "max_seq_len": 384}
-EXACT_TOL = 1e-5
-FLIP_TOL = 2e-2
+import engine_helpers
+from engine_helpers import (EXACT_TOL, FLIP_TOL, SMALL, TEXT, VOCAB, check_exact, rel_err,
+                            round_scales_to_fp16, torch_logits)
+
+TEXT = TEXT * 4
+SMALL = {**SMALL, "max_seq_len": 384}
 KMAX_BATCH = 128  # csrc/engine/model.h kMaxBatch: prefill chunk, ring margin, rewind limit
 
 
@@ -44,45 +43,17 @@ def tok() -> Tokenizer:
 
 @pytest.fixture(autouse=True)
 def fp16_scales(monkeypatch):
-    """BitLinear's (and the experts') absmean scale rounded to fp16 on the torch side too."""
-    orig = bitlinear.quantize_weight
-
-    def quantize_weight(w):
-        codes, s = orig(w)
-        return codes, s.half().float()
-
-    monkeypatch.setattr(bitlinear, "quantize_weight", quantize_weight)
+    """Torch multiplies by the fp16 scales the file stores, as the engine does."""
+    round_scales_to_fp16(monkeypatch)
 
 
 def make_model(seed: int = 0, **over) -> GPT:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(**{**SMALL, **over})
-    model = GPT(cfg, bitlinear="torch")
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, RMSNorm):
-                m.weight.uniform_(0.5, 1.5)
-        model.token_embd.weight.copy_(model.token_embd.weight.half().float())
-    return model.eval()
+    return engine_helpers.make_model(seed, **{"max_seq_len": SMALL["max_seq_len"], **over})
 
 
 def prompt_ids(n: int, seed: int = 1) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return [0] + torch.randint(5, VOCAB, (n - 1,), generator=g).tolist()
-
-
-def torch_logits(model, ids) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([ids]))[0].numpy()
-
-
-def rel_err(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    return np.abs(got - ref).max(axis=-1) / np.abs(ref).max()
-
-
-def check_exact(err: np.ndarray) -> None:
-    assert err.max() < FLIP_TOL, err
-    assert (err < EXACT_TOL).mean() >= 0.9, err
 
 
 def metadata(path) -> dict:
