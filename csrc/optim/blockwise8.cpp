@@ -7,6 +7,7 @@
 #include <cmath>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "common/cpu.h"
 #include "common/threadpool.h"
@@ -25,6 +26,12 @@ const Optim8Kernels& optim8_kernels(Isa isa) {
 }
 
 const Optim8Kernels& optim8_kernels() { return optim8_kernels(active_isa()); }
+
+float* optim8_scratch(int64_t floats) {
+  thread_local std::vector<float> buf;
+  if (int64_t(buf.size()) < floats) buf.resize(size_t(floats));
+  return buf.data();
+}
 
 int64_t optim8_num_blocks(int64_t n, int64_t block) {
   if (block <= 0 || block % kOptim8BlockMultiple != 0 || block > kOptim8MaxBlock)

@@ -92,6 +92,10 @@ void lion8_step(const Lion8Args& a);
 void momentum8_step(const Momentum8Args& a);
 
 // ---- kernels, one table per ISA; each handles whole blocks [b0, b1) ---------------------
+// The calling thread's scratch for one block's fresh fp32 state before it is requantized
+// (grown once per thread, reused by every step); for the ISA files.
+float* optim8_scratch(int64_t floats);
+
 struct Optim8Kernels {
   const char* name;
   void (*quantize)(const float* x, int64_t n, int64_t block, Map8 map, void* codes,

@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 #include "optim/blockwise8.h"
 
@@ -79,12 +78,6 @@ void quantize_block(const float* x, int64_t len, Map8 map, void* codes, float* a
   }
 }
 
-float* scratch(int64_t floats) {
-  thread_local std::vector<float> buf;
-  if (int64_t(buf.size()) < floats) buf.resize(size_t(floats));
-  return buf.data();
-}
-
 void quantize(const float* x, int64_t n, int64_t block, Map8 map, void* codes, float* absmax,
               int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
@@ -117,7 +110,7 @@ void adamw(const AdamW8Args& a, int64_t b0, int64_t b1) {
   const __m512 step = _mm512_set1_ps(a.lr / a.bias_correction1);
   const __m512 sbc2 = _mm512_set1_ps(std::sqrt(a.bias_correction2));
   const __m512 eps = _mm512_set1_ps(a.eps);
-  float* mf = scratch(2 * a.block);
+  float* mf = optim8_scratch(2 * a.block);
   float* vf = mf + a.block;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t s = b * a.block, len = std::min(a.block, a.n - s);
@@ -147,7 +140,7 @@ void lion(const Lion8Args& a, int64_t b0, int64_t b1) {
   const __m512 omb1 = _mm512_set1_ps(1.0f - a.beta1), omb2 = _mm512_set1_ps(1.0f - a.beta2);
   const __m512 decay = _mm512_set1_ps(1.0f - a.lr * a.weight_decay);
   const __m512 lr = _mm512_set1_ps(a.lr), zero = _mm512_setzero_ps();
-  float* mf = scratch(a.block);
+  float* mf = optim8_scratch(a.block);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t s = b * a.block, len = std::min(a.block, a.n - s);
     const __m512 ma = _mm512_set1_ps(a.m_absmax[b]);
@@ -171,7 +164,7 @@ void lion(const Lion8Args& a, int64_t b0, int64_t b1) {
 
 void momentum(const Momentum8Args& a, int64_t b0, int64_t b1) {
   const __m512 beta = _mm512_set1_ps(a.beta), omb = _mm512_set1_ps(1.0f - a.beta);
-  float* mf = scratch(a.block);
+  float* mf = optim8_scratch(a.block);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t s = b * a.block, len = std::min(a.block, a.n - s);
     const __m512 ma = _mm512_set1_ps(a.m_absmax[b]);

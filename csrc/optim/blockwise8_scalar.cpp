@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <vector>
 
 #include "optim/blockwise8.h"
 
@@ -59,13 +58,6 @@ void quantize_block(const float* x, int64_t len, Map8 map, void* codes, float* a
   }
 }
 
-// Per-thread scratch for one block's fresh fp32 state (allocated once per thread).
-float* scratch(int64_t floats) {
-  thread_local std::vector<float> buf;
-  if (int64_t(buf.size()) < floats) buf.resize(size_t(floats));
-  return buf.data();
-}
-
 void quantize(const float* x, int64_t n, int64_t block, Map8 map, void* codes, float* absmax,
               int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
@@ -94,7 +86,7 @@ void adamw(const AdamW8Args& a, int64_t b0, int64_t b1) {
   const float omb1 = 1.0f - a.beta1, omb2 = 1.0f - a.beta2;
   const float decay = 1.0f - a.lr * a.weight_decay, step = a.lr / a.bias_correction1;
   const float sbc2 = std::sqrt(a.bias_correction2);
-  float* mf = scratch(2 * a.block);
+  float* mf = optim8_scratch(2 * a.block);
   float* vf = mf + a.block;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t s = b * a.block, len = std::min(a.block, a.n - s);
@@ -116,7 +108,7 @@ void adamw(const AdamW8Args& a, int64_t b0, int64_t b1) {
 void lion(const Lion8Args& a, int64_t b0, int64_t b1) {
   const float omb1 = 1.0f - a.beta1, omb2 = 1.0f - a.beta2;
   const float decay = 1.0f - a.lr * a.weight_decay;
-  float* mf = scratch(a.block);
+  float* mf = optim8_scratch(a.block);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t s = b * a.block, len = std::min(a.block, a.n - s);
     const float ma = a.m_absmax[b];
@@ -134,7 +126,7 @@ void lion(const Lion8Args& a, int64_t b0, int64_t b1) {
 
 void momentum(const Momentum8Args& a, int64_t b0, int64_t b1) {
   const float omb = 1.0f - a.beta;
-  float* mf = scratch(a.block);
+  float* mf = optim8_scratch(a.block);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t s = b * a.block, len = std::min(a.block, a.n - s);
     const float ma = a.m_absmax[b];
