@@ -29,6 +29,10 @@ FILES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "fnmat
          "bisect.py", "heapq.py", "glob.py", "queue.py", "sched.py", "string.py", "csv.py"]
 STEPS = 40
 PARITY_TOL = 5e-3  # max |logit diff| / max |logit|: summation order + fp16 weight scale
+# Greedy tokens may part only where torch's top two logits are this close (of the logit
+# range): logits agree to ~1e-3, so a closer pair can rank either way, and a few dozen
+# steps leave the micro model's logits flat enough to sit on such a tie now and then.
+TIE = 2e-3
 
 
 class StageFailed(Exception):
@@ -149,9 +153,18 @@ def validate(workdir: Path, report) -> bool:
             want = model.generate(ids, 16, temperature=0.0)[len(ids):].tolist()
             eng.reset()
             mine = eng.complete(ids, max_tokens=16, temperature=0.0, stop_at_eos=False)["tokens"]
-            if mine != want:
-                raise StageFailed(f"greedy tokens differ: engine {mine} vs torch {want}")
             rec["detail"] = f"logits within {err:.1e} of range, 16 greedy tokens identical"
+            if mine != want:
+                i = next((k for k, (a, b) in enumerate(zip(mine, want)) if a != b), None)
+                if i is None:
+                    raise StageFailed(f"greedy runs differ in length: {mine} vs {want}")
+                with torch.no_grad():
+                    at = model(torch.tensor([ids + want]))[0, len(ids) - 1 + i].numpy()
+                gap = float((at.max() - at[mine[i]]) / (at.max() - at.min()))
+                if gap >= TIE:
+                    raise StageFailed(f"greedy tokens differ: engine {mine} vs torch {want}")
+                rec["detail"] = (f"logits within {err:.1e} of range, greedy tokens identical "
+                                 f"up to a torch near-tie at step {i} ({gap:.1e} of range)")
 
     with stage("generate") as rec:
         if ok:
