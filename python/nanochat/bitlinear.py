@@ -17,10 +17,10 @@ Two paths with the same semantics:
            anywhere (CPU, CUDA, meta) and for any in_features.
   "cpp":   the custom op `nanochat::bitlinear`: weight codes in torch; per-token int8
            activations and the ternary GEMM straight from the int8 codes (int32
-           accumulation, ternary.gemm_codes) in the C++ core; the
-           backward is two float matmuls on the saved int8 codes. CPU, float32, and
-           in_features % 256 == 0 only. It saves int8 activations for backward (1 byte per
-           element instead of the 4 the torch path keeps).
+           accumulation, ternary.gemm_codes) in the C++ core; the backward is two float
+           matmuls on the saved int8 codes. CPU, float32, and in_features % 256 == 0
+           only. It saves int8 activations for backward (1 byte per element instead of
+           the 4 the torch path keeps).
   "auto":  cpp where it applies and the call multiplies >= AUTO_MIN_MACS (tokens x weights;
            smaller calls are faster in torch), else torch; inside frozen() cpp wherever
            it applies.
@@ -255,8 +255,9 @@ class BitLinear(nn.Module):
         if self.kernel == "auto" and not packed:
             # Below this much work per call the fixed costs (quantize the weight, the op
             # and autograd plumbing) outweigh the faster GEMMs. Forward + backward of one
-            # layer at 2048 tokens, 2 threads: 256->64 (2^25 MACs) 1.09x torch's speed,
-            # 256->128 1.51x, 768->256 1.42x; 256->128 at 256 tokens 0.83x.
+            # layer at 2048 tokens, 2 threads (a one-off timing, not a repo bench):
+            # 256->64 (2^25 MACs) 1.09x torch's speed, 256->128 1.51x, 768->256 1.42x;
+            # 256->128 at 256 tokens 0.83x.
             tokens = x.numel() // self.in_features
             ok = ok and self.in_features * self.out_features * tokens >= AUTO_MIN_MACS
         return ok
