@@ -220,8 +220,10 @@ def claims(results: dict, collider: dict | None) -> list[dict]:
     add("~95% combined memory reduction", 0.95,
         _reduction(results, "full", "optim_state_bytes"),
         "1 - optimizer-state bytes of full / baseline",
-        "" if peak is None else f"peak process memory of full vs baseline: {peak:.1%} less "
-        "(weights, activations and the runtime dominate at this size)")
+        "" if peak is None else
+        f"peak process memory of full vs baseline: {abs(peak):.1%} "
+        f"{'less' if peak >= 0 else 'more'} (weights, activations and the runtime dominate "
+        "at this size)")
     return out
 
 
