@@ -29,8 +29,10 @@ from nanochat.export import (  # noqa: E402
     export_gguf,
     quantize_q8_0,
 )
-from nanochat.gpt import GPT, RMSNorm  # noqa: E402
+from nanochat.gpt import GPT  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
+
+import engine_helpers  # noqa: E402
 
 GT = gguf.GGMLQuantizationType
 VOCAB = 512
@@ -51,12 +53,8 @@ def tok() -> Tokenizer:
 
 def make_model(seed: int = 0, **over) -> GPT:
     """Random weights, norm gains away from 1, and one all-zero ternary block (d = 0)."""
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(**{**SMALL, **over}), bitlinear="torch")
+    model = engine_helpers.make_model(seed, exact=False, **{**SMALL, **over})
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, RMSNorm):
-                m.weight.uniform_(0.5, 1.5)
         model.blocks[0].ffn_down.weight[3, :256] = 0.0  # (256, 512): block 0 of row 3
     return model
 
