@@ -103,9 +103,11 @@ def test_bf16_within_its_error_bound():
     assert (b[3] - f[3]).abs().max() > 0  # it really ran in bf16
 
 
-def test_chunked_torch_path_equals_the_op():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_torch_path_equals_the_op(autocast):
+    """Also inside bf16 autocast, as CUDA training calls it: its GEMMs stay float32."""
     h, w, y = _problem(seed=7)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         total, per_head, gh, gw = chunked_linear_cross_entropy(h, w, y, HW, 16, True)
     r = _grads(fused_linear_cross_entropy, h, w, y, HW)
     torch.testing.assert_close(per_head, r[1], rtol=1e-6, atol=1e-6)
@@ -144,6 +146,7 @@ def test_cuda_matches_cpu(impl, monkeypatch):
     torch.backends.cuda.matmul.allow_tf32 = False
     h, w, y = _problem(seed=9)
     cpu = _grads(fused_linear_cross_entropy, h, w, y, HW)
-    gpu = _grads(fused_linear_cross_entropy, h.cuda(), w.cuda(), y.cuda(), HW)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # as the trainer calls it
+        gpu = _grads(fused_linear_cross_entropy, h.cuda(), w.cuda(), y.cuda(), HW)
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)

@@ -187,7 +187,9 @@ def test_greedy_kv_cache_generation_equals_full_recompute(kernel):
 
 
 def test_cached_chunks_equal_full_forward():
-    m = _model()
+    # float64: in float32, a BLAS whose summation order depends on the row count (MKL on a
+    # 16-thread Xeon) moves an int8 activation code across a rounding boundary now and then
+    m = _model().double()
     idx = _idx(1, 11, seed=4)
     caches = [[None, None] for _ in m.blocks]
     with torch.no_grad():
@@ -195,7 +197,7 @@ def test_cached_chunks_equal_full_forward():
         a = m._trunk(idx[:, :4], caches, 0)
         b = m._trunk(idx[:, 4:9], caches, 4)  # a chunk after a cache (explicit mask)
         c = m._trunk(idx[:, 9:], caches, 9)
-    torch.testing.assert_close(torch.cat([a, b, c], dim=1), full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat([a, b, c], dim=1), full, rtol=1e-10, atol=1e-12)
 
 
 def test_generate_sampling_options():

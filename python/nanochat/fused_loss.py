@@ -168,7 +168,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
 
 def chunked_linear_cross_entropy(hidden, weight, targets, head_weights, chunk, with_grad):
     """The op's algorithm in torch (one chunk of logits at a time, gradients in the forward),
-    for tensors the C++ kernel does not take. Same outputs as the op."""
+    for tensors the C++ kernel does not take. Same outputs as the op: float32 GEMMs even
+    inside the trainer's bf16 autocast, which would otherwise reach these matmuls."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _chunked(hidden, weight, targets, head_weights, chunk, with_grad)
+
+
+def _chunked(hidden, weight, targets, head_weights, chunk, with_grad):
     heads, n, d = hidden.shape
     hidden, weight = hidden.float(), weight.float()
     gh = torch.zeros_like(hidden) if with_grad else hidden.new_empty((0, 0, 0))
