@@ -212,15 +212,21 @@ class Collider:
         """Forward and backward of one micro-batch of `accum` (the gradient of the kept-token
         mean loss / accum accumulates into model's .grad, as the trainer's unfiltered step
         does). Returns (mean loss over all tokens, kept fraction of the tokens with a target).
-        `timings`, if given, gets forward_s (with the scoring) and backward_s."""
-        t0 = time.perf_counter()
+        `timings`, if given, gets forward_s (with the scoring) and backward_s (on CUDA, with
+        a device sync at each mark, so they time the kernels, not their launches)."""
+        def mark() -> float:
+            if timings is not None and x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            return time.perf_counter()
+
+        t0 = mark()
         if self.sparsity == 0:  # nothing can be dropped: exactly the unfiltered step
             with autocast:
                 _, loss = model(x, y)
-            t1 = time.perf_counter()
+            t1 = mark()
             (loss / accum).backward()
             if timings is not None:
-                timings.update(forward_s=t1 - t0, backward_s=time.perf_counter() - t1)
+                timings.update(forward_s=t1 - t0, backward_s=mark() - t1)
             return float(loss.detach()), 1.0
         with armed(x.shape):
             with autocast:  # (heads, B, T) per-token losses, 0 where a head has no target
@@ -234,10 +240,10 @@ class Collider:
             # the row's activation gradient is dropped in every layer, heads included).
             loss = sum(w * (losses[i] * keep).sum() / max(int((keep & (tgt[i] != -1)).sum()), 1)
                        for i, w in enumerate(weights))
-            t1 = time.perf_counter()
+            t1 = mark()
             (loss / accum).backward()
             if timings is not None:
-                timings.update(forward_s=t1 - t0, backward_s=time.perf_counter() - t1)
+                timings.update(forward_s=t1 - t0, backward_s=mark() - t1)
         # the logged loss: what the unfiltered step reports (every target of every head)
         mean = sum(w * float(losses[i].detach().sum()) / max(int((tgt[i] != -1).sum()), 1)
                    for i, w in enumerate(weights))

@@ -52,7 +52,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # the weight in x's dtype: under bf16 autocast torch's fused kernel needs both alike
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):

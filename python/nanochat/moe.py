@@ -129,14 +129,14 @@ class MoE(nn.Module):
                 continue
             rows = xs[start:start + c]
             h = self._act(F.linear(rows, wg[e])) * F.linear(rows, wu[e])  # (c, H)
-            h = F.rms_norm(h, (self.hidden,), norms[e], self.eps)
+            h = F.rms_norm(h, (self.hidden,), norms[e].to(h.dtype), self.eps)
             outs.append(F.linear(ste_activations(h), wd[e]))  # (c, d)
             start += c
         ys = torch.cat(outs) * gates.reshape(-1)[order, None]
         y = x.new_zeros(x.shape, dtype=ys.dtype).index_add_(0, tok, ys)  # ys: autocast's dtype
         if self.shared:
             h = self._act(self.ffn_gate_shexp(x)) * self.ffn_up_shexp(x)
-            h = F.rms_norm(h, (self.hidden,), self.ffn_sub_norm_shexp, self.eps)
+            h = F.rms_norm(h, (self.hidden,), self.ffn_sub_norm_shexp.to(h.dtype), self.eps)
             y = y + self.ffn_down_shexp(h)
         return y.reshape(shape)
 

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="BitLinear path (default cpp)")
     p.add_argument("--backward", default="auto", choices=("auto", "bf16", "float32"),
                    help="C++ path backward GEMM precision (default auto)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                   help="device of the timing (default cpu; on cuda under bf16 autocast, as "
+                   "the trainer runs, and --bitlinear auto or torch)")
     p.add_argument("--train-steps", type=int, default=100,
                    help="held-out comparison on tiny: steps of each run (default 100, 0 skips)")
 
@@ -56,37 +59,52 @@ def _timing(config: str, args) -> list[dict]:
 
 def timing_rows(cfg, config: str, args) -> list[dict]:
     """The A/B timing of one RunConfig's model (`config` labels the rows); args carries
-    batch, seq, rounds, sparsity, bitlinear, backward (also used by bench e3)."""
+    batch, seq, rounds, sparsity, bitlinear, backward, device (also used by bench e3)."""
+    import contextlib
+
     import torch
 
     from nanochat import malloc
     from nanochat.collider import Collider
     from nanochat.gpt import GPT
+    from nanochat.train import pick_device
 
+    device = pick_device(args.device)
+    if device.type == "cuda" and args.bitlinear == "cpp":
+        raise ValueError("--bitlinear cpp runs on CPU tensors only; on --device cuda use "
+                         "auto or torch")
     malloc.tune()  # as the trainer runs (nanochat/malloc.py)
     torch.manual_seed(0)
-    model = GPT(cfg.model, bitlinear=args.bitlinear)
+    model = GPT(cfg.model, bitlinear=args.bitlinear).to(device)
     model.set_bitlinear_backward(args.backward)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     toks = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), generator=g)
-    x, y = toks[:, :-1], toks[:, 1:]
+    x, y = toks[:, :-1].to(device), toks[:, 1:].to(device)
     col = Collider(args.sparsity, 1.0)  # threshold 1: exactly floor(sparsity * n) dropped
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())  # as the trainer runs
+
+    def mark() -> float:  # on CUDA: time the kernels, not their launches
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
 
     def step(variant: str) -> dict:
         t = {}
-        t0 = time.perf_counter()
+        t0 = mark()
         if variant == "collider":
-            _, kept = col.forward_backward(model, x, y, timings=t)
+            _, kept = col.forward_backward(model, x, y, autocast=autocast, timings=t)
         else:
-            _, loss = model(x, y)
-            t1 = time.perf_counter()
+            with autocast:
+                _, loss = model(x, y)
+            t1 = mark()
             loss.backward()
-            t.update(forward_s=t1 - t0, backward_s=time.perf_counter() - t1)
+            t.update(forward_s=t1 - t0, backward_s=mark() - t1)
             kept = 1.0
         opt.step()
         opt.zero_grad(set_to_none=True)
-        t.update(step_s=time.perf_counter() - t0, kept_fraction=kept)
+        t.update(step_s=mark() - t0, kept_fraction=kept)
         return t
 
     variants = ("unfiltered", "collider")
@@ -99,7 +117,8 @@ def timing_rows(cfg, config: str, args) -> list[dict]:
     med = {v: {k: statistics.median(s[k] for s in samples[v])
                for k in ("forward_s", "backward_s", "step_s", "kept_fraction")} for v in variants}
     return [{"part": "timing", "config": config, "variant": v, "bitlinear": args.bitlinear,
-             "batch": args.batch, "seq": args.seq, "rounds": args.rounds, **med[v],
+             "device": device.type, "batch": args.batch, "seq": args.seq,
+             "rounds": args.rounds, **med[v],
              "backward_ratio": med[v]["backward_s"] / med["unfiltered"]["backward_s"],
              "step_ratio": med[v]["step_s"] / med["unfiltered"]["step_s"]} for v in variants]
 

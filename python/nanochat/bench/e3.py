@@ -373,7 +373,8 @@ def _collider_child(cfg_dict: dict, rounds: int, q) -> None:
         cfg = from_dict(cfg_dict)
         args = types.SimpleNamespace(batch=cfg.train.batch_size, seq=cfg.train.seq_len,
                                      rounds=rounds, sparsity=0.35, bitlinear=cfg.train.bitlinear,
-                                     backward=cfg.train.bitlinear_backward)
+                                     backward=cfg.train.bitlinear_backward,
+                                     device=cfg.train.device)
         rows = bc.timing_rows(cfg, "e3", args)
         col = next(r for r in rows if r["variant"] == "collider")
         q.put({"sparsity": 0.35, "rounds": rounds, "backward_ratio": col["backward_ratio"],
