@@ -96,6 +96,8 @@ def bench_lines():
 
 def test_bench_kernels_json(bench_lines):
     assert bench_lines
+    assert {m["op"] for m in bench_lines} == {"gemv", "gemm", "quantize", "layer"}
+    bench_lines = [m for m in bench_lines if m["op"] in ("gemv", "gemm")]
     for m in bench_lines:
         assert isinstance(m, dict)
         assert BENCH_KEYS <= m.keys(), BENCH_KEYS - m.keys()
@@ -126,6 +128,24 @@ def test_bench_kernels_json(bench_lines):
     gemms = {c for c in cells if c[2] == "gemm"}
     assert len(codes) == (len(gemms) if "avx512_vnni" in SUPPORTED_ISAS else 0)
     assert all(m["op"] == "gemm" and m["isa"] == "avx512_vnni" for m in codes)
+
+
+def test_bench_kernels_training_parts(bench_lines):
+    """The quantizer on every ISA against the scalar loop, one layer's C++ op against torch."""
+    quant = [m for m in bench_lines if m["op"] == "quantize"]
+    assert {m["isa"] for m in quant} == set(SUPPORTED_ISAS)
+    for m in quant:
+        assert m["threads"] == 1 and m["rows"] == m["tokens"] > 0 and m["cols"] > 0
+        assert math.isclose(m["gbps"], m["rows"] * m["cols"] * 4 / m["seconds"] / 1e9,
+                            rel_tol=1e-9)
+        assert math.isclose(m["vs_torch"], m["torch_seconds"] / m["seconds"], rel_tol=1e-9)
+    scalar = next(m for m in quant if m["isa"] == "scalar")
+    assert scalar["vs_scalar"] == 1.0
+    layer = [m for m in bench_lines if m["op"] == "layer"]
+    assert len(layer) == 1 and layer[0]["macs"] == layer[0]["rows"] * layer[0]["cols"] * \
+        layer[0]["tokens"]
+    assert math.isclose(layer[0]["vs_torch"], layer[0]["torch_seconds"] / layer[0]["seconds"],
+                        rel_tol=1e-9)
 
 
 def test_bench_kernels_bad_isa():

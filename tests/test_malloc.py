@@ -48,3 +48,28 @@ def test_tune_stops_refaulting_activation_buffers(run_python):
     assert not opted_out  # NANOCHAT_MALLOC_TUNE=0 keeps glibc's defaults
     # measured here: ~45,000 faults per step by default, ~13,000-20,000 tuned
     assert tuned < 0.6 * default, (tuned, default)
+
+
+@pytest.mark.parametrize("compare", ["malloc", "bitlinear"])
+def test_bench_train_json_rows(run_nanochat, compare):
+    """`nanochat bench train --json`: one row per variant, the ratios against the baseline
+    (malloc: glibc's defaults, the child skipping tune(); bitlinear: torch's BitLinear)."""
+    import json
+    import math
+
+    r = run_nanochat(["bench", "train", "--compare", compare, "--configs", "tiny", "--batch",
+                      "1", "--seq", "32", "--steps", "1", "--rounds", "1", "--threads", "1",
+                      "--json"], timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(ln) for ln in r.stdout.splitlines() if ln.strip()]
+    key, base, labels = (("malloc", "glibc", ["tuned", "glibc"]) if compare == "malloc"
+                         else ("bitlinear", "torch", ["cpp", "torch"]))
+    assert [m[key] for m in rows] == labels
+    by = {m[key]: m for m in rows}
+    for m in rows:
+        assert m["config"] == "tiny" and m["threads"] == 1 and m["params"] > 0
+        assert math.isclose(m[f"speedup_vs_{base}"],
+                            by[base]["step_seconds"] / m["step_seconds"], rel_tol=1e-9)
+        assert math.isclose(m[f"memory_vs_{base}"],
+                            m["peak_rss_bytes"] / by[base]["peak_rss_bytes"], rel_tol=1e-9)
+    assert by[base][f"speedup_vs_{base}"] == 1.0

@@ -11,6 +11,15 @@ interleaved round by round (A B A B, medians reported, so drift hits all alike):
 It also measures the machine's memory read bandwidth per thread count, and
 reports GEMV weight bytes/s as a fraction of it.
 
+Two more parts time what training runs around the GEMM (skip them with --no-training):
+  - op "quantize": activation quantization (absmax per token to int8, what the
+    nanochat::bitlinear op runs before every GEMM) of training-sized activations
+    (--tokens-train x cols) on every ISA (below avx512 the scalar loop runs) and torch's
+    fake-quant version (nanochat/bitlinear.py); vs_scalar = scalar time / this time;
+  - op "layer": one BitLinear's forward + backward at the shapes behind bitlinear.py's
+    AUTO_MIN_MACS threshold, the C++ op (kernel="cpp") vs torch (kernel="torch");
+    vs_torch = torch time / C++ time.
+
 Columns: seconds per call (median), GOPS = 2*rows*cols*tokens/s, weight GB/s
 (TK2 bytes = rows*cols/4 per call), bw_fraction = weight GB/s / read bandwidth,
 vs_torch = torch time / our time (above 1: we are faster).
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -28,6 +38,10 @@ DEFAULT_SHAPES = [
     (4096, 4096), (32768, 768), (32768, 16384),
 ]
 QUICK_SHAPES = [(256, 256), (512, 768)]
+# (tokens, cols) of activation quantization: a tiny/nano_125m training batch
+QUANT_SHAPES = [(2048, 256), (2048, 768)]
+# (in, out, tokens) of one BitLinear's forward + backward: around AUTO_MIN_MACS (2^25)
+LAYER_SHAPES = [(256, 64, 2048), (256, 128, 2048), (768, 256, 2048), (256, 128, 256)]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-time", type=float, default=0.05,
                    help="seconds of calls per variant per round (default 0.05)")
     p.add_argument("--no-torch", action="store_true", help="skip the torch f32 baseline")
+    p.add_argument("--no-training", action="store_true",
+                   help="skip the quantize and layer parts (training's work around the GEMM)")
 
 
 def _parse_shapes(s: str) -> list[tuple[int, int]]:
@@ -83,9 +99,12 @@ def run(args: argparse.Namespace):
 
     import torch
 
-    from nanochat import ternary
+    from nanochat import malloc, ternary
     from nanochat._core import core
 
+    # as the trainer runs: without it, whether torch's temporaries are page-faulted afresh
+    # on every call depends on what ran before (glibc's dynamic mmap threshold)
+    malloc.tune()
     C = core()
     ncpu = os.cpu_count() or 1
     threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, ncpu})
@@ -164,9 +183,74 @@ def run(args: argparse.Namespace):
                             "vs_torch": (torch_s / sec) if torch_s else None,
                         }
             del W, wf, codes
+        if not args.no_training:
+            yield from _quantize_rows(isas, threads, rounds, min_time, args.quick, gen)
+            yield from _layer_rows(threads, rounds, min_time, args.quick, gen)
     finally:
         ternary.set_isa(None)
         ternary.set_num_threads(0)
+
+
+def _quantize_rows(isas, threads, rounds, min_time, quick, gen):
+    import torch
+
+    from nanochat import bitlinear, ternary
+
+    for tokens, cols in ([(256, 256)] if quick else QUANT_SHAPES):
+        x = torch.randn(tokens, cols, generator=gen)
+        for t in threads:
+            samples: dict[str, list[float]] = {i: [] for i in isas}
+            torch_samples: list[float] = []
+            for _ in range(rounds):
+                ternary.set_num_threads(t)
+                for isa in isas:
+                    ternary.set_isa(isa)
+                    samples[isa].append(_time_calls(
+                        lambda x=x: ternary.quantize_activations(x), min_time))
+                torch.set_num_threads(t)
+                torch_samples.append(_time_calls(
+                    lambda x=x: bitlinear.quantize_activations(x), min_time))
+            med = {i: statistics.median(v) for i, v in samples.items()}
+            torch_s = statistics.median(torch_samples)
+            scalar_s = med.get("scalar")
+            for isa in isas:
+                yield {"op": "quantize", "rows": tokens, "cols": cols, "tokens": tokens,
+                       "threads": t, "isa": isa, "kernel": "quantize", "seconds": med[isa],
+                       "gbps": tokens * cols * 4 / med[isa] / 1e9,
+                       "vs_scalar": scalar_s / med[isa] if scalar_s else None,
+                       "torch_seconds": torch_s, "vs_torch": torch_s / med[isa]}
+
+
+def _layer_rows(threads, rounds, min_time, quick, gen):
+    import torch
+
+    from nanochat import ternary
+    from nanochat.bitlinear import BitLinear
+
+    for cin, cout, tokens in ([(256, 128, 256)] if quick else LAYER_SHAPES):
+        torch.manual_seed(0)
+        cpp = BitLinear(cin, cout, kernel="cpp")
+        ref = BitLinear(cin, cout, kernel="torch")
+        ref.load_state_dict(cpp.state_dict())
+        x = torch.randn(tokens, cin, generator=gen, requires_grad=True)
+
+        def fwd_bwd(layer, x=x):
+            layer(x).sum().backward()
+            x.grad = None
+            layer.weight.grad = None
+
+        for t in threads:
+            times: dict[str, list[float]] = {"cpp": [], "torch": []}
+            for _ in range(rounds):
+                torch.set_num_threads(t)
+                ternary.set_num_threads(t)
+                for name, layer in (("cpp", cpp), ("torch", ref)):
+                    times[name].append(_time_calls(lambda la=layer: fwd_bwd(la), min_time))
+            ours, torch_s = (statistics.median(times[k]) for k in ("cpp", "torch"))
+            yield {"op": "layer", "rows": cout, "cols": cin, "tokens": tokens, "threads": t,
+                   "isa": ternary.active_isa(), "kernel": "bitlinear", "seconds": ours,
+                   "macs": cin * cout * tokens, "torch_seconds": torch_s,
+                   "vs_torch": torch_s / ours}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -179,13 +263,22 @@ def main(args: argparse.Namespace) -> int:
         vs = f"{m['vs_torch']:.2f}x" if m["vs_torch"] else "-"
         if args.json:
             print(json.dumps(m), flush=True)
+        elif m["op"] == "quantize":
+            vs_scalar = f"{m['vs_scalar']:.1f}x scalar" if m["vs_scalar"] else ""
+            print(f"{'quantize activations':20} {m['rows']:>5}x{m['cols']:<5} {m['threads']:>3} "
+                  f"{m['isa']:>11} {_fmt_time(m['seconds']):>10} {vs_scalar:>14} "
+                  f"{vs:>8} torch", flush=True)
+        elif m["op"] == "layer":
+            print(f"{'BitLinear fwd+bwd':20} {m['cols']:>5}->{m['rows']:<4} x{m['tokens']:<5} "
+                  f"{m['threads']:>3} {'cpp op':>11} {_fmt_time(m['seconds']):>10} "
+                  f"{'2^%.1f MACs' % math.log2(m['macs']):>14} {vs:>8} torch", flush=True)
         else:
             isa = m["isa"] if m["kernel"] == "tk2" else "codes"
             print(f"{m['op']:4} {m['rows']:>6}x{m['cols']:<6} {m['tokens']:>4} {m['threads']:>3} "
                   f"{isa:>11} {_fmt_time(m['seconds']):>10} {m['gops']:>7.1f} "
                   f"{m['weight_gbps']:>7.1f} {m['bw_fraction']:>5.0%} {vs:>8}", flush=True)
     if not args.json and rows:
-        bws = sorted({(m["threads"], m["read_bw_gbps"]) for m in rows})
+        bws = sorted({(m["threads"], m["read_bw_gbps"]) for m in rows if "read_bw_gbps" in m})
         print("read bandwidth: " + ", ".join(f"{t} thread(s) {b:.1f} GB/s" for t, b in bws))
     return 0
 

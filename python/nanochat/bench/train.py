@@ -9,6 +9,10 @@ alternate round by round (A B A B) and medians are reported, with the ratio cpp/
 A step is forward + backward + AdamW update on random tokens (data loading excluded).
 The C++ path's backward GEMMs run at `--backward` precision (default auto: bf16 on CPUs
 with AVX512-BF16/AMX, see nanochat/bitlinear.py); the torch baseline is f32 throughout.
+
+`--compare malloc` instead runs the C++ path twice, with nanochat/malloc.py's glibc
+settings (what the trainer applies) and with glibc's defaults (the child skips tune()):
+speedup_vs_glibc = glibc step time / tuned step time.
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch + kernel threads (0: all)")
+    p.add_argument("--compare", default="bitlinear", choices=("bitlinear", "malloc"),
+                   help="bitlinear: C++ vs torch BitLinear (default); malloc: the C++ path "
+                   "with the trainer's glibc malloc settings vs glibc's defaults")
     p.add_argument("--backward", default="auto", choices=("auto", "bf16", "float32"),
                    help="C++ path backward GEMM precision (default auto)")
 
 
 def _measure(config: str, variant: str, batch: int, seq: int, steps: int, threads: int,
-             backward: str, q):
+             backward: str, q, tune_malloc: bool = True):
     import resource
     import time
 
@@ -43,7 +50,8 @@ def _measure(config: str, variant: str, batch: int, seq: int, steps: int, thread
     from nanochat.gpt import GPT
 
     try:
-        malloc.tune()  # as the trainer does (nanochat/malloc.py), for both variants
+        if tune_malloc:
+            malloc.tune()  # as the trainer does (nanochat/malloc.py)
         if threads > 0:
             torch.set_num_threads(threads)
             ternary.set_num_threads(threads)
@@ -78,23 +86,36 @@ def run(args: argparse.Namespace):
 
     ctx = mp.get_context("spawn")
     backward = "bf16" if resolve_backward(args.backward) else "float32"
+    malloc_ab = args.compare == "malloc"
+    # (label, BitLinear path, malloc.tune() in the child); the last one is the baseline
+    variants = ([("tuned", "cpp", True), ("glibc", "cpp", False)] if malloc_ab
+                else [("cpp", "cpp", True), ("torch", "torch", True)])
     for config in args.configs.split(","):
-        samples = {"cpp": [], "torch": []}
+        samples = {label: [] for label, _, _ in variants}
         for _ in range(args.rounds):
-            for variant in ("cpp", "torch"):
+            for label, path, tune in variants:
                 q = ctx.Queue()
-                p = ctx.Process(target=_measure, args=(config, variant, args.batch, args.seq,
+                p = ctx.Process(target=_measure, args=(config, path, args.batch, args.seq,
                                                        args.steps, args.threads,
-                                                       args.backward, q))
+                                                       args.backward, q, tune))
                 p.start()
                 r = q.get()
                 p.join()
                 if "error" in r:
-                    raise RuntimeError(f"bench train {config}/{variant}: {r['error']}")
-                samples[variant].append(r)
+                    raise RuntimeError(f"bench train {config}/{label}: {r['error']}")
+                samples[label].append(r)
         med = {v: {k: statistics.median(s[k] for s in samples[v])
                    for k in ("step_seconds", "tokens_per_s", "peak_rss_bytes")}
                for v in samples}
+        if malloc_ab:
+            for v in ("tuned", "glibc"):
+                yield {"config": config, "compare": "malloc", "malloc": v, "bitlinear": "cpp",
+                       "backward": backward, "batch": args.batch, "seq": args.seq,
+                       "threads": args.threads or None, "params": samples[v][0]["params"],
+                       **med[v],
+                       "speedup_vs_glibc": med["glibc"]["step_seconds"] / med[v]["step_seconds"],
+                       "memory_vs_glibc": med[v]["peak_rss_bytes"] / med["glibc"]["peak_rss_bytes"]}
+            continue
         for v in ("cpp", "torch"):
             yield {"config": config, "bitlinear": v,
                    "backward": backward if v == "cpp" else "float32",
@@ -105,12 +126,20 @@ def run(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
+    base = "glibc" if args.compare == "malloc" else "torch"
     if not args.json:
-        print(f"{'config':>10} {'bitlinear':>9} {'backward':>8} {'params':>12} {'step':>9} "
-              f"{'tokens/s':>9} {'peak RSS':>9} {'speed vs torch':>14} {'mem vs torch':>12}")
+        first = "malloc" if args.compare == "malloc" else "bitlinear"
+        print(f"{'config':>10} {first:>9} {'backward':>8} {'params':>12} {'step':>9} "
+              f"{'tokens/s':>9} {'peak RSS':>9} {'speed vs ' + base:>14} "
+              f"{'mem vs ' + base:>12}")
     for m in run(args):
         if args.json:
             print(json.dumps(m), flush=True)
+        elif args.compare == "malloc":
+            print(f"{m['config']:>10} {m['malloc']:>9} {m['backward']:>8} {m['params']:>12,} "
+                  f"{m['step_seconds'] * 1e3:>7.0f}ms {m['tokens_per_s']:>9,.0f} "
+                  f"{m['peak_rss_bytes'] / 2**20:>7.0f}MB {m['speedup_vs_glibc']:>13.2f}x "
+                  f"{m['memory_vs_glibc']:>11.2f}x", flush=True)
         else:
             print(f"{m['config']:>10} {m['bitlinear']:>9} {m['backward']:>8} {m['params']:>12,} "
                   f"{m['step_seconds'] * 1e3:>7.0f}ms {m['tokens_per_s']:>9,.0f} "
