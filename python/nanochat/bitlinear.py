@@ -254,10 +254,10 @@ class BitLinear(nn.Module):
             )
         if self.kernel == "auto" and not packed:
             # Below this much work per call the fixed costs (quantize the weight, the op
-            # and autograd plumbing) outweigh the faster GEMMs. Forward + backward of one
-            # layer at 2048 tokens, 2 threads (a one-off timing, not a repo bench):
-            # 256->64 (2^25 MACs) 1.09x torch's speed, 256->128 1.51x, 768->256 1.42x;
-            # 256->128 at 256 tokens 0.83x.
+            # and autograd plumbing) outweigh the faster GEMMs: one layer's forward +
+            # backward around 2^25 MACs, C++ vs torch, is the "layer" part of
+            # `nanochat bench kernels` (docs/benchmarks.md: 256->128 at 256 tokens,
+            # 2^23 MACs, runs at 0.74-0.86x torch's speed on 2 threads).
             tokens = x.numel() // self.in_features
             ok = ok and self.in_features * self.out_features * tokens >= AUTO_MIN_MACS
         return ok

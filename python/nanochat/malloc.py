@@ -6,9 +6,9 @@ back to the OS, so those tensors' pages are faulted in and zeroed again every st
 tiny config, element-wise ops on (8, 256, 768) tensors ran at about a fifth of their speed
 (a torch.profiler trace, not a repo command). Pinning the mmap threshold at its maximum
 (32 MiB) and raising the trim threshold keeps such blocks in the heap for reuse: a tiny
-step faults ~2-3x fewer pages (tests/test_malloc.py counts them) and took 7-13% less time
-for the C++ and the torch BitLinear alike (an A/B by environment variable of our own, not
-a repo bench). This is what PyTorch's CPU tuning guide gets from jemalloc/tcmalloc via
+step faults ~2-3x fewer pages (tests/test_malloc.py counts them) and runs 1.15x faster;
+nano_125m's steps do not change beyond noise (`nanochat bench train --compare malloc`,
+docs/benchmarks.md). This is what PyTorch's CPU tuning guide gets from jemalloc/tcmalloc via
 LD_PRELOAD, without a preload. Blocks of 32 MiB and more (tiny's logits) still go to mmap.
 Set NANOCHAT_MALLOC_TUNE=0 to keep glibc's defaults.
 """
