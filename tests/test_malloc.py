@@ -1,11 +1,12 @@
 """nanochat.malloc.tune(): a training step's freed activation buffers are reused instead of
 faulted in afresh.
 
-Each case runs a tiny-config training step (batch 8 x 256, torch BitLinear, one thread) in
+Each case runs tiny-config training steps (batch 8 x 256, torch BitLinear, one thread) in
 a fresh interpreter (malloc settings are process-wide) and counts the minor page faults of
-one step after two warm-up steps. With glibc's defaults the step faults in about 180 MiB
-(the (8, 256, 768) activations and the 32 MiB logits, every step); tuned, only blocks at or
-over the 32 MiB mmap threshold (the logits) still are."""
+a step after three warm-up steps (the fewest of three: the heap settles over the first few).
+With glibc's defaults the step faults in about 180 MiB (the (8, 256, 768) activations and
+the 32 MiB logits, every step); tuned, only blocks at or over the 32 MiB mmap threshold
+(the logits) still are."""
 
 from __future__ import annotations
 
@@ -26,10 +27,14 @@ def step():
     _, loss = m(x[:, :-1], x[:, 1:])
     loss.backward()
     m.zero_grad(set_to_none=True)
-step(); step()
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-step()
-print(int(applied), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+for _ in range(3):
+    step()
+faults = []
+for _ in range(3):  # the heap's growth settles over the first steps: the fewest of three
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(int(applied), min(faults))
 """
 
 
@@ -46,8 +51,12 @@ def test_tune_stops_refaulting_activation_buffers(run_python):
         pytest.skip("not glibc: mallopt is unavailable, nothing is tuned")
     opted_out, default = _faults(run_python, NANOCHAT_MALLOC_TUNE="0")
     assert not opted_out  # NANOCHAT_MALLOC_TUNE=0 keeps glibc's defaults
-    # measured here: ~45,000 faults per step by default, ~13,000-20,000 tuned
-    assert tuned < 0.6 * default, (tuned, default)
+    # Tuned, only the 32 MiB blocks (logits and their gradients: 8192 pages each; two or
+    # three of them a step, as the heap's free space happens to serve one) are faulted in:
+    # measured 16,386-24,580. glibc's defaults re-fault the activations on top: 33,500-45,000.
+    big = (8 * 256 * 4096 * 4) // 4096
+    assert tuned <= 3 * big + 1024, (tuned, default)
+    assert default >= tuned + big // 2, (tuned, default)
 
 
 @pytest.mark.parametrize("compare", ["malloc", "bitlinear"])

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat import collider
+from nanochat import collider, rmsnorm
 from nanochat.attention import attend, trim
 from nanochat.bitlinear import BitLinear, frozen
 from nanochat.config import ModelConfig, _build
@@ -52,8 +52,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the weight in x's dtype: under bf16 autocast torch's fused kernel needs both alike
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        return rmsnorm.rms_norm(x, self.weight, self.eps)  # the C++ op on float32 CPU
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):

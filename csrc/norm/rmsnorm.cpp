@@ -1,0 +1,105 @@
+// RMSNorm drivers (rmsnorm.h): row blocks over the thread pool, the scalar reference rows.
+#include "norm/rmsnorm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common/threadpool.h"
+#include "nanochat/error.hpp"
+
+namespace nanochat {
+namespace norm_kernels {
+namespace {
+
+float fwd_scalar(const float* x, const float* w, int64_t dim, float eps, float* y) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < dim; ++i) ss += x[i] * x[i];
+  const float rstd = 1.0f / std::sqrt(ss / float(dim) + eps);
+  for (int64_t i = 0; i < dim; ++i) y[i] = x[i] * rstd * w[i];
+  return rstd;
+}
+
+// gx = rstd * (gy*w - xhat * mean(gy*w*xhat)), xhat = x * rstd; gw += gy * xhat.
+void bwd_scalar(const float* gy, const float* x, const float* w, float rstd, int64_t dim,
+                float* gx, float* gw_acc) {
+  float dot = 0.0f;
+  for (int64_t i = 0; i < dim; ++i) dot += gy[i] * w[i] * (x[i] * rstd);
+  const float m = dot / float(dim);
+  for (int64_t i = 0; i < dim; ++i) {
+    const float xhat = x[i] * rstd;
+    gx[i] = rstd * (gy[i] * w[i] - xhat * m);
+    gw_acc[i] += gy[i] * xhat;
+  }
+}
+
+}  // namespace
+
+const Kernels scalar = {fwd_scalar, bwd_scalar};
+
+}  // namespace norm_kernels
+
+namespace {
+
+const norm_kernels::Kernels& kernels() {
+#ifdef NANOCHAT_HAVE_X86_KERNELS
+  if (active_isa() >= Isa::avx512) return norm_kernels::avx512;
+#endif
+  return norm_kernels::scalar;
+}
+
+int64_t blocks_of(int64_t n) { return (n + kRowBlock - 1) / kRowBlock; }
+
+}  // namespace
+
+void rms_norm_forward(const float* x, const float* w, int64_t rows, int64_t dim, float eps,
+                      float* y, float* rstd) {
+  const auto& k = kernels();
+  parallel_for(blocks_of(rows), [&](int64_t b) {
+    for (int64_t r = b * kRowBlock; r < std::min(rows, (b + 1) * kRowBlock); ++r)
+      rstd[r] = k.fwd(x + r * dim, w, dim, eps, y + r * dim);
+  });
+}
+
+void rms_norm_backward(const float* gy, const float* x, const float* w, const float* rstd,
+                       int64_t rows, int64_t dim, const int64_t* keep, int64_t n_keep,
+                       float* gx, float* gw) {
+  const auto& k = kernels();
+  const int64_t n = keep ? n_keep : rows;
+  for (int64_t i = 0; keep && i < n_keep; ++i)
+    if (keep[i] < 0 || keep[i] >= rows || (i > 0 && keep[i] <= keep[i - 1]))
+      throw Error("rms_norm_backward: keep[" + std::to_string(i) + "] = " +
+                  std::to_string(keep[i]) + " is not a sorted row index below " +
+                  std::to_string(rows));
+  if (keep) {  // rows not in the list get a zero gradient: fill the gaps between them
+    int64_t next = 0;
+    for (int64_t i = 0; i < n_keep; ++i) {
+      if (keep[i] > next) std::memset(gx + next * dim, 0, size_t((keep[i] - next) * dim) * 4);
+      next = keep[i] + 1;
+    }
+    if (rows > next) std::memset(gx + next * dim, 0, size_t((rows - next) * dim) * 4);
+  }
+  // gw: one partial sum per block of kRowBlock rows, then the blocks in order.
+  const int64_t nb = blocks_of(n);
+  std::vector<float> part(size_t(std::max<int64_t>(nb, 1) * dim), 0.0f);
+  parallel_for(nb, [&](int64_t b) {
+    float* acc = part.data() + b * dim;
+    for (int64_t i = b * kRowBlock; i < std::min(n, (b + 1) * kRowBlock); ++i) {
+      const int64_t r = keep ? keep[i] : i;
+      k.bwd(gy + r * dim, x + r * dim, w, rstd[r], dim, gx + r * dim, acc);
+    }
+  });
+  const int64_t cols_per = 256;
+  parallel_for((dim + cols_per - 1) / cols_per, [&](int64_t c) {
+    const int64_t c0 = c * cols_per, c1 = std::min(dim, c0 + cols_per);
+    for (int64_t j = c0; j < c1; ++j) {
+      float s = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) s += part[size_t(b * dim + j)];
+      gw[j] = s;
+    }
+  });
+}
+
+}  // namespace nanochat
