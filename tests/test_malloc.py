@@ -59,10 +59,11 @@ def test_tune_stops_refaulting_activation_buffers(run_python):
     assert default >= tuned + big // 2, (tuned, default)
 
 
-@pytest.mark.parametrize("compare", ["malloc", "bitlinear"])
+@pytest.mark.parametrize("compare", ["malloc", "bitlinear", "rmsnorm"])
 def test_bench_train_json_rows(run_nanochat, compare):
     """`nanochat bench train --json`: one row per variant, the ratios against the baseline
-    (malloc: glibc's defaults, the child skipping tune(); bitlinear: torch's BitLinear)."""
+    (malloc: glibc's defaults, the child skipping tune(); bitlinear: torch's BitLinear;
+    rmsnorm: F.rms_norm)."""
     import json
     import math
 
@@ -71,8 +72,9 @@ def test_bench_train_json_rows(run_nanochat, compare):
                       "--json"], timeout=300)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(ln) for ln in r.stdout.splitlines() if ln.strip()]
-    key, base, labels = (("malloc", "glibc", ["tuned", "glibc"]) if compare == "malloc"
-                         else ("bitlinear", "torch", ["cpp", "torch"]))
+    key = compare
+    base, labels = ("glibc", ["tuned", "glibc"]) if compare == "malloc" else \
+        ("torch", ["cpp", "torch"])
     assert [m[key] for m in rows] == labels
     by = {m[key]: m for m in rows}
     for m in rows:

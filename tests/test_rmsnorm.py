@@ -116,6 +116,13 @@ def test_falls_back_to_torch_off_the_cpu_float32_path():
     assert y.dtype == torch.float64
 
 
+def test_env_switch_selects_torch(monkeypatch):
+    x, w, _ = _problem(rows=4, dim=16)
+    monkeypatch.setenv("NANOCHAT_RMSNORM", "torch")
+    assert not rmsnorm.applies(x, w)
+    torch.testing.assert_close(rmsnorm.rms_norm(x, w, EPS), _torch(x, w))
+
+
 def test_model_norms_run_the_op():
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
                       ffn_hidden=64, max_seq_len=16)

@@ -9,11 +9,14 @@ per direction and saves the per-row 1/rms for the backward. Inside a Collider mi
 gradient is zero, so their input gradient is zero and they add nothing to the weight's.
 
 `rms_norm` takes the op for float32 CPU tensors and falls back to F.rms_norm elsewhere
-(CUDA, bf16 autocast, float64 references). Results equal F.rms_norm up to float rounding
-(tests/test_rmsnorm.py).
+(CUDA, bf16 autocast, float64 references), or everywhere with NANOCHAT_RMSNORM=torch
+(`nanochat bench train --compare rmsnorm` times the two). Results equal F.rms_norm up to
+float rounding (tests/test_rmsnorm.py).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -86,8 +89,10 @@ _rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the C++ op runs this call: float32 CPU tensors outside autocast."""
-    return (x.device.type == "cpu" and weight.device.type == "cpu"
+    """Whether the C++ op runs this call: float32 CPU tensors outside autocast, unless
+    NANOCHAT_RMSNORM=torch."""
+    return (os.environ.get("NANOCHAT_RMSNORM", "cpp") != "torch"
+            and x.device.type == "cpu" and weight.device.type == "cpu"
             and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and x.numel() > 0)
 

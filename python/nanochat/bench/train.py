@@ -12,7 +12,9 @@ with AVX512-BF16/AMX, see nanochat/bitlinear.py); the torch baseline is f32 thro
 
 `--compare malloc` instead runs the C++ path twice, with nanochat/malloc.py's glibc
 settings (what the trainer applies) and with glibc's defaults (the child skips tune()):
-speedup_vs_glibc = glibc step time / tuned step time.
+speedup_vs_glibc = glibc step time / tuned step time. `--compare rmsnorm` runs the C++
+path with the nanochat::rms_norm op (nanochat/rmsnorm.py) and with torch's F.rms_norm
+(NANOCHAT_RMSNORM=torch in the child): speedup_vs_torch.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch + kernel threads (0: all)")
-    p.add_argument("--compare", default="bitlinear", choices=("bitlinear", "malloc"),
+    p.add_argument("--compare", default="bitlinear", choices=("bitlinear", "malloc", "rmsnorm"),
                    help="bitlinear: C++ vs torch BitLinear (default); malloc: the C++ path "
-                   "with the trainer's glibc malloc settings vs glibc's defaults")
+                   "with the trainer's glibc malloc settings vs glibc's defaults; rmsnorm: "
+                   "the C++ path with the C++ RMSNorm op vs F.rms_norm")
     p.add_argument("--backward", default="auto", choices=("auto", "bf16", "float32"),
                    help="C++ path backward GEMM precision (default auto)")
 
@@ -81,23 +84,37 @@ def _measure(config: str, variant: str, batch: int, seq: int, steps: int, thread
         q.put({"error": f"{type(e).__name__}: {e}"})
 
 
+# --compare MODE: (label, BitLinear path, malloc.tune() in the child, environment of the
+# child) per variant; the last one is the baseline the ratios divide by.
+VARIANTS = {
+    "bitlinear": [("cpp", "cpp", True, {}), ("torch", "torch", True, {})],
+    "malloc": [("tuned", "cpp", True, {}), ("glibc", "cpp", False, {})],
+    "rmsnorm": [("cpp", "cpp", True, {}), ("torch", "cpp", True, {"NANOCHAT_RMSNORM": "torch"})],
+}
+
+
+def _child(env: dict, *args):
+    import os
+
+    os.environ.update(env)
+    _measure(*args)
+
+
 def run(args: argparse.Namespace):
     from nanochat.bitlinear import resolve_backward
 
     ctx = mp.get_context("spawn")
     backward = "bf16" if resolve_backward(args.backward) else "float32"
-    malloc_ab = args.compare == "malloc"
-    # (label, BitLinear path, malloc.tune() in the child); the last one is the baseline
-    variants = ([("tuned", "cpp", True), ("glibc", "cpp", False)] if malloc_ab
-                else [("cpp", "cpp", True), ("torch", "torch", True)])
+    variants = VARIANTS[args.compare]
+    base = variants[-1][0]
     for config in args.configs.split(","):
-        samples = {label: [] for label, _, _ in variants}
+        samples = {label: [] for label, *_ in variants}
         for _ in range(args.rounds):
-            for label, path, tune in variants:
+            for label, path, tune, env in variants:
                 q = ctx.Queue()
-                p = ctx.Process(target=_measure, args=(config, path, args.batch, args.seq,
-                                                       args.steps, args.threads,
-                                                       args.backward, q, tune))
+                p = ctx.Process(target=_child, args=(env, config, path, args.batch, args.seq,
+                                                     args.steps, args.threads, args.backward,
+                                                     q, tune))
                 p.start()
                 r = q.get()
                 p.join()
@@ -107,42 +124,28 @@ def run(args: argparse.Namespace):
         med = {v: {k: statistics.median(s[k] for s in samples[v])
                    for k in ("step_seconds", "tokens_per_s", "peak_rss_bytes")}
                for v in samples}
-        if malloc_ab:
-            for v in ("tuned", "glibc"):
-                yield {"config": config, "compare": "malloc", "malloc": v, "bitlinear": "cpp",
-                       "backward": backward, "batch": args.batch, "seq": args.seq,
-                       "threads": args.threads or None, "params": samples[v][0]["params"],
-                       **med[v],
-                       "speedup_vs_glibc": med["glibc"]["step_seconds"] / med[v]["step_seconds"],
-                       "memory_vs_glibc": med[v]["peak_rss_bytes"] / med["glibc"]["peak_rss_bytes"]}
-            continue
-        for v in ("cpp", "torch"):
-            yield {"config": config, "bitlinear": v,
-                   "backward": backward if v == "cpp" else "float32",
-                   "batch": args.batch, "seq": args.seq,
-                   "threads": args.threads or None, "params": samples[v][0]["params"], **med[v],
-                   "speedup_vs_torch": med["torch"]["step_seconds"] / med[v]["step_seconds"],
-                   "memory_vs_torch": med[v]["peak_rss_bytes"] / med["torch"]["peak_rss_bytes"]}
+        for label, path, _, _ in variants:
+            yield {"config": config, "compare": args.compare, args.compare: label,
+                   "bitlinear": path, "backward": backward if path == "cpp" else "float32",
+                   "batch": args.batch, "seq": args.seq, "threads": args.threads or None,
+                   "params": samples[label][0]["params"], **med[label],
+                   f"speedup_vs_{base}": med[base]["step_seconds"] / med[label]["step_seconds"],
+                   f"memory_vs_{base}": med[label]["peak_rss_bytes"]
+                   / med[base]["peak_rss_bytes"]}
 
 
 def main(args: argparse.Namespace) -> int:
-    base = "glibc" if args.compare == "malloc" else "torch"
+    mode, base = args.compare, VARIANTS[args.compare][-1][0]
     if not args.json:
-        first = "malloc" if args.compare == "malloc" else "bitlinear"
-        print(f"{'config':>10} {first:>9} {'backward':>8} {'params':>12} {'step':>9} "
+        print(f"{'config':>10} {mode:>9} {'backward':>8} {'params':>12} {'step':>9} "
               f"{'tokens/s':>9} {'peak RSS':>9} {'speed vs ' + base:>14} "
               f"{'mem vs ' + base:>12}")
     for m in run(args):
         if args.json:
             print(json.dumps(m), flush=True)
-        elif args.compare == "malloc":
-            print(f"{m['config']:>10} {m['malloc']:>9} {m['backward']:>8} {m['params']:>12,} "
-                  f"{m['step_seconds'] * 1e3:>7.0f}ms {m['tokens_per_s']:>9,.0f} "
-                  f"{m['peak_rss_bytes'] / 2**20:>7.0f}MB {m['speedup_vs_glibc']:>13.2f}x "
-                  f"{m['memory_vs_glibc']:>11.2f}x", flush=True)
         else:
-            print(f"{m['config']:>10} {m['bitlinear']:>9} {m['backward']:>8} {m['params']:>12,} "
+            print(f"{m['config']:>10} {m[mode]:>9} {m['backward']:>8} {m['params']:>12,} "
                   f"{m['step_seconds'] * 1e3:>7.0f}ms {m['tokens_per_s']:>9,.0f} "
-                  f"{m['peak_rss_bytes'] / 2**20:>7.0f}MB {m['speedup_vs_torch']:>13.2f}x "
-                  f"{m['memory_vs_torch']:>11.2f}x", flush=True)
+                  f"{m['peak_rss_bytes'] / 2**20:>7.0f}MB {m[f'speedup_vs_{base}']:>13.2f}x "
+                  f"{m[f'memory_vs_{base}']:>11.2f}x", flush=True)
     return 0
