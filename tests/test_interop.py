@@ -12,9 +12,11 @@ Tolerances, and why:
   freshly trained model can land on such a tie; the engine must then pick one of the two).
 - llama.cpp vs engine: llama.cpp quantizes activations per 256-element block (Q8_K) for
   its TQ2_0 dot products where BitNet quantizes per token, so its logits differ by a few
-  percent of their range; its greedy continuation must match ours for the first
-  LLAMA_MIN_AGREE tokens of every prompt (a divergence after that is allowed, once the
-  top two logits are within LLAMA_TIE of each other in our engine).
+  percent of their range. Teacher-forced on our greedy continuation (so one flip does not
+  send the two down different texts), llama.cpp's argmax must equal our token at every
+  position except where our top two logits are within LLAMA_TIE, and at no fewer than
+  LLAMA_MIN_AGREE of the 32 positions of every prompt (a freshly trained model loops on
+  near-tied tokens now and then: "7, 203, 7, 7, 203" at a 0.1 logit gap).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from conftest import assert_greedy_agrees
 
 PROMPTS = ["def ", "import os\n", "class ", "    return ", "for i in range("]
-LLAMA_MIN_AGREE = 16
+LLAMA_MIN_AGREE = 24  # of 32
 LLAMA_TIE = 0.5
 TORCH_TIE = 2e-3  # of torch's logit range
 
@@ -106,20 +108,19 @@ def test_llama_cpp_greedy_matches_engine(trained_tiny, llama_cpp, gguf_key):
     n = 32
     for prompt in PROMPTS:
         ids = _prompt_ids(tok, prompt)
-        llm.reset()
-        theirs = []
-        seq = list(ids)
-        llm.eval(seq)
-        for _ in range(n):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            theirs.append(nxt)
-            llm.eval([nxt])
         ours.reset()
         mine = ours.complete(ids, max_tokens=n, temperature=0.0, stop_at_eos=False)["tokens"]
-        agree = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), n)
-        if agree < n:  # a divergence must sit on a near-tie of our own logits
-            ours.reset()
-            logits = ours.eval(ids + mine[:agree])
-            top2 = np.sort(logits)[-2:]
-            assert top2[1] - top2[0] < LLAMA_TIE, (prompt, agree, top2)
+        ours.reset()
+        logits = ours.eval_all(ids + mine)[len(ids) - 1:-1]  # the logits that chose mine
+        assert [int(i) for i in logits.argmax(axis=1)] == mine  # greedy is argmax
+        llm.reset()
+        llm.eval(ids + mine)
+        theirs = [int(np.argmax(llm.scores[len(ids) - 1 + i])) for i in range(n)]
+        agree = 0
+        for i, (a, b) in enumerate(zip(mine, theirs)):
+            if a == b:
+                agree += 1
+                continue
+            top2 = np.sort(logits[i])[-2:]  # a disagreement must sit on a near-tie of ours
+            assert top2[1] - top2[0] < LLAMA_TIE, (prompt, i, top2)
         assert agree >= LLAMA_MIN_AGREE, (prompt, agree, mine, theirs)

@@ -59,11 +59,11 @@ def test_tune_stops_refaulting_activation_buffers(run_python):
     assert default >= tuned + big // 2, (tuned, default)
 
 
-@pytest.mark.parametrize("compare", ["malloc", "bitlinear", "rmsnorm"])
+@pytest.mark.parametrize("compare", ["malloc", "bitlinear", "fused"])
 def test_bench_train_json_rows(run_nanochat, compare):
     """`nanochat bench train --json`: one row per variant, the ratios against the baseline
     (malloc: glibc's defaults, the child skipping tune(); bitlinear: torch's BitLinear;
-    rmsnorm: F.rms_norm)."""
+    fused: torch's RMSNorm and SwiGLU)."""
     import json
     import math
 

@@ -183,7 +183,8 @@ def _stream_spread(model: GPT, idx) -> float:
     return ((x - x[:, :, :1]).abs().max() / x.abs().max()).item()
 
 
-def _train(model: GPT, steps=12):
+def _train(model: GPT, steps=12, grad_max: dict | None = None):
+    """`grad_max`, if given, gets each parameter's largest |gradient| over the steps."""
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(steps):
@@ -192,6 +193,10 @@ def _train(model: GPT, steps=12):
         opt.zero_grad()
         _, loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
+        if grad_max is not None:
+            for n, p in model.named_parameters():
+                if p.grad is not None:
+                    grad_max[n] = max(grad_max.get(n, 0.0), float(p.grad.abs().max()))
         opt.step()
     return idx
 
@@ -202,11 +207,14 @@ def test_short_run_streams_differ_and_every_mhc_param_learns(streams, res, dynam
     model = _model(streams=streams, res=res, dynamic=dynamic)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if ".mhc_" in n}
     assert len(before) == 2 * 2 * (5 if dynamic else 3)
-    idx = _train(model)
+    grad_max: dict = {}
+    idx = _train(model, grad_max=grad_max)
     assert _stream_spread(model, idx) > 1e-2
     for n, p in model.named_parameters():
         if ".mhc_" in n:
-            assert p.grad is not None and p.grad.abs().max() > 0, n
+            # over the run, not the last step: a static Sinkhorn matrix near a permutation
+            # (b_res's diagonal starts at 3) can pass an all-zero float32 gradient some steps
+            assert grad_max.get(n, 0.0) > 0, n
             assert not torch.equal(p.detach(), before[n]), n
 
 

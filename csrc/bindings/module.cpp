@@ -247,6 +247,7 @@ void bind_engine(py::module_& m);
 void bind_tokenizer(py::module_& m);
 void bind_loss(py::module_& m);  // loss.cpp
 void bind_norm(py::module_& m);  // norm.cpp
+void bind_swiglu(py::module_& m);  // swiglu.cpp
 void bind_optim(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
@@ -546,5 +547,6 @@ PYBIND11_MODULE(_C, m) {
   bind_tokenizer(m);
   bind_loss(m);
   bind_norm(m);
+  bind_swiglu(m);
   bind_optim(m);
 }

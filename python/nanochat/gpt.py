@@ -39,6 +39,7 @@ from nanochat.bitlinear import BitLinear, frozen
 from nanochat.config import ModelConfig, _build
 from nanochat.mhc import MHC
 from nanochat.moe import MoE
+from nanochat.swiglu import swiglu
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +133,9 @@ class Block(nn.Module):
         h = self.ffn_norm(x)
         if self.moe is not None:
             return self.moe(h)
-        g = self.ffn_gate(h)
-        g = F.silu(g) if self.activation == "silu" else F.relu(g).square()
-        return self.ffn_down(self.ffn_sub_norm(g * self.ffn_up(h)))
+        g, u = self.ffn_gate(h), self.ffn_up(h)
+        a = swiglu(g, u) if self.activation == "silu" else F.relu(g).square() * u
+        return self.ffn_down(self.ffn_sub_norm(a))
 
     def forward(self, x, cos, sin, cache: list | None = None):
         if hasattr(self, "mhc_attn"):  # x (B, T, n, d): streams mixed around each sub-layer

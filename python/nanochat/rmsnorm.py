@@ -10,7 +10,7 @@ gradient is zero, so their input gradient is zero and they add nothing to the we
 
 `rms_norm` takes the op for float32 CPU tensors and falls back to F.rms_norm elsewhere
 (CUDA, bf16 autocast, float64 references), or everywhere with NANOCHAT_RMSNORM=torch
-(`nanochat bench train --compare rmsnorm` times the two). Results equal F.rms_norm up to
+(`nanochat bench train --compare fused` times the two). Results equal F.rms_norm up to
 float rounding (tests/test_rmsnorm.py).
 """
 
@@ -22,14 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from nanochat import collider
+from nanochat._core import buffer as _buf
 from nanochat._core import core
-
-_DTYPES = {torch.float32: "float32", torch.int64: "int64"}
-
-
-def _buf(t: torch.Tensor):
-    return core().Buffer(t.data_ptr(), list(t.shape), list(t.stride()), _DTYPES[t.dtype],
-                         str(t.device))
 
 
 @torch.library.custom_op("nanochat::rms_norm", mutates_args=(), device_types="cpu")

@@ -12,9 +12,10 @@ with AVX512-BF16/AMX, see nanochat/bitlinear.py); the torch baseline is f32 thro
 
 `--compare malloc` instead runs the C++ path twice, with nanochat/malloc.py's glibc
 settings (what the trainer applies) and with glibc's defaults (the child skips tune()):
-speedup_vs_glibc = glibc step time / tuned step time. `--compare rmsnorm` runs the C++
-path with the nanochat::rms_norm op (nanochat/rmsnorm.py) and with torch's F.rms_norm
-(NANOCHAT_RMSNORM=torch in the child): speedup_vs_torch.
+speedup_vs_glibc = glibc step time / tuned step time. `--compare fused` runs the C++
+path with the nanochat::rms_norm and nanochat::swiglu ops (nanochat/rmsnorm.py, swiglu.py)
+and with torch's F.rms_norm and F.silu(gate) * up (NANOCHAT_RMSNORM=torch and
+NANOCHAT_SWIGLU=torch in the child): speedup_vs_torch.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch + kernel threads (0: all)")
-    p.add_argument("--compare", default="bitlinear", choices=("bitlinear", "malloc", "rmsnorm"),
+    p.add_argument("--compare", default="bitlinear", choices=("bitlinear", "malloc", "fused"),
                    help="bitlinear: C++ vs torch BitLinear (default); malloc: the C++ path "
-                   "with the trainer's glibc malloc settings vs glibc's defaults; rmsnorm: "
-                   "the C++ path with the C++ RMSNorm op vs F.rms_norm")
+                   "with the trainer's glibc malloc settings vs glibc's defaults; fused: the "
+                   "C++ path with the C++ RMSNorm and SwiGLU ops vs torch's")
     p.add_argument("--backward", default="auto", choices=("auto", "bf16", "float32"),
                    help="C++ path backward GEMM precision (default auto)")
 
@@ -89,7 +90,8 @@ def _measure(config: str, variant: str, batch: int, seq: int, steps: int, thread
 VARIANTS = {
     "bitlinear": [("cpp", "cpp", True, {}), ("torch", "torch", True, {})],
     "malloc": [("tuned", "cpp", True, {}), ("glibc", "cpp", False, {})],
-    "rmsnorm": [("cpp", "cpp", True, {}), ("torch", "cpp", True, {"NANOCHAT_RMSNORM": "torch"})],
+    "fused": [("cpp", "cpp", True, {}),
+              ("torch", "cpp", True, {"NANOCHAT_RMSNORM": "torch", "NANOCHAT_SWIGLU": "torch"})],
 }
 
 

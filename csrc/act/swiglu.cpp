@@ -1,0 +1,93 @@
+// SwiGLU drivers (swiglu.h): row blocks over the thread pool, the scalar reference rows.
+#include "act/swiglu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "common/threadpool.h"
+#include "nanochat/error.hpp"
+#include "ternary/dispatch.h"
+
+namespace nanochat {
+namespace swiglu_kernels {
+namespace {
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+void fwd_scalar(const float* g, const float* u, int64_t n, float* h) {
+  for (int64_t i = 0; i < n; ++i) h[i] = g[i] * sigmoid(g[i]) * u[i];
+}
+
+// d silu(g) / dg = s * (1 + g * (1 - s)), s = sigmoid(g).
+void bwd_scalar(const float* gh, const float* g, const float* u, int64_t n, float* gg,
+                float* gu) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = sigmoid(g[i]);
+    gu[i] = gh[i] * g[i] * s;
+    gg[i] = gh[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
+  }
+}
+
+}  // namespace
+
+const Kernels scalar = {fwd_scalar, bwd_scalar};
+
+}  // namespace swiglu_kernels
+
+namespace {
+
+const swiglu_kernels::Kernels& kernels() {
+#ifdef NANOCHAT_HAVE_X86_KERNELS
+  if (active_isa() >= Isa::avx512) return swiglu_kernels::avx512;
+#endif
+  return swiglu_kernels::scalar;
+}
+
+constexpr int64_t kRows = 16;  // rows per pool task
+
+}  // namespace
+
+void swiglu_forward(const float* g, const float* u, int64_t rows, int64_t dim, float* h) {
+  const auto& k = kernels();
+  parallel_for((rows + kRows - 1) / kRows, [&](int64_t b) {
+    const int64_t r0 = b * kRows, r1 = std::min(rows, r0 + kRows);
+    k.fwd(g + r0 * dim, u + r0 * dim, (r1 - r0) * dim, h + r0 * dim);
+  });
+}
+
+void swiglu_backward(const float* gh, const float* g, const float* u, int64_t rows,
+                     int64_t dim, const int64_t* keep, int64_t n_keep, float* gg, float* gu) {
+  const auto& k = kernels();
+  if (!keep) {
+    parallel_for((rows + kRows - 1) / kRows, [&](int64_t b) {
+      const int64_t r0 = b * kRows, o = r0 * dim, n = (std::min(rows, r0 + kRows) - r0) * dim;
+      k.bwd(gh + o, g + o, u + o, n, gg + o, gu + o);
+    });
+    return;
+  }
+  for (int64_t i = 0; i < n_keep; ++i)
+    if (keep[i] < 0 || keep[i] >= rows || (i > 0 && keep[i] <= keep[i - 1]))
+      throw Error("swiglu_backward: keep[" + std::to_string(i) + "] = " +
+                  std::to_string(keep[i]) + " is not a sorted row index below " +
+                  std::to_string(rows));
+  int64_t next = 0;  // rows not in the list get zero gradients: fill the gaps between them
+  const size_t row_bytes = size_t(dim) * sizeof(float);
+  for (int64_t i = 0; i <= n_keep; ++i) {
+    const int64_t end = i < n_keep ? keep[i] : rows;
+    if (end > next) {
+      std::memset(gg + next * dim, 0, size_t(end - next) * row_bytes);
+      std::memset(gu + next * dim, 0, size_t(end - next) * row_bytes);
+    }
+    next = end + 1;
+  }
+  parallel_for((n_keep + kRows - 1) / kRows, [&](int64_t b) {
+    for (int64_t i = b * kRows; i < std::min(n_keep, (b + 1) * kRows); ++i) {
+      const int64_t o = keep[i] * dim;
+      k.bwd(gh + o, g + o, u + o, dim, gg + o, gu + o);
+    }
+  });
+}
+
+}  // namespace nanochat
