@@ -37,13 +37,6 @@ def _ours(x, w):
     return rmsnorm.rms_norm(x, w, EPS)
 
 
-@pytest.fixture(params=ternary.supported_isas())
-def isa(request):
-    ternary.set_isa(request.param)
-    yield request.param
-    ternary.set_isa(None)
-
-
 @pytest.mark.parametrize("dim", [1, 16, 100, 256, 768])
 def test_matches_torch(isa, dim):
     """The tails (dim % 16 != 0) included; torch.float64 as the reference."""

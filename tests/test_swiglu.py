@@ -32,13 +32,6 @@ def _torch(gate, up):
     return F.silu(gate) * up
 
 
-@pytest.fixture(params=ternary.supported_isas())
-def isa(request):
-    ternary.set_isa(request.param)
-    yield request.param
-    ternary.set_isa(None)
-
-
 @pytest.mark.parametrize("dim", [1, 16, 100, 768])
 def test_matches_torch(isa, dim):
     gate, up, gout = _problem(dim=dim, seed=dim)

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/avx512_math.h"
 #include "dense/dense.h"
 #include "ternary/ternary.h"  // quantize_activations (its errors)
 
@@ -45,10 +46,6 @@ inline void store_tile(const __m512 (&acc)[R][T], int64_t r, int64_t t, float* y
       for (int i = 0; i < R; ++i) y[(t + j) * ldy + r + i] = _mm512_reduce_add_ps(acc[i][j]);
     }
   }
-}
-
-inline __mmask16 mask16(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
 }
 
 // ---- F32: 16 columns per step -------------------------------------------------------------
@@ -252,24 +249,6 @@ void accumulate(const float* p, const float* v, int64_t stride, int64_t n, int64
       default: accumulate_group<8>(p, v, stride, n, d, c0, acc); break;
     }
   }
-}
-
-// exp(x) for x in [-104, 89] (clamped): 2^k * e^r with |r| <= ln2/2 and a degree-6 Taylor
-// polynomial (relative error ~1e-7).
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, k);
 }
 
 void silu_mul(const float* g, const float* u, int64_t n, float* out) {

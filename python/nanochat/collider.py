@@ -25,11 +25,11 @@ micro-batch, with the config of [train.collider] (config.ColliderConfig):
               the `nanochat::bitlinear` op) and the tied LM head (GPT.logits). Every other op
               is row-wise (RMSNorm, RoPE, SiLU, residual adds, the embedding), so a dropped
               token's activation gradient is exactly zero in every layer; the C++ RMSNorm and
-              SwiGLU ops (nanochat/rmsnorm.py, swiglu.py) skip those rows in their backward. Attention is the
-              one op that mixes rows: kept queries send gradient to dropped tokens' keys and
-              values, and attn_k / attn_v drop it with their gathered GEMMs. That is the
-              approximation Collider makes: a dropped token still serves as context in the
-              forward but is not trained as context.
+              SwiGLU ops (nanochat/rmsnorm.py, swiglu.py) skip those rows in their backward.
+              Attention is the one op that mixes rows: kept queries send gradient to dropped
+              tokens' keys and values, and attn_k / attn_v drop it with their gathered GEMMs.
+              That is the approximation Collider makes: a dropped token still serves as
+              context in the forward but is not trained as context.
 
 How the mask reaches the layers: `armed(shape)` (entered by `Collider.forward_backward`
 around the forward and backward) marks calls whose leading dims are the micro-batch's
