@@ -159,10 +159,13 @@ def test_rope_pairs_are_neox_half_split():
 
 @pytest.mark.parametrize("act", ["silu", "relu2"])
 def test_ffn_activation(act):
-    m = _model(activation=act, kernel="torch")
+    # float64: the graph's wiring, not the float32 ops (the C++ SwiGLU op's own rounding
+    # could move an int8 activation code of ffn_down; tests/test_swiglu.py checks the op)
+    m = _model(activation=act, kernel="torch").double()
     blk = m.blocks[0]
-    x = torch.randn(1, 5, SMALL.d_model)
+    x = torch.randn(1, 5, SMALL.d_model, dtype=torch.float64)
     cos, sin = rope_cos_sin(torch.arange(5), SMALL.d_model // SMALL.n_heads, SMALL.rope_theta)
+    cos, sin = cos.double(), sin.double()
     attn = x + blk.attn_output(blk.attn_sub_norm(blk.attention(blk.attn_norm(x), cos, sin, None)))
     h = blk.ffn_norm(attn)
     g = blk.ffn_gate(h)

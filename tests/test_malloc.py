@@ -3,7 +3,7 @@ faulted in afresh.
 
 Each case runs tiny-config training steps (batch 8 x 256, torch BitLinear, one thread) in
 a fresh interpreter (malloc settings are process-wide) and counts the minor page faults of
-a step after three warm-up steps (the fewest of three: the heap settles over the first few).
+a step after three warm-up steps (the median of five steps).
 With glibc's defaults the step faults in about 180 MiB (the (8, 256, 768) activations and
 the 32 MiB logits, every step); tuned, only blocks at or over the 32 MiB mmap threshold
 (the logits) still are."""
@@ -30,11 +30,11 @@ def step():
 for _ in range(3):
     step()
 faults = []
-for _ in range(3):  # the heap's growth settles over the first steps: the fewest of three
+for _ in range(5):  # which big blocks the heap happens to serve varies by step: the median
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-print(int(applied), min(faults))
+print(int(applied), sorted(faults)[2])
 """
 
 
@@ -51,12 +51,13 @@ def test_tune_stops_refaulting_activation_buffers(run_python):
         pytest.skip("not glibc: mallopt is unavailable, nothing is tuned")
     opted_out, default = _faults(run_python, NANOCHAT_MALLOC_TUNE="0")
     assert not opted_out  # NANOCHAT_MALLOC_TUNE=0 keeps glibc's defaults
-    # Tuned, only the 32 MiB blocks (logits and their gradients: 8192 pages each; two or
-    # three of them a step, as the heap's free space happens to serve one) are faulted in:
-    # measured 16,386-24,580. glibc's defaults re-fault the activations on top: 33,500-45,000.
+    # Tuned, only the 32 MiB blocks (logits and their gradients: 8192 pages each; one to
+    # four of them a step, as the heap's free space happens to serve the others) are faulted
+    # in: medians measured 8,194-24,581. glibc's defaults re-fault the activations on top:
+    # medians 40,400-54,700.
     big = (8 * 256 * 4096 * 4) // 4096
-    assert tuned <= 3 * big + 1024, (tuned, default)
-    assert default >= tuned + big // 2, (tuned, default)
+    assert tuned <= 4 * big + 1024, (tuned, default)
+    assert default >= tuned + big, (tuned, default)
 
 
 @pytest.mark.parametrize("compare", ["malloc", "bitlinear", "fused"])
