@@ -4,7 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "nanochat/error.hpp"
@@ -62,6 +64,14 @@ inline void expect_shape(const Buffer& b, const char* name, std::vector<int64_t>
   if (b.shape != want)
     throw Error(std::string(name) + ": expected shape " + shape_str(want) + ", got " +
                 shape_str(b.shape));
+}
+
+// An optional 1-d int64 list of row indices (Collider's kept rows): its address and count,
+// or nullptr and 0 when absent.
+inline std::pair<const int64_t*, int64_t> optional_rows(const std::optional<Buffer>& b,
+                                                        const char* name) {
+  if (!b) return {nullptr, 0};
+  return {get<int64_t>(*b, name, "int64", 1), b->shape[0]};
 }
 
 }  // namespace nanochat::bindings

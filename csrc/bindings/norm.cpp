@@ -14,6 +14,7 @@ using nanochat::Error;
 using nanochat::bindings::Buffer;
 using nanochat::bindings::expect_shape;
 using nanochat::bindings::get;
+using nanochat::bindings::optional_rows;
 
 void bind_norm(py::module_& m) {
   m.def(
@@ -36,7 +37,7 @@ void bind_norm(py::module_& m) {
   m.def(
       "rms_norm_backward",
       [](const Buffer& gy, const Buffer& x, const Buffer& w, const Buffer& rstd,
-         py::object keep, const Buffer& gx, const Buffer& gw) {
+         const std::optional<Buffer>& keep, const Buffer& gx, const Buffer& gw) {
         const float* xp = get<float>(x, "x", "float32", 2);
         const int64_t rows = x.shape[0], dim = x.shape[1];
         const float* gyp = get<float>(gy, "grad_y", "float32", 2);
@@ -49,13 +50,7 @@ void bind_norm(py::module_& m) {
         expect_shape(gx, "grad_x", x.shape);
         float* gwp = get<float>(gw, "grad_weight", "float32", 1);
         expect_shape(gw, "grad_weight", {dim});
-        const int64_t* kp = nullptr;
-        int64_t n_keep = 0;
-        if (!keep.is_none()) {
-          const Buffer& k = keep.cast<const Buffer&>();
-          kp = get<int64_t>(k, "keep", "int64", 1);
-          n_keep = k.shape[0];
-        }
+        const auto [kp, n_keep] = optional_rows(keep, "keep");
         py::gil_scoped_release release;
         nanochat::rms_norm_backward(gyp, xp, wp, rp, rows, dim, kp, n_keep, gxp, gwp);
       },

@@ -10,6 +10,7 @@ namespace py = pybind11;
 using nanochat::bindings::Buffer;
 using nanochat::bindings::expect_shape;
 using nanochat::bindings::get;
+using nanochat::bindings::optional_rows;
 
 void bind_swiglu(py::module_& m) {
   m.def(
@@ -26,8 +27,8 @@ void bind_swiglu(py::module_& m) {
       py::arg("gate"), py::arg("up"), py::arg("out"), "out = silu(gate) * up (rows x dim).");
   m.def(
       "swiglu_backward",
-      [](const Buffer& gh, const Buffer& g, const Buffer& u, py::object keep, const Buffer& gg,
-         const Buffer& gu) {
+      [](const Buffer& gh, const Buffer& g, const Buffer& u, const std::optional<Buffer>& keep,
+         const Buffer& gg, const Buffer& gu) {
         const float* gp = get<float>(g, "gate", "float32", 2);
         const float* up = get<float>(u, "up", "float32", 2);
         expect_shape(u, "up", g.shape);
@@ -37,13 +38,7 @@ void bind_swiglu(py::module_& m) {
         expect_shape(gg, "grad_gate", g.shape);
         float* gup = get<float>(gu, "grad_up", "float32", 2);
         expect_shape(gu, "grad_up", g.shape);
-        const int64_t* kp = nullptr;
-        int64_t n_keep = 0;
-        if (!keep.is_none()) {
-          const Buffer& k = keep.cast<const Buffer&>();
-          kp = get<int64_t>(k, "keep", "int64", 1);
-          n_keep = k.shape[0];
-        }
+        const auto [kp, n_keep] = optional_rows(keep, "keep");
         py::gil_scoped_release release;
         nanochat::swiglu_backward(ghp, gp, up, g.shape[0], g.shape[1], kp, n_keep, ggp, gup);
       },

@@ -1,4 +1,4 @@
-// Small AVX-512 helpers shared by the AVX-512 kernel files (dense, norm, act). Included
+// Small AVX-512 helpers shared by the AVX-512 kernel files (dense, loss, norm, act). Included
 // only by files built with AVX-512 flags; everything sits in an anonymous namespace so each
 // file keeps its own copy (the linker cannot pick one built with other ISA flags).
 #pragma once

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/avx512_math.h"
 #include "common/cpu.h"
 #include "loss/fused_loss.h"
 
@@ -65,10 +66,6 @@ void micro_bf16(int64_t kc, const uint16_t* ap, const uint16_t* bp, float* c, in
     _mm512_storeu_ps(p, c0[r]);
     _mm512_storeu_ps(p + 16, c1[r]);
   }
-}
-
-inline __mmask16 mask16(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
 }
 
 // exp(x) for x <= 0 (a logit minus the row max): x = n ln2 + r, |r| <= ln2/2, a degree-7

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import importlib
 
+import numpy as np
+
 
 @functools.cache
 def core():
@@ -17,12 +19,24 @@ def core():
         ) from e
 
 
-_DTYPES = {"torch.float32": "float32", "torch.int64": "int64", "torch.int32": "int32",
-           "torch.int8": "int8", "torch.uint8": "uint8"}
+
+_DTYPES = ("float32", "int8", "uint8", "int32", "int64")  # what the bindings take
 
 
-def buffer(t):
-    """The core's raw-buffer descriptor (address, shape, strides, dtype, device) of a torch
-    tensor; the bindings check it before any kernel reads it."""
-    return core().Buffer(t.data_ptr(), list(t.shape), list(t.stride()), _DTYPES[str(t.dtype)],
-                         str(t.device))
+def buffer(a, name: str = "array"):
+    """Describe a torch tensor or numpy array to the core: address, shape, element strides,
+    dtype, device (csrc/bindings/buffer.h checks it before any kernel reads it). Tensors are
+    recognized by duck typing so that this module, and the engine, never import torch."""
+    if isinstance(a, np.ndarray):
+        if a.dtype.name not in _DTYPES:
+            raise TypeError(f"{name}: unsupported dtype {a.dtype}")
+        if any(s % a.itemsize for s in a.strides):
+            raise ValueError(f"{name}: strides {a.strides} are not whole elements")
+        strides = [s // a.itemsize for s in a.strides]
+        return core().Buffer(a.ctypes.data, list(a.shape), strides, a.dtype.name, "cpu")
+    if hasattr(a, "data_ptr") and hasattr(a, "stride"):  # a torch.Tensor
+        dtype = str(a.dtype).removeprefix("torch.")
+        if dtype not in _DTYPES:
+            raise TypeError(f"{name}: unsupported dtype {a.dtype}")
+        return core().Buffer(a.data_ptr(), list(a.shape), list(a.stride()), dtype, str(a.device))
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(a).__name__}")

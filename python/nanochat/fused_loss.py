@@ -34,16 +34,11 @@ import os
 import torch
 import torch.nn.functional as F
 
+from nanochat._core import buffer as _buf
 from nanochat._core import core
 
 DEFAULT_CHUNK = 1024
 PRECISIONS = ("f32", "bf16")
-
-
-def _buf(t: torch.Tensor):
-    dtypes = {torch.float32: "float32", torch.int32: "int32"}
-    return core().Buffer(t.data_ptr(), list(t.shape), list(t.stride()), dtypes[t.dtype],
-                         str(t.device))
 
 
 def cuda_kernel_selected() -> bool:

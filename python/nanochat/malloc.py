@@ -2,11 +2,11 @@
 
 A training step allocates and frees the same few-MiB activation tensors hundreds of times.
 glibc serves blocks above its mmap threshold with fresh mmap()s and trims a free heap top
-back to the OS, so those tensors' pages are faulted in and zeroed again every step: on the
-tiny config, element-wise ops on (8, 256, 768) tensors ran at about a fifth of their speed
-(a torch.profiler trace, not a repo command). Pinning the mmap threshold at its maximum
+back to the OS, so those tensors' pages are faulted in and zeroed again every step, and
+element-wise ops on them pay for it. Pinning the mmap threshold at its maximum
 (32 MiB) and raising the trim threshold keeps such blocks in the heap for reuse: a tiny
-step faults ~2-3x fewer pages (tests/test_malloc.py counts them) and runs 1.15x faster;
+step faults in only its 32 MiB blocks (tests/test_malloc.py counts the pages) and runs
+1.15x faster;
 nano_125m's steps do not change beyond noise (`nanochat bench train --compare malloc`,
 docs/benchmarks.md). This is what PyTorch's CPU tuning guide gets from jemalloc/tcmalloc via
 LD_PRELOAD, without a preload. Blocks of 32 MiB and more (tiny's logits) still go to mmap.

@@ -21,6 +21,7 @@ from typing import Union
 import numpy as np
 import torch
 
+from nanochat._core import buffer as _buffer  # the core's buffer descriptor
 from nanochat._core import core
 
 Array = Union[torch.Tensor, np.ndarray]
@@ -37,24 +38,6 @@ _TORCH_DTYPES = {
     torch.int32: "int32",
 }
 _NUMPY_TO_TORCH = {"float32": torch.float32, "int8": torch.int8, "uint8": torch.uint8}
-
-
-def _buffer(a: Array, name: str):
-    """Describe `a` to the core: address, shape, element strides, dtype, device."""
-    if isinstance(a, torch.Tensor):
-        if a.dtype not in _TORCH_DTYPES:
-            raise TypeError(f"{name}: unsupported dtype {a.dtype}")
-        return core().Buffer(
-            a.data_ptr(), list(a.shape), list(a.stride()), _TORCH_DTYPES[a.dtype], str(a.device)
-        )
-    if isinstance(a, np.ndarray):
-        if a.dtype.name not in ("float32", "int8", "uint8", "int32"):
-            raise TypeError(f"{name}: unsupported dtype {a.dtype}")
-        if any(s % a.itemsize for s in a.strides):
-            raise ValueError(f"{name}: strides {a.strides} are not whole elements")
-        strides = [s // a.itemsize for s in a.strides]
-        return core().Buffer(a.ctypes.data, list(a.shape), strides, a.dtype.name, "cpu")
-    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(a).__name__}")
 
 
 def _check(a: Array, name: str, dtype: str, ndim: int) -> None:
