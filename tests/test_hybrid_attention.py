@@ -25,8 +25,11 @@ def _model(seed=0, **kw) -> GPT:
     return GPT(_cfg(**kw), bitlinear="torch")
 
 
-def reference_attend(q, k, v, cached, window):
-    """softmax(q k^T / sqrt(D) + mask) v with the mask written out position by position."""
+def reference_attend(q, k, v, cached, window, token_rows=False):
+    """softmax(q k^T / sqrt(D) + mask) v with the mask written out position by position
+    (k, v: the query heads' kv heads, repeated for grouped-query attention)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     t, s, d = q.shape[2], k.shape[2], q.shape[3]
     mask = torch.full((t, s), float("-inf"))
     for i in range(t):

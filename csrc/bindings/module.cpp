@@ -246,6 +246,7 @@ void gguf_write(const std::string& path, const py::list& kvs, const py::list& te
 void bind_engine(py::module_& m);
 void bind_tokenizer(py::module_& m);
 void bind_loss(py::module_& m);  // loss.cpp
+void bind_attention(py::module_& m);  // attention.cpp
 void bind_norm(py::module_& m);  // norm.cpp
 void bind_swiglu(py::module_& m);  // swiglu.cpp
 void bind_optim(py::module_& m);
@@ -546,6 +547,7 @@ PYBIND11_MODULE(_C, m) {
   bind_engine(m);
   bind_tokenizer(m);
   bind_loss(m);
+  bind_attention(m);
   bind_norm(m);
   bind_swiglu(m);
   bind_optim(m);

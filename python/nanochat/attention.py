@@ -8,13 +8,33 @@ KV cache: keys and values are cached after RoPE (absolute positions), so a windo
 only needs the last window - 1 of them (the next query adds its own): `trim` drops the rest,
 and the cache of an "S" layer stays at most window - 1 long however long the generation.
 
-    pytest tests/test_hybrid_attention.py
+Grouped-query attention: k and v have Hkv heads, q head h reads kv head h // (H / Hkv)
+(llama.cpp's order).
+
+Collider (nanochat/collider.py): in a Collider micro-batch, only the kept token rows carry an
+output gradient (a dropped row's is exactly zero) and the k / v projections drop the
+gradient of the dropped rows anyway. `nanochat::attention` (float32 CPU training over the
+micro-batch's rows) runs torch's flash-attention forward and, for its backward, the C++
+kernel of csrc/attn/attention.cpp over the kept rows only: scores and their gradient for
+kept queries, dk / dv for kept keys, causal tiles skipped. The dense flash backward would
+spend ~5 T^2 D / 2 multiply-adds per head on every row; the kept-row one (3 r + 2 r^2) / 5 of
+that at kept fraction r (0.56 at r = 0.65). Equal to autograd through SDPA on the kept rows
+up to float rounding (tests/test_attention_backward.py).
+
+    pytest tests/test_hybrid_attention.py tests/test_attention_backward.py
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import torch.nn.functional as F
+
+from nanochat import collider
+from nanochat._core import buffer as _buf
+from nanochat._core import core
 
 
 def attention_mask(t: int, cached: int, window: int | None, device=None) -> torch.Tensor:
@@ -28,12 +48,21 @@ def attention_mask(t: int, cached: int, window: int | None, device=None) -> torc
     return ok
 
 
+def _repeat_kv(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    group = q.shape[1] // kv.shape[1]
+    return kv if group == 1 else kv.repeat_interleave(group, dim=1)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: int,
-           window: int | None) -> torch.Tensor:
-    """Scaled dot-product attention of q (B, H, T, D) over k, v (B, H, cached + T, D), whose
+           window: int | None, token_rows: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, H, T, D) over k, v (B, Hkv, cached + T, D), whose
     first `cached` keys precede the T new positions. Picks SDPA's plain causal / unmasked
     forms where they are exact (a full layer's prefill, a single new token that sees the
-    whole cache) and an explicit mask otherwise."""
+    whole cache) and an explicit mask otherwise. token_rows: the T positions are a Collider
+    micro-batch's token rows (the kept-row backward where it applies; module doc)."""
+    if cached == 0 and torch.is_grad_enabled() and op_applies(q, k, v):  # training
+        return torch.ops.nanochat.attention(q, k, v, window or 0, token_rows)[0]
+    k, v = _repeat_kv(q, k), _repeat_kv(q, v)
     t, s = q.shape[2], k.shape[2]
     if window is None or window >= s:  # the window covers everything: plain causal
         if cached == 0:
@@ -51,3 +80,84 @@ def trim(kv: torch.Tensor, window: int | None) -> torch.Tensor:
         return kv
     keep = min(window - 1, kv.shape[2])
     return kv[:, :, kv.shape[2] - keep:]
+
+
+# ---- the C++ kept-row backward (module doc) ------------------------------------------------
+
+
+def op_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether nanochat::attention runs this call: float32 CPU tensors outside autocast,
+    unless NANOCHAT_ATTENTION=torch."""
+    return (os.environ.get("NANOCHAT_ATTENTION", "cpp") != "torch"
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v))
+            and q.shape[1] % k.shape[1] == 0 and q.shape[2] == k.shape[2]
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def _window_bias(t: int, window: int, like: torch.Tensor) -> torch.Tensor:
+    """Additive (t, t) mask of a sliding-window causal layer (flash attention takes no bool)."""
+    return torch.zeros((t, t), dtype=like.dtype).masked_fill_(
+        ~attention_mask(t, 0, window), float("-inf"))
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+@torch.library.custom_op("nanochat::attention", mutates_args=(), device_types="cpu")
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                  token_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, T, D), logsumexp (B, H, T)) of causal attention (window 0: full) of q over
+    k, v (B, Hkv, T, D): torch's flash-attention forward. token_rows: the rows are a Collider
+    micro-batch's tokens (the backward runs on the kept ones)."""
+    t = q.shape[2]
+    bias = _window_bias(t, window, q) if 0 < window < t else None
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, _repeat_kv(q, k), _repeat_kv(q, v), 0.0, bias is None, attn_mask=bias)
+    return out, lse
+
+
+@_attention_op.register_fake
+def _(q, k, v, window, token_rows):
+    torch._check(q.dim() == 4 and k.shape == v.shape, lambda: "q (B,H,T,D), k = v (B,Hkv,T,D)")
+    b, h, t, d = q.shape  # flash attention's layouts: (B, T, H, D) and (B, T, H) in memory
+    return q.new_empty((b, t, h, d)).transpose(1, 2), q.new_empty((b, t, h)).transpose(1, 2)
+
+
+@torch.library.custom_op("nanochat::attention_backward", mutates_args=(), device_types="cpu")
+def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           rows: torch.Tensor | None,
+                           window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_q, grad_k, grad_v) on the listed rows (sorted flat b * T + t, int64; None: all),
+    zero elsewhere (csrc/attn/attention.h)."""
+    gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    t = [_last_dim_contiguous(x) for x in (q, k, v, out, grad_out, lse)]
+    core().attention_backward(*(_buf(x) for x in t), None if rows is None else _buf(rows),
+                              _buf(gq), _buf(gk), _buf(gv), window, 1.0 / math.sqrt(q.shape[-1]))
+    return gq, gk, gv
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, rows, window):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, window, token_rows = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.window, ctx.token_rows = window, token_rows
+    ctx.set_materialize_grads(True)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    b, _, t, _ = q.shape
+    rows = collider.kept_rows(b * t) if ctx.token_rows else None
+    gq, gk, gv = torch.ops.nanochat.attention_backward(grad_out, q, k, v, out, lse, rows,
+                                                       ctx.window)
+    return gq, gk, gv, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)

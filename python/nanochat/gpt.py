@@ -118,11 +118,8 @@ class Block(nn.Module):
                 k = torch.cat((cache[0], k), dim=2)
                 v = torch.cat((cache[1], v), dim=2)
             cache[0], cache[1] = trim(k, self.window), trim(v, self.window)
-        if self.n_kv_heads != self.n_heads:  # q head h reads kv head h // group (llama.cpp's)
-            group = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
-        y = attend(q, k, v, past, self.window)
+        # grouped-query: q head h reads kv head h // (n_heads / n_kv_heads), inside attend
+        y = attend(q, k, v, past, self.window, collider.token_rows(x))
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B,T,H*D)
 
     def attn_branch(self, x, cos, sin, cache: list | None = None):
