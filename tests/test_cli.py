@@ -96,7 +96,7 @@ def bench_lines():
 
 def test_bench_kernels_json(bench_lines):
     assert bench_lines
-    assert {m["op"] for m in bench_lines} == {"gemv", "gemm", "quantize", "layer"}
+    assert {m["op"] for m in bench_lines} == {"gemv", "gemm", "quantize", "layer", "attention"}
     bench_lines = [m for m in bench_lines if m["op"] in ("gemv", "gemm")]
     for m in bench_lines:
         assert isinstance(m, dict)
@@ -146,6 +146,12 @@ def test_bench_kernels_training_parts(bench_lines):
         layer[0]["tokens"]
     assert math.isclose(layer[0]["vs_torch"], layer[0]["torch_seconds"] / layer[0]["seconds"],
                         rel_tol=1e-9)
+    att = [m for m in bench_lines if m["op"] == "attention"]
+    assert {m["kernel"] for m in att} == {"attention_dense", "attention_kept"}
+    for m in att:
+        assert m["seconds"] > 0 and m["tokens"] == m["batch"] * m["seq"]
+        assert math.isclose(m["vs_torch"], m["torch_seconds"] / m["seconds"], rel_tol=1e-9)
+        assert (m["kept_fraction"] == 1.0) == (m["kernel"] == "attention_dense")
 
 
 def test_bench_kernels_bad_isa():

@@ -143,6 +143,51 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _GatheredLinear.apply(x, w) if token_rows(x) else F.linear(x, w)
 
 
+class _TokenLosses(torch.autograd.Function):
+    """Per-token cross-entropy of a linear head, F.cross_entropy(x @ w^T, y, reduction="none",
+    ignore_index=-1), whose backward forms the logits' gradient softmax - onehot on the kept
+    rows only (the dropped ones would multiply a zero incoming gradient over the whole
+    vocabulary) and feeds it straight to the two gathered GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x, w, y):
+        z = F.linear(x, w)  # (N, V), bf16 under CUDA autocast: the GEMMs' precision
+        ctx.dtype = z.dtype
+        z = z.float()
+        lse = torch.logsumexp(z, dim=1)
+        valid = y >= 0
+        picked = z.gather(1, y.clamp(min=0)[:, None])[:, 0]
+        ctx.save_for_backward(x, w, y, z, lse)
+        return torch.where(valid, lse - picked, torch.zeros_like(lse))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, y, z, lse = ctx.saved_tensors
+        n = z.shape[0]
+        rows = kept_rows(n) if _STATE.shape is not None else None
+        g = grad * (y >= 0)
+        if rows is not None:  # the kept rows' logits, gathered into a fresh tensor
+            x, y, lse, g = (t.index_select(0, rows) for t in (x, y, lse, g))
+            p = z.index_select(0, rows).sub_(lse[:, None])
+        else:
+            p = z - lse[:, None]
+        p.exp_()  # softmax, then in place: minus the one-hot target, times the incoming grad
+        p[torch.arange(p.shape[0], device=p.device), y.clamp(min=0)] -= 1.0
+        p = p.mul_(g[:, None]).to(ctx.dtype)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = scatter_rows(rows, n, p @ w.to(ctx.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (p.t() @ x.to(ctx.dtype)).to(w.dtype)
+        return grad_x, grad_w, None
+
+
+def token_losses(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy (N,) of the head x (N, d) @ w (V, d)^T against y (N,) (-1:
+    ignored, loss 0); over an armed micro-batch's kept rows, the backward runs on those only."""
+    return _TokenLosses.apply(x, w, y)
+
+
 # ---- selection and the training step -----------------------------------------------------
 
 

@@ -310,9 +310,9 @@ class GPT(nn.Module):
             cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
             hidden = mtp.head_hidden(self.mtp, h, self.token_embd(idx), cos, sin)
         tgt = mtp.head_targets(targets, n)  # (n, B, T), head i shifted by i
-        losses = torch.stack([F.cross_entropy(
-            self.logits(x).reshape(-1, self.config.vocab_size), tgt[i].reshape(-1),
-            ignore_index=-1, reduction="none").view(targets.shape)
+        W = self.token_embd.weight  # tied head; collider.token_losses: kept-row backward
+        losses = torch.stack([collider.token_losses(
+            x.reshape(-1, x.shape[-1]), W, tgt[i].reshape(-1)).view(targets.shape)
             for i, x in enumerate(hidden)])
         weights = mtp.head_weights(self.config.mtp) if n > 1 else [1.0]
         return losses, tgt, weights

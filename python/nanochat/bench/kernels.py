@@ -18,7 +18,12 @@ Two more parts time what training runs around the GEMM (skip them with --no-trai
     fake-quant version (nanochat/bitlinear.py); vs_scalar = scalar time / this time;
   - op "layer": one BitLinear's forward + backward at the shapes behind bitlinear.py's
     AUTO_MIN_MACS threshold, the C++ op (kernel="cpp") vs torch (kernel="torch");
-    vs_torch = torch time / C++ time.
+    vs_torch = torch time / C++ time;
+  - op "attention": one causal attention's forward + backward at training shapes (tiny's
+    and nano_125m's heads, batch 8 x 256), nanochat::attention (torch's flash forward, the
+    C++ backward of csrc/attn) vs torch's SDPA (flash forward and backward, k / v repeated
+    for grouped-query heads, as GPT ran before); "kept" is the C++ backward inside a
+    Collider micro-batch keeping 65% of the rows. vs_torch = torch time / this time.
 
 Columns: seconds per call (median), GOPS = 2*rows*cols*tokens/s, weight GB/s
 (TK2 bytes = rows*cols/4 per call), bw_fraction = weight GB/s / read bandwidth,
@@ -42,6 +47,8 @@ QUICK_SHAPES = [(256, 256), (512, 768)]
 QUANT_SHAPES = [(2048, 256), (2048, 768)]
 # (in, out, tokens) of one BitLinear's forward + backward: around AUTO_MIN_MACS (2^25)
 LAYER_SHAPES = [(256, 64, 2048), (256, 128, 2048), (768, 256, 2048), (256, 128, 256)]
+# (batch, heads, kv heads, seq, head_dim) of attention: tiny's and nano_125m's at 8 x 256
+ATTENTION_SHAPES = [(8, 4, 2, 256, 64), (8, 12, 4, 256, 64)]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -186,6 +193,7 @@ def run(args: argparse.Namespace):
         if not args.no_training:
             yield from _quantize_rows(isas, threads, rounds, min_time, args.quick, gen)
             yield from _layer_rows(threads, rounds, min_time, args.quick, gen)
+            yield from _attention_rows(threads, rounds, min_time, args.quick, gen)
     finally:
         ternary.set_isa(None)
         ternary.set_num_threads(0)
@@ -253,6 +261,50 @@ def _layer_rows(threads, rounds, min_time, quick, gen):
                    "vs_torch": torch_s / ours}
 
 
+def _attention_rows(threads, rounds, min_time, quick, gen):
+    import torch
+    import torch.nn.functional as F
+
+    from nanochat import attention, collider, ternary  # noqa: F401  (registers the op)
+
+    for b, h, hkv, t, d in ([(2, 4, 2, 64, 64)] if quick else ATTENTION_SHAPES):
+        q = torch.randn(b, t, h, d, generator=gen).transpose(1, 2).requires_grad_()
+        k, v = (torch.randn(b, t, hkv, d, generator=gen).transpose(1, 2).requires_grad_()
+                for _ in range(2))
+        go = torch.randn(b, h, t, d, generator=gen)
+        keep = torch.rand(b, t, generator=gen) < 0.65
+
+        def sdpa():
+            g = h // hkv
+            o = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1),
+                                               v.repeat_interleave(g, 1), is_causal=True)
+            torch.autograd.grad(o, (q, k, v), go)
+
+        def ours(kept: bool):
+            with collider.armed((b, t)):
+                if kept:
+                    collider.set_keep(keep)
+                o = torch.ops.nanochat.attention(q, k, v, 0, True)[0]
+                torch.autograd.grad(o, (q, k, v), go)
+
+        variants = {"torch": sdpa, "dense": lambda: ours(False), "kept": lambda: ours(True)}
+        for th in threads:
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(rounds):
+                torch.set_num_threads(th)
+                ternary.set_num_threads(th)
+                for name, fn in variants.items():
+                    times[name].append(_time_calls(fn, min_time))
+            med = {name: statistics.median(v) for name, v in times.items()}
+            for name in ("dense", "kept"):
+                yield {"op": "attention", "rows": h, "cols": d, "tokens": b * t, "threads": th,
+                       "isa": ternary.active_isa(), "kernel": f"attention_{name}",
+                       "batch": b, "heads": h, "kv_heads": hkv, "seq": t, "head_dim": d,
+                       "kept_fraction": float(keep.float().mean()) if name == "kept" else 1.0,
+                       "seconds": med[name], "torch_seconds": med["torch"],
+                       "vs_torch": med["torch"] / med[name]}
+
+
 def main(args: argparse.Namespace) -> int:
     rows = []
     if not args.json:
@@ -272,6 +324,11 @@ def main(args: argparse.Namespace) -> int:
             print(f"{'BitLinear fwd+bwd':20} {m['cols']:>5}->{m['rows']:<4} x{m['tokens']:<5} "
                   f"{m['threads']:>3} {'cpp op':>11} {_fmt_time(m['seconds']):>10} "
                   f"{'2^%.1f MACs' % math.log2(m['macs']):>14} {vs:>8} torch", flush=True)
+        elif m["op"] == "attention":
+            shape = f"{m['batch']}x{m['seq']} h{m['heads']}/{m['kv_heads']} d{m['head_dim']}"
+            what = "kept 65%" if m["kernel"] == "attention_kept" else "all rows"
+            print(f"{'attention fwd+bwd':20} {shape:<22} {m['threads']:>3} {what:>9} "
+                  f"{_fmt_time(m['seconds']):>10} {vs:>8} torch", flush=True)
         else:
             isa = m["isa"] if m["kernel"] == "tk2" else "codes"
             print(f"{m['op']:4} {m['rows']:>6}x{m['cols']:<6} {m['tokens']:>4} {m['threads']:>3} "

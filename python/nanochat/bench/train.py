@@ -2,8 +2,8 @@
 
 Same model, batch, seed and thread count; the only difference is the BitLinear path:
 "cpp" (the forward runs the C++ ternary GEMM through the nanochat::bitlinear custom op,
-with the C++ RMSNorm and SwiGLU ops) or "torch" (the textbook fake-quant BitLinear in pure
-PyTorch, with torch's RMSNorm and SwiGLU). Each measurement runs
+with the C++ RMSNorm, SwiGLU and attention-backward ops) or "torch" (the textbook
+fake-quant BitLinear in pure PyTorch, with torch's RMSNorm, SwiGLU and SDPA). Each measurement runs
 in a fresh child process so its peak memory (max RSS on CPU) is its own; the variants
 alternate round by round (A B A B) and medians are reported, with the ratio cpp/torch.
 
@@ -14,9 +14,10 @@ with AVX512-BF16/AMX, see nanochat/bitlinear.py); the torch baseline is f32 thro
 `--compare malloc` instead runs the C++ path twice, with nanochat/malloc.py's glibc
 settings (what the trainer applies) and with glibc's defaults (the child skips tune()):
 speedup_vs_glibc = glibc step time / tuned step time. `--compare fused` runs the C++
-path with the nanochat::rms_norm and nanochat::swiglu ops (nanochat/rmsnorm.py, swiglu.py)
-and with torch's F.rms_norm and F.silu(gate) * up (NANOCHAT_RMSNORM=torch and
-NANOCHAT_SWIGLU=torch in the child): speedup_vs_torch.
+path with the nanochat::rms_norm, nanochat::swiglu and nanochat::attention ops
+(nanochat/rmsnorm.py, swiglu.py, attention.py) and with torch's F.rms_norm,
+F.silu(gate) * up and SDPA (NANOCHAT_RMSNORM=torch, NANOCHAT_SWIGLU=torch and
+NANOCHAT_ATTENTION=torch in the child): speedup_vs_torch.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def _measure(config: str, variant: str, batch: int, seq: int, steps: int, thread
 
 # --compare MODE: (label, BitLinear path, malloc.tune() in the child, environment of the
 # child) per variant; the last one is the baseline the ratios divide by.
-TORCH_OPS = {"NANOCHAT_RMSNORM": "torch", "NANOCHAT_SWIGLU": "torch"}  # no C++ op at all
+TORCH_OPS = {"NANOCHAT_RMSNORM": "torch", "NANOCHAT_SWIGLU": "torch",  # no C++ op at all
+             "NANOCHAT_ATTENTION": "torch"}
 VARIANTS = {
     "bitlinear": [("cpp", "cpp", True, {}), ("torch", "torch", True, TORCH_OPS)],
     "malloc": [("tuned", "cpp", True, {}), ("glibc", "cpp", False, {})],
