@@ -206,3 +206,59 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(gx, x.grad)
     torch.testing.assert_close(gw, m.weight.grad)
+
+
+def _operands_problem(n=45, out=100, cin=70, seed=0):
+    g = _gen(seed)
+    gy = torch.randn(n, out, generator=g) * 3
+    # specials and round-to-nearest-even ties (bf16 keeps the top 16 bits of float32)
+    gy[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40])
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3F807FFF], dtype=torch.int32)
+    gy[1, :4] = ties.view(torch.float32)
+    gy[2, :4] = -ties.view(torch.float32)
+    q = torch.randint(-128, 128, (n, cin), generator=g, dtype=torch.int8)
+    x_scale = torch.rand(n, generator=g) * 0.1 + 1e-3
+    return gy, q, x_scale
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_backward_operands_equal_torch_bitwise(isa, kept):
+    """nanochat::bitlinear_backward_operands and scatter_scaled_rows are exactly the torch
+    sequence they replace (gather, casts to bf16, multiply by the scale, scatter into zeros)."""
+    gy, q, x_scale = _operands_problem(seed=int(kept))
+    n = gy.shape[0]
+    rows = torch.tensor([0, 1, 3, 4, 10, 11, 12, 30, 44]) if kept else None
+    g, gs, qb = torch.ops.nanochat.bitlinear_backward_operands(gy, q, x_scale, rows)
+    sel = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+    bf = torch.bfloat16
+    for got, want in ((g, sel(gy).to(bf)), (gs, sel(gy * x_scale[:, None]).to(bf)),
+                      (qb, sel(q).to(bf))):
+        # bit for bit; a NaN stays a NaN (torch's own NaN bits differ between its paths)
+        assert got.dtype == bf and torch.equal(got.isnan(), want.isnan())
+        ok = ~want.isnan()
+        assert torch.equal(got[ok].view(torch.int16), want[ok].view(torch.int16))
+    s = torch.tensor(0.0371)
+    out = torch.ops.nanochat.scatter_scaled_rows(g, rows, n, s)
+    want = g.float() * s
+    if rows is not None:
+        want = torch.zeros(n, gy.shape[1]).index_copy_(0, rows, want)
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out.nan_to_num(), want.nan_to_num())
+
+
+def test_backward_operands_opcheck_and_errors():
+    gy, q, x_scale = _operands_problem(n=8, out=16, cin=32)
+    gy[0, 0] = gy[1, 0] = 1.0  # opcheck compares outputs with allclose: no NaN
+    gy[0, 1:6] = gy[1, 1:4] = 0.5
+    for rows in (None, torch.tensor([1, 5, 6])):
+        torch.library.opcheck(torch.ops.nanochat.bitlinear_backward_operands.default,
+                              (gy, q, x_scale, rows))
+        k = 8 if rows is None else 3
+        src = torch.randn(k, 16).to(torch.bfloat16)
+        torch.library.opcheck(torch.ops.nanochat.scatter_scaled_rows.default,
+                              (src, rows, 8, torch.tensor(0.5)))
+    for rows in ([3, 1], [0, 8], [-1], [2, 2]):
+        with pytest.raises(ValueError, match=r"rows\["):
+            torch.ops.nanochat.bitlinear_backward_operands(gy, q, x_scale, torch.tensor(rows))
+    with pytest.raises(ValueError, match="x_scale"):
+        torch.ops.nanochat.bitlinear_backward_operands(gy, q, x_scale[:4], None)

@@ -17,7 +17,7 @@ struct Buffer {
   uintptr_t ptr = 0;
   std::vector<int64_t> shape;
   std::vector<int64_t> strides;  // in elements
-  std::string dtype;             // "float32", "int8", "uint8", "int32"
+  std::string dtype;             // "float32", "bfloat16", "int8", "uint8", "int32", "int64"
   std::string device;            // "cpu" or "cuda:N"
 
   int64_t numel() const {

@@ -248,6 +248,7 @@ void bind_tokenizer(py::module_& m);
 void bind_loss(py::module_& m);  // loss.cpp
 void bind_attention(py::module_& m);  // attention.cpp
 void bind_norm(py::module_& m);  // norm.cpp
+void bind_rows(py::module_& m);  // rows.cpp
 void bind_swiglu(py::module_& m);  // swiglu.cpp
 void bind_optim(py::module_& m);
 
@@ -549,6 +550,7 @@ PYBIND11_MODULE(_C, m) {
   bind_loss(m);
   bind_attention(m);
   bind_norm(m);
+  bind_rows(m);
   bind_swiglu(m);
   bind_optim(m);
 }

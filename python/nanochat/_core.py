@@ -20,7 +20,7 @@ def core():
 
 
 
-_DTYPES = ("float32", "int8", "uint8", "int32", "int64")  # what the bindings take
+_DTYPES = ("float32", "bfloat16", "int8", "uint8", "int32", "int64")  # what the bindings take
 
 
 def buffer(a, name: str = "array"):

@@ -48,6 +48,8 @@ import torch
 import torch.nn as nn
 
 from nanochat import collider, ternary
+from nanochat._core import buffer as _buf
+from nanochat._core import core
 
 KERNELS = ("auto", "cpp", "torch")
 BACKWARDS = ("auto", "bf16", "float32")
@@ -157,27 +159,68 @@ def _setup_context(ctx, inputs, output):
     ctx.token_rows = len(inputs) > 3 and bool(inputs[3])
 
 
+@torch.library.custom_op("nanochat::bitlinear_backward_operands", mutates_args=(),
+                         device_types="cpu")
+def _operands_op(grad_y: torch.Tensor, q: torch.Tensor, x_scale: torch.Tensor,
+                 rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 operands of the backward GEMMs over `rows` (sorted int64; None: all rows):
+    (grad_y, grad_y * x_scale per row, q), in one pass (csrc/rows/bf16_rows.h)."""
+    grad_y, q, x_scale = grad_y.contiguous(), q.contiguous(), x_scale.contiguous()
+    n = grad_y.shape[0] if rows is None else rows.shape[0]
+    bf = torch.bfloat16
+    g = grad_y.new_empty((n, grad_y.shape[1]), dtype=bf)
+    gs, qb = torch.empty_like(g), q.new_empty((n, q.shape[1]), dtype=bf)
+    core().gather_backward_operands(_buf(grad_y), _buf(q), _buf(x_scale),
+                                    None if rows is None else _buf(rows.contiguous()),
+                                    _buf(g), _buf(gs), _buf(qb))
+    return g, gs, qb
+
+
+@_operands_op.register_fake
+def _(grad_y, q, x_scale, rows):
+    n = grad_y.shape[0] if rows is None else rows.shape[0]
+    g = grad_y.new_empty((n, grad_y.shape[1]), dtype=torch.bfloat16)
+    return g, torch.empty_like(g), q.new_empty((n, q.shape[1]), dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("nanochat::scatter_scaled_rows", mutates_args=(), device_types="cpu")
+def _scatter_op(src: torch.Tensor, rows: torch.Tensor | None, total: int,
+                scale: torch.Tensor) -> torch.Tensor:
+    """(total, cols) float32: src (bf16) times scale (0-d) at `rows` (None: every row),
+    zero elsewhere, in one pass."""
+    out = src.new_empty((total, src.shape[1]), dtype=torch.float32)
+    core().scatter_scaled_rows(_buf(src.contiguous()),
+                               None if rows is None else _buf(rows.contiguous()),
+                               float(scale), _buf(out))
+    return out
+
+
+@_scatter_op.register_fake
+def _(src, rows, total, scale):
+    return src.new_empty((total, src.shape[1]), dtype=torch.float32)
+
+
 def _backward(ctx, grad_y, *_unused):
     codes, s, q, x_scale = ctx.saved_tensors
     n = grad_y.shape[0]
-    rows = None
-    if ctx.token_rows:  # Collider: both GEMMs on the kept rows, grad_x scattered into zeros
-        rows, (grad_y, q, x_scale) = collider.gather_rows(n, grad_y, q, x_scale)
+    # Collider: both GEMMs on the kept rows only, grad_x zero on the others
+    rows = collider.kept_rows(n) if ctx.token_rows else None
     grad_x = grad_w = None
     if ctx.bf16:  # codes and q are exact in bf16; only grad_y (times 1/a) is rounded
-        bf = torch.bfloat16
+        g, gs, qb = torch.ops.nanochat.bitlinear_backward_operands(grad_y.float(), q, x_scale,
+                                                                   rows)
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_y.to(bf) @ codes.to(bf)).to(grad_y.dtype) * s
+            grad_x = torch.ops.nanochat.scatter_scaled_rows(g @ codes.to(torch.bfloat16), rows,
+                                                            n, s)
         if ctx.needs_input_grad[1]:
-            g = (grad_y * x_scale[:, None]).to(bf)  # (N, out)
-            grad_w = (g.t() @ q.to(bf)).to(grad_y.dtype)
-    else:
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ (codes.to(grad_y.dtype) * s)  # (N, out) @ (out, in)
-        if ctx.needs_input_grad[1]:
-            grad_w = grad_y.t() @ (q.to(grad_y.dtype) * x_scale[:, None])  # (out, N) @ (N, in)
-    if grad_x is not None:
-        grad_x = collider.scatter_rows(rows, n, grad_x)
+            grad_w = (gs.t() @ qb).to(grad_y.dtype)
+        return grad_x, grad_w, None, None
+    if rows is not None:
+        grad_y, q, x_scale = (t.index_select(0, rows) for t in (grad_y, q, x_scale))
+    if ctx.needs_input_grad[0]:
+        grad_x = collider.scatter_rows(rows, n, grad_y @ (codes.to(grad_y.dtype) * s))
+    if ctx.needs_input_grad[1]:
+        grad_w = grad_y.t() @ (q.to(grad_y.dtype) * x_scale[:, None])  # (out, N) @ (N, in)
     return grad_x, grad_w, None, None
 
 

@@ -10,6 +10,7 @@
 #include "act/swiglu.h"
 #include "nanochat/error.hpp"
 #include "norm/rmsnorm.h"
+#include "rows/bf16_rows.h"
 #include "ternary/dispatch.h"
 #include "test_util.h"
 
@@ -126,6 +127,64 @@ TEST(SwiGlu, MatchesDoubleOnEveryIsaAndKeptRows) {
     EXPECT_THROW(swiglu_backward(gh.data(), g.data(), u.data(), rows, dim, bad, 2, kg.data(),
                                  ku.data()), Error);
   }
+}
+
+}  // namespace
+
+namespace {
+
+// csrc/rows: every ISA gives the scalar reference's bits (odd widths, kept rows or all).
+TEST(Bf16Rows, GatherAndScatterMatchScalarOnEveryIsa) {
+  GlobalStateGuard guard;
+  std::mt19937 rng(9);
+  const int64_t total = 41;
+  for (int64_t cols : {1, 17, 100}) {
+    auto gy = random_floats(rng, total * cols, -5, 5);
+    auto xs = random_floats(rng, total, 0.01f, 0.2f);
+    std::vector<int8_t> q(size_t(total * cols));
+    for (auto& v : q) v = int8_t(int(rng() % 256) - 128);
+    const std::vector<int64_t> rows = {0, 2, 3, 17, 40};
+    for (const std::vector<int64_t>* list : {static_cast<const std::vector<int64_t>*>(nullptr), &rows}) {
+      const int64_t n = list ? int64_t(list->size()) : total;
+      const int64_t* rp = list ? list->data() : nullptr;
+      std::vector<std::vector<uint16_t>> outs;
+      std::vector<std::vector<float>> scattered;
+      for (Isa isa : supported_isas()) {
+        set_isa(isa);
+        std::vector<uint16_t> g(size_t(n * cols)), gs(g.size()), qb(g.size());
+        gather_backward_operands(gy.data(), cols, q.data(), cols, xs.data(), total, rp, n,
+                                 g.data(), gs.data(), qb.data());
+        std::vector<float> dst(size_t(total * cols), 7.0f);
+        scatter_scaled_rows(g.data(), cols, rp, n, total, 0.25f, dst.data());
+        g.insert(g.end(), gs.begin(), gs.end());
+        g.insert(g.end(), qb.begin(), qb.end());
+        outs.push_back(g);
+        scattered.push_back(dst);
+      }
+      for (size_t i = 1; i < outs.size(); ++i) {
+        EXPECT_EQ(outs[i], outs[0]) << cols;
+        EXPECT_EQ(scattered[i], scattered[0]) << cols;
+      }
+      // rows outside the list are zero; listed rows are bf16(gy) * 0.25 (within bf16 ulp)
+      for (int64_t r = 0, i = 0; r < total; ++r) {
+        const bool listed = !list || (i < n && (*list)[size_t(i)] == r);
+        for (int64_t c = 0; c < cols; ++c) {
+          const float v = scattered[0][size_t(r * cols + c)];
+          if (!listed) {
+            ASSERT_EQ(v, 0.0f);
+          } else {
+            const float want = gy[size_t(r * cols + c)] * 0.25f;
+            ASSERT_NEAR(v, want, std::fabs(want) * 0.004f);
+          }
+        }
+        if (listed) ++i;
+      }
+    }
+  }
+  const std::vector<int64_t> bad = {3, 1};
+  std::vector<float> dst(10);
+  std::vector<uint16_t> src(10);
+  EXPECT_THROW(scatter_scaled_rows(src.data(), 1, bad.data(), 2, 10, 1.0f, dst.data()), Error);
 }
 
 }  // namespace
