@@ -72,20 +72,22 @@ void swiglu_backward(const float* gh, const float* g, const float* u, int64_t ro
       throw Error("swiglu_backward: keep[" + std::to_string(i) + "] = " +
                   std::to_string(keep[i]) + " is not a sorted row index below " +
                   std::to_string(rows));
-  int64_t next = 0;  // rows not in the list get zero gradients: fill the gaps between them
+  // One pass over the destination rows in parallel blocks: listed rows computed, the others
+  // zeroed, in address order (a separate zero-fill pass would write the gaps twice as slowly
+  // and serially).
   const size_t row_bytes = size_t(dim) * sizeof(float);
-  for (int64_t i = 0; i <= n_keep; ++i) {
-    const int64_t end = i < n_keep ? keep[i] : rows;
-    if (end > next) {
-      std::memset(gg + next * dim, 0, size_t(end - next) * row_bytes);
-      std::memset(gu + next * dim, 0, size_t(end - next) * row_bytes);
-    }
-    next = end + 1;
-  }
-  parallel_for((n_keep + kRows - 1) / kRows, [&](int64_t b) {
-    for (int64_t i = b * kRows; i < std::min(n_keep, (b + 1) * kRows); ++i) {
-      const int64_t o = keep[i] * dim;
-      k.bwd(gh + o, g + o, u + o, dim, gg + o, gu + o);
+  parallel_for((rows + kRows - 1) / kRows, [&](int64_t b) {
+    const int64_t r0 = b * kRows, r1 = std::min(rows, r0 + kRows);
+    int64_t i = int64_t(std::lower_bound(keep, keep + n_keep, r0) - keep);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = r * dim;
+      if (i < n_keep && keep[i] == r) {
+        k.bwd(gh + o, g + o, u + o, dim, gg + o, gu + o);
+        ++i;
+      } else {
+        std::memset(gg + o, 0, row_bytes);
+        std::memset(gu + o, 0, row_bytes);
+      }
     }
   });
 }

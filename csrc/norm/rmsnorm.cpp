@@ -67,28 +67,28 @@ void rms_norm_backward(const float* gy, const float* x, const float* w, const fl
                        int64_t rows, int64_t dim, const int64_t* keep, int64_t n_keep,
                        float* gx, float* gw) {
   const auto& k = kernels();
-  const int64_t n = keep ? n_keep : rows;
   for (int64_t i = 0; keep && i < n_keep; ++i)
     if (keep[i] < 0 || keep[i] >= rows || (i > 0 && keep[i] <= keep[i - 1]))
       throw Error("rms_norm_backward: keep[" + std::to_string(i) + "] = " +
                   std::to_string(keep[i]) + " is not a sorted row index below " +
                   std::to_string(rows));
-  if (keep) {  // rows not in the list get a zero gradient: fill the gaps between them
-    int64_t next = 0;
-    for (int64_t i = 0; i < n_keep; ++i) {
-      if (keep[i] > next) std::memset(gx + next * dim, 0, size_t((keep[i] - next) * dim) * 4);
-      next = keep[i] + 1;
-    }
-    if (rows > next) std::memset(gx + next * dim, 0, size_t((rows - next) * dim) * 4);
-  }
-  // gw: one partial sum per block of kRowBlock rows, then the blocks in order.
-  const int64_t nb = blocks_of(n);
+  // One pass over the destination rows in parallel blocks of kRowBlock: listed rows
+  // computed (their gy * xhat summed into the block's gw partial), the others zeroed, in
+  // address order. gw then sums the block partials in block order, so results do not depend
+  // on the thread count.
+  const int64_t nb = blocks_of(rows);
   std::vector<float> part(size_t(std::max<int64_t>(nb, 1) * dim), 0.0f);
   parallel_for(nb, [&](int64_t b) {
     float* acc = part.data() + b * dim;
-    for (int64_t i = b * kRowBlock; i < std::min(n, (b + 1) * kRowBlock); ++i) {
-      const int64_t r = keep ? keep[i] : i;
-      k.bwd(gy + r * dim, x + r * dim, w, rstd[r], dim, gx + r * dim, acc);
+    const int64_t r0 = b * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
+    int64_t i = keep ? int64_t(std::lower_bound(keep, keep + n_keep, r0) - keep) : r0;
+    for (int64_t r = r0; r < r1; ++r) {
+      if (!keep || (i < n_keep && keep[i] == r)) {
+        k.bwd(gy + r * dim, x + r * dim, w, rstd[r], dim, gx + r * dim, acc);
+        ++i;
+      } else {
+        std::memset(gx + r * dim, 0, size_t(dim) * sizeof(float));
+      }
     }
   });
   const int64_t cols_per = 256;
