@@ -4,6 +4,7 @@ the masked dense ones, an unchanged forward, sparsity 0 == unfiltered, and the t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import subprocess
@@ -249,6 +250,37 @@ def test_gathered_head_equals_masked_head():
         collider.set_keep(keep)
         out.backward(g)
     assert torch.count_nonzero(h.grad[~keep]) == 0
+    torch.testing.assert_close(h.grad, gh_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, gw_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("armed", [False, True])
+def test_token_losses_equal_cross_entropy_and_its_masked_gradient(armed):
+    """collider.token_losses: F.cross_entropy(reduction="none", ignore_index=-1) of the
+    head; its backward (softmax - onehot formed on the kept rows only) equals autograd's
+    through the dense form with the dropped rows' incoming gradient zeroed."""
+    torch.manual_seed(5)
+    B, T, d, V = 2, 16, 32, 50
+    w = torch.randn(V, d, requires_grad=True)
+    h = torch.randn(B * T, d, requires_grad=True)
+    y = torch.randint(0, V, (B * T,))
+    y[3] = y[20] = -1  # ignored targets: loss 0, no gradient
+    g = torch.rand(B * T)
+    keep = torch.rand(B, T) > 0.4
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), y, ignore_index=-1, reduction="none")
+    mask = keep.reshape(-1) if armed else torch.ones(B * T, dtype=torch.bool)
+    ref.backward(g * mask)
+    gh_ref, gw_ref = h.grad, w.grad
+    h.grad = w.grad = None
+    with collider.armed((B, T)) if armed else contextlib.nullcontext():
+        out = collider.token_losses(h, w, y)
+        if armed:
+            collider.set_keep(keep)
+        out.backward(g)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
+    assert out[3] == out[20] == 0
+    if armed:
+        assert torch.count_nonzero(h.grad[~mask]) == 0
     torch.testing.assert_close(h.grad, gh_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, gw_ref, rtol=1e-5, atol=1e-6)
 

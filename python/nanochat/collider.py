@@ -18,18 +18,24 @@ micro-batch, with the config of [train.collider] (config.ColliderConfig):
               all tokens, comparable with an unfiltered run). With MTP heads
               ([model.mtp]), each head's weighted mean over the kept rows: a dropped token
               row is dropped for every head (scores come from the next-token head).
-  4. backward Every linear layer over the (B, T) token rows gathers the kept rows of its
-              output gradient and runs both backward GEMMs on them only:
-                  grad_W = g_kept^T x_kept,   grad_x = scatter(g_kept W) (dropped rows 0)
-              That is each BitLinear (torch path: `linear` below; C++ path: the backward of
-              the `nanochat::bitlinear` op) and the tied LM head (GPT.logits). Every other op
-              is row-wise (RMSNorm, RoPE, SiLU, residual adds, the embedding), so a dropped
-              token's activation gradient is exactly zero in every layer; the C++ RMSNorm and
-              SwiGLU ops (nanochat/rmsnorm.py, swiglu.py) skip those rows in their backward.
-              Attention is the one op that mixes rows: kept queries send gradient to dropped
-              tokens' keys and values, and attn_k / attn_v drop it with their gathered GEMMs.
-              That is the approximation Collider makes: a dropped token still serves as
-              context in the forward but is not trained as context.
+  4. backward Every op over the (B, T) token rows works on the kept rows only:
+              - each linear layer gathers the kept rows of its output gradient and runs both
+                backward GEMMs on them: grad_W = g_kept^T x_kept, grad_x = scatter(g_kept W)
+                (dropped rows 0). That is each BitLinear (torch path: `linear` below; C++
+                path: the backward of the `nanochat::bitlinear` op, whose bf16 operands are
+                gathered and cast in one C++ pass) and the tied LM head, whose softmax
+                gradient is formed on the kept rows only (`token_losses` below);
+              - the row-wise C++ ops (RMSNorm, SwiGLU: nanochat/rmsnorm.py, swiglu.py) skip
+                the dropped rows; RoPE, the residual adds and the embedding are row-wise in
+                torch, so a dropped token's activation gradient is exactly zero everywhere;
+              - attention is the one op that mixes rows: kept queries would send gradient
+                to dropped tokens' keys and values. `nanochat::attention`
+                (nanochat/attention.py) computes scores and their gradient for the kept
+                queries and dk / dv for the kept keys only (attn_k / attn_v would drop the
+                others' anyway; on the other paths SDPA's backward is dense and the k / v
+                projections drop the dropped rows' dk / dv). That is the approximation
+                Collider makes: a dropped token still serves as context in the forward but
+                is not trained as context.
 
 How the mask reaches the layers: `armed(shape)` (entered by `Collider.forward_backward`
 around the forward and backward) marks calls whose leading dims are the micro-batch's
