@@ -1,4 +1,4 @@
-// Attention backward driver (attention.h) and the scalar reference tiles.
+// Attention forward and backward drivers (attention.h) and the scalar reference tiles.
 #include "attn/attention.h"
 
 #include <algorithm>
@@ -178,7 +178,63 @@ void backward_task(const attn_kernels::Kernels& K, const AttentionShape& s, int6
   }
 }
 
+// One (batch row, kv head) of the forward: every query head of the group, 16-row blocks.
+void forward_task(const attn_kernels::Kernels& K, const AttentionShape& s, int64_t b,
+                  int64_t hk, HeadsView q, HeadsView k, HeadsView v, HeadsOut out,
+                  HeadsOut lse) {
+  const int64_t T = s.seq, D = s.head_dim, group = s.heads / s.kv_heads;
+  std::vector<float> kt(size_t(D * T));  // k^T (D x T): q k^T streams contiguous key rows
+  for (int64_t t = 0; t < T; ++t) {
+    const float* kr = k.at(b, hk, t);
+    for (int64_t d = 0; d < D; ++d) kt[size_t(d * T + t)] = kr[d];
+  }
+  const int64_t QB = kQueryBlock;
+  std::vector<float> p(size_t(QB * T)), ob(size_t(QB * D));
+  float inv[kQueryBlock];
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = hk * group + g;
+    for (int64_t i0 = 0; i0 < T; i0 += QB) {
+      const int64_t r = std::min(QB, T - i0);
+      const int64_t hi = i0 + r;  // keys [lo, hi) cover the block; row t sees [lo_t, t]
+      const int64_t lo = s.window > 0 ? std::max<int64_t>(0, i0 - s.window + 1) : 0;
+      const int64_t L = hi - lo;
+      K.gemm_nt(q.at(b, h, i0), q.st, kt.data() + lo, T, r, L, D, p.data(), L);
+      for (int64_t i = 0; i < r; ++i) {
+        const int64_t t = i0 + i;
+        const int64_t a = (s.window > 0 ? std::max<int64_t>(0, t - s.window + 1) : 0) - lo;
+        const int64_t e = t + 1 - lo;
+        float* pr = p.data() + i * L;
+        float m = pr[a];
+        for (int64_t j = a + 1; j < e; ++j) m = std::max(m, pr[j]);
+        m *= s.scale;  // scale > 0: the max of the scaled scores
+        K.probs(pr + a, e - a, s.scale, m, pr + a);
+        float sum = 0.0f;
+        for (int64_t j = a; j < e; ++j) sum += pr[j];
+        std::fill(pr, pr + a, 0.0f);
+        std::fill(pr + e, pr + L, 0.0f);
+        inv[i] = 1.0f / sum;
+        *lse.at(b, h, t) = m + std::log(sum);
+      }
+      std::fill(ob.begin(), ob.begin() + r * D, 0.0f);
+      K.gemm_acc(p.data(), L, v.at(b, hk, lo), v.st, r, D, L, ob.data(), D);
+      for (int64_t i = 0; i < r; ++i) {
+        float* o = out.at(b, h, i0 + i);
+        for (int64_t d = 0; d < D; ++d) o[d] = ob[size_t(i * D + d)] * inv[i];
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v,
+                       HeadsOut out, HeadsOut lse) {
+  check(s, nullptr, 0);
+  const auto& K = kernels();
+  parallel_for(s.batch * s.kv_heads, [&](int64_t task) {
+    forward_task(K, s, task / s.kv_heads, task % s.kv_heads, q, k, v, out, lse);
+  });
+}
 
 void attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v,
                         HeadsView o, HeadsView go, HeadsView lse, const int64_t* rows,

@@ -1,4 +1,5 @@
-// Backward of causal softmax attention over a list of query rows (Collider's kept tokens).
+// Causal softmax attention for training: the forward, and the backward over a list of query
+// rows (Collider's kept tokens).
 //
 //   S = scale * q k^T (causal, optionally a sliding window), P = exp(S - lse), o = P v
 //   dP = do v^T,  dS = P * (dP - rowsum(do * o)),
@@ -41,6 +42,13 @@ struct AttentionShape {
   int64_t window = 0;  // 0: full causal; w > 0: query t sees keys t - w + 1 .. t
   float scale = 0.0f;  // softmax scale of q k^T (1 / sqrt(head_dim) by default)
 };
+
+// The forward: out (B, H, T, D) = softmax(scale * q k^T, causal / windowed) v and lse
+// (B, H, T), the natural-log sum of exp(scale * q k^T) per query row (what the backward
+// takes). Same tiles as the backward: 16-query blocks, keys past the block's last query
+// skipped. Throws nanochat::Error on a bad shape.
+void attention_forward(const AttentionShape& shape, HeadsView q, HeadsView k, HeadsView v,
+                       HeadsOut out, HeadsOut lse);
 
 // q, o, go (B, H, T, D); k, v (B, Hkv, T, D); lse (B, H, T), the forward's natural-log
 // sum of exp(scale * q k^T) per query row. rows: sorted flat row indices b * T + t

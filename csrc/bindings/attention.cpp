@@ -1,5 +1,5 @@
-// nanochat._C.attention_backward: csrc/attn on raw buffers (python/nanochat/attention.py
-// wraps it as the backward of the nanochat::attention torch op).
+// nanochat._C.attention_forward / attention_backward: csrc/attn on raw buffers
+// (python/nanochat/attention.py wraps them as the nanochat::attention torch op).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -18,8 +18,9 @@ using nanochat::bindings::shape_str;
 
 namespace {
 
-// A float32 CPU buffer of the given shape with any non-negative strides over the leading
-// dims and a contiguous last dim (torch's attention tensors are transposed views).
+// A float32 CPU buffer of the given shape with any non-negative strides (torch's attention
+// tensors are transposed views): (B, heads, T, D) with a contiguous last dim, or the
+// per-row logsumexp (B, heads, T), read one element at a time.
 template <typename View>
 View strided(const Buffer& b, const char* name, const std::vector<int64_t>& shape) {
   if (b.dtype != "float32")
@@ -30,7 +31,7 @@ View strided(const Buffer& b, const char* name, const std::vector<int64_t>& shap
                 shape_str(b.shape));
   for (int64_t s : b.strides)
     if (s < 0) throw Error(std::string(name) + ": negative stride");
-  if (shape.back() > 1 && b.strides.back() != 1)
+  if (shape.size() == 4 && shape.back() > 1 && b.strides.back() != 1)
     throw Error(std::string(name) + ": the last dim must be contiguous, strides " +
                 shape_str(b.strides));
   if (b.numel() > 0 && b.ptr == 0) throw Error(std::string(name) + ": null address");
@@ -43,9 +44,43 @@ View strided(const Buffer& b, const char* name, const std::vector<int64_t>& shap
   return v;
 }
 
+// The shape of an attention call from q (B, H, T, D) and k (B, Hkv, T, D).
+nanochat::AttentionShape shape_of(const Buffer& q, const Buffer& k, int64_t window,
+                                  double scale) {
+  if (q.shape.size() != 4) throw Error("q: expected (B, H, T, D), got " + shape_str(q.shape));
+  if (k.shape.size() != 4) throw Error("k: expected (B, Hkv, T, D), got " + shape_str(k.shape));
+  nanochat::AttentionShape s;
+  s.batch = q.shape[0];
+  s.heads = q.shape[1];
+  s.seq = q.shape[2];
+  s.head_dim = q.shape[3];
+  s.kv_heads = k.shape[1];
+  s.window = window;
+  s.scale = float(scale);
+  return s;
+}
+
 }  // namespace
 
 void bind_attention(py::module_& m) {
+  m.def(
+      "attention_forward",
+      [](const Buffer& q, const Buffer& k, const Buffer& v, const Buffer& out, const Buffer& lse,
+         int64_t window, double scale) {
+        using nanochat::HeadsOut;
+        using nanochat::HeadsView;
+        const nanochat::AttentionShape s = shape_of(q, k, window, scale);
+        const std::vector<int64_t> qs = q.shape, ks = {s.batch, s.kv_heads, s.seq, s.head_dim};
+        const HeadsView qv = strided<HeadsView>(q, "q", qs), kv = strided<HeadsView>(k, "k", ks),
+                        vv = strided<HeadsView>(v, "v", ks);
+        const HeadsOut ov = strided<HeadsOut>(out, "out", qs),
+                       lv = strided<HeadsOut>(lse, "logsumexp", {s.batch, s.heads, s.seq});
+        py::gil_scoped_release release;
+        nanochat::attention_forward(s, qv, kv, vv, ov, lv);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("logsumexp"),
+      py::arg("window"), py::arg("scale"),
+      "out and logsumexp of causal attention (window 0: full) of q over k, v.");
   m.def(
       "attention_backward",
       [](const Buffer& q, const Buffer& k, const Buffer& v, const Buffer& o, const Buffer& go,
@@ -53,16 +88,7 @@ void bind_attention(py::module_& m) {
          const Buffer& gk, const Buffer& gv, int64_t window, double scale) {
         using nanochat::HeadsOut;
         using nanochat::HeadsView;
-        if (q.shape.size() != 4) throw Error("q: expected (B, H, T, D), got " + shape_str(q.shape));
-        if (k.shape.size() != 4) throw Error("k: expected (B, Hkv, T, D), got " + shape_str(k.shape));
-        nanochat::AttentionShape s;
-        s.batch = q.shape[0];
-        s.heads = q.shape[1];
-        s.seq = q.shape[2];
-        s.head_dim = q.shape[3];
-        s.kv_heads = k.shape[1];
-        s.window = window;
-        s.scale = float(scale);
+        const nanochat::AttentionShape s = shape_of(q, k, window, scale);
         const std::vector<int64_t> qs = q.shape, ks = {s.batch, s.kv_heads, s.seq, s.head_dim};
         const HeadsView qv = strided<HeadsView>(q, "q", qs), kv = strided<HeadsView>(k, "k", ks),
                         vv = strided<HeadsView>(v, "v", ks), ov = strided<HeadsView>(o, "out", qs),

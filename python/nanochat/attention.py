@@ -11,17 +11,18 @@ and the cache of an "S" layer stays at most window - 1 long however long the gen
 Grouped-query attention: k and v have Hkv heads, q head h reads kv head h // (H / Hkv)
 (llama.cpp's order).
 
-Collider (nanochat/collider.py): in a Collider micro-batch, only the kept token rows carry an
+Training on the CPU (float32, no cache, grad enabled) runs `nanochat::attention`, the C++
+forward and backward of csrc/attn/attention.cpp (16-query tiles, causal tiles skipped,
+grouped-query heads native; `nanochat bench kernels` times it against SDPA), else SDPA.
+Collider (nanochat/collider.py): in a Collider micro-batch only the kept token rows carry an
 output gradient (a dropped row's is exactly zero) and the k / v projections drop the
-gradient of the dropped rows anyway. `nanochat::attention` (float32 CPU training over the
-micro-batch's rows) runs torch's flash-attention forward and, for its backward, the C++
-kernel of csrc/attn/attention.cpp over the kept rows only: scores and their gradient for
-kept queries, dk / dv for kept keys, causal tiles skipped. The dense flash backward would
-spend ~5 T^2 D / 2 multiply-adds per head on every row; the kept-row one (3 r + 2 r^2) / 5 of
-that at kept fraction r (0.56 at r = 0.65). Equal to autograd through SDPA on the kept rows
-up to float rounding (tests/test_attention_backward.py).
+gradient of the dropped rows anyway, so the op's backward runs over the kept rows only:
+scores and their gradient for kept queries, dk / dv for kept keys. The dense backward
+spends ~5 T^2 D / 2 multiply-adds per head; the kept-row one (3 r + 2 r^2) / 5 of that at
+kept fraction r (0.56 at r = 0.65). Equal to autograd through masked softmax attention up to
+float rounding (tests/test_attention_op.py).
 
-    pytest tests/test_hybrid_attention.py tests/test_attention_backward.py
+    pytest tests/test_hybrid_attention.py tests/test_attention_op.py
 """
 
 from __future__ import annotations
@@ -94,34 +95,36 @@ def op_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
-def _window_bias(t: int, window: int, like: torch.Tensor) -> torch.Tensor:
-    """Additive (t, t) mask of a sliding-window causal layer (flash attention takes no bool)."""
-    return torch.zeros((t, t), dtype=like.dtype).masked_fill_(
-        ~attention_mask(t, 0, window), float("-inf"))
-
-
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its rows (last dim) are contiguous, which is all the kernels need."""
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _flash_layouts(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty out (B, H, T, D) and logsumexp (B, H, T), laid out (B, T, H, ...) in memory as
+    torch's flash attention lays them out (the output's transpose back to (B, T, H * D),
+    which the next projection reads, is then free)."""
+    b, h, t, d = q.shape
+    return q.new_empty((b, t, h, d)).transpose(1, 2), q.new_empty((b, t, h)).transpose(1, 2)
 
 
 @torch.library.custom_op("nanochat::attention", mutates_args=(), device_types="cpu")
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                   token_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, T, D), logsumexp (B, H, T)) of causal attention (window 0: full) of q over
-    k, v (B, Hkv, T, D): torch's flash-attention forward. token_rows: the rows are a Collider
+    k, v (B, Hkv, T, D) (csrc/attn/attention.h). token_rows: the rows are a Collider
     micro-batch's tokens (the backward runs on the kept ones)."""
-    t = q.shape[2]
-    bias = _window_bias(t, window, q) if 0 < window < t else None
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, _repeat_kv(q, k), _repeat_kv(q, v), 0.0, bias is None, attn_mask=bias)
+    out, lse = _flash_layouts(q)
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    core().attention_forward(_buf(q), _buf(k), _buf(v), _buf(out), _buf(lse), window,
+                             1.0 / math.sqrt(q.shape[-1]))
     return out, lse
 
 
 @_attention_op.register_fake
 def _(q, k, v, window, token_rows):
     torch._check(q.dim() == 4 and k.shape == v.shape, lambda: "q (B,H,T,D), k = v (B,Hkv,T,D)")
-    b, h, t, d = q.shape  # flash attention's layouts: (B, T, H, D) and (B, T, H) in memory
-    return q.new_empty((b, t, h, d)).transpose(1, 2), q.new_empty((b, t, h)).transpose(1, 2)
+    return _flash_layouts(q)
 
 
 @torch.library.custom_op("nanochat::attention_backward", mutates_args=(), device_types="cpu")
@@ -132,7 +135,7 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     """(grad_q, grad_k, grad_v) on the listed rows (sorted flat b * T + t, int64; None: all),
     zero elsewhere (csrc/attn/attention.h)."""
     gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    t = [_last_dim_contiguous(x) for x in (q, k, v, out, grad_out, lse)]
+    t = [_last_dim_contiguous(x) for x in (q, k, v, out, grad_out)] + [lse]
     core().attention_backward(*(_buf(x) for x in t), None if rows is None else _buf(rows),
                               _buf(gq), _buf(gk), _buf(gv), window, 1.0 / math.sqrt(q.shape[-1]))
     return gq, gk, gv

@@ -1,5 +1,5 @@
-// Attention backward over kept rows (csrc/attn): every ISA against the dense softmax
-// backward in double precision (full and windowed, grouped-query, head_dim off the 16-lane
+// Attention forward and backward over kept rows (csrc/attn): every ISA against softmax
+// attention and its dense backward in double precision (full and windowed, grouped-query, head_dim off the 16-lane
 // grid), kept rows against the masked dense backward, and the shape / row-list checks.
 #include <gtest/gtest.h>
 
@@ -117,6 +117,26 @@ void run_and_check(const Problem& p, const std::vector<char>& keep, bool all_row
     const bool kept = all_rows || row_kept(i, Hk);
     ASSERT_NEAR(gk[i], kept ? p.dk[i] : 0.0, 2e-5 * (1 + std::fabs(p.dk[i]))) << "dk " << i;
     ASSERT_NEAR(gv[i], kept ? p.dv[i] : 0.0, 2e-5 * (1 + std::fabs(p.dv[i]))) << "dv " << i;
+  }
+}
+
+TEST(AttentionForward, MatchesDoubleOnEveryIsa) {
+  GlobalStateGuard guard;
+  std::mt19937 rng(5);
+  for (auto [H, Hkv, D, window] : std::vector<std::array<int64_t, 4>>{
+           {4, 2, 16, 0}, {2, 2, 24, 5}, {3, 1, 64, 0}, {2, 1, 8, 1}}) {
+    const int64_t B = 2, T = 41;
+    const std::vector<char> keep(size_t(B * T), 1);
+    const Problem p = make(B, H, Hkv, T, D, window, keep, rng);
+    for (Isa isa : supported_isas()) {
+      set_isa(isa);
+      SCOPED_TRACE(std::string(isa_name(isa)) + " D=" + std::to_string(D));
+      std::vector<float> o(p.o.size(), 7.0f), lse(p.lse.size(), 7.0f);
+      attention_forward(p.s, view(p.q, H, T, D), view(p.k, Hkv, T, D), view(p.v, Hkv, T, D),
+                        out(o, H, T, D), {lse.data(), H * T, T, 1});
+      for (size_t i = 0; i < o.size(); ++i) ASSERT_NEAR(o[i], p.o[i], 2e-6) << "out " << i;
+      for (size_t i = 0; i < lse.size(); ++i) ASSERT_NEAR(lse[i], p.lse[i], 2e-6) << "lse " << i;
+    }
   }
 }
 

@@ -20,8 +20,8 @@ Two more parts time what training runs around the GEMM (skip them with --no-trai
     AUTO_MIN_MACS threshold, the C++ op (kernel="cpp") vs torch (kernel="torch");
     vs_torch = torch time / C++ time;
   - op "attention": one causal attention's forward + backward at training shapes (tiny's
-    and nano_125m's heads, batch 8 x 256), nanochat::attention (torch's flash forward, the
-    C++ backward of csrc/attn) vs torch's SDPA (flash forward and backward, k / v repeated
+    and nano_125m's heads, batch 8 x 256), nanochat::attention (the C++ forward and
+    backward of csrc/attn) vs torch's SDPA (flash forward and backward, k / v repeated
     for grouped-query heads, as GPT ran before); "kept" is the C++ backward inside a
     Collider micro-batch keeping 65% of the rows. vs_torch = torch time / this time.
 

@@ -1,5 +1,5 @@
-"""nanochat::attention (csrc/attn, nanochat/attention.py): torch's flash forward and the C++
-backward, against autograd through float64 masked softmax attention: full and windowed,
+"""nanochat::attention (csrc/attn, nanochat/attention.py): the C++ forward and backward,
+against autograd through float64 masked softmax attention: full and windowed,
 grouped-query, strided inputs, every ISA, thread counts, Collider's kept rows, opcheck,
 errors, and that training runs it."""
 
