@@ -11,9 +11,11 @@ and the cache of an "S" layer stays at most window - 1 long however long the gen
 Grouped-query attention: k and v have Hkv heads, q head h reads kv head h // (H / Hkv)
 (llama.cpp's order).
 
-Training on the CPU (float32, no cache, grad enabled) runs `nanochat::attention`, the C++
-forward and backward of csrc/attn/attention.cpp (16-query tiles, causal tiles skipped,
-grouped-query heads native; `nanochat bench kernels` times it against SDPA), else SDPA.
+A full-sequence call on the CPU (float32, nothing cached: training, evaluation, a prefill)
+runs `nanochat::attention`, the C++ forward and backward of csrc/attn/attention.cpp
+(16-query tiles, causal tiles skipped, grouped-query heads native; `nanochat bench kernels`
+times it against SDPA), so a model's forward is the same with and without grad; calls over
+a KV cache (decoding) and other dtypes or devices run SDPA.
 Collider (nanochat/collider.py): in a Collider micro-batch only the kept token rows carry an
 output gradient (a dropped row's is exactly zero) and the k / v projections drop the
 gradient of the dropped rows anyway, so the op's backward runs over the kept rows only:
@@ -61,7 +63,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: int,
     forms where they are exact (a full layer's prefill, a single new token that sees the
     whole cache) and an explicit mask otherwise. token_rows: the T positions are a Collider
     micro-batch's token rows (the kept-row backward where it applies; module doc)."""
-    if cached == 0 and torch.is_grad_enabled() and op_applies(q, k, v):  # training
+    if cached == 0 and op_applies(q, k, v):  # training and every full-sequence forward
         return torch.ops.nanochat.attention(q, k, v, window or 0, token_rows)[0]
     k, v = _repeat_kv(q, k), _repeat_kv(q, v)
     t, s = q.shape[2], k.shape[2]
