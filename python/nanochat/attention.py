@@ -85,7 +85,7 @@ def trim(kv: torch.Tensor, window: int | None) -> torch.Tensor:
     return kv[:, :, kv.shape[2] - keep:]
 
 
-# ---- the C++ kept-row backward (module doc) ------------------------------------------------
+# ---- the C++ op: forward, and the backward over kept rows (module doc) ----------------------
 
 
 def op_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -138,7 +138,8 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     zero elsewhere (csrc/attn/attention.h)."""
     gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     t = [_last_dim_contiguous(x) for x in (q, k, v, out, grad_out)] + [lse]
-    core().attention_backward(*(_buf(x) for x in t), None if rows is None else _buf(rows),
+    core().attention_backward(*(_buf(x) for x in t),
+                              None if rows is None else _buf(rows.contiguous()),
                               _buf(gq), _buf(gk), _buf(gv), window, 1.0 / math.sqrt(q.shape[-1]))
     return gq, gk, gv
 
@@ -152,8 +153,8 @@ def _setup_context(ctx, inputs, output):
     q, k, v, window, token_rows = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
+    ctx.mark_non_differentiable(lse)
     ctx.window, ctx.token_rows = window, token_rows
-    ctx.set_materialize_grads(True)
 
 
 def _backward(ctx, grad_out, _grad_lse):

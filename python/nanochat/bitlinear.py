@@ -33,7 +33,9 @@ f32 like the torch path; "bf16" feeds them bf16 operands, where the ternary code
 int8 activation codes are exact and only grad_y (times 1/a) is rounded (relative error
 <= 2^-9 per element, the precision bf16 autocast training runs every GEMM at), with the
 product rounded to bf16 on output; oneDNN runs these at ~2x the f32 rate on CPUs with
-AVX512-BF16 or AMX. "auto" (default) picks bf16 on such CPUs and float32 elsewhere.
+AVX512-BF16 or AMX. "auto" (default) picks bf16 on such CPUs and float32 elsewhere. The bf16
+operands are gathered (Collider's kept rows) and cast in one C++ pass, and grad_x scaled
+and scattered back in another (csrc/rows/bf16_rows.h), bit-identical to the torch casts.
 
     pytest tests/test_bitlinear.py
 """

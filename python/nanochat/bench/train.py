@@ -2,9 +2,9 @@
 
 Same model, batch, seed and thread count; the only difference is the BitLinear path:
 "cpp" (the forward runs the C++ ternary GEMM through the nanochat::bitlinear custom op,
-with the C++ RMSNorm, SwiGLU and attention-backward ops) or "torch" (the textbook
-fake-quant BitLinear in pure PyTorch, with torch's RMSNorm, SwiGLU and SDPA). Each measurement runs
-in a fresh child process so its peak memory (max RSS on CPU) is its own; the variants
+with the C++ RMSNorm, SwiGLU and attention ops) or "torch" (the textbook fake-quant
+BitLinear in pure PyTorch, with torch's RMSNorm, SwiGLU and SDPA). Each measurement runs in
+a fresh child process so its peak memory (max RSS on CPU) is its own; the variants
 alternate round by round (A B A B) and medians are reported, with the ratio cpp/torch.
 
 A step is forward + backward + AdamW update on random tokens (data loading excluded).
