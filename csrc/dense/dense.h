@@ -93,8 +93,9 @@ class DenseActBuffer {
 
 // ---- kernels, one set per ISA ----------------------------------------------------------
 // gemm: y[t * ldy + r] = sum_k W[r, k] * x[t, k] for rows [r0, r1) and every token.
-// scores: out[j] = scale * dot(q, k + j * stride) for j < n (d floats each).
-// accumulate: acc[i] += sum_j p[j] * v[j * stride + i] for i < d.
+// scores: out[h * n + j] = scale * dot(q + h * d, k + j * stride) for h < nq, j < n (d
+//   floats each): the nq query heads that share a KV head read each key row once.
+// accumulate: acc[h * d + i] += sum_j p[h * n + j] * v[j * stride + i] for h < nq, i < d.
 // silu_mul: out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u.
 // exp_sum: p[j] = exp(p[j] - m) for j < n (p[j] <= m), returns their sum (softmax).
 // quantize: ternary.h's quantize_activations (BitNet per-token absmax int8, bit for bit,
@@ -103,10 +104,10 @@ struct DenseKernels {
   const char* name;
   void (*gemm)(const DenseMatrix& w, const DenseActs& a, int64_t r0, int64_t r1, float* y,
                int64_t ldy);
-  void (*scores)(const float* q, const float* k, int64_t stride, int64_t n, int64_t d, float scale,
-                 float* out);
-  void (*accumulate)(const float* p, const float* v, int64_t stride, int64_t n, int64_t d,
-                     float* acc);
+  void (*scores)(const float* q, int64_t nq, const float* k, int64_t stride, int64_t n, int64_t d,
+                 float scale, float* out);
+  void (*accumulate)(const float* p, int64_t nq, const float* v, int64_t stride, int64_t n,
+                     int64_t d, float* acc);
   void (*silu_mul)(const float* g, const float* u, int64_t n, float* out);
   float (*exp_sum)(float* p, int64_t n, float m);
   void (*quantize)(const float* x, int64_t tokens, int64_t k, int8_t* q, float* x_scale,

@@ -108,8 +108,57 @@ struct TileF16 {
 // each lane accumulates its block's exact integer dot over the group's 8 slices (starting
 // from block_bias removes the +128 of the codes), and the group costs one int->float
 // conversion and one FMA with d_w * d_x per row and token. |lane| <= 32*255*128 < 2^21.
+// The one-token GEMV (T = 1, single rows) issues no software prefetch: its loads are one
+// sequential stream, which the hardware prefetchers follow better (30-33 GB/s against
+// 22-23 GB/s with 2-row tiles and 8 KiB prefetches, 1 thread, 32768 x 1536 head).
+//
+// acc + vpdpbusd(u, s) in place: with the intrinsic, GCC 12 copies accumulators around
+// each vpdpbusd (see kernels_avx512vnni.cpp); the asm keeps them in their registers.
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+#if defined(__GNUC__)
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "vm"(s));
+  return acc;
+#else
+  return _mm512_dpbusd_epi32(acc, u, s);
+#endif
+}
+
 template <int R, int T>
 struct TileQ8 {
+  // The integer dots of one group of gb blocks: the first `gb` lanes of dot[i][j]. Full
+  // groups (gb = 16, every group of a row of 512-multiple length) use constant offsets
+  // and no masks; two accumulators per row and token (even / odd slices) halve the
+  // vpdpbusd dependency chain.
+  template <bool Full>
+  static void group(const uint8_t* W, int64_t ld, const DenseActs& a, int64_t t, int64_t n,
+                    int64_t off, int64_t gb, __m512i (&dot)[R][T]) {
+    const __mmask64 cm = Full ? ~__mmask64(0) : (__mmask64(1) << (4 * gb)) - 1;
+    const int64_t step = Full ? 64 : 4 * gb;
+    __m512i odd[R][T];
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < T; ++j) odd[i][j] = _mm512_setzero_si512();
+    for (int c = 0; c < 8; ++c) {
+      const int64_t o = off + c * step;
+      __m512i x[T];
+      for (int j = 0; j < T; ++j)
+        x[j] = Full ? _mm512_loadu_si512(a.q + (t + j) * n + o)
+                    : _mm512_maskz_loadu_epi8(cm, a.q + (t + j) * n + o);
+      for (int i = 0; i < R; ++i) {
+        if constexpr (T > 1) prefetch(W + i * ld + o);
+        const __m512i wv = Full ? _mm512_loadu_si512(W + i * ld + o)
+                                : _mm512_maskz_loadu_epi8(cm, W + i * ld + o);
+        for (int j = 0; j < T; ++j) {
+          if (c % 2)
+            odd[i][j] = dpbusd(odd[i][j], wv, x[j]);
+          else
+            dot[i][j] = dpbusd(dot[i][j], wv, x[j]);
+        }
+      }
+    }
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < T; ++j) dot[i][j] = _mm512_add_epi32(dot[i][j], odd[i][j]);
+  }
+
   static void run(const DenseMatrix& w, const DenseActs& a, int64_t r, int64_t t, float* y,
                   int64_t ldy) {
     const int64_t n = w.cols, nb = n / 32, ld = w.row_stride(), lds = w.scale_stride();
@@ -121,26 +170,19 @@ struct TileQ8 {
     for (int64_t g = 0; g < nb; g += 16) {
       const int64_t gb = std::min<int64_t>(16, nb - g);
       const __mmask16 lm = mask16(gb);
-      const __mmask64 cm = gb == 16 ? ~__mmask64(0) : (__mmask64(1) << (4 * gb)) - 1;
-      const int64_t off = g * 32;  // the group's first byte in the row
       __m512i dot[R][T];
       for (int j = 0; j < T; ++j) {
         const __m512i bias = _mm512_maskz_loadu_epi32(lm, a.block_bias + (t + j) * nb + g);
         for (int i = 0; i < R; ++i) dot[i][j] = bias;
       }
-      for (int c = 0; c < 8; ++c) {
-        const int64_t o = off + c * 4 * gb;
-        __m512i x[T];
-        for (int j = 0; j < T; ++j) x[j] = _mm512_maskz_loadu_epi8(cm, a.q + (t + j) * n + o);
-        for (int i = 0; i < R; ++i) {
-          prefetch(W + i * ld + o);
-          const __m512i wv = _mm512_maskz_loadu_epi8(cm, W + i * ld + o);
-          for (int j = 0; j < T; ++j) dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], wv, x[j]);
-        }
-      }
+      if (gb == 16)
+        group<true>(W, ld, a, t, n, g * 32, gb, dot);
+      else
+        group<false>(W, ld, a, t, n, g * 32, gb, dot);
       for (int i = 0; i < R; ++i) {
-        _mm_prefetch(reinterpret_cast<const char*>(S + i * lds + g) + kPrefetchBytes / 16,
-                     _MM_HINT_T1);  // the scales: 1/16 of the codes' bytes
+        if constexpr (T > 1)  // the scales: 1/16 of the codes' bytes
+          _mm_prefetch(reinterpret_cast<const char*>(S + i * lds + g) + kPrefetchBytes / 16,
+                       _MM_HINT_T1);
         const __m512 ws = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, S + i * lds + g));
         for (int j = 0; j < T; ++j) {
           const __m512 xd = _mm512_maskz_loadu_ps(lm, a.block_d + (t + j) * nb + g);
@@ -167,15 +209,17 @@ inline void tokens_for(const DenseMatrix& w, const DenseActs& a, int64_t r, floa
   }
 }
 
-template <template <int, int> class Tile>
+// GemvRows: the row tile of a one-token GEMV, which streams from DRAM. F32 / F16: 2-row
+// tiles keep the access pattern close to one sequential stream and measured 15-20% more
+// bandwidth than 4-row tiles (Q8_0 head, 1 thread: ~25 vs ~21.5 GB/s of a 32 GB/s read
+// loop). Q8_0: single rows, no software prefetch (TileQ8), one purely sequential stream
+// that the hardware prefetchers follow: 30-33 GB/s, 95-100% of the read loop.
+template <template <int, int> class Tile, int GemvRows>
 void drive(const DenseMatrix& w, const DenseActs& a, int64_t r0, int64_t r1, float* y,
            int64_t ldy) {
   int64_t r = r0;
   if (a.tokens == 1) {
-    // The GEMV streams from DRAM: 2-row tiles keep the access pattern close to one
-    // sequential stream and measured 15-20% more bandwidth than 4-row tiles (Q8_0 head,
-    // 1 thread: ~25 vs ~21.5 GB/s of a 32 GB/s read loop).
-    for (; r + 2 <= r1; r += 2) tokens_for<Tile, 2>(w, a, r, y, ldy);
+    for (; r + GemvRows <= r1; r += GemvRows) tokens_for<Tile, GemvRows>(w, a, r, y, ldy);
   } else {
     for (; r + 4 <= r1; r += 4) tokens_for<Tile, 4>(w, a, r, y, ldy);
   }
@@ -184,69 +228,154 @@ void drive(const DenseMatrix& w, const DenseActs& a, int64_t r0, int64_t r1, flo
 
 void gemm(const DenseMatrix& w, const DenseActs& a, int64_t r0, int64_t r1, float* y, int64_t ldy) {
   switch (w.type) {
-    case DenseType::F32: drive<TileF32>(w, a, r0, r1, y, ldy); break;
-    case DenseType::F16: drive<TileF16>(w, a, r0, r1, y, ldy); break;
-    case DenseType::Q8_0: drive<TileQ8>(w, a, r0, r1, y, ldy); break;
+    case DenseType::F32: drive<TileF32, 2>(w, a, r0, r1, y, ldy); break;
+    case DenseType::F16: drive<TileF16, 2>(w, a, r0, r1, y, ldy); break;
+    case DenseType::Q8_0: drive<TileQ8, 1>(w, a, r0, r1, y, ldy); break;
   }
 }
 
 // ---- attention helpers --------------------------------------------------------------------
-void scores(const float* q, const float* k, int64_t stride, int64_t n, int64_t d, float scale,
-            float* out) {
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                     _mm512_setzero_ps()};
-    for (int64_t c = 0; c < d; c += 16) {
-      const __mmask16 m = mask16(d - c);
-      const __m512 qv = _mm512_maskz_loadu_ps(m, q + c);
-      for (int i = 0; i < 4; ++i)
-        acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, k + (j + i) * stride + c), qv, acc[i]);
+// Key/value rows to prefetch ahead of the attention loops (8 KiB of 128-float rows): decode
+// reads each layer's KV cache once per token, after ~180 MB of weights have pushed it out of
+// L3, and one core's demand misses alone do not keep enough of them in flight.
+constexpr int64_t kKvAhead = 16;
+
+// Prefetches row j of a strided matrix (d floats).
+inline void prefetch_row(const float* base, int64_t j, int64_t stride, int64_t d) {
+  const char* p = reinterpret_cast<const char*>(base + j * stride);
+  for (int64_t b = 0; b < d * 4; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+}
+
+// NQ heads x 4 keys: 4*NQ accumulators; each 16-float slice of the 4 key rows is loaded
+// once for the NQ heads. Full: d - c0 covers whole slices (no masks).
+template <int NQ, bool Full>
+inline void scores_tile(const float* q, const float* k, int64_t stride, int64_t d, float scale,
+                        int64_t n, int64_t j, float* out) {
+  __m512 acc[NQ][4];
+  for (int h = 0; h < NQ; ++h)
+    for (int i = 0; i < 4; ++i) acc[h][i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; c += 16) {
+    const __mmask16 m = Full ? __mmask16(0xFFFF) : mask16(d - c);
+    __m512 kv[4];
+    for (int i = 0; i < 4; ++i)
+      kv[i] = Full ? _mm512_loadu_ps(k + (j + i) * stride + c)
+                   : _mm512_maskz_loadu_ps(m, k + (j + i) * stride + c);
+    for (int h = 0; h < NQ; ++h) {
+      const __m512 qv = Full ? _mm512_loadu_ps(q + h * d + c) : _mm512_maskz_loadu_ps(m, q + h * d + c);
+      for (int i = 0; i < 4; ++i) acc[h][i] = _mm512_fmadd_ps(kv[i], qv, acc[h][i]);
     }
-    _mm_storeu_ps(out + j, _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+  }
+  for (int h = 0; h < NQ; ++h)
+    _mm_storeu_ps(out + h * n + j,
+                  _mm_mul_ps(reduce4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]), _mm_set1_ps(scale)));
+}
+
+template <int NQ>
+inline void scores_tile(const float* q, const float* k, int64_t stride, int64_t d, float scale,
+                        int64_t n, int64_t j, float* out) {
+  if (d % 16 == 0)
+    scores_tile<NQ, true>(q, k, stride, d, scale, n, j, out);
+  else
+    scores_tile<NQ, false>(q, k, stride, d, scale, n, j, out);
+}
+
+// Keys in 4s; for each 4 keys the query heads in 3s while the rows sit in L1.
+void scores(const float* q, int64_t nq, const float* k, int64_t stride, int64_t n, int64_t d,
+            float scale, float* out) {
+  int64_t j = 0;
+  for (int64_t i = 0; i < std::min<int64_t>(n, kKvAhead); ++i) prefetch_row(k, i, stride, d);
+  for (; j + 4 <= n; j += 4) {
+    for (int64_t i = j + kKvAhead; i < std::min(n, j + kKvAhead + 4); ++i)
+      prefetch_row(k, i, stride, d);
+    for (int64_t h = 0; h < nq; h += 3) {
+      switch (std::min<int64_t>(3, nq - h)) {
+        case 1: scores_tile<1>(q + h * d, k, stride, d, scale, n, j, out + h * n); break;
+        case 2: scores_tile<2>(q + h * d, k, stride, d, scale, n, j, out + h * n); break;
+        default: scores_tile<3>(q + h * d, k, stride, d, scale, n, j, out + h * n); break;
+      }
+    }
   }
   for (; j < n; ++j) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t c = 0; c < d; c += 16) {
-      const __mmask16 m = mask16(d - c);
-      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, k + j * stride + c),
-                            _mm512_maskz_loadu_ps(m, q + c), acc);
+    for (int64_t h = 0; h < nq; ++h) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < d; c += 16) {
+        const __mmask16 m = mask16(d - c);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, k + j * stride + c),
+                              _mm512_maskz_loadu_ps(m, q + h * d + c), acc);
+      }
+      out[h * n + j] = scale * _mm512_reduce_add_ps(acc);
     }
-    out[j] = scale * _mm512_reduce_add_ps(acc);
   }
 }
 
-// C vectors (16*C floats of acc) stay in registers while the n value rows stream past.
-template <int C>
-void accumulate_group(const float* p, const float* v, int64_t stride, int64_t n, int64_t d,
-                      int64_t c0, float* acc) {
-  __m512 s[C];
+// NQ heads x C vectors (16*C floats of each head's acc) stay in registers while the n value
+// rows stream past; each row vector is loaded once for the NQ heads. The first pass over
+// the rows (pf) prefetches them ahead. Full: all C slices whole (no masks, which would
+// otherwise take more mask registers than there are and spill the accumulators).
+template <int NQ, int C, bool Full>
+void accumulate_group(const float* p, int64_t n_p, const float* v, int64_t stride, int64_t n,
+                      int64_t d, int64_t c0, float* acc, bool pf) {
+  __m512 s[NQ][C];
   __mmask16 m[C];
   for (int c = 0; c < C; ++c) {
     const int64_t off = c0 + 16 * c;
-    m[c] = mask16(d - off);
-    s[c] = _mm512_maskz_loadu_ps(m[c], acc + off);
+    m[c] = Full ? __mmask16(0xFFFF) : mask16(d - off);
+    for (int h = 0; h < NQ; ++h)
+      s[h][c] = Full ? _mm512_loadu_ps(acc + h * d + off)
+                     : _mm512_maskz_loadu_ps(m[c], acc + h * d + off);
   }
   for (int64_t j = 0; j < n; ++j) {
-    const __m512 pj = _mm512_set1_ps(p[j]);
+    if (pf && j + kKvAhead < n) prefetch_row(v, j + kKvAhead, stride, d);
+    __m512 pj[NQ];
+    for (int h = 0; h < NQ; ++h) pj[h] = _mm512_set1_ps(p[h * n_p + j]);
     const float* vj = v + j * stride + c0;
-    for (int c = 0; c < C; ++c)
-      s[c] = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m[c], vj + 16 * c), s[c]);
+    for (int c = 0; c < C; ++c) {
+      const __m512 vv =
+          Full ? _mm512_loadu_ps(vj + 16 * c) : _mm512_maskz_loadu_ps(m[c], vj + 16 * c);
+      for (int h = 0; h < NQ; ++h) s[h][c] = _mm512_fmadd_ps(pj[h], vv, s[h][c]);
+    }
   }
-  for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(acc + c0 + 16 * c, m[c], s[c]);
+  for (int c = 0; c < C; ++c)
+    for (int h = 0; h < NQ; ++h) {
+      if (Full)
+        _mm512_storeu_ps(acc + h * d + c0 + 16 * c, s[h][c]);
+      else
+        _mm512_mask_storeu_ps(acc + h * d + c0 + 16 * c, m[c], s[h][c]);
+    }
 }
 
-void accumulate(const float* p, const float* v, int64_t stride, int64_t n, int64_t d, float* acc) {
-  for (int64_t c0 = 0; c0 < d; c0 += 128) {
-    switch (std::min<int64_t>(8, (d - c0 + 15) / 16)) {
-      case 1: accumulate_group<1>(p, v, stride, n, d, c0, acc); break;
-      case 2: accumulate_group<2>(p, v, stride, n, d, c0, acc); break;
-      case 3: accumulate_group<3>(p, v, stride, n, d, c0, acc); break;
-      case 4: accumulate_group<4>(p, v, stride, n, d, c0, acc); break;
-      case 5: accumulate_group<5>(p, v, stride, n, d, c0, acc); break;
-      case 6: accumulate_group<6>(p, v, stride, n, d, c0, acc); break;
-      case 7: accumulate_group<7>(p, v, stride, n, d, c0, acc); break;
-      default: accumulate_group<8>(p, v, stride, n, d, c0, acc); break;
+template <int NQ>
+void accumulate_heads(const float* p, int64_t n_p, const float* v, int64_t stride, int64_t n,
+                      int64_t d, float* acc, bool pf) {
+  for (int64_t c0 = 0; c0 < d; c0 += 128, pf = false) {
+    if (d - c0 >= 128) {
+      accumulate_group<NQ, 8, true>(p, n_p, v, stride, n, d, c0, acc, pf);
+      continue;
+    }
+    switch ((d - c0 + 15) / 16) {
+      case 1: accumulate_group<NQ, 1, false>(p, n_p, v, stride, n, d, c0, acc, pf); break;
+      case 2: accumulate_group<NQ, 2, false>(p, n_p, v, stride, n, d, c0, acc, pf); break;
+      case 3: accumulate_group<NQ, 3, false>(p, n_p, v, stride, n, d, c0, acc, pf); break;
+      case 4: accumulate_group<NQ, 4, false>(p, n_p, v, stride, n, d, c0, acc, pf); break;
+      case 5: accumulate_group<NQ, 5, false>(p, n_p, v, stride, n, d, c0, acc, pf); break;
+      case 6: accumulate_group<NQ, 6, false>(p, n_p, v, stride, n, d, c0, acc, pf); break;
+      case 7: accumulate_group<NQ, 7, false>(p, n_p, v, stride, n, d, c0, acc, pf); break;
+      default: accumulate_group<NQ, 8, false>(p, n_p, v, stride, n, d, c0, acc, pf); break;
+    }
+  }
+}
+
+// Heads in 3s (24 accumulators of 16 floats).
+void accumulate(const float* p, int64_t nq, const float* v, int64_t stride, int64_t n, int64_t d,
+                float* acc) {
+  for (int64_t j = 0; j < std::min<int64_t>(n, kKvAhead); ++j) prefetch_row(v, j, stride, d);
+  for (int64_t h = 0; h < nq; h += 3) {
+    const float* ph = p + h * n;
+    float* ah = acc + h * d;
+    switch (std::min<int64_t>(3, nq - h)) {
+      case 1: accumulate_heads<1>(ph, n, v, stride, n, d, ah, h == 0); break;
+      case 2: accumulate_heads<2>(ph, n, v, stride, n, d, ah, h == 0); break;
+      default: accumulate_heads<3>(ph, n, v, stride, n, d, ah, h == 0); break;
     }
   }
 }

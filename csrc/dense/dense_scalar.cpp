@@ -58,14 +58,17 @@ void gemm(const DenseMatrix& w, const DenseActs& a, int64_t r0, int64_t r1, floa
     }
 }
 
-void scores(const float* q, const float* k, int64_t stride, int64_t n, int64_t d, float scale,
-            float* out) {
-  for (int64_t j = 0; j < n; ++j) out[j] = scale * dot_f32(q, k + j * stride, d);
+void scores(const float* q, int64_t nq, const float* k, int64_t stride, int64_t n, int64_t d,
+            float scale, float* out) {
+  for (int64_t h = 0; h < nq; ++h)
+    for (int64_t j = 0; j < n; ++j) out[h * n + j] = scale * dot_f32(q + h * d, k + j * stride, d);
 }
 
-void accumulate(const float* p, const float* v, int64_t stride, int64_t n, int64_t d, float* acc) {
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t i = 0; i < d; ++i) acc[i] += p[j] * v[j * stride + i];
+void accumulate(const float* p, int64_t nq, const float* v, int64_t stride, int64_t n, int64_t d,
+                float* acc) {
+  for (int64_t h = 0; h < nq; ++h)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < d; ++i) acc[h * d + i] += p[h * n + j] * v[j * stride + i];
 }
 
 void silu_mul(const float* g, const float* u, int64_t n, float* out) {

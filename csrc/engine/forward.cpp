@@ -105,6 +105,11 @@ constexpr int64_t kParallelWork = int64_t(1) << 17;
 
 // out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, as torch's F.rms_norm.
 void rmsnorm(const float* x, const float* w, int64_t tokens, int64_t n, float eps, float* out) {
+  // The weights come from DRAM once per token (the weight stream evicted them): start
+  // every line's miss now, so they arrive while the sum of squares runs.
+#if defined(__GNUC__)
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(w + i, 0, 2);
+#endif
   for (int64_t t = 0; t < tokens; ++t) {
     const float* xt = x + t * n;
     // 16 running sums in a fixed order: the compiler vectorizes them (one long chain of
@@ -196,56 +201,70 @@ void rope(float* x, int64_t n_heads, int64_t hd, const float* cs) {
 }
 
 // Causal GQA attention of the batch's queries (positions pos0 ..) over the cache, with
-// an online softmax over key blocks (no score buffer beyond one block on the stack).
+// an online softmax over key blocks (no score buffer beyond one block on the stack). A task
+// is one KV head and a chunk of queries: the query heads that share the KV head (up to
+// kHeadChunk at a time) read each key and value row once, which in decode is one pass
+// over the layer's cache from DRAM instead of one per query head from L2.
 void attention(Ctx& c, int64_t layer, int64_t tokens, int64_t pos0) {
   SessionState& s = c.s;
   const ModelInfo& I = c.info;
-  const int64_t H = I.n_heads, hd = I.head_dim, d = I.d_model;
-  const int64_t group = H / I.n_kv_heads;
+  const int64_t H = I.n_heads, hd = I.head_dim, d = I.d_model, KV = I.n_kv_heads;
+  const int64_t group = H / KV;
   const int64_t window = s.m.layers[size_t(layer)].sliding ? s.m.window : 0;
-  const int64_t ldq = d + 2 * int64_t(I.n_kv_heads) * hd;
+  const int64_t ldq = d + 2 * KV * hd;
   const float scale = 1.0f / std::sqrt(float(hd));
   constexpr int64_t kKeyBlock = 256;
   constexpr int64_t kQueryChunk = 16;
+  constexpr int64_t kHeadChunk = 8;
   const int64_t nqc = (tokens + kQueryChunk - 1) / kQueryChunk;
   const DenseKernels& dk = c.dk;
   auto body = [&](int64_t task) {
-    const int64_t h = task % H, qc = task / H;
-    const float* K = s.k_cache(layer, h / group);
-    const float* V = s.v_cache(layer, h / group);
+    const int64_t kvh = task % KV, qc = task / KV;
+    const float* K = s.k_cache(layer, kvh);
+    const float* V = s.v_cache(layer, kvh);
     const int64_t S = s.slots[size_t(layer)];
-    float sc[kKeyBlock];
+    float sc[kHeadChunk * kKeyBlock];  // head h's scores at sc + h * nb
+    float mx[kHeadChunk], sum[kHeadChunk];
     for (int64_t t = qc * kQueryChunk; t < std::min(tokens, (qc + 1) * kQueryChunk); ++t) {
-      const float* q = s.qkv.data() + t * ldq + h * hd;
-      float* out = s.att.data() + t * d + h * hd;
-      std::fill(out, out + hd, 0.0f);
-      // Key positions lo .. p; position j sits in slot j mod S (S > p for a full layer),
-      // so a block stops at the ring's end too.
-      const int64_t p = pos0 + t, lo = window ? std::max<int64_t>(0, p - window + 1) : 0;
-      float mx = -std::numeric_limits<float>::infinity(), sum = 0.0f;
-      for (int64_t j = lo; j <= p;) {
-        const int64_t j0 = j % S;
-        const int64_t nb = std::min({kKeyBlock, p + 1 - j, S - j0});
-        j += nb;
-        dk.scores(q, K + j0 * hd, hd, nb, hd, scale, sc);
-        float bm = sc[0];
-        for (int64_t j = 1; j < nb; ++j) bm = std::max(bm, sc[j]);
-        if (bm > mx) {
-          if (sum > 0.0f) {  // rescale what earlier blocks accumulated to the new max
-            const float f = std::exp(mx - bm);
-            sum *= f;
-            for (int64_t i = 0; i < hd; ++i) out[i] *= f;
+      for (int64_t h0 = kvh * group; h0 < (kvh + 1) * group; h0 += kHeadChunk) {
+        const int64_t nq = std::min(kHeadChunk, (kvh + 1) * group - h0);
+        const float* q = s.qkv.data() + t * ldq + h0 * hd;  // nq heads, hd apart
+        float* out = s.att.data() + t * d + h0 * hd;
+        std::fill(out, out + nq * hd, 0.0f);
+        std::fill(mx, mx + nq, -std::numeric_limits<float>::infinity());
+        std::fill(sum, sum + nq, 0.0f);
+        // Key positions lo .. p; position j sits in slot j mod S (S > p for a full layer),
+        // so a block stops at the ring's end too.
+        const int64_t p = pos0 + t, lo = window ? std::max<int64_t>(0, p - window + 1) : 0;
+        for (int64_t j = lo; j <= p;) {
+          const int64_t j0 = j % S;
+          const int64_t nb = std::min({kKeyBlock, p + 1 - j, S - j0});
+          j += nb;
+          dk.scores(q, nq, K + j0 * hd, hd, nb, hd, scale, sc);
+          for (int64_t h = 0; h < nq; ++h) {
+            float* sh = sc + h * nb;
+            float bm = sh[0];
+            for (int64_t i = 1; i < nb; ++i) bm = std::max(bm, sh[i]);
+            if (bm > mx[h]) {
+              if (sum[h] > 0.0f) {  // rescale what earlier blocks accumulated to the new max
+                const float f = std::exp(mx[h] - bm);
+                sum[h] *= f;
+                for (int64_t i = 0; i < hd; ++i) out[h * hd + i] *= f;
+              }
+              mx[h] = bm;
+            }
+            sum[h] += dk.exp_sum(sh, nb, mx[h]);
           }
-          mx = bm;
+          dk.accumulate(sc, nq, V + j0 * hd, hd, nb, hd, out);
         }
-        sum += dk.exp_sum(sc, nb, mx);
-        dk.accumulate(sc, V + j0 * hd, hd, nb, hd, out);
+        for (int64_t h = 0; h < nq; ++h) {
+          const float inv = 1.0f / sum[h];
+          for (int64_t i = 0; i < hd; ++i) out[h * hd + i] *= inv;
+        }
       }
-      const float inv = 1.0f / sum;
-      for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
     }
   };
-  const int64_t ntasks = H * nqc;
+  const int64_t ntasks = KV * nqc;
   const int64_t work = H * tokens * (window ? std::min(window, pos0 + tokens) : pos0 + tokens) * hd;
   if (c.threads == 1 || work < kParallelWork) {
     for (int64_t i = 0; i < ntasks; ++i) body(i);

@@ -15,6 +15,18 @@ namespace {
 // 8-16 KiB ~100%; the old next-tile prefetch ~45%.
 constexpr int64_t kPrefetchBytes = 8192;
 
+// acc + vpdpbusd(u, s) in place. GCC 12 treats the intrinsic as a three-operand op and
+// copies accumulators around it (a vmovdqa per vpdpbusd, then spills in the 4-row GEMV);
+// the asm names the accumulator as read-write, so it stays in its register.
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+#if defined(__GNUC__)
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "vm"(s));
+  return acc;
+#else
+  return _mm512_dpbusd_epi32(acc, u, s);
+#endif
+}
+
 // R rows x T tokens: each 64-byte weight block is unpacked once per row and
 // reused for T tokens (16 accumulators at 4 x 4).
 template <int R, int T>
@@ -35,10 +47,10 @@ struct Tile {
         for (int j = 0; j < T; ++j) {
           const int8_t* x = a.q + (t + j) * a.q_stride + b * 256;
           __m512i s = acc[i][j];
-          s = _mm512_dpbusd_epi32(s, c0, _mm512_loadu_si512(x));
-          s = _mm512_dpbusd_epi32(s, c1, _mm512_loadu_si512(x + 64));
-          s = _mm512_dpbusd_epi32(s, c2, _mm512_loadu_si512(x + 128));
-          s = _mm512_dpbusd_epi32(s, c3, _mm512_loadu_si512(x + 192));
+          s = dpbusd(s, c0, _mm512_loadu_si512(x));
+          s = dpbusd(s, c1, _mm512_loadu_si512(x + 64));
+          s = dpbusd(s, c2, _mm512_loadu_si512(x + 128));
+          s = dpbusd(s, c3, _mm512_loadu_si512(x + 192));
           acc[i][j] = s;
         }
       }
@@ -47,60 +59,160 @@ struct Tile {
   }
 };
 
-// One token (GEMV): no shifts. Masking with 0x03, 0x0C, 0x30, 0xC0 leaves code<<2n,
-// so accumulator n holds 4^n times its partial sum and is shifted back exactly
-// (every lane is a multiple of 4^n). Four independent accumulators per row also
-// break the vpdpbusd dependency chain. Lanes are folded every 256 blocks, so
-// |lane| <= 128*128*4*256 = 2^24 stays far from overflow.
-template <int R>
-struct Tile<R, 1> {
+
+// One token (GEMV), 4 rows: no shifts. Masking with 0x03, 0x0C, 0x30, 0xC0 leaves
+// code<<2n, so accumulator n holds 4^n times its partial sum; four independent
+// accumulators per row also break the vpdpbusd dependency chain. Every 256 blocks
+// the 16 accumulators are summed in one reduce16 (lane 4i+n = row i, accumulator n)
+// and shifted back by 2n (exact: every lane is a multiple of 4^n; |sum| <= 16 *
+// 128*128*4*256 = 2^28 fits int32). The epilogue is a fixed ~40 instructions for the
+// 4 rows, against ~200 for a 1536-wide row's dot products: the GEMV runs close to
+// its arithmetic limit even with the weights in L3, so the epilogue matters.
+template <>
+struct Tile<4, 1> {
   static void run(const GemmArgs& a, int64_t r, int64_t t) {
     const __m512i m0 = _mm512_set1_epi8(0x03);
     const __m512i m1 = _mm512_set1_epi8(0x0C);
     const __m512i m2 = _mm512_set1_epi8(0x30);
     const __m512i m3 = _mm512_set1_epi8(char(0xC0));
     const int8_t* x = a.q + t * a.q_stride;
-    const uint8_t* w[R];
-    for (int i = 0; i < R; ++i) w[i] = a.w + (r + i) * a.w_row_bytes;
-    __m512i total[R];
-    for (int i = 0; i < R; ++i) total[i] = _mm512_setzero_si512();
+    const uint8_t* w0 = a.w + r * a.w_row_bytes;
+    const int64_t ld = a.w_row_bytes;
+    __m512i total = _mm512_setzero_si512();
     const int64_t nb = a.cols / 256;
     for (int64_t b0 = 0; b0 < nb; b0 += 256) {
       const int64_t b1 = b0 + 256 < nb ? b0 + 256 : nb;
-      __m512i acc[R][4];
-      for (int i = 0; i < R; ++i)
+      __m512i acc[4][4];
+      for (int i = 0; i < 4; ++i)
         for (int n = 0; n < 4; ++n) acc[i][n] = _mm512_setzero_si512();
       for (int64_t b = b0; b < b1; ++b) {
-        // Decode is a stream through every weight matrix, one pass per token.
-        // Hardware prefetchers stop at 4 KiB pages and one core keeps too few
-        // misses in flight to fill the memory pipe, so fetch kPrefetchBytes ahead
-        // of each row stream by hand (into L2: L1 is too small to hold it). With
-        // 768-wide rows that is ~10 tiles ahead, with 16384-wide rows 2 blocks of
-        // the same row. Prefetches never fault, so running past the end is safe.
-        for (int i = 0; i < R; ++i)
-          _mm_prefetch(reinterpret_cast<const char*>(w[i] + b * 64 + kPrefetchBytes),
+        // Decode is a stream through every weight matrix, one pass per token. One
+        // core keeps too few misses in flight to fill the memory pipe, so fetch
+        // kPrefetchBytes ahead of each row stream by hand (into L2: L1 is too small
+        // to hold it). With 1536-wide rows that is ~5 tiles ahead. Prefetches never
+        // fault, so running past the end is safe.
+        for (int i = 0; i < 4; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(w0 + i * ld + b * 64 + kPrefetchBytes),
                        _MM_HINT_T1);
         const __m512i x0 = _mm512_loadu_si512(x + b * 256);
         const __m512i x1 = _mm512_loadu_si512(x + b * 256 + 64);
         const __m512i x2 = _mm512_loadu_si512(x + b * 256 + 128);
         const __m512i x3 = _mm512_loadu_si512(x + b * 256 + 192);
-        for (int i = 0; i < R; ++i) {
-          const __m512i p = _mm512_loadu_si512(w[i] + b * 64);
-          acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], _mm512_and_si512(p, m0), x0);
-          acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], _mm512_and_si512(p, m1), x1);
-          acc[i][2] = _mm512_dpbusd_epi32(acc[i][2], _mm512_and_si512(p, m2), x2);
-          acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], _mm512_and_si512(p, m3), x3);
+        for (int i = 0; i < 4; ++i) {
+          const __m512i p = _mm512_loadu_si512(w0 + i * ld + b * 64);
+          acc[i][0] = dpbusd(acc[i][0], _mm512_and_si512(p, m0), x0);
+          acc[i][1] = dpbusd(acc[i][1], _mm512_and_si512(p, m1), x1);
+          acc[i][2] = dpbusd(acc[i][2], _mm512_and_si512(p, m2), x2);
+          acc[i][3] = dpbusd(acc[i][3], _mm512_and_si512(p, m3), x3);
         }
       }
-      for (int i = 0; i < R; ++i) {
-        __m512i s = _mm512_add_epi32(acc[i][0], _mm512_srai_epi32(acc[i][1], 2));
-        s = _mm512_add_epi32(s, _mm512_srai_epi32(acc[i][2], 4));
-        s = _mm512_add_epi32(s, _mm512_srai_epi32(acc[i][3], 6));
-        total[i] = _mm512_add_epi32(total[i], s);
+      const __m512i shifts = _mm512_set_epi32(6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0);
+      total = _mm512_add_epi32(total, _mm512_srav_epi32(reduce16(&acc[0][0]), shifts));
+    }
+    // Row i's four sums sit in 128-bit lane i: add within each, then lanes 0, 4, 8, 12.
+    total = _mm512_add_epi32(total, _mm512_shuffle_epi32(total, _MM_PERM_BADC));
+    total = _mm512_add_epi32(total, _mm512_shuffle_epi32(total, _MM_PERM_CDAB));
+    const __m128i dots = _mm512_castsi512_si128(
+        _mm512_permutexvar_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0),
+                                 total));
+    const __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(dots, _mm_set1_epi32(a.qsum[t]))),
+                                _mm_set1_ps(a.w_scale * a.x_scale[t]));
+    _mm_storeu_ps(a.y + t * a.y_stride + r, v);
+  }
+};
+
+// One token, 8 rows, two accumulators per row: the byte's low nibble (codes 0, 1) and,
+// after one 16-bit shift, its high nibble (codes 2, 3) are masked with 0x03 (code,
+// weight 1) and 0x0C (code << 2, weight 4): `lo` gathers codes 0 and 2, `hi` 4x codes 1
+// and 3, and the row's dot is lo + hi / 4 (exact: every lane of hi is a multiple of 4).
+// Sixteen accumulators cover 8 rows, so the epilogue (one reduce of 8 vectors, ~40
+// instructions) is shared by twice the rows of Tile<4, 1>: with 1536-wide rows the GEMV
+// is bound by vpdpbusd issue, not memory, and the epilogue was a third of its time.
+// Every 256 blocks the lanes are folded: |lane| <= 2 * 4*128*128*4*256 = 2^25.
+inline __m256i reduce8(const __m512i v[8]) {
+  __m512i h[4];
+  for (int g = 0; g < 4; ++g)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    h[g] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * g], v[2 * g + 1]),
+                            _mm512_unpackhi_epi32(v[2 * g], v[2 * g + 1]));
+  // per 128-bit lane: [a, b, c, d] and [e, f, g, h] partial sums
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(h[0], h[1]),
+                                        _mm512_unpackhi_epi64(h[0], h[1]));
+  const __m512i efgh = _mm512_add_epi32(_mm512_unpacklo_epi64(h[2], h[3]),
+                                        _mm512_unpackhi_epi64(h[2], h[3]));
+  const __m512i t = _mm512_add_epi32(_mm512_shuffle_i32x4(abcd, efgh, _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_i32x4(abcd, efgh, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i u = _mm512_add_epi32(_mm512_shuffle_i32x4(t, t, _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_i32x4(t, t, _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_castsi512_si256(u);
+}
+
+void gemv8(const GemmArgs& a, int64_t r, int64_t t) {
+  const __m512i m03 = _mm512_set1_epi8(0x03);
+  const __m512i m0c = _mm512_set1_epi8(0x0C);
+  const int8_t* x = a.q + t * a.q_stride;
+  const uint8_t* w0 = a.w + r * a.w_row_bytes;
+  const int64_t ld = a.w_row_bytes;
+  __m256i total = _mm256_setzero_si256();
+  const int64_t nb = a.cols / 256;
+  for (int64_t b0 = 0; b0 < nb; b0 += 256) {
+    const int64_t b1 = b0 + 256 < nb ? b0 + 256 : nb;
+    __m512i lo[8], hi[8];
+    for (int i = 0; i < 8; ++i) lo[i] = hi[i] = _mm512_setzero_si512();
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int i = 0; i < 8; ++i)  // see Tile<4, 1>
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + i * ld + b * 64 + kPrefetchBytes),
+                     _MM_HINT_T1);
+      const __m512i x0 = _mm512_loadu_si512(x + b * 256);
+      const __m512i x1 = _mm512_loadu_si512(x + b * 256 + 64);
+      const __m512i x2 = _mm512_loadu_si512(x + b * 256 + 128);
+      const __m512i x3 = _mm512_loadu_si512(x + b * 256 + 192);
+      for (int i = 0; i < 8; ++i) {
+        const __m512i p = _mm512_loadu_si512(w0 + i * ld + b * 64);
+        const __m512i p4 = _mm512_srli_epi16(p, 4);
+        lo[i] = dpbusd(lo[i], _mm512_and_si512(p, m03), x0);
+        hi[i] = dpbusd(hi[i], _mm512_and_si512(p, m0c), x1);
+        lo[i] = dpbusd(lo[i], _mm512_and_si512(p4, m03), x2);
+        hi[i] = dpbusd(hi[i], _mm512_and_si512(p4, m0c), x3);
       }
     }
-    for (int i = 0; i < R; ++i)
-      a.y[t * a.y_stride + r + i] = finish(a, t, _mm512_reduce_add_epi32(total[i]));
+    for (int i = 0; i < 8; ++i) lo[i] = _mm512_add_epi32(lo[i], _mm512_srai_epi32(hi[i], 2));
+    total = _mm256_add_epi32(total, reduce8(lo));
+  }
+  const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(total, _mm256_set1_epi32(a.qsum[t]))),
+                                 _mm256_set1_ps(a.w_scale * a.x_scale[t]));
+  _mm256_storeu_ps(a.y + t * a.y_stride + r, v);
+}
+
+// One row, one token: the ragged edge of the 4-row tiles (same arithmetic).
+template <>
+struct Tile<1, 1> {
+  static void run(const GemmArgs& a, int64_t r, int64_t t) {
+    const __m512i m0 = _mm512_set1_epi8(0x03);
+    const __m512i m1 = _mm512_set1_epi8(0x0C);
+    const __m512i m2 = _mm512_set1_epi8(0x30);
+    const __m512i m3 = _mm512_set1_epi8(char(0xC0));
+    const int8_t* x = a.q + t * a.q_stride;
+    const uint8_t* w = a.w + r * a.w_row_bytes;
+    int32_t total = 0;
+    const int64_t nb = a.cols / 256;
+    for (int64_t b0 = 0; b0 < nb; b0 += 256) {
+      const int64_t b1 = b0 + 256 < nb ? b0 + 256 : nb;
+      __m512i acc[4];
+      for (int n = 0; n < 4; ++n) acc[n] = _mm512_setzero_si512();
+      for (int64_t b = b0; b < b1; ++b) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + b * 64 + kPrefetchBytes), _MM_HINT_T1);
+        const __m512i p = _mm512_loadu_si512(w + b * 64);
+        acc[0] = dpbusd(acc[0], _mm512_and_si512(p, m0), _mm512_loadu_si512(x + b * 256));
+        acc[1] = dpbusd(acc[1], _mm512_and_si512(p, m1), _mm512_loadu_si512(x + b * 256 + 64));
+        acc[2] = dpbusd(acc[2], _mm512_and_si512(p, m2), _mm512_loadu_si512(x + b * 256 + 128));
+        acc[3] = dpbusd(acc[3], _mm512_and_si512(p, m3), _mm512_loadu_si512(x + b * 256 + 192));
+      }
+      __m512i s = _mm512_add_epi32(acc[0], _mm512_srai_epi32(acc[1], 2));
+      s = _mm512_add_epi32(s, _mm512_srai_epi32(acc[2], 4));
+      s = _mm512_add_epi32(s, _mm512_srai_epi32(acc[3], 6));
+      total += _mm512_reduce_add_epi32(s);
+    }
+    a.y[t * a.y_stride + r] = finish(a, t, total);
   }
 };
 
@@ -124,7 +236,7 @@ inline void panel_tile(const PanelArgs& a, int64_t p, int64_t t) {
       int32_t four;
       std::memcpy(&four, x + j * a.cols + 4 * g, 4);
       const __m512i xb = _mm512_set1_epi32(four);
-      for (int i = 0; i < P; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], wv[i], xb);
+      for (int i = 0; i < P; ++i) acc[i][j] = dpbusd(acc[i][j], wv[i], xb);
     }
   }
   for (int j = 0; j < T; ++j) {
@@ -159,6 +271,13 @@ inline void panel_tokens(const PanelArgs& a, int64_t p, int64_t t0, int64_t t1) 
 }  // namespace
 
 void gemm_avx512vnni(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+  if (t1 - t0 == 1) {
+    int64_t r = r0;
+    for (; r + 8 <= r1; r += 8) gemv8(a, r, t0);
+    for (; r + 4 <= r1; r += 4) Tile<4, 1>::run(a, r, t0);
+    for (; r < r1; ++r) Tile<1, 1>::run(a, r, t0);
+    return;
+  }
   drive<Tile, 4, 4>(a, r0, r1, t0, t1);
 }
 

@@ -295,36 +295,42 @@ TEST(Dense, KernelsMatchScalar) {
 TEST(Dense, AttentionHelpersMatchScalar) {
   std::mt19937 rng(6);
   const auto sets = kernel_sets();
-  for (int64_t d : {2, 16, 30, 64, 128, 200}) {
-    for (int64_t n : {1, 3, 4, 7, 33}) {
-      const int64_t stride = d + 5;
-      const auto q = random_floats(rng, d, -1.0f, 1.0f);
-      const auto k = random_floats(rng, n * stride, -1.0f, 1.0f);
-      const auto p = random_floats(rng, n, 0.0f, 1.0f);
-      const auto acc0 = random_floats(rng, d + 1, -1.0f, 1.0f);
-      // Double references.
-      std::vector<double> s_ref(static_cast<size_t>(n)), a_ref(static_cast<size_t>(d));
-      for (int64_t j = 0; j < n; ++j) {
-        double s = 0;
-        for (int64_t i = 0; i < d; ++i) s += double(q[size_t(i)]) * k[size_t(j * stride + i)];
-        s_ref[size_t(j)] = 0.125 * s;
-      }
-      for (int64_t i = 0; i < d; ++i) {
-        double s = acc0[size_t(i)];
-        for (int64_t j = 0; j < n; ++j) s += double(p[size_t(j)]) * k[size_t(j * stride + i)];
-        a_ref[size_t(i)] = s;
-      }
-      for (const DenseKernels* ks : sets) {
-        std::vector<float> out(size_t(n) + 1, -9.0f);
-        ks->scores(q.data(), k.data(), stride, n, d, 0.125f, out.data());
-        for (int64_t j = 0; j < n; ++j)
-          EXPECT_NEAR(out[size_t(j)], s_ref[size_t(j)], 1e-5) << ks->name;
-        EXPECT_EQ(out[size_t(n)], -9.0f);
-        std::vector<float> acc = acc0;
-        ks->accumulate(p.data(), k.data(), stride, n, d, acc.data());
-        for (int64_t i = 0; i < d; ++i)
-          EXPECT_NEAR(acc[size_t(i)], a_ref[size_t(i)], 1e-5) << ks->name;
-        EXPECT_EQ(acc[size_t(d)], acc0[size_t(d)]);  // past d: untouched
+  for (int64_t nq : {1, 3, 5}) {
+    for (int64_t d : {2, 16, 30, 64, 128, 200}) {
+      for (int64_t n : {1, 3, 4, 7, 33}) {
+        const int64_t stride = d + 5;
+        const auto q = random_floats(rng, nq * d, -1.0f, 1.0f);
+        const auto k = random_floats(rng, n * stride, -1.0f, 1.0f);
+        const auto p = random_floats(rng, nq * n, 0.0f, 1.0f);
+        const auto acc0 = random_floats(rng, nq * d + 1, -1.0f, 1.0f);
+        // Double references.
+        std::vector<double> s_ref(size_t(nq * n)), a_ref(size_t(nq * d));
+        for (int64_t h = 0; h < nq; ++h) {
+          for (int64_t j = 0; j < n; ++j) {
+            double s = 0;
+            for (int64_t i = 0; i < d; ++i)
+              s += double(q[size_t(h * d + i)]) * k[size_t(j * stride + i)];
+            s_ref[size_t(h * n + j)] = 0.125 * s;
+          }
+          for (int64_t i = 0; i < d; ++i) {
+            double s = acc0[size_t(h * d + i)];
+            for (int64_t j = 0; j < n; ++j)
+              s += double(p[size_t(h * n + j)]) * k[size_t(j * stride + i)];
+            a_ref[size_t(h * d + i)] = s;
+          }
+        }
+        for (const DenseKernels* ks : sets) {
+          std::vector<float> out(size_t(nq * n) + 1, -9.0f);
+          ks->scores(q.data(), nq, k.data(), stride, n, d, 0.125f, out.data());
+          for (int64_t j = 0; j < nq * n; ++j)
+            EXPECT_NEAR(out[size_t(j)], s_ref[size_t(j)], 1e-5) << ks->name;
+          EXPECT_EQ(out[size_t(nq * n)], -9.0f);
+          std::vector<float> acc = acc0;
+          ks->accumulate(p.data(), nq, k.data(), stride, n, d, acc.data());
+          for (int64_t i = 0; i < nq * d; ++i)
+            EXPECT_NEAR(acc[size_t(i)], a_ref[size_t(i)], 1e-5) << ks->name;
+          EXPECT_EQ(acc[size_t(nq * d)], acc0[size_t(nq * d)]);  // past the heads: untouched
+        }
       }
     }
   }
