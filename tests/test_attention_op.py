@@ -117,6 +117,8 @@ def test_bad_input_names_the_argument():
         bwd(go, q, k[:, :1].expand(2, 3, 8, 8), v[:, :1].expand(2, 3, 8, 8), out, lse, None, 0)
     with pytest.raises(ValueError, match="window"):
         bwd(go, q, k, v, out, lse, None, -1)
+    with pytest.raises(ValueError, match="attention_forward: heads .* kv_heads"):
+        torch.ops.nanochat.attention(q[:, :3], k, v, 0, False)
 
 
 def test_applies_only_to_float32_cpu_training():

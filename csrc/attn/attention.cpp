@@ -60,10 +60,10 @@ const attn_kernels::Kernels& kernels() {
   return attn_kernels::scalar;
 }
 
-constexpr int64_t kQueryBlock = 16;  // kept query rows per tile
+constexpr int64_t kQueryBlock = 16;  // (kept) query rows per tile
 
-void check(const AttentionShape& s, const int64_t* rows, int64_t n_rows) {
-  auto bad = [](const std::string& m) { throw Error("attention_backward: " + m); };
+void check(const char* fn, const AttentionShape& s, const int64_t* rows, int64_t n_rows) {
+  auto bad = [fn](const std::string& m) { throw Error(std::string(fn) + ": " + m); };
   if (s.batch < 0 || s.seq < 0 || s.heads <= 0 || s.kv_heads <= 0 || s.head_dim <= 0)
     bad("batch, seq >= 0 and heads, kv_heads, head_dim > 0 required");
   if (s.heads % s.kv_heads != 0)
@@ -229,7 +229,7 @@ void forward_task(const attn_kernels::Kernels& K, const AttentionShape& s, int64
 
 void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v,
                        HeadsOut out, HeadsOut lse) {
-  check(s, nullptr, 0);
+  check("attention_forward", s, nullptr, 0);
   const auto& K = kernels();
   parallel_for(s.batch * s.kv_heads, [&](int64_t task) {
     forward_task(K, s, task / s.kv_heads, task % s.kv_heads, q, k, v, out, lse);
@@ -239,7 +239,7 @@ void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsV
 void attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v,
                         HeadsView o, HeadsView go, HeadsView lse, const int64_t* rows,
                         int64_t n_rows, HeadsOut gq, HeadsOut gk, HeadsOut gv) {
-  check(s, rows, n_rows);
+  check("attention_backward", s, rows, n_rows);
   const auto& K = kernels();
   const int64_t T = s.seq;
   parallel_for(s.batch * s.kv_heads, [&](int64_t task) {
