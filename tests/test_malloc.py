@@ -53,11 +53,12 @@ def test_tune_stops_refaulting_activation_buffers(run_python):
     assert not opted_out  # NANOCHAT_MALLOC_TUNE=0 keeps glibc's defaults
     # Tuned, only the 32 MiB blocks (logits and their gradients: 8192 pages each; one to
     # four of them a step, as the heap's free space happens to serve the others) are faulted
-    # in: medians measured 8,194-24,581. glibc's defaults re-fault the activations on top:
-    # medians 40,400-54,700.
+    # in: medians measured 8,194-32,772. glibc's defaults re-fault the activations on top:
+    # medians 38,900-54,700 (the lower ones since the C++ attention op, whose temporaries are
+    # smaller than SDPA's and the k / v repeats).
     big = (8 * 256 * 4096 * 4) // 4096
     assert tuned <= 4 * big + 1024, (tuned, default)
-    assert default >= tuned + big, (tuned, default)
+    assert default >= tuned + 2048, (tuned, default)  # >= 8 MiB of activations re-faulted
 
 
 @pytest.mark.parametrize("compare", ["malloc", "bitlinear", "fused"])
