@@ -4,10 +4,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <string>
 
+#include "common/row_list.h"
 #include "common/threadpool.h"
-#include "nanochat/error.hpp"
 #include "ternary/dispatch.h"
 
 namespace nanochat {
@@ -67,11 +66,7 @@ void swiglu_backward(const float* gh, const float* g, const float* u, int64_t ro
     });
     return;
   }
-  for (int64_t i = 0; i < n_keep; ++i)
-    if (keep[i] < 0 || keep[i] >= rows || (i > 0 && keep[i] <= keep[i - 1]))
-      throw Error("swiglu_backward: keep[" + std::to_string(i) + "] = " +
-                  std::to_string(keep[i]) + " is not a sorted row index below " +
-                  std::to_string(rows));
+  check_row_list("swiglu_backward", "keep", keep, n_keep, rows);
   // One pass over the destination rows in parallel blocks: listed rows computed, the others
   // zeroed, in address order (a separate zero-fill pass would write the gaps twice as slowly
   // and serially).

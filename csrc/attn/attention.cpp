@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "common/row_list.h"
 #include "common/threadpool.h"
 #include "nanochat/error.hpp"
 
@@ -71,11 +72,7 @@ void check(const char* fn, const AttentionShape& s, const int64_t* rows, int64_t
         std::to_string(s.kv_heads) + ")");
   if (s.window < 0) bad("window must be >= 0 (0: full causal), got " + std::to_string(s.window));
   if (!(s.scale > 0.0f) || !std::isfinite(s.scale)) bad("scale must be finite and > 0");
-  const int64_t total = s.batch * s.seq;
-  for (int64_t i = 0; rows && i < n_rows; ++i)
-    if (rows[i] < 0 || rows[i] >= total || (i > 0 && rows[i] <= rows[i - 1]))
-      bad("rows[" + std::to_string(i) + "] = " + std::to_string(rows[i]) +
-          " is not a sorted row index below batch * seq = " + std::to_string(total));
+  if (rows) check_row_list(fn, "rows", rows, n_rows, s.batch * s.seq);
 }
 
 // One (batch row, kv head): every query head of the group, every kept query block.

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common/avx512_math.h"
+#include "common/avx512_vnni.h"  // dpbusd
 #include "dense/dense.h"
 #include "ternary/ternary.h"  // quantize_activations (its errors)
 
@@ -111,18 +112,6 @@ struct TileF16 {
 // The one-token GEMV (T = 1, single rows) issues no software prefetch: its loads are one
 // sequential stream, which the hardware prefetchers follow better (30-33 GB/s against
 // 22-23 GB/s with 2-row tiles and 8 KiB prefetches, 1 thread, 32768 x 1536 head).
-//
-// acc + vpdpbusd(u, s) in place: with the intrinsic, GCC 12 copies accumulators around
-// each vpdpbusd (see kernels_avx512vnni.cpp); the asm keeps them in their registers.
-inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
-#if defined(__GNUC__)
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "vm"(s));
-  return acc;
-#else
-  return _mm512_dpbusd_epi32(acc, u, s);
-#endif
-}
-
 template <int R, int T>
 struct TileQ8 {
   // The integer dots of one group of gb blocks: the first `gb` lanes of dot[i][j]. Full

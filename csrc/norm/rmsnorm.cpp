@@ -4,11 +4,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <string>
 #include <vector>
 
+#include "common/row_list.h"
 #include "common/threadpool.h"
-#include "nanochat/error.hpp"
 
 namespace nanochat {
 namespace norm_kernels {
@@ -67,11 +66,7 @@ void rms_norm_backward(const float* gy, const float* x, const float* w, const fl
                        int64_t rows, int64_t dim, const int64_t* keep, int64_t n_keep,
                        float* gx, float* gw) {
   const auto& k = kernels();
-  for (int64_t i = 0; keep && i < n_keep; ++i)
-    if (keep[i] < 0 || keep[i] >= rows || (i > 0 && keep[i] <= keep[i - 1]))
-      throw Error("rms_norm_backward: keep[" + std::to_string(i) + "] = " +
-                  std::to_string(keep[i]) + " is not a sorted row index below " +
-                  std::to_string(rows));
+  if (keep) check_row_list("rms_norm_backward", "keep", keep, n_keep, rows);
   // One pass over the destination rows in parallel blocks of kRowBlock: listed rows
   // computed (their gy * xhat summed into the block's gw partial), the others zeroed, in
   // address order. gw then sums the block partials in block order, so results do not depend

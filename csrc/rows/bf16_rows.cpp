@@ -5,6 +5,7 @@
 #include <cstring>
 #include <string>
 
+#include "common/row_list.h"
 #include "common/threadpool.h"
 #include "nanochat/error.hpp"
 
@@ -56,11 +57,7 @@ void check_rows(const char* fn, const int64_t* rows, int64_t n, int64_t total) {
   if (n < 0 || total < 0 || (!rows && n != total))
     throw Error(std::string(fn) + ": row count " + std::to_string(n) + " does not match " +
                 std::to_string(total) + " rows");
-  for (int64_t i = 0; rows && i < n; ++i)
-    if (rows[i] < 0 || rows[i] >= total || (i > 0 && rows[i] <= rows[i - 1]))
-      throw Error(std::string(fn) + ": rows[" + std::to_string(i) + "] = " +
-                  std::to_string(rows[i]) + " is not a sorted row index below " +
-                  std::to_string(total));
+  if (rows) check_row_list(fn, "rows", rows, n, total);
 }
 
 constexpr int64_t kRowsPerTask = 32;

@@ -5,6 +5,7 @@
 
 #include <cstring>
 
+#include "common/avx512_vnni.h"
 #include "ternary/kernels_avx512_reduce.h"
 
 namespace nanochat {
@@ -14,18 +15,6 @@ namespace {
 // weights in DRAM, 2 MiB pages): 4 KiB reaches ~78% of a plain read loop's rate,
 // 8-16 KiB ~100%; the old next-tile prefetch ~45%.
 constexpr int64_t kPrefetchBytes = 8192;
-
-// acc + vpdpbusd(u, s) in place. GCC 12 treats the intrinsic as a three-operand op and
-// copies accumulators around it (a vmovdqa per vpdpbusd, then spills in the 4-row GEMV);
-// the asm names the accumulator as read-write, so it stays in its register.
-inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
-#if defined(__GNUC__)
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "vm"(s));
-  return acc;
-#else
-  return _mm512_dpbusd_epi32(acc, u, s);
-#endif
-}
 
 // R rows x T tokens: each 64-byte weight block is unpacked once per row and
 // reused for T tokens (16 accumulators at 4 x 4).

@@ -170,7 +170,7 @@ class _TokenLosses(torch.autograd.Function):
     def backward(ctx, grad):
         x, w, y, z, lse = ctx.saved_tensors
         n = z.shape[0]
-        rows = kept_rows(n) if _STATE.shape is not None else None
+        rows = kept_rows(n)  # None outside an armed micro-batch or before set_keep
         g = grad * (y >= 0)
         if rows is not None:  # the kept rows' logits, gathered into a fresh tensor
             x, y, lse, g = (t.index_select(0, rows) for t in (x, y, lse, g))
