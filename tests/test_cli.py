@@ -120,9 +120,19 @@ def test_bench_kernels_json(bench_lines):
     assert {m["isa"] for m in bench_lines} == set(SUPPORTED_ISAS)
     # every (shape, op) is measured on every ISA with the TK2 kernel
     cells = {(m["rows"], m["cols"], m["op"]) for m in bench_lines}
-    assert {m["kernel"] for m in bench_lines} <= {"tk2", "codes"}
+    assert {m["kernel"] for m in bench_lines} <= {"tk2", "tk2x8", "tk2_dram", "tk2x8_dram",
+                                                  "codes"}
     tk2 = [m for m in bench_lines if m["kernel"] == "tk2"]
     assert len(tk2) == len(cells) * len(SUPPORTED_ISAS)
+    # on the best ISA: the engine's TK2 tiles per (shape, op), and both layouts' GEMV from
+    # DRAM per shape
+    best = [m for m in bench_lines if m["kernel"] in ("tk2x8", "tk2_dram", "tk2x8_dram")]
+    assert {m["isa"] for m in best} == {SUPPORTED_ISAS[-1]}
+    assert sorted((m["rows"], m["cols"], m["op"]) for m in best if m["kernel"] == "tk2x8") == \
+        sorted(cells)
+    for k in ("tk2_dram", "tk2x8_dram"):
+        assert sorted((m["rows"], m["cols"]) for m in best if m["kernel"] == k) == \
+            sorted((c[0], c[1]) for c in cells if c[2] == "gemv")
     # and training's codes GEMM once per GEMM shape where AVX-512 VNNI runs
     codes = [m for m in bench_lines if m["kernel"] == "codes"]
     gemms = {c for c in cells if c[2] == "gemm"}

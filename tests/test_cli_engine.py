@@ -123,7 +123,14 @@ def test_bench_decode_json_ours_only(trained_tiny, run_nanochat, tmp_path, monke
     assert r.returncode == 0, r.stderr
     rows = [json.loads(ln) for ln in r.stdout.splitlines()]
     assert len(rows) == 1 and rows[0]["engine"] == "nanochat" and rows[0]["config"] == "tiny"
-    assert rows[0]["decode_tokens_per_s"] > 0 and 0 < rows[0]["bandwidth_fraction"] < 2
+    r0 = rows[0]
+    assert r0["decode_tokens_per_s"] > 0 and 0 < r0["bandwidth_fraction"] < 2
+    # one round: the breakdown's parts add up to that round's decode time per token
+    parts = [r0[f"{p}_ms"] for p in ("ternary", "head", "attention", "other")]
+    assert all(x > 0 for x in parts[:3]) and parts[3] > -1e-3, r0
+    assert sum(parts) == pytest.approx(1e3 / r0["decode_tokens_per_s"], rel=1e-6)
+    for p in ("ternary", "head"):
+        assert r0[f"{p}_bytes_per_s"] > 0 and r0[f"{p}_bw_fraction"] > 0
 
 
 @pytest.mark.slow

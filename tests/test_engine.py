@@ -175,6 +175,12 @@ def test_generate_streams_and_is_seeded(exact_files):
     a = eng.complete("def ", max_tokens=24, temperature=0.9, seed=7, stop_at_eos=False)
     assert a["prompt_tokens"] == len(eng.tokenize("def ")) + 1  # bos first: empty session
     assert a["decode_tokens_per_s"] > 0 and a["prefill_tokens_per_s"] > 0
+    # the engine's clocks split the decode steps: each part ran, together they fit
+    parts = [a[f"decode_{p}_seconds"] for p in ("ternary", "head", "attention")]
+    assert all(x > 0 for x in parts) and sum(parts) < a["decode_seconds"], a
+    i = eng.info
+    assert i["head_bytes"] == i["vocab_size"] * i["d_model"] * 2  # f16 token_embd
+    assert 0 < i["ternary_bytes"] < i["weight_bytes"] - i["head_bytes"]
     eng.reset()
     pieces = list(eng.generate("def ", max_tokens=24, temperature=0.9, seed=7, stop_at_eos=False))
     assert [t for t, _ in pieces if t >= 0] == a["tokens"]

@@ -182,6 +182,38 @@ def test_tk2_byte_layout():
     np.testing.assert_array_equal(W.data, want.reshape(2, 128))
 
 
+@pytest.mark.parametrize("rows", [1, 8, 13, 40])
+def test_tk2_tiles_layout_and_gemm(rows):
+    """TK2 tiles (the engine's layout): 8 rows interleaved block by block, zero-padded to
+    whole tiles; ternary_gemm over them equals the row-major result bit for bit."""
+    from nanochat._core import buffer, core
+
+    cols = 768
+    codes = random_codes(rows, cols, seed=rows)
+    W = ternary.TernaryMatrix.from_codes(torch.from_numpy(codes), 0.0123)
+    padded = (rows + 7) // 8 * 8
+    tiles = torch.empty(padded, cols // 4, dtype=torch.uint8)
+    core().tk2_tile(buffer(W.data, "tk2"), cols, buffer(tiles, "tiles"))
+    rowmajor = torch.cat([W.data, torch.zeros(padded - rows, cols // 4, dtype=torch.uint8)])
+    # (tile, row in tile, block, 64 bytes) -> (tile, block, row in tile, 64 bytes)
+    want = rowmajor.reshape(padded // 8, 8, cols // 256, 64).transpose(1, 2)
+    assert torch.equal(tiles, want.reshape(padded, cols // 4))
+    for tokens in (1, 5):
+        q, s = ternary.quantize_activations(torch.randn(tokens, cols))
+        ys = [torch.empty(tokens, rows) for _ in range(2)]
+        for w, tile_rows, y in ((W.data, 1, ys[0]), (tiles, 8, ys[1])):
+            core().ternary_gemm(buffer(w, "w"), rows, cols, W.scale, buffer(q, "q"),
+                                buffer(s, "s"), buffer(y, "y"), tile_rows=tile_rows)
+        assert torch.equal(ys[0], ys[1])
+    if rows % 8:  # tiles come in whole tiles: row-major bytes are the wrong shape
+        with pytest.raises(ValueError, match="weights"):
+            core().ternary_gemm(buffer(W.data, "w"), rows, cols, W.scale, buffer(q, "q"),
+                                buffer(s, "s"), buffer(ys[0], "y"), tile_rows=8)
+    with pytest.raises(ValueError, match="tile_rows"):
+        core().ternary_gemm(buffer(tiles, "w"), rows, cols, W.scale, buffer(q, "q"),
+                            buffer(s, "s"), buffer(ys[0], "y"), tile_rows=4)
+
+
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 @pytest.mark.parametrize("rows,cols", [(1, 256), (4, 1280), (3, 4096)])
 @pytest.mark.parametrize("scale", [0.0123, 0.5, 1.0 / 3.0, 3e-6])

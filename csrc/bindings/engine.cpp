@@ -48,6 +48,8 @@ py::dict info_dict(const ModelInfo& i) {
   d["embd_type"] = i.embd_type;
   d["n_params"] = i.n_params;
   d["weight_bytes"] = i.weight_bytes;
+  d["ternary_bytes"] = i.ternary_bytes;
+  d["head_bytes"] = i.head_bytes;
   d["bos_id"] = i.bos_id;
   d["eos_id"] = i.eos_id;
   d["eot_id"] = i.eot_id;
@@ -178,6 +180,9 @@ void bind_engine(py::module_& m) {
             d["prefill_seconds"] = r.prefill_seconds;
             d["decode_seconds"] = r.decode_seconds;
             d["decode_steps"] = r.decode_steps;
+            d["decode_ternary_seconds"] = r.decode_ternary_seconds;
+            d["decode_head_seconds"] = r.decode_head_seconds;
+            d["decode_attention_seconds"] = r.decode_attention_seconds;
             return d;
           },
           py::arg("prompt"), py::arg("temperature") = 0.8f, py::arg("top_k") = 0,
@@ -187,5 +192,5 @@ void bind_engine(py::module_& m) {
           py::arg("stop_at_eos") = true, py::arg("callback") = py::none(),
           "Feeds `prompt` (ids) and samples; callback(token, piece: bytes) -> False stops. "
           "Returns a dict (tokens, text: bytes, stop_reason, prompt_tokens, prefill_seconds, "
-          "decode_seconds, decode_steps).");
+          "decode_seconds, decode_steps, decode_{ternary,head,attention}_seconds).");
 }

@@ -14,6 +14,7 @@
 
 #include "bindings/buffer.h"
 #include "common/cpu.h"
+#include "common/large_buffer.h"
 #include "common/membw.h"
 #include "common/threadpool.h"
 #include "dense/dense.h"
@@ -91,9 +92,14 @@ py::dict info() {
 void gemm_checked(const Buffer& w, int64_t rows, int64_t cols, float scale, const Buffer& q,
                   const Buffer& x_scale, const Buffer& y, TernaryMatrixView* view,
                   const int8_t** qp, const float** sp, float** yp, int64_t* tokens,
-                  bool cuda = false) {
+                  bool cuda = false, int64_t tile_rows = 1, int64_t copies = 1) {
   const uint8_t* wp = get<uint8_t>(w, "weights", "uint8", 2, cuda);
-  expect_shape(w, "weights", {rows, tk2_row_bytes(cols)});
+  if (tile_rows != 1 && tile_rows != TK2_TILE_ROWS)
+    throw Error("tile_rows must be 1 (TK2) or " + std::to_string(TK2_TILE_ROWS) + " (TK2 tiles)");
+  if (copies < 1) throw Error("copies must be >= 1");
+  // TK2 tiles: whole tiles, as tk2_tile writes them; `copies` matrices one after another
+  const int64_t stored = (rows + tile_rows - 1) / tile_rows * tile_rows;
+  expect_shape(w, "weights", {copies * stored, tk2_row_bytes(cols)});
   *qp = get<int8_t>(q, "q", "int8", 2, cuda);
   *tokens = q.shape[0];
   expect_shape(q, "q", {*tokens, cols});
@@ -101,7 +107,7 @@ void gemm_checked(const Buffer& w, int64_t rows, int64_t cols, float scale, cons
   expect_shape(x_scale, "x_scale", {*tokens});
   *yp = get<float>(y, "y", "float32", 2, cuda);
   expect_shape(y, "y", {*tokens, rows});
-  *view = TernaryMatrixView{wp, rows, cols, scale};
+  *view = TernaryMatrixView{wp, rows, cols, scale, tile_rows};
 }
 
 
@@ -366,6 +372,19 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("packed"), py::arg("codes"), py::call_guard<py::gil_scoped_release>());
   m.def(
+      "tk2_tile",
+      [](const Buffer& tk, int64_t cols, const Buffer& out) {
+        const uint8_t* t = get<uint8_t>(tk, "tk2", "uint8", 2);
+        uint8_t* o = get<uint8_t>(out, "out", "uint8", 2);
+        const int64_t rows = tk.shape[0];
+        expect_shape(tk, "tk2", {rows, tk2_row_bytes(cols)});
+        const int64_t tiled_rows = (rows + TK2_TILE_ROWS - 1) / TK2_TILE_ROWS * TK2_TILE_ROWS;
+        expect_shape(out, "out", {tiled_rows, tk2_row_bytes(cols)});
+        tk2_tile(t, rows, cols, o);
+      },
+      py::arg("tk2"), py::arg("cols"), py::arg("out"), py::call_guard<py::gil_scoped_release>(),
+      "Row-major TK2 (rows x cols/4) -> TK2 tiles (rows rounded up to 8, x cols/4).");
+  m.def(
       "tq2_0_to_tk2",
       [](const Buffer& tq, int64_t cols, const Buffer& out) {
         const uint8_t* t = get<uint8_t>(tq, "tq2_0", "uint8", 2);
@@ -415,18 +434,21 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "ternary_gemm",
       [](const Buffer& w, int64_t rows, int64_t cols, float scale, const Buffer& q,
-         const Buffer& x_scale, const Buffer& y) {
+         const Buffer& x_scale, const Buffer& y, int64_t tile_rows) {
         TernaryMatrixView v;
         const int8_t* qp;
         const float* sp;
         float* yp;
         int64_t tokens;
-        gemm_checked(w, rows, cols, scale, q, x_scale, y, &v, &qp, &sp, &yp, &tokens);
+        gemm_checked(w, rows, cols, scale, q, x_scale, y, &v, &qp, &sp, &yp, &tokens, false,
+                     tile_rows);
         ternary_gemm(v, qp, sp, tokens, yp);
       },
       py::arg("weights"), py::arg("rows"), py::arg("cols"), py::arg("scale"), py::arg("q"),
-      py::arg("x_scale"), py::arg("y"), py::call_guard<py::gil_scoped_release>(),
-      "y = scale * x_scale * (codes @ q^T)^T over TK2 weights on the active ISA.");
+      py::arg("x_scale"), py::arg("y"), py::arg("tile_rows") = 1,
+      py::call_guard<py::gil_scoped_release>(),
+      "y = scale * x_scale * (codes @ q^T)^T over TK2 weights (tile_rows 8: TK2 tiles) on the "
+      "active ISA.");
 
   m.def(
       "ternary_gemm_codes",
@@ -450,15 +472,19 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "time_ternary_gemm",
       [](const Buffer& w, int64_t rows, int64_t cols, float scale, const Buffer& q,
-         const Buffer& x_scale, const Buffer& y, int iters) {
+         const Buffer& x_scale, const Buffer& y, int iters, int64_t tile_rows, int64_t copies) {
         TernaryMatrixView v;
         const int8_t* qp;
         const float* sp;
         float* yp;
         int64_t tokens;
-        gemm_checked(w, rows, cols, scale, q, x_scale, y, &v, &qp, &sp, &yp, &tokens);
+        gemm_checked(w, rows, cols, scale, q, x_scale, y, &v, &qp, &sp, &yp, &tokens, false,
+                     tile_rows, copies);
+        const int64_t matrix_bytes = w.shape[0] / copies * w.shape[1];
+        const uint8_t* first = v.data;
         std::vector<double> secs;
         for (int i = 0; i < iters; ++i) {
+          v.data = first + (i % copies) * matrix_bytes;
           const auto t0 = std::chrono::steady_clock::now();
           ternary_gemm(v, qp, sp, tokens, yp);
           secs.push_back(
@@ -467,12 +493,28 @@ PYBIND11_MODULE(_C, m) {
         return secs;
       },
       py::arg("weights"), py::arg("rows"), py::arg("cols"), py::arg("scale"), py::arg("q"),
-      py::arg("x_scale"), py::arg("y"), py::arg("iters"), py::call_guard<py::gil_scoped_release>(),
-      "Runs ternary_gemm `iters` times back to back; returns each call's seconds.");
+      py::arg("x_scale"), py::arg("y"), py::arg("iters"), py::arg("tile_rows") = 1,
+      py::arg("copies") = 1, py::call_guard<py::gil_scoped_release>(),
+      "Runs ternary_gemm `iters` times back to back; returns each call's seconds. With "
+      "copies > 1, `weights` holds that many matrices one after another and call i reads "
+      "copy i % copies (copies larger than the caches: the weights come from DRAM, as in "
+      "decode).");
 
   m.def("measure_read_bandwidth", &measure_read_bandwidth, py::arg("bytes"), py::arg("threads"),
         py::arg("reps") = 5, py::call_guard<py::gil_scoped_release>(),
         "Best memory read rate in GB/s over `reps` passes of a `bytes` buffer.");
+  m.def(
+      "large_buffer",
+      [](int64_t nbytes) {
+        if (nbytes < 0) throw Error("large_buffer: negative size " + std::to_string(nbytes));
+        auto* buf = new LargeBuffer(size_t(nbytes));
+        py::capsule owner(buf, [](void* p) { delete static_cast<LargeBuffer*>(p); });
+        return py::array(py::dtype::of<uint8_t>(), {py::ssize_t(nbytes)}, {py::ssize_t(1)},
+                         buf->data(), owner);
+      },
+      py::arg("nbytes"),
+      "An uninitialized uint8 array in the engine's weight memory (2 MiB pages from 2 MiB "
+      "up): benchmarks put DRAM-sized weights there so they read as the engine reads.");
 
 
   // ---- GGUF v3 files ----

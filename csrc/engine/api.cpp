@@ -275,6 +275,7 @@ GenerateResult Session::generate(const std::vector<int32_t>& prompt, const Sampl
     s.feed(prompt);
   const auto t1 = clock::now();
   r.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
+  const PartTimes before = s.st.times;
 
   const BpeTokenizer& tok_ = *s.model->impl().tokenizer;
   r.stop_reason = "max_tokens";
@@ -314,6 +315,9 @@ GenerateResult Session::generate(const std::vector<int32_t>& prompt, const Sampl
   if (on_token && !rest.empty() && r.stop_reason != "callback") on_token(-1, rest);
   r.text = stream.text();
   r.decode_seconds = std::chrono::duration<double>(clock::now() - t1).count();
+  r.decode_ternary_seconds = s.st.times.ternary - before.ternary;
+  r.decode_head_seconds = s.st.times.head - before.head;
+  r.decode_attention_seconds = s.st.times.attention - before.attention;
   return r;
 }
 

@@ -82,12 +82,13 @@ class Loader {
   std::set<std::string> used_;
 };
 
-// TQ2_0 / TQ1_0 -> TK2 with one per-tensor scale. Unpacking rejects TQ2_0's invalid code
+// TQ2_0 / TQ1_0 -> TK2 tiles (ternary.h) with one per-tensor scale. Unpacking rejects TQ2_0's invalid code
 // 3; TQ1_0 decodes any byte to valid trits, so a byte the packer cannot produce (corrupt
 // data) is caught by re-packing each block and comparing.
 // `t` may be one expert's slice of a stacked tensor: then its data and name are the slice's.
 float load_ternary(const Loader& ld, const gguf::TensorInfo& t, int64_t rows, int64_t cols,
-                   uint8_t* out, std::vector<int8_t>& codes, std::vector<float>& scales) {
+                   uint8_t* out, std::vector<int8_t>& codes, std::vector<float>& scales,
+                   std::vector<uint8_t>& tk2) {
   codes.resize(size_t(rows * cols));
   scales.resize(size_t(rows * cols / QK));
   const bool tq2 = t.type == uint32_t(gguf::GgmlType::TQ2_0);
@@ -127,7 +128,9 @@ float load_ternary(const Loader& ld, const gguf::TensorInfo& t, int64_t rows, in
               "; the engine needs one scale per tensor (a BitNet absmean export)");
     }
   }
-  tk2_pack(codes.data(), rows, cols, out);
+  tk2.resize(size_t(rows * tk2_row_bytes(cols)));
+  tk2_pack(codes.data(), rows, cols, tk2.data());
+  tk2_tile(tk2.data(), rows, cols, out);
   return common;
 }
 
@@ -436,18 +439,23 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
   }
   info.weight_type = gguf::type_traits(ternary_type).name;
 
-  // Ternary matrices -> one TK2 buffer in decode order.
-  int64_t total = 0;
-  for (const Mat& x : mats) total += x.w->rows * tk2_row_bytes(x.w->cols);
-  m->ternary = LargeBuffer(size_t(total));
+  // Ternary matrices -> one buffer of TK2 tiles in decode order. `total` counts the bytes
+  // a token reads (a tile's padding rows are never read).
+  int64_t total = 0, off = 0;
+  for (const Mat& x : mats) {
+    total += x.w->rows * tk2_row_bytes(x.w->cols);
+    off += tk2_tiled_bytes(x.w->rows, x.w->cols);
+  }
+  m->ternary = LargeBuffer(size_t(off));
   std::vector<int8_t> codes;
   std::vector<float> scales;
-  int64_t off = 0;
+  std::vector<uint8_t> tk2;
+  off = 0;
   for (const Mat& x : mats) {
     uint8_t* dst = m->ternary.data() + off;
-    x.w->scale = load_ternary(ld, x.t, x.w->rows, x.w->cols, dst, codes, scales);
+    x.w->scale = load_ternary(ld, x.t, x.w->rows, x.w->cols, dst, codes, scales, tk2);
     x.w->data = dst;
-    off += x.w->rows * tk2_row_bytes(x.w->cols);
+    off += tk2_tiled_bytes(x.w->rows, x.w->cols);
   }
 
   // Embedding / head.
@@ -480,12 +488,14 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
     for (int64_t x : t.dims) n *= x;
     info.n_params += n;
   }
-  info.weight_bytes =
-      total + embd.nbytes + int64_t(sizeof(float)) * (d + info.n_layers * (3 * d + ffn));
+  info.ternary_bytes = total;
   for (const LayerWeights& L : m->layers)  // a token reads only its top-k experts
     if (L.moe)
-      info.weight_bytes -= (n_exp - m->n_experts_used) *
-                           (2 * eh * tk2_row_bytes(d) + d * tk2_row_bytes(eh));
+      info.ternary_bytes -= (n_exp - m->n_experts_used) *
+                            (2 * eh * tk2_row_bytes(d) + d * tk2_row_bytes(eh));
+  info.head_bytes = embd.nbytes;
+  info.weight_bytes = info.ternary_bytes + info.head_bytes +
+                      int64_t(sizeof(float)) * (d + info.n_layers * (3 * d + ffn));
 
   m->inv_freq.resize(size_t(hd / 2));
   for (int64_t i = 0; i < hd / 2; ++i) {

@@ -23,8 +23,8 @@ struct ContextFullError : Error {
 
 enum class Activation { silu, relu2 };
 
-// One ternary matrix in TK2 (rows = out_features, cols = in_features), inside
-// Model::Impl::ternary; every block's scale is `scale`.
+// One ternary matrix as TK2 tiles (ternary.h; rows = out_features, cols = in_features),
+// inside Model::Impl::ternary; every block's scale is `scale`.
 struct TernaryWeight {
   const uint8_t* data = nullptr;
   int64_t rows = 0;
@@ -63,7 +63,7 @@ struct Model::Impl {
   ModelInfo info;
   Activation activation = Activation::silu;
   std::unique_ptr<BpeTokenizer> tokenizer;
-  // Every ternary matrix in TK2, 64-byte aligned, in the order a decode step reads them
+  // Every ternary matrix as TK2 tiles, 64-byte aligned, in the order a decode step reads them
   // (layer by layer: q, k, v, o, gate, up, down), so one token streams one buffer.
   LargeBuffer ternary;
   std::vector<LayerWeights> layers;
@@ -89,6 +89,12 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path);
 // Tokens a forward pass runs per batch (prefill GEMMs are this wide at most).
 constexpr int64_t kMaxBatch = 128;
 
+// Seconds forward() has spent in each part, summed over every call (generate() reports the
+// decode steps' share: GenerateResult::decode_*_seconds).
+struct PartTimes {
+  double ternary = 0.0, head = 0.0, attention = 0.0;
+};
+
 // A session's KV cache and every scratch buffer a forward pass needs, sized once.
 struct SessionState {
   SessionState(const Model::Impl& m, int32_t n_ctx);
@@ -105,6 +111,7 @@ struct SessionState {
   std::vector<int64_t> slots;      // per layer
   std::vector<size_t> layer_off;   // per layer: first float of its K
   int32_t ring_lo = 0;  // lowest position every ring still holds (valid: ring_lo..n_cached)
+  PartTimes times;
   float* k_cache(int64_t layer, int64_t kv_head);
   float* v_cache(int64_t layer, int64_t kv_head);
   // Throws unless a forward pass may start at position `pos` (the sliding layers' rings

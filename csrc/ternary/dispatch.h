@@ -24,11 +24,14 @@ void reset_isa();       // back to the default
 
 // One ISA's kernel. Computes y for rows [r0, r1) and tokens [t0, t1):
 //   y[t * y_stride + r] = (sum_k (code[r,k] + 1) * q[t,k] - qsum[t]) * w_scale * x_scale[t]
-// over TK2 weights (code + 1 is what TK2 stores; qsum[t] = sum_k q[t,k] removes the +1).
+// over TK2 weights (code + 1 is what TK2 stores; qsum[t] = sum_k q[t,k] removes the +1),
+// row-major or in tiles of w_tile_rows rows (ternary.h); with tiles, r0 is a multiple of
+// the tile, so a kernel's 1-, 4- and 8-row groups never straddle two tiles.
 struct GemmArgs {
   const uint8_t* w;
   int64_t rows;  // whole matrix (kernels may prefetch rows past their tile)
-  int64_t w_row_bytes;
+  int64_t w_row_bytes;  // tk2_row_bytes(cols)
+  int64_t w_tile_rows;  // 1 (row-major TK2) or TK2_TILE_ROWS
   int64_t cols;
   const int8_t* q;
   int64_t q_stride;

@@ -254,6 +254,24 @@ void tk2_unpack(const uint8_t* in, int64_t rows, int64_t cols, int8_t* codes) {
   }
 }
 
+int64_t tk2_tiled_bytes(int64_t rows, int64_t cols) {
+  if (rows < 0) throw Error("TK2 tiles: negative row count " + std::to_string(rows));
+  return (rows + TK2_TILE_ROWS - 1) / TK2_TILE_ROWS * TK2_TILE_ROWS * tk2_row_bytes(cols);
+}
+
+void tk2_tile(const uint8_t* tk2, int64_t rows, int64_t cols, uint8_t* out) {
+  check_matrix(tk2, out, rows, cols, "tk2_tile");
+  if (rows * cols == 0) return;
+  const int64_t rb = tk2_row_bytes(cols), nb = cols / QK;
+  std::memset(out, 0, size_t(tk2_tiled_bytes(rows, cols)));
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* tile = out + (r / TK2_TILE_ROWS) * TK2_TILE_ROWS * rb;
+    for (int64_t b = 0; b < nb; ++b)
+      std::memcpy(tile + (b * TK2_TILE_ROWS + r % TK2_TILE_ROWS) * TK2_BLOCK_BYTES,
+                  tk2 + r * rb + b * TK2_BLOCK_BYTES, TK2_BLOCK_BYTES);
+  }
+}
+
 float tq2_0_to_tk2(const uint8_t* tq, int64_t rows, int64_t cols, uint8_t* out) {
   check_matrix(tq, out, rows, cols, "tq2_0_to_tk2");
   const int64_t nblocks = rows * cols / QK;

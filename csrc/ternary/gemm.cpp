@@ -39,6 +39,9 @@ void ternary_gemm(const TernaryMatrixView& w, const int8_t* q, const float* x_sc
   if (w.cols > kMaxCols)
     throw Error("ternary_gemm: row length " + std::to_string(w.cols) + " exceeds " +
                 std::to_string(kMaxCols));
+  if (w.tile_rows != 1 && w.tile_rows != TK2_TILE_ROWS)
+    throw Error("ternary_gemm: tile_rows " + std::to_string(w.tile_rows) + " is neither 1 nor " +
+                std::to_string(TK2_TILE_ROWS));
   if (w.rows == 0 || tokens == 0) return;
   if (!y || (w.cols > 0 && (!w.data || !q || !x_scale))) throw Error("ternary_gemm: null buffer");
   if (w.cols == 0) {
@@ -48,12 +51,12 @@ void ternary_gemm(const TernaryMatrixView& w, const int8_t* q, const float* x_sc
 
   const std::vector<int32_t> qsum = token_sums(q, tokens, w.cols);
 
-  GemmArgs a{w.data, w.rows, tk2_row_bytes(w.cols), w.cols, q, w.cols, qsum.data(), x_scale,
-             w.scale, y, w.rows};
+  GemmArgs a{w.data, w.rows,      tk2_row_bytes(w.cols), w.tile_rows, w.cols, q,
+             w.cols, qsum.data(), x_scale,               w.scale,     y,      w.rows};
   const GemmKernel kernel = gemm_kernel(active_isa());
 
   // Split into (row chunk, token chunk) tasks: row chunks of >= 16 rows (a
-  // multiple of the 4-row tiles), about 4 tasks per thread for balance; token
+  // multiple of the 4- and 8-row kernel tiles and of TK2 tiles), about 4 tasks per thread for balance; token
   // chunks of 64 keep a chunk's activations in L2 while its weight rows stream.
   const int64_t threads = num_threads();
   const int64_t work = w.rows * w.cols * tokens;

@@ -24,11 +24,13 @@ struct Tile {
     for (int i = 0; i < R; ++i)
       for (int j = 0; j < T; ++j) acc[i][j] = _mm256_setzero_si256();
     const int64_t nb = a.cols / 256;
+    const uint8_t* w0 = w_row(a, r);
+    const int64_t bs = w_block_step(a), rs = w_row_step(a);
     for (int64_t b = 0; b < nb; ++b) {
       for (int h = 0; h < 2; ++h) {
         for (int i = 0; i < R; ++i) {
           const __m256i p = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(a.w + (r + i) * a.w_row_bytes + b * 64 + h * 32));
+              reinterpret_cast<const __m256i*>(w0 + i * rs + b * bs + h * 32));
           const __m256i c0 = _mm256_and_si256(p, m3);
           const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(p, 2), m3);
           const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(p, 4), m3);

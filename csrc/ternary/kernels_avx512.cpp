@@ -17,9 +17,11 @@ struct Tile {
     for (int i = 0; i < R; ++i)
       for (int j = 0; j < T; ++j) acc[i][j] = _mm512_setzero_si512();
     const int64_t nb = a.cols / 256;
+    const uint8_t* w0 = w_row(a, r);
+    const int64_t bs = w_block_step(a), rs = w_row_step(a);
     for (int64_t b = 0; b < nb; ++b) {
       for (int i = 0; i < R; ++i) {
-        const __m512i p = _mm512_loadu_si512(a.w + (r + i) * a.w_row_bytes + b * 64);
+        const __m512i p = _mm512_loadu_si512(w0 + i * rs + b * bs);
         const __m512i c0 = _mm512_and_si512(p, m3);
         const __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(p, 2), m3);
         const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(p, 4), m3);

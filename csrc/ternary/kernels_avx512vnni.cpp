@@ -11,9 +11,11 @@
 namespace nanochat {
 namespace {
 
-// How far ahead of the GEMV's weight reads to prefetch. Measured on Zen 4 (1 thread,
-// weights in DRAM, 2 MiB pages): 4 KiB reaches ~78% of a plain read loop's rate,
-// 8-16 KiB ~100%; the old next-tile prefetch ~45%.
+// How far ahead of the GEMV's weight reads to prefetch over row-major TK2 (Pf = true). Its
+// 4 or 8 interleaved row streams are not followed by the hardware prefetcher (a 1-thread
+// GEMV over DRAM-resident weights reaches ~85% of a plain read loop with this, ~40%
+// without). TK2 tiles are one sequential stream per tile: the hardware prefetcher alone
+// keeps up with it, and software prefetches on top only cost issue slots (Pf = false).
 constexpr int64_t kPrefetchBytes = 8192;
 
 // R rows x T tokens: each 64-byte weight block is unpacked once per row and
@@ -26,9 +28,11 @@ struct Tile {
     for (int i = 0; i < R; ++i)
       for (int j = 0; j < T; ++j) acc[i][j] = _mm512_setzero_si512();
     const int64_t nb = a.cols / 256;
+    const uint8_t* w0 = w_row(a, r);
+    const int64_t bs = w_block_step(a), rs = w_row_step(a);
     for (int64_t b = 0; b < nb; ++b) {
       for (int i = 0; i < R; ++i) {
-        const __m512i p = _mm512_loadu_si512(a.w + (r + i) * a.w_row_bytes + b * 64);
+        const __m512i p = _mm512_loadu_si512(w0 + i * rs + b * bs);
         const __m512i c0 = _mm512_and_si512(p, m3);
         const __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(p, 2), m3);
         const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(p, 4), m3);
@@ -57,57 +61,60 @@ struct Tile {
 // 128*128*4*256 = 2^28 fits int32). The epilogue is a fixed ~40 instructions for the
 // 4 rows, against ~200 for a 1536-wide row's dot products: the GEMV runs close to
 // its arithmetic limit even with the weights in L3, so the epilogue matters.
+template <bool Pf>
+void gemv4(const GemmArgs& a, int64_t r, int64_t t) {
+  const __m512i m0 = _mm512_set1_epi8(0x03);
+  const __m512i m1 = _mm512_set1_epi8(0x0C);
+  const __m512i m2 = _mm512_set1_epi8(0x30);
+  const __m512i m3 = _mm512_set1_epi8(char(0xC0));
+  const int8_t* x = a.q + t * a.q_stride;
+  const uint8_t* w0 = w_row(a, r);
+  const int64_t ld = w_row_step(a), bs = w_block_step(a);
+  __m512i total = _mm512_setzero_si512();
+  const int64_t nb = a.cols / 256;
+  for (int64_t b0 = 0; b0 < nb; b0 += 256) {
+    const int64_t b1 = b0 + 256 < nb ? b0 + 256 : nb;
+    __m512i acc[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int n = 0; n < 4; ++n) acc[i][n] = _mm512_setzero_si512();
+    for (int64_t b = b0; b < b1; ++b) {
+      // Decode is a stream through every weight matrix, one pass per token: over
+      // row-major TK2, fetch kPrefetchBytes ahead of each row stream by hand (into L2:
+      // L1 is too small to hold it). Prefetches never fault, so running past the end
+      // is safe.
+      if (Pf)
+        for (int i = 0; i < 4; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(w0 + i * ld + b * bs + kPrefetchBytes),
+                       _MM_HINT_T1);
+      const __m512i x0 = _mm512_loadu_si512(x + b * 256);
+      const __m512i x1 = _mm512_loadu_si512(x + b * 256 + 64);
+      const __m512i x2 = _mm512_loadu_si512(x + b * 256 + 128);
+      const __m512i x3 = _mm512_loadu_si512(x + b * 256 + 192);
+      for (int i = 0; i < 4; ++i) {
+        const __m512i p = _mm512_loadu_si512(w0 + i * ld + b * bs);
+        acc[i][0] = dpbusd(acc[i][0], _mm512_and_si512(p, m0), x0);
+        acc[i][1] = dpbusd(acc[i][1], _mm512_and_si512(p, m1), x1);
+        acc[i][2] = dpbusd(acc[i][2], _mm512_and_si512(p, m2), x2);
+        acc[i][3] = dpbusd(acc[i][3], _mm512_and_si512(p, m3), x3);
+      }
+    }
+    const __m512i shifts = _mm512_set_epi32(6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0);
+    total = _mm512_add_epi32(total, _mm512_srav_epi32(reduce16(&acc[0][0]), shifts));
+  }
+  // Row i's four sums sit in 128-bit lane i: add within each, then lanes 0, 4, 8, 12.
+  total = _mm512_add_epi32(total, _mm512_shuffle_epi32(total, _MM_PERM_BADC));
+  total = _mm512_add_epi32(total, _mm512_shuffle_epi32(total, _MM_PERM_CDAB));
+  const __m128i dots = _mm512_castsi512_si128(
+      _mm512_permutexvar_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0),
+                               total));
+  const __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(dots, _mm_set1_epi32(a.qsum[t]))),
+                              _mm_set1_ps(a.w_scale * a.x_scale[t]));
+  _mm_storeu_ps(a.y + t * a.y_stride + r, v);
+}
+
 template <>
 struct Tile<4, 1> {
-  static void run(const GemmArgs& a, int64_t r, int64_t t) {
-    const __m512i m0 = _mm512_set1_epi8(0x03);
-    const __m512i m1 = _mm512_set1_epi8(0x0C);
-    const __m512i m2 = _mm512_set1_epi8(0x30);
-    const __m512i m3 = _mm512_set1_epi8(char(0xC0));
-    const int8_t* x = a.q + t * a.q_stride;
-    const uint8_t* w0 = a.w + r * a.w_row_bytes;
-    const int64_t ld = a.w_row_bytes;
-    __m512i total = _mm512_setzero_si512();
-    const int64_t nb = a.cols / 256;
-    for (int64_t b0 = 0; b0 < nb; b0 += 256) {
-      const int64_t b1 = b0 + 256 < nb ? b0 + 256 : nb;
-      __m512i acc[4][4];
-      for (int i = 0; i < 4; ++i)
-        for (int n = 0; n < 4; ++n) acc[i][n] = _mm512_setzero_si512();
-      for (int64_t b = b0; b < b1; ++b) {
-        // Decode is a stream through every weight matrix, one pass per token. One
-        // core keeps too few misses in flight to fill the memory pipe, so fetch
-        // kPrefetchBytes ahead of each row stream by hand (into L2: L1 is too small
-        // to hold it). With 1536-wide rows that is ~5 tiles ahead. Prefetches never
-        // fault, so running past the end is safe.
-        for (int i = 0; i < 4; ++i)
-          _mm_prefetch(reinterpret_cast<const char*>(w0 + i * ld + b * 64 + kPrefetchBytes),
-                       _MM_HINT_T1);
-        const __m512i x0 = _mm512_loadu_si512(x + b * 256);
-        const __m512i x1 = _mm512_loadu_si512(x + b * 256 + 64);
-        const __m512i x2 = _mm512_loadu_si512(x + b * 256 + 128);
-        const __m512i x3 = _mm512_loadu_si512(x + b * 256 + 192);
-        for (int i = 0; i < 4; ++i) {
-          const __m512i p = _mm512_loadu_si512(w0 + i * ld + b * 64);
-          acc[i][0] = dpbusd(acc[i][0], _mm512_and_si512(p, m0), x0);
-          acc[i][1] = dpbusd(acc[i][1], _mm512_and_si512(p, m1), x1);
-          acc[i][2] = dpbusd(acc[i][2], _mm512_and_si512(p, m2), x2);
-          acc[i][3] = dpbusd(acc[i][3], _mm512_and_si512(p, m3), x3);
-        }
-      }
-      const __m512i shifts = _mm512_set_epi32(6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0, 6, 4, 2, 0);
-      total = _mm512_add_epi32(total, _mm512_srav_epi32(reduce16(&acc[0][0]), shifts));
-    }
-    // Row i's four sums sit in 128-bit lane i: add within each, then lanes 0, 4, 8, 12.
-    total = _mm512_add_epi32(total, _mm512_shuffle_epi32(total, _MM_PERM_BADC));
-    total = _mm512_add_epi32(total, _mm512_shuffle_epi32(total, _MM_PERM_CDAB));
-    const __m128i dots = _mm512_castsi512_si128(
-        _mm512_permutexvar_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0),
-                                 total));
-    const __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(dots, _mm_set1_epi32(a.qsum[t]))),
-                                _mm_set1_ps(a.w_scale * a.x_scale[t]));
-    _mm_storeu_ps(a.y + t * a.y_stride + r, v);
-  }
+  static void run(const GemmArgs& a, int64_t r, int64_t t) { gemv4<true>(a, r, t); }
 };
 
 // One token, 8 rows, two accumulators per row: the byte's low nibble (codes 0, 1) and,
@@ -115,7 +122,7 @@ struct Tile<4, 1> {
 // weight 1) and 0x0C (code << 2, weight 4): `lo` gathers codes 0 and 2, `hi` 4x codes 1
 // and 3, and the row's dot is lo + hi / 4 (exact: every lane of hi is a multiple of 4).
 // Sixteen accumulators cover 8 rows, so the epilogue (one reduce of 8 vectors, ~40
-// instructions) is shared by twice the rows of Tile<4, 1>: with 1536-wide rows the GEMV
+// instructions) is shared by twice the rows of gemv4: with 1536-wide rows the GEMV
 // is bound by vpdpbusd issue, not memory, and the epilogue was a third of its time.
 // Every 256 blocks the lanes are folded: |lane| <= 2 * 4*128*128*4*256 = 2^25.
 inline __m256i reduce8(const __m512i v[8]) {
@@ -135,12 +142,13 @@ inline __m256i reduce8(const __m512i v[8]) {
   return _mm512_castsi512_si256(u);
 }
 
+template <bool Pf>
 void gemv8(const GemmArgs& a, int64_t r, int64_t t) {
   const __m512i m03 = _mm512_set1_epi8(0x03);
   const __m512i m0c = _mm512_set1_epi8(0x0C);
   const int8_t* x = a.q + t * a.q_stride;
-  const uint8_t* w0 = a.w + r * a.w_row_bytes;
-  const int64_t ld = a.w_row_bytes;
+  const uint8_t* w0 = w_row(a, r);
+  const int64_t ld = w_row_step(a), bs = w_block_step(a);
   __m256i total = _mm256_setzero_si256();
   const int64_t nb = a.cols / 256;
   for (int64_t b0 = 0; b0 < nb; b0 += 256) {
@@ -148,15 +156,16 @@ void gemv8(const GemmArgs& a, int64_t r, int64_t t) {
     __m512i lo[8], hi[8];
     for (int i = 0; i < 8; ++i) lo[i] = hi[i] = _mm512_setzero_si512();
     for (int64_t b = b0; b < b1; ++b) {
-      for (int i = 0; i < 8; ++i)  // see Tile<4, 1>
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + i * ld + b * 64 + kPrefetchBytes),
-                     _MM_HINT_T1);
+      if (Pf)
+        for (int i = 0; i < 8; ++i)  // see gemv4
+          _mm_prefetch(reinterpret_cast<const char*>(w0 + i * ld + b * bs + kPrefetchBytes),
+                       _MM_HINT_T1);
       const __m512i x0 = _mm512_loadu_si512(x + b * 256);
       const __m512i x1 = _mm512_loadu_si512(x + b * 256 + 64);
       const __m512i x2 = _mm512_loadu_si512(x + b * 256 + 128);
       const __m512i x3 = _mm512_loadu_si512(x + b * 256 + 192);
       for (int i = 0; i < 8; ++i) {
-        const __m512i p = _mm512_loadu_si512(w0 + i * ld + b * 64);
+        const __m512i p = _mm512_loadu_si512(w0 + i * ld + b * bs);
         const __m512i p4 = _mm512_srli_epi16(p, 4);
         lo[i] = dpbusd(lo[i], _mm512_and_si512(p, m03), x0);
         hi[i] = dpbusd(hi[i], _mm512_and_si512(p, m0c), x1);
@@ -173,36 +182,40 @@ void gemv8(const GemmArgs& a, int64_t r, int64_t t) {
 }
 
 // One row, one token: the ragged edge of the 4-row tiles (same arithmetic).
+template <bool Pf>
+void gemv1(const GemmArgs& a, int64_t r, int64_t t) {
+  const __m512i m0 = _mm512_set1_epi8(0x03);
+  const __m512i m1 = _mm512_set1_epi8(0x0C);
+  const __m512i m2 = _mm512_set1_epi8(0x30);
+  const __m512i m3 = _mm512_set1_epi8(char(0xC0));
+  const int8_t* x = a.q + t * a.q_stride;
+  const uint8_t* w = w_row(a, r);
+  const int64_t bs = w_block_step(a);
+  int32_t total = 0;
+  const int64_t nb = a.cols / 256;
+  for (int64_t b0 = 0; b0 < nb; b0 += 256) {
+    const int64_t b1 = b0 + 256 < nb ? b0 + 256 : nb;
+    __m512i acc[4];
+    for (int n = 0; n < 4; ++n) acc[n] = _mm512_setzero_si512();
+    for (int64_t b = b0; b < b1; ++b) {
+      if (Pf) _mm_prefetch(reinterpret_cast<const char*>(w + b * bs + kPrefetchBytes), _MM_HINT_T1);
+      const __m512i p = _mm512_loadu_si512(w + b * bs);
+      acc[0] = dpbusd(acc[0], _mm512_and_si512(p, m0), _mm512_loadu_si512(x + b * 256));
+      acc[1] = dpbusd(acc[1], _mm512_and_si512(p, m1), _mm512_loadu_si512(x + b * 256 + 64));
+      acc[2] = dpbusd(acc[2], _mm512_and_si512(p, m2), _mm512_loadu_si512(x + b * 256 + 128));
+      acc[3] = dpbusd(acc[3], _mm512_and_si512(p, m3), _mm512_loadu_si512(x + b * 256 + 192));
+    }
+    __m512i s = _mm512_add_epi32(acc[0], _mm512_srai_epi32(acc[1], 2));
+    s = _mm512_add_epi32(s, _mm512_srai_epi32(acc[2], 4));
+    s = _mm512_add_epi32(s, _mm512_srai_epi32(acc[3], 6));
+    total += _mm512_reduce_add_epi32(s);
+  }
+  a.y[t * a.y_stride + r] = finish(a, t, total);
+}
+
 template <>
 struct Tile<1, 1> {
-  static void run(const GemmArgs& a, int64_t r, int64_t t) {
-    const __m512i m0 = _mm512_set1_epi8(0x03);
-    const __m512i m1 = _mm512_set1_epi8(0x0C);
-    const __m512i m2 = _mm512_set1_epi8(0x30);
-    const __m512i m3 = _mm512_set1_epi8(char(0xC0));
-    const int8_t* x = a.q + t * a.q_stride;
-    const uint8_t* w = a.w + r * a.w_row_bytes;
-    int32_t total = 0;
-    const int64_t nb = a.cols / 256;
-    for (int64_t b0 = 0; b0 < nb; b0 += 256) {
-      const int64_t b1 = b0 + 256 < nb ? b0 + 256 : nb;
-      __m512i acc[4];
-      for (int n = 0; n < 4; ++n) acc[n] = _mm512_setzero_si512();
-      for (int64_t b = b0; b < b1; ++b) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + b * 64 + kPrefetchBytes), _MM_HINT_T1);
-        const __m512i p = _mm512_loadu_si512(w + b * 64);
-        acc[0] = dpbusd(acc[0], _mm512_and_si512(p, m0), _mm512_loadu_si512(x + b * 256));
-        acc[1] = dpbusd(acc[1], _mm512_and_si512(p, m1), _mm512_loadu_si512(x + b * 256 + 64));
-        acc[2] = dpbusd(acc[2], _mm512_and_si512(p, m2), _mm512_loadu_si512(x + b * 256 + 128));
-        acc[3] = dpbusd(acc[3], _mm512_and_si512(p, m3), _mm512_loadu_si512(x + b * 256 + 192));
-      }
-      __m512i s = _mm512_add_epi32(acc[0], _mm512_srai_epi32(acc[1], 2));
-      s = _mm512_add_epi32(s, _mm512_srai_epi32(acc[2], 4));
-      s = _mm512_add_epi32(s, _mm512_srai_epi32(acc[3], 6));
-      total += _mm512_reduce_add_epi32(s);
-    }
-    a.y[t * a.y_stride + r] = finish(a, t, total);
-  }
+  static void run(const GemmArgs& a, int64_t r, int64_t t) { gemv1<true>(a, r, t); }
 };
 
 // ---- ternary_gemm_codes: P 16-row panels x T tokens ------------------------------------
@@ -257,14 +270,23 @@ inline void panel_tokens(const PanelArgs& a, int64_t p, int64_t t0, int64_t t1) 
   }
 }
 
+// One token over rows [r0, r1): 8-row tiles, then the 4- and 1-row edges.
+template <bool Pf>
+void gemv(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t) {
+  int64_t r = r0;
+  for (; r + 8 <= r1; r += 8) gemv8<Pf>(a, r, t);
+  for (; r + 4 <= r1; r += 4) gemv4<Pf>(a, r, t);
+  for (; r < r1; ++r) gemv1<Pf>(a, r, t);
+}
+
 }  // namespace
 
 void gemm_avx512vnni(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
   if (t1 - t0 == 1) {
-    int64_t r = r0;
-    for (; r + 8 <= r1; r += 8) gemv8(a, r, t0);
-    for (; r + 4 <= r1; r += 4) Tile<4, 1>::run(a, r, t0);
-    for (; r < r1; ++r) Tile<1, 1>::run(a, r, t0);
+    if (a.w_tile_rows == 1)
+      gemv<true>(a, r0, r1, t0);
+    else
+      gemv<false>(a, r0, r1, t0);
     return;
   }
   drive<Tile, 4, 4>(a, r0, r1, t0, t1);

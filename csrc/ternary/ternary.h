@@ -57,6 +57,18 @@ void tk2_unpack(const uint8_t* in, int64_t rows, int64_t cols, int8_t* codes);
 float tq2_0_to_tk2(const uint8_t* tq, int64_t rows, int64_t cols, uint8_t* out);
 void tk2_to_tq2_0(const uint8_t* tk, int64_t rows, int64_t cols, float scale, uint8_t* out);
 
+// ---- TK2 tiles: the inference engine's layout ------------------------------------
+// The same 64-byte blocks, TK2_TILE_ROWS rows at a time interleaved block by block:
+// tile i holds block 0 of rows 8i .. 8i+7, then block 1 of each, and so on; a matrix
+// is ceil(rows / 8) tiles, rows past `rows` zero padding (never multiplied into y).
+// A one-token GEMV over a tile then reads one sequential stream, which the hardware
+// prefetcher follows at the machine's read bandwidth; over row-major TK2 it reads 8
+// interleaved row streams, which it does not (`nanochat bench kernels`, tk2 vs tk2x8).
+constexpr int64_t TK2_TILE_ROWS = 8;
+int64_t tk2_tiled_bytes(int64_t rows, int64_t cols);
+// Row-major TK2 (rows * tk2_row_bytes(cols) bytes) -> tiles (tk2_tiled_bytes bytes).
+void tk2_tile(const uint8_t* tk2, int64_t rows, int64_t cols, uint8_t* out);
+
 // ---- activations: per-token absmax int8 (BitNet A8) ---------------------------
 // s = 127 / max(absmax(x_t), 1e-5); q = clamp(round(x * s), -128, 127); x_scale = 1/s.
 void quantize_activations(const float* x, int64_t tokens, int64_t k, int8_t* q, float* x_scale);
@@ -65,13 +77,15 @@ void dequantize_activations(const int8_t* q, const float* x_scale, int64_t token
 
 // ---- ternary GEMM/GEMV ---------------------------------------------------------
 // y[t, r] = w_scale * x_scale[t] * sum_k code[r, k] * q[t, k], integer accumulation.
-// w: TK2 bytes, rows * tk2_row_bytes(cols). q: tokens x cols int8. y: tokens x rows.
+// w: TK2 bytes, rows * tk2_row_bytes(cols) (tile_rows 1), or TK2 tiles, tk2_tiled_bytes
+// (tile_rows TK2_TILE_ROWS). q: tokens x cols int8. y: tokens x rows.
 // tokens == 1 is the GEMV. Runs on the active ISA (see dispatch.h) and thread pool.
 struct TernaryMatrixView {
   const uint8_t* data;  // TK2 bytes
   int64_t rows;
   int64_t cols;
   float scale;
+  int64_t tile_rows = 1;  // 1: row-major TK2; TK2_TILE_ROWS: TK2 tiles
 };
 void ternary_gemm(const TernaryMatrixView& w, const int8_t* q, const float* x_scale,
                   int64_t tokens, float* y);

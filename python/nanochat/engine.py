@@ -185,7 +185,8 @@ class Engine:
                  add_bos: bool | None = None, stop_at_eos: bool = True) -> dict:
         """Generates to the end: dict of prompt_tokens, tokens, text, stop_reason,
         prefill_tokens_per_s, decode_tokens_per_s (the engine's own timers), decode_steps,
-        prefill_seconds, decode_seconds."""
+        prefill_seconds, decode_seconds, and decode_seconds' parts: decode_ternary_seconds
+        (ternary matrix products), decode_head_seconds (LM head), decode_attention_seconds."""
         return _summary(self._run(prompt, None, max_tokens, temperature, top_k, top_p,
                                   repetition_penalty, seed, stop, stop_tokens, add_bos,
                                   stop_at_eos))
@@ -204,4 +205,6 @@ def _summary(r: dict) -> dict:
         "decode_steps": r["decode_steps"],
         "prefill_seconds": pre,
         "decode_seconds": dec,
+        **{f"decode_{part}_seconds": r[f"decode_{part}_seconds"]
+           for part in ("ternary", "head", "attention")},
     }

@@ -450,6 +450,38 @@ TEST(TK2, RowBytes) {
   EXPECT_THROW(tk2_row_bytes(-256), Error);
 }
 
+TEST(TK2, TilesInterleaveEightRowsBlockByBlock) {
+  // Tile i, block b, slot j (64 bytes each, in that order) is row 8i + j's block b; rows
+  // past the matrix are zero.
+  std::mt19937 rng(7);
+  for (int64_t rows : {int64_t(1), int64_t(8), int64_t(13), int64_t(24)}) {
+    const int64_t cols = 768, rb = tk2_row_bytes(cols);
+    SCOPED_TRACE(testing::Message() << rows << " rows");
+    const auto c = random_codes(rng, rows * cols);
+    std::vector<uint8_t> tk(size_t(rows * rb));
+    tk2_pack(c.data(), rows, cols, tk.data());
+    const int64_t ntiles = (rows + 7) / 8;
+    ASSERT_EQ(tk2_tiled_bytes(rows, cols), ntiles * 8 * rb);
+    std::vector<uint8_t> tiles(size_t(tk2_tiled_bytes(rows, cols)), 0xAA);
+    tk2_tile(tk.data(), rows, cols, tiles.data());
+    for (int64_t i = 0; i < ntiles; ++i)
+      for (int64_t b = 0; b < cols / QK; ++b)
+        for (int64_t j = 0; j < 8; ++j) {
+          const uint8_t* got = tiles.data() + ((i * (cols / QK) + b) * 8 + j) * 64;
+          const int64_t r = 8 * i + j;
+          for (int k = 0; k < 64; ++k)
+            ASSERT_EQ(got[k], r < rows ? tk[size_t(r * rb + b * 64 + k)] : 0)
+                << "tile " << i << " block " << b << " slot " << j;
+        }
+  }
+  EXPECT_EQ(tk2_tiled_bytes(0, 256), 0);
+  EXPECT_THROW(tk2_tiled_bytes(8, 100), Error);
+  EXPECT_THROW(tk2_tiled_bytes(-1, 256), Error);
+  std::vector<uint8_t> b(64);
+  EXPECT_THROW(tk2_tile(b.data(), 1, 256, nullptr), Error);
+  EXPECT_NO_THROW(tk2_tile(nullptr, 0, 256, nullptr));
+}
+
 // ---- TQ2_0 <-> TK2 -------------------------------------------------------------------
 
 TEST(Convert, TQ2_0ToTK2AndBackIsByteExact) {

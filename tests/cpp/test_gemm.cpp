@@ -29,19 +29,29 @@ namespace {
 struct Problem {
   int64_t rows, cols, tokens;
   std::vector<int8_t> codes;  // rows x cols
-  std::vector<uint8_t> w;     // TK2
+  std::vector<uint8_t> w;      // TK2
+  std::vector<uint8_t> tiles;  // the same matrix as TK2 tiles
   float w_scale;
   std::vector<int8_t> q;  // tokens x cols
   std::vector<float> x_scale;
 
   TernaryMatrixView view() const { return {w.data(), rows, cols, w_scale}; }
+  TernaryMatrixView tiled_view() const {
+    return {tiles.data(), rows, cols, w_scale, TK2_TILE_ROWS};
+  }
 
-  std::vector<float> run() const {
+  std::vector<float> run(bool tiled = false) const {
     std::vector<float> y(size_t(tokens * rows), std::numeric_limits<float>::quiet_NaN());
-    ternary_gemm(view(), q.data(), x_scale.data(), tokens, y.data());
+    ternary_gemm(tiled ? tiled_view() : view(), q.data(), x_scale.data(), tokens, y.data());
     return y;
   }
 };
+
+std::vector<uint8_t> tile(const std::vector<uint8_t>& tk2, int64_t rows, int64_t cols) {
+  std::vector<uint8_t> out(size_t(tk2_tiled_bytes(rows, cols)));
+  tk2_tile(tk2.data(), rows, cols, out.data());
+  return out;
+}
 
 Problem make_problem(std::mt19937& rng, int64_t rows, int64_t cols, int64_t tokens) {
   Problem p;
@@ -51,6 +61,7 @@ Problem make_problem(std::mt19937& rng, int64_t rows, int64_t cols, int64_t toke
   p.codes = random_codes(rng, rows * cols);
   p.w.resize(size_t(rows * tk2_row_bytes(cols)));
   tk2_pack(p.codes.data(), rows, cols, p.w.data());
+  p.tiles = tile(p.w, rows, cols);
   p.w_scale = std::uniform_real_distribution<float>(0.01f, 0.1f)(rng);
   p.q = random_q(rng, tokens * cols);
   p.x_scale = random_floats(rng, tokens, 1e-3f, 0.05f);
@@ -119,11 +130,13 @@ TEST(Gemm, TriangleOfTruthAllIsasAllShapes) {
         set_isa(Isa::scalar);
         const auto y_scalar = p.run();
         expect_near_reference(y_scalar, reference(p));
+        ASSERT_TRUE(bit_identical(p.run(true), y_scalar)) << "scalar, TK2 tiles";
         for (Isa isa : isas) {
           if (isa == Isa::scalar) continue;
           set_isa(isa);
           ASSERT_EQ(active_isa(), isa);
           ASSERT_TRUE(bit_identical(p.run(), y_scalar)) << "ISA " << isa_name(isa);
+          ASSERT_TRUE(bit_identical(p.run(true), y_scalar)) << "ISA " << isa_name(isa) << " tiles";
           ++compared;
         }
       }
@@ -176,6 +189,7 @@ TEST(Gemm, LongRowsAllIsas) {
       for (Isa isa : supported_isas()) {
         set_isa(isa);
         ASSERT_TRUE(bit_identical(p.run(), y_scalar)) << isa_name(isa);
+        ASSERT_TRUE(bit_identical(p.run(true), y_scalar)) << isa_name(isa) << " tiles";
       }
     }
 }
@@ -199,6 +213,8 @@ TEST(Gemm, ThreadCountDoesNotChangeResults) {
         set_num_threads(threads);
         ASSERT_EQ(num_threads(), threads);
         ASSERT_TRUE(bit_identical(p.run(), y1)) << isa_name(isa) << " threads " << threads;
+        ASSERT_TRUE(bit_identical(p.run(true), y1))
+            << isa_name(isa) << " threads " << threads << " tiles";
       }
     }
   }
@@ -289,6 +305,7 @@ TEST(Gemm, KernelsHonourTileRangesAndStrides) {
   const auto codes = random_codes(rng, rows * cols);
   std::vector<uint8_t> w(size_t(rows * tk2_row_bytes(cols)));
   tk2_pack(codes.data(), rows, cols, w.data());
+  const std::vector<uint8_t> tiles = tile(w, rows, cols);
   const auto q = random_q(rng, tokens * q_stride);
   const auto xs = random_floats(rng, tokens, 0.001f, 0.01f);
   std::vector<int32_t> qsum(static_cast<size_t>(tokens));
@@ -302,16 +319,22 @@ TEST(Gemm, KernelsHonourTileRangesAndStrides) {
   struct Range {
     int64_t r0, r1, t0, t1;
   };
+  // Row-major TK2 takes any r0; TK2 tiles need r0 on a tile boundary (dispatch.h).
   for (const Range& rg : {Range{0, rows, 0, tokens}, Range{3, 10, 2, 7}, Range{5, 6, 10, 11},
-                          Range{1, 22, 0, 1}, Range{4, 4, 0, tokens}}) {
+                          Range{1, 22, 0, 1}, Range{4, 4, 0, tokens}, Range{8, 23, 0, 1},
+                          Range{16, 21, 0, 1}, Range{8, 13, 3, 9}, Range{0, 7, 0, 1}})
+  for (int64_t tile_rows : {int64_t(1), TK2_TILE_ROWS}) {
+    if (rg.r0 % tile_rows != 0) continue;
     for (Isa isa : supported_isas()) {
       SCOPED_TRACE(testing::Message() << isa_name(isa) << " rows [" << rg.r0 << ", " << rg.r1
-                                      << ") tokens [" << rg.t0 << ", " << rg.t1 << ")");
+                                      << ") tokens [" << rg.t0 << ", " << rg.t1
+                                      << ") tile_rows " << tile_rows);
       std::vector<float> y(size_t(tokens * y_stride), sentinel);
       GemmArgs a{};
-      a.w = w.data();
+      a.w = tile_rows == 1 ? w.data() : tiles.data();
       a.rows = rows;
       a.w_row_bytes = tk2_row_bytes(cols);
+      a.w_tile_rows = tile_rows;
       a.cols = cols;
       a.q = q.data();
       a.q_stride = q_stride;
@@ -349,6 +372,11 @@ TEST(Gemm, BadArgumentsThrow) {
   for (int64_t cols : {100, 255, 257, 640}) {
     TernaryMatrixView v{p.w.data(), 4, cols, 1.0f};
     EXPECT_THROW(ternary_gemm(v, p.q.data(), p.x_scale.data(), 3, y.data()), Error) << cols;
+  }
+  for (int64_t tile_rows : {int64_t(0), int64_t(4), int64_t(16)}) {
+    TernaryMatrixView t = p.tiled_view();
+    t.tile_rows = tile_rows;
+    EXPECT_THROW(ternary_gemm(t, p.q.data(), p.x_scale.data(), 3, y.data()), Error) << tile_rows;
   }
   TernaryMatrixView v = p.view();
   EXPECT_THROW(ternary_gemm({nullptr, 4, 512, 1.0f}, p.q.data(), p.x_scale.data(), 3, y.data()),

@@ -41,6 +41,8 @@ struct ModelInfo {
   std::string embd_type;    // ggml type of token_embd: "F16", "Q8_0", "F32"
   int64_t n_params = 0;     // every weight in the file
   int64_t weight_bytes = 0; // bytes the engine reads per decoded token (matrices + head)
+  int64_t ternary_bytes = 0; // ... of them in ternary matrices (a MoE token's top-k experts)
+  int64_t head_bytes = 0;    // ... in the LM head (the tied token_embd)
   int32_t bos_id = -1;
   int32_t eos_id = -1;      // ends a document; also a stop token by default
   int32_t eot_id = -1;      // ends an assistant turn (chat); -1 when the model has none
@@ -83,6 +85,12 @@ struct GenerateResult {
   double prefill_seconds = 0.0;
   double decode_seconds = 0.0;  // time for all decode steps (sampling included)
   int32_t decode_steps = 0;     // forward passes after the prefill
+  // Where decode_seconds went, by the engine's own clocks: the ternary matrix products,
+  // the LM head and attention over the KV cache. The rest is norms, RoPE, activation
+  // quantization, residual adds and sampling.
+  double decode_ternary_seconds = 0.0;
+  double decode_head_seconds = 0.0;
+  double decode_attention_seconds = 0.0;
 };
 
 class Model {

@@ -12,7 +12,13 @@ llama.cpp by its own perf counters (llama_perf_context: t_p_eval_ms / n_p_eval a
 t_eval_ms / n_eval), never by a Python loop around it, so its per-token Python overhead
 does not count against it. llama.cpp needs `pip install llama-cpp-python`; without it only
 our numbers are printed. The decode rate is also given as weight bytes read per second
-against this machine's measured read bandwidth at the same thread count.
+against this machine's read bandwidth at the same thread count, probed in every round
+just before our run (the machine's bandwidth drifts by a third over minutes here): the
+fraction is the median of the rounds' ratios.
+
+A second table breaks our decode token down by the engine's own clocks: the ternary
+matrix products (and their weight bytes/s against the probe), the LM head (the same), attention over
+the KV cache, and the rest (norms, RoPE, quantization, residual adds, sampling).
 
     nanochat bench decode [--configs nano_125m,small_560m] [--threads 1,2] [--json]
 """
@@ -74,9 +80,15 @@ def _ours(path: Path, threads: int, prompt: list[int], n_decode: int) -> dict:
     ternary.set_num_threads(threads)
     eng = Engine(str(path), n_ctx=len(prompt) + n_decode + 8)
     r = eng.complete(prompt, max_tokens=n_decode + 1, temperature=0.0, stop_at_eos=False)
-    return {"prefill_tokens_per_s": r["prefill_tokens_per_s"],
-            "decode_tokens_per_s": r["decode_tokens_per_s"],
-            "decode_steps": r["decode_steps"], "info": eng.info}
+    steps = r["decode_steps"]
+    out = {"prefill_tokens_per_s": r["prefill_tokens_per_s"],
+           "decode_tokens_per_s": r["decode_tokens_per_s"],
+           "decode_steps": steps, "info": eng.info}
+    for part in ("ternary", "head", "attention"):
+        out[f"{part}_ms"] = r[f"decode_{part}_seconds"] / steps * 1e3
+    out["other_ms"] = r["decode_seconds"] / steps * 1e3 - sum(
+        out[f"{p}_ms"] for p in ("ternary", "head", "attention"))
+    return out
 
 
 def _llama(llama_cpp, path: Path, threads: int, prompt: list[int], n_decode: int) -> dict:
@@ -125,14 +137,15 @@ def run(args: argparse.Namespace, log=print):
             log("[bench decode] llama-cpp-python is not installed: ours only "
                 "(pip install llama-cpp-python)")
     threads = [int(t) for t in args.threads.split(",")]
-    bw = {t: core().measure_read_bandwidth(1 << 30, t, 3) * 1e9 for t in threads}
     for config in args.configs.split(","):
         path = model_file(config, args.embd, log)
         rng = random.Random(0)
         prompt = [0] + [rng.randrange(5, 261) for _ in range(args.prompt - 1)]  # bos + bytes
         for t in threads:
             samples: dict[str, list[dict]] = {"nanochat": [], "llama.cpp": []}
+            probes: list[float] = []
             for _ in range(args.rounds):
+                probes.append(core().measure_read_bandwidth(1 << 30, t, 3) * 1e9)
                 samples["nanochat"].append(_ours(path, t, prompt, args.tokens))
                 if llama_cpp is not None:
                     samples["llama.cpp"].append(_llama(llama_cpp, path, t, prompt, args.tokens))
@@ -141,12 +154,16 @@ def run(args: argparse.Namespace, log=print):
                          for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
                    for eng, ss in samples.items() if ss}
             for eng, m in med.items():
+                ss = samples[eng]
                 row = {"config": config, "engine": eng, "threads": t, "prompt": args.prompt,
                        "decode_steps": args.tokens, "embd": args.embd, **m,
                        "weight_bytes_per_token": info["weight_bytes"],
-                       "read_bandwidth_bytes_per_s": bw[t],
-                       "bandwidth_fraction":
-                           m["decode_tokens_per_s"] * info["weight_bytes"] / bw[t]}
+                       "read_bandwidth_bytes_per_s": statistics.median(probes),
+                       "bandwidth_fraction": statistics.median(
+                           s["decode_tokens_per_s"] * info["weight_bytes"] / bw
+                           for s, bw in zip(ss, probes))}
+                if eng == "nanochat":
+                    row.update(_breakdown(ss, probes, info))
                 if "llama.cpp" in med:
                     ref = med["llama.cpp"]
                     row["prefill_vs_llama"] = (m["prefill_tokens_per_s"]
@@ -156,18 +173,51 @@ def run(args: argparse.Namespace, log=print):
                 yield row
 
 
+def _breakdown(ss: list[dict], probes: list[float], info: dict) -> dict:
+    """Medians over rounds of a decode token's parts (ms), and the ternary matrices' and the
+    head's weight bytes/s over their own time, against the same round's probe."""
+    out = {f"{p}_ms": statistics.median(s[f"{p}_ms"] for s in ss)
+           for p in ("ternary", "head", "attention", "other")}
+    for part, nbytes in (("ternary", info["ternary_bytes"]), ("head", info["head_bytes"])):
+        rates = [nbytes / (s[f"{part}_ms"] / 1e3) for s in ss]
+        out[f"{part}_bytes_per_s"] = statistics.median(rates)
+        out[f"{part}_bw_fraction"] = statistics.median(r / bw for r, bw in zip(rates, probes))
+    return out
+
+
+def _print_breakdown(rows: list[dict]) -> None:
+    print("\nwhere a nanochat decode token goes (ms per token; GB/s = weight bytes / that part's "
+          "time, fraction of the round's read probe)")
+    print(f"{'config':>11} {'thr':>3} {'total':>6} {'ternary':>24} {'head':>24} "
+          f"{'attention':>9} {'other':>6}")
+    for r in rows:
+        total = sum(r[f"{p}_ms"] for p in ("ternary", "head", "attention", "other"))
+
+        def part(p: str) -> str:
+            return (f"{r[p + '_ms']:.2f} {r[p + '_ms'] / total:>4.0%} "
+                    f"{r[p + '_bytes_per_s'] / 1e9:>5.1f} GB/s {r[p + '_bw_fraction']:>4.0%}")
+
+        print(f"{r['config']:>11} {r['threads']:>3} {total:>6.2f} {part('ternary'):>24} "
+              f"{part('head'):>24} {r['attention_ms']:>9.2f} {r['other_ms']:>6.2f}")
+
+
 def main(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"{'config':>11} {'engine':>9} {'thr':>3} {'prefill tok/s':>13} {'decode tok/s':>12} "
               f"{'bw frac':>7} {'prefill vs llama':>16} {'decode vs llama':>15}")
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    ours = []
     for r in run(args, log):
         if args.json:
             print(json.dumps(r), flush=True)
             continue
+        if r["engine"] == "nanochat":
+            ours.append(r)
         pv = f"{r['prefill_vs_llama']:.2f}x" if "prefill_vs_llama" in r else "-"
         dv = f"{r['decode_vs_llama']:.2f}x" if "decode_vs_llama" in r else "-"
         print(f"{r['config']:>11} {r['engine']:>9} {r['threads']:>3} "
               f"{r['prefill_tokens_per_s']:>13.1f} {r['decode_tokens_per_s']:>12.1f} "
               f"{r['bandwidth_fraction']:>7.0%} {pv:>16} {dv:>15}", flush=True)
+    if ours:
+        _print_breakdown(ours)
     return 0

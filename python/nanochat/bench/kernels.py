@@ -4,6 +4,13 @@ For each layer shape (rows x cols = out x in features) it times, in one process 
 interleaved round by round (A B A B, medians reported, so drift hits all alike):
   - our TK2 ternary kernel on every ISA this CPU runs, GEMV (1 token) and GEMM
     (--tokens, default 128), int8 activations already quantized;
+  - on the best ISA, the same kernel over TK2 tiles (8 rows interleaved block by block,
+    the engine's layout; "tiles" in the table, kernel=tk2x8 in JSON);
+  - on the best ISA, the GEMV over weights in DRAM, both layouts ("dram" / "tiles dram",
+    kernel=tk2_dram / tk2x8_dram): each call reads the next of enough copies of the matrix
+    to fill 256 MiB (64 MiB with --quick), 2 MiB pages, so no call finds its weights in a
+    cache, as in decode, where every token streams every matrix from memory. Over a tile
+    the GEMV reads one sequential stream instead of 8 interleaved row streams;
   - for the GEMM on AVX-512 VNNI CPUs, also training's GEMM straight from int8 codes
     (ternary_gemm_codes: 16-row panels, no TK2; "codes" in the table, kernel=codes in
     JSON, timed from Python so microsecond calls include ~2 us of call overhead);
@@ -93,11 +100,27 @@ def _time_calls(fn, min_time: float) -> float:
     return statistics.median(times)
 
 
-def _time_ours(C, args_tuple, min_time: float) -> float:
+def _large(C, shape: tuple[int, int]):
+    """An uninitialized uint8 tensor in the core's LargeBuffer memory (2 MiB pages)."""
+    import torch
+
+    return torch.from_numpy(C.large_buffer(shape[0] * shape[1])).view(shape)
+
+
+def _time_ours(C, args_tuple, min_time: float, tile_rows: int = 1, copies: int = 1) -> float:
     # Timed inside C++ so Python call overhead does not pollute microsecond GEMVs.
-    secs = C.time_ternary_gemm(*args_tuple, 1)
+    kw = {"tile_rows": tile_rows, "copies": copies}
+    secs = C.time_ternary_gemm(*args_tuple, 1, **kw)
     n = max(3, min(2000, int(min_time / max(secs[0], 1e-7))))
-    return statistics.median(C.time_ternary_gemm(*args_tuple, n))
+    return statistics.median(C.time_ternary_gemm(*args_tuple, n, **kw))
+
+
+def _dram_copies(C, w, target_bytes: int):
+    """(buffer of n copies of uint8 matrix w one after another, n): n * w's bytes >= target."""
+    n = max(2, -(-target_bytes // w.numel()))
+    out = _large(C, (n * w.shape[0], w.shape[1]))
+    out.view(n, *w.shape).copy_(w.expand(n, *w.shape))
+    return out, n
 
 
 def run(args: argparse.Namespace):
@@ -136,12 +159,21 @@ def run(args: argparse.Namespace):
         for rows, cols in shapes:
             codes = torch.randint(-1, 2, (rows, cols), dtype=torch.int8, generator=gen)
             W = ternary.TernaryMatrix.from_codes(codes, 0.02)
+            # both layouts in the engine's weight memory (2 MiB pages): on 4 KiB pages a
+            # DRAM-sized GEMV is bound by TLB misses, not by the layout
+            w_tk2 = _large(C, W.data.shape)
+            w_tk2.copy_(W.data)
+            tiles = _large(C, ((rows + 7) // 8 * 8, cols // 4))
+            C.tk2_tile(ternary._buffer(w_tk2, "w"), cols, ternary._buffer(tiles, "tiles"))
+            dram_target = (64 << 20) if args.quick else (256 << 20)
+            dram = {name: _dram_copies(C, w, dram_target)
+                    for name, w in (("tk2_dram", w_tk2), ("tk2x8_dram", tiles))}
             wf = codes.to(torch.float32) * 0.02 if not args.no_torch else None
             for tokens in (1, args.tokens):
                 x = torch.randn(tokens, cols, generator=gen)
                 q, s = ternary.quantize_activations(x)
                 y = torch.empty(tokens, rows)
-                call = (ternary._buffer(W.data, "w"), rows, cols, W.scale,
+                call = (ternary._buffer(w_tk2, "w"), rows, cols, W.scale,
                         ternary._buffer(q, "q"), ternary._buffer(s, "s"), ternary._buffer(y, "y"))
                 op = "gemv" if tokens == 1 else "gemm"
                 variants = [i for i in isas if not (
@@ -150,15 +182,27 @@ def run(args: argparse.Namespace):
                 codes_call = None
                 if tokens > 1 and "avx512_vnni" in variants:
                     codes_call = (ternary._buffer(codes, "codes"), 0.02) + call[4:]
+                best = variants[-1]  # supported_isas() is ascending
+                # the best ISA's other layouts: kernel -> (call, tile_rows, copies)
+                layouts = {"tk2x8": ((ternary._buffer(tiles, "tiles"),) + call[1:], 8, 1)}
+                if tokens == 1:
+                    for name, (buf, n) in dram.items():
+                        layouts[name] = ((ternary._buffer(buf, name),) + call[1:],
+                                         8 if name.startswith("tk2x8") else 1, n)
                 for t in threads:
                     samples: dict[str, list[float]] = {i: [] for i in variants}
                     codes_samples: list[float] = []
+                    layout_samples: dict[str, list[float]] = {k: [] for k in layouts}
                     torch_samples: list[float] = []
                     for _ in range(rounds):
                         for isa in variants:
                             ternary.set_isa(isa)
                             ternary.set_num_threads(t)
                             samples[isa].append(_time_ours(C, call, min_time))
+                            if isa == best:
+                                for name, (lcall, tile_rows, n) in layouts.items():
+                                    layout_samples[name].append(
+                                        _time_ours(C, lcall, min_time, tile_rows, n))
                         if codes_call is not None:
                             ternary.set_isa("avx512_vnni")
                             codes_samples.append(_time_calls(
@@ -175,6 +219,7 @@ def run(args: argparse.Namespace):
                                     _time_calls(lambda x=x, wt=wt: x @ wt, min_time))
                     torch_s = statistics.median(torch_samples) if torch_samples else None
                     timed = [("tk2", isa, statistics.median(samples[isa])) for isa in variants]
+                    timed += [(k, best, statistics.median(v)) for k, v in layout_samples.items()]
                     if codes_samples:
                         timed.append(("codes", "avx512_vnni", statistics.median(codes_samples)))
                     for kernel, isa, sec in timed:
@@ -189,7 +234,7 @@ def run(args: argparse.Namespace):
                             "torch_seconds": torch_s,
                             "vs_torch": (torch_s / sec) if torch_s else None,
                         }
-            del W, wf, codes
+            del W, wf, codes, w_tk2, tiles, dram
         if not args.no_training:
             yield from _quantize_rows(isas, threads, rounds, min_time, args.quick, gen)
             yield from _layer_rows(threads, rounds, min_time, args.quick, gen)
@@ -330,7 +375,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"{'attention fwd+bwd':20} {shape:<22} {m['threads']:>3} {what:>9} "
                   f"{_fmt_time(m['seconds']):>10} {vs:>8} torch", flush=True)
         else:
-            isa = m["isa"] if m["kernel"] == "tk2" else "codes"
+            isa = {"tk2": m["isa"], "tk2x8": "tiles", "tk2_dram": "dram",
+                   "tk2x8_dram": "tiles dram"}.get(m["kernel"], m["kernel"])
             print(f"{m['op']:4} {m['rows']:>6}x{m['cols']:<6} {m['tokens']:>4} {m['threads']:>3} "
                   f"{isa:>11} {_fmt_time(m['seconds']):>10} {m['gops']:>7.1f} "
                   f"{m['weight_gbps']:>7.1f} {m['bw_fraction']:>5.0%} {vs:>8}", flush=True)
