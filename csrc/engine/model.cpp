@@ -303,6 +303,10 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
   struct Mat {
     gguf::TensorInfo t;  // for an expert: its slice (data, nbytes, name)
     TernaryWeight* w;
+    // The norm vector a decode step reads next after this matrix (and before the next
+    // matrix), copied right behind it (see "Ternary matrices" below); null if none.
+    const float** norm_after = nullptr;
+    int64_t norm_len = 0;
   };
   std::vector<Mat> mats;
   uint32_t ternary_type = 0;
@@ -328,10 +332,18 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
       w.cols = in;
       mats.push_back({*ternary_tensor(n, {in, out}), &w});
     };
+    auto then_norm = [&](const float** norm, int64_t len) {
+      mats.back().norm_after = norm;
+      mats.back().norm_len = len;
+    };
+    // after a plain layer's down matrix, decode reads this layer's attn_norm
+    if (l > 0 && !m->layers[size_t(l - 1)].moe && !m->hc_n) then_norm(&L.attn_norm, d);
     mat("attn_q.weight", L.q, d, d);
     mat("attn_k.weight", L.k, d, kv_dim);
     mat("attn_v.weight", L.v, d, kv_dim);
+    then_norm(&L.attn_sub_norm, d);
     mat("attn_output.weight", L.o, d, d);
+    if (!m->hc_n) then_norm(&L.ffn_norm, d);  // mHC reads its coefficients in between
     if (m->hc_n) {
       const int64_t n = m->hc_n, nr = m->hc_n_res;
       auto f32 = [&](const std::string& nm, const std::vector<int64_t>& dims) {
@@ -355,7 +367,9 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
       L.ffn_sub_norm = norm("ffn_sub_norm.weight", ffn);
       mat("ffn_gate.weight", L.gate, d, ffn);
       mat("ffn_up.weight", L.up, d, ffn);
+      then_norm(&L.ffn_sub_norm, ffn);
       mat("ffn_down.weight", L.down, ffn, d);
+      if (l + 1 == info.n_layers && !m->hc_n) then_norm(&m->output_norm, d);
       continue;
     }
     // Stacked experts [in, out, E]: expert e is rows e*out .. of the (E*out, in) matrix,
@@ -439,12 +453,16 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
   }
   info.weight_type = gguf::type_traits(ternary_type).name;
 
-  // Ternary matrices -> one buffer of TK2 tiles in decode order. `total` counts the bytes
-  // a token reads (a tile's padding rows are never read).
+  // Ternary matrices -> one buffer of TK2 tiles in decode order. Each RMSNorm weight vector
+  // that decode reads between two matrices is copied in right behind the first: the
+  // hardware prefetcher, streaming that matrix, runs on into it, so the norm finds its
+  // weights in cache rather than in DRAM (the weight stream evicts them every token).
+  // `total` counts the matrix bytes a token reads (a tile's padding rows are never read).
+  auto norm_bytes = [](const Mat& x) { return (x.norm_len * 4 + 63) / 64 * 64; };
   int64_t total = 0, off = 0;
   for (const Mat& x : mats) {
     total += x.w->rows * tk2_row_bytes(x.w->cols);
-    off += tk2_tiled_bytes(x.w->rows, x.w->cols);
+    off += tk2_tiled_bytes(x.w->rows, x.w->cols) + norm_bytes(x);
   }
   m->ternary = LargeBuffer(size_t(off));
   std::vector<int8_t> codes;
@@ -456,6 +474,12 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
     x.w->scale = load_ternary(ld, x.t, x.w->rows, x.w->cols, dst, codes, scales, tk2);
     x.w->data = dst;
     off += tk2_tiled_bytes(x.w->rows, x.w->cols);
+    if (x.norm_after) {
+      float* norm = reinterpret_cast<float*>(m->ternary.data() + off);
+      std::memcpy(norm, *x.norm_after, size_t(x.norm_len) * sizeof(float));
+      *x.norm_after = norm;
+      off += norm_bytes(x);
+    }
   }
 
   // Embedding / head.
