@@ -186,19 +186,24 @@ def _breakdown(ss: list[dict], probes: list[float], info: dict) -> dict:
 
 
 def _print_breakdown(rows: list[dict]) -> None:
-    print("\nwhere a nanochat decode token goes (ms per token; GB/s = weight bytes / that part's "
-          "time, fraction of the round's read probe)")
-    print(f"{'config':>11} {'thr':>3} {'total':>6} {'ternary':>24} {'head':>24} "
-          f"{'attention':>9} {'other':>6}")
+    print("\nwhere a nanochat decode token goes: ms per token and share of it; for the ternary "
+          "matrices and the head also their weight bytes / their time, and that as a "
+          "fraction of the read probe")
+    print(f"{'config':>11} {'thr':>3} {'total':>6} | {'ternary':>7} {'share':>5} {'GB/s':>5} "
+          f"{'of bw':>5} | {'head':>5} {'share':>5} {'GB/s':>5} {'of bw':>5} | "
+          f"{'attention':>9} {'share':>5} | {'other':>5} {'share':>5}")
     for r in rows:
         total = sum(r[f"{p}_ms"] for p in ("ternary", "head", "attention", "other"))
 
-        def part(p: str) -> str:
-            return (f"{r[p + '_ms']:.2f} {r[p + '_ms'] / total:>4.0%} "
-                    f"{r[p + '_bytes_per_s'] / 1e9:>5.1f} GB/s {r[p + '_bw_fraction']:>4.0%}")
+        def part(p: str, width: int) -> str:
+            return f"{r[p + '_ms']:>{width}.2f} {r[p + '_ms'] / total:>5.0%}"
 
-        print(f"{r['config']:>11} {r['threads']:>3} {total:>6.2f} {part('ternary'):>24} "
-              f"{part('head'):>24} {r['attention_ms']:>9.2f} {r['other_ms']:>6.2f}")
+        def rate(p: str) -> str:
+            return f"{r[p + '_bytes_per_s'] / 1e9:>5.1f} {r[p + '_bw_fraction']:>5.0%}"
+
+        print(f"{r['config']:>11} {r['threads']:>3} {total:>6.2f} | {part('ternary', 7)} "
+              f"{rate('ternary')} | {part('head', 5)} {rate('head')} | {part('attention', 9)} | "
+              f"{part('other', 5)}")
 
 
 def main(args: argparse.Namespace) -> int:
