@@ -174,9 +174,9 @@ void matmul(Ctx& c, const MatOut (&outs)[N], int64_t tokens, int64_t ldy) {
   int64_t rows = 0;
   for (size_t i = 0; i < N; ++i) {
     const TernaryWeight& w = *outs[i].w;
-    args[i] = GemmArgs{w.data,      w.rows,          tk2_row_bytes(w.cols), TK2_TILE_ROWS,
-                       w.cols,      s.q8.data(),     w.cols,                s.q8_sum.data(),
-                       s.q8_scale.data(), w.scale,   outs[i].y,             ldy};
+    args[i] = GemmArgs{w.data, w.rows, tk2_row_bytes(w.cols), TK2_TILE_ROWS, w.cols,
+                       s.q8.data(), w.cols, s.q8_sum.data(), s.q8_scale.data(), w.scale,
+                       outs[i].y, ldy};
     rows += w.rows;
   }
   const int64_t cols = outs[0].w->cols;

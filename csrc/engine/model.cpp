@@ -82,9 +82,9 @@ class Loader {
   std::set<std::string> used_;
 };
 
-// TQ2_0 / TQ1_0 -> TK2 tiles (ternary.h) with one per-tensor scale. Unpacking rejects TQ2_0's invalid code
-// 3; TQ1_0 decodes any byte to valid trits, so a byte the packer cannot produce (corrupt
-// data) is caught by re-packing each block and comparing.
+// TQ2_0 / TQ1_0 -> TK2 tiles (ternary.h) with one per-tensor scale. Unpacking rejects
+// TQ2_0's invalid code 3; TQ1_0 decodes any byte to valid trits, so a byte the packer
+// cannot produce (corrupt data) is caught by re-packing each block and comparing.
 // `t` may be one expert's slice of a stacked tensor: then its data and name are the slice's.
 float load_ternary(const Loader& ld, const gguf::TensorInfo& t, int64_t rows, int64_t cols,
                    uint8_t* out, std::vector<int8_t>& codes, std::vector<float>& scales,

@@ -51,13 +51,14 @@ void ternary_gemm(const TernaryMatrixView& w, const int8_t* q, const float* x_sc
 
   const std::vector<int32_t> qsum = token_sums(q, tokens, w.cols);
 
-  GemmArgs a{w.data, w.rows,      tk2_row_bytes(w.cols), w.tile_rows, w.cols, q,
-             w.cols, qsum.data(), x_scale,               w.scale,     y,      w.rows};
+  GemmArgs a{w.data, w.rows, tk2_row_bytes(w.cols), w.tile_rows, w.cols, q,
+             w.cols, qsum.data(), x_scale, w.scale, y, w.rows};
   const GemmKernel kernel = gemm_kernel(active_isa());
 
-  // Split into (row chunk, token chunk) tasks: row chunks of >= 16 rows (a
-  // multiple of the 4- and 8-row kernel tiles and of TK2 tiles), about 4 tasks per thread for balance; token
-  // chunks of 64 keep a chunk's activations in L2 while its weight rows stream.
+  // Split into (row chunk, token chunk) tasks: row chunks of >= 16 rows (a multiple of
+  // the kernels' 4- and 8-row groups and of TK2 tiles), about 4 tasks per thread for
+  // balance; token chunks of 64 keep a chunk's activations in L2 while its weight rows
+  // stream.
   const int64_t threads = num_threads();
   const int64_t work = w.rows * w.cols * tokens;
   if (threads == 1 || work < (int64_t(1) << 18)) {

@@ -11,11 +11,11 @@
 namespace nanochat {
 namespace {
 
-// How far ahead of the GEMV's weight reads to prefetch over row-major TK2 (Pf = true). Its
-// 4 or 8 interleaved row streams are not followed by the hardware prefetcher (a 1-thread
-// GEMV over DRAM-resident weights reaches ~85% of a plain read loop with this, ~40%
-// without). TK2 tiles are one sequential stream per tile: the hardware prefetcher alone
-// keeps up with it, and software prefetches on top only cost issue slots (Pf = false).
+// How far ahead of the GEMV's weight reads to prefetch over row-major TK2 (Pf = true): the
+// hardware prefetcher does not follow its 4 or 8 interleaved row streams. TK2 tiles are one
+// sequential stream per tile, which it does follow; software prefetches on top of that
+// only cost issue slots (Pf = false). `nanochat bench kernels` times both from DRAM
+// ("dram", "tiles dram").
 constexpr int64_t kPrefetchBytes = 8192;
 
 // R rows x T tokens: each 64-byte weight block is unpacked once per row and
@@ -198,7 +198,8 @@ void gemv1(const GemmArgs& a, int64_t r, int64_t t) {
     __m512i acc[4];
     for (int n = 0; n < 4; ++n) acc[n] = _mm512_setzero_si512();
     for (int64_t b = b0; b < b1; ++b) {
-      if (Pf) _mm_prefetch(reinterpret_cast<const char*>(w + b * bs + kPrefetchBytes), _MM_HINT_T1);
+      if (Pf)
+        _mm_prefetch(reinterpret_cast<const char*>(w + b * bs + kPrefetchBytes), _MM_HINT_T1);
       const __m512i p = _mm512_loadu_si512(w + b * bs);
       acc[0] = dpbusd(acc[0], _mm512_and_si512(p, m0), _mm512_loadu_si512(x + b * 256));
       acc[1] = dpbusd(acc[1], _mm512_and_si512(p, m1), _mm512_loadu_si512(x + b * 256 + 64));
