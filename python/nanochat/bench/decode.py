@@ -17,8 +17,10 @@ just before our run (the machine's bandwidth drifts by a third over minutes here
 fraction is the median of the rounds' ratios.
 
 A second table breaks our decode token down by the engine's own clocks: the ternary
-matrix products (and their weight bytes/s against the probe), the LM head (the same), attention over
-the KV cache, and the rest (norms, RoPE, quantization, residual adds, sampling).
+matrix products and the LM head (each also as weight bytes/s against the probe),
+attention over the KV cache, and the rest (norms, RoPE, quantization, residual adds,
+sampling). With --json these are the nanochat rows' *_ms, *_bytes_per_s and
+*_bw_fraction fields.
 
     nanochat bench decode [--configs nano_125m,small_560m] [--threads 1,2] [--json]
 """
