@@ -63,7 +63,8 @@ void tk2_to_tq2_0(const uint8_t* tk, int64_t rows, int64_t cols, float scale, ui
 // is ceil(rows / 8) tiles, rows past `rows` zero padding (never multiplied into y).
 // A one-token GEMV over a tile then reads one sequential stream, which the hardware
 // prefetcher follows at the machine's read bandwidth; over row-major TK2 it reads 8
-// interleaved row streams, which it does not (`nanochat bench kernels`, tk2 vs tk2x8).
+// interleaved row streams, which it does not (`nanochat bench kernels`: "dram" vs
+// "tiles dram").
 constexpr int64_t TK2_TILE_ROWS = 8;
 int64_t tk2_tiled_bytes(int64_t rows, int64_t cols);
 // Row-major TK2 (rows * tk2_row_bytes(cols) bytes) -> tiles (tk2_tiled_bytes bytes).
