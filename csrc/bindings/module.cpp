@@ -62,14 +62,23 @@ py::dict info() {
   const CpuFeatures& f = cpu_features();
   py::dict feats;
   feats["avx2"] = f.avx2;
+  feats["avx_vnni"] = f.avx_vnni;
   feats["avx512"] = f.avx512bw;
   feats["avx512_vnni"] = f.avx512vnni;
   feats["avx512_bf16"] = f.avx512bf16;
   feats["amx_bf16"] = f.amx_bf16;
+  feats["neon"] = f.neon;
+  feats["dotprod"] = f.dotprod;
+  feats["i8mm"] = f.i8mm;
 #ifdef NANOCHAT_HAVE_X86_KERNELS
   feats["x86_kernels_compiled"] = true;
 #else
   feats["x86_kernels_compiled"] = false;
+#endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+  feats["arm_kernels_compiled"] = true;
+#else
+  feats["arm_kernels_compiled"] = false;
 #endif
   d["features"] = feats;
   py::dict cuda;

@@ -11,7 +11,10 @@ namespace nanochat {
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::scalar: return "scalar";
+    case Isa::neon: return "neon";
+    case Isa::neon_dotprod: return "neon_dotprod";
     case Isa::avx2: return "avx2";
+    case Isa::avx_vnni: return "avx_vnni";
     case Isa::avx512: return "avx512";
     case Isa::avx512vnni: return "avx512_vnni";
   }
@@ -19,9 +22,12 @@ const char* isa_name(Isa isa) {
 }
 
 Isa isa_from_name(const std::string& name) {
-  for (Isa i : {Isa::scalar, Isa::avx2, Isa::avx512, Isa::avx512vnni})
+  std::string names;
+  for (Isa i : kAllIsas) {
     if (name == isa_name(i)) return i;
-  throw Error("unknown ISA '" + name + "' (expected scalar, avx2, avx512 or avx512_vnni)");
+    names += std::string(names.empty() ? "" : ", ") + isa_name(i);
+  }
+  throw Error("unknown ISA '" + name + "' (expected one of " + names + ")");
 }
 
 bool isa_supported(Isa isa) {
@@ -29,18 +35,22 @@ bool isa_supported(Isa isa) {
     case Isa::scalar: return true;
 #ifdef NANOCHAT_HAVE_X86_KERNELS
     case Isa::avx2: return cpu_features().avx2;
+    case Isa::avx_vnni: return cpu_features().avx_vnni;
     case Isa::avx512: return cpu_features().avx512bw;
     case Isa::avx512vnni: return cpu_features().avx512vnni;
-#else
-    default: return false;
 #endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+    case Isa::neon: return cpu_features().neon;
+    case Isa::neon_dotprod: return cpu_features().dotprod;
+#endif
+    default: return false;
   }
   return false;
 }
 
 std::vector<Isa> supported_isas() {
   std::vector<Isa> out;
-  for (Isa i : {Isa::scalar, Isa::avx2, Isa::avx512, Isa::avx512vnni})
+  for (Isa i : kAllIsas)
     if (isa_supported(i)) out.push_back(i);
   return out;
 }
@@ -87,6 +97,7 @@ GemmKernel gemm_kernel(Isa isa) {
   switch (isa) {
 #ifdef NANOCHAT_HAVE_X86_KERNELS
     case Isa::avx2: return gemm_avx2;
+    case Isa::avx_vnni: return gemm_avx2;
     case Isa::avx512: return gemm_avx512;
     case Isa::avx512vnni: return gemm_avx512vnni;
 #endif

@@ -1,6 +1,7 @@
-// Run-time choice of the ternary kernel ISA. The build compiles every x86 kernel
-// (each file with its own ISA flags); this picks the best one the CPU runs, or
-// the one pinned by NANOCHAT_ISA / set_isa() so tests can force each path.
+// Run-time choice of the kernel ISA. The build compiles every kernel of the target
+// architecture (each file with its own ISA flags); this picks the best one the CPU runs,
+// or the one pinned by NANOCHAT_ISA / set_isa() so tests can force each path. Every op
+// family (ternary, dense, loss, norms, ...) maps the one active ISA to its own kernels.
 #pragma once
 
 #include <cstdint>
@@ -9,7 +10,14 @@
 
 namespace nanochat {
 
-enum class Isa { scalar, avx2, avx512, avx512vnni };
+// Ascending within each architecture; an x86 ISA never runs on ARM and vice versa, so
+// `isa >= Isa::avx2` is an x86 test (the ARM entries sort below every x86 one).
+//   neon_dotprod: Armv8.2 SDOT;  avx_vnni: AVX2 + the VEX vpdpbusd (Alder Lake, Zen 5, ...)
+enum class Isa { scalar, neon, neon_dotprod, avx2, avx_vnni, avx512, avx512vnni };
+constexpr Isa kAllIsas[] = {Isa::scalar,   Isa::neon,   Isa::neon_dotprod, Isa::avx2,
+                            Isa::avx_vnni, Isa::avx512, Isa::avx512vnni};
+inline bool is_x86(Isa i) { return i >= Isa::avx2; }
+inline bool is_arm(Isa i) { return i == Isa::neon || i == Isa::neon_dotprod; }
 
 const char* isa_name(Isa isa);
 Isa isa_from_name(const std::string& name);  // throws Error on unknown names

@@ -450,8 +450,7 @@ TEST(Dispatch, Names) {
   EXPECT_THROW(isa_from_name("bogus"), Error);
   EXPECT_THROW(isa_from_name(""), Error);
   EXPECT_THROW(isa_from_name("AVX2"), Error);
-  for (Isa i : {Isa::scalar, Isa::avx2, Isa::avx512, Isa::avx512vnni})
-    EXPECT_EQ(isa_from_name(isa_name(i)), i);
+  for (Isa i : kAllIsas) EXPECT_EQ(isa_from_name(isa_name(i)), i);
   EXPECT_STREQ(isa_name(Isa::scalar), "scalar");
   EXPECT_STREQ(isa_name(Isa::avx512vnni), "avx512_vnni");
 }
@@ -463,7 +462,7 @@ TEST(Dispatch, SupportedIsas) {
   ASSERT_FALSE(isas.empty());
   EXPECT_EQ(isas.front(), Isa::scalar);
   for (size_t i = 1; i < isas.size(); ++i) EXPECT_LT(int(isas[i - 1]), int(isas[i]));
-  for (Isa i : {Isa::scalar, Isa::avx2, Isa::avx512, Isa::avx512vnni}) {
+  for (Isa i : kAllIsas) {
     const bool listed = std::find(isas.begin(), isas.end(), i) != isas.end();
     EXPECT_EQ(isa_supported(i), listed) << isa_name(i);
   }
@@ -489,7 +488,7 @@ TEST(Dispatch, SupportedIsas) {
 
 TEST(Dispatch, SetUnsupportedIsaThrows) {
   GlobalStateGuard guard;
-  for (Isa i : {Isa::avx2, Isa::avx512, Isa::avx512vnni}) {
+  for (Isa i : kAllIsas) {
     if (isa_supported(i)) continue;
     const Isa before = active_isa();
     EXPECT_THROW(set_isa(i), Error) << isa_name(i);
