@@ -134,6 +134,8 @@ const DenseKernels& dense_kernels(Isa isa) {
 #ifdef NANOCHAT_HAVE_X86_KERNELS
   if ((isa == Isa::avx512 || isa == Isa::avx512vnni) && dense_avx512_supported())
     return kDenseAvx512;
+  if (isa == Isa::avx_vnni && cpu_features().avx_vnni) return kDenseAvxVnni;
+  if (is_x86(isa) && cpu_features().avx2) return kDenseAvx2;
 #else
   (void)isa;
 #endif

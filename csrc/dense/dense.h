@@ -114,8 +114,9 @@ struct DenseKernels {
                    int32_t* qsum);
 };
 // The kernels an ISA choice maps to: AVX-512 (F16C, FMA, VNNI) for avx512 / avx512_vnni
-// on a CPU with AVX-512 VNNI, else the scalar reference (so pinning the ternary ISA to
-// scalar also pins these).
+// on a CPU with AVX-512 VNNI, AVX-VNNI for avx_vnni, AVX2 (FMA, F16C) for avx2 and for
+// avx512 without VNNI, else the scalar reference (so pinning the ISA to scalar also pins
+// these).
 const DenseKernels& dense_kernels(Isa isa);
 const DenseKernels& dense_kernels();  // for active_isa()
 bool dense_avx512_supported();
@@ -125,6 +126,8 @@ void dense_gemm(const DenseMatrix& w, const DenseActs& a, float* y, int64_t ldy)
 
 // Per-ISA tables, defined in dense_<isa>.cpp.
 extern const DenseKernels kDenseScalar;
+extern const DenseKernels kDenseAvx2;
+extern const DenseKernels kDenseAvxVnni;
 extern const DenseKernels kDenseAvx512;
 
 }  // namespace nanochat

@@ -21,7 +21,8 @@ namespace {
 // Every kernel set this machine runs (the scalar one first).
 std::vector<const DenseKernels*> kernel_sets() {
   std::vector<const DenseKernels*> k = {&kDenseScalar};
-  if (dense_avx512_supported()) k.push_back(&dense_kernels(Isa::avx512vnni));
+  for (Isa i : {Isa::avx2, Isa::avx_vnni, Isa::avx512vnni})
+    if (isa_supported(i) && &dense_kernels(i) != &kDenseScalar) k.push_back(&dense_kernels(i));
   return k;
 }
 
