@@ -15,7 +15,8 @@
 #include "dense/dense.h"
 #include "dense/dense_avx2.h"
 #include "dense/dense_q8_avx2.h"
-#include "ternary/ternary.h"  // quantize_activations (its errors)
+#include "ternary/dispatch.h"  // quantize_activations_avx2
+#include "ternary/ternary.h"   // quantize_activations (its errors)
 
 namespace nanochat {
 namespace {
@@ -223,55 +224,23 @@ float exp_sum(float* p, int64_t n, float m) {
   return hsum_ps(s);
 }
 
-// Same arithmetic as quantize_activations: amax (exact in any order), s = 127 / amax in
-// scalar float, q = nearest-even(x * s) clamped to [-128, 127] before the narrowing (which
-// is then exact). Non-finite input goes to the scalar code, which throws its error.
+// quantize_activations' AVX2 kernel (bit for bit; non-finite input goes to the scalar code,
+// which throws its error), then each token's code sum.
 void quantize(const float* x, int64_t tokens, int64_t k, int8_t* q, float* x_scale, int32_t* qsum) {
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256 lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  if (quantize_activations_avx2(x, 0, tokens, k, q, x_scale) >= 0)
+    quantize_activations(x, tokens, k, q, x_scale);  // throws
   for (int64_t t = 0; t < tokens; ++t) {
-    const float* xt = x + t * k;
-    __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-    for (int64_t i = 0; i < k; i += 8) {
-      const __m256 v = _mm256_and_ps(load_f32(xt + i, k - i), absmask);
-      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, _mm256_set1_ps(3.402823466e38f), _CMP_NLE_UQ));
-      amax = _mm256_max_ps(amax, v);
-    }
-    if (_mm256_movemask_ps(bad)) {
-      quantize_activations(xt, 1, k, q + t * k, x_scale + t);  // throws
-      continue;
-    }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float m = _mm_cvtss_f32(m4);
-    const float s = 127.0f / (m < 1e-5f ? 1e-5f : m);
-    const __m256 sv = _mm256_set1_ps(s);
-    auto codes = [&](int64_t i) {  // 8 codes as int32, 0 past k
-      const __m256 r = _mm256_round_ps(_mm256_mul_ps(load_f32(xt + i, k - i), sv),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
-    };
+    const int8_t* qt = q + t * k;
     __m256i sum = _mm256_setzero_si256();
-    int8_t* qt = q + t * k;
     int64_t i = 0;
-    for (; i + 32 <= k; i += 32) {
-      const __m256i c0 = codes(i), c1 = codes(i + 8), c2 = codes(i + 16), c3 = codes(i + 24);
-      sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_add_epi32(c0, c1),
-                                                   _mm256_add_epi32(c2, c3)));
-      const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(c0, c1), _mm256_packs_epi32(c2, c3));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qt + i), _mm256_permutevar8x32_epi32(b, order));
+    for (; i + 32 <= k; i += 32) {  // |sum of 32 codes| < 2^12 per int16 pair: one vpmaddubsw
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qt + i));
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), v),
+                                                    _mm256_set1_epi16(1)));
     }
-    for (; i < k; i += 8) {
-      alignas(32) int32_t c[8];
-      const __m256i v = codes(i);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(c), v);
-      sum = _mm256_add_epi32(sum, v);
-      for (int64_t e = 0; e < std::min<int64_t>(8, k - i); ++e) qt[i + e] = int8_t(c[e]);
-    }
-    x_scale[t] = 1.0f / s;
-    qsum[t] = hsum_epi32(sum);
+    int32_t s = hsum_epi32(sum);
+    for (; i < k; ++i) s += qt[i];
+    qsum[t] = s;
   }
 }
 

@@ -97,7 +97,7 @@ GemmKernel gemm_kernel(Isa isa) {
   switch (isa) {
 #ifdef NANOCHAT_HAVE_X86_KERNELS
     case Isa::avx2: return gemm_avx2;
-    case Isa::avx_vnni: return gemm_avx2;
+    case Isa::avx_vnni: return gemm_avxvnni;
     case Isa::avx512: return gemm_avx512;
     case Isa::avx512vnni: return gemm_avx512vnni;
 #endif

@@ -56,6 +56,7 @@ GemmKernel gemm_kernel(Isa isa);
 // Per-ISA entry points, defined in kernels_<isa>.cpp.
 void gemm_scalar(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 void gemm_avx2(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
+void gemm_avxvnni(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 void gemm_avx512(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 void gemm_avx512vnni(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 
@@ -75,9 +76,11 @@ struct PanelArgs {
 };
 void gemm_panels_avx512vnni(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
 
-// quantize_activations for tokens [t0, t1) on AVX-512, bit-identical to the scalar loop.
+// quantize_activations for tokens [t0, t1) on AVX-512 / AVX2, bit-identical to the scalar loop.
 // Returns the first token holding a non-finite value (its row is left unwritten), or -1.
 int64_t quantize_activations_avx512(const float* x, int64_t t0, int64_t t1, int64_t k,
                                     int8_t* q, float* x_scale);
+int64_t quantize_activations_avx2(const float* x, int64_t t0, int64_t t1, int64_t k, int8_t* q,
+                                  float* x_scale);
 
 }  // namespace nanochat
