@@ -52,9 +52,25 @@ def test_info_json(launcher):
     assert info["isas"] == SUPPORTED_ISAS and info["isas"][0] == "scalar"
     assert info["isa"] == info["isas"][-1]  # the best, with NANOCHAT_ISA unset
     # a feature the CPU lacks cannot have a kernel path
-    for isa, feat in (("avx2", "avx2"), ("avx512", "avx512"), ("avx512_vnni", "avx512_vnni")):
+    for isa, feat in (("avx2", "avx2"), ("avx_vnni", "avx_vnni"), ("avx512", "avx512"),
+                      ("avx512_vnni", "avx512_vnni"), ("neon", "neon"),
+                      ("neon_dotprod", "dotprod")):
         if isa in info["isas"]:
             assert info["features"][feat]
+    # the path each op family runs: a kernel this CPU runs, the ternary GEMM the active ISA's
+    assert info["ops"]["ternary_gemm"] == info["isa"]
+    for path in info["ops"].values():
+        assert path in info["isas"], info["ops"]
+
+
+@pytest.mark.skipif("avx2" not in SUPPORTED_ISAS, reason="no AVX2")
+def test_info_ops_follow_pinned_isa():
+    # NANOCHAT_ISA=avx2 is how an AVX-512 machine stands in for an AVX2-only one: then no
+    # op may report (or run) an AVX-512 path
+    r = run([sys.executable, "-m", "nanochat", "info", "--json"], NANOCHAT_ISA="avx2")
+    assert r.returncode == 0, r.stderr
+    ops = json.loads(r.stdout)["ops"]
+    assert set(ops.values()) == {"avx2"}, ops
 
 
 @pytest.mark.parametrize("n", ["1", "3"])

@@ -3,7 +3,10 @@ bench decode."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import sys
 
 import pytest
 from conftest import assert_greedy_agrees
@@ -131,6 +134,49 @@ def test_bench_decode_json_ours_only(trained_tiny, run_nanochat, tmp_path, monke
     assert sum(parts) == pytest.approx(1e3 / r0["decode_tokens_per_s"], rel=1e-6)
     for p in ("ternary", "head"):
         assert r0[f"{p}_bytes_per_s"] > 0 and r0[f"{p}_bw_fraction"] > 0
+
+
+def test_bench_decode_dense_equivalent_and_cache_key(tmp_path, monkeypatch):
+    # small_560m's hybrid attention keeps it off llama.cpp's bitnet graph: against llama.cpp it
+    # runs as its dense equivalent; alone, as itself. MoE has no llama.cpp equivalent.
+    from nanochat.bench import decode
+    from nanochat.config import load_config
+    from nanochat.export import architecture
+
+    cfg, variant = decode.bench_model("small_560m", for_llama=True)
+    assert architecture(cfg)[0] == "bitnet" and cfg.attention.pattern == "L" and variant
+    own, none = decode.bench_model("small_560m", for_llama=False)
+    assert own == load_config("small_560m").model and none is None
+    assert decode.bench_model("nano_125m", for_llama=True)[1] is None
+    # the cached file is named by the config's content: an edited config is a new file
+    monkeypatch.setattr(decode, "CACHE", tmp_path)
+    tiny = load_config("tiny").model
+    a = decode.model_file("tiny", "q8_0", log=lambda *_: None, cfg=tiny)
+    assert decode.model_file("tiny", "q8_0", log=lambda *_: None, cfg=tiny) == a
+    wider = dataclasses.replace(tiny, ffn_hidden=tiny.ffn_hidden + 256)
+    b = decode.model_file("tiny", "q8_0", log=lambda *_: None, cfg=wider)
+    assert a != b and a.exists() and b.exists()
+
+
+def test_bench_decode_survives_llama_failure(tmp_path, monkeypatch):
+    # llama.cpp failing on a file (as it did on the hybrid small_560m) leaves our row, said so
+    import types
+
+    from nanochat.bench import decode
+
+    monkeypatch.setattr(decode, "CACHE", tmp_path)
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.ModuleType("llama_cpp"))
+
+    def fail(*_a, **_k):
+        raise ValueError("Failed to load model from file")
+
+    monkeypatch.setattr(decode, "_llama", fail)
+    args = argparse.Namespace(configs="tiny", threads="1", prompt=8, tokens=2, rounds=2,
+                              embd="q8_0", no_llama=False, json=True)
+    logs: list[str] = []
+    rows = list(decode.run(args, log=lambda *a: logs.append(" ".join(map(str, a)))))
+    assert [r["engine"] for r in rows] == ["nanochat"] and "decode_vs_llama" not in rows[0]
+    assert any("llama.cpp failed" in m and "Failed to load" in m for m in logs), logs
 
 
 @pytest.mark.slow

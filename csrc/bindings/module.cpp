@@ -95,6 +95,12 @@ py::dict info() {
   for (Isa i : supported_isas()) isas.emplace_back(isa_name(i));
   d["isas"] = isas;
   d["isa"] = isa_name(active_isa());
+  // The kernel path each op family runs on the active ISA (each module's own choice).
+  py::dict ops;
+  ops["ternary_gemm"] = isa_name(active_isa());
+  ops["quantize"] = quantize_activations_path();
+  ops["dense"] = dense_kernels().name;  // the engine's head, embedding and decode attention
+  d["ops"] = ops;
   return d;
 }
 

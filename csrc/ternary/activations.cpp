@@ -47,23 +47,40 @@ int64_t quantize_rows_scalar(const float* x, int64_t t0, int64_t t1, int64_t k, 
   return -1;
 }
 
+using QuantizeKernel = int64_t (*)(const float*, int64_t, int64_t, int64_t, int8_t*, float*);
+
+// The kernel for the active ISA, and its name.
+QuantizeKernel quantize_kernel(const char** name = nullptr) {
+  const char* n = "scalar";
+  QuantizeKernel k = quantize_rows_scalar;
+#ifdef NANOCHAT_HAVE_X86_KERNELS
+  if (active_isa() >= Isa::avx512) {
+    n = "avx512";
+    k = quantize_activations_avx512;
+  } else if (active_isa() >= Isa::avx2) {
+    n = "avx2";
+    k = quantize_activations_avx2;
+  }
+#endif
+  if (name) *name = n;
+  return k;
+}
+
 void quantize_rows(const float* x, int64_t t0, int64_t t1, int64_t k, int8_t* q,
                    float* x_scale) {
-  int64_t bad;
-#ifdef NANOCHAT_HAVE_X86_KERNELS
-  if (active_isa() >= Isa::avx512)
-    bad = quantize_activations_avx512(x, t0, t1, k, q, x_scale);
-  else if (active_isa() >= Isa::avx2)
-    bad = quantize_activations_avx2(x, t0, t1, k, q, x_scale);
-  else
-#endif
-    bad = quantize_rows_scalar(x, t0, t1, k, q, x_scale);
+  const int64_t bad = quantize_kernel()(x, t0, t1, k, q, x_scale);
   if (bad >= 0)
     throw Error("quantize_activations: token " + std::to_string(bad) +
                 " has a non-finite value");
 }
 
 }  // namespace
+
+const char* quantize_activations_path() {
+  const char* name;
+  quantize_kernel(&name);
+  return name;
+}
 
 void quantize_activations(const float* x, int64_t tokens, int64_t k, int8_t* q, float* x_scale) {
   check_act(x, q, x_scale, tokens, k, "quantize_activations");

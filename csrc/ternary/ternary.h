@@ -73,6 +73,7 @@ void tk2_tile(const uint8_t* tk2, int64_t rows, int64_t cols, uint8_t* out);
 // ---- activations: per-token absmax int8 (BitNet A8) ---------------------------
 // s = 127 / max(absmax(x_t), 1e-5); q = clamp(round(x * s), -128, 127); x_scale = 1/s.
 void quantize_activations(const float* x, int64_t tokens, int64_t k, int8_t* q, float* x_scale);
+const char* quantize_activations_path();  // the kernel it runs on the active ISA ("avx2", ...)
 void dequantize_activations(const int8_t* q, const float* x_scale, int64_t tokens, int64_t k,
                             float* x);
 

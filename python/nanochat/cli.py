@@ -65,8 +65,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"  cuda         : compiled={'yes' if cuda['compiled'] else 'no'}, "
           f"devices={cuda['devices']}")
     print(f"  threads      : {info['threads']}  (NANOCHAT_NUM_THREADS overrides)")
-    print(f"  kernel paths : {', '.join(info['isas'])}")
-    print(f"  ternary_gemm : dispatches to {info['isa']}  (NANOCHAT_ISA pins one)")
+    print(f"  kernel paths : {', '.join(info['isas'])}  (NANOCHAT_ISA pins one)")
+    print(f"  active ISA   : {info['isa']}; per op: "
+          + ", ".join(f"{op}={path}" for op, path in info["ops"].items()))
     emb = info["embedding"]
     print(f"  C/C++ library: {emb['lib'] if emb else 'not installed'}"
           + ("  (find_package: nanochat info --cmake-dir)" if emb else ""))
@@ -206,6 +207,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from nanochat.bench import machine_line
+
+    # Which machine and kernel paths gave the numbers (stderr under --json: stdout stays
+    # one JSON object per line).
+    print(machine_line(), file=sys.stderr if getattr(args, "json", False) else sys.stdout,
+          flush=True)
     return args.bench_module.main(args)
 
 
