@@ -55,6 +55,11 @@ void quantize_rows(const float* x, int64_t t0, int64_t t1, int64_t k, int8_t* q,
     bad = quantize_activations_avx512(x, t0, t1, k, q, x_scale);
   else
 #endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+  if (is_arm(active_isa()))
+    bad = quantize_activations_neon(x, t0, t1, k, q, x_scale);
+  else
+#endif
     bad = quantize_rows_scalar(x, t0, t1, k, q, x_scale);
   if (bad >= 0)
     throw Error("quantize_activations: token " + std::to_string(bad) +

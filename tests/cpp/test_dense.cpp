@@ -3,6 +3,7 @@
 // double-precision math, Q8_0 repacking, activation preparation and argument checks.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -18,11 +19,13 @@ using nanochat_test::random_floats;
 
 namespace {
 
-// Every kernel set this machine runs (the scalar one first).
+// Every kernel set this machine runs (the scalar one first): what each supported ISA maps to.
 std::vector<const DenseKernels*> kernel_sets() {
   std::vector<const DenseKernels*> k = {&kDenseScalar};
-  for (Isa i : {Isa::avx2, Isa::avx_vnni, Isa::avx512vnni})
-    if (isa_supported(i) && &dense_kernels(i) != &kDenseScalar) k.push_back(&dense_kernels(i));
+  for (Isa isa : supported_isas()) {
+    const DenseKernels* s = &dense_kernels(isa);
+    if (std::find(k.begin(), k.end(), s) == k.end()) k.push_back(s);
+  }
   return k;
 }
 
