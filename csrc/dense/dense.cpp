@@ -141,7 +141,7 @@ const DenseKernels& dense_kernels(Isa isa) {
   if (isa == Isa::neon_dotprod && cpu_features().dotprod) return kDenseNeonDotprod;
   if (is_arm(isa) && cpu_features().neon) return kDenseNeon;
 #endif
-  (void)isa;
+  (void)isa;  // unused where neither kernel family is built
   return kDenseScalar;
 }
 

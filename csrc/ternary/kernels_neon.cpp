@@ -50,8 +50,12 @@ struct Tile {
 
 }  // namespace
 
+// One token: 8 rows, a TK2 tile in one sequential pass (as kernels_neon_dotprod.cpp).
 void gemm_neon(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-  drive<Tile, 4, 2>(a, r0, r1, t0, t1);
+  if (t1 - t0 == 1)
+    drive<Tile, 8, 1>(a, r0, r1, t0, t1);
+  else
+    drive<Tile, 4, 2>(a, r0, r1, t0, t1);
 }
 
 }  // namespace nanochat

@@ -56,9 +56,14 @@ struct Tile {
 
 }  // namespace
 
-// 4 x 4 tiles: 16 accumulators, 4 codes and 4 activation vectors fit the 32 registers.
+// One token (decode): 8 rows, so a TK2 tile's blocks are read in one sequential pass;
+// 16 accumulators. Several tokens: 4 x 4 tiles, 16 accumulators, 4 codes and 4 activation
+// vectors in the 32 registers.
 void gemm_neon_dotprod(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-  drive<Tile, 4, 4>(a, r0, r1, t0, t1);
+  if (t1 - t0 == 1)
+    drive<Tile, 8, 1>(a, r0, r1, t0, t1);
+  else
+    drive<Tile, 4, 4>(a, r0, r1, t0, t1);
 }
 
 }  // namespace nanochat
