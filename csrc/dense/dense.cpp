@@ -136,9 +136,12 @@ const DenseKernels& dense_kernels(Isa isa) {
     return kDenseAvx512;
   if (isa == Isa::avx_vnni && cpu_features().avx_vnni) return kDenseAvxVnni;
   if (is_x86(isa) && cpu_features().avx2) return kDenseAvx2;
-#else
-  (void)isa;
 #endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+  if (isa == Isa::neon_dotprod && cpu_features().dotprod) return kDenseNeonDotprod;
+  if (is_arm(isa) && cpu_features().neon) return kDenseNeon;
+#endif
+  (void)isa;  // unused where neither kernel family is built
   return kDenseScalar;
 }
 

@@ -115,8 +115,8 @@ struct DenseKernels {
 };
 // The kernels an ISA choice maps to: AVX-512 (F16C, FMA, VNNI) for avx512 / avx512_vnni
 // on a CPU with AVX-512 VNNI, AVX-VNNI for avx_vnni, AVX2 (FMA, F16C) for avx2 and for
-// avx512 without VNNI, else the scalar reference (so pinning the ISA to scalar also pins
-// these).
+// avx512 without VNNI, NEON for neon / neon_dotprod (SDOT for the latter's Q8_0), else the
+// scalar reference (so pinning the ISA to scalar also pins these).
 const DenseKernels& dense_kernels(Isa isa);
 const DenseKernels& dense_kernels();  // for active_isa()
 bool dense_avx512_supported();
@@ -129,5 +129,13 @@ extern const DenseKernels kDenseScalar;
 extern const DenseKernels kDenseAvx2;
 extern const DenseKernels kDenseAvxVnni;
 extern const DenseKernels kDenseAvx512;
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+// neon: Armv8.0 Advanced SIMD; neon_dotprod: the same with the Q8_0 GEMM on SDOT
+// (dense_neon_dotprod.cpp, its only entry point below).
+extern const DenseKernels kDenseNeon;
+extern const DenseKernels kDenseNeonDotprod;
+void dense_q8_gemm_neon_dotprod(const DenseMatrix& w, const DenseActs& a, int64_t r0, int64_t r1,
+                                float* y, int64_t ldy);
+#endif
 
 }  // namespace nanochat

@@ -46,6 +46,9 @@ const norm_kernels::Kernels& kernels() {
 #ifdef NANOCHAT_HAVE_X86_KERNELS
   if (active_isa() >= Isa::avx512) return norm_kernels::avx512;
 #endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+  if (is_arm(active_isa())) return norm_kernels::neon;
+#endif
   return norm_kernels::scalar;
 }
 

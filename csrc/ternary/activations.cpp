@@ -62,6 +62,12 @@ QuantizeKernel quantize_kernel(const char** name = nullptr) {
     k = quantize_activations_avx2;
   }
 #endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+  if (is_arm(active_isa())) {
+    n = "neon";
+    k = quantize_activations_neon;
+  }
+#endif
   if (name) *name = n;
   return k;
 }

@@ -101,6 +101,10 @@ GemmKernel gemm_kernel(Isa isa) {
     case Isa::avx512: return gemm_avx512;
     case Isa::avx512vnni: return gemm_avx512vnni;
 #endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+    case Isa::neon: return gemm_neon;
+    case Isa::neon_dotprod: return gemm_neon_dotprod;
+#endif
     default: return gemm_scalar;
   }
 }

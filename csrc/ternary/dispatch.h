@@ -59,6 +59,8 @@ void gemm_avx2(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1
 void gemm_avxvnni(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 void gemm_avx512(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 void gemm_avx512vnni(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
+void gemm_neon(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
+void gemm_neon_dotprod(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 
 // ternary_gemm_codes' AVX-512 VNNI kernel. Weights as panels of 16 rows: panel p at
 // w + p * 16 * cols, its 4-column group g the 64 bytes at + g * 64, byte 4 * i + j =
@@ -81,6 +83,9 @@ void gemm_panels_avx512vnni(const PanelArgs& a, int64_t p0, int64_t p1, int64_t 
 int64_t quantize_activations_avx512(const float* x, int64_t t0, int64_t t1, int64_t k,
                                     int8_t* q, float* x_scale);
 int64_t quantize_activations_avx2(const float* x, int64_t t0, int64_t t1, int64_t k, int8_t* q,
+                                  float* x_scale);
+// The same on NEON (activations_neon.cpp), for Isa::neon and Isa::neon_dotprod.
+int64_t quantize_activations_neon(const float* x, int64_t t0, int64_t t1, int64_t k, int8_t* q,
                                   float* x_scale);
 
 }  // namespace nanochat

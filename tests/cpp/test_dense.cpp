@@ -3,6 +3,7 @@
 // double-precision math, Q8_0 repacking, activation preparation and argument checks.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -18,11 +19,13 @@ using nanochat_test::random_floats;
 
 namespace {
 
-// Every kernel set this machine runs (the scalar one first).
+// Every kernel set this machine runs (the scalar one first): what each supported ISA maps to.
 std::vector<const DenseKernels*> kernel_sets() {
   std::vector<const DenseKernels*> k = {&kDenseScalar};
-  for (Isa i : {Isa::avx2, Isa::avx_vnni, Isa::avx512vnni})
-    if (isa_supported(i) && &dense_kernels(i) != &kDenseScalar) k.push_back(&dense_kernels(i));
+  for (Isa isa : supported_isas()) {
+    const DenseKernels* s = &dense_kernels(isa);
+    if (std::find(k.begin(), k.end(), s) == k.end()) k.push_back(s);
+  }
   return k;
 }
 
@@ -261,7 +264,9 @@ TEST(Dense, KernelsMatchScalar) {
   };
   for (DenseType type : {DenseType::F32, DenseType::F16, DenseType::Q8_0})
     for (bool strided : {false, true})
-      for (Shape s : {Shape{1, 32}, Shape{7, 96}, Shape{13, 544}, Shape{66, 768}, Shape{5, 1056}}) {
+      // Q8_0 rows of 1, 3, 17, 24, 33, 22 blocks: last Q8R groups of 1, 3, 1, 8, 1, 6 blocks.
+      for (Shape s : {Shape{1, 32}, Shape{7, 96}, Shape{13, 544}, Shape{66, 768}, Shape{5, 1056},
+                      Shape{3, 704}}) {
         int64_t cols = s.cols;
         if (type != DenseType::Q8_0) cols += 3;  // F32/F16: any width, incl. ragged tails
         const Matrix m = make_matrix(rng, type, s.rows, cols, strided);

@@ -12,7 +12,9 @@
 #include <random>
 #include <vector>
 
+#include "common/cpu.h"
 #include "common/threadpool.h"
+#include "dense/dense.h"
 #include "test_util.h"
 #include "ternary/dispatch.h"
 #include "ternary/ternary.h"
@@ -496,4 +498,27 @@ TEST(Dispatch, SetUnsupportedIsaThrows) {
     return;
   }
   GTEST_SKIP() << "every ISA is supported on this machine";
+}
+
+// AArch64: Advanced SIMD is part of the base architecture, so Isa::neon always runs there and
+// its kernels are the NEON ones; neon_dotprod follows the CPU's SDOT (tools/arm64_test.sh runs
+// this under qemu with and without it). Elsewhere neither ARM ISA is supported.
+TEST(Dispatch, ArmIsasFollowTheCpu) {
+#if defined(__aarch64__)
+  EXPECT_TRUE(isa_supported(Isa::neon));
+  EXPECT_EQ(isa_supported(Isa::neon_dotprod), cpu_features().dotprod);
+  EXPECT_EQ(gemm_kernel(Isa::neon), &gemm_neon);
+  EXPECT_STREQ(dense_kernels(Isa::neon).name, "neon");
+  if (cpu_features().dotprod) {
+    EXPECT_EQ(gemm_kernel(Isa::neon_dotprod), &gemm_neon_dotprod);
+    EXPECT_STREQ(dense_kernels(Isa::neon_dotprod).name, "neon_dotprod");
+    EXPECT_EQ(best_isa(), Isa::neon_dotprod);
+  } else {
+    EXPECT_EQ(best_isa(), Isa::neon);
+  }
+  for (Isa i : kAllIsas) EXPECT_FALSE(is_x86(i) && isa_supported(i)) << isa_name(i);
+#else
+  EXPECT_FALSE(isa_supported(Isa::neon));
+  EXPECT_FALSE(isa_supported(Isa::neon_dotprod));
+#endif
 }
