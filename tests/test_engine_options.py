@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import assert_greedy_agrees
 from nanochat import export
 from nanochat.config import AttentionConfig, MHCConfig, ModelConfig, MoEConfig
 from nanochat.engine import Engine
@@ -125,12 +126,15 @@ def test_swa_decode_equals_prefill(swa):
 
 
 def test_swa_greedy_tokens_match_torch(swa):
-    """Prompt longer than the window, generation crossing the window and the ring."""
+    """Prompt longer than the window, generation crossing the window and the ring. Equal, or
+    parted only at a near-tie of torch's own logits (on Sapphire Rapids one falls at token 87
+    of 160, 0.3% of the logit range: one int8 activation code rounding the other way moves a
+    logit that much), as the other greedy comparisons (test_cli_engine, test_interop)."""
     model, path = swa
     ids = prompt_ids(40, seed=3)
     want = model.generate(ids, 160, temperature=0.0)[len(ids):].tolist()
     r = Engine(path).complete(ids, max_tokens=160, temperature=0.0, stop_at_eos=False)
-    assert r["tokens"] == want
+    assert_greedy_agrees(model, ids, r["tokens"], want, tie=1e-2)
 
 
 def test_swa_truncate_within_ring_and_refused_beyond(swa):
