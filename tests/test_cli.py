@@ -83,8 +83,9 @@ def test_info_threads_env(n):
 def test_info_text():
     r = run([sys.executable, "-m", "nanochat", "info"])
     assert r.returncode == 0, r.stderr
-    assert "ternary_gemm : dispatches to " + SUPPORTED_ISAS[-1] in r.stdout
     assert "kernel paths : " + ", ".join(SUPPORTED_ISAS) in r.stdout
+    assert f"active ISA   : {SUPPORTED_ISAS[-1]}; per op: ternary_gemm={SUPPORTED_ISAS[-1]}" \
+        in r.stdout
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
