@@ -21,15 +21,10 @@
 namespace nanochat {
 namespace {
 
-// Up to 8 floats at p: all of them (n >= 8) or the first n, reading no further.
+// Up to 8 floats at p: all of them (n >= 8) or the first n, reading no further (load_f16:
+// dense_q8_avx2.h).
 inline __m256 load_f32(const float* p, int64_t n) {
   return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lane_mask(n));
-}
-inline __m256 load_f16(const uint16_t* p, int64_t n) {
-  if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  std::copy(p, p + n, tmp);
-  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
 }
 
 template <int R, int T>

@@ -35,8 +35,8 @@ inline __m256i q8_dot(__m256i dot, __m256i codes, __m256i x) {
 #endif
 }
 
-// The first `n` (<= 8) fp16 scales as floats, reading no further.
-inline __m256 load_scales(const uint16_t* s, int64_t n) {
+// Up to 8 fp16 values as floats: all of them (n >= 8) or the first n, reading no further.
+inline __m256 load_f16(const uint16_t* s, int64_t n) {
   if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
   alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   std::copy(s, s + n, tmp);
@@ -95,7 +95,7 @@ struct TileQ8Avx2 {
           }
         }
         for (int i = 0; i < R; ++i) {
-          const __m256 ws = load_scales(S + i * lds + g + 8 * h, nl);
+          const __m256 ws = load_f16(S + i * lds + g + 8 * h, nl);
           for (int j = 0; j < T; ++j) {
             const __m256 xd = _mm256_maskload_ps(a.block_d + (t + j) * nb + g + 8 * h, lm);
             acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][j]), _mm256_mul_ps(ws, xd),
