@@ -57,6 +57,7 @@ namespace {
 const attn_kernels::Kernels& kernels() {
 #ifdef NANOCHAT_HAVE_X86_KERNELS
   if (active_isa() >= Isa::avx512) return attn_kernels::avx512;
+  if (active_isa() >= Isa::avx2) return attn_kernels::avx2;
 #endif
   return attn_kernels::scalar;
 }

@@ -15,7 +15,7 @@
 // kv head's dk, dv sum over its query heads.
 //
 // Plain C++17 driver over the thread pool (one task per batch row and kv head); the inner
-// tiles are per-ISA kernels (scalar reference, AVX-512).
+// tiles are per-ISA kernels (scalar reference, AVX2, AVX-512).
 #pragma once
 
 #include <cstdint>
@@ -82,6 +82,7 @@ struct Kernels {
 
 extern const Kernels scalar;
 #ifdef NANOCHAT_HAVE_X86_KERNELS
+extern const Kernels avx2;
 extern const Kernels avx512;
 #endif
 

@@ -3,7 +3,7 @@
 // One pass per direction instead of the half dozen element-wise kernels autograd runs.
 // The backward can run over a list of rows only (Collider: the other rows' incoming
 // gradient is zero, so their gx is zero and they add nothing to gw).
-// Plain C++17; an AVX-512 row kernel where the CPU has it, the scalar loop otherwise.
+// Plain C++17; an AVX-512 or AVX2 row kernel where the CPU has it, the scalar loop otherwise.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +42,7 @@ struct Kernels {
 
 extern const Kernels scalar;
 #ifdef NANOCHAT_HAVE_X86_KERNELS
+extern const Kernels avx2;
 extern const Kernels avx512;
 #endif
 

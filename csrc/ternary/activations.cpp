@@ -54,6 +54,9 @@ void quantize_rows(const float* x, int64_t t0, int64_t t1, int64_t k, int8_t* q,
   if (active_isa() >= Isa::avx512)
     bad = quantize_activations_avx512(x, t0, t1, k, q, x_scale);
   else
+  if (active_isa() >= Isa::avx2)
+    bad = quantize_activations_avx2(x, t0, t1, k, q, x_scale);
+  else
 #endif
     bad = quantize_rows_scalar(x, t0, t1, k, q, x_scale);
   if (bad >= 0)
