@@ -3,6 +3,8 @@
 // ymm registers) and the vector exp of common/avx2_math.h.
 #include <immintrin.h>
 
+#include <cmath>
+
 #include "attn/attention.h"
 #include "common/avx2_math.h"
 
@@ -16,6 +18,7 @@ template <int RB, bool Acc, bool Tail>
 inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k,
                  float* c, int64_t ldc, __m256i m0, __m256i m1) {
   __m256 acc[RB][2];
+#pragma GCC unroll 8
   for (int i = 0; i < RB; ++i) {
     acc[i][0] = Acc ? load8<Tail>(c + i * ldc, m0) : _mm256_setzero_ps();
     acc[i][1] = Acc ? load8<Tail>(c + i * ldc + 8, m1) : _mm256_setzero_ps();
@@ -23,12 +26,14 @@ inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64
   for (int64_t d = 0; d < k; ++d) {
     const __m256 b0 = load8<Tail>(b + d * ldb, m0);
     const __m256 b1 = load8<Tail>(b + d * ldb + 8, m1);
+#pragma GCC unroll 8
     for (int i = 0; i < RB; ++i) {
       const __m256 av = _mm256_broadcast_ss(a + i * lda + d);
       acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
       acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
     }
   }
+#pragma GCC unroll 8
   for (int i = 0; i < RB; ++i) {
     store8<Tail>(c + i * ldc, m0, acc[i][0]);
     store8<Tail>(c + i * ldc + 8, m1, acc[i][1]);
@@ -88,9 +93,34 @@ void softmax_grad_avx2(const float* p, const float* dp, int64_t n, float d, floa
   });
 }
 
+float softmax_row_avx2(float* s, int64_t n, float scale, float* sum) {
+  const __m256 lowest = _mm256_set1_ps(-INFINITY);
+  __m256 mv = lowest;
+  for8(n, [&](auto tail, int64_t j, __m256i m) {
+    constexpr bool T = decltype(tail)::value;
+    const __m256 v = load8<T>(s + j, m);
+    mv = _mm256_max_ps(mv, T ? _mm256_blendv_ps(lowest, v, _mm256_castsi256_ps(m)) : v);
+  });
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  const float mx = scale * _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  const __m256 sc = _mm256_set1_ps(scale), l = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for8(n, [&](auto tail, int64_t j, __m256i m) {
+    constexpr bool T = decltype(tail)::value;
+    __m256 e = exp_ps(_mm256_fmsub_ps(load8<T>(s + j, m), sc, l));
+    if (T) e = _mm256_and_ps(e, _mm256_castsi256_ps(m));
+    acc = _mm256_add_ps(acc, e);
+    store8<T>(s + j, m, e);
+  });
+  *sum = hsum_ps(acc);
+  return mx;
+}
+
 }  // namespace
 
-const Kernels avx2 = {gemm_nt_avx2, gemm_acc_avx2, probs_avx2, softmax_grad_avx2};
+const Kernels avx2 = {gemm_nt_avx2, gemm_acc_avx2, probs_avx2, softmax_grad_avx2,
+                      softmax_row_avx2};
 
 }  // namespace attn_kernels
 }  // namespace nanochat

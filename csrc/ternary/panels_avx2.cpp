@@ -33,10 +33,12 @@ void panel_tile(const PanelArgs& a, int64_t p, int64_t t) {
   for (int64_t g0 = 0; g0 < groups; g0 += kFlush) {
     const int64_t g1 = g0 + kFlush < groups ? g0 + kFlush : groups;
     __m256i acc[T][2];
+#pragma GCC unroll 8
     for (int j = 0; j < T; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_si256();
     for (int64_t g = g0; g < g1; ++g) {
       const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 64));
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 64 + 32));
+#pragma GCC unroll 8
       for (int j = 0; j < T; ++j) {
         int32_t four;
         std::memcpy(&four, x + j * a.cols + 4 * g, 4);
@@ -45,6 +47,7 @@ void panel_tile(const PanelArgs& a, int64_t p, int64_t t) {
         acc[j][1] = _mm256_add_epi16(acc[j][1], _mm256_maddubs_epi16(w1, xb));
       }
     }
+#pragma GCC unroll 8
     for (int j = 0; j < T; ++j)
       for (int h = 0; h < 2; ++h) {
         __m256i* s = reinterpret_cast<__m256i*>(sums[j][h]);
