@@ -71,7 +71,7 @@ EPS = 1e-5
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Absmean ternary codes (as w's dtype, values in {-1, 0, 1}) and the scale (0-d)."""
     s = w.abs().mean().clamp(min=EPS)
-    return (w / s).round().clamp(-1, 1), s
+    return (w / s).round_().clamp_(-1, 1), s  # in place on the quotient: one buffer, not three
 
 
 def weight_codes(w: torch.Tensor) -> tuple[torch.Tensor, float]:
