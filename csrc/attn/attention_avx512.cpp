@@ -108,8 +108,10 @@ void softmax_grad_avx512(const float* p, const float* dp, int64_t n, float d, fl
 
 float softmax_row_avx512(float* s, int64_t n, float scale, float* sum) {
   __m512 mv = _mm512_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < n; j += 16) mv = _mm512_mask_max_ps(mv, mask16(n - j), mv,
-                                                              _mm512_maskz_loadu_ps(mask16(n - j), s + j));
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = mask16(n - j);
+    mv = _mm512_mask_max_ps(mv, m, mv, _mm512_maskz_loadu_ps(m, s + j));
+  }
   const float mx = scale * _mm512_reduce_max_ps(mv);
   const __m512 sc = _mm512_set1_ps(scale), l = _mm512_set1_ps(mx);
   __m512 acc = _mm512_setzero_ps();

@@ -54,13 +54,14 @@ int64_t quantize_activations_avx2(const float* x, int64_t t0, int64_t t1, int64_
                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
     };
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (i = 0; i + 32 <= k; i += 32) {
       // packs work per 128-bit lane: bytes end in dword order 0 2 4 6 1 3 5 7; permute back
       const __m256i w01 = _mm256_packs_epi32(cvt(i), cvt(i + 8));
       const __m256i w23 = _mm256_packs_epi32(cvt(i + 16), cvt(i + 24));
       const __m256i b = _mm256_packs_epi16(w01, w23);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qt + i),
-                          _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+      __m256i* out = reinterpret_cast<__m256i*>(qt + i);
+      _mm256_storeu_si256(out, _mm256_permutevar8x32_epi32(b, order));
     }
     for (; i < k; ++i) qt[i] = quantize_one(xt[i], s);
     x_scale[t] = 1.0f / s;
