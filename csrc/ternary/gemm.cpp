@@ -146,10 +146,15 @@ void ternary_gemm_codes(const int8_t* codes, int64_t rows, int64_t cols, float s
     return;
   }
 #ifdef NANOCHAT_HAVE_X86_KERNELS
-  // The panel kernels: vpdpbusd on AVX-512 VNNI, vpmaddubsw on the other x86 ISAs (the
-  // TK2 route would pack every weight and then reduce each dot horizontally).
+  // The panel kernels: vpdpbusd on AVX-512 VNNI and AVX-VNNI, vpmaddubsw on AVX2 and
+  // AVX-512 without VNNI (the TK2 route would pack every weight and then reduce each dot
+  // horizontally).
   if (active_isa() >= Isa::avx512vnni) {
     gemm_codes_panels(gemm_panels_avx512vnni, codes, rows, cols, scale, q, x_scale, tokens, y);
+    return;
+  }
+  if (active_isa() == Isa::avx_vnni) {
+    gemm_codes_panels(gemm_panels_avx_vnni, codes, rows, cols, scale, q, x_scale, tokens, y);
     return;
   }
   if (active_isa() >= Isa::avx2) {
