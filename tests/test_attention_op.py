@@ -121,12 +121,24 @@ def test_bad_input_names_the_argument():
         torch.ops.nanochat.attention(q[:, :3], k, v, 0, False)
 
 
-def test_applies_only_to_float32_cpu_training():
+def test_applies_only_to_float32_cpu_training(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_ATTENTION", "cpp")
     q, k, v, _ = _problem(T=8, D=8)
     assert attention.op_applies(q, k, v)
     assert not attention.op_applies(q.double(), k.double(), v.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not attention.op_applies(q, k, v)
+
+
+def test_auto_takes_the_op_on_isas_with_vector_tiles(isa, monkeypatch):
+    """NANOCHAT_ATTENTION=auto (the default): the op where its tiles are vector code (it beats
+    SDPA there), SDPA on the scalar reference tiles (slower than SDPA)."""
+    monkeypatch.delenv("NANOCHAT_ATTENTION", raising=False)
+    q, k, v, _ = _problem(T=8, D=8)
+    assert attention.op_applies(q, k, v) == (isa in attention.FAST_ISAS)
+    assert attention.op_applies(q, k, v) == (isa != "scalar" and not isa.startswith("neon"))
+    monkeypatch.setenv("NANOCHAT_ATTENTION", "torch")
+    assert not attention.op_applies(q, k, v)
 
 
 def _model_grads(monkeypatch, impl):

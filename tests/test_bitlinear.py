@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanochat import ternary
+from nanochat import bitlinear, ternary
 from nanochat.bitlinear import (
     BitLinear,
     bitlinear_cpp,
@@ -141,10 +141,20 @@ def test_backward_precision_setting():
         m.backward_precision = "fp8"
 
 
+def test_auto_trains_on_cpp_only_on_isas_with_a_fast_codes_gemm(isa):
+    """kernel="auto": the C++ path on x86 from AVX2 up (the panel kernels beat torch there),
+    torch on the scalar reference (slower than torch); "cpp" runs anywhere."""
+    x = torch.randn(8, 256, 768)
+    assert BitLinear(768, 768).uses_cpp(x) == (isa in ("avx2", "avx_vnni", "avx512",
+                                                       "avx512_vnni"))
+    assert BitLinear(768, 768, kernel="cpp").uses_cpp(x)
+
+
 def test_module_dispatch():
     x = torch.randn(8, 256, 768)  # a training micro-batch: 2048 tokens
     auto = BitLinear(768, 768)
-    assert auto.uses_cpp(x) and not BitLinear(768, 768, kernel="torch").uses_cpp(x)
+    assert auto.uses_cpp(x) == bitlinear.fast_isa()
+    assert not BitLinear(768, 768, kernel="torch").uses_cpp(x)
     assert not BitLinear(256, 32).uses_cpp(x[..., :256])  # little work: auto keeps torch
     assert not auto.uses_cpp(x[:1, :4])  # few tokens: torch
     assert auto.uses_cpp(x[:1, :4], packed=True)  # unless packed once (frozen())

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 
+from nanochat import ternary
+
 _CHILD = """
 import resource, torch
 from nanochat import malloc
@@ -81,6 +83,7 @@ def test_bench_train_json_rows(run_nanochat, compare):
     by = {m[key]: m for m in rows}
     for m in rows:
         assert m["config"] == "tiny" and m["threads"] == 1 and m["params"] > 0
+        assert m["cpu"] and m["isa"] == ternary.active_isa()  # what ran, as the child saw it
         assert math.isclose(m[f"speedup_vs_{base}"],
                             by[base]["step_seconds"] / m["step_seconds"], rel_tol=1e-9)
         assert math.isclose(m[f"memory_vs_{base}"],

@@ -40,6 +40,7 @@ namespace {
 const swiglu_kernels::Kernels& kernels() {
 #ifdef NANOCHAT_HAVE_X86_KERNELS
   if (active_isa() >= Isa::avx512) return swiglu_kernels::avx512;
+  if (active_isa() >= Isa::avx2) return swiglu_kernels::avx2;
 #endif
   return swiglu_kernels::scalar;
 }

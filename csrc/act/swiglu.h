@@ -3,7 +3,7 @@
 // One pass per direction instead of autograd's silu, mul and their backward kernels. The
 // backward can run over a list of rows only (Collider: the other rows' incoming gradient
 // is zero, so their gradients are zero).
-// Plain C++17; an AVX-512 row kernel where the CPU has it, the scalar loop otherwise.
+// Plain C++17; an AVX-512 or AVX2 row kernel where the CPU has it, the scalar loop otherwise.
 #pragma once
 
 #include <cstdint>
@@ -32,6 +32,7 @@ struct Kernels {
 
 extern const Kernels scalar;
 #ifdef NANOCHAT_HAVE_X86_KERNELS
+extern const Kernels avx2;
 extern const Kernels avx512;
 #endif
 

@@ -46,9 +46,21 @@ void softmax_grad_scalar(const float* p, const float* dp, int64_t n, float d, fl
   for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (dp[j] - d);
 }
 
+float softmax_row_scalar(float* s, int64_t n, float scale, float* sum) {
+  float m = s[0];
+  for (int64_t j = 1; j < n; ++j) m = std::max(m, s[j]);
+  m *= scale;  // scale > 0: the max of the scaled scores
+  probs_scalar(s, n, scale, m, s);
+  float acc = 0.0f;
+  for (int64_t j = 0; j < n; ++j) acc += s[j];
+  *sum = acc;
+  return m;
+}
+
 }  // namespace
 
-const Kernels scalar = {gemm_nt_scalar, gemm_acc_scalar, probs_scalar, softmax_grad_scalar};
+const Kernels scalar = {gemm_nt_scalar, gemm_acc_scalar, probs_scalar, softmax_grad_scalar,
+                        softmax_row_scalar};
 
 }  // namespace attn_kernels
 
@@ -57,6 +69,7 @@ namespace {
 const attn_kernels::Kernels& kernels() {
 #ifdef NANOCHAT_HAVE_X86_KERNELS
   if (active_isa() >= Isa::avx512) return attn_kernels::avx512;
+  if (active_isa() >= Isa::avx2) return attn_kernels::avx2;
 #endif
   return attn_kernels::scalar;
 }
@@ -201,12 +214,8 @@ void forward_task(const attn_kernels::Kernels& K, const AttentionShape& s, int64
         const int64_t a = (s.window > 0 ? std::max<int64_t>(0, t - s.window + 1) : 0) - lo;
         const int64_t e = t + 1 - lo;
         float* pr = p.data() + i * L;
-        float m = pr[a];
-        for (int64_t j = a + 1; j < e; ++j) m = std::max(m, pr[j]);
-        m *= s.scale;  // scale > 0: the max of the scaled scores
-        K.probs(pr + a, e - a, s.scale, m, pr + a);
-        float sum = 0.0f;
-        for (int64_t j = a; j < e; ++j) sum += pr[j];
+        float sum;
+        const float m = K.softmax_row(pr + a, e - a, s.scale, &sum);
         std::fill(pr, pr + a, 0.0f);
         std::fill(pr + e, pr + L, 0.0f);
         inv[i] = 1.0f / sum;

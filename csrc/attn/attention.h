@@ -15,7 +15,7 @@
 // kv head's dk, dv sum over its query heads.
 //
 // Plain C++17 driver over the thread pool (one task per batch row and kv head); the inner
-// tiles are per-ISA kernels (scalar reference, AVX-512).
+// tiles are per-ISA kernels (scalar reference, AVX2, AVX-512).
 #pragma once
 
 #include <cstdint>
@@ -72,16 +72,21 @@ using GemmAcc = void (*)(const float* a, int64_t lda, const float* b, int64_t ld
 using Probs = void (*)(const float* s, int64_t n, float scale, float lse, float* p);
 // ds[j] = p[j] * (dp[j] - d) for j in [0, n).
 using SoftmaxGrad = void (*)(const float* p, const float* dp, int64_t n, float d, float* ds);
+// The forward's row (n >= 1), in place: m = scale * max_j s[j], s[j] = exp(scale * s[j] - m);
+// returns m and sets *sum = sum_j s[j].
+using SoftmaxRow = float (*)(float* s, int64_t n, float scale, float* sum);
 
 struct Kernels {
   GemmNT gemm_nt;
   GemmAcc gemm_acc;
   Probs probs;
   SoftmaxGrad softmax_grad;
+  SoftmaxRow softmax_row;
 };
 
 extern const Kernels scalar;
 #ifdef NANOCHAT_HAVE_X86_KERNELS
+extern const Kernels avx2;
 extern const Kernels avx512;
 #endif
 

@@ -2,6 +2,8 @@
 // broadcast, 16-float columns) and the vector exp of common/avx512_math.h.
 #include <immintrin.h>
 
+#include <cmath>
+
 #include "attn/attention.h"
 #include "common/avx512_math.h"
 
@@ -104,9 +106,29 @@ void softmax_grad_avx512(const float* p, const float* dp, int64_t n, float d, fl
   }
 }
 
+float softmax_row_avx512(float* s, int64_t n, float scale, float* sum) {
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = mask16(n - j);
+    mv = _mm512_mask_max_ps(mv, m, mv, _mm512_maskz_loadu_ps(m, s + j));
+  }
+  const float mx = scale * _mm512_reduce_max_ps(mv);
+  const __m512 sc = _mm512_set1_ps(scale), l = _mm512_set1_ps(mx);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = mask16(n - j);
+    const __m512 e = exp_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, s + j), sc, l));
+    acc = _mm512_mask_add_ps(acc, m, acc, e);
+    _mm512_mask_storeu_ps(s + j, m, e);
+  }
+  *sum = _mm512_reduce_add_ps(acc);
+  return mx;
+}
+
 }  // namespace
 
-const Kernels avx512 = {gemm_nt_avx512, gemm_acc_avx512, probs_avx512, softmax_grad_avx512};
+const Kernels avx512 = {gemm_nt_avx512, gemm_acc_avx512, probs_avx512, softmax_grad_avx512,
+                        softmax_row_avx512};
 
 }  // namespace attn_kernels
 }  // namespace nanochat

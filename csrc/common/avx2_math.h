@@ -1,16 +1,47 @@
-// Small AVX2 helpers shared by the AVX2 and AVX-VNNI kernel files. Included only by files
-// built with -mavx2 -mfma -mf16c; everything sits in an anonymous namespace so each file
-// keeps its own copy (the linker cannot pick one built with other ISA flags).
+// Small AVX2/FMA helpers shared by the AVX2 and AVX-VNNI kernel files (ternary, dense, norm,
+// act, attn, rows). Included only by files built with -mavx2 -mfma; everything sits in an
+// anonymous namespace so each file keeps its own copy (the linker cannot pick one built
+// with other ISA flags).
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace nanochat {
 namespace {
 
-// The sum of the 8 lanes.
+// Lanes [0, min(n, 8)) of an 8-lane vector set (all bits), for vmaskmov / vpmaskmov, which
+// neither read nor fault past the lanes they name.
+inline __m256i mask8(int64_t n) {
+  const int32_t k = n >= 8 ? 8 : (n <= 0 ? 0 : int32_t(n));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Full-width loads and stores in the body, masked ones only on the tail (a masked store
+// costs several times a plain one on Zen 2): Tail = false ignores m.
+template <bool Tail>
+inline __m256 load8(const float* p, __m256i m) {
+  return Tail ? _mm256_maskload_ps(p, m) : _mm256_loadu_ps(p);
+}
+template <bool Tail>
+inline void store8(float* p, __m256i m, __m256 v) {
+  if (Tail)
+    _mm256_maskstore_ps(p, m, v);
+  else
+    _mm256_storeu_ps(p, v);
+}
+
+// Calls f.template operator()<Tail>(i, mask) over [0, n) in steps of 8.
+template <class F>
+inline void for8(int64_t n, F&& f) {
+  const __m256i all = _mm256_set1_epi32(-1);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) f(std::false_type{}, i, all);
+  if (i < n) f(std::true_type{}, i, mask8(n - i));
+}
+
 inline float hsum_ps(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -31,17 +62,9 @@ inline __m128 reduce4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
-// All-ones int32 lanes [0, min(n, 8)): the mask operand of vmaskmov / vpmaskmov, which
-// neither read nor fault past the lanes it names.
-inline __m256i lane_mask(int64_t n) {
-  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(n < 8 ? n : 8)), idx);
-}
-
-// exp(x) for x in [-104, 89] (clamped): 2^k * e^r with |r| <= ln2/2 and a degree-6 Taylor
-// polynomial (relative error ~1e-7), as avx512_math.h's exp_ps. 2^k is applied as two
-// exponent-field multiplies (2^(k/2) * 2^(k - k/2)) so k down to -150 yields subnormals
-// instead of a wrapped exponent, as vscalefps does.
+// exp(x) for x in [-104, 89] (clamped), as exp_ps of avx512_math.h: 2^k * e^r with
+// |r| <= ln2/2 and a degree-6 Taylor polynomial (relative error ~1e-7). Without vscalefps,
+// 2^k is applied as 2^(k - k/2) * 2^(k/2), both normal floats over the whole range.
 inline __m256 exp_ps(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(89.0f));
   const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
@@ -61,6 +84,12 @@ inline __m256 exp_ps(__m256 x) {
   const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k1, bias), 23));
   const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k2, bias), 23));
   return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+// 1 / (1 + e^-x).
+inline __m256 sigmoid_ps(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
 
 }  // namespace

@@ -24,7 +24,7 @@ namespace {
 // Up to 8 floats at p: all of them (n >= 8) or the first n, reading no further (load_f16:
 // dense_q8_avx2.h).
 inline __m256 load_f32(const float* p, int64_t n) {
-  return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lane_mask(n));
+  return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask8(n));
 }
 
 template <int R, int T>
@@ -128,7 +128,7 @@ void accumulate_group(const float* p, int64_t n_p, const float* v, int64_t strid
       if (left >= 8)
         _mm256_storeu_ps(dst, s[h][c]);
       else
-        _mm256_maskstore_ps(dst, lane_mask(left), s[h][c]);
+        _mm256_maskstore_ps(dst, mask8(left), s[h][c]);
     }
 }
 
@@ -199,7 +199,7 @@ void silu_mul(const float* g, const float* u, int64_t n, float* out) {
                                             _mm256_loadu_ps(u + i)));
   }
   if (i < n) {
-    const __m256i m = lane_mask(n - i);
+    const __m256i m = mask8(n - i);
     const __m256 gv = _mm256_maskload_ps(g + i, m);
     const __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv));
     _mm256_maskstore_ps(out + i, m, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)),
@@ -211,7 +211,7 @@ float exp_sum(float* p, int64_t n, float m) {
   __m256 s = _mm256_setzero_ps();
   const __m256 mv = _mm256_set1_ps(m);
   for (int64_t j = 0; j < n; j += 8) {
-    const __m256i k = lane_mask(n - j);
+    const __m256i k = mask8(n - j);
     const __m256 e = exp_ps(_mm256_sub_ps(_mm256_maskload_ps(p + j, k), mv));
     _mm256_maskstore_ps(p + j, k, e);
     s = _mm256_add_ps(s, _mm256_and_ps(e, _mm256_castsi256_ps(k)));

@@ -60,7 +60,7 @@ struct TileQ8Avx2 {
       const int64_t gb = std::min<int64_t>(16, nb - g), step = 4 * gb;
       for (int64_t h = 0; h * 8 < gb; ++h) {
         const int64_t nl = std::min<int64_t>(8, gb - 8 * h), off = g * 32 + h * 32;
-        const __m256i lm = lane_mask(nl);
+        const __m256i lm = mask8(nl);
         __m256i dot[R][T];
         for (int j = 0; j < T; ++j) {
 #if defined(__AVXVNNI__)

@@ -45,6 +45,7 @@ namespace {
 const norm_kernels::Kernels& kernels() {
 #ifdef NANOCHAT_HAVE_X86_KERNELS
   if (active_isa() >= Isa::avx512) return norm_kernels::avx512;
+  if (active_isa() >= Isa::avx2) return norm_kernels::avx2;
 #endif
 #ifdef NANOCHAT_HAVE_ARM_KERNELS
   if (is_arm(active_isa())) return norm_kernels::neon;

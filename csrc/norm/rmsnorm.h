@@ -3,7 +3,8 @@
 // One pass per direction instead of the half dozen element-wise kernels autograd runs.
 // The backward can run over a list of rows only (Collider: the other rows' incoming
 // gradient is zero, so their gx is zero and they add nothing to gw).
-// Plain C++17; an AVX-512 or NEON row kernel where the CPU has it, the scalar loop otherwise.
+// Plain C++17; an AVX-512, AVX2 or NEON row kernel where the CPU has it, the scalar loop
+// otherwise.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +43,7 @@ struct Kernels {
 
 extern const Kernels scalar;
 #ifdef NANOCHAT_HAVE_X86_KERNELS
+extern const Kernels avx2;
 extern const Kernels avx512;
 #endif
 #ifdef NANOCHAT_HAVE_ARM_KERNELS

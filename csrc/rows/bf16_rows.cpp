@@ -49,6 +49,7 @@ namespace {
 const bf16_kernels::Kernels& kernels() {
 #ifdef NANOCHAT_HAVE_X86_KERNELS
   if (active_isa() >= Isa::avx512) return bf16_kernels::avx512;
+  if (active_isa() >= Isa::avx2) return bf16_kernels::avx2;
 #endif
   return bf16_kernels::scalar;
 }

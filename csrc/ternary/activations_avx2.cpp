@@ -20,7 +20,7 @@ int64_t quantize_activations_avx2(const float* x, int64_t t0, int64_t t1, int64_
   for (int64_t t = t0; t < t1; ++t) {
     const float* xt = x + t * k;
     auto load = [&](int64_t i) {  // 8 floats from i, 0 past k
-      return k - i >= 8 ? _mm256_loadu_ps(xt + i) : _mm256_maskload_ps(xt + i, lane_mask(k - i));
+      return k - i >= 8 ? _mm256_loadu_ps(xt + i) : _mm256_maskload_ps(xt + i, mask8(k - i));
     };
     __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
     for (int64_t i = 0; i < k; i += 8) {

@@ -77,6 +77,10 @@ struct PanelArgs {
   float* y;  // tokens x rows
 };
 void gemm_panels_avx512vnni(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
+// The same on AVX2 (panels_avx2.cpp: vpmaddubsw, each 16-row panel as two 8-row halves).
+void gemm_panels_avx2(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
+// And with the VEX vpdpbusd (panels_avxvnni.cpp).
+void gemm_panels_avxvnni(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
 
 // quantize_activations for tokens [t0, t1) on AVX-512 / AVX2, bit-identical to the scalar loop.
 // Returns the first token holding a non-finite value (its row is left unwritten), or -1.

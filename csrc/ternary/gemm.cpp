@@ -82,8 +82,11 @@ void ternary_gemm(const TernaryMatrixView& w, const int8_t* q, const float* x_sc
 #ifdef NANOCHAT_HAVE_X86_KERNELS
 namespace {
 
-void gemm_codes_panels(const int8_t* codes, int64_t rows, int64_t cols, float scale,
-                       const int8_t* q, const float* x_scale, int64_t tokens, float* y) {
+using PanelKernel = void (*)(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
+
+void gemm_codes_panels(PanelKernel kernel, const int8_t* codes, int64_t rows, int64_t cols,
+                       float scale, const int8_t* q, const float* x_scale, int64_t tokens,
+                       float* y) {
   const char* what = "ternary_gemm_codes";
   // Panels (see PanelArgs), in a per-thread buffer: reused call after call, so the
   // pages are not faulted in again each step.
@@ -107,7 +110,7 @@ void gemm_codes_panels(const int8_t* codes, int64_t rows, int64_t cols, float sc
   // Tasks: (pair-of-panels chunk, 64-token chunk), about 4 per thread.
   const int64_t threads = num_threads();
   if (threads == 1 || rows * cols * tokens < (int64_t(1) << 18)) {
-    gemm_panels_avx512vnni(a, 0, npanels, 0, tokens);
+    kernel(a, 0, npanels, 0, tokens);
     return;
   }
   const int64_t tchunk = 64, ntc = (tokens + tchunk - 1) / tchunk;
@@ -118,8 +121,7 @@ void gemm_codes_panels(const int8_t* codes, int64_t rows, int64_t cols, float sc
   parallel_for(npc * ntc, [&](int64_t i) {
     const int64_t pc = i % npc, tc = i / npc;
     const int64_t p0 = pc * pchunk, t0 = tc * tchunk;
-    gemm_panels_avx512vnni(a, p0, std::min(npanels, p0 + pchunk), t0,
-                           std::min(tokens, t0 + tchunk));
+    kernel(a, p0, std::min(npanels, p0 + pchunk), t0, std::min(tokens, t0 + tchunk));
   });
 }
 
@@ -144,14 +146,25 @@ void ternary_gemm_codes(const int8_t* codes, int64_t rows, int64_t cols, float s
     return;
   }
 #ifdef NANOCHAT_HAVE_X86_KERNELS
-  if (active_isa() == Isa::avx512vnni) {
-    gemm_codes_panels(codes, rows, cols, scale, q, x_scale, tokens, y);
+  // The panel kernels: vpdpbusd on AVX-512 VNNI and AVX-VNNI, vpmaddubsw on AVX2 and
+  // AVX-512 without VNNI (the TK2 route would pack every weight and then reduce each dot
+  // horizontally).
+  if (active_isa() >= Isa::avx512vnni) {
+    gemm_codes_panels(gemm_panels_avx512vnni, codes, rows, cols, scale, q, x_scale, tokens, y);
+    return;
+  }
+  if (active_isa() == Isa::avx_vnni) {
+    gemm_codes_panels(gemm_panels_avxvnni, codes, rows, cols, scale, q, x_scale, tokens, y);
+    return;
+  }
+  if (active_isa() >= Isa::avx2) {
+    gemm_codes_panels(gemm_panels_avx2, codes, rows, cols, scale, q, x_scale, tokens, y);
     return;
   }
 #endif
   if (cols % QK != 0)
     throw Error(std::string(what) + ": row length " + std::to_string(cols) +
-                " must be a multiple of 256 without AVX-512 VNNI");
+                " must be a multiple of 256 without AVX2");
   std::vector<uint8_t> tk(size_t(rows * tk2_row_bytes(cols)));
   tk2_pack(codes, rows, cols, tk.data());  // validates the codes
   ternary_gemm(TernaryMatrixView{tk.data(), rows, cols, scale}, q, x_scale, tokens, y);

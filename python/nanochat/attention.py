@@ -12,10 +12,11 @@ Grouped-query attention: k and v have Hkv heads, q head h reads kv head h // (H 
 (llama.cpp's order).
 
 A full-sequence call on the CPU (float32, nothing cached: training, evaluation, a prefill)
-runs `nanochat::attention`, the C++ forward and backward of csrc/attn/attention.cpp
-(16-query tiles, causal tiles skipped, grouped-query heads native; `nanochat bench kernels`
-times it against SDPA), so a model's forward is the same with and without grad; calls over
-a KV cache (decoding) and other dtypes or devices run SDPA.
+on an ISA with vector tiles (FAST_ISAS) runs `nanochat::attention`, the C++ forward and
+backward of csrc/attn/attention.cpp (16-query tiles, causal tiles skipped, grouped-query
+heads native; `nanochat bench kernels` times it against SDPA), so a model's forward is the
+same with and without grad; calls over a KV cache (decoding), other dtypes or devices and
+the scalar ISA run SDPA.
 Collider (nanochat/collider.py): in a Collider micro-batch only the kept token rows carry an
 output gradient (a dropped row's is exactly zero) and the k / v projections drop the
 gradient of the dropped rows anyway, so the op's backward runs over the kept rows only:
@@ -88,10 +89,20 @@ def trim(kv: torch.Tensor, window: int | None) -> torch.Tensor:
 # ---- the C++ op: forward, and the backward over kept rows (module doc) ----------------------
 
 
+# ISAs with vector attention tiles (csrc/attn: AVX2, AVX-512). On the scalar reference tiles
+# the op is slower than SDPA (`nanochat bench kernels --isa scalar`, op "attention"), so
+# SDPA runs there.
+FAST_ISAS = ("avx2", "avx_vnni", "avx512", "avx512_vnni")
+
+
 def op_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether nanochat::attention runs this call: float32 CPU tensors outside autocast,
-    unless NANOCHAT_ATTENTION=torch."""
-    return (os.environ.get("NANOCHAT_ATTENTION", "cpp") != "torch"
+    """Whether nanochat::attention runs this call: float32 CPU tensors outside autocast.
+    NANOCHAT_ATTENTION: auto (default) takes the op on an ISA with vector tiles (FAST_ISAS),
+    cpp on any ISA, torch never."""
+    from nanochat import ternary
+
+    mode = os.environ.get("NANOCHAT_ATTENTION", "auto")
+    return ((mode == "cpp" or (mode == "auto" and ternary.active_isa() in FAST_ISAS))
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v))
             and q.shape[1] % k.shape[1] == 0 and q.shape[2] == k.shape[2]
             and not torch.is_autocast_enabled("cpu"))

@@ -21,7 +21,9 @@ Two paths with the same semantics:
            matmuls on the saved int8 codes. CPU, float32, and in_features % 256 == 0
            only. It saves int8 activations for backward (1 byte per element instead of
            the 4 the torch path keeps).
-  "auto":  cpp where it applies and the call multiplies >= AUTO_MIN_MACS (tokens x weights;
+  "auto":  cpp where it applies, the active ISA has a vector kernel for the codes GEMM
+           (FAST_ISAS: x86 from AVX2 up; on the scalar reference the C++ layer is slower
+           than torch's) and the call multiplies >= AUTO_MIN_MACS (tokens x weights;
            smaller calls are faster in torch), else torch; inside frozen() cpp wherever
            it applies.
 
@@ -56,6 +58,10 @@ from nanochat._core import core
 KERNELS = ("auto", "cpp", "torch")
 BACKWARDS = ("auto", "bf16", "float32")
 AUTO_MIN_MACS = 1 << 25  # "auto" trains on the C++ path from this much work per call up
+# ISAs whose codes GEMM (csrc/ternary/gemm.cpp: the x86 panel kernels) makes the C++ layer
+# beat torch's from AUTO_MIN_MACS up (`nanochat bench kernels --isa avx2`, op "layer"); on
+# the others (the scalar reference) it loses to torch at every size, so "auto" runs torch.
+FAST_ISAS = ("avx2", "avx_vnni", "avx512", "avx512_vnni")
 EPS = 1e-5
 
 
@@ -65,7 +71,7 @@ EPS = 1e-5
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Absmean ternary codes (as w's dtype, values in {-1, 0, 1}) and the scale (0-d)."""
     s = w.abs().mean().clamp(min=EPS)
-    return (w / s).round().clamp(-1, 1), s
+    return (w / s).round_().clamp_(-1, 1), s  # in place on the quotient: one buffer, not three
 
 
 def weight_codes(w: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -219,10 +225,11 @@ def _backward(ctx, grad_y, *_unused):
         return grad_x, grad_w, None, None
     if rows is not None:
         grad_y, q, x_scale = (t.index_select(0, rows) for t in (grad_y, q, x_scale))
+    # int8 codes times a float32 tensor promote to float32 in one pass (no separate cast)
     if ctx.needs_input_grad[0]:
-        grad_x = collider.scatter_rows(rows, n, grad_y @ (codes.to(grad_y.dtype) * s))
+        grad_x = collider.scatter_rows(rows, n, grad_y @ (codes * s))
     if ctx.needs_input_grad[1]:
-        grad_w = grad_y.t() @ (q.to(grad_y.dtype) * x_scale[:, None])  # (out, N) @ (N, in)
+        grad_w = grad_y.t() @ (q * x_scale[:, None])  # (out, N) @ (N, in)
     return grad_x, grad_w, None, None
 
 
@@ -236,6 +243,11 @@ def bitlinear_cpp(x: torch.Tensor, weight: torch.Tensor,
     y = torch.ops.nanochat.bitlinear(x.reshape(-1, x.shape[-1]), weight, bf16_backward,
                                      collider.token_rows(x))[0]
     return y.reshape(*lead, weight.shape[0])
+
+
+def fast_isa() -> bool:
+    """Whether the active kernel ISA is one where "auto" trains on the C++ path (FAST_ISAS)."""
+    return ternary.active_isa() in FAST_ISAS
 
 
 def cpp_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -304,7 +316,8 @@ class BitLinear(nn.Module):
             # `nanochat bench kernels` (docs/benchmarks.md: 256->128 at 256 tokens,
             # 2^23 MACs, runs at 0.74-0.86x torch's speed on 2 threads).
             tokens = x.numel() // self.in_features
-            ok = ok and self.in_features * self.out_features * tokens >= AUTO_MIN_MACS
+            ok = (ok and self.in_features * self.out_features * tokens >= AUTO_MIN_MACS
+                  and fast_isa())
         return ok
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -301,7 +301,7 @@ def gemm_codes(codes: Array, scale: float, q: Array, x_scale: Array) -> Array:
     """y (tokens, rows) = scale * x_scale[:, None] * (q @ codes^T) from int8 codes (rows,
     cols) with cols % 4 == 0: TernaryMatrix.matmul_quantized's result, bit for bit,
     without packing the weights first (what training wants: they change every step).
-    CPU only; cols % 256 == 0 on CPUs without AVX-512 VNNI."""
+    CPU only; cols % 256 == 0 on CPUs without AVX2 (the x86 panel kernels take any cols)."""
     _check(codes, "codes", "int8", 2)
     _check(q, "q", "int8", 2)
     _check(x_scale, "x_scale", "float32", 1)

@@ -250,26 +250,67 @@ TEST(GemmCodes, EqualsTk2GemmBitForBitEveryIsaAndThreadCount) {
   }
 }
 
-TEST(GemmCodes, ShortRowsOnVnni) {
-  // Any cols % 4 == 0 runs on the VNNI panels (other ISAs need whole 256-blocks).
+TEST(GemmCodes, ShortRowsOnThePanelKernels) {
+  // Any cols % 4 == 0 runs on the x86 panel kernels (AVX2 and up; the TK2 route of the
+  // other ISAs needs whole 256-blocks).
   GlobalStateGuard guard;
-  if (!isa_supported(Isa::avx512vnni)) GTEST_SKIP() << "no AVX-512 VNNI here";
-  set_isa(Isa::avx512vnni);
   std::mt19937 rng(111);
-  for (int64_t cols : {int64_t(4), int64_t(12), int64_t(100)}) {
-    Problem p;
-    p.rows = 19;
-    p.cols = cols;
-    p.tokens = 11;
-    p.codes = random_codes(rng, p.rows * cols);
-    p.w_scale = 0.05f;
-    p.q = random_q(rng, p.tokens * cols);
-    p.x_scale = random_floats(rng, p.tokens, 1e-3f, 0.05f);
-    std::vector<float> y(size_t(p.tokens * p.rows));
-    ternary_gemm_codes(p.codes.data(), p.rows, cols, p.w_scale, p.q.data(), p.x_scale.data(),
-                       p.tokens, y.data());
-    expect_near_reference(y, reference(p));
+  int ran = 0;
+  for (Isa isa : supported_isas()) {
+    if (!is_x86(isa)) continue;
+    set_isa(isa);
+    ++ran;
+    for (int64_t cols : {int64_t(4), int64_t(12), int64_t(100), int64_t(260)}) {
+      SCOPED_TRACE(testing::Message() << isa_name(isa) << " cols " << cols);
+      Problem p;
+      p.rows = 19;
+      p.cols = cols;
+      p.tokens = 11;
+      p.codes = random_codes(rng, p.rows * cols);
+      p.w_scale = 0.05f;
+      p.q = random_q(rng, p.tokens * cols);
+      p.x_scale = random_floats(rng, p.tokens, 1e-3f, 0.05f);
+      std::vector<float> y(size_t(p.tokens * p.rows));
+      ternary_gemm_codes(p.codes.data(), p.rows, cols, p.w_scale, p.q.data(), p.x_scale.data(),
+                         p.tokens, y.data());
+      expect_near_reference(y, reference(p));
+    }
   }
+  if (ran == 0) GTEST_SKIP() << "no x86 panel kernel here";
+}
+
+TEST(GemmCodes, ExtremeValuesAreExactOnEveryIsa) {
+  // Every code +1 or -1 against q = -128 or 127 everywhere: the AVX2 kernel's int16 partial
+  // sums reach their bound (64 groups x -512 = -32768) and must not wrap; long rows cross
+  // several flushes. The integer result is exact, so every ISA equals the double reference
+  // within the two float roundings and the scalar kernel bit for bit.
+  GlobalStateGuard guard;
+  for (int64_t cols : {int64_t(256), int64_t(1024), int64_t(2816)})
+    for (int code : {1, -1})
+      for (int qv : {-128, 127}) {
+        SCOPED_TRACE(testing::Message() << "cols " << cols << " code " << code << " q " << qv);
+        Problem p;
+        p.rows = 24;
+        p.cols = cols;
+        p.tokens = 7;
+        p.codes.assign(size_t(p.rows * cols), int8_t(code));
+        p.w_scale = 0.03f;
+        p.q.assign(size_t(p.tokens * cols), int8_t(qv));
+        p.x_scale.assign(size_t(p.tokens), 0.01f);
+        const auto ref = reference(p);
+        set_isa(Isa::scalar);
+        std::vector<float> want(ref.size());
+        ternary_gemm_codes(p.codes.data(), p.rows, cols, p.w_scale, p.q.data(),
+                           p.x_scale.data(), p.tokens, want.data());
+        expect_near_reference(want, ref);
+        for (Isa isa : supported_isas()) {
+          set_isa(isa);
+          std::vector<float> y(ref.size(), std::numeric_limits<float>::quiet_NaN());
+          ternary_gemm_codes(p.codes.data(), p.rows, cols, p.w_scale, p.q.data(),
+                             p.x_scale.data(), p.tokens, y.data());
+          ASSERT_TRUE(bit_identical(y, want)) << isa_name(isa);
+        }
+      }
 }
 
 TEST(GemmCodes, BadArgumentsThrow) {

@@ -8,6 +8,8 @@ a fresh child process so its peak memory (max RSS on CPU) is its own; the varian
 alternate round by round (A B A B) and medians are reported, with the ratio cpp/torch.
 
 A step is forward + backward + AdamW update on random tokens (data loading excluded).
+The header names the CPU model and the kernel ISA the C++ ops ran on (NANOCHAT_ISA pins it;
+each JSON object carries both as "cpu" and "isa", the ISA as the child saw it).
 The C++ path's backward GEMMs run at `--backward` precision (default auto: bf16 on CPUs
 with AVX512-BF16/AMX, see nanochat/bitlinear.py); the torch baseline is f32 throughout.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 
 
@@ -81,6 +84,7 @@ def _measure(config: str, variant: str, batch: int, seq: int, steps: int, thread
             step()
         sec = (time.perf_counter() - t0) / steps
         q.put({"step_seconds": sec, "tokens_per_s": batch * seq / sec,
+               "isa": ternary.active_isa(),
                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                "params": model.num_params()["total"]})
     except BaseException as e:  # report, don't hang the parent
@@ -98,6 +102,28 @@ VARIANTS = {
 }
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo, macOS sysctl), else platform's guess."""
+    import platform
+    import subprocess
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")):  # x86 / some ARM kernels
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def _child(env: dict, *args):
     import os
 
@@ -109,6 +135,7 @@ def run(args: argparse.Namespace):
     from nanochat.bitlinear import resolve_backward
 
     ctx = mp.get_context("spawn")
+    cpu = cpu_model()
     backward = "bf16" if resolve_backward(args.backward) else "float32"
     variants = VARIANTS[args.compare]
     base = variants[-1][0]
@@ -130,7 +157,8 @@ def run(args: argparse.Namespace):
                    for k in ("step_seconds", "tokens_per_s", "peak_rss_bytes")}
                for v in samples}
         for label, path, _, _ in variants:
-            yield {"config": config, "compare": args.compare, args.compare: label,
+            yield {"cpu": cpu, "isa": samples[label][0]["isa"],
+                   "config": config, "compare": args.compare, args.compare: label,
                    "bitlinear": path, "backward": backward if path == "cpp" else "float32",
                    "batch": args.batch, "seq": args.seq, "threads": args.threads or None,
                    "params": samples[label][0]["params"], **med[label],
@@ -142,14 +170,19 @@ def run(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> int:
     mode, base = args.compare, VARIANTS[args.compare][-1][0]
     if not args.json:
-        print(f"{'config':>10} {mode:>9} {'backward':>8} {'params':>12} {'step':>9} "
+        from nanochat import ternary
+
+        print(f"CPU: {cpu_model()}; kernel ISA: {ternary.active_isa()}"
+              f"{' (NANOCHAT_ISA)' if os.environ.get('NANOCHAT_ISA') else ''}", flush=True)
+        print(f"{'config':>10} {mode:>9} {'isa':>11} {'backward':>8} {'params':>12} {'step':>9} "
               f"{'tokens/s':>9} {'peak RSS':>9} {'speed vs ' + base:>14} "
               f"{'mem vs ' + base:>12}")
     for m in run(args):
         if args.json:
             print(json.dumps(m), flush=True)
         else:
-            print(f"{m['config']:>10} {m[mode]:>9} {m['backward']:>8} {m['params']:>12,} "
+            print(f"{m['config']:>10} {m[mode]:>9} {m['isa']:>11} {m['backward']:>8} "
+                  f"{m['params']:>12,} "
                   f"{m['step_seconds'] * 1e3:>7.0f}ms {m['tokens_per_s']:>9,.0f} "
                   f"{m['peak_rss_bytes'] / 2**20:>7.0f}MB {m[f'speedup_vs_{base}']:>13.2f}x "
                   f"{m[f'memory_vs_{base}']:>11.2f}x", flush=True)
