@@ -31,7 +31,7 @@ void bwd_scalar(const float* gh, const float* g, const float* u, int64_t n, floa
 
 }  // namespace
 
-const Kernels scalar = {fwd_scalar, bwd_scalar};
+const Kernels scalar = {"scalar", fwd_scalar, bwd_scalar};
 
 }  // namespace swiglu_kernels
 
@@ -48,6 +48,8 @@ const swiglu_kernels::Kernels& kernels() {
 constexpr int64_t kRows = 16;  // rows per pool task
 
 }  // namespace
+
+const char* swiglu_path() { return kernels().name; }
 
 void swiglu_forward(const float* g, const float* u, int64_t rows, int64_t dim, float* h) {
   const auto& k = kernels();

@@ -19,6 +19,9 @@ void swiglu_backward(const float* gh, const float* g, const float* u, int64_t ro
                      int64_t dim, const int64_t* keep, int64_t n_keep, float* gg, float* gu);
 
 // ---- per-ISA row kernels (internal; declared here for the two kernel files) -------------
+// The kernel path SwiGLU forward/backward run on the active ISA ("avx2", ...).
+const char* swiglu_path();
+
 namespace swiglu_kernels {
 
 using FwdRow = void (*)(const float* g, const float* u, int64_t n, float* h);
@@ -26,6 +29,7 @@ using BwdRow = void (*)(const float* gh, const float* g, const float* u, int64_t
                         float* gg, float* gu);
 
 struct Kernels {
+  const char* name;  // the ISA path, as `nanochat info` reports it
   FwdRow fwd;
   BwdRow bwd;
 };

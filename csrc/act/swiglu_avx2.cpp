@@ -34,7 +34,7 @@ void bwd_avx2(const float* gh, const float* g, const float* u, int64_t n, float*
 
 }  // namespace
 
-const Kernels avx2 = {fwd_avx2, bwd_avx2};
+const Kernels avx2 = {"avx2", fwd_avx2, bwd_avx2};
 
 }  // namespace swiglu_kernels
 }  // namespace nanochat

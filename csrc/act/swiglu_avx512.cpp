@@ -34,7 +34,7 @@ void bwd_avx512(const float* gh, const float* g, const float* u, int64_t n, floa
 
 }  // namespace
 
-const Kernels avx512 = {fwd_avx512, bwd_avx512};
+const Kernels avx512 = {"avx512", fwd_avx512, bwd_avx512};
 
 }  // namespace swiglu_kernels
 }  // namespace nanochat

@@ -59,8 +59,8 @@ float softmax_row_scalar(float* s, int64_t n, float scale, float* sum) {
 
 }  // namespace
 
-const Kernels scalar = {gemm_nt_scalar, gemm_acc_scalar, probs_scalar, softmax_grad_scalar,
-                        softmax_row_scalar};
+const Kernels scalar = {"scalar",     gemm_nt_scalar,      gemm_acc_scalar, probs_scalar,
+                        softmax_grad_scalar, softmax_row_scalar};
 
 }  // namespace attn_kernels
 
@@ -232,6 +232,8 @@ void forward_task(const attn_kernels::Kernels& K, const AttentionShape& s, int64
 }
 
 }  // namespace
+
+const char* attention_path() { return kernels().name; }
 
 void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v,
                        HeadsOut out, HeadsOut lse) {

@@ -59,6 +59,9 @@ void attention_backward(const AttentionShape& shape, HeadsView q, HeadsView k, H
                         int64_t n_rows, HeadsOut gq, HeadsOut gk, HeadsOut gv);
 
 // ---- per-ISA tile kernels (internal; declared here for the kernel files) ---------------
+// The kernel path attention forward/backward run on the active ISA ("avx2", ...).
+const char* attention_path();
+
 namespace attn_kernels {
 
 // C (r x n, ldc) = A (r x k, lda) . BT (k x n, ldb): a product with the right operand
@@ -77,6 +80,7 @@ using SoftmaxGrad = void (*)(const float* p, const float* dp, int64_t n, float d
 using SoftmaxRow = float (*)(float* s, int64_t n, float scale, float* sum);
 
 struct Kernels {
+  const char* name;  // the ISA path, as `nanochat info` reports it
   GemmNT gemm_nt;
   GemmAcc gemm_acc;
   Probs probs;

@@ -119,7 +119,7 @@ float softmax_row_avx2(float* s, int64_t n, float scale, float* sum) {
 
 }  // namespace
 
-const Kernels avx2 = {gemm_nt_avx2, gemm_acc_avx2, probs_avx2, softmax_grad_avx2,
+const Kernels avx2 = {"avx2", gemm_nt_avx2, gemm_acc_avx2, probs_avx2, softmax_grad_avx2,
                       softmax_row_avx2};
 
 }  // namespace attn_kernels

@@ -127,8 +127,8 @@ float softmax_row_avx512(float* s, int64_t n, float scale, float* sum) {
 
 }  // namespace
 
-const Kernels avx512 = {gemm_nt_avx512, gemm_acc_avx512, probs_avx512, softmax_grad_avx512,
-                        softmax_row_avx512};
+const Kernels avx512 = {"avx512",     gemm_nt_avx512,      gemm_acc_avx512, probs_avx512,
+                        softmax_grad_avx512, softmax_row_avx512};
 
 }  // namespace attn_kernels
 }  // namespace nanochat

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "act/swiglu.h"
+#include "attn/attention.h"
 #include "bindings/buffer.h"
 #include "common/cpu.h"
 #include "common/large_buffer.h"
@@ -19,6 +21,8 @@
 #include "common/threadpool.h"
 #include "dense/dense.h"
 #include "gguf/gguf.h"
+#include "norm/rmsnorm.h"
+#include "rows/bf16_rows.h"
 #include "ternary/dispatch.h"
 #include "ternary/ternary.h"
 #ifdef NANOCHAT_HAVE_CUDA
@@ -98,8 +102,13 @@ py::dict info() {
   // The kernel path each op family runs on the active ISA (each module's own choice).
   py::dict ops;
   ops["ternary_gemm"] = isa_name(active_isa());
+  ops["ternary_gemm_codes"] = ternary_gemm_codes_path();  // training's BitLinear
   ops["quantize"] = quantize_activations_path();
   ops["dense"] = dense_kernels().name;  // the engine's head, embedding and decode attention
+  ops["rmsnorm"] = rmsnorm_path();
+  ops["swiglu"] = swiglu_path();
+  ops["attention"] = attention_path();  // training's attention op
+  ops["bf16_rows"] = bf16_rows_path();
   d["ops"] = ops;
   return d;
 }

@@ -36,7 +36,7 @@ void bwd_scalar(const float* gy, const float* x, const float* w, float rstd, int
 
 }  // namespace
 
-const Kernels scalar = {fwd_scalar, bwd_scalar};
+const Kernels scalar = {"scalar", fwd_scalar, bwd_scalar};
 
 }  // namespace norm_kernels
 
@@ -56,6 +56,8 @@ const norm_kernels::Kernels& kernels() {
 int64_t blocks_of(int64_t n) { return (n + kRowBlock - 1) / kRowBlock; }
 
 }  // namespace
+
+const char* rmsnorm_path() { return kernels().name; }
 
 void rms_norm_forward(const float* x, const float* w, int64_t rows, int64_t dim, float eps,
                       float* y, float* rstd) {

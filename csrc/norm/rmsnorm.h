@@ -28,6 +28,9 @@ void rms_norm_backward(const float* gy, const float* x, const float* w, const fl
 constexpr int64_t kRowBlock = 32;
 
 // ---- per-ISA row kernels (internal; declared here for the two kernel files) -------------
+// The kernel path RMSNorm forward/backward run on the active ISA ("avx2", ...).
+const char* rmsnorm_path();
+
 namespace norm_kernels {
 
 // Returns rstd; writes y.
@@ -37,6 +40,7 @@ using BwdRow = void (*)(const float* gy, const float* x, const float* w, float r
                         int64_t dim, float* gx, float* gw_acc);
 
 struct Kernels {
+  const char* name;  // the ISA path, as `nanochat info` reports it
   FwdRow fwd;
   BwdRow bwd;
 };

@@ -48,7 +48,7 @@ void bwd_avx2(const float* gy, const float* x, const float* w, float rstd, int64
 
 }  // namespace
 
-const Kernels avx2 = {fwd_avx2, bwd_avx2};
+const Kernels avx2 = {"avx2", fwd_avx2, bwd_avx2};
 
 }  // namespace norm_kernels
 }  // namespace nanochat

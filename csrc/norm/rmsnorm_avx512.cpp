@@ -50,7 +50,7 @@ void bwd_avx512(const float* gy, const float* x, const float* w, float rstd, int
 
 }  // namespace
 
-const Kernels avx512 = {fwd_avx512, bwd_avx512};
+const Kernels avx512 = {"avx512", fwd_avx512, bwd_avx512};
 
 }  // namespace norm_kernels
 }  // namespace nanochat

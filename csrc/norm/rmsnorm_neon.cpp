@@ -57,7 +57,7 @@ void bwd_neon(const float* gy, const float* x, const float* w, float rstd, int64
 
 }  // namespace
 
-const Kernels neon = {fwd_neon, bwd_neon};
+const Kernels neon = {"neon", fwd_neon, bwd_neon};
 
 }  // namespace norm_kernels
 }  // namespace nanochat

@@ -40,7 +40,7 @@ void from_bf16_scalar(const uint16_t* x, int64_t n, float mul, float* out) {
 
 }  // namespace
 
-const Kernels scalar = {to_bf16_scalar, int8_to_bf16_scalar, from_bf16_scalar};
+const Kernels scalar = {"scalar", to_bf16_scalar, int8_to_bf16_scalar, from_bf16_scalar};
 
 }  // namespace bf16_kernels
 
@@ -64,6 +64,8 @@ void check_rows(const char* fn, const int64_t* rows, int64_t n, int64_t total) {
 constexpr int64_t kRowsPerTask = 32;
 
 }  // namespace
+
+const char* bf16_rows_path() { return kernels().name; }
 
 void gather_backward_operands(const float* gy, int64_t out_cols, const int8_t* q,
                               int64_t in_cols, const float* x_scale, int64_t total_rows,

@@ -32,6 +32,9 @@ void scatter_scaled_rows(const uint16_t* src, int64_t cols, const int64_t* rows,
                          int64_t total_rows, float scale, float* dst);
 
 // ---- per-ISA row kernels (internal; declared here for the kernel files) ---------------
+// The kernel path the bf16 row ops run on the active ISA ("avx2", ...).
+const char* bf16_rows_path();
+
 namespace bf16_kernels {
 
 using ToBf16 = void (*)(const float* x, int64_t n, float mul, uint16_t* out);  // bf16(x * mul)
@@ -39,6 +42,7 @@ using Int8ToBf16 = void (*)(const int8_t* x, int64_t n, uint16_t* out);
 using FromBf16 = void (*)(const uint16_t* x, int64_t n, float mul, float* out);  // x * mul
 
 struct Kernels {
+  const char* name;  // the ISA path, as `nanochat info` reports it
   ToBf16 to_bf16;
   Int8ToBf16 int8_to_bf16;
   FromBf16 from_bf16;

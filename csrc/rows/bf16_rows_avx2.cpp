@@ -67,7 +67,7 @@ void from_bf16_avx2(const uint16_t* x, int64_t n, float mul, float* out) {
 
 }  // namespace
 
-const Kernels avx2 = {to_bf16_avx2, int8_to_bf16_avx2, from_bf16_avx2};
+const Kernels avx2 = {"avx2", to_bf16_avx2, int8_to_bf16_avx2, from_bf16_avx2};
 
 }  // namespace bf16_kernels
 }  // namespace nanochat

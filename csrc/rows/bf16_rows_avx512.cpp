@@ -48,7 +48,7 @@ void from_bf16_avx512(const uint16_t* x, int64_t n, float mul, float* out) {
 
 }  // namespace
 
-const Kernels avx512 = {to_bf16_avx512, int8_to_bf16_avx512, from_bf16_avx512};
+const Kernels avx512 = {"avx512", to_bf16_avx512, int8_to_bf16_avx512, from_bf16_avx512};
 
 }  // namespace bf16_kernels
 }  // namespace nanochat

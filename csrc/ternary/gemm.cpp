@@ -84,6 +84,25 @@ namespace {
 
 using PanelKernel = void (*)(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
 
+// The panel kernel for the active ISA (nullptr: the TK2 route), and its name: vpdpbusd on
+// AVX-512 VNNI and AVX-VNNI, vpmaddubsw on AVX2 and AVX-512 without VNNI (the TK2 route
+// would pack every weight and then reduce each dot horizontally).
+PanelKernel panel_kernel(const char** name = nullptr) {
+  const Isa isa = active_isa();
+  const char* n = isa_name(isa);
+  PanelKernel k = nullptr;
+  if (isa >= Isa::avx512vnni) {
+    k = gemm_panels_avx512vnni;
+  } else if (isa == Isa::avx_vnni) {
+    k = gemm_panels_avxvnni;
+  } else if (isa >= Isa::avx2) {
+    n = "avx2";
+    k = gemm_panels_avx2;
+  }
+  if (name) *name = n;
+  return k;
+}
+
 void gemm_codes_panels(PanelKernel kernel, const int8_t* codes, int64_t rows, int64_t cols,
                        float scale, const int8_t* q, const float* x_scale, int64_t tokens,
                        float* y) {
@@ -128,6 +147,14 @@ void gemm_codes_panels(PanelKernel kernel, const int8_t* codes, int64_t rows, in
 }  // namespace
 #endif
 
+const char* ternary_gemm_codes_path() {
+  const char* name = isa_name(active_isa());  // the TK2 route runs ternary_gemm's kernel
+#ifdef NANOCHAT_HAVE_X86_KERNELS
+  panel_kernel(&name);
+#endif
+  return name;
+}
+
 void ternary_gemm_codes(const int8_t* codes, int64_t rows, int64_t cols, float scale,
                         const int8_t* q, const float* x_scale, int64_t tokens, float* y) {
   const char* what = "ternary_gemm_codes";
@@ -146,19 +173,8 @@ void ternary_gemm_codes(const int8_t* codes, int64_t rows, int64_t cols, float s
     return;
   }
 #ifdef NANOCHAT_HAVE_X86_KERNELS
-  // The panel kernels: vpdpbusd on AVX-512 VNNI and AVX-VNNI, vpmaddubsw on AVX2 and
-  // AVX-512 without VNNI (the TK2 route would pack every weight and then reduce each dot
-  // horizontally).
-  if (active_isa() >= Isa::avx512vnni) {
-    gemm_codes_panels(gemm_panels_avx512vnni, codes, rows, cols, scale, q, x_scale, tokens, y);
-    return;
-  }
-  if (active_isa() == Isa::avx_vnni) {
-    gemm_codes_panels(gemm_panels_avxvnni, codes, rows, cols, scale, q, x_scale, tokens, y);
-    return;
-  }
-  if (active_isa() >= Isa::avx2) {
-    gemm_codes_panels(gemm_panels_avx2, codes, rows, cols, scale, q, x_scale, tokens, y);
+  if (const PanelKernel k = panel_kernel()) {
+    gemm_codes_panels(k, codes, rows, cols, scale, q, x_scale, tokens, y);
     return;
   }
 #endif

@@ -102,5 +102,6 @@ void ternary_gemm(const TernaryMatrixView& w, const int8_t* q, const float* x_sc
 // Bit-identical to ternary_gemm on the same codes.
 void ternary_gemm_codes(const int8_t* codes, int64_t rows, int64_t cols, float scale,
                         const int8_t* q, const float* x_scale, int64_t tokens, float* y);
+const char* ternary_gemm_codes_path();  // the kernel it runs on the active ISA
 
 }  // namespace nanochat

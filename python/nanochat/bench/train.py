@@ -8,8 +8,9 @@ a fresh child process so its peak memory (max RSS on CPU) is its own; the varian
 alternate round by round (A B A B) and medians are reported, with the ratio cpp/torch.
 
 A step is forward + backward + AdamW update on random tokens (data loading excluded).
-The header names the CPU model and the kernel ISA the C++ ops ran on (NANOCHAT_ISA pins it;
-each JSON object carries both as "cpu" and "isa", the ISA as the child saw it).
+The machine line above the table (every bench prints it) names the CPU model and the kernel
+paths the C++ ops ran on (NANOCHAT_ISA pins them); each JSON object carries the CPU and the ISA
+as "cpu" and "isa", the ISA as the child saw it.
 The C++ path's backward GEMMs run at `--backward` precision (default auto: bf16 on CPUs
 with AVX512-BF16/AMX, see nanochat/bitlinear.py); the torch baseline is f32 throughout.
 
@@ -102,28 +103,6 @@ VARIANTS = {
 }
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name (Linux /proc/cpuinfo, macOS sysctl), else platform's guess."""
-    import platform
-    import subprocess
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "Model")):  # x86 / some ARM kernels
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
-                             text=True, timeout=5)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def _child(env: dict, *args):
     import os
 
@@ -135,6 +114,8 @@ def run(args: argparse.Namespace):
     from nanochat.bitlinear import resolve_backward
 
     ctx = mp.get_context("spawn")
+    from nanochat.bench import cpu_model
+
     cpu = cpu_model()
     backward = "bf16" if resolve_backward(args.backward) else "float32"
     variants = VARIANTS[args.compare]
@@ -169,11 +150,7 @@ def run(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     mode, base = args.compare, VARIANTS[args.compare][-1][0]
-    if not args.json:
-        from nanochat import ternary
-
-        print(f"CPU: {cpu_model()}; kernel ISA: {ternary.active_isa()}"
-              f"{' (NANOCHAT_ISA)' if os.environ.get('NANOCHAT_ISA') else ''}", flush=True)
+    if not args.json:  # the CPU and the kernel paths: cli's machine line above this
         print(f"{'config':>10} {mode:>9} {'isa':>11} {'backward':>8} {'params':>12} {'step':>9} "
               f"{'tokens/s':>9} {'peak RSS':>9} {'speed vs ' + base:>14} "
               f"{'mem vs ' + base:>12}")
