@@ -20,14 +20,13 @@ namespace nanochat {
 namespace {
 
 using loss_kernels::Kernels;
-using loss_kernels::MR;
-using loss_kernels::NR;
 
-// Block sizes: a KC x NR B panel (32 KiB) stays in L1 while MC x KC of A (120 KiB) sits
-// in L2 next to the KC x NC B block (256 KiB).
+// Block sizes: a KC x nr B panel (32 KiB at nr 32, 16 KiB at 16) stays in L1 while MC x KC
+// of A (120 KiB) sits in L2 next to the KC x NC B block (256 KiB). MC and NC are multiples
+// of every table's tile shape (12 x 32, 6 x 16).
 constexpr int64_t KC = 256;
-constexpr int64_t MC = 10 * MR;
-constexpr int64_t NC = 8 * NR;
+constexpr int64_t MC = 120;
+constexpr int64_t NC = 256;
 
 // Element (i, k) of a matrix at p[i * rs + k * cs]: one view covers a matrix and its
 // transpose, so the three GEMMs of the loss (h W^T, G W, G^T h) share the packers.
@@ -43,32 +42,39 @@ inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
 }
 
 // One panel: W lines (line l at src + l * ls, step k at + k * ks; lines >= n are zero) x
-// kc steps into d[k][W] (F32) or d[k/2][W][2] (BF16 pairs, kc rounded up to even).
-template <typename T, int W>
-void pack_panel(const float* src, int64_t ls, int64_t ks, int64_t n, int64_t kc, T* d) {
-  const int64_t kp = std::is_same<T, float>::value ? kc : (kc + 1) & ~int64_t(1);
-  for (int64_t l = 0; l < W; ++l) {
-    const float* s = src + l * ls;
-    for (int64_t k = 0; k < kp; ++k) {
-      const float v = (l < n && k < kc) ? s[k * ks] : 0.0f;
-      if constexpr (std::is_same<T, float>::value)
-        d[k * W + l] = v;
+// kc steps into d[k][W] (F32) or d[k/2][W][2] (BF16 pairs, kc rounded up to even). Step by
+// step, so the writes are sequential and the reads are either contiguous (ls == 1: G^T, W
+// in G W) or W streams that each reuse a cache line over 16 steps (ks == 1).
+template <typename T>
+void pack_panel(const float* src, int64_t ls, int64_t ks, int64_t W, int64_t n, int64_t kc,
+                T* d) {
+  constexpr bool f32 = std::is_same<T, float>::value;
+  const int64_t kp = f32 ? kc : (kc + 1) & ~int64_t(1);
+  for (int64_t k = 0; k < kp; ++k) {
+    T* dk = f32 ? d + k * W : d + (k / 2) * 2 * W + (k & 1);
+    constexpr int64_t step = f32 ? 1 : 2;
+    const float* s = src + k * ks;
+    const int64_t m = k < kc ? n : 0;
+    for (int64_t l = 0; l < m; ++l) {
+      if constexpr (f32)
+        dk[l] = s[l * ls];
       else
-        d[(k / 2) * 2 * W + 2 * l + (k & 1)] = to_bf16(v);
+        dk[l * step] = to_bf16(s[l * ls]);
     }
+    for (int64_t l = m; l < W; ++l) dk[l * step] = T(0);
   }
 }
 
-// Rows [i0, i0 + rows) x k [k0, k0 + kc) of A into one MR-row panel.
+// Rows [i0, i0 + rows) x k [k0, k0 + kc) of A into one mr-row panel.
 template <typename T>
-void pack_a(View a, int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* d) {
-  pack_panel<T, MR>(a.p + i0 * a.rs + k0 * a.cs, a.rs, a.cs, rows, kc, d);
+void pack_a(View a, int64_t mr, int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* d) {
+  pack_panel<T>(a.p + i0 * a.rs + k0 * a.cs, a.rs, a.cs, mr, rows, kc, d);
 }
 
-// k [k0, k0 + kc) x columns [j0, j0 + cols) of B into one NR-column panel.
+// k [k0, k0 + kc) x columns [j0, j0 + cols) of B into one nr-column panel.
 template <typename T>
-void pack_b(View b, int64_t k0, int64_t kc, int64_t j0, int64_t cols, T* d) {
-  pack_panel<T, NR>(b.p + k0 * b.rs + j0 * b.cs, b.cs, b.rs, cols, kc, d);
+void pack_b(View b, int64_t nr, int64_t k0, int64_t kc, int64_t j0, int64_t cols, T* d) {
+  pack_panel<T>(b.p + k0 * b.rs + j0 * b.cs, b.cs, b.rs, nr, cols, kc, d);
 }
 
 // C (M x N, row stride ldc) = (accumulate ? C : 0) + A (M x K) B (K x N). Per KC block of
@@ -83,6 +89,7 @@ void gemm(const Kernels& kern, int64_t M, int64_t N, int64_t K, View a, View b, 
       for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.0f);
     return;
   }
+  const int64_t MR = kern.mr, NR = kern.nr;
   const int64_t mpan = (M + MR - 1) / MR, npan = (N + NR - 1) / NR;
   ap.resize(size_t(mpan * MR * (KC + 1)));
   bp.resize(size_t(npan * NR * (KC + 1)));
@@ -93,15 +100,16 @@ void gemm(const Kernels& kern, int64_t M, int64_t N, int64_t K, View a, View b, 
     const bool acc = accumulate || k0 > 0;
     parallel_for(mpan + npan, [&](int64_t p) {
       if (p < mpan)
-        pack_a(a, p * MR, std::min<int64_t>(MR, M - p * MR), k0, kc, ap.data() + p * MR * kp);
+        pack_a(a, MR, p * MR, std::min<int64_t>(MR, M - p * MR), k0, kc,
+               ap.data() + p * MR * kp);
       else
-        pack_b(b, k0, kc, (p - mpan) * NR, std::min<int64_t>(NR, N - (p - mpan) * NR),
+        pack_b(b, NR, k0, kc, (p - mpan) * NR, std::min<int64_t>(NR, N - (p - mpan) * NR),
                bp.data() + (p - mpan) * NR * kp);
     });
     parallel_for(mb * nb, [&](int64_t task) {
       const int64_t i0 = (task % mb) * MC, j0 = (task / mb) * NC;
       const int64_t mc = std::min(MC, M - i0), nc = std::min(NC, N - j0);
-      alignas(64) float tile[MR * NR];
+      alignas(64) float tile[loss_kernels::kMaxTile];
       for (int64_t jr = 0; jr < nc; jr += NR) {
         const T* bpanel = bp.data() + (j0 + jr) * kp;
         const int64_t cols = std::min<int64_t>(NR, nc - jr);
@@ -133,6 +141,7 @@ const Kernels& kernels_for(Isa isa) {
 #ifdef NANOCHAT_HAVE_X86_KERNELS
   if ((isa == Isa::avx512 || isa == Isa::avx512vnni) && loss_kernels::avx512_supported())
     return loss_kernels::avx512;
+  if (is_x86(isa) && cpu_features().avx2) return loss_kernels::avx2;
 #endif
   (void)isa;
   return loss_kernels::scalar;
@@ -155,9 +164,13 @@ LossPrecision loss_precision_from_name(const char* name) {
 
 bool loss_precision_supported(LossPrecision p, Isa isa) {
   if (p == LossPrecision::f32) return true;
-  // bf16 runs on the scalar reference anywhere, and on AVX-512 only with vdpbf16ps.
-  const Kernels& k = kernels_for(isa);
-  return &k == &loss_kernels::scalar || cpu_features().avx512bf16;
+  // bf16 is widened to f32 by the scalar and AVX2 kernels; the AVX-512 ones need vdpbf16ps.
+#ifdef NANOCHAT_HAVE_X86_KERNELS
+  if (&kernels_for(isa) == &loss_kernels::avx512) return cpu_features().avx512bf16;
+#else
+  (void)isa;
+#endif
+  return true;
 }
 
 float fused_linear_cross_entropy(const FusedLossArgs& a) {
@@ -177,7 +190,7 @@ float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa) {
   if (grad != (a.grad_weight != nullptr))
     throw Error(f + "grad_hidden and grad_weight must be given together");
   if (!loss_precision_supported(a.precision, isa))
-    throw Error(f + "precision bf16 needs AVX512-BF16 (this CPU lacks it) or the scalar ISA");
+    throw Error(f + "precision bf16 on the AVX-512 kernels needs AVX512-BF16 (this CPU lacks it)");
   const int64_t V = a.vocab, D = a.dim, T = a.tokens;
   for (int64_t i = 0; i < a.heads; ++i) {
     if (!std::isfinite(a.head_weights[i]))
