@@ -33,7 +33,14 @@ void micro_f32(int64_t kc, const float* ap, const float* bp, float* c, int64_t l
   __m256 c0[R], c1[R];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
-  // The next A panel starts where this one ends: 24 B per step, one line every 2 steps.
+  // The C rows this call adds to come from L2/L3 (C is re-read for every K block): fetch
+  // them while the loop runs. The next A panel starts where this one ends: 24 B per step,
+  // one line every 2 steps.
+  if (accumulate)
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + C - 1), _MM_HINT_T0);
+    }
   const char* next = reinterpret_cast<const char*>(ap + kc * R);
   for (int64_t k = 0; k < kc; ++k, ap += R, bp += C) {
     if ((k & 1) == 0) _mm_prefetch(next + k * R * 4, _MM_HINT_T0);
