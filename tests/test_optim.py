@@ -58,6 +58,27 @@ def test_newton_schulz_matches_float64(shape):
     assert sv.max() < 1.3 and (sv > 0.6).double().mean() > 0.9
 
 
+def test_ns_dtype_auto_follows_the_machine_and_the_pinned_isa():
+    """bf16 Newton-Schulz only where bf16 GEMMs are fast: bf16 hardware AND an AVX-512
+    kernel ISA; NANOCHAT_ISA=avx2 (set_isa) behaves as an AVX2-only CPU."""
+    from nanochat import bitlinear, ternary
+    from nanochat._core import core
+    from nanochat.optim.muon import ns_dtype
+
+    feats = core().info()["features"]
+    hw = bool(feats["avx512_bf16"] or feats["amx_bf16"])
+    cpu = torch.device("cpu")
+    for isa in ternary.supported_isas():
+        ternary.set_isa(isa)
+        fast = hw and isa.startswith("avx512")
+        assert bitlinear.cpu_has_fast_bf16() is fast, isa
+        assert ns_dtype("auto", cpu) == (torch.bfloat16 if fast else torch.float32), isa
+        assert ns_dtype("float32", cpu) == torch.float32
+    if "avx2" in ternary.supported_isas():
+        ternary.set_isa("avx2")
+        assert not bitlinear.cpu_has_fast_bf16()
+
+
 def test_shape_scales():
     assert shape_scale(2048, 512, "original") == 2.0
     assert shape_scale(512, 2048, "original") == 1.0
