@@ -93,7 +93,7 @@ def test_head_with_no_targets_is_zero():
 
 
 def test_bf16_within_its_error_bound(isa):
-    """On every ISA that takes bf16: AVX512-BF16, and AVX2 / scalar widening it to f32."""
+    """On every ISA that takes bf16: AVX512-BF16, AVX2 (f32 tiles, rounded operands), scalar."""
     if not fused_loss.bf16_supported():
         pytest.skip(f"{isa}: bf16 needs AVX512-BF16 on the AVX-512 kernels")
     h, w, y = _problem(heads=2, n=64, d=96, v=500, seed=6)

@@ -41,13 +41,21 @@ inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
   return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+inline float bf16_value(float f) {  // f rounded to bf16, as a float
+  const uint32_t u = uint32_t(to_bf16(f)) << 16;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
 // One panel: W lines (line l at src + l * ls, step k at + k * ks; lines >= n are zero) x
-// kc steps into d[k][W] (F32) or d[k/2][W][2] (BF16 pairs, kc rounded up to even). Step by
+// kc steps into d[k][W] (F32; with round, each value rounded to bf16) or d[k/2][W][2] (BF16
+// pairs, kc rounded up to even). Step by
 // step, so the writes are sequential and the reads are either contiguous (ls == 1: G^T, W
 // in G W) or W streams that each reuse a cache line over 16 steps (ks == 1).
 template <typename T>
 void pack_panel(const float* src, int64_t ls, int64_t ks, int64_t W, int64_t n, int64_t kc,
-                T* d) {
+                bool round, T* d) {
   constexpr bool f32 = std::is_same<T, float>::value;
   const int64_t kp = f32 ? kc : (kc + 1) & ~int64_t(1);
   for (int64_t k = 0; k < kp; ++k) {
@@ -57,7 +65,7 @@ void pack_panel(const float* src, int64_t ls, int64_t ks, int64_t W, int64_t n, 
     const int64_t m = k < kc ? n : 0;
     for (int64_t l = 0; l < m; ++l) {
       if constexpr (f32)
-        dk[l] = s[l * ls];
+        dk[l] = round ? bf16_value(s[l * ls]) : s[l * ls];
       else
         dk[l * step] = to_bf16(s[l * ls]);
     }
@@ -67,14 +75,16 @@ void pack_panel(const float* src, int64_t ls, int64_t ks, int64_t W, int64_t n, 
 
 // Rows [i0, i0 + rows) x k [k0, k0 + kc) of A into one mr-row panel.
 template <typename T>
-void pack_a(View a, int64_t mr, int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* d) {
-  pack_panel<T>(a.p + i0 * a.rs + k0 * a.cs, a.rs, a.cs, mr, rows, kc, d);
+void pack_a(View a, int64_t mr, int64_t i0, int64_t rows, int64_t k0, int64_t kc, bool round,
+            T* d) {
+  pack_panel<T>(a.p + i0 * a.rs + k0 * a.cs, a.rs, a.cs, mr, rows, kc, round, d);
 }
 
 // k [k0, k0 + kc) x columns [j0, j0 + cols) of B into one nr-column panel.
 template <typename T>
-void pack_b(View b, int64_t nr, int64_t k0, int64_t kc, int64_t j0, int64_t cols, T* d) {
-  pack_panel<T>(b.p + k0 * b.rs + j0 * b.cs, b.cs, b.rs, nr, cols, kc, d);
+void pack_b(View b, int64_t nr, int64_t k0, int64_t kc, int64_t j0, int64_t cols, bool round,
+            T* d) {
+  pack_panel<T>(b.p + k0 * b.rs + j0 * b.cs, b.cs, b.rs, nr, cols, kc, round, d);
 }
 
 // C (M x N, row stride ldc) = (accumulate ? C : 0) + A (M x K) B (K x N). Per KC block of
@@ -82,7 +92,7 @@ void pack_b(View b, int64_t nr, int64_t k0, int64_t kc, int64_t j0, int64_t cols
 // elements, 32 MiB at vocab 32768), then the MC x NC output blocks run in parallel.
 template <typename T>
 void gemm(const Kernels& kern, int64_t M, int64_t N, int64_t K, View a, View b, float* c,
-          int64_t ldc, bool accumulate, std::vector<T>& ap, std::vector<T>& bp) {
+          int64_t ldc, bool accumulate, bool round, std::vector<T>& ap, std::vector<T>& bp) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate)
@@ -100,11 +110,11 @@ void gemm(const Kernels& kern, int64_t M, int64_t N, int64_t K, View a, View b, 
     const bool acc = accumulate || k0 > 0;
     parallel_for(mpan + npan, [&](int64_t p) {
       if (p < mpan)
-        pack_a(a, MR, p * MR, std::min<int64_t>(MR, M - p * MR), k0, kc,
+        pack_a(a, MR, p * MR, std::min<int64_t>(MR, M - p * MR), k0, kc, round,
                ap.data() + p * MR * kp);
       else
         pack_b(b, NR, k0, kc, (p - mpan) * NR, std::min<int64_t>(NR, N - (p - mpan) * NR),
-               bp.data() + (p - mpan) * NR * kp);
+               round, bp.data() + (p - mpan) * NR * kp);
     });
     parallel_for(mb * nb, [&](int64_t task) {
       const int64_t i0 = (task % mb) * MC, j0 = (task / mb) * NC;
@@ -164,7 +174,8 @@ LossPrecision loss_precision_from_name(const char* name) {
 
 bool loss_precision_supported(LossPrecision p, Isa isa) {
   if (p == LossPrecision::f32) return true;
-  // bf16 is widened to f32 by the scalar and AVX2 kernels; the AVX-512 ones need vdpbf16ps.
+  // bf16 runs on the scalar reference tile, on the AVX2 f32 tiles over bf16-rounded
+  // operands, and on the AVX-512 tables only with vdpbf16ps.
 #ifdef NANOCHAT_HAVE_X86_KERNELS
   if (&kernels_for(isa) == &loss_kernels::avx512) return cpu_features().avx512bf16;
 #else
@@ -215,12 +226,15 @@ float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa) {
   std::vector<float> row_loss(static_cast<size_t>(C));
   std::vector<float> apf, bpf;  // packed GEMM operands, reused by every GEMM of the call
   std::vector<uint16_t> aph, bph;
+  // bf16 on a table without a bf16 tile (AVX2): operands rounded to bf16 while packing, then
+  // the f32 tiles (a product of two bf16 values is exact in f32, so this differs from
+  // vdpbf16ps only in where the sums round).
   auto run_gemm = [&](int64_t M, int64_t N, int64_t K, View x, View y, float* out, int64_t ldc,
                       bool accumulate) {
-    if (bf16)
-      gemm<uint16_t>(kern, M, N, K, x, y, out, ldc, accumulate, aph, bph);
+    if (bf16 && kern.bf16)
+      gemm<uint16_t>(kern, M, N, K, x, y, out, ldc, accumulate, false, aph, bph);
     else
-      gemm<float>(kern, M, N, K, x, y, out, ldc, accumulate, apf, bpf);
+      gemm<float>(kern, M, N, K, x, y, out, ldc, accumulate, bf16, apf, bpf);
   };
 
   double total = 0.0;

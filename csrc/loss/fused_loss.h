@@ -19,8 +19,8 @@
 // its softmax and gradient as much again each).
 //
 // GEMMs: one blocked, packed driver (fused_loss.cpp) over per-ISA micro-kernels
-// (fused_loss_scalar.cpp: the reference; fused_loss_avx2.cpp: AVX2 FMA, bf16 widened to
-// f32; fused_loss_avx512.cpp: AVX-512 F32 FMA and AVX512-BF16 vdpbf16ps with f32
+// (fused_loss_scalar.cpp: the reference; fused_loss_avx2.cpp: AVX2 FMA; bf16 there runs
+// the f32 tiles on bf16-rounded operands; fused_loss_avx512.cpp: AVX-512 F32 FMA and AVX512-BF16 vdpbf16ps with f32
 // accumulation), picked at run time from active_isa().
 #pragma once
 
@@ -31,9 +31,9 @@
 namespace nanochat {
 
 // GEMM operand precision: f32 (the reference) or bf16 operands rounded to nearest even
-// with f32 accumulation (tests bound its error). Fast only with AVX512-BF16; the scalar and
-// AVX2 kernels widen bf16 to f32 (same numbers, no time saved); the AVX-512 kernels of a
-// CPU without AVX512-BF16 do not take it.
+// with f32 accumulation (tests bound its error). Faster than f32 only with AVX512-BF16; the
+// AVX2 table runs its f32 tiles over bf16-rounded operands (f32 speed); the AVX-512 table
+// of a CPU without AVX512-BF16 does not take it.
 enum class LossPrecision { f32, bf16 };
 
 const char* loss_precision_name(LossPrecision p);
@@ -101,7 +101,7 @@ using CeRow = float (*)(float* x, int64_t n, int32_t t, float scale, bool grad);
 struct Kernels {
   int mr, nr;  // micro-tile shape; divides the driver's 120 x 256 blocks
   MicroF32 f32;
-  MicroBf16 bf16;  // nullptr where the ISA has no bf16 dot product
+  MicroBf16 bf16;  // nullptr: no bf16 tile (the driver rounds operands for the f32 tiles)
   CeRow ce_row;
 };
 

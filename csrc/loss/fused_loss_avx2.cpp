@@ -5,13 +5,9 @@
 // 32 KiB L1 together.
 //   F32:  12 accumulators, 2 B vectors, 1 broadcast of A per step; the same FMAs in the same
 //         k order as the scalar reference, so a tile is bit-identical to it (scalar_6x16).
-//         Each call prefetches the next A panel into L1 while it computes.
-//   BF16: no bf16 hardware, so each bf16 pair is widened to f32 by shifting (the even k is
-//         the low half of the 32-bit lane, the odd k the high half) and summed as the
-//         reference (and vdpbf16ps) does: acc += a0 b0 + a1 b1, where a0 b0 is exact in
-//         f32, so mul + fmadd + add is bit-identical to the scalar reference. Two 6 x 8
-//         halves (6 accumulators + 2 widened B + 2 widened A). About half the f32 rate: on
-//         these CPUs bf16 keeps its numerics but saves no time.
+//         Each call prefetches the C rows it adds to and the next A panel while it computes.
+// No bf16 tile: without bf16 hardware, widening bf16 pairs in the loop costs more than it
+// saves, so precision bf16 runs these f32 tiles over operands the driver rounds to bf16.
 // The cross-entropy row uses a polynomial exp (as the AVX-512 file) with 2^n built in the
 // exponent bits; its sum runs in f32 lanes, so it differs from the scalar reference's
 // double sum by float rounding only (tests/cpp/test_fused_loss.cpp bounds it).
@@ -62,46 +58,6 @@ void micro_f32(int64_t kc, const float* ap, const float* bp, float* c, int64_t l
     _mm256_storeu_ps(p, c0[r]);
     _mm256_storeu_ps(p + 8, c1[r]);
   }
-}
-
-// One 32-bit lane holds the bf16 pair (k even: low half, k odd: high half); as f32 bits
-// the even value is the lane shifted up 16, the odd one the lane with its low half cleared.
-inline __m256 bf16_lo(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
-inline __m256 bf16_hi(__m256i v) {
-  return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xFFFF0000u))));
-}
-
-// Columns [C0, C0 + 8) of the 6 x 16 bf16 tile (fused_loss.h's pair layout).
-template <int C0>
-inline void half_bf16(int64_t kc, const uint16_t* ap, const uint16_t* bp, float* c, int64_t ldc,
-                      bool accumulate) {
-  __m256 acc[R];
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  const int32_t* a32 = reinterpret_cast<const int32_t*>(ap);  // one pair per row
-  bp += 2 * C0;
-  for (int64_t k = 0; k < kc; k += 2, a32 += R, bp += 2 * C) {
-    const __m256i bv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp));
-    const __m256 be = bf16_lo(bv), bo = bf16_hi(bv);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m256i av = _mm256_set1_epi32(a32[r]);
-      acc[r] = _mm256_add_ps(acc[r],
-                             _mm256_fmadd_ps(bf16_hi(av), bo, _mm256_mul_ps(bf16_lo(av), be)));
-    }
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) {
-    float* p = c + r * ldc + C0;
-    if (accumulate) acc[r] = _mm256_add_ps(_mm256_loadu_ps(p), acc[r]);
-    _mm256_storeu_ps(p, acc[r]);
-  }
-}
-
-void micro_bf16(int64_t kc, const uint16_t* ap, const uint16_t* bp, float* c, int64_t ldc,
-                bool accumulate) {
-  half_bf16<0>(kc, ap, bp, c, ldc, accumulate);
-  half_bf16<8>(kc, ap, bp, c, ldc, accumulate);
 }
 
 // exp(x) for x <= 0 (a logit minus the row max), as fused_loss_avx512.cpp: x = n ln2 + r,
@@ -195,6 +151,6 @@ float ce_row(float* x, int64_t n, int32_t t, float scale, bool grad) {
 
 }  // namespace
 
-const Kernels avx2 = {R, C, micro_f32, micro_bf16, ce_row};
+const Kernels avx2 = {R, C, micro_f32, nullptr, ce_row};
 
 }  // namespace nanochat::loss_kernels

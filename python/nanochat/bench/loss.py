@@ -20,7 +20,7 @@ the first call's allocations are part of the cost); `speed_ratio` = naive time /
 The header names the CPU model and the kernel ISA (NANOCHAT_ISA pins it; csrc/loss picks
 its GEMM tiles from it: scalar, AVX2, AVX-512); each JSON object carries "cpu" and "isa",
 the ISA as the child saw it. fused-bf16 runs where the ISA takes bf16 (fused_loss.py
-bf16_supported; on AVX2 widened to f32, same numbers as AVX512-BF16 but no faster).
+bf16_supported; on AVX2 the f32 tiles over bf16-rounded operands: f32 speed).
 """
 
 from __future__ import annotations
