@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -215,12 +216,15 @@ float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa) {
   }
   const Kernels& kern = kernels_for(isa);
   const bool bf16 = a.precision == LossPrecision::bf16;
-  if (grad) {
-    std::fill(a.grad_hidden, a.grad_hidden + a.heads * T * D, 0.0f);
-    std::fill(a.grad_weight, a.grad_weight + V * D, 0.0f);
-  }
+  // grad_hidden rows of ignored tokens stay 0; grad_W is overwritten by the first chunk's
+  // GEMM (zeroed at the end only if no head had a target).
+  if (grad) std::fill(a.grad_hidden, a.grad_hidden + a.heads * T * D, 0.0f);
+  bool gw_written = false;
   const int64_t C = std::max<int64_t>(1, std::min(a.chunk, T));
-  std::vector<float> logits(size_t(C * V)), hc(size_t(C * D)), gc(grad ? size_t(C * D) : 0);
+  // The logits scratch is written by the first GEMM before it is read: no zero fill (a
+  // 128 MiB memset at the default chunk).
+  const std::unique_ptr<float[]> logits(new float[size_t(C * V)]);
+  std::vector<float> hc(size_t(C * D)), gc(grad ? size_t(C * D) : 0);
   std::vector<int64_t> rows(static_cast<size_t>(C));
   std::vector<int32_t> tg(static_cast<size_t>(C));
   std::vector<float> row_loss(static_cast<size_t>(C));
@@ -260,15 +264,17 @@ float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa) {
         }
       if (c == 0) break;
       // logits (c x V) = h_c (c x D) W^T
-      run_gemm(c, V, D, View{hc.data(), D, 1}, View{a.weight, 1, D}, logits.data(), V, false);
+      run_gemm(c, V, D, View{hc.data(), D, 1}, View{a.weight, 1, D}, logits.get(), V, false);
       parallel_for(c, [&](int64_t r) {
-        row_loss[r] = kern.ce_row(logits.data() + r * V, V, tg[r], scale, grad);
+        row_loss[r] = kern.ce_row(logits.get() + r * V, V, tg[r], scale, grad);
       });
       for (int64_t r = 0; r < c; ++r) sum += row_loss[r];
       if (!grad) continue;
       // grad_h_c (c x D) = G (c x V) W (V x D); grad_W (V x D) += G^T h_c
-      run_gemm(c, D, V, View{logits.data(), V, 1}, View{a.weight, D, 1}, gc.data(), D, false);
-      run_gemm(V, D, c, View{logits.data(), 1, V}, View{hc.data(), D, 1}, a.grad_weight, D, true);
+      run_gemm(c, D, V, View{logits.get(), V, 1}, View{a.weight, D, 1}, gc.data(), D, false);
+      run_gemm(V, D, c, View{logits.get(), 1, V}, View{hc.data(), D, 1}, a.grad_weight, D,
+               gw_written);
+      gw_written = true;
       float* gh = a.grad_hidden + i * T * D;
       for (int64_t r = 0; r < c; ++r)
         std::memcpy(gh + rows[r] * D, gc.data() + r * D, size_t(D) * sizeof(float));
@@ -276,6 +282,7 @@ float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa) {
     a.loss[i] = float(sum / double(n));
     total += double(a.head_weights[i]) * double(a.loss[i]);
   }
+  if (grad && !gw_written) std::fill(a.grad_weight, a.grad_weight + V * D, 0.0f);
   return float(total);
 }
 

@@ -208,6 +208,18 @@ TEST(FusedLoss, AllIgnoredHeadIsZeroWithZeroGradient) {
   EXPECT_GT(r.loss[0], 0.0f);
 }
 
+TEST(FusedLoss, NoTargetsAtAllGivesZeroGradients) {
+  std::mt19937 rng(11);
+  Problem p = make(rng, 2, 6, 40, 8);
+  std::fill(p.y.begin(), p.y.end(), -1);
+  for (Isa isa : isas()) {
+    const Result r = run(p, isa, 4);  // run() fills the outputs with 7 first
+    EXPECT_EQ(r.total, 0.0f);
+    for (float g : r.gw) ASSERT_EQ(g, 0.0f) << isa_name(isa);
+    for (float g : r.gh) ASSERT_EQ(g, 0.0f) << isa_name(isa);
+  }
+}
+
 TEST(FusedLoss, F32MicroTileBitEqualsScalar) {
 #ifdef NANOCHAT_HAVE_X86_KERNELS
   using namespace loss_kernels;
