@@ -51,9 +51,9 @@ inline float bf16_value(float f) {  // f rounded to bf16, as a float
 
 // One panel: W lines (line l at src + l * ls, step k at + k * ks; lines >= n are zero) x
 // kc steps into d[k][W] (F32; with round, each value rounded to bf16) or d[k/2][W][2] (BF16
-// pairs, kc rounded up to even). Step by
-// step, so the writes are sequential and the reads are either contiguous (ls == 1: G^T, W
-// in G W) or W streams that each reuse a cache line over 16 steps (ks == 1).
+// pairs, kc rounded up to even). Step by step, so the writes are sequential and the reads
+// are either contiguous (ls == 1: G^T, W in G W) or W streams that each reuse a cache line
+// over 16 steps (ks == 1).
 template <typename T>
 void pack_panel(const float* src, int64_t ls, int64_t ks, int64_t W, int64_t n, int64_t kc,
                 bool round, T* d) {
