@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from nanochat import ternary
 from nanochat.config import ConfigError, RunConfig, apply_overrides
 from nanochat.gpt import GPT
 from nanochat.optim import HybridOptimizer, build_optimizer, parameter_kinds, state_bytes
@@ -56,6 +57,27 @@ def test_newton_schulz_matches_float64(shape):
     # tiny ones of a random square matrix need more than 5 steps)
     sv = torch.linalg.svdvals(out.double().reshape(-1, *shape[-2:]))
     assert sv.max() < 1.3 and (sv > 0.6).double().mean() > 0.9
+
+
+def test_ns_dtype_auto_follows_the_machine_and_the_pinned_isa():
+    """bf16 Newton-Schulz only where bf16 GEMMs are fast: bf16 hardware AND an AVX-512
+    kernel ISA; NANOCHAT_ISA=avx2 (set_isa) behaves as an AVX2-only CPU."""
+    from nanochat import bitlinear, ternary
+    from nanochat._core import core
+    from nanochat.optim.muon import ns_dtype
+
+    feats = core().info()["features"]
+    hw = bool(feats["avx512_bf16"] or feats["amx_bf16"])
+    cpu = torch.device("cpu")
+    for isa in ternary.supported_isas():
+        ternary.set_isa(isa)
+        fast = hw and isa.startswith("avx512")
+        assert bitlinear.cpu_has_fast_bf16() is fast, isa
+        assert ns_dtype("auto", cpu) == (torch.bfloat16 if fast else torch.float32), isa
+        assert ns_dtype("float32", cpu) == torch.float32
+    if "avx2" in ternary.supported_isas():
+        ternary.set_isa("avx2")
+        assert not bitlinear.cpu_has_fast_bf16()
 
 
 def test_shape_scales():
@@ -332,6 +354,24 @@ def test_bench_optim_json_rows(run_nanochat):
     assert 0.24 < opt["adamw_8bit"]["ratio_vs_adamw"] < 0.27  # 2 + 8/2048 B/param
     assert opt["lion_8bit"]["ratio_vs_adamw"] < 0.14
     assert all("peer" in row and row["model"] == "tiny" for row in rows if "optimizer" not in row)
+
+
+@pytest.mark.skipif("avx2" not in ternary.supported_isas(), reason="no AVX2")
+def test_bench_optim_times_muon_per_ns_dtype_under_a_pinned_isa(run_nanochat):
+    """--ns-dtype: one muon row per setting, each naming what it ran in; pinned to AVX2,
+    auto is float32 (bf16 is emulated there) and the header names the ISA."""
+    args = ["bench", "optim", "--models", "tiny", "--configs", "muon_fp32", "--steps", "1",
+            "--ns-dtype", "auto,float32,bfloat16"]
+    r = run_nanochat([*args, "--json"], timeout=300, NANOCHAT_ISA="avx2")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    muon = {row["ns_dtype"]: row for row in rows if row.get("optimizer") == "muon_fp32"}
+    assert {k: v["ns_dtype_resolved"] for k, v in muon.items()} == {
+        "auto": "float32", "float32": "float32", "bfloat16": "bfloat16"}
+    assert all(v["isa"] == "avx2" and v["step_seconds"] > 0 for v in muon.values())
+    text = run_nanochat(args, timeout=300, NANOCHAT_ISA="avx2")
+    assert text.returncode == 0 and "ISA avx2" in text.stdout.splitlines()[0]
+    assert "auto->float32" in text.stdout
 
 
 def test_groups_agree_with_the_model_on_moe_and_mhc():

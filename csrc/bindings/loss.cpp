@@ -112,5 +112,6 @@ void bind_loss(py::module_& m) {
         return nanochat::loss_precision_supported(nanochat::LossPrecision::bf16,
                                                   nanochat::active_isa());
       },
-      "Whether precision='bf16' runs on the active ISA (AVX512-BF16 or the scalar reference).");
+      "Whether precision='bf16' runs on the active ISA (AVX512-BF16, the AVX2 f32 tiles\n"
+      "over bf16-rounded operands, or the scalar reference).");
 }

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -20,14 +21,13 @@ namespace nanochat {
 namespace {
 
 using loss_kernels::Kernels;
-using loss_kernels::MR;
-using loss_kernels::NR;
 
-// Block sizes: a KC x NR B panel (32 KiB) stays in L1 while MC x KC of A (120 KiB) sits
-// in L2 next to the KC x NC B block (256 KiB).
+// Block sizes: a KC x nr B panel (32 KiB at nr 32, 16 KiB at 16) stays in L1 while MC x KC
+// of A (120 KiB) sits in L2 next to the KC x NC B block (256 KiB). MC and NC are multiples
+// of every table's tile shape (12 x 32, 6 x 16).
 constexpr int64_t KC = 256;
-constexpr int64_t MC = 10 * MR;
-constexpr int64_t NC = 8 * NR;
+constexpr int64_t MC = 120;
+constexpr int64_t NC = 256;
 
 // Element (i, k) of a matrix at p[i * rs + k * cs]: one view covers a matrix and its
 // transpose, so the three GEMMs of the loss (h W^T, G W, G^T h) share the packers.
@@ -42,33 +42,50 @@ inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
   return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+inline float bf16_value(float f) {  // f rounded to bf16, as a float
+  const uint32_t u = uint32_t(to_bf16(f)) << 16;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
 // One panel: W lines (line l at src + l * ls, step k at + k * ks; lines >= n are zero) x
-// kc steps into d[k][W] (F32) or d[k/2][W][2] (BF16 pairs, kc rounded up to even).
-template <typename T, int W>
-void pack_panel(const float* src, int64_t ls, int64_t ks, int64_t n, int64_t kc, T* d) {
-  const int64_t kp = std::is_same<T, float>::value ? kc : (kc + 1) & ~int64_t(1);
-  for (int64_t l = 0; l < W; ++l) {
-    const float* s = src + l * ls;
-    for (int64_t k = 0; k < kp; ++k) {
-      const float v = (l < n && k < kc) ? s[k * ks] : 0.0f;
-      if constexpr (std::is_same<T, float>::value)
-        d[k * W + l] = v;
+// kc steps into d[k][W] (F32; with round, each value rounded to bf16) or d[k/2][W][2] (BF16
+// pairs, kc rounded up to even). Step by step, so the writes are sequential and the reads
+// are either contiguous (ls == 1: G^T, W in G W) or W streams that each reuse a cache line
+// over 16 steps (ks == 1).
+template <typename T>
+void pack_panel(const float* src, int64_t ls, int64_t ks, int64_t W, int64_t n, int64_t kc,
+                bool round, T* d) {
+  constexpr bool f32 = std::is_same<T, float>::value;
+  const int64_t kp = f32 ? kc : (kc + 1) & ~int64_t(1);
+  for (int64_t k = 0; k < kp; ++k) {
+    T* dk = f32 ? d + k * W : d + (k / 2) * 2 * W + (k & 1);
+    constexpr int64_t step = f32 ? 1 : 2;
+    const float* s = src + k * ks;
+    const int64_t m = k < kc ? n : 0;
+    for (int64_t l = 0; l < m; ++l) {
+      if constexpr (f32)
+        dk[l] = round ? bf16_value(s[l * ls]) : s[l * ls];
       else
-        d[(k / 2) * 2 * W + 2 * l + (k & 1)] = to_bf16(v);
+        dk[l * step] = to_bf16(s[l * ls]);
     }
+    for (int64_t l = m; l < W; ++l) dk[l * step] = T(0);
   }
 }
 
-// Rows [i0, i0 + rows) x k [k0, k0 + kc) of A into one MR-row panel.
+// Rows [i0, i0 + rows) x k [k0, k0 + kc) of A into one mr-row panel.
 template <typename T>
-void pack_a(View a, int64_t i0, int64_t rows, int64_t k0, int64_t kc, T* d) {
-  pack_panel<T, MR>(a.p + i0 * a.rs + k0 * a.cs, a.rs, a.cs, rows, kc, d);
+void pack_a(View a, int64_t mr, int64_t i0, int64_t rows, int64_t k0, int64_t kc, bool round,
+            T* d) {
+  pack_panel<T>(a.p + i0 * a.rs + k0 * a.cs, a.rs, a.cs, mr, rows, kc, round, d);
 }
 
-// k [k0, k0 + kc) x columns [j0, j0 + cols) of B into one NR-column panel.
+// k [k0, k0 + kc) x columns [j0, j0 + cols) of B into one nr-column panel.
 template <typename T>
-void pack_b(View b, int64_t k0, int64_t kc, int64_t j0, int64_t cols, T* d) {
-  pack_panel<T, NR>(b.p + k0 * b.rs + j0 * b.cs, b.cs, b.rs, cols, kc, d);
+void pack_b(View b, int64_t nr, int64_t k0, int64_t kc, int64_t j0, int64_t cols, bool round,
+            T* d) {
+  pack_panel<T>(b.p + k0 * b.rs + j0 * b.cs, b.cs, b.rs, nr, cols, kc, round, d);
 }
 
 // C (M x N, row stride ldc) = (accumulate ? C : 0) + A (M x K) B (K x N). Per KC block of
@@ -76,13 +93,14 @@ void pack_b(View b, int64_t k0, int64_t kc, int64_t j0, int64_t cols, T* d) {
 // elements, 32 MiB at vocab 32768), then the MC x NC output blocks run in parallel.
 template <typename T>
 void gemm(const Kernels& kern, int64_t M, int64_t N, int64_t K, View a, View b, float* c,
-          int64_t ldc, bool accumulate, std::vector<T>& ap, std::vector<T>& bp) {
+          int64_t ldc, bool accumulate, bool round, std::vector<T>& ap, std::vector<T>& bp) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate)
       for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, 0.0f);
     return;
   }
+  const int64_t MR = kern.mr, NR = kern.nr;
   const int64_t mpan = (M + MR - 1) / MR, npan = (N + NR - 1) / NR;
   ap.resize(size_t(mpan * MR * (KC + 1)));
   bp.resize(size_t(npan * NR * (KC + 1)));
@@ -93,15 +111,16 @@ void gemm(const Kernels& kern, int64_t M, int64_t N, int64_t K, View a, View b, 
     const bool acc = accumulate || k0 > 0;
     parallel_for(mpan + npan, [&](int64_t p) {
       if (p < mpan)
-        pack_a(a, p * MR, std::min<int64_t>(MR, M - p * MR), k0, kc, ap.data() + p * MR * kp);
+        pack_a(a, MR, p * MR, std::min<int64_t>(MR, M - p * MR), k0, kc, round,
+               ap.data() + p * MR * kp);
       else
-        pack_b(b, k0, kc, (p - mpan) * NR, std::min<int64_t>(NR, N - (p - mpan) * NR),
-               bp.data() + (p - mpan) * NR * kp);
+        pack_b(b, NR, k0, kc, (p - mpan) * NR, std::min<int64_t>(NR, N - (p - mpan) * NR),
+               round, bp.data() + (p - mpan) * NR * kp);
     });
     parallel_for(mb * nb, [&](int64_t task) {
       const int64_t i0 = (task % mb) * MC, j0 = (task / mb) * NC;
       const int64_t mc = std::min(MC, M - i0), nc = std::min(NC, N - j0);
-      alignas(64) float tile[MR * NR];
+      alignas(64) float tile[loss_kernels::kMaxTile];
       for (int64_t jr = 0; jr < nc; jr += NR) {
         const T* bpanel = bp.data() + (j0 + jr) * kp;
         const int64_t cols = std::min<int64_t>(NR, nc - jr);
@@ -133,6 +152,7 @@ const Kernels& kernels_for(Isa isa) {
 #ifdef NANOCHAT_HAVE_X86_KERNELS
   if ((isa == Isa::avx512 || isa == Isa::avx512vnni) && loss_kernels::avx512_supported())
     return loss_kernels::avx512;
+  if (is_x86(isa) && cpu_features().avx2) return loss_kernels::avx2;
 #endif
   (void)isa;
   return loss_kernels::scalar;
@@ -155,9 +175,14 @@ LossPrecision loss_precision_from_name(const char* name) {
 
 bool loss_precision_supported(LossPrecision p, Isa isa) {
   if (p == LossPrecision::f32) return true;
-  // bf16 runs on the scalar reference anywhere, and on AVX-512 only with vdpbf16ps.
-  const Kernels& k = kernels_for(isa);
-  return &k == &loss_kernels::scalar || cpu_features().avx512bf16;
+  // bf16 runs on the scalar reference tile, on the AVX2 f32 tiles over bf16-rounded
+  // operands, and on the AVX-512 tables only with vdpbf16ps.
+#ifdef NANOCHAT_HAVE_X86_KERNELS
+  if (&kernels_for(isa) == &loss_kernels::avx512) return cpu_features().avx512bf16;
+#else
+  (void)isa;
+#endif
+  return true;
 }
 
 float fused_linear_cross_entropy(const FusedLossArgs& a) {
@@ -177,7 +202,7 @@ float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa) {
   if (grad != (a.grad_weight != nullptr))
     throw Error(f + "grad_hidden and grad_weight must be given together");
   if (!loss_precision_supported(a.precision, isa))
-    throw Error(f + "precision bf16 needs AVX512-BF16 (this CPU lacks it) or the scalar ISA");
+    throw Error(f + "precision bf16 on the AVX-512 kernels needs AVX512-BF16 (this CPU lacks it)");
   const int64_t V = a.vocab, D = a.dim, T = a.tokens;
   for (int64_t i = 0; i < a.heads; ++i) {
     if (!std::isfinite(a.head_weights[i]))
@@ -191,23 +216,29 @@ float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa) {
   }
   const Kernels& kern = kernels_for(isa);
   const bool bf16 = a.precision == LossPrecision::bf16;
-  if (grad) {
-    std::fill(a.grad_hidden, a.grad_hidden + a.heads * T * D, 0.0f);
-    std::fill(a.grad_weight, a.grad_weight + V * D, 0.0f);
-  }
+  // grad_hidden rows of ignored tokens stay 0; grad_W is overwritten by the first chunk's
+  // GEMM (zeroed at the end only if no head had a target).
+  if (grad) std::fill(a.grad_hidden, a.grad_hidden + a.heads * T * D, 0.0f);
+  bool gw_written = false;
   const int64_t C = std::max<int64_t>(1, std::min(a.chunk, T));
-  std::vector<float> logits(size_t(C * V)), hc(size_t(C * D)), gc(grad ? size_t(C * D) : 0);
+  // The logits scratch is written by the first GEMM before it is read: no zero fill (a
+  // 128 MiB memset at the default chunk).
+  const std::unique_ptr<float[]> logits(new float[size_t(C * V)]);
+  std::vector<float> hc(size_t(C * D)), gc(grad ? size_t(C * D) : 0);
   std::vector<int64_t> rows(static_cast<size_t>(C));
   std::vector<int32_t> tg(static_cast<size_t>(C));
   std::vector<float> row_loss(static_cast<size_t>(C));
   std::vector<float> apf, bpf;  // packed GEMM operands, reused by every GEMM of the call
   std::vector<uint16_t> aph, bph;
+  // bf16 on a table without a bf16 tile (AVX2): operands rounded to bf16 while packing, then
+  // the f32 tiles (a product of two bf16 values is exact in f32, so this differs from
+  // vdpbf16ps only in where the sums round).
   auto run_gemm = [&](int64_t M, int64_t N, int64_t K, View x, View y, float* out, int64_t ldc,
                       bool accumulate) {
-    if (bf16)
-      gemm<uint16_t>(kern, M, N, K, x, y, out, ldc, accumulate, aph, bph);
+    if (bf16 && kern.bf16)
+      gemm<uint16_t>(kern, M, N, K, x, y, out, ldc, accumulate, false, aph, bph);
     else
-      gemm<float>(kern, M, N, K, x, y, out, ldc, accumulate, apf, bpf);
+      gemm<float>(kern, M, N, K, x, y, out, ldc, accumulate, bf16, apf, bpf);
   };
 
   double total = 0.0;
@@ -233,15 +264,17 @@ float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa) {
         }
       if (c == 0) break;
       // logits (c x V) = h_c (c x D) W^T
-      run_gemm(c, V, D, View{hc.data(), D, 1}, View{a.weight, 1, D}, logits.data(), V, false);
+      run_gemm(c, V, D, View{hc.data(), D, 1}, View{a.weight, 1, D}, logits.get(), V, false);
       parallel_for(c, [&](int64_t r) {
-        row_loss[r] = kern.ce_row(logits.data() + r * V, V, tg[r], scale, grad);
+        row_loss[r] = kern.ce_row(logits.get() + r * V, V, tg[r], scale, grad);
       });
       for (int64_t r = 0; r < c; ++r) sum += row_loss[r];
       if (!grad) continue;
       // grad_h_c (c x D) = G (c x V) W (V x D); grad_W (V x D) += G^T h_c
-      run_gemm(c, D, V, View{logits.data(), V, 1}, View{a.weight, D, 1}, gc.data(), D, false);
-      run_gemm(V, D, c, View{logits.data(), 1, V}, View{hc.data(), D, 1}, a.grad_weight, D, true);
+      run_gemm(c, D, V, View{logits.get(), V, 1}, View{a.weight, D, 1}, gc.data(), D, false);
+      run_gemm(V, D, c, View{logits.get(), 1, V}, View{hc.data(), D, 1}, a.grad_weight, D,
+               gw_written);
+      gw_written = true;
       float* gh = a.grad_hidden + i * T * D;
       for (int64_t r = 0; r < c; ++r)
         std::memcpy(gh + rows[r] * D, gc.data() + r * D, size_t(D) * sizeof(float));
@@ -249,6 +282,7 @@ float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa) {
     a.loss[i] = float(sum / double(n));
     total += double(a.head_weights[i]) * double(a.loss[i]);
   }
+  if (grad && !gw_written) std::fill(a.grad_weight, a.grad_weight + V * D, 0.0f);
   return float(total);
 }
 

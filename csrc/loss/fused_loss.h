@@ -19,8 +19,9 @@
 // its softmax and gradient as much again each).
 //
 // GEMMs: one blocked, packed driver (fused_loss.cpp) over per-ISA micro-kernels
-// (fused_loss_scalar.cpp: the reference; fused_loss_avx512.cpp: AVX-512 F32 FMA and
-// AVX512-BF16 vdpbf16ps with f32 accumulation), picked at run time from active_isa().
+// (fused_loss_scalar.cpp: the reference; fused_loss_avx2.cpp: AVX2 FMA; bf16 there runs
+// the f32 tiles on bf16-rounded operands; fused_loss_avx512.cpp: AVX-512 F32 FMA and AVX512-BF16 vdpbf16ps with f32
+// accumulation), picked at run time from active_isa().
 #pragma once
 
 #include <cstdint>
@@ -30,12 +31,14 @@
 namespace nanochat {
 
 // GEMM operand precision: f32 (the reference) or bf16 operands rounded to nearest even
-// with f32 accumulation (AVX512-BF16 only; tests bound its error).
+// with f32 accumulation (tests bound its error). Faster than f32 only with AVX512-BF16; the
+// AVX2 table runs its f32 tiles over bf16-rounded operands (f32 speed); the AVX-512 table
+// of a CPU without AVX512-BF16 does not take it.
 enum class LossPrecision { f32, bf16 };
 
 const char* loss_precision_name(LossPrecision p);
 LossPrecision loss_precision_from_name(const char* name);  // "f32"/"float32" or "bf16"
-bool loss_precision_supported(LossPrecision p, Isa isa);   // bf16: AVX512-BF16 CPUs
+bool loss_precision_supported(LossPrecision p, Isa isa);   // see LossPrecision
 
 struct FusedLossArgs {
   const float* weight = nullptr;        // vocab x dim, row-major
@@ -79,12 +82,14 @@ void cuda_fused_linear_cross_entropy(const CudaFusedLossArgs& a, uintptr_t strea
 // ---- per-ISA kernels (internal; declared here for the two kernel files) -----------------
 namespace loss_kernels {
 
-constexpr int MR = 12;  // micro-tile rows
-constexpr int NR = 32;  // micro-tile columns (two 16-float vectors)
+constexpr int MR = 12;  // the scalar and AVX-512 micro-tile: rows
+constexpr int NR = 32;  // and columns (two 16-float vectors)
+constexpr int kMaxTile = MR * NR;  // no table's tile is larger
 
-// C (MR x NR, row stride ldc) = (accumulate ? C : 0) + A_p * B_p over kc steps.
-// F32: A_p[k][MR], B_p[k][NR]. BF16: pairs along k, A_p[k/2][MR][2], B_p[k/2][NR][2]
-// (uint16 bf16 bits), kc even.
+// C (mr x nr, row stride ldc) = (accumulate ? C : 0) + A_p * B_p over kc steps, for the
+// table's tile shape mr x nr. F32: A_p[k][mr], B_p[k][nr]. BF16: pairs along k,
+// A_p[k/2][mr][2], B_p[k/2][nr][2] (uint16 bf16 bits), kc even. The driver packs the A
+// panels of one K block back to back (a kernel may prefetch the next one past its own).
 using MicroF32 = void (*)(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc,
                           bool accumulate);
 using MicroBf16 = void (*)(int64_t kc, const uint16_t* ap, const uint16_t* bp, float* c,
@@ -94,13 +99,17 @@ using MicroBf16 = void (*)(int64_t kc, const uint16_t* ap, const uint16_t* bp, f
 using CeRow = float (*)(float* x, int64_t n, int32_t t, float scale, bool grad);
 
 struct Kernels {
+  int mr, nr;  // micro-tile shape; divides the driver's 120 x 256 blocks
   MicroF32 f32;
-  MicroBf16 bf16;  // nullptr where the ISA has no bf16 dot product
+  MicroBf16 bf16;  // nullptr: no bf16 tile (the driver rounds operands for the f32 tiles)
   CeRow ce_row;
 };
 
-extern const Kernels scalar;
+extern const Kernels scalar;  // 12 x 32
+// The scalar reference at the AVX2 tile shape (6 x 16): tests compare the AVX2 tiles to it.
+extern const Kernels scalar_6x16;
 #ifdef NANOCHAT_HAVE_X86_KERNELS
+extern const Kernels avx2;  // AVX2 + FMA (Isa::avx2 and up), 6 x 16
 extern const Kernels avx512;
 bool avx512_supported();  // AVX-512 F/BW/VL on this CPU
 #endif

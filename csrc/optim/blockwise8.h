@@ -106,13 +106,15 @@ struct Optim8Kernels {
   void (*lion)(const Lion8Args& a, int64_t b0, int64_t b1);
   void (*momentum)(const Momentum8Args& a, int64_t b0, int64_t b1);
 };
-// AVX-512 (F/BW/VL) for Isa::avx512 and avx512_vnni on a CPU with AVX-512 BW, else scalar.
+// AVX-512 (F/BW/VL) for Isa::avx512 and avx512_vnni on a CPU with AVX-512 BW, AVX2 for the
+// other x86 ISAs (avx2, avx_vnni), else scalar.
 // Every table gives bit-identical results (same float operations in the same order, no FMA
 // contraction), which tests/cpp/test_optim.cpp checks.
 const Optim8Kernels& optim8_kernels(Isa isa);
 const Optim8Kernels& optim8_kernels();  // for active_isa()
 
 extern const Optim8Kernels kOptim8Scalar;
+extern const Optim8Kernels kOptim8Avx2;
 extern const Optim8Kernels kOptim8Avx512;
 
 }  // namespace nanochat

@@ -111,13 +111,17 @@ def bitlinear_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), so bf16 GEMMs
-    beat f32 ones rather than being emulated."""
-    from nanochat._core import core
-
+def _cpu_multiplies_bf16() -> bool:
     feats = core().info()["features"]
     return bool(feats.get("avx512_bf16") or feats.get("amx_bf16"))
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether bf16 GEMMs beat f32 ones here: the CPU multiplies bf16 in hardware
+    (AVX512-BF16 or AMX) and the active kernel ISA is an AVX-512 one. Pinning a lower ISA
+    (NANOCHAT_ISA=avx2, set_isa) makes this False as on a CPU without them (Zen 2/3: bf16 is
+    emulated there, slower than f32)."""
+    return _cpu_multiplies_bf16() and core().active_isa().startswith("avx512")
 
 
 def resolve_backward(backward: str) -> bool:

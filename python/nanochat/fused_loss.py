@@ -51,7 +51,9 @@ def cuda_kernel_selected() -> bool:
 
 
 def bf16_supported() -> bool:
-    """Whether precision="bf16" runs here (AVX512-BF16, or the scalar ISA's reference)."""
+    """Whether precision="bf16" runs on the active ISA: with AVX512-BF16 (the fast case), on
+    the AVX2 f32 tiles over bf16-rounded operands (f32 speed) or the scalar reference; not
+    on the AVX-512 kernels of a CPU without AVX512-BF16."""
     return bool(core().fused_loss_bf16_supported())
 
 

@@ -1,7 +1,8 @@
 // The fused linear cross-entropy (csrc/loss): loss and gradients against plain
 // double-precision math on odd sizes with ignored targets, every ISA and thread count,
-// chunk-size invariance, the F32 micro-tile bit-equal to the scalar reference, the bf16
-// path's error bound, and argument checks.
+// chunk-size invariance, the SIMD micro-tiles bit-equal to the scalar reference (F32 on
+// AVX2 and AVX-512), the SIMD cross-entropy rows within their
+// float bound of it, the bf16 path's error bound, and argument checks.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -114,9 +115,26 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
 
 std::vector<Isa> isas() {
   std::vector<Isa> v = {Isa::scalar};
+  if (isa_supported(Isa::avx2)) v.push_back(Isa::avx2);
   if (isa_supported(Isa::avx512)) v.push_back(Isa::avx512);
   return v;
 }
+
+#ifdef NANOCHAT_HAVE_X86_KERNELS
+// The SIMD kernel tables this CPU runs, by name, each with the scalar reference at its
+// tile shape.
+struct Simd {
+  const char* name;
+  const loss_kernels::Kernels* k;
+  const loss_kernels::Kernels* ref;
+};
+std::vector<Simd> simd_kernels() {
+  std::vector<Simd> v;
+  if (isa_supported(Isa::avx2)) v.push_back({"avx2", &loss_kernels::avx2, &loss_kernels::scalar_6x16});
+  if (isa_supported(Isa::avx512)) v.push_back({"avx512", &loss_kernels::avx512, &loss_kernels::scalar});
+  return v;
+}
+#endif
 
 }  // namespace
 
@@ -190,19 +208,72 @@ TEST(FusedLoss, AllIgnoredHeadIsZeroWithZeroGradient) {
   EXPECT_GT(r.loss[0], 0.0f);
 }
 
+TEST(FusedLoss, NoTargetsAtAllGivesZeroGradients) {
+  std::mt19937 rng(11);
+  Problem p = make(rng, 2, 6, 40, 8);
+  std::fill(p.y.begin(), p.y.end(), -1);
+  for (Isa isa : isas()) {
+    const Result r = run(p, isa, 4);  // run() fills the outputs with 7 first
+    EXPECT_EQ(r.total, 0.0f);
+    for (float g : r.gw) ASSERT_EQ(g, 0.0f) << isa_name(isa);
+    for (float g : r.gh) ASSERT_EQ(g, 0.0f) << isa_name(isa);
+  }
+}
+
 TEST(FusedLoss, F32MicroTileBitEqualsScalar) {
-  if (!isa_supported(Isa::avx512)) GTEST_SKIP() << "no AVX-512";
 #ifdef NANOCHAT_HAVE_X86_KERNELS
   using namespace loss_kernels;
+  if (simd_kernels().empty()) GTEST_SKIP() << "no AVX2";
   std::mt19937 rng(6);
   const int64_t kc = 77;
-  const auto ap = random_floats(rng, kc * MR, -1, 1), bp = random_floats(rng, kc * NR, -1, 1);
-  for (bool acc : {false, true}) {
-    std::vector<float> c1 = random_floats(rng, MR * 40, -1, 1), c2 = c1;
-    scalar.f32(kc, ap.data(), bp.data(), c1.data(), 40, acc);
-    avx512.f32(kc, ap.data(), bp.data(), c2.data(), 40, acc);
-    EXPECT_EQ(c1, c2);
+  for (auto [name, k, ref] : simd_kernels()) {
+    ASSERT_EQ(k->mr, ref->mr);
+    ASSERT_EQ(k->nr, ref->nr);
+    // Two panels back to back, as the driver packs them (the AVX2 kernel prefetches the
+    // second while it computes the first).
+    const auto ap = random_floats(rng, 2 * kc * k->mr, -1, 1);
+    const auto bp = random_floats(rng, kc * k->nr, -1, 1);
+    for (bool acc : {false, true}) {
+      std::vector<float> c1 = random_floats(rng, k->mr * 40, -1, 1), c2 = c1;
+      ref->f32(kc, ap.data(), bp.data(), c1.data(), 40, acc);
+      k->f32(kc, ap.data(), bp.data(), c2.data(), 40, acc);
+      EXPECT_EQ(c1, c2) << name << " accumulate " << acc;
+    }
   }
+#else
+  GTEST_SKIP() << "no x86 kernels";
+#endif
+}
+
+TEST(FusedLoss, SimdCrossEntropyRowWithinBoundOfScalar) {
+#ifdef NANOCHAT_HAVE_X86_KERNELS
+  using namespace loss_kernels;
+  if (simd_kernels().empty()) GTEST_SKIP() << "no AVX2";
+  std::mt19937 rng(10);
+  // Lengths with every tail (n mod 8 and mod 16), logits spread over ~60 nats so that some
+  // exps reach the clamp at -87.
+  for (int64_t n : {1, 7, 8, 9, 15, 16, 17, 31, 33, 1000, 4099}) {
+    const auto x = random_floats(rng, n, -30.0f, 30.0f);
+    const int32_t t = int32_t(n / 3);
+    std::vector<float> g0 = x;
+    const float l0 = scalar.ce_row(g0.data(), n, t, 0.25f, true);
+    for (auto [name, k, ref] : simd_kernels()) {
+      (void)ref;
+      SCOPED_TRACE(std::string(name) + " n " + std::to_string(n));
+      std::vector<float> g1 = x, l = x;
+      const float l1 = k->ce_row(g1.data(), n, t, 0.25f, true);
+      // The loss: f32 sums and a ~1-ulp exp against a double sum, relative 1e-6 of the
+      // logsumexp (|lse| <= ~40 here).
+      EXPECT_NEAR(l1, l0, 4e-5);
+      EXPECT_EQ(k->ce_row(l.data(), n, t, 0.25f, false), l1);  // loss only: same value
+      EXPECT_EQ(l, x);                                         // and x untouched
+      // The gradient: softmax * scale - onehot * scale, each entry within 1e-6 relative of
+      // the scale (0.25).
+      for (int64_t j = 0; j < n; ++j) ASSERT_NEAR(g1[j], g0[j], 2.5e-7) << "j " << j;
+    }
+  }
+#else
+  GTEST_SKIP() << "no x86 kernels";
 #endif
 }
 
@@ -211,8 +282,10 @@ TEST(FusedLoss, Bf16StaysWithinItsErrorBound) {
   const Problem p = make(rng, 2, 64, 300, 96);
   const Result f = run(p, Isa::scalar, 32);
   std::vector<Isa> v = {Isa::scalar};
+  if (isa_supported(Isa::avx2)) v.push_back(Isa::avx2);
   if (isa_supported(Isa::avx512) && cpu_features().avx512bf16) v.push_back(Isa::avx512);
   for (Isa isa : v) {
+    SCOPED_TRACE(isa_name(isa));
     ASSERT_TRUE(loss_precision_supported(LossPrecision::bf16, isa));
     const Result b = run(p, isa, 32, true, LossPrecision::bf16);
     // bf16 operands carry 8 mantissa bits (relative rounding <= 2^-9): logits of size

@@ -209,6 +209,52 @@ TEST(Optim8, EveryKernelMatchesTheScalarReferenceBitForBit) {
   }
 }
 
+TEST(Optim8, EachIsaPicksItsKernelTable) {
+  GlobalStateGuard guard;
+  for (Isa isa : supported_isas()) {
+    const std::string want = isa == Isa::avx512 || isa == Isa::avx512vnni ? "avx512"
+                             : is_x86(isa)                                 ? "avx2"
+                                                                           : "scalar";
+    EXPECT_EQ(optim8_kernels(isa).name, want) << isa_name(isa);
+  }
+}
+
+// Every SIMD table against the scalar reference on the values a kernel gets wrong first
+// (NaN, infinities, -0, subnormals, a block whose absmax is 0) and on every tail length.
+TEST(Optim8, SimdCodeMapsMatchTheScalarReferenceOnEdgeValues) {
+  std::vector<const Optim8Kernels*> tables;
+  for (Isa isa : supported_isas())
+    if (&optim8_kernels(isa) != &kOptim8Scalar) tables.push_back(&optim8_kernels(isa));
+  if (tables.empty()) GTEST_SKIP() << "no SIMD kernels on this CPU";
+  const float inf = INFINITY, nan = NAN;
+  const std::vector<float> specials = {nan, inf, -inf, -0.0f, 0.0f, 1e-40f, -1e-40f, 3.0f,
+                                       -2.5f, 1e30f, -7e-20f, 0.5f, 126.5f, -126.5f};
+  std::mt19937 rng(21);
+  for (int64_t len = 1; len <= 70; ++len)
+    for (int variant = 0; variant < 3; ++variant) {
+      std::vector<float> x = random_floats(rng, len, -4.0f, 4.0f);
+      if (variant == 1)
+        for (int64_t i = 0; i < len; i += 3) x[size_t(i)] = specials[size_t(i) % specials.size()];
+      if (variant == 2) std::fill(x.begin(), x.end(), 0.0f);  // absmax 0
+      for (Map8 map : {Map8::linear, Map8::minifloat}) {
+        std::vector<uint8_t> c0(static_cast<size_t>(len)), c1(static_cast<size_t>(len));
+        float a0 = -1, a1 = -1;
+        kOptim8Scalar.quantize(x.data(), len, 64, map, c0.data(), &a0, 0, 1);
+        std::vector<float> d0(static_cast<size_t>(len)), d1(static_cast<size_t>(len));
+        for (const Optim8Kernels* k : tables) {
+          const std::vector<float> x_before = x;
+          k->quantize(x.data(), len, 64, map, c1.data(), &a1, 0, 1);
+          ASSERT_TRUE(same_bits(x, x_before));
+          ASSERT_EQ(std::memcmp(&a0, &a1, 4), 0) << k->name << " len " << len << " v " << variant;
+          ASSERT_EQ(c0, c1) << k->name << " len " << len << " variant " << variant;
+          kOptim8Scalar.dequantize(c0.data(), &a0, len, 64, map, d0.data(), 0, 1);
+          k->dequantize(c0.data(), &a0, len, 64, map, d1.data(), 0, 1);
+          ASSERT_TRUE(same_bits(d0, d1)) << k->name << " len " << len;
+        }
+      }
+    }
+}
+
 TEST(Optim8, AdamWStepMatchesDoublePrecision) {
   GlobalStateGuard guard;
   const int64_t n = 3000, block = 256;

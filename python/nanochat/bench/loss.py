@@ -17,6 +17,10 @@ Before the baseline, one tiny call of the same variant loads the code it needs (
 extension, the op's registration, the thread pool), so none of that counts as its peak.
 Time: the median of --repeats forward+backward calls at full size (no full-size warm-up:
 the first call's allocations are part of the cost); `speed_ratio` = naive time / fused time.
+The header names the CPU model and the kernel ISA (NANOCHAT_ISA pins it; csrc/loss picks
+its GEMM tiles from it: scalar, AVX2, AVX-512); each JSON object carries "cpu" and "isa",
+the ISA as the child saw it. fused-bf16 runs where the ISA takes bf16 (fused_loss.py
+bf16_supported; on AVX2 the f32 tiles over bf16-rounded operands: f32 speed).
 """
 
 from __future__ import annotations
@@ -87,7 +91,8 @@ def _measure(variant: str, heads: int, vocab: int, tokens: int, dim: int, chunk:
             loss = step(h, w, y)
             times.append(time.perf_counter() - t0)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        q.put({"seconds": statistics.median(times), "peak_bytes": peak - base,
+        q.put({"isa": ternary.active_isa(), "seconds": statistics.median(times),
+               "peak_bytes": peak - base,
                "process_peak_bytes": peak, "loss": loss})
     except BaseException as e:  # report, don't hang the parent
         q.put({"error": f"{type(e).__name__}: {e}"})
@@ -95,6 +100,7 @@ def _measure(variant: str, heads: int, vocab: int, tokens: int, dim: int, chunk:
 
 def run(args: argparse.Namespace):
     from nanochat import fused_loss
+    from nanochat.bench import cpu_model
 
     ctx = mp.get_context("spawn")
     variants = ["naive", "fused-f32"] + (["fused-bf16"] if fused_loss.bf16_supported() else [])
@@ -113,7 +119,8 @@ def run(args: argparse.Namespace):
         n = res["naive"]
         for v in variants:
             r = res[v]
-            yield {"heads": heads, "variant": v, "vocab": args.vocab, "tokens": args.tokens,
+            yield {"cpu": cpu_model(), "heads": heads, "variant": v, "vocab": args.vocab,
+                   "tokens": args.tokens,
                    "d_model": args.dim, "chunk": args.chunk if v != "naive" else None,
                    "threads": args.threads or None, **r,
                    "memory_ratio": r["peak_bytes"] / n["peak_bytes"],
@@ -126,13 +133,13 @@ def main(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"vocab {args.vocab}, {args.tokens} tokens, d_model {args.dim}; peak = RSS "
               f"high-water above the inputs (fresh process each)")
-        print(f"{'heads':>5} {'variant':>10} {'time':>8} {'peak':>9} {'process':>9} "
+        print(f"{'heads':>5} {'variant':>10} {'isa':>11} {'time':>8} {'peak':>9} {'process':>9} "
               f"{'memory_ratio':>12} {'speed_ratio':>11} {'|dloss|':>8}")
     for m in run(args):
         if args.json:
             print(json.dumps(m), flush=True)
         else:
-            print(f"{m['heads']:>5} {m['variant']:>10} {m['seconds']:>7.2f}s "
+            print(f"{m['heads']:>5} {m['variant']:>10} {m['isa']:>11} {m['seconds']:>7.2f}s "
                   f"{m['peak_bytes'] / 2**20:>7.0f}MB {m['process_peak_bytes'] / 2**20:>7.0f}MB "
                   f"{m['memory_ratio']:>12.3f} {m['speed_ratio']:>10.2f}x "
                   f"{m['loss_diff_vs_naive']:>8.1e}", flush=True)

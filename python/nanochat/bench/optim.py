@@ -3,6 +3,7 @@ on real models, side by side, with ratios to AdamW fp32.
 
     nanochat bench optim [--json] [--models nano_125m,small_560m] [--configs adamw_fp32,...]
                          [--steps 3] [--threads 0] [--muon-rest lion|adamw]
+                         [--ns-dtype auto,float32,bfloat16]
 
 For each model config the GPT is instantiated for real (fp32 latent weights, bitlinear
 "torch": the optimizer only sees parameters) and every configuration is the whole-model
@@ -22,6 +23,12 @@ step_seconds the median of --steps timed steps. ratio_vs_adamw = state_bytes / a
 step_vs_fp32 = an 8-bit configuration's step time / its fp32 version's. bitsandbytes' and
 torchao's 8-bit AdamW are run as peers where they import and run on this CPU, else reported
 as skipped. Results: docs/benchmarks.md.
+
+Muon's Newton-Schulz runs in optim.muon.ns_dtype; --ns-dtype lists the settings to time
+(each muon_* configuration runs once per setting; a row's "ns_dtype" is the setting and
+"ns_dtype_resolved" what it ran in: "auto" is bf16 only where bf16 GEMMs are fast, see
+nanochat/optim/muon.py). The header names the CPU model and the kernel ISA (NANOCHAT_ISA
+pins it, and with it the 8-bit kernels and "auto").
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch + kernel threads (0: all)")
     p.add_argument("--muon-rest", default="lion", choices=("lion", "adamw"),
                    help="optimizer of the non-matrix parameters in muon_* (default lion)")
+    p.add_argument("--ns-dtype", default="auto",
+                   help="comma-separated Newton-Schulz dtypes for muon_* rows "
+                        "(auto, float32, bfloat16; default auto)")
 
 
 def overrides(name: str, d_model: int, muon_rest: str) -> list[str]:
@@ -111,6 +121,9 @@ def _check(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--configs: unknown {', '.join(unknown)}; valid: {', '.join(CONFIGS)}")
     if args.steps < 1:
         raise ValueError("--steps must be >= 1")
+    bad = sorted(set(args.ns_dtype.split(",")) - {"auto", "float32", "bfloat16"})
+    if bad:
+        raise ValueError(f"--ns-dtype: unknown {', '.join(bad)}; valid: auto, float32, bfloat16")
     return configs
 
 
@@ -121,6 +134,7 @@ def run(args: argparse.Namespace):
     from nanochat.config import apply_overrides, load_config
     from nanochat.gpt import GPT
     from nanochat.optim import build_optimizer
+    from nanochat.optim.muon import ns_dtype
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -135,21 +149,30 @@ def run(args: argparse.Namespace):
         n_params = sum(p.numel() for p in model.parameters())
         results: dict[str, dict] = {}
         base = None
-        for name in configs if "adamw_fp32" in configs else ["adamw_fp32", *configs]:
-            run_cfg = apply_overrides(cfg, overrides(name, cfg.model.d_model, args.muon_rest))
+        runs = [(name, ns) for name in (configs if "adamw_fp32" in configs
+                                        else ["adamw_fp32", *configs])
+                for ns in (args.ns_dtype.split(",") if name.startswith("muon") else [None])]
+        for name, ns in runs:
+            sets = overrides(name, cfg.model.d_model, args.muon_rest)
+            run_cfg = apply_overrides(cfg, sets + ([f"optim.muon.ns_dtype={ns}"] if ns else []))
             opt = build_optimizer(model, run_cfg, log=lambda *_: None)
             r = _time_opt(opt, model, grads, args.steps)
             del opt
             gc.collect()
             if name == "adamw_fp32":
                 base = r["state_bytes"]
-            results[name] = r
+            key = f"{name}/{ns}" if ns else name
+            results[key] = r
             if name not in configs:
                 continue
             row = {"optimizer": name, "model": model_name, "params": n_params, **r,
                    "bytes_per_param": r["state_bytes"] / n_params,
-                   "ratio_vs_adamw": r["state_bytes"] / base, "threads": torch.get_num_threads()}
-            fp32 = name.replace("_8bit", "_fp32")
+                   "ratio_vs_adamw": r["state_bytes"] / base, "threads": torch.get_num_threads(),
+                   "isa": ternary.active_isa()}
+            if ns:
+                row["ns_dtype"] = ns
+                row["ns_dtype_resolved"] = str(ns_dtype(ns, torch.device("cpu"))).split(".")[-1]
+            fp32 = key.replace("_8bit", "_fp32")
             if name.endswith("_8bit") and fp32 in results:
                 row["step_vs_fp32"] = r["step_seconds"] / results[fp32]["step_seconds"]
             yield row
@@ -163,8 +186,8 @@ def run(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> int:
     _check(args)
     if not args.json:
-        print(f"{'model':>10} {'optimizer':>11} {'state':>10} {'B/param':>8} {'vs adamw':>9} "
-              f"{'step':>9} {'8bit/fp32':>9}")
+        print(f"{'model':>10} {'optimizer':>11} {'NS dtype':>16} {'state':>10} {'B/param':>8} "
+              f"{'vs adamw':>9} {'step':>9} {'8bit/fp32':>9}")
     for r in run(args):
         if args.json:
             print(json.dumps(r), flush=True)
@@ -174,7 +197,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"{r['model']:>10} peer {r['peer']}: {what}", flush=True)
         else:
             ratio = f"{r['step_vs_fp32']:.2f}x" if "step_vs_fp32" in r else ""
-            print(f"{r['model']:>10} {r['optimizer']:>11} {r['state_bytes'] / 2**20:>7.1f}MiB "
+            ns = (f"{r['ns_dtype']}->{r['ns_dtype_resolved']}" if "ns_dtype" in r else "")
+            print(f"{r['model']:>10} {r['optimizer']:>11} {ns:>16} "
+                  f"{r['state_bytes'] / 2**20:>7.1f}MiB "
                   f"{r['bytes_per_param']:>8.3f} {r['ratio_vs_adamw']:>8.1%} "
                   f"{r['step_seconds']:>8.3f}s {ratio:>9}", flush=True)
     return 0

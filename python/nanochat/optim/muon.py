@@ -55,8 +55,10 @@ def shape_scale(rows: int, cols: int, mode: str = "moonlight") -> float:
 
 
 def ns_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """"auto": bf16 on CUDA (as the Muon reference) and on CPUs with fast bf16 GEMMs
-    (AVX512-BF16/AMX: about 2x the f32 rate), else float32."""
+    """"auto": bf16 on CUDA (as the Muon reference) and where CPU bf16 GEMMs are faster
+    than f32 (AVX512-BF16/AMX with an AVX-512 kernel ISA active: about 2x the f32 rate;
+    bitlinear.cpu_has_fast_bf16), else float32: on AVX2-only CPUs (or NANOCHAT_ISA=avx2)
+    bf16 is emulated and slower. `nanochat bench optim` prints the Muon step both ways."""
     if setting == "float32":
         return torch.float32
     if setting == "bfloat16":
