@@ -21,7 +21,9 @@
 #include "common/threadpool.h"
 #include "dense/dense.h"
 #include "gguf/gguf.h"
+#include "loss/fused_loss.h"
 #include "norm/rmsnorm.h"
+#include "optim/blockwise8.h"
 #include "rows/bf16_rows.h"
 #include "ternary/dispatch.h"
 #include "ternary/ternary.h"
@@ -109,6 +111,8 @@ py::dict info() {
   ops["swiglu"] = swiglu_path();
   ops["attention"] = attention_path();  // training's attention op
   ops["bf16_rows"] = bf16_rows_path();
+  ops["fused_loss"] = fused_loss_path();
+  ops["optim8"] = optim8_kernels().name;  // the 8-bit optimizer update
   d["ops"] = ops;
   return d;
 }

@@ -162,6 +162,8 @@ std::string num(int64_t v) { return std::to_string(v); }
 
 }  // namespace
 
+const char* fused_loss_path() { return kernels_for(active_isa()).name; }
+
 const char* loss_precision_name(LossPrecision p) {
   return p == LossPrecision::bf16 ? "bf16" : "f32";
 }

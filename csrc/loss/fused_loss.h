@@ -37,6 +37,7 @@ namespace nanochat {
 enum class LossPrecision { f32, bf16 };
 
 const char* loss_precision_name(LossPrecision p);
+const char* fused_loss_path();  // the GEMM/CE kernels it runs on the active ISA ("avx2", ...)
 LossPrecision loss_precision_from_name(const char* name);  // "f32"/"float32" or "bf16"
 bool loss_precision_supported(LossPrecision p, Isa isa);   // see LossPrecision
 
@@ -99,6 +100,7 @@ using MicroBf16 = void (*)(int64_t kc, const uint16_t* ap, const uint16_t* bp, f
 using CeRow = float (*)(float* x, int64_t n, int32_t t, float scale, bool grad);
 
 struct Kernels {
+  const char* name;  // the ISA path, as `nanochat info` reports it
   int mr, nr;  // micro-tile shape; divides the driver's 120 x 256 blocks
   MicroF32 f32;
   MicroBf16 bf16;  // nullptr: no bf16 tile (the driver rounds operands for the f32 tiles)

@@ -151,6 +151,6 @@ float ce_row(float* x, int64_t n, int32_t t, float scale, bool grad) {
 
 }  // namespace
 
-const Kernels avx2 = {R, C, micro_f32, nullptr, ce_row};
+const Kernels avx2 = {"avx2", R, C, micro_f32, nullptr, ce_row};
 
 }  // namespace nanochat::loss_kernels

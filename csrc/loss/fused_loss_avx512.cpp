@@ -128,7 +128,7 @@ float ce_row(float* x, int64_t n, int32_t t, float scale, bool grad) {
 
 }  // namespace
 
-const Kernels avx512 = {MR, NR, micro_f32, micro_bf16, ce_row};
+const Kernels avx512 = {"avx512", MR, NR, micro_f32, micro_bf16, ce_row};
 
 bool avx512_supported() { return cpu_features().avx512bw; }
 

@@ -65,7 +65,7 @@ float ce_row(float* x, int64_t n, int32_t t, float scale, bool grad) {
 
 }  // namespace
 
-const Kernels scalar = {MR, NR, micro_f32<MR, NR>, micro_bf16<MR, NR>, ce_row};
-const Kernels scalar_6x16 = {6, 16, micro_f32<6, 16>, nullptr, ce_row};
+const Kernels scalar = {"scalar", MR, NR, micro_f32<MR, NR>, micro_bf16<MR, NR>, ce_row};
+const Kernels scalar_6x16 = {"scalar", 6, 16, micro_f32<6, 16>, nullptr, ce_row};
 
 }  // namespace nanochat::loss_kernels
