@@ -335,6 +335,10 @@ def supported_isas() -> list[str]:
     return list(core().supported_isas())
 
 
+# A constant to torch.compile: "auto" choices (BitLinear, attention) ask for the ISA inside
+# compiled forwards, and dynamo cannot trace the extension's import; a compiled graph keeps
+# the ISA it was traced under (set_isa after compiling does not retrace it).
+@torch.compiler.assume_constant_result
 def active_isa() -> str:
     return core().active_isa()
 
