@@ -32,7 +32,7 @@ CpuFeatures detect() {
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   const bool osxsave = c & (1u << 27);
   const bool fma = c & (1u << 12);
-  const unsigned c1 = c;
+  const bool f16c = c & (1u << 29);
   if (!osxsave) return f;
   const uint64_t xcr0 = xgetbv0();
   const bool ymm_os = (xcr0 & 0x6) == 0x6;             // SSE + AVX state
@@ -47,7 +47,6 @@ CpuFeatures detect() {
   const bool avx512vnni = c & (1u << 11);
   const bool amx_bf16 = d & (1u << 22);
   const bool amx_tile = d & (1u << 24);
-  const bool f16c = c1 & (1u << 29);
   f.avx2 = ymm_os && avx2 && fma && f16c;
   f.avx512bw = zmm_os && avx512f && avx512bw && avx512vl;
   f.avx512vnni = f.avx512bw && avx512vnni;
