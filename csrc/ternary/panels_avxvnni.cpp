@@ -7,6 +7,7 @@
 
 #include <cstring>
 
+#include "common/avx2_math.h"  // mask8
 #include "ternary/dispatch.h"
 
 namespace nanochat {
@@ -23,8 +24,7 @@ inline void store_rows(const PanelArgs& a, int64_t r, int64_t t, __m256i acc) {
   if (n >= 8) {
     _mm256_storeu_ps(y, v);
   } else {
-    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(n)),
-                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i m = mask8(n);
     _mm256_maskstore_ps(y, m, v);
   }
 }
