@@ -19,6 +19,12 @@ inline __m256i mask8(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// An empty asm that claims to change v, so v is in a register here. It stops GCC from
+// reassociating an accumulator's chain of vpaddw into trees over a whole unrolled block
+// (which needs ~40 registers and spills most of them), and from coalescing accumulators
+// badly when 16 are live. The kernels' chains are 8 or more independent ones already.
+inline void in_register(__m256i& v) { asm("" : "+x"(v)); }
+
 // Full-width loads and stores in the body, masked ones only on the tail (a masked store
 // costs several times a plain one on Zen 2): Tail = false ignores m.
 template <bool Tail>

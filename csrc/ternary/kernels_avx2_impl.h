@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "common/avx2_math.h"
 #include "ternary/kernels_driver.h"
@@ -43,6 +44,9 @@ inline Partial half_dot(Partial acc, const Codes& k, const int8_t* x) {
   return _mm256_dpbusd_avx_epi32(acc, k.c[3], ld32(x + 192));
 }
 inline __m256i widen(Partial p) { return p; }
+inline __m256i dot(__m256i acc, __m256i c, __m256i x) { return _mm256_dpbusd_avx_epi32(acc, c, x); }
+// vpdpbusd accumulates in int32: the tile never has to fold.
+constexpr int64_t kFoldBlocks = INT64_MAX;
 #else
 // int16 lanes: at most one block (two halves) before widen().
 using Partial = __m256i;
@@ -54,33 +58,57 @@ inline Partial half_dot(Partial acc, const Codes& k, const int8_t* x) {
   return _mm256_add_epi16(acc, s);
 }
 inline __m256i widen(Partial p) { return _mm256_madd_epi16(p, _mm256_set1_epi16(1)); }
+inline __m256i dot(__m256i acc, __m256i c, __m256i x) {
+  return _mm256_add_epi16(acc, _mm256_maddubs_epi16(c, x));
+}
+// A vpmaddubsw lane is at most 2 * 2 * 128 = 512 in magnitude and a block adds 8 of them
+// per lane: int16 partials hold 7 blocks (28672) before they are widened to int32.
+constexpr int64_t kFoldBlocks = 7;
 #endif
 
-// R rows x T tokens, any layout: each half's codes are unpacked once for the T tokens.
+// R rows x T tokens, any layout (in_register: see avx2_math.h). The loop keeps only the R x T partials, the R packed halves
+// and their R unpacked code vectors in registers (15 of 16 for 2 x 4): the products of one
+// code vector with the T tokens are added in as they come, so nothing spills; the int32
+// totals are touched once per kFoldBlocks blocks.
 template <int R, int T>
 struct Tile {
   static void run(const GemmArgs& a, int64_t r, int64_t t) {
-    __m256i acc[R][T];
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < T; ++j) acc[i][j] = _mm256_setzero_si256();
+    const __m256i m3 = _mm256_set1_epi8(3);
     const int64_t nb = a.cols / 256;
     const uint8_t* w0 = w_row(a, r);
-    const int64_t bs = w_block_step(a), rs = w_row_step(a);
-    for (int64_t b = 0; b < nb; ++b) {
-      for (int i = 0; i < R; ++i) {
-        Partial p[T];
-        for (int j = 0; j < T; ++j) p[j] = _mm256_setzero_si256();
+    const int8_t* x0 = a.q + t * a.q_stride;
+    const int64_t bs = w_block_step(a), rs = w_row_step(a), qs = a.q_stride;
+    int32_t total[R][T] = {};
+    for (int64_t b0 = 0; b0 < nb; b0 += kFoldBlocks) {
+      const int64_t b1 = std::min(nb, b0 + kFoldBlocks);
+      __m256i acc[R][T];
+      for (int i = 0; i < R; ++i)
+        for (int j = 0; j < T; ++j) acc[i][j] = _mm256_setzero_si256();
+      for (int64_t b = b0; b < b1; ++b) {
         for (int h = 0; h < 2; ++h) {
-          const Codes k(ld32(w0 + i * rs + b * bs + h * 32));
-          for (int j = 0; j < T; ++j)
-            p[j] = half_dot(p[j], k, a.q + (t + j) * a.q_stride + b * 256 + h * 32);
+          __m256i packed[R];
+          for (int i = 0; i < R; ++i) packed[i] = ld32(w0 + i * rs + b * bs + h * 32);
+          const int8_t* x = x0 + b * 256 + h * 32;
+          for (int n = 0; n < 4; ++n) {
+            __m256i c[R];
+            for (int i = 0; i < R; ++i)
+              c[i] = _mm256_and_si256(_mm256_srli_epi16(packed[i], 2 * n), m3);
+            for (int j = 0; j < T; ++j) {
+              const __m256i xv = ld32(x + j * qs + 64 * n);
+              for (int i = 0; i < R; ++i) {
+                acc[i][j] = dot(acc[i][j], c[i], xv);
+                in_register(acc[i][j]);
+              }
+            }
+          }
         }
-        for (int j = 0; j < T; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], widen(p[j]));
       }
+      for (int i = 0; i < R; ++i)
+        for (int j = 0; j < T; ++j) total[i][j] += hsum_epi32(widen(acc[i][j]));
     }
     for (int i = 0; i < R; ++i)
       for (int j = 0; j < T; ++j)
-        a.y[(t + j) * a.y_stride + r + i] = finish(a, t + j, hsum_epi32(acc[i][j]));
+        a.y[(t + j) * a.y_stride + r + i] = finish(a, t + j, total[i][j]);
   }
 };
 

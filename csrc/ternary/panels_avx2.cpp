@@ -46,6 +46,8 @@ void panel_tile(const PanelArgs& a, int64_t p, int64_t t) {
         const __m256i xb = _mm256_set1_epi32(four);
         acc[j][0] = _mm256_add_epi16(acc[j][0], _mm256_maddubs_epi16(w0, xb));
         acc[j][1] = _mm256_add_epi16(acc[j][1], _mm256_maddubs_epi16(w1, xb));
+        in_register(acc[j][0]);
+        in_register(acc[j][1]);
       }
     }
 #pragma GCC unroll 8
