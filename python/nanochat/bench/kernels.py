@@ -11,7 +11,7 @@ interleaved round by round (A B A B, medians reported, so drift hits all alike):
     to fill 256 MiB (64 MiB with --quick), 2 MiB pages, so no call finds its weights in a
     cache, as in decode, where every token streams every matrix from memory. Over a tile
     the GEMV reads one sequential stream instead of 8 interleaved row streams;
-  - for the GEMM on AVX-512 VNNI CPUs, also training's GEMM straight from int8 codes
+  - for the GEMM, also training's GEMM straight from int8 codes on every ISA timed
     (ternary_gemm_codes: 16-row panels, no TK2; "codes" in the table, kernel=codes in
     JSON, timed from Python so microsecond calls include ~2 us of call overhead);
   - torch's f32 matmul on the same shape and thread count.
@@ -21,7 +21,7 @@ reports GEMV weight bytes/s as a fraction of it.
 Two more parts time what training runs around the GEMM (skip them with --no-training):
   - op "quantize": activation quantization (absmax per token to int8, what the
     nanochat::bitlinear op runs before every GEMM) of training-sized activations
-    (--tokens-train x cols) on every ISA (below avx512 the scalar loop runs) and torch's
+    (--tokens-train x cols) on every ISA and torch's
     fake-quant version (nanochat/bitlinear.py); vs_scalar = scalar time / this time;
   - op "layer": one BitLinear's forward + backward at the shapes behind bitlinear.py's
     AUTO_MIN_MACS threshold, the C++ op (kernel="cpp") vs torch (kernel="torch");
@@ -178,9 +178,9 @@ def run(args: argparse.Namespace):
                 op = "gemv" if tokens == 1 else "gemm"
                 variants = [i for i in isas if not (
                     skip_scalar_big and i == "scalar" and tokens > 1 and rows * cols > 1 << 24)]
-                # training's GEMM from int8 codes (ternary_gemm_codes: VNNI panels)
+                # training's GEMM from int8 codes (ternary_gemm_codes: panels), per ISA
                 codes_call = None
-                if tokens > 1 and "avx512_vnni" in variants:
+                if tokens > 1:
                     codes_call = (ternary._buffer(codes, "codes"), 0.02) + call[4:]
                 best = variants[-1]  # supported_isas() is ascending
                 # the best ISA's other layouts: kernel -> (call, tile_rows, copies)
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace):
                                          8 if name.startswith("tk2x8") else 1, n)
                 for t in threads:
                     samples: dict[str, list[float]] = {i: [] for i in variants}
-                    codes_samples: list[float] = []
+                    codes_samples: dict[str, list[float]] = {i: [] for i in variants}
                     layout_samples: dict[str, list[float]] = {k: [] for k in layouts}
                     torch_samples: list[float] = []
                     for _ in range(rounds):
@@ -199,14 +199,13 @@ def run(args: argparse.Namespace):
                             ternary.set_isa(isa)
                             ternary.set_num_threads(t)
                             samples[isa].append(_time_ours(C, call, min_time))
+                            if codes_call is not None:
+                                codes_samples[isa].append(_time_calls(
+                                    lambda a=codes_call: C.ternary_gemm_codes(*a), min_time))
                             if isa == best:
                                 for name, (lcall, tile_rows, n) in layouts.items():
                                     layout_samples[name].append(
                                         _time_ours(C, lcall, min_time, tile_rows, n))
-                        if codes_call is not None:
-                            ternary.set_isa("avx512_vnni")
-                            codes_samples.append(_time_calls(
-                                lambda a=codes_call: C.ternary_gemm_codes(*a), min_time))
                         if wf is not None:
                             torch.set_num_threads(t)
                             if tokens == 1:
@@ -220,8 +219,8 @@ def run(args: argparse.Namespace):
                     torch_s = statistics.median(torch_samples) if torch_samples else None
                     timed = [("tk2", isa, statistics.median(samples[isa])) for isa in variants]
                     timed += [(k, best, statistics.median(v)) for k, v in layout_samples.items()]
-                    if codes_samples:
-                        timed.append(("codes", "avx512_vnni", statistics.median(codes_samples)))
+                    timed += [("codes", isa, statistics.median(v))
+                              for isa, v in codes_samples.items() if v]
                     for kernel, isa, sec in timed:
                         wgbps = rows * cols / 4 / sec / 1e9
                         yield {
