@@ -19,6 +19,7 @@
 
 #include "common/threadpool.h"
 #include "engine/model.h"
+#include "norm/rmsnorm.h"
 #include "ternary/dispatch.h"
 #include "ternary/ternary.h"
 
@@ -104,28 +105,15 @@ namespace {
 // costs a few microseconds.
 constexpr int64_t kParallelWork = int64_t(1) << 17;
 
-// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, as torch's F.rms_norm.
+// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, as torch's F.rms_norm (norm/rmsnorm.h's
+// row kernel of the active ISA).
 void rmsnorm(const float* x, const float* w, int64_t tokens, int64_t n, float eps, float* out) {
   // The weights come from DRAM once per token (the weight stream evicted them): start
   // every line's miss now, so they arrive while the sum of squares runs.
 #if defined(__GNUC__)
   for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(w + i, 0, 2);
 #endif
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* xt = x + t * n;
-    // 16 running sums in a fixed order: the compiler vectorizes them (one long chain of
-    // dependent adds was 3% of a decode step).
-    float part[16] = {};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-      for (int j = 0; j < 16; ++j) part[j] += xt[i + j] * xt[i + j];
-    for (; i < n; ++i) part[0] += xt[i] * xt[i];
-    float ss = 0.0f;
-    for (float p : part) ss += p;
-    const float r = 1.0f / std::sqrt(ss / float(n) + eps);
-    float* o = out + t * n;
-    for (int64_t i = 0; i < n; ++i) o[i] = (xt[i] * r) * w[i];
-  }
+  for (int64_t t = 0; t < tokens; ++t) rms_norm_row(x + t * n, w, n, eps, out + t * n);
 }
 
 // Adds the seconds from construction to destruction to one of SessionState::times: two

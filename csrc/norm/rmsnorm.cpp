@@ -59,6 +59,10 @@ int64_t blocks_of(int64_t n) { return (n + kRowBlock - 1) / kRowBlock; }
 
 const char* rmsnorm_path() { return kernels().name; }
 
+float rms_norm_row(const float* x, const float* w, int64_t dim, float eps, float* y) {
+  return kernels().fwd(x, w, dim, eps, y);
+}
+
 void rms_norm_forward(const float* x, const float* w, int64_t rows, int64_t dim, float eps,
                       float* y, float* rstd) {
   const auto& k = kernels();

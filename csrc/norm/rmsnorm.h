@@ -25,6 +25,10 @@ void rms_norm_backward(const float* gy, const float* x, const float* w, const fl
                        int64_t rows, int64_t dim, const int64_t* keep, int64_t n_keep,
                        float* gx, float* gw);
 
+// One row of the forward (returns rstd) on the calling thread with the active ISA's kernel:
+// the engine's norms, a token at a time, where a pool dispatch would cost more than the row.
+float rms_norm_row(const float* x, const float* w, int64_t dim, float eps, float* y);
+
 constexpr int64_t kRowBlock = 32;
 
 // ---- per-ISA row kernels (internal; declared here for the two kernel files) -------------
