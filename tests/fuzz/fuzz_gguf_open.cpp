@@ -37,7 +37,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     sink = sink + v.type_name().size();
     quietly([&] { sink = sink + uint64_t(f->get_i64(key)); });
     quietly([&] { sink = sink + f->get_u32(key); });
-    quietly([&] { sink = sink + uint64_t(f->get_f64(key)); });
+    quietly([&] { sink = sink + (f->get_f64(key) > 0.0); });
     quietly([&] { sink = sink + f->get_bool(key); });
     quietly([&] { sink = sink + f->get_string(key).size(); });
     quietly([&] { sink = sink + f->get_string_array(key).size(); });
