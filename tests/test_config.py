@@ -34,6 +34,7 @@ def test_file_values_are_typed(tmp_path):
     ("[train]\nbatch_size = 0\n", r"train\.batch_size must be > 0"),
     ("[train]\nseq_len = 4096\n", r"exceeds model\.max_seq_len"),
     ("[schedule]\ndecay_shape = 'exp'\n", r"decay_shape"),
+    ("[model.mhc]\nstreams = 2\nsinkhorn_iters = 1001\n", r"sinkhorn_iters must be <= 1000"),
     ("[model\n", r"invalid TOML"),
 ])
 def test_bad_files_name_file_and_key(tmp_path, text, match):

@@ -102,10 +102,11 @@ void bind_engine(py::module_& m) {
           py::arg("token"));
 
   py::class_<PySession>(m, "EngineSession", "One conversation's KV cache over an EngineModel.")
-      .def(py::init([](const PyModel& model, int32_t n_ctx) {
-             return PySession{model.model, std::make_unique<Session>(model.model, n_ctx)};
+      .def(py::init([](const PyModel& model, int32_t n_ctx, int64_t max_kv_bytes) {
+             return PySession{model.model,
+                              std::make_unique<Session>(model.model, n_ctx, max_kv_bytes)};
            }),
-           py::arg("model"), py::arg("n_ctx") = 0)
+           py::arg("model"), py::arg("n_ctx") = 0, py::arg("max_kv_bytes") = 0)
       .def_property_readonly("n_past", [](const PySession& s) { return s.session->n_past(); })
       .def_property_readonly("n_ctx", [](const PySession& s) { return s.session->n_ctx(); })
       .def("reset", [](PySession& s) { s.session->reset(); })

@@ -6,6 +6,8 @@
 // forward pass per token it samples after the first). n_past() counts every token of the
 // conversation; all of them fit n_ctx.
 #include <algorithm>
+#include <cstdio>
+#include <new>
 #include <chrono>
 #include <string>
 #include <utility>
@@ -119,13 +121,51 @@ struct Session::Impl {
   }
 };
 
-Session::Session(std::shared_ptr<const Model> model, int32_t n_ctx) {
+int64_t Session::kv_cache_bytes(const Model& model, int32_t n_ctx) {
+  const Model::Impl& m = model.impl();
+  const int64_t kv_dim = int64_t(m.info.n_kv_heads) * m.info.head_dim;
+  int64_t total = 0;
+  for (const LayerWeights& L : m.layers) {  // as SessionState lays it out
+    const int64_t slots = L.sliding ? std::min<int64_t>(n_ctx, int64_t(m.window) + kMaxBatch)
+                                    : int64_t(n_ctx);
+    total += 2 * slots * kv_dim * int64_t(sizeof(float));
+  }
+  return total;
+}
+
+namespace {
+std::string mib(int64_t bytes) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.1f MiB", double(bytes) / (1 << 20));
+  return b;
+}
+}  // namespace
+
+Session::Session(std::shared_ptr<const Model> model, int32_t n_ctx, int64_t max_kv_bytes) {
   if (!model) throw Error("Session: model is null");
+  const std::string& path = model->info().path;
   const int32_t max = model->info().context_length;
   if (n_ctx < 0 || n_ctx > max)
-    throw Error("Session: n_ctx " + std::to_string(n_ctx) + " is outside [0, " +
-                std::to_string(max) + "] (0: the model's context_length)");
-  impl_ = std::make_unique<Impl>(std::move(model), n_ctx == 0 ? max : n_ctx);
+    throw Error(path + ": n_ctx " + std::to_string(n_ctx) + " is outside [0, " +
+                std::to_string(max) + "] (the model's context_length; 0: min(" +
+                std::to_string(max) + ", " + std::to_string(kDefaultMaxContext) + "))");
+  if (max_kv_bytes < 0)
+    throw Error("Session: max_kv_bytes must be >= 0 (0: the default " +
+                mib(kDefaultMaxKvBytes) + "), got " + std::to_string(max_kv_bytes));
+  const int64_t allowed = max_kv_bytes ? max_kv_bytes : kDefaultMaxKvBytes;
+  const int32_t ctx = n_ctx ? n_ctx : std::min(max, kDefaultMaxContext);
+  const int64_t need = kv_cache_bytes(*model, ctx);
+  if (need > allowed)
+    throw Error(path + ": a context of " + std::to_string(ctx) + " tokens needs a KV cache of " +
+                std::to_string(need) + " bytes (" + mib(need) + "), more than the allowed " +
+                std::to_string(allowed) + " (" + mib(allowed) +
+                "); ask for a smaller n_ctx or raise max_kv_bytes");
+  try {
+    impl_ = std::make_unique<Impl>(std::move(model), ctx);
+  } catch (const std::bad_alloc&) {
+    throw Error(path + ": out of memory allocating a session of " + std::to_string(ctx) +
+                " tokens (KV cache " + mib(need) + ")");
+  }
 }
 
 Session::~Session() = default;

@@ -157,14 +157,19 @@ nc_status nc_detokenize(const nc_model* model, const int32_t* tokens, size_t n, 
   });
 }
 
-nc_status nc_session_new(const nc_model* model, int32_t n_ctx, nc_session** out) {
+nc_status nc_session_new_limited(const nc_model* model, int32_t n_ctx, int64_t max_kv_bytes,
+                                 nc_session** out) {
   if (!out) return fail(NC_ERR_INVALID_ARGUMENT, "nc_session_new: out is NULL");
   *out = nullptr;
   if (!model) return fail(NC_ERR_INVALID_ARGUMENT, "nc_session_new: model is NULL");
   return guarded("nc_session_new", [&] {
-    *out = new nc_session{nanochat::Session(model->model, n_ctx)};
+    *out = new nc_session{nanochat::Session(model->model, n_ctx, max_kv_bytes)};
     return NC_OK;
   });
+}
+
+nc_status nc_session_new(const nc_model* model, int32_t n_ctx, nc_session** out) {
+  return nc_session_new_limited(model, n_ctx, 0, out);
 }
 
 void nc_session_free(nc_session* session) { delete session; }

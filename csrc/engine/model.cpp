@@ -40,6 +40,20 @@ class Loader {
   int64_t hparam_or(const std::string& key, int64_t def, int64_t lo, int64_t hi) const {
     return f_.has(key) ? hparam(key, lo, hi) : def;
   }
+  // A copy of an F32 tensor, kept in `store` (the model's), refused when any value is NaN
+  // or infinite: a bad norm or router weight would only show as garbage at generate time.
+  // The model keeps no pointer into the file, whose mapping closes after load.
+  const float* owned_f32(const gguf::TensorInfo& t, std::vector<std::vector<float>>& store) const {
+    const int64_t n = t.nbytes / int64_t(sizeof(float));
+    std::vector<float> v(static_cast<size_t>(n));
+    std::memcpy(v.data(), t.data, size_t(t.nbytes));
+    for (int64_t i = 0; i < n; ++i)
+      if (!std::isfinite(v[size_t(i)]))
+        fail("tensor '" + t.name + "': value " + std::to_string(i) + " is not finite (" +
+             std::to_string(v[size_t(i)]) + ")");
+    store.push_back(std::move(v));
+    return store.back().data();
+  }
   float positive_float(const std::string& key) const {
     const float v = f_.get_f32(key);
     if (!std::isfinite(v) || v <= 0.0f)
@@ -138,8 +152,9 @@ float load_ternary(const Loader& ld, const gguf::TensorInfo& t, int64_t rows, in
 
 std::unique_ptr<Model::Impl> load_model(const std::string& path) {
   auto m = std::make_unique<Model::Impl>();
-  m->file = gguf::GgufFile::open(path);
-  const gguf::GgufFile& f = *m->file;
+  // Local: the model copies what it reads, so the mapping closes when loading ends.
+  const std::unique_ptr<gguf::GgufFile> file = gguf::GgufFile::open(path);
+  const gguf::GgufFile& f = *file;
   Loader ld(f);
   ModelInfo& info = m->info;
   info.path = path;
@@ -275,7 +290,9 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
       ld.fail("metadata 'nanochat.hc.res_type' = '" + res + "' (expected sinkhorn or lite)");
     m->hc_lite = res == "lite";
     if (m->hc_lite && n > 5) ld.fail("metadata 'nanochat.hc.stream_count' > 5 with res lite");
-    m->hc_iters = int32_t(ld.hparam("nanochat.hc.sinkhorn_iterations", 0, 100000));
+    // Every token runs the iterations in every sub-layer: a large count is a cheap way to
+    // make a file slow, and training uses ~20.
+    m->hc_iters = int32_t(ld.hparam("nanochat.hc.sinkhorn_iterations", 0, kMaxSinkhornIterations));
     m->hc_dynamic = f.get_bool("nanochat.hc.dynamic");
     if (n > 1) {
       m->hc_n = int32_t(n);
@@ -297,8 +314,8 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
   using T = gguf::GgmlType;
   const gguf::TensorInfo& embd =
       ld.tensor("token_embd.weight", {d, vocab}, {T::F16, T::Q8_0, T::F32});
-  m->output_norm =
-      reinterpret_cast<const float*>(ld.tensor("output_norm.weight", {d}, {T::F32}).data);
+  std::vector<std::vector<float>>& own = m->f32_tensors;
+  m->output_norm = ld.owned_f32(ld.tensor("output_norm.weight", {d}, {T::F32}), own);
 
   struct Mat {
     gguf::TensorInfo t;  // for an expert: its slice (data, nbytes, name)
@@ -314,7 +331,7 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
     LayerWeights& L = m->layers[size_t(l)];
     const std::string b = "blk." + std::to_string(l) + ".";
     auto norm = [&](const char* n, int64_t size) {
-      return reinterpret_cast<const float*>(ld.tensor(b + n, {size}, {T::F32}).data);
+      return ld.owned_f32(ld.tensor(b + n, {size}, {T::F32}), own);
     };
     L.attn_norm = norm("attn_norm.weight", d);
     L.attn_sub_norm = norm("attn_sub_norm.weight", d);
@@ -347,7 +364,7 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
     if (m->hc_n) {
       const int64_t n = m->hc_n, nr = m->hc_n_res;
       auto f32 = [&](const std::string& nm, const std::vector<int64_t>& dims) {
-        return reinterpret_cast<const float*>(ld.tensor(b + nm, dims, {T::F32}).data);
+        return ld.owned_f32(ld.tensor(b + nm, dims, {T::F32}), own);
       };
       const char* subs[2] = {"hc_attn_", "hc_ffn_"};
       for (int i = 0; i < 2; ++i) {
@@ -376,18 +393,10 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
     // whole blocks (in is a multiple of 256), so each loads as its own tensor and scale.
     const int64_t E = n_exp;
     auto f32 = [&](const std::string& n, const std::vector<int64_t>& dims) {
-      return reinterpret_cast<const float*>(ld.tensor(b + n, dims, {T::F32}).data);
+      return ld.owned_f32(ld.tensor(b + n, dims, {T::F32}), own);
     };
-    L.router = f32("ffn_gate_inp.weight", {d, E});
+    L.router = f32("ffn_gate_inp.weight", {d, E});  // finite: a NaN score breaks the top-k
     L.expert_bias = f32("exp_probs_b.bias", {E});
-    for (int64_t i = 0; i < E * d; ++i)  // a NaN score would make the top-k meaningless
-      if (!std::isfinite(L.router[i]))
-        ld.fail("tensor '" + b + "ffn_gate_inp.weight': value " + std::to_string(i) +
-                " is not finite");
-    for (int64_t i = 0; i < E; ++i)
-      if (!std::isfinite(L.expert_bias[i]))
-        ld.fail("tensor '" + b + "exp_probs_b.bias': value " + std::to_string(i) +
-                " is not finite");
     L.exp_sub_norm = f32("ffn_sub_norm_exps.weight", {eh, E});
     L.exp_gate.resize(size_t(E));
     L.exp_up.resize(size_t(E));
@@ -501,6 +510,20 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
     E.type = embd.type == uint32_t(T::F16) ? DenseType::F16 : DenseType::F32;
     m->embd_data = LargeBuffer(size_t(embd.nbytes));
     std::memcpy(m->embd_data.data(), embd.data, size_t(embd.nbytes));
+    const int64_t n = vocab * d;
+    if (E.type == DenseType::F16) {
+      const uint16_t* h = reinterpret_cast<const uint16_t*>(m->embd_data.data());
+      for (int64_t i = 0; i < n; ++i)
+        if ((h[i] & 0x7c00) == 0x7c00)  // exponent all ones: inf or NaN
+          ld.fail("tensor 'token_embd.weight': value " + std::to_string(i) + " (token " +
+                  std::to_string(i / d) + ") is not finite");
+    } else {
+      const float* x = reinterpret_cast<const float*>(m->embd_data.data());
+      for (int64_t i = 0; i < n; ++i)
+        if (!std::isfinite(x[i]))
+          ld.fail("tensor 'token_embd.weight': value " + std::to_string(i) + " (token " +
+                  std::to_string(i / d) + ") is not finite");
+    }
   }
   E.data = m->embd_data.data();
   info.embd_type = dense_type_name(E.type);

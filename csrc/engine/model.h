@@ -32,8 +32,13 @@ struct TernaryWeight {
   float scale = 0.0f;
 };
 
+// Sinkhorn iterations an mHC model may ask for (each token runs them in every sub-layer).
+constexpr int64_t kMaxSinkhornIterations = 1000;
+
+// Every pointer below points into memory the model owns (Model::Impl): nothing points into
+// the GGUF file, whose mapping is closed when load_model returns.
 struct LayerWeights {
-  const float* attn_norm = nullptr;  // d_model, in the file's mapping
+  const float* attn_norm = nullptr;  // d_model
   const float* attn_sub_norm = nullptr;
   const float* ffn_norm = nullptr;
   const float* ffn_sub_norm = nullptr;  // ffn_hidden
@@ -59,7 +64,6 @@ struct LayerWeights {
 };
 
 struct Model::Impl {
-  std::unique_ptr<gguf::GgufFile> file;
   ModelInfo info;
   Activation activation = Activation::silu;
   std::unique_ptr<BpeTokenizer> tokenizer;
@@ -68,6 +72,10 @@ struct Model::Impl {
   LargeBuffer ternary;
   std::vector<LayerWeights> layers;
   const float* output_norm = nullptr;
+  // Every F32 tensor the forward pass reads (norms, router and bias, mHC coefficients),
+  // copied out of the file at load; norms read between two matrices are copied again
+  // behind the first (see `ternary`).
+  std::vector<std::vector<float>> f32_tensors;
   // token_embd: the embedding and the tied LM head, copied into 2 MiB pages (F32/F16)
   // or repacked to Q8R (Q8_0): the head streams it once per decoded token.
   DenseMatrix embd;

@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "ternary/ternary.h"  // nanochat::Error
@@ -28,6 +29,17 @@ constexpr uint32_t VERSION = 3;
 constexpr uint32_t DEFAULT_ALIGNMENT = 32;
 constexpr int MAX_DIMS = 4;
 constexpr int MAX_ARRAY_DEPTH = 8;  // nested arrays deeper than this are rejected
+// Reader limits (a file past one is refused with an error naming it). llama.cpp's gguf.cpp
+// caps a string at 1 GiB and an array at 2^30 elements; keys and counts are capped lower
+// here, far above any real model's (tens of keys, hundreds of tensors, keys under 100 bytes).
+constexpr uint64_t MAX_KEY_BYTES = 65536;
+constexpr uint64_t MAX_STRING_BYTES = uint64_t(1) << 30;
+constexpr uint64_t MAX_ARRAY_ELEMENTS = uint64_t(1) << 30;
+constexpr uint64_t MAX_KV_COUNT = 65536;
+constexpr uint64_t MAX_TENSOR_COUNT = 65536;
+// Parsed metadata may hold at most 2x its bytes in the file plus this much in memory
+// (GgufFile::metadata_memory): a few hundred keys' fixed overhead.
+constexpr uint64_t METADATA_MEMORY_SLACK = 64 * 1024;
 
 // ---- metadata value types ------------------------------------------------------
 enum class ValueType : uint32_t {
@@ -41,6 +53,54 @@ ValueType value_type_from_name(const std::string& name);  // throws Error on unk
 // Bytes of one scalar of type t on disk; 0 for STRING and ARRAY.
 size_t value_type_size(ValueType t);
 
+// An array of strings stored back to back (one buffer plus an end offset per string), so
+// it takes no more memory than the file's bytes (an 8-byte length and the text each);
+// a std::vector<std::string> takes 32 bytes even for an empty string. Iterating yields
+// std::string copies.
+class StringList {
+ public:
+  StringList() = default;
+  StringList(const std::vector<std::string>& v);  // NOLINT: implicit, as the vector it replaces
+  void reserve(size_t n, size_t bytes) {
+    ends_.reserve(n);
+    data_.reserve(bytes);
+  }
+  void push_back(std::string_view s) {
+    data_.append(s.data(), s.size());
+    ends_.push_back(data_.size());
+  }
+  size_t size() const { return ends_.size(); }
+  bool empty() const { return ends_.empty(); }
+  std::string_view operator[](size_t i) const {
+    const size_t b = i ? size_t(ends_[i - 1]) : 0;
+    return std::string_view(data_).substr(b, size_t(ends_[i]) - b);
+  }
+  std::vector<std::string> to_vector() const;
+  size_t heap_bytes() const { return data_.capacity() + ends_.capacity() * sizeof(uint64_t); }
+  bool operator==(const StringList& o) const { return data_ == o.data_ && ends_ == o.ends_; }
+
+  class iterator {
+   public:
+    iterator(const StringList* l, size_t i) : l_(l), i_(i) {}
+    std::string operator*() const { return std::string((*l_)[i_]); }
+    iterator& operator++() {
+      ++i_;
+      return *this;
+    }
+    bool operator!=(const iterator& o) const { return i_ != o.i_; }
+
+   private:
+    const StringList* l_;
+    size_t i_;
+  };
+  iterator begin() const { return iterator(this, 0); }
+  iterator end() const { return iterator(this, size()); }
+
+ private:
+  std::string data_;
+  std::vector<uint64_t> ends_;
+};
+
 // One metadata value. Scalars keep their raw little-endian bits in `bits`; arrays of
 // scalars keep their packed elements in `raw`, arrays of strings in `strings`, and
 // arrays of arrays in `items`.
@@ -51,7 +111,7 @@ struct Value {
   ValueType elem_type = ValueType::U8;  // ARRAY only
   uint64_t count = 0;                   // ARRAY only: number of elements
   std::vector<uint8_t> raw;             // ARRAY of scalars
-  std::vector<std::string> strings;     // ARRAY of STRING
+  StringList strings;                   // ARRAY of STRING
   std::vector<Value> items;             // ARRAY of ARRAY
 
   // constructors
@@ -84,7 +144,7 @@ struct Value {
   float as_f32() const;     // F32 or F64
   bool as_bool() const;
   const std::string& as_string() const;
-  const std::vector<std::string>& as_string_array() const;
+  std::vector<std::string> as_string_array() const;  // a copy
   std::vector<int64_t> as_int_array() const;   // array of any integer type (or bool)
   std::vector<double> as_float_array() const;  // array of F32/F64
   // Element i of a scalar array as an int64/double (i < count).
@@ -178,10 +238,20 @@ struct TensorInfo {
   const uint8_t* data;  // into the mapping; valid while the GgufFile lives
 };
 
+// Parsing limits a caller may lower (the fuzzer does, to keep each input cheap).
+struct ReadLimits {
+  uint64_t max_kv_count = MAX_KV_COUNT;
+  uint64_t max_tensor_count = MAX_TENSOR_COUNT;
+  uint64_t max_string_bytes = MAX_STRING_BYTES;
+  uint64_t max_array_elements = MAX_ARRAY_ELEMENTS;
+};
+
 class GgufFile {
  public:
   // Maps `path` read-only and validates the whole header, metadata and tensor table.
-  static std::unique_ptr<GgufFile> open(const std::string& path);
+  // Parsing takes time linear in the file's size; the parsed metadata at most
+  // 2 x metadata_bytes() + METADATA_MEMORY_SLACK bytes of memory (else an Error).
+  static std::unique_ptr<GgufFile> open(const std::string& path, const ReadLimits& limits = {});
   ~GgufFile();
   GgufFile(const GgufFile&) = delete;
   GgufFile& operator=(const GgufFile&) = delete;
@@ -191,6 +261,10 @@ class GgufFile {
   uint32_t alignment() const { return alignment_; }
   uint64_t file_size() const { return size_; }
   uint64_t data_offset() const { return data_start_; }  // absolute start of the data section
+  // Bytes of the key-value section in the file, and the heap bytes its parsed form holds
+  // (keys, values and the key index; counted as they are parsed).
+  uint64_t metadata_bytes() const { return metadata_bytes_; }
+  uint64_t metadata_memory() const { return metadata_memory_; }
 
   // Metadata in file order.
   const std::vector<std::pair<std::string, Value>>& kvs() const { return kvs_; }
@@ -204,7 +278,7 @@ class GgufFile {
   double get_f64(const std::string& key) const;
   bool get_bool(const std::string& key) const;
   const std::string& get_string(const std::string& key) const;
-  const std::vector<std::string>& get_string_array(const std::string& key) const;
+  std::vector<std::string> get_string_array(const std::string& key) const;
   std::vector<int64_t> get_int_array(const std::string& key) const;
   std::vector<double> get_float_array(const std::string& key) const;
 
@@ -214,13 +288,15 @@ class GgufFile {
 
  private:
   GgufFile() = default;
-  void parse();
+  void parse(const ReadLimits& limits);
   std::string path_;
   const uint8_t* base_ = nullptr;
   uint64_t size_ = 0;
   uint32_t version_ = 0;
   uint32_t alignment_ = DEFAULT_ALIGNMENT;
   uint64_t data_start_ = 0;
+  uint64_t metadata_bytes_ = 0;
+  uint64_t metadata_memory_ = 0;
   std::vector<std::pair<std::string, Value>> kvs_;
   std::map<std::string, size_t> kv_index_;
   std::vector<TensorInfo> tensors_;

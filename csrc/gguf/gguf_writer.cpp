@@ -231,10 +231,10 @@ const std::string& Value::as_string() const {
   if (type != ValueType::STRING) throw wrong_type(*this, "string");
   return str;
 }
-const std::vector<std::string>& Value::as_string_array() const {
+std::vector<std::string> Value::as_string_array() const {
   if (type != ValueType::ARRAY || elem_type != ValueType::STRING)
     throw wrong_type(*this, "array[string]");
-  return strings;
+  return strings.to_vector();
 }
 int64_t Value::int_at(uint64_t i) const {
   if (type != ValueType::ARRAY || !(is_int_type(elem_type) || elem_type == ValueType::BOOL))

@@ -169,7 +169,9 @@ def _open_engine(args: argparse.Namespace):
                                 f"nanochat export --gguf)")
     if args.threads:
         ternary.set_num_threads(args.threads)
-    return Engine(args.model, n_ctx=args.ctx)
+    if args.max_kv_mib < 1:
+        raise ValueError(f"--max-kv-mib must be >= 1, got {args.max_kv_mib}")
+    return Engine(args.model, n_ctx=args.ctx, max_kv_bytes=args.max_kv_mib << 20)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -294,7 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=int, default=0,
                         help="kernel threads (default: NANOCHAT_NUM_THREADS or all cores)")
         sp.add_argument("--ctx", type=int, default=0,
-                        help="context length in tokens (default: the model's)")
+                        help="context length in tokens (default: the model's, at most 4096; "
+                        "a larger one up to the model's is allowed within --max-kv-mib)")
+        sp.add_argument("--max-kv-mib", type=int, default=4096, metavar="MIB",
+                        help="largest KV cache to allocate, in MiB (default: 4096); a "
+                        "--ctx that needs more is refused")
 
     pg = sub.add_parser(
         "generate", help="complete a prompt with a GGUF model on the C++ engine",

@@ -54,6 +54,9 @@ class MHCConfig:
             raise ConfigError(f"{where}: res = 'lite' mixes all streams! permutations; "
                               f"streams must be <= 5, got {self.streams}")
         _positive(self, where, "sinkhorn_iters")
+        if self.sinkhorn_iters > 1000:  # the C++ engine refuses more (kMaxSinkhornIterations)
+            raise ConfigError(f"{where}.sinkhorn_iters must be <= 1000, got "
+                              f"{self.sinkhorn_iters}")
 
 
 @dataclass

@@ -31,13 +31,14 @@ _DONE = object()
 
 
 class Engine:
-    """A GGUF model in the C++ engine with one session of up to n_ctx tokens
-    (0: the model's context length)."""
+    """A GGUF model in the C++ engine with one session of up to n_ctx tokens (0: the
+    model's context length, at most 4096). max_kv_bytes caps the session's KV cache
+    (0: 4 GiB); a context that needs more raises ValueError naming the file and sizes."""
 
-    def __init__(self, path: str | os.PathLike, n_ctx: int = 0):
+    def __init__(self, path: str | os.PathLike, n_ctx: int = 0, max_kv_bytes: int = 0):
         path = os.fspath(path)
         self._model = core().EngineModel(path)
-        self._session = core().EngineSession(self._model, int(n_ctx))
+        self._session = core().EngineSession(self._model, int(n_ctx), int(max_kv_bytes))
         self.info: dict = self._model.info
         self._lock = threading.Lock()  # the session is used by one call at a time
         self.last_result: dict | None = None  # generate()'s summary (as complete()'s) once done

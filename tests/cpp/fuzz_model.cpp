@@ -8,6 +8,7 @@
 // .ci/run runs it in the sanitizer build via ctest.
 //
 //   nanochat_fuzz [--iterations N] [--seed S] [--keep DIR]
+//   nanochat_fuzz --write-seeds DIR   (the seeds only: tests/fuzz/corpus/model_load)
 #include <unistd.h>
 
 #include <algorithm>
@@ -425,16 +426,27 @@ bool check_seed(const std::string& path, const Spec& s) {
 int main(int argc, char** argv) {
   long iterations = 3000;
   uint64_t seed = 1;
-  std::string keep;
+  std::string keep, seeds_dir;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--iterations" && i + 1 < argc) iterations = std::atol(argv[++i]);
     else if (a == "--seed" && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
     else if (a == "--keep" && i + 1 < argc) keep = argv[++i];
+    else if (a == "--write-seeds" && i + 1 < argc) seeds_dir = argv[++i];
     else {
-      std::fprintf(stderr, "usage: %s [--iterations N] [--seed S] [--keep DIR]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--iterations N] [--seed S] [--keep DIR] | "
+                   "--write-seeds DIR\n", argv[0]);
       return 2;
     }
+  }
+  if (!seeds_dir.empty()) {  // the libFuzzer target model_load starts from these
+    uint32_t k = 0;
+    for (const Spec& spec : seed_specs()) {
+      const std::string path = seeds_dir + "/" + spec.name + ".gguf";
+      seed_model(path, spec, uint32_t(seed) + k++);
+      if (!check_seed(path, spec)) return 1;
+    }
+    return 0;
   }
   const char* tmp = std::getenv("TMPDIR");
   const std::string dir = tmp && *tmp ? tmp : "/tmp";

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <new>
 #include <random>
@@ -1128,6 +1129,115 @@ TEST(EngineLoad, TruncatedFile) {
     EXPECT_NE(e.find(p), std::string::npos) << e;
     std::remove(p.c_str());
   }
+}
+
+// A file may claim a context of 2^24 tokens: a session gets min(context_length, 4096) unless
+// the caller names one, and a context whose KV cache passes the limit is refused with an
+// error naming the file, the bytes needed and allowed (before: 2^24 threw std::bad_alloc
+// out of the session, 2^20 allocated and zeroed the whole cache).
+TEST(EngineLoad, ContextAndKvCacheAreCapped) {
+  FileSpec f = make_model(Spec{}).first;
+  for (uint32_t claimed : {uint32_t(1) << 20, uint32_t(1) << 24}) {
+    f.set("nanochat.context_length", gguf::Value::u32(claimed));
+    TempModel tm(f);
+    auto model = Model::load(tm.path);
+    EXPECT_EQ(model->info().context_length, int32_t(claimed));
+    Session s(model);
+    EXPECT_EQ(s.n_ctx(), kDefaultMaxContext);
+    EXPECT_EQ(s.eval({2, 3, 4}).size(), size_t(model->info().vocab_size));
+    // 2 layers x (K, V) x 2 kv heads x 64 dims x 4 bytes per token
+    const int64_t per_token = 2 * 2 * 2 * 64 * 4;
+    EXPECT_EQ(Session::kv_cache_bytes(*model, 1), per_token);
+    const int64_t limit = int64_t(64) << 20;
+    Session big(model, 8192, limit);  // explicit, larger than the default, within the limit
+    EXPECT_EQ(big.n_ctx(), 8192);
+    for (int64_t cap : {limit, int64_t(0)}) {  // 0: the default 4 GiB
+      if (cap == 0 && claimed < (uint32_t(1) << 24)) continue;  // 2^20 x 2 KiB fits 4 GiB
+      try {
+        Session over(model, int32_t(claimed), cap);
+        ADD_FAILURE() << "no error for a context of " << claimed;
+      } catch (const Error& e) {
+        const std::string m = e.what();
+        const int64_t allowed = cap ? cap : kDefaultMaxKvBytes;
+        EXPECT_NE(m.find(tm.path), std::string::npos) << m;
+        EXPECT_NE(m.find(std::to_string(claimed) + " tokens"), std::string::npos) << m;
+        EXPECT_NE(m.find(std::to_string(per_token * claimed) + " bytes"), std::string::npos) << m;
+        EXPECT_NE(m.find("allowed " + std::to_string(allowed)), std::string::npos) << m;
+      }
+    }
+    EXPECT_THROW(Session(model, 16, -1), Error);
+    // The C API: the default session is capped; the limited one refuses cleanly.
+    nc_model* cm = nullptr;
+    ASSERT_EQ(nc_model_load(tm.path.c_str(), &cm), NC_OK);
+    nc_session* cs = nullptr;
+    ASSERT_EQ(nc_session_new(cm, 0, &cs), NC_OK);
+    nc_session_free(cs);
+    cs = nullptr;
+    EXPECT_EQ(nc_session_new_limited(cm, int32_t(claimed), limit, &cs), NC_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(cs, nullptr);
+    EXPECT_NE(std::string(nc_last_error()).find(tm.path), std::string::npos) << nc_last_error();
+    ASSERT_EQ(nc_session_new_limited(cm, 8192, limit, &cs), NC_OK);
+    EXPECT_EQ(nc_session_n_past(cs), 0);
+    nc_session_free(cs);
+    nc_model_free(cm);
+  }
+}
+
+// NaN or inf in a norm, the embedding or any other float tensor is refused at load, naming
+// the tensor (before: the model loaded and produced NaN logits at the first generate).
+TEST(EngineLoad, NonFiniteWeightsAreRefused) {
+  const FileSpec good = make_model(Spec{}).first;
+  auto has = [](const std::string& e, const std::string& what) {
+    return e.find(what) != std::string::npos;
+  };
+  const float bad[] = {std::numeric_limits<float>::quiet_NaN(),
+                       std::numeric_limits<float>::infinity()};
+  for (const char* name : {"blk.0.attn_norm.weight", "blk.1.ffn_sub_norm.weight",
+                           "output_norm.weight", "blk.1.attn_sub_norm.weight"})
+    for (float x : bad) {
+      FileSpec f = good;
+      std::memcpy(f.tensor(name).bytes.data() + 4 * 5, &x, 4);
+      const std::string e = error_of(f);
+      EXPECT_TRUE(has(e, std::string("tensor '") + name + "': value 5 is not finite")) << e;
+    }
+  for (uint16_t h : {uint16_t(0x7e00), uint16_t(0xfc00)}) {  // f16 NaN, -inf
+    FileSpec f = good;
+    std::memcpy(f.tensor("token_embd.weight").bytes.data() + 2 * 300, &h, 2);
+    const std::string e = error_of(f);
+    EXPECT_TRUE(has(e, "tensor 'token_embd.weight': value 300 (token 1) is not finite")) << e;
+  }
+}
+
+TEST(EngineLoad, SinkhornIterationsAreCapped) {
+  FileSpec f = make_model(Spec{}).first;
+  f.set("nanochat.hc.stream_count", gguf::Value::u32(2));
+  f.set("nanochat.hc.dynamic", gguf::Value::boolean(false));
+  f.set("nanochat.hc.res_type", gguf::Value::string("sinkhorn"));
+  f.set("nanochat.hc.sinkhorn_iterations", gguf::Value::u32(100000));
+  const std::string e = error_of(f);
+  EXPECT_NE(e.find("'nanochat.hc.sinkhorn_iterations' = 100000 is out of range [0, 1000]"),
+            std::string::npos) << e;
+}
+
+// After load the model reads nothing from the file: truncating it (which makes any access
+// to the old mapping SIGBUS) leaves generation working. In a child process (death test).
+TEST(EngineLoad, ModelOwnsItsWeights) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto [file, ref] = make_model(Spec{});
+  TempModel tm(file);
+  auto run = [&] {
+    auto model = Model::load(tm.path);
+    const std::vector<float> before = Session(model).eval({2, 3, 4, 5});
+    if (::truncate(tm.path.c_str(), 0) != 0) std::exit(3);
+    Session s(model);
+    if (s.eval({2, 3, 4, 5}) != before) std::exit(4);
+    SamplingParams p;
+    p.max_tokens = 8;
+    p.temperature = 0.0f;
+    s.generate({6, 7}, p);
+    std::exit(0);
+  };
+  EXPECT_EXIT(run(), ::testing::ExitedWithCode(0), "");
 }
 
 // ---- the C API -------------------------------------------------------------------------------

@@ -5,7 +5,10 @@
 
 #include <unistd.h>
 
+#include <malloc.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -492,4 +495,167 @@ TEST(Q8_0, BadInputThrows) {
   x[40] = -std::numeric_limits<float>::infinity();
   EXPECT_THROW(q8_0_quantize(x.data(), 1, 64, out.data()), Error);
   q8_0_quantize(x.data(), 0, 64, out.data());  // empty is fine
+}
+
+// ---- limits: time linear in the file, memory within 2x its metadata -----------------------
+
+namespace {
+
+// Heap bytes in use (glibc). ASan's allocator reports none, so the measured check is skipped
+// there; the reader's own count (metadata_memory) is checked everywhere.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kHeapMeasurable = false;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr bool kHeapMeasurable = false;
+#else
+constexpr bool kHeapMeasurable = true;
+#endif
+#else
+constexpr bool kHeapMeasurable = true;
+#endif
+size_t heap_in_use() {
+  const struct mallinfo2 m = ::mallinfo2();
+  return m.uordblks + m.hblkhd;
+}
+
+// Adversarial metadata of about n bytes, by shape.
+Bytes adversarial(const std::string& shape, size_t n) {
+  if (shape == "long key, many strings") {  // the quadratic case: key and elements grow
+    Bytes f = header(0, 1);
+    const size_t key = std::min<size_t>(n / 2, size_t(MAX_KEY_BYTES));
+    f.str(std::string(key, 'k')).pod<uint32_t>(9).pod<uint32_t>(8);
+    const uint64_t count = (n - key) / 8;
+    f.pod<uint64_t>(count);
+    for (uint64_t i = 0; i < count; ++i) f.pod<uint64_t>(0);
+    return f;
+  }
+  if (shape == "short strings") {  // a tokenizer's shape: 1..7-byte strings
+    Bytes f = header(0, 1);
+    f.str("tokenizer.ggml.tokens").pod<uint32_t>(9).pod<uint32_t>(8);
+    const uint64_t count = n / 12;
+    f.pod<uint64_t>(count);
+    for (uint64_t i = 0; i < count; ++i) f.str(std::string(1 + i % 7, char('a' + i % 26)));
+    return f;
+  }
+  if (shape == "nested arrays") {  // empty arrays of u8 inside one array
+    Bytes f = header(0, 1);
+    f.str("nested").pod<uint32_t>(9).pod<uint32_t>(9);
+    const uint64_t count = n / 12;
+    f.pod<uint64_t>(count);
+    for (uint64_t i = 0; i < count; ++i) f.pod<uint32_t>(0).pod<uint64_t>(0);
+    return f;
+  }
+  // "many keys": u8 values under distinct 8-byte keys
+  const uint64_t count = n / 21;
+  Bytes f = header(0, count);
+  for (uint64_t i = 0; i < count; ++i) {
+    char key[9];
+    std::snprintf(key, sizeof key, "%08llx", static_cast<unsigned long long>(i));
+    f.str(key).pod<uint32_t>(0).pod<uint8_t>(1);
+  }
+  return f;
+}
+
+}  // namespace
+
+// A GGUF of N bytes parses (or is refused) in time linear in N and, parsed, takes at most
+// 2N (+ a fixed slack) of memory. The old reader rebuilt "key[i]" for every element: 2 s
+// for a 768 KiB file with a 384 KiB key, and held 32+ bytes per 8-byte empty string.
+TEST(GgufLimits, LinearTimeAndBoundedMemory) {
+  TempFile tf("limits");
+  for (const std::string shape :
+       {"long key, many strings", "short strings", "nested arrays", "many keys"}) {
+    double seconds[2] = {0, 0};
+    const size_t sizes[2] = {size_t(256) << 10, size_t(2) << 20};  // N and 8N
+    for (int k = 0; k < 2; ++k) {
+      const Bytes b = adversarial(shape, sizes[k]);
+      write_all(tf.path, b.b);
+      double best = 1e9;
+      for (int rep = 0; rep < 3; ++rep) {  // best of 3: a shared machine's noise
+        const size_t heap0 = heap_in_use();
+        const auto t0 = std::chrono::steady_clock::now();
+        std::unique_ptr<GgufFile> f;
+        std::string error;
+        try {
+          f = GgufFile::open(tf.path);
+        } catch (const Error& e) {
+          error = e.what();
+        }
+        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
+                                  .count());
+        const double allowed = 2.0 * double(b.b.size()) + double(METADATA_MEMORY_SLACK);
+        if (f) {
+          EXPECT_LE(double(f->metadata_memory()), allowed) << shape;
+          EXPECT_LE(f->metadata_bytes(), b.b.size());
+          if (kHeapMeasurable) {  // what the heap really holds, the index and vectors included
+            const double held = double(heap_in_use() - heap0);
+            EXPECT_LE(held, allowed) << shape << ": " << held << " bytes for a "
+                                     << b.b.size() << "-byte file";
+          }
+        } else {
+          EXPECT_NE(error.find(tf.path), std::string::npos) << error;
+          EXPECT_TRUE(error.find("limit") != std::string::npos ||
+                      error.find("memory") != std::string::npos)
+              << shape << ": " << error;
+        }
+      }
+      seconds[k] = best;
+    }
+    // 8x the bytes: at most 8x the time, with a factor 3 (and 20 ms) for noise.
+    EXPECT_LE(seconds[1], 3.0 * 8.0 * seconds[0] + 0.02)
+        << shape << ": " << seconds[0] << " s for N, " << seconds[1] << " s for 8N";
+    EXPECT_LT(seconds[1], 2.0) << shape;
+  }
+}
+
+TEST(GgufLimits, CountsAndLengthsAreCapped) {
+  TempFile tf("caps");
+  auto expect_bad = [&](const Bytes& b, const std::string& needle, const ReadLimits& lim) {
+    write_all(tf.path, b.b);
+    expect_error_containing([&] { GgufFile::open(tf.path, lim); }, needle);
+    expect_error_containing([&] { GgufFile::open(tf.path, lim); }, tf.path);
+  };
+  Bytes key = header(0, 1);
+  key.str(std::string(MAX_KEY_BYTES + 1, 'k')).pod<uint32_t>(0).pod<uint8_t>(1);
+  expect_bad(key, "exceeds the limit of 65536 bytes", {});
+  Bytes kvs = header(0, 3);
+  for (const char* k : {"a", "b", "c"}) kvs.str(k).pod<uint32_t>(0).pod<uint8_t>(1);
+  ReadLimits lim;
+  lim.max_kv_count = 2;
+  expect_bad(kvs, "metadata count 3 exceeds the limit of 2", lim);
+  Bytes arr = header(0, 1);
+  arr.str("a").pod<uint32_t>(9).pod<uint32_t>(0).pod<uint64_t>(5).zeros(5);
+  lim = {};
+  lim.max_array_elements = 4;
+  expect_bad(arr, "array of 5 elements exceeds the limit of 4", lim);
+  lim = {};
+  lim.max_string_bytes = 3;
+  Bytes s = header(0, 1);
+  s.str("a").pod<uint32_t>(8).str("four");
+  expect_bad(s, "metadata 'a': string length 4 exceeds the limit of 3", lim);
+  // An error inside an array names the key and the element, built only when thrown.
+  Bytes bad_bool = header(0, 1);
+  bad_bool.str("flags").pod<uint32_t>(9).pod<uint32_t>(7).pod<uint64_t>(3);
+  bad_bool.pod<uint8_t>(1).pod<uint8_t>(0).pod<uint8_t>(2);
+  expect_bad(bad_bool, "metadata 'flags'[2]: bool value is not 0 or 1", {});
+}
+
+TEST(GgufReader, OverlappingTensorsThrow) {
+  TempFile tf("overlap");
+  auto two = [](uint64_t off_a, uint64_t off_b) {
+    Bytes f = header(2, 0);
+    f.str("a").pod<uint32_t>(1).pod<uint64_t>(16).pod<uint32_t>(0).pod<uint64_t>(off_a);
+    f.str("b").pod<uint32_t>(1).pod<uint64_t>(16).pod<uint32_t>(0).pod<uint64_t>(off_b);
+    f.pad(32).zeros(256);
+    return f;
+  };
+  write_all(tf.path, two(0, 64).b);  // 64 bytes each, back to back: fine
+  EXPECT_NO_THROW(GgufFile::open(tf.path));
+  write_all(tf.path, two(0, 32).b);  // b starts inside a
+  expect_error_containing([&] { GgufFile::open(tf.path); }, "tensor 'b' data at offset 32 overlaps tensor 'a' [0, 64)");
+  write_all(tf.path, two(96, 64).b);  // a starts inside b (file order does not matter)
+  expect_error_containing([&] { GgufFile::open(tf.path); }, "overlaps tensor 'b'");
+  write_all(tf.path, two(0, 0).b);  // the same bytes
+  expect_error_containing([&] { GgufFile::open(tf.path); }, "overlaps");
 }

@@ -102,7 +102,16 @@ NC_API nc_status nc_tokenize(const nc_model* model, const char* text, size_t len
 NC_API nc_status nc_detokenize(const nc_model* model, const int32_t* tokens, size_t n,
                                char* out, size_t cap, size_t* n_out);
 
+/* n_ctx: tokens the session's KV cache holds, up to the model's context_length; 0: the
+ * model's context_length but at most 4096. The KV cache may take up to 4 GiB; a context
+ * needing more fails with NC_ERR_INVALID_ARGUMENT and a message naming the file, the bytes
+ * needed and allowed. */
 NC_API nc_status nc_session_new(const nc_model* model, int32_t n_ctx, nc_session** out);
+/* As nc_session_new, with the largest KV cache (bytes) the session may allocate;
+ * max_kv_bytes 0: the default 4 GiB. A new function, so nc_session_new and every struct keep
+ * their ABI. */
+NC_API nc_status nc_session_new_limited(const nc_model* model, int32_t n_ctx,
+                                        int64_t max_kv_bytes, nc_session** out);
 NC_API void nc_session_free(nc_session* session); /* NULL is a no-op */
 NC_API nc_status nc_session_reset(nc_session* session);
 NC_API int32_t nc_session_n_past(const nc_session* session);

@@ -116,10 +116,22 @@ class Model {
   std::unique_ptr<Impl> impl_;
 };
 
+// A session's context when the caller does not name one: the model's context_length, but
+// at most this (a file may claim 2^24 tokens; its KV cache would take tens of GB).
+constexpr int32_t kDefaultMaxContext = 4096;
+// The largest KV cache a session allocates unless the caller allows more.
+constexpr int64_t kDefaultMaxKvBytes = int64_t(4) << 30;
+
 class Session {
  public:
-  // n_ctx: tokens this session's KV cache holds; 0 means the model's context_length.
-  explicit Session(std::shared_ptr<const Model> model, int32_t n_ctx = 0);
+  // n_ctx: tokens this session's KV cache holds, up to the model's context_length; 0 means
+  // min(context_length, kDefaultMaxContext). max_kv_bytes: the largest KV cache it may
+  // allocate (0: kDefaultMaxKvBytes); a larger need throws an Error naming the file, the
+  // bytes needed and the bytes allowed.
+  explicit Session(std::shared_ptr<const Model> model, int32_t n_ctx = 0,
+                   int64_t max_kv_bytes = 0);
+  // Bytes of the KV cache a session of n_ctx tokens over `model` allocates.
+  static int64_t kv_cache_bytes(const Model& model, int32_t n_ctx);
   ~Session();
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
