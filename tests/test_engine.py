@@ -272,3 +272,77 @@ def test_corrupt_ternary_block_names_tensor(exact_files, tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"blk\.1\.ffn_gate\.weight': block 5 has scale"):
         Engine(bad)
+
+
+# ---- hardening: specials in user text, n_past while generating, per-engine threads ---------
+
+def test_parse_special_argument(exact_files):
+    """parse_special=False keeps marker text in a prompt plain (a user typing
+    "<|user_end|>" gets those characters); the default keeps markers working."""
+    eng = Engine(exact_files[1]["tq2_0", "f16"])
+    marker = "<|user_start|>"
+    special = eng.tokenize(marker, parse_special=True)
+    assert len(special) == 1
+    plain = eng.tokenize(marker)
+    assert special[0] not in plain
+    kw = dict(max_tokens=1, temperature=0.0, stop_at_eos=False, add_bos=False)
+    assert eng.complete(marker, **kw)["prompt_tokens"] == 1
+    eng.reset()
+    assert eng.complete(marker, parse_special=False, **kw)["prompt_tokens"] == len(plain)
+    eng.reset()
+    list(eng.generate(marker, parse_special=False, **kw))
+    assert eng.n_past == len(plain) + 1
+
+
+def test_n_past_while_generating_counts_yielded_tokens(exact_files):
+    """n_past read during generation is the prompt plus the tokens yielded so far (it used
+    to read the C++ session while the worker appended to it, several tokens ahead)."""
+    import time
+
+    eng = Engine(exact_files[1]["tq2_0", "f16"])
+    n_prompt = len(eng.tokenize("class ")) + 1
+    gen = eng.generate("class ", max_tokens=40, temperature=0.0, stop_at_eos=False)
+    next(gen)
+    time.sleep(0.3)  # the worker runs ahead to fill its queue
+    assert eng.n_past == n_prompt + 1
+    next(gen)
+    assert eng.n_past == n_prompt + 2
+    rest = [t for t, _ in gen if t >= 0]
+    assert eng.n_past == n_prompt + 2 + len(rest) == n_prompt + 40
+
+
+def test_engine_threads_are_its_own(exact_files, prompt):
+    """Engine(n_threads=k) runs its sessions on k threads without changing the library-wide
+    count other engines use (Model::load used to replace the one global pool)."""
+    from nanochat import ternary
+
+    before = ternary.num_threads()
+    eng = Engine(exact_files[1]["tq2_0", "f16"], n_threads=3)
+    assert ternary.num_threads() == before
+    other = Engine(exact_files[1]["tq2_0", "f16"])
+    np.testing.assert_array_equal(eng.eval(prompt[:20]), other.eval(prompt[:20]))
+    with pytest.raises(ValueError, match="n_threads"):
+        Engine(exact_files[1]["tq2_0", "f16"], n_threads=100000)
+
+
+def test_thread_count_limits(tmp_path):
+    """NANOCHAT_NUM_THREADS above the maximum is clamped to 1024, and set_num_threads above it
+    is an error (both used to try to start that many threads: an abort or a hang)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from nanochat import ternary\n"
+            "print(ternary.num_threads())\n"
+            "try:\n"
+            "    ternary.set_num_threads(1 << 30)\n"
+            "except ValueError as e:\n"
+            "    print('refused', e)\n"
+            "print(ternary.num_threads())\n")
+    env = dict(os.environ, NANOCHAT_NUM_THREADS="1000000")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0] == "1024" and lines[-1] == "1024", r.stdout
+    assert lines[1].startswith("refused") and "1024" in lines[1], r.stdout

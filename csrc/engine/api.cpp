@@ -24,11 +24,15 @@ Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Model::~Model() = default;
 
 std::shared_ptr<const Model> Model::load(const std::string& path, const LoadOptions& opts) {
-  if (opts.n_threads < 0)
-    throw Error("LoadOptions.n_threads must be >= 0, got " + std::to_string(opts.n_threads));
-  if (opts.n_threads > 0) nanochat::set_num_threads(opts.n_threads);
-  return std::shared_ptr<const Model>(new Model(load_model(path)));
+  if (opts.n_threads < 0 || opts.n_threads > kMaxThreads)
+    throw Error("LoadOptions.n_threads must be in [0, " + std::to_string(kMaxThreads) +
+                "], got " + std::to_string(opts.n_threads));
+  std::shared_ptr<Model> m(new Model(load_model(path)));
+  m->n_threads_ = opts.n_threads;  // this model's sessions only; other models keep theirs
+  return m;
 }
+
+int32_t Model::n_threads() const { return n_threads_; }
 
 const ModelInfo& Model::info() const { return impl_->info; }
 
@@ -87,6 +91,7 @@ struct Session::Impl {
   // On failure the session is as before the call (the cache past n_cached is unused).
   void run_pending(bool want_logits) {
     const int32_t before = st.n_cached;
+    ThreadCountScope threads(model->n_threads());
     try {
       const int64_t n = int64_t(history.size()) - st.n_cached;
       if (n > 0)
@@ -215,6 +220,7 @@ std::vector<float> Session::eval_all(const std::vector<int32_t>& tokens) {
   const size_t before = s.history.size();
   s.history.insert(s.history.end(), tokens.begin(), tokens.end());
   const int32_t cached = s.st.n_cached;
+  ThreadCountScope threads(s.model->n_threads());
   try {
     forward(s.st, tokens.data(), int64_t(tokens.size()), LogitsMode::all, out.data());
   } catch (...) {

@@ -65,8 +65,18 @@ const char* nc_last_error(void) { return t_last_error.c_str(); }
 void nc_set_num_threads(int32_t n) {
   try {
     nanochat::set_num_threads(n < 0 ? 0 : n);
+  } catch (const std::exception& e) {
+    t_last_error = std::string("nc_set_num_threads: ") + e.what();
   } catch (...) {
     t_last_error = "nc_set_num_threads: could not start the thread pool";
+  }
+}
+
+int32_t nc_num_threads(void) {
+  try {
+    return nanochat::num_threads();
+  } catch (...) {
+    return 1;  // the environment could not be read: one thread runs everything inline
   }
 }
 
@@ -219,6 +229,18 @@ void nc_sampling_default(nc_sampling* out) {
 nc_status nc_generate(nc_session* session, const char* prompt, const nc_sampling* params,
                       nc_token_callback callback, void* user_data, nc_generate_stats* stats) {
   if (!session || !prompt) return fail(NC_ERR_INVALID_ARGUMENT, "nc_generate: NULL argument");
+  return nc_generate_ex(session, prompt, std::strlen(prompt), NC_GENERATE_PARSE_SPECIAL, params,
+                        callback, user_data, stats);
+}
+
+nc_status nc_generate_ex(nc_session* session, const char* prompt, size_t len, uint32_t flags,
+                         const nc_sampling* params, nc_token_callback callback, void* user_data,
+                         nc_generate_stats* stats) {
+  if (!session || (!prompt && len > 0))
+    return fail(NC_ERR_INVALID_ARGUMENT, "nc_generate: NULL argument");
+  if (flags & ~uint32_t(NC_GENERATE_PARSE_SPECIAL))
+    return fail(NC_ERR_INVALID_ARGUMENT, "nc_generate_ex: unknown flag bits " +
+                                             std::to_string(flags & ~uint32_t(NC_GENERATE_PARSE_SPECIAL)));
   nc_sampling def;
   if (!params) {
     nc_sampling_default(&def);
@@ -246,7 +268,8 @@ nc_status nc_generate(nc_session* session, const char* prompt, const nc_sampling
     }
     nanochat::Session& s = session->session;
     const nanochat::Model& m = s.model();
-    std::vector<int32_t> ids = m.tokenize(prompt, true);
+    std::vector<int32_t> ids =
+        m.tokenize(std::string(prompt ? prompt : "", len), (flags & NC_GENERATE_PARSE_SPECIAL) != 0);
     if (m.info().add_bos && s.n_past() == 0) ids.insert(ids.begin(), m.info().bos_id);
     nanochat::TokenCallback cb;
     if (callback)

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <functional>
 #include <cstdio>
 #include <cstring>
 #include <string_view>
@@ -184,12 +185,6 @@ int cp_to_byte(uint32_t cp) {
   return cp < table.size() ? table[cp] : -1;
 }
 
-uint64_t hash_bytes(const char* p, size_t n) {  // FNV-1a
-  uint64_t h = 1469598103934665603ull;
-  for (size_t i = 0; i < n; ++i) h = (h ^ static_cast<uint8_t>(p[i])) * 1099511628211ull;
-  return h;
-}
-
 // A token for an error message: quoted, control bytes escaped, long ones cut.
 std::string quote(const std::string& s) {
   std::string o = "\"";
@@ -261,6 +256,81 @@ struct BpeTokenizer::PairMap {
   }
 };
 
+// Finds, for every position of a text, the longest special-token string starting there,
+// in time linear in the text (plus the automaton's size), however many specials there are
+// and however long: Aho-Corasick over the reversed strings, run over the text backwards
+// (a match ending at position i of the reversed text is a special starting at i).
+struct BpeTokenizer::SpecialMatcher {
+  struct Node {
+    int32_t fail = 0;
+    int32_t depth = 0;
+    int32_t id = -1;    // the special whose reversed string ends here
+    int32_t best = -1;  // node of the longest special that is a suffix of this one's string
+  };
+  std::vector<Node> nodes;
+  std::unordered_map<uint64_t, int32_t> edges;  // (node << 8 | byte) -> child
+
+  int32_t child(int32_t node, uint8_t b) const {
+    auto it = edges.find((static_cast<uint64_t>(node) << 8) | b);
+    return it == edges.end() ? -1 : it->second;
+  }
+
+  SpecialMatcher(const std::vector<std::string>& tokens, const std::vector<int32_t>& ids) {
+    nodes.emplace_back();
+    std::vector<std::vector<std::pair<uint8_t, int32_t>>> kids(1);
+    for (int32_t id : ids) {
+      const std::string& t = tokens[id];
+      int32_t v = 0;
+      for (size_t k = t.size(); k-- > 0;) {
+        const uint8_t b = static_cast<uint8_t>(t[k]);
+        int32_t c = child(v, b);
+        if (c < 0) {
+          c = static_cast<int32_t>(nodes.size());
+          nodes.emplace_back();
+          nodes.back().depth = nodes[v].depth + 1;
+          kids.emplace_back();
+          kids[v].emplace_back(b, c);
+          edges.emplace((static_cast<uint64_t>(v) << 8) | b, c);
+        }
+        v = c;
+      }
+      nodes[v].id = id;  // tokens are distinct, so each string ends at its own node
+    }
+    // Breadth first, so every failure target is finished before its users.
+    std::vector<int32_t> queue{0};
+    for (size_t qi = 0; qi < queue.size(); ++qi) {
+      const int32_t u = queue[qi];
+      Node& nu = nodes[u];
+      nu.best = nu.id >= 0 ? u : (u == 0 ? -1 : nodes[nu.fail].best);
+      for (const auto& [b, v] : kids[u]) {
+        int32_t f = nu.fail;
+        int32_t target = -1;
+        if (u != 0) {
+          for (;;) {
+            target = child(f, b);
+            if (target >= 0 || f == 0) break;
+            f = nodes[f].fail;
+          }
+        }
+        nodes[v].fail = target >= 0 ? target : 0;
+        queue.push_back(v);
+      }
+    }
+  }
+
+  // match[i] = the node of the longest special starting at p[i], or -1.
+  void scan(const uint8_t* p, size_t n, std::vector<int32_t>& match) const {
+    match.resize(n);
+    int32_t state = 0;
+    for (size_t i = n; i-- > 0;) {
+      int32_t next;
+      while ((next = child(state, p[i])) < 0 && state != 0) state = nodes[state].fail;
+      state = next < 0 ? 0 : next;
+      match[i] = nodes[state].best;
+    }
+  }
+};
+
 // Buffers reused across the pieces of one encode call, and a cache of piece -> ids (the
 // same words recur: it roughly halves the time on source code). Keys point into the
 // caller's text, which outlives the call.
@@ -278,6 +348,7 @@ struct BpeTokenizer::Scratch {
     }
   };
   std::vector<Cand> heap;
+  std::unordered_map<int32_t, std::vector<int32_t>> buckets;
   std::unordered_map<std::string_view, std::pair<uint32_t, uint32_t>> cache;
   std::vector<int32_t> cache_ids;
 };
@@ -300,7 +371,7 @@ BpeTokenizer::BpeTokenizer(std::vector<std::string> tokens, std::vector<int32_t>
 
   ids_.reserve(n);
   bytes_.resize(n);
-  std::fill(std::begin(special_first_byte_), std::end(special_first_byte_), false);
+  std::vector<int32_t> special_ids;
   for (size_t i = 0; i < n; ++i) {
     const std::string& t = tokens_[i];
     const std::string at = "tokens[" + std::to_string(i) + "] " + quote(t);
@@ -329,15 +400,10 @@ BpeTokenizer::BpeTokenizer(std::vector<std::string> tokens, std::vector<int32_t>
     } else if (type == TYPE_USER_DEFINED) {
       bytes_[i] = t;
     }
-    if (type == TYPE_CONTROL || type == TYPE_USER_DEFINED) {
-      specials_[hash_bytes(t.data(), t.size())].push_back(static_cast<int32_t>(i));
-      special_first_byte_[static_cast<uint8_t>(t[0])] = true;
-      if (std::find(special_lengths_.begin(), special_lengths_.end(), t.size()) ==
-          special_lengths_.end())
-        special_lengths_.push_back(t.size());
-    }
+    if (type == TYPE_CONTROL || type == TYPE_USER_DEFINED)
+      special_ids.push_back(static_cast<int32_t>(i));
   }
-  std::sort(special_lengths_.rbegin(), special_lengths_.rend());
+  if (!special_ids.empty()) specials_ = std::make_shared<SpecialMatcher>(tokens_, special_ids);
 
   for (int b = 0; b < 256; ++b) {
     const std::string sym = utf8_encode(byte_to_cp(b));
@@ -410,29 +476,11 @@ std::vector<std::pair<size_t, size_t>> BpeTokenizer::pre_tokenize(const std::str
   return out;
 }
 
-bool BpeTokenizer::match_special(const char* p, size_t n, size_t* len, int32_t* id) const {
-  if (!special_first_byte_[static_cast<uint8_t>(p[0])]) return false;
-  for (size_t L : special_lengths_) {  // longest first
-    if (L > n) continue;
-    auto it = specials_.find(hash_bytes(p, L));
-    if (it == specials_.end()) continue;
-    for (int32_t cand : it->second) {
-      const std::string& t = tokens_[cand];
-      if (t.size() == L && std::memcmp(t.data(), p, L) == 0) {
-        *len = L;
-        *id = cand;
-        return true;
-      }
-    }
-  }
-  return false;
-}
-
 std::vector<int32_t> BpeTokenizer::encode(const std::string& text, bool parse_special) const {
   std::vector<int32_t> out;
   out.reserve(text.size() / 3 + 8);
   Scratch s;
-  if (!parse_special || special_lengths_.empty()) {
+  if (!parse_special || !specials_) {
     encode_plain(text.data(), text.size(), out, s);
     return out;
   }
@@ -440,14 +488,15 @@ std::vector<int32_t> BpeTokenizer::encode(const std::string& text, bool parse_sp
   // between them is pre-tokenized on its own.
   const char* p = text.data();
   const size_t n = text.size();
+  std::vector<int32_t> match;
+  specials_->scan(reinterpret_cast<const uint8_t*>(p), n, match);
   size_t seg = 0;
   for (size_t i = 0; i < n;) {
-    size_t len;
-    int32_t id;
-    if (match_special(p + i, n - i, &len, &id)) {
+    if (match[i] >= 0) {
+      const SpecialMatcher::Node& m = specials_->nodes[match[i]];
       encode_plain(p + seg, i - seg, out, s);
-      out.push_back(id);
-      i += len;
+      out.push_back(m.id);
+      i += static_cast<size_t>(m.depth);
       seg = i;
     } else {
       ++i;
@@ -517,9 +566,72 @@ void BpeTokenizer::merge_small(std::vector<int32_t>& ids, Scratch& s) const {
   }
 }
 
-// Long pieces (whitespace or digit runs, long words): a linked list of symbols and a
-// heap of candidate pairs with lazy deletion, the same order as merge_small.
+// Long pieces (whitespace or digit runs, long words): a linked list of symbols, candidate
+// pairs in buckets by rank, each bucket swept left to right. A merge of rank r never
+// creates a pair of rank r (its result is neither of the pair's parts), and in merge lists
+// from BPE training a pair that contains r's result comes later than r; so the sweep
+// gives the lowest-rank, leftmost order of merge_small in sequential passes (1 MiB of one
+// character: a few times faster than a heap). A merge list that breaks the order (a new
+// pair ranked below the current one) is redone with merge_heap.
 void BpeTokenizer::merge_large(std::vector<int32_t>& ids, Scratch& s) const {
+  const PairMap& pm = *merges_;
+  const int32_t n = static_cast<int32_t>(ids.size());
+  auto& sym = s.syms;
+  sym.resize(n);
+  for (int32_t i = 0; i < n; ++i) sym[i] = {ids[i], i - 1, i + 1 < n ? i + 1 : -1};
+  auto& buckets = s.buckets;  // rank -> positions of candidate pairs
+  buckets.clear();
+  std::vector<int32_t> ranks;  // min-heap of ranks whose bucket is non-empty
+  auto add = [&](int32_t rank, int32_t pos) {
+    std::vector<int32_t>& b = buckets[rank];
+    if (b.empty()) {
+      ranks.push_back(rank);
+      std::push_heap(ranks.begin(), ranks.end(), std::greater<int32_t>());
+    }
+    b.push_back(pos);
+  };
+  for (int32_t i = 0; i + 1 < n; ++i) {
+    const int32_t rk = pm.rank(ids[i], ids[i + 1]);
+    if (rk != NO_RANK) add(rk, i);
+  }
+  std::vector<int32_t> todo;
+  while (!ranks.empty()) {
+    std::pop_heap(ranks.begin(), ranks.end(), std::greater<int32_t>());
+    const int32_t r = ranks.back();
+    ranks.pop_back();
+    todo.swap(buckets[r]);
+    buckets.erase(r);
+    if (!std::is_sorted(todo.begin(), todo.end())) std::sort(todo.begin(), todo.end());
+    for (const int32_t pos : todo) {
+      Scratch::Sym& left = sym[pos];
+      if (left.id < 0 || left.next < 0) continue;  // merged away, or now last
+      const int32_t nx = left.next;
+      const PairMap::Slot* m = pm.find(left.id, sym[nx].id);
+      if (!m || m->rank != r) continue;  // stale: a neighbour changed
+      left.id = m->id;
+      left.next = sym[nx].next;
+      if (left.next >= 0) sym[left.next].prev = pos;
+      sym[nx].id = -1;
+      for (const int32_t at : {left.prev, left.next >= 0 ? pos : -1}) {
+        if (at < 0) continue;
+        const int32_t rk = pm.rank(sym[at].id, sym[sym[at].next].id);
+        if (rk == NO_RANK) continue;
+        if (rk <= r) {  // out of training order (ids is untouched so far)
+          merge_heap(ids, s);
+          return;
+        }
+        add(rk, at);
+      }
+    }
+    todo.clear();
+  }
+  ids.clear();
+  for (int32_t i = 0; i >= 0; i = sym[i].next) ids.push_back(sym[i].id);
+}
+
+// merge_large's order with a heap of candidate pairs (lazy deletion), for merge lists in
+// any order.
+void BpeTokenizer::merge_heap(std::vector<int32_t>& ids, Scratch& s) const {
   const PairMap& pm = *merges_;
   const int32_t n = static_cast<int32_t>(ids.size());
   auto& sym = s.syms;

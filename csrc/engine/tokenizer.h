@@ -64,8 +64,8 @@ class BpeTokenizer {
   void encode_piece(const uint8_t* p, size_t n, std::vector<int32_t>& out, Scratch& s) const;
   void merge_small(std::vector<int32_t>& ids, Scratch& s) const;
   void merge_large(std::vector<int32_t>& ids, Scratch& s) const;
-  // special-token strings that parse_special splits out; leftmost, then longest
-  bool match_special(const char* p, size_t n, size_t* len, int32_t* id) const;
+  void merge_heap(std::vector<int32_t>& ids, Scratch& s) const;
+  struct SpecialMatcher;  // Aho-Corasick automaton over the special-token strings
 
   std::vector<std::string> tokens_;
   std::vector<int32_t> types_;
@@ -73,11 +73,8 @@ class BpeTokenizer {
   std::unordered_map<std::string, int32_t> ids_;
   int32_t byte_ids_[256];
   std::shared_ptr<const PairMap> merges_;
-  // parse_special: control + user-defined ids by a hash of their text (ids, not pointers,
-  // so copies stay valid), their distinct lengths longest first, and their first bytes.
-  std::unordered_map<uint64_t, std::vector<int32_t>> specials_;
-  std::vector<size_t> special_lengths_;
-  bool special_first_byte_[256];
+  // parse_special: control + user-defined token strings (null when there are none).
+  std::shared_ptr<const SpecialMatcher> specials_;
 };
 
 }  // namespace nanochat

@@ -598,6 +598,69 @@ TEST(Engine, SessionsOnThreadsShareAModel) {
   for (size_t i = 0; i < 4; ++i) EXPECT_EQ(got[i], want[i]) << i;
 }
 
+// 8 threads x 100 generates on one shared model (sessions made and dropped, the kernels'
+// pools shared): every result equals a lone session's. .ci/run runs this under TSan.
+TEST(Engine, EightThreadsHundredGeneratesShareAModel) {
+  GlobalStateGuard guard;
+  set_num_threads(2);
+  Spec spec;
+  spec.layers = 1;
+  spec.ffn = 256;
+  spec.ctx = 64;
+  auto [file, ref] = make_model(spec);
+  TempModel tm(file);
+  auto model = Model::load(tm.path);
+  SamplingParams sp;
+  sp.max_tokens = 4;
+  sp.stop_at_eos = false;
+  constexpr int kThreads = 8, kReps = 100;
+  std::vector<std::vector<int32_t>> want(kThreads);
+  for (int i = 0; i < kThreads; ++i) {
+    sp.seed = uint64_t(i);
+    want[size_t(i)] = Session(model).generate(model->tokenize("hello world"), sp).tokens;
+  }
+  std::atomic<int> mismatches{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i)
+    threads.emplace_back([&, i] {
+      SamplingParams p = sp;
+      p.seed = uint64_t(i);
+      Session kept(model);  // one session reused, one fresh per call
+      for (int rep = 0; rep < kReps; ++rep) {
+        kept.reset();
+        const auto a = kept.generate(model->tokenize("hello world"), p).tokens;
+        const auto b = Session(model).generate(model->tokenize("hello world"), p).tokens;
+        if (a != want[size_t(i)] || b != want[size_t(i)] ||
+            model->detokenize(a) != model->detokenize(want[size_t(i)]))
+          mismatches.fetch_add(1);
+      }
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(mismatches.load(), 0);
+}
+
+// LoadOptions.n_threads applies to that model's sessions, not to the library-wide count
+// (Model::load used to replace the one pool every other model ran on).
+TEST(Engine, LoadThreadsDoNotChangeOtherModels) {
+  GlobalStateGuard guard;
+  set_num_threads(2);
+  auto [file, ref] = make_model(Spec{});
+  TempModel tm(file);
+  LoadOptions o;
+  o.n_threads = 3;
+  auto own = Model::load(tm.path, o);
+  EXPECT_EQ(own->n_threads(), 3);
+  EXPECT_EQ(num_threads(), 2);
+  auto shared = Model::load(tm.path);
+  EXPECT_EQ(shared->n_threads(), 0);
+  const auto toks = random_tokens(5, 20, ref.vocab);
+  Session a(own), b(shared);
+  EXPECT_EQ(a.eval(toks), b.eval(toks));  // thread count never changes results
+  EXPECT_EQ(num_threads(), 2);
+  o.n_threads = kMaxThreads + 1;
+  EXPECT_THROW(Model::load(tm.path, o), Error);
+}
+
 // A TQ1_0 file holds the same codes as the TQ2_0 one: identical logits.
 TEST(Engine, Tq1EqualsTq2) {
   Spec a;
@@ -1382,4 +1445,62 @@ TEST(EngineCApi, StatusesAndLastError) {
   nc_model_free(m);
   nc_model_free(nullptr);
   EXPECT_STREQ(nc_version(), NANOCHAT_VERSION);
+}
+
+// nc_generate_ex without NC_GENERATE_PARSE_SPECIAL: marker text in the prompt is plain
+// text; nc_generate (and the flag) turn it into the control token.
+TEST(EngineCApi, GenerateParseSpecialFlag) {
+  auto [file, ref] = make_model(Spec{});
+  TempModel tm(file);
+  nc_model* m = nullptr;
+  ASSERT_EQ(nc_model_load(tm.path.c_str(), &m), NC_OK) << nc_last_error();
+  nc_session* s = nullptr;
+  ASSERT_EQ(nc_session_new(m, 64, &s), NC_OK);
+  nc_sampling sp;
+  nc_sampling_default(&sp);
+  sp.max_tokens = 1;
+  sp.stop_at_eos = 0;
+  nc_generate_stats st;
+  const std::string marker = "<|assistant_end|>";
+  ASSERT_EQ(nc_generate(s, marker.c_str(), &sp, nullptr, nullptr, &st), NC_OK);
+  EXPECT_EQ(st.prompt_tokens, 2);  // bos + the control token
+  nc_session_reset(s);
+  ASSERT_EQ(nc_generate_ex(s, marker.data(), marker.size(), NC_GENERATE_PARSE_SPECIAL, &sp,
+                           nullptr, nullptr, &st),
+            NC_OK);
+  EXPECT_EQ(st.prompt_tokens, 2);
+  nc_session_reset(s);
+  ASSERT_EQ(nc_generate_ex(s, marker.data(), marker.size(), 0, &sp, nullptr, nullptr, &st),
+            NC_OK);
+  size_t n = 0;
+  int32_t ids[64];
+  ASSERT_EQ(nc_tokenize(m, marker.data(), marker.size(), 0, ids, 64, &n), NC_OK);
+  EXPECT_EQ(st.prompt_tokens, int32_t(n) + 1);
+  EXPECT_GT(n, 1u);
+  for (size_t i = 0; i < n; ++i) EXPECT_NE(ids[i], 1) << "the control token from plain text";
+  // Embedded NULs are prompt bytes; unknown flag bits and NULL prompts are refused.
+  nc_session_reset(s);
+  const char nul_prompt[] = {'h', '\0', 'i'};
+  ASSERT_EQ(nc_generate_ex(s, nul_prompt, 3, 0, &sp, nullptr, nullptr, &st), NC_OK);
+  EXPECT_EQ(st.prompt_tokens, 4);
+  EXPECT_EQ(nc_generate_ex(s, "x", 1, 2u, &sp, nullptr, nullptr, &st), NC_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(nc_last_error()).find("flag"), std::string::npos);
+  EXPECT_EQ(nc_generate_ex(s, nullptr, 3, 0, &sp, nullptr, nullptr, &st), NC_ERR_INVALID_ARGUMENT);
+  nc_session_free(s);
+  nc_model_free(m);
+}
+
+// A huge thread count is refused with a message, never an abort or a hang.
+TEST(EngineCApi, ThreadCountIsBounded) {
+  GlobalStateGuard guard;
+  nc_set_num_threads(2);
+  EXPECT_EQ(nc_num_threads(), 2);
+  nc_set_num_threads(1 << 30);
+  EXPECT_EQ(nc_num_threads(), 2);
+  EXPECT_NE(std::string(nc_last_error()).find("nc_set_num_threads"), std::string::npos)
+      << nc_last_error();
+  nc_set_num_threads(INT32_MAX);
+  EXPECT_EQ(nc_num_threads(), 2);
+  nc_set_num_threads(-5);  // the default
+  EXPECT_GE(nc_num_threads(), 1);
 }

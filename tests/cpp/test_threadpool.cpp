@@ -1,6 +1,10 @@
 // The kernel thread pool: coverage, exceptions, nesting and concurrent callers.
 #include <gtest/gtest.h>
 
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -12,6 +16,7 @@
 #include <vector>
 
 #include "common/threadpool.h"
+#include "nanochat/error.hpp"
 #include "test_util.h"
 
 using namespace nanochat;
@@ -246,4 +251,129 @@ TEST(ThreadPool, ManySmallJobsRunEachTaskOnce) {
     nanochat::parallel_for(n, [&](int64_t i) { hits[size_t(i)].fetch_add(1); });
     for (int i = 0; i < n; ++i) ASSERT_EQ(hits[size_t(i)].load(), 1) << "job " << job;
   }
+}
+
+namespace {
+
+// Runs parallel_for(n) whose tasks each wait (up to 20 s) until all n have started:
+// true when they ran at the same time, i.e. on n threads.
+bool runs_on_n_threads(int n) {
+  std::atomic<int> arrived{0};
+  std::atomic<bool> timed_out{false};
+  parallel_for(n, [&](int64_t) {
+    arrived.fetch_add(1);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (arrived.load() < n) {
+      if (std::chrono::steady_clock::now() > until) {
+        timed_out = true;
+        return;
+      }
+      std::this_thread::yield();
+    }
+  });
+  return !timed_out;
+}
+
+}  // namespace
+
+// A second caller while the first one's job runs gets threads of its own: it used to find
+// the one global pool busy and run inline, a whole session silently on one thread.
+TEST(ThreadPool, ConcurrentCallersEachGetAllThreads) {
+  GlobalStateGuard guard;
+  set_num_threads(3);
+  std::atomic<bool> release{false}, first_running{false};
+  std::thread first([&] {
+    parallel_for(3, [&](int64_t) {
+      first_running = true;
+      while (!release) std::this_thread::yield();
+    });
+  });
+  while (!first_running) std::this_thread::yield();
+  EXPECT_TRUE(runs_on_n_threads(3));
+  release = true;
+  first.join();
+}
+
+TEST(ThreadPool, ThreadCountScopeIsPerThread) {
+  GlobalStateGuard guard;
+  set_num_threads(2);
+  {
+    ThreadCountScope scope(4);
+    EXPECT_TRUE(runs_on_n_threads(4));
+    EXPECT_EQ(num_threads(), 2);  // the library-wide count is untouched
+    int other = 0;
+    std::thread([&] {
+      std::set<std::thread::id> ids;
+      std::mutex mu;
+      parallel_for(64, [&](int64_t) {
+        std::lock_guard<std::mutex> lk(mu);
+        ids.insert(std::this_thread::get_id());
+      });
+      other = int(ids.size());
+    }).join();
+    EXPECT_LE(other, 2);  // another thread is not in the scope
+  }
+  EXPECT_TRUE(runs_on_n_threads(2));
+}
+
+TEST(ThreadPool, ThreadCountIsBounded) {
+  GlobalStateGuard guard;
+  set_num_threads(2);
+  EXPECT_THROW(set_num_threads(kMaxThreads + 1), nanochat::Error);
+  try {
+    set_num_threads(1 << 30);
+    ADD_FAILURE() << "no error for 2^30 threads";
+  } catch (const nanochat::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("1024"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(num_threads(), 2);  // the previous count stays
+  EXPECT_TRUE(covers_once(100));
+}
+
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define NANOCHAT_NO_RLIMIT_TEST
+#endif
+#endif
+#else
+#define NANOCHAT_NO_RLIMIT_TEST
+#endif
+
+// Threads that cannot be created (here: address space for their stacks runs out part way)
+// give an error and the previous pool, not std::terminate or a hang: the started workers
+// are stopped and joined. In a child process, which the limit then cannot hurt.
+TEST(ThreadPool, FailedThreadStartIsAnError) {
+#ifdef NANOCHAT_NO_RLIMIT_TEST
+  GTEST_SKIP() << "sanitizer runtimes need the address space this test takes away";
+#else
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    alarm(60);  // a hang fails the test rather than the run
+    set_num_threads(1);
+    // The address space in use now plus 64 MiB: a few 8 MiB thread stacks, not 200.
+    long pages = 0, resident = 0;
+    if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+      if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) pages = 0;
+      std::fclose(f);
+    }
+    if (pages <= 0) _exit(3);
+    const rlim_t cap = rlim_t(pages) * rlim_t(sysconf(_SC_PAGESIZE)) + (64u << 20);
+    const rlimit lim{cap, cap};
+    if (setrlimit(RLIMIT_AS, &lim) != 0) _exit(3);
+    int code = 1;
+    try {
+      set_num_threads(200);
+    } catch (const nanochat::Error& e) {
+      code = std::string(e.what()).find("could not start thread") != std::string::npos ? 0 : 2;
+    }
+    if (code == 0 && num_threads() != 1) code = 4;
+    _exit(code);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << "the child died of signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: no error, 2: another error, 3: setup, 4: count";
+#endif
 }

@@ -267,6 +267,26 @@ TEST(TokenizerBpe, RandomMergesMatchReferenceShortAndLongPieces) {
   }
 }
 
+// A merge list out of training order (a pair holding "ab" ranked before the merge that
+// makes "ab"): long pieces leave the by-rank sweep for the heap, with the same result.
+TEST(TokenizerBpe, MergeListOutOfTrainingOrder) {
+  Vocab v;
+  v.add(byte_level("ab"), 1);
+  const std::vector<std::pair<std::string, std::string>> m = {
+      {"x", "ab"}, {"a", "b"}, {"xab", "xab"}, {"b", "x"}};
+  for (const auto& [l, r] : m) v.merge(l, r);
+  BpeTokenizer t = v.build();
+  std::mt19937 rng(5);
+  for (int it = 0; it < 40; ++it) {
+    std::string s;
+    const int n = 65 + int(rng() % 300);
+    for (int i = 0; i < n; ++i) s += it < 5 ? "xab"[i % 3] : "xab"[rng() % 3];
+    std::vector<int32_t> want;
+    for (const std::string& sym : reference_bpe(s, m)) want.push_back(v.id(sym));
+    ASSERT_EQ(t.encode(s), want) << s;
+  }
+}
+
 TEST(TokenizerBpe, LongWhitespaceRunAndRepeatedPieces) {
   Vocab v;
   v.merge(" ", " ");
@@ -355,6 +375,50 @@ TEST(TokenizerSpecial, LookupsAndBadIds) {
   EXPECT_THROW(t.token_type(INT32_MAX), Error);
   BpeTokenizer copy = t;  // copies stay valid (no pointers into the original)
   EXPECT_EQ(copy.encode("hi <|bos|>", true), t.encode("hi <|bos|>", true));
+}
+
+// Leftmost-longest special matching against a brute-force reference, with specials that
+// are prefixes, suffixes and overlaps of one another (the automaton's failure links).
+TEST(TokenizerSpecial, MatcherAgreesWithBruteForce) {
+  std::mt19937 rng(7);
+  const std::string alphabet = "<|ab>";
+  for (int round = 0; round < 40; ++round) {
+    Vocab v;
+    std::vector<std::string> specials;
+    const int n_special = 1 + int(rng() % 12);
+    for (int k = 0; k < n_special; ++k) {
+      std::string sp;
+      const int len = 1 + int(rng() % 5);
+      for (int i = 0; i < len; ++i) sp += alphabet[rng() % alphabet.size()];
+      if (v.id(sp) >= 0 || std::find(specials.begin(), specials.end(), sp) != specials.end())
+        continue;  // a one-byte string is a byte symbol already
+      v.add(sp, (rng() & 1) ? 3 : 4);
+      specials.push_back(sp);
+    }
+    const BpeTokenizer t = v.build();
+    for (int trial = 0; trial < 50; ++trial) {
+      std::string text;
+      const int len = int(rng() % 40);
+      for (int i = 0; i < len; ++i) text += alphabet[rng() % alphabet.size()];
+      std::vector<int32_t> want;
+      size_t seg = 0;
+      for (size_t i = 0; i < text.size();) {
+        size_t best = 0;
+        for (const std::string& sp : specials)
+          if (sp.size() > best && text.compare(i, sp.size(), sp) == 0) best = sp.size();
+        if (best == 0) {
+          ++i;
+          continue;
+        }
+        for (int32_t id : t.encode(text.substr(seg, i - seg))) want.push_back(id);
+        want.push_back(t.find(text.substr(i, best)));
+        i += best;
+        seg = i;
+      }
+      for (int32_t id : t.encode(text.substr(seg))) want.push_back(id);
+      ASSERT_EQ(t.encode(text, true), want) << "text " << text;
+    }
+  }
 }
 
 // ---- construction errors -------------------------------------------------------------------

@@ -88,7 +88,10 @@ typedef int (*nc_token_callback)(int32_t token, const char* piece, size_t len, v
 
 NC_API const char* nc_version(void);
 NC_API const char* nc_last_error(void);
-NC_API void nc_set_num_threads(int32_t n); /* 0: all cores */
+/* 0: all cores. Above 1024 threads, or when the threads cannot be started, the count
+ * stays as it was and nc_last_error() says why; nc_num_threads() tells the count. */
+NC_API void nc_set_num_threads(int32_t n);
+NC_API int32_t nc_num_threads(void);
 
 NC_API nc_status nc_model_load(const char* path, nc_model** out);
 NC_API void nc_model_free(nc_model* model); /* NULL is a no-op */
@@ -121,10 +124,21 @@ NC_API nc_status nc_session_eval(nc_session* session, const int32_t* tokens, siz
 
 NC_API void nc_sampling_default(nc_sampling* out);
 /* Tokenizes `prompt` (parse_special on, so chat markers work), feeds it and generates.
- * callback and stats may be NULL. */
+ * callback and stats may be NULL. Same as nc_generate_ex(..., strlen(prompt),
+ * NC_GENERATE_PARSE_SPECIAL, ...). */
 NC_API nc_status nc_generate(nc_session* session, const char* prompt, const nc_sampling* params,
                              nc_token_callback callback, void* user_data,
                              nc_generate_stats* stats);
+
+/* nc_generate_ex flags. Without NC_GENERATE_PARSE_SPECIAL the prompt is plain text: a
+ * user typing "<|im_end|>" gets those characters, not the control token. */
+#define NC_GENERATE_PARSE_SPECIAL 1u
+/* As nc_generate for `len` bytes of prompt (may hold NULs; NULL when len is 0) and the
+ * flags above (other bits: NC_ERR_INVALID_ARGUMENT). */
+NC_API nc_status nc_generate_ex(nc_session* session, const char* prompt, size_t len,
+                                uint32_t flags, const nc_sampling* params,
+                                nc_token_callback callback, void* user_data,
+                                nc_generate_stats* stats);
 
 #ifdef __cplusplus
 }

@@ -55,7 +55,9 @@ struct ModelInfo {
 };
 
 struct LoadOptions {
-  int32_t n_threads = 0;  // 0: keep the library-wide setting (NANOCHAT_NUM_THREADS / cores)
+  // Threads this model's sessions compute on, at most 1024 (kMaxThreads); 0: the
+  // library-wide setting (set_num_threads, NANOCHAT_NUM_THREADS, cores).
+  int32_t n_threads = 0;
 };
 
 struct SamplingParams {
@@ -107,6 +109,7 @@ class Model {
   std::string detokenize(const std::vector<int32_t>& tokens) const;
   std::string token_text(int32_t id) const;  // raw bytes of one token ("" for specials)
   int32_t token_id(const std::string& token) const;  // id of a vocabulary entry, or -1
+  int32_t n_threads() const;  // LoadOptions.n_threads (0: the library-wide count)
 
   struct Impl;
   const Impl& impl() const { return *impl_; }
@@ -114,6 +117,7 @@ class Model {
  private:
   explicit Model(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
+  int32_t n_threads_ = 0;
 };
 
 // A session's context when the caller does not name one: the model's context_length, but
@@ -164,7 +168,9 @@ class Session {
   std::unique_ptr<Impl> impl_;
 };
 
-// Library-wide settings (the kernels' thread pool and ISA), shared by every Model.
+// Library-wide settings (the kernels' thread count and ISA), shared by every Model
+// loaded without LoadOptions.n_threads. set_num_threads throws Error above 1024 threads
+// or when the threads cannot be started (the previous count stays).
 void set_num_threads(int32_t n);  // 0: all cores
 int32_t num_threads();
 std::string version();
