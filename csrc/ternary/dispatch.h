@@ -81,6 +81,10 @@ void gemm_panels_avx512vnni(const PanelArgs& a, int64_t p0, int64_t p1, int64_t 
 void gemm_panels_avx2(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
 // And with the VEX vpdpbusd (panels_avxvnni.cpp).
 void gemm_panels_avxvnni(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
+// On NEON: SDOT (panels_neon_dotprod.cpp) and Armv8.0 vmlal_s8 (panels_neon.cpp).
+void gemm_panels_neon_dotprod(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0,
+                              int64_t t1);
+void gemm_panels_neon(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
 
 // quantize_activations for tokens [t0, t1) on AVX-512 / AVX2, bit-identical to the scalar loop.
 // Returns the first token holding a non-finite value (its row is left unwritten), or -1.

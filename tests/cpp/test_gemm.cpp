@@ -12,9 +12,15 @@
 #include <random>
 #include <vector>
 
+#include "act/swiglu.h"
+#include "attn/attention.h"
 #include "common/cpu.h"
 #include "common/threadpool.h"
 #include "dense/dense.h"
+#include "loss/fused_loss.h"
+#include "norm/rmsnorm.h"
+#include "optim/blockwise8.h"
+#include "rows/bf16_rows.h"
 #include "test_util.h"
 #include "ternary/dispatch.h"
 #include "ternary/ternary.h"
@@ -251,13 +257,13 @@ TEST(GemmCodes, EqualsTk2GemmBitForBitEveryIsaAndThreadCount) {
 }
 
 TEST(GemmCodes, ShortRowsOnThePanelKernels) {
-  // Any cols % 4 == 0 runs on the x86 panel kernels (AVX2 and up; the TK2 route of the
-  // other ISAs needs whole 256-blocks).
+  // Any cols % 4 == 0 runs on the panel kernels (x86 AVX2 and up, ARM NEON and SDOT; the
+  // scalar ISA's TK2 route needs whole 256-blocks).
   GlobalStateGuard guard;
   std::mt19937 rng(111);
   int ran = 0;
   for (Isa isa : supported_isas()) {
-    if (!is_x86(isa)) continue;
+    if (isa == Isa::scalar) continue;
     set_isa(isa);
     ++ran;
     for (int64_t cols : {int64_t(4), int64_t(12), int64_t(100), int64_t(260)}) {
@@ -276,7 +282,7 @@ TEST(GemmCodes, ShortRowsOnThePanelKernels) {
       expect_near_reference(y, reference(p));
     }
   }
-  if (ran == 0) GTEST_SKIP() << "no x86 panel kernel here";
+  if (ran == 0) GTEST_SKIP() << "no panel kernel here";
 }
 
 TEST(GemmCodes, ExtremeValuesAreExactOnEveryIsa) {
@@ -546,10 +552,25 @@ TEST(Dispatch, SetUnsupportedIsaThrows) {
 // this under qemu with and without it). Elsewhere neither ARM ISA is supported.
 TEST(Dispatch, ArmIsasFollowTheCpu) {
 #if defined(__aarch64__)
+  GlobalStateGuard guard;
   EXPECT_TRUE(isa_supported(Isa::neon));
   EXPECT_EQ(isa_supported(Isa::neon_dotprod), cpu_features().dotprod);
   EXPECT_EQ(gemm_kernel(Isa::neon), &gemm_neon);
   EXPECT_STREQ(dense_kernels(Isa::neon).name, "neon");
+  // Training's op families (what `nanochat info` reports per op) take their NEON kernels on
+  // both ARM ISAs; the codes GEMM takes SDOT panels on neon_dotprod.
+  for (Isa i : {Isa::neon, Isa::neon_dotprod}) {
+    if (!isa_supported(i)) continue;
+    set_isa(i);
+    SCOPED_TRACE(isa_name(i));
+    EXPECT_STREQ(ternary_gemm_codes_path(), isa_name(i));
+    EXPECT_STREQ(fused_loss_path(), "neon");
+    EXPECT_STREQ(optim8_kernels().name, "neon");
+    EXPECT_STREQ(swiglu_path(), "neon");
+    EXPECT_STREQ(attention_path(), "neon");
+    EXPECT_STREQ(bf16_rows_path(), "neon");
+    EXPECT_STREQ(rmsnorm_path(), "neon");
+  }
   if (cpu_features().dotprod) {
     EXPECT_EQ(gemm_kernel(Isa::neon_dotprod), &gemm_neon_dotprod);
     EXPECT_STREQ(dense_kernels(Isa::neon_dotprod).name, "neon_dotprod");
