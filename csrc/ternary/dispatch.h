@@ -61,6 +61,9 @@ void gemm_avx512(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t 
 void gemm_avx512vnni(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 void gemm_neon(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 void gemm_neon_dotprod(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
+// SMMLA (kernels_neon_i8mm.cpp): Isa::neon_dotprod's kernel on a CPU with i8mm; 4 x 4 tiles,
+// the rest on gemm_neon_dotprod.
+void gemm_neon_i8mm(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 
 // ternary_gemm_codes' AVX-512 VNNI kernel. Weights as panels of 16 rows: panel p at
 // w + p * 16 * cols, its 4-column group g the 64 bytes at + g * 64, byte 4 * i + j =

@@ -10,6 +10,8 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "act/swiglu.h"
@@ -368,14 +370,22 @@ TEST(Gemm, KernelsHonourTileRangesAndStrides) {
   struct Range {
     int64_t r0, r1, t0, t1;
   };
+  // Every ISA's kernel, and on ARM each kernel function the CPU runs: neon_dotprod's kernel is
+  // the i8mm one where the CPU has i8mm, so the SDOT kernel is also called by name.
+  std::vector<std::pair<std::string, GemmKernel>> kernels;
+  for (Isa isa : supported_isas()) kernels.emplace_back(isa_name(isa), gemm_kernel(isa));
+#if defined(__aarch64__)
+  if (cpu_features().dotprod) kernels.emplace_back("sdot", &gemm_neon_dotprod);
+  if (cpu_features().i8mm) kernels.emplace_back("i8mm", &gemm_neon_i8mm);
+#endif
   // Row-major TK2 takes any r0; TK2 tiles need r0 on a tile boundary (dispatch.h).
   for (const Range& rg : {Range{0, rows, 0, tokens}, Range{3, 10, 2, 7}, Range{5, 6, 10, 11},
                           Range{1, 22, 0, 1}, Range{4, 4, 0, tokens}, Range{8, 23, 0, 1},
                           Range{16, 21, 0, 1}, Range{8, 13, 3, 9}, Range{0, 7, 0, 1}})
   for (int64_t tile_rows : {int64_t(1), TK2_TILE_ROWS}) {
     if (rg.r0 % tile_rows != 0) continue;
-    for (Isa isa : supported_isas()) {
-      SCOPED_TRACE(testing::Message() << isa_name(isa) << " rows [" << rg.r0 << ", " << rg.r1
+    for (const auto& [name, kernel] : kernels) {
+      SCOPED_TRACE(testing::Message() << name << " rows [" << rg.r0 << ", " << rg.r1
                                       << ") tokens [" << rg.t0 << ", " << rg.t1
                                       << ") tile_rows " << tile_rows);
       std::vector<float> y(size_t(tokens * y_stride), sentinel);
@@ -392,7 +402,7 @@ TEST(Gemm, KernelsHonourTileRangesAndStrides) {
       a.w_scale = w_scale;
       a.y = y.data();
       a.y_stride = y_stride;
-      gemm_kernel(isa)(a, rg.r0, rg.r1, rg.t0, rg.t1);
+      kernel(a, rg.r0, rg.r1, rg.t0, rg.t1);
       for (int64_t t = 0; t < tokens; ++t)
         for (int64_t r = 0; r < y_stride; ++r) {
           const float got = y[size_t(t * y_stride + r)];
@@ -572,7 +582,9 @@ TEST(Dispatch, ArmIsasFollowTheCpu) {
     EXPECT_STREQ(rmsnorm_path(), "neon");
   }
   if (cpu_features().dotprod) {
-    EXPECT_EQ(gemm_kernel(Isa::neon_dotprod), &gemm_neon_dotprod);
+    // SMMLA for prefill where the CPU has i8mm (qemu -cpu max), else SDOT throughout
+    EXPECT_EQ(gemm_kernel(Isa::neon_dotprod),
+              cpu_features().i8mm ? &gemm_neon_i8mm : &gemm_neon_dotprod);
     EXPECT_STREQ(dense_kernels(Isa::neon_dotprod).name, "neon_dotprod");
     EXPECT_EQ(best_isa(), Isa::neon_dotprod);
   } else {
