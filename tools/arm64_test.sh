@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The C++ unit tests on aarch64 from an x86-64 Linux machine: cross-build the core and
 # nanochat_tests (no Python extension), then run them under qemu-user on two emulated CPUs:
-#   -cpu max         NEON + dotprod + i8mm: best ISA neon_dotprod (the SDOT kernels)
+#   -cpu max         NEON + dotprod + i8mm: best ISA neon_dotprod (the SDOT kernels, and the
+#                    SMMLA ternary GEMM for several tokens)
 #   -cpu cortex-a72  Armv8.0 NEON, no dotprod: best ISA neon (the baseline NEON kernels)
-# Tests that loop over supported_isas() compare every NEON kernel with the scalar reference
-# on each CPU. Needs (Debian/Ubuntu): g++-aarch64-linux-gnu qemu-user googletest.
+# Tests that loop over supported_isas() compare every NEON kernel (engine and training: the
+# codes GEMM, fused loss, 8-bit optimizer, SwiGLU, attention, bf16 rows) with the scalar
+# reference on each CPU; Gemm.KernelsHonourTileRangesAndStrides also calls the SDOT kernel
+# by name where neon_dotprod's kernel is the i8mm one. Needs (Debian/Ubuntu): g++-aarch64-linux-gnu qemu-user googletest.
 # Usage: tools/arm64_test.sh [build dir (default build-arm64)] [extra gtest arguments...]
 set -euo pipefail
 cd "$(dirname "$0")/.."

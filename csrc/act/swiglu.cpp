@@ -42,6 +42,9 @@ const swiglu_kernels::Kernels& kernels() {
   if (active_isa() >= Isa::avx512) return swiglu_kernels::avx512;
   if (active_isa() >= Isa::avx2) return swiglu_kernels::avx2;
 #endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+  if (is_arm(active_isa())) return swiglu_kernels::neon;
+#endif
   return swiglu_kernels::scalar;
 }
 

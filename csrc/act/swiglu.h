@@ -3,7 +3,8 @@
 // One pass per direction instead of autograd's silu, mul and their backward kernels. The
 // backward can run over a list of rows only (Collider: the other rows' incoming gradient
 // is zero, so their gradients are zero).
-// Plain C++17; an AVX-512 or AVX2 row kernel where the CPU has it, the scalar loop otherwise.
+// Plain C++17; an AVX-512, AVX2 or NEON row kernel where the CPU has it, the scalar loop
+// otherwise.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +39,9 @@ extern const Kernels scalar;
 #ifdef NANOCHAT_HAVE_X86_KERNELS
 extern const Kernels avx2;
 extern const Kernels avx512;
+#endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+extern const Kernels neon;  // Isa::neon and neon_dotprod
 #endif
 
 }  // namespace swiglu_kernels

@@ -71,6 +71,9 @@ const attn_kernels::Kernels& kernels() {
   if (active_isa() >= Isa::avx512) return attn_kernels::avx512;
   if (active_isa() >= Isa::avx2) return attn_kernels::avx2;
 #endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+  if (is_arm(active_isa())) return attn_kernels::neon;
+#endif
   return attn_kernels::scalar;
 }
 

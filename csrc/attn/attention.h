@@ -15,7 +15,7 @@
 // kv head's dk, dv sum over its query heads.
 //
 // Plain C++17 driver over the thread pool (one task per batch row and kv head); the inner
-// tiles are per-ISA kernels (scalar reference, AVX2, AVX-512).
+// tiles are per-ISA kernels (scalar reference, AVX2, AVX-512, NEON).
 #pragma once
 
 #include <cstdint>
@@ -92,6 +92,9 @@ extern const Kernels scalar;
 #ifdef NANOCHAT_HAVE_X86_KERNELS
 extern const Kernels avx2;
 extern const Kernels avx512;
+#endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+extern const Kernels neon;  // Isa::neon and neon_dotprod
 #endif
 
 }  // namespace attn_kernels

@@ -5,6 +5,7 @@
 
 #include <cstring>
 
+#include "common/neon_math.h"  // exp_ps
 #include "dense/dense_neon_q8.h"
 #include "ternary/dispatch.h"  // quantize_activations_neon
 #include "ternary/ternary.h"   // fp16_to_fp32, quantize_activations (its errors)
@@ -168,29 +169,6 @@ void accumulate(const float* p, int64_t nq, const float* v, int64_t stride, int6
       ah[i] = s;
     }
   }
-}
-
-// exp(x) for x in [-104, 89] (clamped), as avx512_math.h's exp_ps: 2^k * e^r with |r| <=
-// ln2/2 and a degree-6 Taylor polynomial (relative error ~1e-7). k reaches -150 and 128,
-// past one float exponent, so 2^k is applied as 2^(k/2) * 2^(k - k/2).
-inline float32x4_t exp_ps(float32x4_t x) {
-  x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-104.0f)), vdupq_n_f32(89.0f));
-  const float32x4_t k = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504089f)));
-  float32x4_t r = vfmsq_f32(x, k, vdupq_n_f32(0.693145751953125f));
-  r = vfmsq_f32(r, k, vdupq_n_f32(1.428606765330187e-06f));
-  float32x4_t p = vdupq_n_f32(1.0f / 720);
-  p = vfmaq_f32(vdupq_n_f32(1.0f / 120), p, r);
-  p = vfmaq_f32(vdupq_n_f32(1.0f / 24), p, r);
-  p = vfmaq_f32(vdupq_n_f32(1.0f / 6), p, r);
-  p = vfmaq_f32(vdupq_n_f32(0.5f), p, r);
-  p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
-  p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
-  const int32x4_t ki = vcvtq_s32_f32(k);
-  const int32x4_t k1 = vshrq_n_s32(ki, 1), k2 = vsubq_s32(ki, k1);
-  const int32x4_t bias = vdupq_n_s32(127);
-  const float32x4_t s1 = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(k1, bias), 23));
-  const float32x4_t s2 = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(k2, bias), 23));
-  return vmulq_f32(vmulq_f32(p, s1), s2);
 }
 
 inline float32x4_t silu_mul4(float32x4_t g, float32x4_t u) {

@@ -154,6 +154,9 @@ const Kernels& kernels_for(Isa isa) {
     return loss_kernels::avx512;
   if (is_x86(isa) && cpu_features().avx2) return loss_kernels::avx2;
 #endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+  if (is_arm(isa)) return loss_kernels::neon;
+#endif
   (void)isa;
   return loss_kernels::scalar;
 }
@@ -177,7 +180,7 @@ LossPrecision loss_precision_from_name(const char* name) {
 
 bool loss_precision_supported(LossPrecision p, Isa isa) {
   if (p == LossPrecision::f32) return true;
-  // bf16 runs on the scalar reference tile, on the AVX2 f32 tiles over bf16-rounded
+  // bf16 runs on the scalar reference tile, on the AVX2 and NEON f32 tiles over bf16-rounded
   // operands, and on the AVX-512 tables only with vdpbf16ps.
 #ifdef NANOCHAT_HAVE_X86_KERNELS
   if (&kernels_for(isa) == &loss_kernels::avx512) return cpu_features().avx512bf16;

@@ -21,7 +21,8 @@
 // GEMMs: one blocked, packed driver (fused_loss.cpp) over per-ISA micro-kernels
 // (fused_loss_scalar.cpp: the reference; fused_loss_avx2.cpp: AVX2 FMA; bf16 there runs
 // the f32 tiles on bf16-rounded operands; fused_loss_avx512.cpp: AVX-512 F32 FMA and AVX512-BF16 vdpbf16ps with f32
-// accumulation), picked at run time from active_isa().
+// accumulation; fused_loss_neon.cpp: NEON FMA, bf16 as on AVX2), picked at run time from
+// active_isa().
 #pragma once
 
 #include <cstdint>
@@ -114,6 +115,9 @@ extern const Kernels scalar_6x16;
 extern const Kernels avx2;  // AVX2 + FMA (Isa::avx2 and up), 6 x 16
 extern const Kernels avx512;
 bool avx512_supported();  // AVX-512 F/BW/VL on this CPU
+#endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+extern const Kernels neon;  // Isa::neon and neon_dotprod, 6 x 16
 #endif
 
 }  // namespace loss_kernels

@@ -1,6 +1,6 @@
 // 8-bit optimizer state: argument checks, run-time kernel choice and the threaded driver
 // (blocks split into chunks on the kernel thread pool). Kernels: blockwise8_scalar.cpp
-// (the reference), blockwise8_avx2.cpp and blockwise8_avx512.cpp.
+// (the reference), blockwise8_avx2.cpp, blockwise8_avx512.cpp and blockwise8_neon.cpp.
 #include "optim/blockwise8.h"
 
 #include <algorithm>
@@ -20,9 +20,11 @@ const Optim8Kernels& optim8_kernels(Isa isa) {
   if ((isa == Isa::avx512 || isa == Isa::avx512vnni) && cpu_features().avx512bw)
     return kOptim8Avx512;
   if (is_x86(isa) && cpu_features().avx2) return kOptim8Avx2;
-#else
-  (void)isa;
 #endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+  if (is_arm(isa)) return kOptim8Neon;
+#endif
+  (void)isa;
   return kOptim8Scalar;
 }
 

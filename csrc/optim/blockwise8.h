@@ -107,7 +107,7 @@ struct Optim8Kernels {
   void (*momentum)(const Momentum8Args& a, int64_t b0, int64_t b1);
 };
 // AVX-512 (F/BW/VL) for Isa::avx512 and avx512_vnni on a CPU with AVX-512 BW, AVX2 for the
-// other x86 ISAs (avx2, avx_vnni), else scalar.
+// other x86 ISAs (avx2, avx_vnni), NEON for neon and neon_dotprod, else scalar.
 // Every table gives bit-identical results (same float operations in the same order, no FMA
 // contraction), which tests/cpp/test_optim.cpp checks.
 const Optim8Kernels& optim8_kernels(Isa isa);
@@ -116,5 +116,6 @@ const Optim8Kernels& optim8_kernels();  // for active_isa()
 extern const Optim8Kernels kOptim8Scalar;
 extern const Optim8Kernels kOptim8Avx2;
 extern const Optim8Kernels kOptim8Avx512;
+extern const Optim8Kernels kOptim8Neon;  // aarch64 builds only
 
 }  // namespace nanochat

@@ -51,6 +51,9 @@ const bf16_kernels::Kernels& kernels() {
   if (active_isa() >= Isa::avx512) return bf16_kernels::avx512;
   if (active_isa() >= Isa::avx2) return bf16_kernels::avx2;
 #endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+  if (is_arm(active_isa())) return bf16_kernels::neon;
+#endif
   return bf16_kernels::scalar;
 }
 

@@ -7,7 +7,7 @@
 // the three operands and one to write grad_x. Results are bit-identical to the torch
 // sequence: bf16 rounding is round-to-nearest-even, as torch's (a NaN becomes the quiet
 // NaN 0x7FC0, c10's scalar convention; torch's vector path writes 0xFFFF, also a NaN).
-// Plain C++17 drivers over the thread pool; scalar, AVX2 and AVX-512 row kernels.
+// Plain C++17 drivers over the thread pool; scalar, AVX2, AVX-512 and NEON row kernels.
 #pragma once
 
 #include <cstdint>
@@ -52,6 +52,9 @@ extern const Kernels scalar;
 #ifdef NANOCHAT_HAVE_X86_KERNELS
 extern const Kernels avx2;
 extern const Kernels avx512;
+#endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+extern const Kernels neon;  // Isa::neon and neon_dotprod
 #endif
 
 }  // namespace bf16_kernels

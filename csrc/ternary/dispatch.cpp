@@ -103,7 +103,8 @@ GemmKernel gemm_kernel(Isa isa) {
 #endif
 #ifdef NANOCHAT_HAVE_ARM_KERNELS
     case Isa::neon: return gemm_neon;
-    case Isa::neon_dotprod: return gemm_neon_dotprod;
+    case Isa::neon_dotprod:
+      return cpu_features().i8mm && cpu_features().dotprod ? gemm_neon_i8mm : gemm_neon_dotprod;
 #endif
     default: return gemm_scalar;
   }

@@ -61,6 +61,9 @@ void gemm_avx512(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t 
 void gemm_avx512vnni(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 void gemm_neon(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 void gemm_neon_dotprod(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
+// SMMLA (kernels_neon_i8mm.cpp): Isa::neon_dotprod's kernel on a CPU with i8mm; 4 x 4 tiles,
+// the rest on gemm_neon_dotprod.
+void gemm_neon_i8mm(const GemmArgs& a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 
 // ternary_gemm_codes' AVX-512 VNNI kernel. Weights as panels of 16 rows: panel p at
 // w + p * 16 * cols, its 4-column group g the 64 bytes at + g * 64, byte 4 * i + j =
@@ -81,6 +84,10 @@ void gemm_panels_avx512vnni(const PanelArgs& a, int64_t p0, int64_t p1, int64_t 
 void gemm_panels_avx2(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
 // And with the VEX vpdpbusd (panels_avxvnni.cpp).
 void gemm_panels_avxvnni(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
+// On NEON: SDOT (panels_neon_dotprod.cpp) and Armv8.0 vmlal_s8 (panels_neon.cpp).
+void gemm_panels_neon_dotprod(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0,
+                              int64_t t1);
+void gemm_panels_neon(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
 
 // quantize_activations for tokens [t0, t1) on AVX-512 / AVX2, bit-identical to the scalar loop.
 // Returns the first token holding a non-finite value (its row is left unwritten), or -1.

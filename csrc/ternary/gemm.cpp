@@ -79,18 +79,25 @@ void ternary_gemm(const TernaryMatrixView& w, const int8_t* q, const float* x_sc
 }
 
 
-#ifdef NANOCHAT_HAVE_X86_KERNELS
+#if defined(NANOCHAT_HAVE_X86_KERNELS) || defined(NANOCHAT_HAVE_ARM_KERNELS)
+#define NANOCHAT_HAVE_PANEL_KERNELS 1
 namespace {
 
 using PanelKernel = void (*)(const PanelArgs& a, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
 
 // The panel kernel for the active ISA (nullptr: the TK2 route), and its name: vpdpbusd on
-// AVX-512 VNNI and AVX-VNNI, vpmaddubsw on AVX2 and AVX-512 without VNNI (the TK2 route
-// would pack every weight and then reduce each dot horizontally).
+// AVX-512 VNNI and AVX-VNNI, vpmaddubsw on AVX2 and AVX-512 without VNNI, SDOT on
+// neon_dotprod, vmlal_s8 on neon (the TK2 route would pack every weight and then reduce each
+// dot horizontally).
 PanelKernel panel_kernel(const char** name = nullptr) {
   const Isa isa = active_isa();
   const char* n = isa_name(isa);
   PanelKernel k = nullptr;
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+  if (isa == Isa::neon_dotprod) k = gemm_panels_neon_dotprod;
+  if (isa == Isa::neon) k = gemm_panels_neon;
+#endif
+#ifdef NANOCHAT_HAVE_X86_KERNELS
   if (isa >= Isa::avx512vnni) {
     k = gemm_panels_avx512vnni;
   } else if (isa == Isa::avx_vnni) {
@@ -99,6 +106,7 @@ PanelKernel panel_kernel(const char** name = nullptr) {
     n = "avx2";
     k = gemm_panels_avx2;
   }
+#endif
   if (name) *name = n;
   return k;
 }
@@ -149,7 +157,7 @@ void gemm_codes_panels(PanelKernel kernel, const int8_t* codes, int64_t rows, in
 
 const char* ternary_gemm_codes_path() {
   const char* name = isa_name(active_isa());  // the TK2 route runs ternary_gemm's kernel
-#ifdef NANOCHAT_HAVE_X86_KERNELS
+#ifdef NANOCHAT_HAVE_PANEL_KERNELS
   panel_kernel(&name);
 #endif
   return name;
@@ -172,7 +180,7 @@ void ternary_gemm_codes(const int8_t* codes, int64_t rows, int64_t cols, float s
     std::fill(y, y + tokens * rows, 0.0f);
     return;
   }
-#ifdef NANOCHAT_HAVE_X86_KERNELS
+#ifdef NANOCHAT_HAVE_PANEL_KERNELS
   if (const PanelKernel k = panel_kernel()) {
     gemm_codes_panels(k, codes, rows, cols, scale, q, x_scale, tokens, y);
     return;
@@ -180,7 +188,7 @@ void ternary_gemm_codes(const int8_t* codes, int64_t rows, int64_t cols, float s
 #endif
   if (cols % QK != 0)
     throw Error(std::string(what) + ": row length " + std::to_string(cols) +
-                " must be a multiple of 256 without AVX2");
+                " must be a multiple of 256 on the scalar path (no panel kernel)");
   std::vector<uint8_t> tk(size_t(rows * tk2_row_bytes(cols)));
   tk2_pack(codes, rows, cols, tk.data());  // validates the codes
   ternary_gemm(TernaryMatrixView{tk.data(), rows, cols, scale}, q, x_scale, tokens, y);

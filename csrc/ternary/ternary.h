@@ -94,11 +94,12 @@ void ternary_gemm(const TernaryMatrixView& w, const int8_t* q, const float* x_sc
 
 // The same y from int8 codes (rows x cols, values -1/0/+1, cols % 4 == 0) instead of TK2
 // bytes: training re-quantizes every weight each step, so packing the codes into TK2
-// buys nothing there. On x86 the codes are laid out per call in 16-row panels (one
+// buys nothing there. On x86 and ARM the codes are laid out per call in 16-row panels (one
 // 64-byte vector = 16 rows x 4 columns, vpdpbusd's operand order; AVX2 and AVX-VNNI read
-// it as two 8-row halves for vpmaddubsw / the VEX vpdpbusd), so each instruction yields 8
-// or 16 outputs and no horizontal sums are needed, which is what makes short rows (256-768
-// columns) fast. Other ISAs pack to TK2 and run ternary_gemm (then cols % 256 == 0).
+// it as two 8-row halves for vpmaddubsw / the VEX vpdpbusd, NEON as four 4-row vectors for
+// SDOT / vmlal_s8), so each instruction yields 4 to 16 outputs and no horizontal sums are
+// needed, which is what makes short rows (256-768 columns) fast. The scalar ISA packs to
+// TK2 and runs ternary_gemm (then cols % 256 == 0).
 // Bit-identical to ternary_gemm on the same codes.
 void ternary_gemm_codes(const int8_t* codes, int64_t rows, int64_t cols, float scale,
                         const int8_t* q, const float* x_scale, int64_t tokens, float* y);

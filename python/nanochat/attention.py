@@ -91,7 +91,9 @@ def trim(kv: torch.Tensor, window: int | None) -> torch.Tensor:
 
 # ISAs with vector attention tiles (csrc/attn: AVX2, AVX-512). On the scalar reference tiles
 # the op is slower than SDPA (`nanochat bench kernels --isa scalar`, op "attention"), so
-# SDPA runs there.
+# SDPA runs there. ARM's NEON tiles (neon, neon_dotprod) are tested for agreement under qemu
+# but their speed against SDPA has not been measured on an ARM machine, so "auto" keeps SDPA
+# there; NANOCHAT_ATTENTION=cpp runs them.
 FAST_ISAS = ("avx2", "avx_vnni", "avx512", "avx512_vnni")
 
 

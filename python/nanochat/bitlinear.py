@@ -61,6 +61,9 @@ AUTO_MIN_MACS = 1 << 25  # "auto" trains on the C++ path from this much work per
 # ISAs whose codes GEMM (csrc/ternary/gemm.cpp: the x86 panel kernels) makes the C++ layer
 # beat torch's from AUTO_MIN_MACS up (`nanochat bench kernels --isa avx2`, op "layer"); on
 # the others (the scalar reference) it loses to torch at every size, so "auto" runs torch.
+# ARM's panel kernels (neon, neon_dotprod: csrc/ternary/panels_neon*.cpp) are tested for
+# agreement under qemu but their speed against torch has not been measured on an ARM machine,
+# so "auto" keeps torch there; kernel="cpp" runs them.
 FAST_ISAS = ("avx2", "avx_vnni", "avx512", "avx512_vnni")
 EPS = 1e-5
 

@@ -117,10 +117,12 @@ std::vector<Isa> isas() {
   std::vector<Isa> v = {Isa::scalar};
   if (isa_supported(Isa::avx2)) v.push_back(Isa::avx2);
   if (isa_supported(Isa::avx512)) v.push_back(Isa::avx512);
+  if (isa_supported(Isa::neon)) v.push_back(Isa::neon);
   return v;
 }
 
-#ifdef NANOCHAT_HAVE_X86_KERNELS
+#if defined(NANOCHAT_HAVE_X86_KERNELS) || defined(NANOCHAT_HAVE_ARM_KERNELS)
+#define NANOCHAT_HAVE_SIMD_LOSS 1
 // The SIMD kernel tables this CPU runs, by name, each with the scalar reference at its
 // tile shape.
 struct Simd {
@@ -130,8 +132,13 @@ struct Simd {
 };
 std::vector<Simd> simd_kernels() {
   std::vector<Simd> v;
+#ifdef NANOCHAT_HAVE_X86_KERNELS
   if (isa_supported(Isa::avx2)) v.push_back({"avx2", &loss_kernels::avx2, &loss_kernels::scalar_6x16});
   if (isa_supported(Isa::avx512)) v.push_back({"avx512", &loss_kernels::avx512, &loss_kernels::scalar});
+#endif
+#ifdef NANOCHAT_HAVE_ARM_KERNELS
+  v.push_back({"neon", &loss_kernels::neon, &loss_kernels::scalar_6x16});
+#endif
   return v;
 }
 #endif
@@ -221,9 +228,9 @@ TEST(FusedLoss, NoTargetsAtAllGivesZeroGradients) {
 }
 
 TEST(FusedLoss, F32MicroTileBitEqualsScalar) {
-#ifdef NANOCHAT_HAVE_X86_KERNELS
+#ifdef NANOCHAT_HAVE_SIMD_LOSS
   using namespace loss_kernels;
-  if (simd_kernels().empty()) GTEST_SKIP() << "no AVX2";
+  if (simd_kernels().empty()) GTEST_SKIP() << "no SIMD loss kernels on this CPU";
   std::mt19937 rng(6);
   const int64_t kc = 77;
   for (auto [name, k, ref] : simd_kernels()) {
@@ -241,14 +248,14 @@ TEST(FusedLoss, F32MicroTileBitEqualsScalar) {
     }
   }
 #else
-  GTEST_SKIP() << "no x86 kernels";
+  GTEST_SKIP() << "no SIMD loss kernels in this build";
 #endif
 }
 
 TEST(FusedLoss, SimdCrossEntropyRowWithinBoundOfScalar) {
-#ifdef NANOCHAT_HAVE_X86_KERNELS
+#ifdef NANOCHAT_HAVE_SIMD_LOSS
   using namespace loss_kernels;
-  if (simd_kernels().empty()) GTEST_SKIP() << "no AVX2";
+  if (simd_kernels().empty()) GTEST_SKIP() << "no SIMD loss kernels on this CPU";
   std::mt19937 rng(10);
   // Lengths with every tail (n mod 8 and mod 16), logits spread over ~60 nats so that some
   // exps reach the clamp at -87.
@@ -273,7 +280,7 @@ TEST(FusedLoss, SimdCrossEntropyRowWithinBoundOfScalar) {
     }
   }
 #else
-  GTEST_SKIP() << "no x86 kernels";
+  GTEST_SKIP() << "no SIMD loss kernels in this build";
 #endif
 }
 
@@ -284,6 +291,7 @@ TEST(FusedLoss, Bf16StaysWithinItsErrorBound) {
   std::vector<Isa> v = {Isa::scalar};
   if (isa_supported(Isa::avx2)) v.push_back(Isa::avx2);
   if (isa_supported(Isa::avx512) && cpu_features().avx512bf16) v.push_back(Isa::avx512);
+  if (isa_supported(Isa::neon)) v.push_back(Isa::neon);
   for (Isa isa : v) {
     SCOPED_TRACE(isa_name(isa));
     ASSERT_TRUE(loss_precision_supported(LossPrecision::bf16, isa));

@@ -10,11 +10,19 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
+#include <utility>
 #include <vector>
 
+#include "act/swiglu.h"
+#include "attn/attention.h"
 #include "common/cpu.h"
 #include "common/threadpool.h"
 #include "dense/dense.h"
+#include "loss/fused_loss.h"
+#include "norm/rmsnorm.h"
+#include "optim/blockwise8.h"
+#include "rows/bf16_rows.h"
 #include "test_util.h"
 #include "ternary/dispatch.h"
 #include "ternary/ternary.h"
@@ -251,13 +259,13 @@ TEST(GemmCodes, EqualsTk2GemmBitForBitEveryIsaAndThreadCount) {
 }
 
 TEST(GemmCodes, ShortRowsOnThePanelKernels) {
-  // Any cols % 4 == 0 runs on the x86 panel kernels (AVX2 and up; the TK2 route of the
-  // other ISAs needs whole 256-blocks).
+  // Any cols % 4 == 0 runs on the panel kernels (x86 AVX2 and up, ARM NEON and SDOT; the
+  // scalar ISA's TK2 route needs whole 256-blocks).
   GlobalStateGuard guard;
   std::mt19937 rng(111);
   int ran = 0;
   for (Isa isa : supported_isas()) {
-    if (!is_x86(isa)) continue;
+    if (isa == Isa::scalar) continue;
     set_isa(isa);
     ++ran;
     for (int64_t cols : {int64_t(4), int64_t(12), int64_t(100), int64_t(260)}) {
@@ -276,7 +284,7 @@ TEST(GemmCodes, ShortRowsOnThePanelKernels) {
       expect_near_reference(y, reference(p));
     }
   }
-  if (ran == 0) GTEST_SKIP() << "no x86 panel kernel here";
+  if (ran == 0) GTEST_SKIP() << "no panel kernel here";
 }
 
 TEST(GemmCodes, ExtremeValuesAreExactOnEveryIsa) {
@@ -362,14 +370,22 @@ TEST(Gemm, KernelsHonourTileRangesAndStrides) {
   struct Range {
     int64_t r0, r1, t0, t1;
   };
+  // Every ISA's kernel, and on ARM each kernel function the CPU runs: neon_dotprod's kernel is
+  // the i8mm one where the CPU has i8mm, so the SDOT kernel is also called by name.
+  std::vector<std::pair<std::string, GemmKernel>> kernels;
+  for (Isa isa : supported_isas()) kernels.emplace_back(isa_name(isa), gemm_kernel(isa));
+#if defined(__aarch64__)
+  if (cpu_features().dotprod) kernels.emplace_back("sdot", &gemm_neon_dotprod);
+  if (cpu_features().i8mm) kernels.emplace_back("i8mm", &gemm_neon_i8mm);
+#endif
   // Row-major TK2 takes any r0; TK2 tiles need r0 on a tile boundary (dispatch.h).
   for (const Range& rg : {Range{0, rows, 0, tokens}, Range{3, 10, 2, 7}, Range{5, 6, 10, 11},
                           Range{1, 22, 0, 1}, Range{4, 4, 0, tokens}, Range{8, 23, 0, 1},
                           Range{16, 21, 0, 1}, Range{8, 13, 3, 9}, Range{0, 7, 0, 1}})
   for (int64_t tile_rows : {int64_t(1), TK2_TILE_ROWS}) {
     if (rg.r0 % tile_rows != 0) continue;
-    for (Isa isa : supported_isas()) {
-      SCOPED_TRACE(testing::Message() << isa_name(isa) << " rows [" << rg.r0 << ", " << rg.r1
+    for (const auto& [name, kernel] : kernels) {
+      SCOPED_TRACE(testing::Message() << name << " rows [" << rg.r0 << ", " << rg.r1
                                       << ") tokens [" << rg.t0 << ", " << rg.t1
                                       << ") tile_rows " << tile_rows);
       std::vector<float> y(size_t(tokens * y_stride), sentinel);
@@ -386,7 +402,7 @@ TEST(Gemm, KernelsHonourTileRangesAndStrides) {
       a.w_scale = w_scale;
       a.y = y.data();
       a.y_stride = y_stride;
-      gemm_kernel(isa)(a, rg.r0, rg.r1, rg.t0, rg.t1);
+      kernel(a, rg.r0, rg.r1, rg.t0, rg.t1);
       for (int64_t t = 0; t < tokens; ++t)
         for (int64_t r = 0; r < y_stride; ++r) {
           const float got = y[size_t(t * y_stride + r)];
@@ -546,12 +562,29 @@ TEST(Dispatch, SetUnsupportedIsaThrows) {
 // this under qemu with and without it). Elsewhere neither ARM ISA is supported.
 TEST(Dispatch, ArmIsasFollowTheCpu) {
 #if defined(__aarch64__)
+  GlobalStateGuard guard;
   EXPECT_TRUE(isa_supported(Isa::neon));
   EXPECT_EQ(isa_supported(Isa::neon_dotprod), cpu_features().dotprod);
   EXPECT_EQ(gemm_kernel(Isa::neon), &gemm_neon);
   EXPECT_STREQ(dense_kernels(Isa::neon).name, "neon");
+  // Training's op families (what `nanochat info` reports per op) take their NEON kernels on
+  // both ARM ISAs; the codes GEMM takes SDOT panels on neon_dotprod.
+  for (Isa i : {Isa::neon, Isa::neon_dotprod}) {
+    if (!isa_supported(i)) continue;
+    set_isa(i);
+    SCOPED_TRACE(isa_name(i));
+    EXPECT_STREQ(ternary_gemm_codes_path(), isa_name(i));
+    EXPECT_STREQ(fused_loss_path(), "neon");
+    EXPECT_STREQ(optim8_kernels().name, "neon");
+    EXPECT_STREQ(swiglu_path(), "neon");
+    EXPECT_STREQ(attention_path(), "neon");
+    EXPECT_STREQ(bf16_rows_path(), "neon");
+    EXPECT_STREQ(rmsnorm_path(), "neon");
+  }
   if (cpu_features().dotprod) {
-    EXPECT_EQ(gemm_kernel(Isa::neon_dotprod), &gemm_neon_dotprod);
+    // SMMLA for prefill where the CPU has i8mm (qemu -cpu max), else SDOT throughout
+    EXPECT_EQ(gemm_kernel(Isa::neon_dotprod),
+              cpu_features().i8mm ? &gemm_neon_i8mm : &gemm_neon_dotprod);
     EXPECT_STREQ(dense_kernels(Isa::neon_dotprod).name, "neon_dotprod");
     EXPECT_EQ(best_isa(), Isa::neon_dotprod);
   } else {

@@ -214,6 +214,7 @@ TEST(Optim8, EachIsaPicksItsKernelTable) {
   for (Isa isa : supported_isas()) {
     const std::string want = isa == Isa::avx512 || isa == Isa::avx512vnni ? "avx512"
                              : is_x86(isa)                                 ? "avx2"
+                             : is_arm(isa)                                 ? "neon"
                                                                            : "scalar";
     EXPECT_EQ(optim8_kernels(isa).name, want) << isa_name(isa);
   }
