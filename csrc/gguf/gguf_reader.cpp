@@ -39,6 +39,8 @@ uint64_t heap_of(const std::string& s) { return s.capacity() > 15 ? s.capacity()
 // as plain fields and turned into text only when an error is thrown, so parsing costs the
 // same per element however long the key: building "key[i]" per element was quadratic.
 struct Cursor {
+  Cursor(const std::string& f, const uint8_t* b, uint64_t n, const ReadLimits& l)
+      : file(f), base(b), size(n), lim(l) {}
   const std::string& file;
   const uint8_t* base;
   uint64_t size;
