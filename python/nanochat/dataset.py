@@ -25,6 +25,21 @@ from nanochat.corpus import SPLITS, Manifest, token_dtype
 from nanochat.tokenizer import Tokenizer
 
 
+_CHECK_CHUNK = 1 << 24  # tokens per pass of the id check (64 MiB of uint32 at most)
+
+
+def _check_ids(tokens: np.ndarray, vocab_size: int, f: Path) -> None:
+    """Every id < vocab_size: an out-of-range id would index past the embedding table."""
+    if vocab_size >= np.iinfo(tokens.dtype).max + 1:
+        return  # the dtype cannot hold a bad id
+    for i in range(0, len(tokens), _CHECK_CHUNK):
+        chunk = tokens[i:i + _CHECK_CHUNK]
+        if int(chunk.max()) >= vocab_size:
+            j = int(np.argmax(chunk >= vocab_size))
+            raise ValueError(f"{f}: token id {int(chunk[j])} at position {i + j} is out of "
+                             f"range for the vocabulary of {vocab_size} tokens")
+
+
 class TokenData:
     """train/val token arrays (read-only np.memmap), tokenizer, manifest, token_bytes."""
 
@@ -53,6 +68,7 @@ class TokenData:
             if ntok == 0:
                 raise ValueError(f"{f}: the {name} split is empty")
             arrays[name] = np.memmap(f, dtype=dtype, mode="r", shape=(ntok,))
+            _check_ids(arrays[name], self.manifest.vocab_size, f)
         self.train: np.ndarray = arrays["train"]
         self.val: np.ndarray = arrays["val"]
         self.tokenizer = Tokenizer.load(self.dir / "tokenizer")
