@@ -93,8 +93,8 @@ def test_payload_refused_by_validate(tmp_path):
     bad = _plant(tmp_path / "keep" / "run" / "checkpoints" / "step_999999", marker)
     env = {k: v for k, v in os.environ.items() if not k.startswith("NANOCHAT_")}
     r = subprocess.run([sys.executable, "-m", "nanochat", "validate", "--keep",
-                        str(tmp_path / "keep")], capture_output=True, text=True, env=env,
-                       timeout=900)
+                        str(tmp_path / "keep")], check=False, capture_output=True, text=True,
+                       env=env, timeout=900)
     assert not marker.exists(), "the pickle payload ran"
     assert r.returncode != 0 and f"refusing to load {bad}" in r.stdout + r.stderr, r.stdout
 
@@ -203,3 +203,27 @@ def test_orphan_temp_dirs_are_removed_and_resave_keeps_a_checkpoint(data_dir, tm
     assert checkpoint.load(run)["step"] == 2
     train(cfg, data_dir, run, resume=True, progress_bar=False, log=quiet)
     assert sorted(p.name for p in root.iterdir()) == ["step_000002"]
+
+
+def test_kill_while_pruning_leaves_no_half_deleted_step(tmp_path, monkeypatch):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    run = tmp_path / "run"
+    for step in (1, 2):
+        checkpoint.save(run, step, {"step": step}, {}, tok, keep=2)
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *a, **k):  # deletes one file of the pruned step, then dies
+        if not (Path(path) / "state.pt").is_file():
+            return real_rmtree(path, *a, **k)
+        (Path(path) / "state.pt").unlink()
+        raise SystemExit(137)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(SystemExit):
+        checkpoint.save(run, 3, {"step": 3}, {}, tok, keep=2)  # prunes step 1
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    checkpoint.save(run, 4, {"step": 4}, {}, tok, keep=2)  # the next save cleans up
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003",
+                                                                     "step_000004"]

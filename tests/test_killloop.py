@@ -88,8 +88,10 @@ def _losses(run: Path) -> dict[int, float]:
 
 def _orphans(run: Path) -> list[str]:
     bad = [str(p) for p in run.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
-    root = run / "checkpoints"
-    bad += [str(p) for p in root.iterdir() if not checkpoint._STEP_DIR.match(p.name)]
+    for p in (run / "checkpoints").iterdir():  # only complete step dirs: none half-deleted
+        if not (checkpoint._STEP_DIR.match(p.name) and (p / "state.pt").is_file()
+                and (p / "config.json").is_file() and (p / "tokenizer").is_dir()):
+            bad.append(str(p))
     return bad
 
 
@@ -160,3 +162,4 @@ def test_kill_loop(tmp_path):
         for n, v in sa[k].items():
             assert torch.equal(v, sb[k][n]) if torch.is_tensor(v) else v == sb[k][n], (k, n)
     assert _orphans(run) == []
+    assert len(checkpoint.list_checkpoints(run)) == 1  # keep_checkpoints = 1

@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import re
+import secrets
 import shutil
 import sys
 import tempfile
@@ -77,8 +78,19 @@ def save(run_dir: Path, step: int, state: dict, config: dict, tokenizer_dir: Pat
         raise
     shutil.rmtree(old, ignore_errors=True)
     for stale in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(stale, ignore_errors=True)
+        _remove(stale)
     return final
+
+
+def _remove(ckpt: Path) -> None:
+    """Delete a checkpoint dir: renamed to a temp name first, so a kill during the
+    deletion leaves a directory that `recover` removes, never a half-deleted step_N."""
+    doomed = ckpt.with_name(f".{ckpt.name.lstrip('.')}.{secrets.token_hex(4)}.del")
+    try:
+        os.rename(ckpt, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def recover(run_dir: Path) -> None:
