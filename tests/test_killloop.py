@@ -60,6 +60,9 @@ warmup_steps = 2
 
 def _launch(cfg: Path, data: Path, run: Path, steps: int, resume: bool, log) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NANOCHAT_")}
+    # One thread each (torch and the C++ pool): on a loaded machine, two-thread barriers on
+    # a model this small stall for scheduler ticks, and the straight run shares the setting.
+    env.update(OMP_NUM_THREADS="1", NANOCHAT_NUM_THREADS="1")
     args = [sys.executable, "-m", "nanochat", "train", "--config", str(cfg), "--data",
             str(data), "--out", str(run), "--steps", str(steps), "--no-progress"]
     return subprocess.Popen(args + (["--resume"] if resume else []), stdout=log,
