@@ -4,8 +4,9 @@
     python -c "from nanochat.dataset import *; d = TokenData('DIR'); print(unigram_bigram_bpb(d))"
 
 `TokenData(dir)` validates manifest.json against the files next to it (dtype, sizes, the
-tokenizer hash) and memory-maps train.bin / val.bin, so opening even a large corpus costs
-nothing. Every check names the file it is about.
+tokenizer hash), memory-maps train.bin / val.bin (no copy) and checks every token id against
+the vocabulary in one chunked pass (a prepared directory may come from someone else). Every
+check names the file it is about.
 
 Bits per byte convention (the same as the trainer's held-out eval): the targets are the
 val tokens after the first; bits/byte = sum over targets of -ln p(target), divided by
