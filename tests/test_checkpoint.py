@@ -5,6 +5,7 @@ settings that would make it inexact and restores the saved loader position."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -227,3 +228,13 @@ def test_kill_while_pruning_leaves_no_half_deleted_step(tmp_path, monkeypatch):
     checkpoint.save(run, 4, {"step": 4}, {}, tok, keep=2)  # the next save cleans up
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003",
                                                                      "step_000004"]
+
+
+def test_fresh_run_over_a_killed_first_run_logs_each_step_once(data_dir, tmp_path):  # noqa: F811
+    # the kill loop's finding: killed after logging step 1, before its first checkpoint
+    cfg = tiny(max_steps=2, checkpoint_every=100)
+    train(cfg, data_dir, tmp_path / "run", progress_bar=False, log=quiet)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if killed before the save
+    train(cfg, data_dir, tmp_path / "run", progress_bar=False, log=quiet)
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows if "loss" in json.loads(r)] == [1, 2]

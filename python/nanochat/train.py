@@ -166,7 +166,10 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
     log(f"model: {counts['total']:,} params ({counts['ternary']:,} ternary), device {device}, "
         f"bitlinear={t.bitlinear} (backward {t.bitlinear_backward}), "
         f"threads={torch.get_num_threads()}")
-    metrics = MetricsLogger(run_dir, purge_step=step if state is not None else None)
+    # purge from the step we start at: a resumed run repeats no step, and a fresh run in a
+    # directory that already has a log (a first run killed before its first checkpoint)
+    # starts it over
+    metrics = MetricsLogger(run_dir, purge_step=step)
     loader = BatchLoader(data.train, t.batch_size, t.seq_len, seed=t.seed,
                          start_step=state["loader"]["step"] if state is not None else 0,
                          prefetch=t.prefetch, device=str(device),
