@@ -291,6 +291,9 @@ def test_token_data_opens_read_only(prepared, tmp_path):
     ("truncated", ValueError, r"train.bin: \d+ bytes, but .*manifest.json says"),
     ("missing_bin", FileNotFoundError, "val.bin does not exist"),
     ("schema", ValueError, "schema 99"),
+    # an id past the vocabulary would index past the embedding table
+    ("bad_id", ValueError, rf"val.bin: token id {VOCAB + 5} at position 3 is out of range "
+                           rf"for the vocabulary of {VOCAB} tokens"),
 ])
 def test_token_data_validation(prepared, tmp_path, damage, exc, match):
     out = tmp_path / "out"
@@ -309,6 +312,10 @@ def test_token_data_validation(prepared, tmp_path, damage, exc, match):
         (out / "val.bin").unlink()
     elif damage == "schema":
         mf.write_text(json.dumps({**d, "schema": 99}))
+    elif damage == "bad_id":
+        val = np.fromfile(out / "val.bin", dtype=d["dtype"])
+        val[3] = VOCAB + 5
+        val.tofile(out / "val.bin")
     with pytest.raises(exc, match=match):
         TokenData(out)
 

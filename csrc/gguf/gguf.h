@@ -203,7 +203,9 @@ class GgufWriter {
                   const void* data, size_t nbytes);
   void add_tensor_ref(const std::string& name, GgmlType type, const std::vector<int64_t>& dims,
                       const void* data, size_t nbytes);
-  // Writes `path` atomically: `path.tmp`, then rename; the temp file is removed on error.
+  // Writes `path` atomically: a uniquely named temp file beside it, created with O_EXCL |
+  // O_NOFOLLOW, fsynced, renamed over `path`, then the directory fsynced; the temp file is
+  // removed on error.
   void write(const std::string& path) const;
 
   uint32_t alignment() const { return alignment_; }

@@ -1,9 +1,13 @@
 // GGUF v3 writer, plus the type tables and Value helpers shared with the reader.
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <set>
 
 #include "gguf/gguf.h"
@@ -438,10 +442,56 @@ void GgufWriter::add_tensor_ref(const std::string& name, GgmlType type,
   tensors_.push_back({name, type, dims, static_cast<const uint8_t*>(data), nbytes, nullptr});
 }
 
+namespace {
+
+// A temp file beside `path` with a unique random name, created exclusively and never
+// through a symlink (O_EXCL | O_NOFOLLOW): a planted `<path>.tmp` or a second export writing
+// the same path at the same time cannot make us write into someone else's file.
+std::FILE* create_temp(const std::string& path, std::string* tmp) {
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "" : path.substr(0, slash + 1);
+  const std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
+  std::random_device rd;
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    char suffix[24];
+    std::snprintf(suffix, sizeof suffix, ".%08x%08x.tmp", rd(), rd());
+    *tmp = dir + "." + base + suffix;
+    const int fd = ::open(tmp->c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                          0666);
+    if (fd < 0) {
+      if (errno == EEXIST) continue;
+      throw Error(path + ": cannot create a temporary file " + *tmp + ": " +
+                  std::strerror(errno));
+    }
+    std::FILE* f = ::fdopen(fd, "wb");
+    if (!f) {
+      const int e = errno;
+      ::close(fd);
+      ::unlink(tmp->c_str());
+      throw Error(*tmp + ": fdopen failed: " + std::strerror(e));
+    }
+    return f;
+  }
+  throw Error(path + ": no free temporary name in its directory");
+}
+
+// Persist a rename: fsync the directory that holds `path`.
+void fsync_parent(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash ? path.substr(0, slash) : "/");
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) throw Error(dir + ": cannot open directory to fsync: " + std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int e = errno;
+  ::close(fd);
+  if (rc != 0 && e != EINVAL) throw Error(dir + ": fsync failed: " + std::strerror(e));
+}
+
+}  // namespace
+
 void GgufWriter::write(const std::string& path) const {
-  const std::string tmp = path + ".tmp";
-  std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (!f) throw Error(tmp + ": cannot open for writing: " + std::strerror(errno));
+  std::string tmp;
+  std::FILE* f = create_temp(path, &tmp);
   try {
     Out o{f, tmp};
     o.pod<uint32_t>(MAGIC);
@@ -472,21 +522,24 @@ void GgufWriter::write(const std::string& path) const {
       o.pad(alignment_);
     }
     if (std::fflush(f) != 0) throw Error(tmp + ": write failed: " + std::strerror(errno));
+    // the data must be on disk before the rename makes it the file at `path`
+    if (::fsync(::fileno(f)) != 0) throw Error(tmp + ": fsync failed: " + std::strerror(errno));
   } catch (...) {
     std::fclose(f);
-    std::remove(tmp.c_str());
+    ::unlink(tmp.c_str());
     throw;
   }
   if (std::fclose(f) != 0) {
     const int e = errno;
-    std::remove(tmp.c_str());
+    ::unlink(tmp.c_str());
     throw Error(tmp + ": close failed: " + std::strerror(e));
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     const int e = errno;
-    std::remove(tmp.c_str());
+    ::unlink(tmp.c_str());
     throw Error(path + ": cannot rename " + tmp + ": " + std::strerror(e));
   }
+  fsync_parent(path);
 }
 
 }  // namespace gguf

@@ -15,6 +15,7 @@ applies dotted overrides; `load_config` and `apply_overrides` are the Python ent
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -404,12 +405,17 @@ def _coerce(value, typ, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    # TOML integers are 64-bit, but tomllib takes any length (and float() of a long one raises)
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        raise ConfigError(f"{where}: integer {value} is outside the 64-bit range")
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ in (int, float, str, bool) and not (
         isinstance(value, typ) and not (typ is not bool and isinstance(value, bool))
     ):
         raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+    if typ is float and not math.isfinite(value):  # nan slips past every `<`/`>` check
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     return value
 
 
@@ -456,7 +462,9 @@ def resolve_config_path(name_or_path: str) -> Path:
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
     path = resolve_config_path(name_or_path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 (TOML is UTF-8): {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     cfg = from_dict(data, str(path))

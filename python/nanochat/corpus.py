@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nanochat import atomic
 from nanochat.tokenizer import MIN_VOCAB, Tokenizer
 
 SCHEMA_VERSION = 1
@@ -340,11 +341,10 @@ def _cached(out_dir: Path, settings_hash: str, fingerprint: str) -> Manifest | N
 def _write_tokens(docs: list[Document], tok: Tokenizer, dest: Path, dtype: np.dtype,
                   progress: bool, desc: str) -> int:
     """Tokenize docs (BOS before each) into dest atomically; returns the token count."""
-    tmp = dest.with_name(dest.name + ".tmp")
     n = 0
     bar = _progress(None, progress, desc, "B", total=sum(d.nbytes for d in docs))
     try:
-        with open(tmp, "wb") as f:
+        with atomic.open_atomic(dest) as f:
             for i in range(0, len(docs), ENCODE_CHUNK):
                 chunk = docs[i:i + ENCODE_CHUNK]
                 ids = tok.encode_batch([d.text for d in chunk])
@@ -353,11 +353,9 @@ def _write_tokens(docs: list[Document], tok: Tokenizer, dest: Path, dtype: np.dt
                 n += len(arr)
                 if progress:
                     bar.update(sum(d.nbytes for d in chunk))
-        os.replace(tmp, dest)
     finally:
         if progress:
             bar.close()
-        tmp.unlink(missing_ok=True)
     return n
 
 
@@ -414,9 +412,7 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         prepare_s=round(time.perf_counter() - t0, 2), out_dir=str(out),
     )
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(m.to_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST)
+    atomic.write_text(out / MANIFEST, json.dumps(m.to_dict(), indent=2) + "\n")
     return m
 
 

@@ -4,8 +4,9 @@
     python -c "from nanochat.dataset import *; d = TokenData('DIR'); print(unigram_bigram_bpb(d))"
 
 `TokenData(dir)` validates manifest.json against the files next to it (dtype, sizes, the
-tokenizer hash) and memory-maps train.bin / val.bin, so opening even a large corpus costs
-nothing. Every check names the file it is about.
+tokenizer hash), memory-maps train.bin / val.bin (no copy) and checks every token id against
+the vocabulary in one chunked pass (a prepared directory may come from someone else). Every
+check names the file it is about.
 
 Bits per byte convention (the same as the trainer's held-out eval): the targets are the
 val tokens after the first; bits/byte = sum over targets of -ln p(target), divided by
@@ -23,6 +24,21 @@ import numpy as np
 
 from nanochat.corpus import SPLITS, Manifest, token_dtype
 from nanochat.tokenizer import Tokenizer
+
+
+_CHECK_CHUNK = 1 << 24  # tokens per pass of the id check (64 MiB of uint32 at most)
+
+
+def _check_ids(tokens: np.ndarray, vocab_size: int, f: Path) -> None:
+    """Every id < vocab_size: an out-of-range id would index past the embedding table."""
+    if vocab_size >= np.iinfo(tokens.dtype).max + 1:
+        return  # the dtype cannot hold a bad id
+    for i in range(0, len(tokens), _CHECK_CHUNK):
+        chunk = tokens[i:i + _CHECK_CHUNK]
+        if int(chunk.max()) >= vocab_size:
+            j = int(np.argmax(chunk >= vocab_size))
+            raise ValueError(f"{f}: token id {int(chunk[j])} at position {i + j} is out of "
+                             f"range for the vocabulary of {vocab_size} tokens")
 
 
 class TokenData:
@@ -53,6 +69,7 @@ class TokenData:
             if ntok == 0:
                 raise ValueError(f"{f}: the {name} split is empty")
             arrays[name] = np.memmap(f, dtype=dtype, mode="r", shape=(ntok,))
+            _check_ids(arrays[name], self.manifest.vocab_size, f)
         self.train: np.ndarray = arrays["train"]
         self.val: np.ndarray = arrays["val"]
         self.tokenizer = Tokenizer.load(self.dir / "tokenizer")

@@ -15,12 +15,23 @@ from pathlib import Path
 
 import torch
 
+from nanochat import atomic
+
 
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak CUDA allocation on GPU; peak resident set size of the process on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def _step(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a torn or foreign line."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 class MetricsLogger:
@@ -31,10 +42,11 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = run_dir / "metrics.jsonl"
         if purge_step is not None and self.jsonl_path.exists():
-            # A resumed run repeats no step: drop lines logged after the checkpoint.
-            keep = [line for line in self.jsonl_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= purge_step]
-            self.jsonl_path.write_text("".join(line + "\n" for line in keep))
+            # A resumed run repeats no step: drop lines logged after the checkpoint, and a
+            # line torn by a crash mid-write.
+            keep = [line for line in self.jsonl_path.read_text(errors="replace").splitlines()
+                    if _step(line) is not None and _step(line) <= purge_step]
+            atomic.write_text(self.jsonl_path, "".join(line + "\n" for line in keep))
         self._jsonl = open(self.jsonl_path, "a")
         self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
 

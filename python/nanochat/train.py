@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat import checkpoint, malloc
+from nanochat import atomic, checkpoint, malloc
 from nanochat.collider import Collider
 from nanochat.config import RunConfig, from_dict
 from nanochat.dataset import TokenData, unigram_bigram_bpb
@@ -124,11 +124,19 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
 
     state = None
     if resume:
-        state = checkpoint.load(run_dir)
+        checkpoint.recover(run_dir)  # a save killed part way leaves temp dirs behind
+        state = checkpoint.load(run_dir, log=log)
         saved = from_dict(state["config"], f"checkpoint {state['path']}")
         if saved.model != cfg.model:
             raise ValueError(f"checkpoint {state['path']} was trained with a different model "
                              f"config ({saved.model}) than the one given ({cfg.model})")
+        # The batches a step sees depend on these; with any changed, resume is not exact.
+        changed = [f"train.{k} (saved {getattr(saved.train, k)}, now {getattr(t, k)})"
+                   for k in ("batch_size", "seq_len", "grad_accum", "seed")
+                   if getattr(saved.train, k) != getattr(t, k)]
+        if changed:
+            raise ValueError(f"checkpoint {state['path']}: cannot resume exactly with changed "
+                             f"{', '.join(changed)}; keep the saved values or start a new run")
         if state["tokenizer_sha256"] != data.tokenizer.sha256():
             raise ValueError(f"checkpoint {state['path']} used a different tokenizer "
                              f"than {data_dir}")
@@ -152,15 +160,19 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
         log(f"resumed from {state['path']} at step {step}")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        atomic.write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     counts = model.num_params()
     log(f"model: {counts['total']:,} params ({counts['ternary']:,} ternary), device {device}, "
         f"bitlinear={t.bitlinear} (backward {t.bitlinear_backward}), "
         f"threads={torch.get_num_threads()}")
-    metrics = MetricsLogger(run_dir, purge_step=step if state is not None else None)
+    # purge from the step we start at: a resumed run repeats no step, and a fresh run in a
+    # directory that already has a log (a first run killed before its first checkpoint)
+    # starts it over
+    metrics = MetricsLogger(run_dir, purge_step=step)
     loader = BatchLoader(data.train, t.batch_size, t.seq_len, seed=t.seed,
-                         start_step=step * t.grad_accum, prefetch=t.prefetch, device=str(device),
+                         start_step=state["loader"]["step"] if state is not None else 0,
+                         prefetch=t.prefetch, device=str(device),
                          pin_memory=device.type == "cuda")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
@@ -301,7 +313,7 @@ def summarize(result: TrainResult, cfg: RunConfig, prompt: str = "def ", log=pri
         "tokens_per_s": result.tokens_per_s, "checkpoint": str(result.checkpoint),
         "interrupted": result.interrupted, "sample": sample,
     }
-    (Path(result.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic.write_text(Path(result.run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
     log("")
     log(f"held-out bits/byte: {result.val_bpb:.4f}   (unigram {uni:.4f}, bigram {bi:.4f}; "
         f"{summary['vs_unigram']:.0%} below unigram)")

@@ -270,6 +270,21 @@ TEST(GgufWriter, AtomicReplace) {
   EXPECT_FALSE(tmp.good());
 }
 
+TEST(GgufWriter, NeverFollowsAPlantedTempSymlink) {
+  // The old writer opened a fixed `path.tmp` with fopen: a symlink planted there made it
+  // overwrite the link's target, and two exports of one path shared that file.
+  TempFile tf("planted"), victim("victim");
+  write_all(victim.path, {'k', 'e', 'e', 'p'});
+  const std::string planted = tf.path + ".tmp";
+  ASSERT_EQ(::symlink(victim.path.c_str(), planted.c_str()), 0);
+  GgufWriter w;
+  w.add_kv("x", Value::u8(1));
+  w.write(tf.path);
+  EXPECT_EQ(read_all(victim.path), (std::vector<uint8_t>{'k', 'e', 'e', 'p'}));
+  EXPECT_EQ(GgufFile::open(tf.path)->kvs().size(), 1u);
+  ::unlink(planted.c_str());
+}
+
 TEST(GgufReader, EveryTruncationThrows) {
   TempFile tf("trunc");
   const auto full = small_file(tf.path);
