@@ -25,6 +25,7 @@
 #include "dense/dense.h"
 #include "engine/model.h"
 #include "gguf/gguf.h"
+#include "gpt2_bytes.h"
 #include "nanochat/nanochat.h"
 #include "nanochat/nanochat.hpp"
 #include "ternary/dispatch.h"
@@ -36,6 +37,8 @@ using nanochat_test::GlobalStateGuard;
 
 // Counts heap allocations (any thread) while g_count_allocs is set: a decode step must
 // make none. A plain malloc/free wrapper, so every other test runs as before.
+using nanochat_test::byte_symbol;
+
 namespace {
 std::atomic<bool> g_count_allocs{false};
 std::atomic<int64_t> g_allocs{0};
@@ -51,26 +54,6 @@ void operator delete(void* p, size_t) noexcept { std::free(p); }
 namespace {
 
 // ---- a small random model -------------------------------------------------------------
-
-// GPT-2 bytes_to_unicode (the byte-level vocabulary form), written out here.
-std::string byte_symbol(int b) {
-  auto printable = [](int c) {
-    return (c >= '!' && c <= '~') || (c >= 0xA1 && c <= 0xAC) || c >= 0xAE;
-  };
-  int cp = b;
-  if (!printable(b)) {
-    cp = 256;
-    for (int c = 0; c < b; ++c) cp += printable(c) ? 0 : 1;
-  }
-  std::string s;
-  if (cp < 0x80) {
-    s += char(cp);
-  } else {
-    s += char(0xC0 | (cp >> 6));
-    s += char(0x80 | (cp & 0x3F));
-  }
-  return s;
-}
 
 struct Spec {
   std::string arch = "nanochat";

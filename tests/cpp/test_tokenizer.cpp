@@ -18,33 +18,15 @@
 #include "engine/tokenizer.h"
 #include "engine/unicode_data.h"
 #include "gguf/gguf.h"
+#include "gpt2_bytes.h"
 #include "nanochat/error.hpp"
 
 using nanochat::BpeTokenizer;
 using nanochat::Error;
 
-namespace {
+using nanochat_test::byte_symbol;
 
-// GPT-2 bytes_to_unicode, written out independently of the library.
-std::string byte_symbol(int b) {
-  const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
-  int cp = b;
-  if (!printable) {
-    cp = 256;
-    for (int c = 0; c < b; ++c) {
-      const bool p = (c >= '!' && c <= '~') || (c >= 0xA1 && c <= 0xAC) || c >= 0xAE;
-      if (!p) ++cp;
-    }
-  }
-  std::string s;
-  if (cp < 0x80) {
-    s += static_cast<char>(cp);
-  } else {
-    s += static_cast<char>(0xC0 | (cp >> 6));
-    s += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-  return s;
-}
+namespace {
 
 std::string byte_level(const std::string& raw) {
   std::string s;

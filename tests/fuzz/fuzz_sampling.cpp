@@ -19,27 +19,13 @@
 #include <vector>
 
 #include "gguf/gguf.h"
+#include "../cpp/gpt2_bytes.h"
 #include "nanochat/nanochat.h"
 #include "ternary/ternary.h"
 
-namespace {
+using nanochat_test::byte_symbol;
 
-std::string byte_symbol(int b) {  // GPT-2 bytes_to_unicode
-  auto printable = [](int c) { return (c >= '!' && c <= '~') || (c >= 0xA1 && c <= 0xAC) || c >= 0xAE; };
-  int cp = b;
-  if (!printable(b)) {
-    cp = 256;
-    for (int c = 0; c < b; ++c) cp += printable(c) ? 0 : 1;
-  }
-  std::string s;
-  if (cp < 0x80) {
-    s += char(cp);
-  } else {
-    s += char(0xC0 | (cp >> 6));
-    s += char(0x80 | (cp & 0x3F));
-  }
-  return s;
-}
+namespace {
 
 nc_model* make_model() {
   using namespace nanochat;
