@@ -594,15 +594,15 @@ void BpeTokenizer::merge_large(std::vector<int32_t>& ids, Scratch& s) const {
     const int32_t rk = pm.rank(ids[i], ids[i + 1]);
     if (rk != NO_RANK) add(rk, i);
   }
-  std::vector<int32_t> todo;
+  std::vector<int32_t> pending;
   while (!ranks.empty()) {
     std::pop_heap(ranks.begin(), ranks.end(), std::greater<int32_t>());
     const int32_t r = ranks.back();
     ranks.pop_back();
-    todo.swap(buckets[r]);
+    pending.swap(buckets[r]);
     buckets.erase(r);
-    if (!std::is_sorted(todo.begin(), todo.end())) std::sort(todo.begin(), todo.end());
-    for (const int32_t pos : todo) {
+    if (!std::is_sorted(pending.begin(), pending.end())) std::sort(pending.begin(), pending.end());
+    for (const int32_t pos : pending) {
       Scratch::Sym& left = sym[pos];
       if (left.id < 0 || left.next < 0) continue;  // merged away, or now last
       const int32_t nx = left.next;
@@ -623,7 +623,7 @@ void BpeTokenizer::merge_large(std::vector<int32_t>& ids, Scratch& s) const {
         add(rk, at);
       }
     }
-    todo.clear();
+    pending.clear();
   }
   ids.clear();
   for (int32_t i = 0; i >= 0; i = sym[i].next) ids.push_back(sym[i].id);
