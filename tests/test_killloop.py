@@ -123,9 +123,10 @@ def test_kill_loop(tmp_path):
         while kills < KILLS:
             resume = bool(checkpoint.list_checkpoints(run))
             p = _launch(cfg, data, run, steps, resume, log)
-            if rng.random() < 0.25:
+            if rng.random() < 0.25:  # a few steps in at most: fast steps would end the run
                 deadline = time.perf_counter() + rng.uniform(0.0, 4.0)
-                while time.perf_counter() < deadline and p.poll() is None:
+                while (time.perf_counter() < deadline and p.poll() is None
+                       and _logged_step(run) <= last_step + 2):
                     time.sleep(0.01)
             else:
                 target = last_step + rng.randint(0, 2)
