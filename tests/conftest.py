@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from nanochat import ternary
+from nanochat.ops import ternary
 
 SUPPORTED_ISAS = ternary.supported_isas()
 DEFAULT_THREADS = ternary.num_threads()
@@ -123,7 +123,7 @@ def one_thread():
     barriers on tiny ops stall for scheduler ticks (a 0.2 s test once took 45 s)."""
     import torch
 
-    from nanochat import ternary
+    from nanochat.ops import ternary
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -155,11 +155,11 @@ def trained_tiny(tmp_path_factory):
 
     import torch
 
-    from nanochat import corpus
+    from nanochat.data import corpus
     from nanochat.config import apply_overrides, load_config
     from nanochat.export import export_gguf
-    from nanochat.sample import load_model
-    from nanochat.train import train
+    from nanochat.model.load import load_model
+    from nanochat.train.loop import train
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     src = tmp_path_factory.mktemp("trained-src")

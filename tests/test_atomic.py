@@ -13,7 +13,7 @@ import pytest
 
 from nanochat import atomic
 from nanochat._core import core
-from nanochat.metrics import MetricsLogger
+from nanochat.train.metrics import MetricsLogger
 
 
 def _entries(d: Path) -> list[str]:

@@ -11,7 +11,7 @@ import torch
 
 from nanochat.config import ConfigError, ModelConfig, load_config
 from nanochat.export import architecture, check_supported, export_gguf
-from nanochat.gpt import GPT, model_info
+from nanochat.model.gpt import GPT, model_info
 
 torch.set_num_threads(1)
 
@@ -135,9 +135,10 @@ def test_trainer_runs_every_option_and_resumes_bit_exact(tmp_path):
     logged, and a resumed run (MoE bias buffers in the checkpoint) equals a straight one."""
     from test_train import FILES, STDLIB, VOCAB, quiet, small_config
 
-    from nanochat import checkpoint, corpus
+    from nanochat import checkpoint
+    from nanochat.data import corpus
     from nanochat.config import apply_overrides
-    from nanochat.train import train
+    from nanochat.train.loop import train
 
     src = tmp_path / "src"
     src.mkdir()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanochat import ternary
+from nanochat.ops import ternary
 from nanochat._core import core
 
 

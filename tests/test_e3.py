@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat import corpus
+from nanochat.data import corpus
 from nanochat.bench import e3
 
 

@@ -12,9 +12,9 @@ import struct
 
 import pytest
 from nanochat.cli import main
-from nanochat.engine import Engine
+from nanochat.infer.engine import Engine
 from nanochat.export import export_gguf
-from nanochat.tokenizer import Tokenizer
+from nanochat.data.tokenizer import Tokenizer
 
 from engine_helpers import TEXT, VOCAB, make_model
 
@@ -82,7 +82,7 @@ def test_model_survives_its_file_changing(small_gguf, tmp_path, run_python):
     p = tmp_path / "m.gguf"
     p.write_bytes(small_gguf.read_bytes())
     code = f"""
-from nanochat.engine import Engine
+from nanochat.infer.engine import Engine
 e = Engine({str(p)!r})
 a = e.complete("def ", max_tokens=8, temperature=0.0)["tokens"]
 with open({str(p)!r}, "r+b") as f:

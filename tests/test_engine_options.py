@@ -22,11 +22,11 @@ import torch
 from conftest import assert_greedy_agrees
 from nanochat import export
 from nanochat.config import AttentionConfig, MHCConfig, ModelConfig, MoEConfig
-from nanochat.engine import Engine
+from nanochat.infer.engine import Engine
 from nanochat.export import export_gguf
-from nanochat.gpt import GPT
-from nanochat.mhc import MHC
-from nanochat.tokenizer import Tokenizer
+from nanochat.model.gpt import GPT
+from nanochat.model.mhc import MHC
+from nanochat.data.tokenizer import Tokenizer
 
 import engine_helpers
 from engine_helpers import (EXACT_TOL, FLIP_TOL, SMALL, TEXT, VOCAB, check_exact, rel_err,
@@ -189,7 +189,7 @@ def test_swa_bad_metadata_is_a_clear_error(swa, tok, tmp_path, monkeypatch, edit
 @pytest.fixture
 def fp16_expert_scales(monkeypatch):
     """moe.py's per-expert absmean scale rounded to fp16 too (the file's block d)."""
-    from nanochat import moe
+    from nanochat.model import moe
 
     def ste_expert_weights(w):
         wd = w.detach()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanochat import ternary
+from nanochat.ops import ternary
 from nanochat._core import core
 
 TM = ternary.TernaryMatrix

@@ -1,12 +1,13 @@
-"""The fused linear cross-entropy op (nanochat/fused_loss.py over csrc/loss) against the
+"""The fused linear cross-entropy op (nanochat/ops/fused_loss.py over csrc/loss) against the
 naive torch loss: loss and gradients in fp32 with ignore-index targets, chunk-size and ISA
 invariance, the bf16 path's error bound, opcheck, the chunked torch path and errors."""
 
 import pytest
 import torch
 
-from nanochat import fused_loss, ternary
-from nanochat.fused_loss import (chunked_linear_cross_entropy, fused_linear_cross_entropy,
+from nanochat.ops import fused_loss
+from nanochat.ops import ternary
+from nanochat.ops.fused_loss import (chunked_linear_cross_entropy, fused_linear_cross_entropy,
                                  naive_linear_cross_entropy)
 
 

@@ -26,7 +26,8 @@ import pytest
 import torch
 from test_train import FILES, STDLIB
 
-from nanochat import checkpoint, corpus
+from nanochat import checkpoint
+from nanochat.data import corpus
 
 pytestmark = pytest.mark.killloop
 

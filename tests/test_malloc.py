@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import pytest
 
-from nanochat import ternary
+from nanochat.ops import ternary
 
 _CHILD = """
 import resource, torch
 from nanochat import malloc
 from nanochat.config import load_config
-from nanochat.gpt import GPT
+from nanochat.model.gpt import GPT
 applied = malloc.tune()
 torch.set_num_threads(1)
 cfg = load_config("tiny")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from nanochat import recipes
+from nanochat.train import recipes
 from nanochat.cli import main
 from nanochat.config import ConfigError, load_config
 
@@ -68,7 +68,7 @@ def test_recipe_runs_training(tmp_path):
     """The recipe's own path (its overrides, then --set ones shrinking it to seconds)."""
     from test_train import FILES, STDLIB, VOCAB
 
-    from nanochat import corpus
+    from nanochat.data import corpus
 
     src = tmp_path / "src"
     src.mkdir()

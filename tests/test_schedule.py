@@ -5,7 +5,7 @@ import math
 import pytest
 
 from nanochat.config import ScheduleConfig
-from nanochat.schedule import progress, wsd_factor
+from nanochat.train.schedule import progress, wsd_factor
 
 
 @pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])

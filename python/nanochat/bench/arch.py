@@ -82,9 +82,9 @@ def run(args: argparse.Namespace):
 
     import torch
 
-    from nanochat import ternary
+    from nanochat.ops import ternary
     from nanochat.config import apply_overrides, load_config
-    from nanochat.gpt import GPT
+    from nanochat.model.gpt import GPT
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -65,9 +65,9 @@ def timing_rows(cfg, config: str, args) -> list[dict]:
     import torch
 
     from nanochat import malloc
-    from nanochat.collider import Collider
-    from nanochat.gpt import GPT
-    from nanochat.train import pick_device
+    from nanochat.train.collider import Collider
+    from nanochat.model.gpt import GPT
+    from nanochat.train.loop import pick_device
 
     device = pick_device(args.device)
     if device.type == "cuda" and args.bitlinear == "cpp":
@@ -130,9 +130,9 @@ def _step_seconds(run_dir: Path, tokens_per_step: int) -> list[float]:
 
 
 def _heldout(args) -> list[dict]:
-    from nanochat import corpus
+    from nanochat.data import corpus
     from nanochat.config import apply_overrides, load_config
-    from nanochat.train import train
+    from nanochat.train.loop import train
 
     base = load_config("tiny")
     data = Path(corpus.prepare(base.data.sources or None, None, base.model.vocab_size,

@@ -82,8 +82,8 @@ def model_file(config: str, embd: str, log=print, cfg=None) -> Path:
 
     from nanochat.config import load_config
     from nanochat.export import export_gguf
-    from nanochat.gpt import GPT
-    from nanochat.tokenizer import Tokenizer
+    from nanochat.model.gpt import GPT
+    from nanochat.data.tokenizer import Tokenizer
 
     cfg = cfg if cfg is not None else load_config(config).model
     key = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
@@ -103,8 +103,8 @@ def model_file(config: str, embd: str, log=print, cfg=None) -> Path:
 
 
 def _ours(path: Path, threads: int, prompt: list[int], n_decode: int) -> dict:
-    from nanochat import ternary
-    from nanochat.engine import Engine
+    from nanochat.ops import ternary
+    from nanochat.infer.engine import Engine
 
     ternary.set_num_threads(threads)
     eng = Engine(str(path), n_ctx=len(prompt) + n_decode + 8)

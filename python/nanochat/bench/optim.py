@@ -130,9 +130,9 @@ def _check(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace):
     import torch
 
-    from nanochat import ternary
+    from nanochat.ops import ternary
     from nanochat.config import apply_overrides, load_config
-    from nanochat.gpt import GPT
+    from nanochat.model.gpt import GPT
     from nanochat.optim import build_optimizer
     from nanochat.optim.muon import ns_dtype
 

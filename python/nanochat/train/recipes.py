@@ -90,7 +90,7 @@ def _time_steps(model_cfg, batch: int, seq: int, steps: int, device) -> float:
     """Seconds per optimizer step (forward + backward + AdamW) on random tokens."""
     import torch
 
-    from nanochat.gpt import GPT
+    from nanochat.model.gpt import GPT
 
     torch.manual_seed(0)
     model = GPT(model_cfg).to(device)
@@ -119,7 +119,7 @@ def measure_tokens_per_s(cfg, batch: int, steps: int) -> tuple[float, str]:
     it was measured (the full model, or depths 1 and 2 extrapolated when it does not fit)."""
     import torch
 
-    from nanochat.gpt import model_info
+    from nanochat.model.gpt import model_info
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seq = cfg.train.seq_len
@@ -140,7 +140,7 @@ def measure_tokens_per_s(cfg, batch: int, steps: int) -> tuple[float, str]:
 
 def plan(name: str, extra: list[str] | None = None, tokens_per_s: float | None = None,
          measure_steps: int = 2, measure_batch: int = 1) -> dict:
-    from nanochat.gpt import model_info
+    from nanochat.model.gpt import model_info
 
     r, cfg = build(name, extra)
     t = cfg.train
@@ -223,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
         p = plan(args.name, args.set, args.tokens_per_s, args.measure_steps, args.measure_batch)
         print(json.dumps(p) if args.json else format_plan(p))
         return 0
-    from nanochat import train as T
+    from nanochat.train import loop as T
 
     _, cfg = build(args.name, args.set)
     if not args.data:

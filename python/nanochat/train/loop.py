@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from nanochat import atomic, checkpoint, malloc
-from nanochat.collider import Collider
+from nanochat.train.collider import Collider
 from nanochat.config import RunConfig, from_dict
-from nanochat.dataset import TokenData, unigram_bigram_bpb
-from nanochat.gpt import GPT
-from nanochat.loader import BatchLoader, eval_batches
-from nanochat.metrics import MetricsLogger, peak_memory_bytes
+from nanochat.data.dataset import TokenData, unigram_bigram_bpb
+from nanochat.model.gpt import GPT
+from nanochat.data.loader import BatchLoader, eval_batches
+from nanochat.train.metrics import MetricsLogger, peak_memory_bytes
 from nanochat.optim import build_optimizer, state_bytes
-from nanochat.schedule import progress, wsd_factor
+from nanochat.train.schedule import progress, wsd_factor
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Generation: the C++ engine over a GGUF file, interactive chat, torch sampling."""
