@@ -1,5 +1,5 @@
 // nanochat._C engine bindings: EngineModel (load, info, tokenizer) and EngineSession
-// (eval, eval_all, generate) over the C++ API in nanochat.hpp. python/nanochat/engine.py
+// (eval, eval_all, generate) over the C++ API in nanochat.hpp. python/nanochat/infer/engine.py
 // wraps these. The GIL is released while the engine computes; a generate callback takes
 // it back for each token.
 #include <pybind11/numpy.h>
