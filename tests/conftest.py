@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from nanochat.ops import ternary
 
 SUPPORTED_ISAS = ternary.supported_isas()
@@ -122,7 +121,6 @@ def one_thread():
     """Small shapes: one torch and one kernel thread. On a loaded 2-core machine, two-thread
     barriers on tiny ops stall for scheduler ticks (a 0.2 s test once took 45 s)."""
     import torch
-
     from nanochat.ops import ternary
 
     n = torch.get_num_threads()
@@ -154,9 +152,8 @@ def trained_tiny(tmp_path_factory):
     from pathlib import Path
 
     import torch
-
-    from nanochat.data import corpus
     from nanochat.config import apply_overrides, load_config
+    from nanochat.data import corpus
     from nanochat.export import export_gguf
     from nanochat.model.load import load_model
     from nanochat.train.loop import train

@@ -10,7 +10,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from nanochat import atomic
 from nanochat._core import core
 from nanochat.train.metrics import MetricsLogger

@@ -9,11 +9,10 @@ import math
 
 import pytest
 import torch
-from nanochat.ops import attention
-from nanochat.ops import rows as row_subset
-from nanochat.ops import ternary
 from nanochat.config import ModelConfig
 from nanochat.model.gpt import GPT
+from nanochat.ops import attention, ternary
+from nanochat.ops import rows as row_subset
 
 
 def _problem(B=2, H=4, Hkv=2, T=37, D=16, seed=0):

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from nanochat.ops import bitlinear
-from nanochat.ops import ternary
 from nanochat.model.bitlinear import BitLinear, frozen
+from nanochat.ops import bitlinear, ternary
 from nanochat.ops.bitlinear import (
     bitlinear_cpp,
     bitlinear_torch,

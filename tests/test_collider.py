@@ -14,14 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from nanochat.ops import rows as row_subset
-
+from nanochat.config import ConfigError, ModelConfig, RunConfig, apply_overrides, from_dict
 from nanochat.data import corpus
 from nanochat.model.bitlinear import BitLinear
-from nanochat.train.collider import Collider, select
-from nanochat.config import ConfigError, ModelConfig, RunConfig, apply_overrides, from_dict
 from nanochat.model.gpt import GPT
+from nanochat.ops import rows as row_subset
+from nanochat.train.collider import Collider, select
 
 CFG = ModelConfig(vocab_size=512, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2,
                   ffn_hidden=512, max_seq_len=64)

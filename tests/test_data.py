@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from nanochat.data import corpus
 from nanochat.data.corpus import Manifest, collect, prepare, split_fraction
 from nanochat.data.dataset import TokenData, unigram_bigram_bpb

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from nanochat.config import ModelConfig
+from nanochat.data.tokenizer import Tokenizer
 from nanochat.export import export_gguf
 from nanochat.model.gpt import GPT
-from nanochat.data.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ("import os\n\ndef main(argv):\n    for name in os.listdir(argv[1]):\n"

@@ -22,12 +22,18 @@ import copy
 import numpy as np
 import pytest
 import torch
-from nanochat.infer.engine import Engine
-from nanochat.export import export_gguf
+from engine_helpers import (
+    TEXT,
+    VOCAB,
+    check_exact,
+    make_model,
+    rel_err,
+    round_scales_to_fp16,
+    torch_logits,
+)
 from nanochat.data.tokenizer import Tokenizer
-
-from engine_helpers import (TEXT, VOCAB, check_exact, make_model, rel_err,
-                            round_scales_to_fp16, torch_logits)
+from nanochat.export import export_gguf
+from nanochat.infer.engine import Engine
 
 TEXT = TEXT * 8
 TRAINED_TOL = 8e-2  # fp32 trained scales vs the file's fp16 ones

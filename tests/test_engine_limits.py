@@ -11,12 +11,11 @@ from __future__ import annotations
 import struct
 
 import pytest
-from nanochat.cli import main
-from nanochat.infer.engine import Engine
-from nanochat.export import export_gguf
-from nanochat.data.tokenizer import Tokenizer
-
 from engine_helpers import TEXT, VOCAB, make_model
+from nanochat.cli import main
+from nanochat.data.tokenizer import Tokenizer
+from nanochat.export import export_gguf
+from nanochat.infer.engine import Engine
 
 KV_PER_TOKEN = 2 * 2 * 2 * 64 * 4  # layers x (K, V) x kv heads x head dim x f32
 

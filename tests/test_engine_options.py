@@ -15,22 +15,30 @@ from __future__ import annotations
 
 import itertools
 
+import engine_helpers
 import gguf
 import numpy as np
 import pytest
 import torch
 from conftest import assert_greedy_agrees
+from engine_helpers import (
+    EXACT_TOL,
+    FLIP_TOL,
+    SMALL,
+    TEXT,
+    VOCAB,
+    check_exact,
+    rel_err,
+    round_scales_to_fp16,
+    torch_logits,
+)
 from nanochat import export
 from nanochat.config import AttentionConfig, MHCConfig, ModelConfig, MoEConfig
-from nanochat.infer.engine import Engine
+from nanochat.data.tokenizer import Tokenizer
 from nanochat.export import export_gguf
+from nanochat.infer.engine import Engine
 from nanochat.model.gpt import GPT
 from nanochat.model.mhc import MHC
-from nanochat.data.tokenizer import Tokenizer
-
-import engine_helpers
-from engine_helpers import (EXACT_TOL, FLIP_TOL, SMALL, TEXT, VOCAB, check_exact, rel_err,
-                            round_scales_to_fp16, torch_logits)
 
 TEXT = TEXT * 4
 SMALL = {**SMALL, "max_seq_len": 384}

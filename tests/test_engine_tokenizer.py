@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from nanochat import _C
 from nanochat.data.tokenizer import PRE_TOKENIZER, Tokenizer
 

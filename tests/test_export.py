@@ -19,9 +19,10 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+import engine_helpers  # noqa: E402
 from nanochat import checkpoint, cli  # noqa: E402
-from nanochat.ops.bitlinear import weight_codes  # noqa: E402
 from nanochat.config import ModelConfig, RunConfig, apply_overrides  # noqa: E402
+from nanochat.data.tokenizer import Tokenizer  # noqa: E402
 from nanochat.export import (  # noqa: E402
     architecture,
     dequantize_q8_0,
@@ -30,9 +31,7 @@ from nanochat.export import (  # noqa: E402
     quantize_q8_0,
 )
 from nanochat.model.gpt import GPT  # noqa: E402
-from nanochat.data.tokenizer import Tokenizer  # noqa: E402
-
-import engine_helpers  # noqa: E402
+from nanochat.ops.bitlinear import weight_codes  # noqa: E402
 
 GT = gguf.GGMLQuantizationType
 VOCAB = 512

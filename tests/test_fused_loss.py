@@ -4,11 +4,12 @@ invariance, the bf16 path's error bound, opcheck, the chunked torch path and err
 
 import pytest
 import torch
-
-from nanochat.ops import fused_loss
-from nanochat.ops import ternary
-from nanochat.ops.fused_loss import (chunked_linear_cross_entropy, fused_linear_cross_entropy,
-                                 naive_linear_cross_entropy)
+from nanochat.ops import fused_loss, ternary
+from nanochat.ops.fused_loss import (
+    chunked_linear_cross_entropy,
+    fused_linear_cross_entropy,
+    naive_linear_cross_entropy,
+)
 
 
 def _problem(heads=3, n=77, d=40, v=333, seed=0, ignore=0.25):

@@ -14,8 +14,8 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from nanochat.ops import ternary  # noqa: E402
 from nanochat._core import core  # noqa: E402
+from nanochat.ops import ternary  # noqa: E402
 from nanochat.ops.ternary import _buffer  # noqa: E402
 
 GT = gguf.GGMLQuantizationType

@@ -3,13 +3,12 @@ attention against a masked softmax reference, the windowed KV cache in GPT.gener
 
 import math
 
+import nanochat.model.block as block_mod
 import pytest
 import torch
-
-import nanochat.model.block as block_mod
-from nanochat.ops.attention import attend, attention_mask, trim
 from nanochat.config import AttentionConfig, ConfigError, ModelConfig, load_config
 from nanochat.model.gpt import GPT
+from nanochat.ops.attention import attend, attention_mask, trim
 
 torch.set_num_threads(1)
 

@@ -15,7 +15,6 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import SUPPORTED_ISAS, set_threads
 from nanochat.ops import ternary
 

@@ -15,6 +15,7 @@ import ast
 from pathlib import Path
 
 import nanochat
+import torch
 
 ROOT = Path(nanochat.__file__).parent
 # packages that must never import from the higher layers
@@ -97,3 +98,37 @@ def test_the_checks_can_fail(monkeypatch):
         except AssertionError:
             continue
         raise AssertionError(f"{check.__name__} passed on a bad graph")
+
+
+def test_one_model_builder():
+    """A GPT is constructed in nanochat/model/build.py only: the trainer, the benches, the
+    recipes and checkpoint loading all build through it, so a bench times the trainer's step.
+    (model_info's shape-only build on the meta device, which counts parameters, is the one
+    other call.)"""
+    places = set()
+    for path in ROOT.rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        funcs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id == "GPT"):
+                inner = max((f for f in funcs if f.lineno <= node.lineno <= f.end_lineno),
+                            key=lambda f: f.lineno, default=None)
+                places.add(f"{path.relative_to(ROOT)}:{inner.name if inner else '<module>'}")
+    places = sorted(places - {"model/gpt.py:model_info"})
+    assert places == ["model/build.py:build_model"], places
+
+
+def test_the_builder_sets_the_trainers_choices():
+    from nanochat.config import apply_overrides, load_config
+    from nanochat.model.build import build_model
+
+    cfg = apply_overrides(load_config("tiny"), ["train.fused_loss=on",
+                                                "train.bitlinear=torch",
+                                                "train.bitlinear_backward=float32"])
+    m = build_model(cfg)
+    assert (m.fused_loss, m.blocks[0].attn_q.kernel) == ("on", "torch")
+    assert m.blocks[0].attn_q.backward_precision == "float32"
+    m2 = build_model(cfg, bitlinear="cpp", fused_loss="off")  # a bench's variant
+    assert (m2.fused_loss, m2.blocks[0].attn_q.kernel) == ("off", "cpp")
+    assert torch.equal(m.token_embd.weight, m2.token_embd.weight)  # seeded alike

@@ -11,7 +11,6 @@ the 32 MiB logits, every step); tuned, only blocks at or over the 32 MiB mmap th
 from __future__ import annotations
 
 import pytest
-
 from nanochat.ops import ternary
 
 _CHILD = """

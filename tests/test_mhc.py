@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from nanochat.config import MHCConfig, ModelConfig
 from nanochat.model.gpt import GPT
 from nanochat.model.mhc import MHC, SINKHORN_TOL, mix, permutation_matrices, sinkhorn

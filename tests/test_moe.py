@@ -5,11 +5,10 @@ load, and the GPT counts active vs total parameters."""
 import pytest
 import torch
 import torch.nn.functional as F
-
-from nanochat.ops.bitlinear import bitlinear_torch
 from nanochat.config import ConfigError, ModelConfig, MoEConfig, load_config
 from nanochat.model.gpt import GPT, model_info
 from nanochat.model.moe import MoE
+from nanochat.ops.bitlinear import bitlinear_torch
 
 torch.set_num_threads(1)
 

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from nanochat import checkpoint
-from nanochat.model import mtp
 from nanochat.config import apply_overrides, load_config
+from nanochat.model import mtp
 from nanochat.model.gpt import GPT
 
 SMALL = ["model.vocab_size=512", "model.d_model=256", "model.n_layers=2", "model.n_heads=4",
@@ -192,11 +191,10 @@ def test_cli_training_with_mtp_heads(run_nanochat, data_dir, tmp_path):
 def test_export_with_heads_loads_in_gguf_and_the_engine(tmp_path):
     import gguf
     import numpy as np
-
-    from nanochat.ops.bitlinear import weight_codes
-    from nanochat.infer.engine import Engine
-    from nanochat.export import export_gguf
     from nanochat.data.tokenizer import Tokenizer
+    from nanochat.export import export_gguf
+    from nanochat.infer.engine import Engine
+    from nanochat.ops.bitlinear import weight_codes
 
     text = Path(mtp.__file__).read_text()
     tok = Tokenizer.train([text], 512)
@@ -235,8 +233,8 @@ def test_export_with_heads_loads_in_gguf_and_the_engine(tmp_path):
 
 def test_engine_rejects_heads_the_metadata_does_not_declare(tmp_path, monkeypatch):
     from nanochat import export
-    from nanochat.infer.engine import Engine
     from nanochat.data.tokenizer import Tokenizer
+    from nanochat.infer.engine import Engine
 
     tok = Tokenizer.train([Path(mtp.__file__).read_text()], 512)
     torch.manual_seed(6)

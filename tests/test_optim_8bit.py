@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from nanochat._core import core
 from nanochat.optim import state8bit as s8
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from nanochat.ops import rows as row_subset
-from nanochat.ops import rmsnorm
-from nanochat.ops import ternary
 from nanochat.config import ModelConfig
 from nanochat.model.gpt import GPT
+from nanochat.ops import rmsnorm, ternary
+from nanochat.ops import rows as row_subset
 
 EPS = 1e-5
 

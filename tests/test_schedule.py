@@ -3,7 +3,6 @@
 import math
 
 import pytest
-
 from nanochat.config import ScheduleConfig
 from nanochat.train.schedule import progress, wsd_factor
 

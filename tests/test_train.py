@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from nanochat import checkpoint
-from nanochat.data import corpus
 from nanochat.config import RunConfig, apply_overrides
+from nanochat.data import corpus
 from nanochat.train.loop import train
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

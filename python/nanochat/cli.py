@@ -161,8 +161,8 @@ def _sampling(args: argparse.Namespace) -> dict:
 def _open_engine(args: argparse.Namespace):
     from pathlib import Path
 
-    from nanochat.ops import ternary
     from nanochat.infer.engine import Engine
+    from nanochat.ops import ternary
 
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"--model: {args.model} does not exist (export one with "

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanochat.ops import ternary
 from nanochat._core import core
-from nanochat.ops.bitlinear import weight_codes
 from nanochat.config import ModelConfig
 from nanochat.data.tokenizer import PRE_TOKENIZER, Tokenizer
+from nanochat.ops import ternary
+from nanochat.ops.bitlinear import weight_codes
 
 # ggml tensor type ids (ggml.h `enum ggml_type`) and llama.cpp's LlamaFileType ids
 # (general.file_type) of the ternary types; the same numbers as gguf-py's enums.

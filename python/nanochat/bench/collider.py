@@ -65,8 +65,8 @@ def timing_rows(cfg, config: str, args) -> list[dict]:
     import torch
 
     from nanochat import malloc
+    from nanochat.model.build import build_model
     from nanochat.train.collider import Collider
-    from nanochat.model.gpt import GPT
     from nanochat.train.loop import pick_device
 
     device = pick_device(args.device)
@@ -74,9 +74,7 @@ def timing_rows(cfg, config: str, args) -> list[dict]:
         raise ValueError("--bitlinear cpp runs on CPU tensors only; on --device cuda use "
                          "auto or torch")
     malloc.tune()  # as the trainer runs (nanochat/malloc.py)
-    torch.manual_seed(0)
-    model = GPT(cfg.model, bitlinear=args.bitlinear).to(device)
-    model.set_bitlinear_backward(args.backward)
+    model = build_model(cfg, device, bitlinear=args.bitlinear, backward=args.backward)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     toks = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), generator=g)
@@ -130,8 +128,8 @@ def _step_seconds(run_dir: Path, tokens_per_step: int) -> list[float]:
 
 
 def _heldout(args) -> list[dict]:
-    from nanochat.data import corpus
     from nanochat.config import apply_overrides, load_config
+    from nanochat.data import corpus
     from nanochat.train.loop import train
 
     base = load_config("tiny")

@@ -130,8 +130,8 @@ def run(args: argparse.Namespace):
     import torch
 
     from nanochat import malloc
-    from nanochat.ops import ternary
     from nanochat._core import core
+    from nanochat.ops import ternary
 
     # as the trainer runs: without it, whether torch's temporaries are page-faulted afresh
     # on every call depends on what ran before (glibc's dynamic mmap threshold)
@@ -247,8 +247,7 @@ def run(args: argparse.Namespace):
 def _quantize_rows(isas, threads, rounds, min_time, quick, gen):
     import torch
 
-    from nanochat.ops import bitlinear
-    from nanochat.ops import ternary
+    from nanochat.ops import bitlinear, ternary
 
     for tokens, cols in ([(256, 256)] if quick else QUANT_SHAPES):
         x = torch.randn(tokens, cols, generator=gen)
@@ -278,8 +277,8 @@ def _quantize_rows(isas, threads, rounds, min_time, quick, gen):
 def _layer_rows(threads, rounds, min_time, quick, gen):
     import torch
 
-    from nanochat.ops import ternary
     from nanochat.model.bitlinear import BitLinear
+    from nanochat.ops import ternary
 
     for cin, cout, tokens in ([(256, 128, 256)] if quick else LAYER_SHAPES):
         torch.manual_seed(0)
@@ -311,9 +310,8 @@ def _attention_rows(threads, rounds, min_time, quick, gen):
     import torch
     import torch.nn.functional as F
 
-    from nanochat.ops import attention
+    from nanochat.ops import attention, ternary  # noqa: F401  (registers the op)
     from nanochat.ops import rows as row_subset
-    from nanochat.ops import ternary  # noqa: F401  (registers the op)
 
     for b, h, hkv, t, d in ([(2, 4, 2, 64, 64)] if quick else ATTENTION_SHAPES):
         q = torch.randn(b, t, h, d, generator=gen).transpose(1, 2).requires_grad_()

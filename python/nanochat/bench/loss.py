@@ -56,10 +56,9 @@ def _measure(variant: str, heads: int, vocab: int, tokens: int, dim: int, chunk:
 
     import torch
 
-    from nanochat.ops import fused_loss
-    from nanochat.model import mtp
-    from nanochat.ops import ternary
     from nanochat.config import MTPConfig
+    from nanochat.model import mtp
+    from nanochat.ops import fused_loss, ternary
 
     try:
         if threads > 0:
@@ -101,8 +100,8 @@ def _measure(variant: str, heads: int, vocab: int, tokens: int, dim: int, chunk:
 
 
 def run(args: argparse.Namespace):
-    from nanochat.ops import fused_loss
     from nanochat.bench import cpu_model
+    from nanochat.ops import fused_loss
 
     ctx = mp.get_context("spawn")
     variants = ["naive", "fused-f32"] + (["fused-bf16"] if fused_loss.bf16_supported() else [])

@@ -56,9 +56,9 @@ def _measure(config: str, variant: str, batch: int, seq: int, steps: int, thread
     import torch
 
     from nanochat import malloc
-    from nanochat.ops import ternary
     from nanochat.config import load_config
-    from nanochat.model.gpt import GPT
+    from nanochat.model.build import build_model
+    from nanochat.ops import ternary
 
     try:
         if tune_malloc:
@@ -67,9 +67,9 @@ def _measure(config: str, variant: str, batch: int, seq: int, steps: int, thread
             torch.set_num_threads(threads)
             ternary.set_num_threads(threads)
         cfg = load_config(config)
-        torch.manual_seed(0)
-        model = GPT(cfg.model, bitlinear=variant)
-        model.set_bitlinear_backward(backward)
+        # the trainer's step; plain torch has no C++ op, the fused head loss included
+        model = build_model(cfg, bitlinear=variant, backward=backward,
+                            fused_loss="off" if variant == "torch" else None)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), generator=g)
@@ -105,8 +105,6 @@ VARIANTS = {
 
 
 def _child(env: dict, *args):
-    import os
-
     os.environ.update(env)
     _measure(*args)
 

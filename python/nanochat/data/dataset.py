@@ -25,7 +25,6 @@ import numpy as np
 from nanochat.data.corpus import SPLITS, Manifest, token_dtype
 from nanochat.data.tokenizer import Tokenizer
 
-
 _CHECK_CHUNK = 1 << 24  # tokens per pass of the id check (64 MiB of uint32 at most)
 
 

@@ -14,8 +14,14 @@ import torch.nn as nn
 
 from nanochat.ops import ternary
 from nanochat.ops.bitlinear import (
-    AUTO_MIN_MACS, KERNELS, bitlinear_cpp, bitlinear_torch, cpp_applies, fast_isa,
-    resolve_backward, weight_codes,
+    AUTO_MIN_MACS,
+    KERNELS,
+    bitlinear_cpp,
+    bitlinear_torch,
+    cpp_applies,
+    fast_isa,
+    resolve_backward,
+    weight_codes,
 )
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.config import ModelConfig, _build
+from nanochat.config import ModelConfig
 from nanochat.model.bitlinear import BitLinear
 from nanochat.model.mhc import MHC
 from nanochat.model.moe import MoE

@@ -36,9 +36,9 @@ import math
 import torch
 import torch.nn as nn
 
+from nanochat.config import ModelConfig, MTPConfig
 from nanochat.model.bitlinear import BitLinear
 from nanochat.model.block import Block, RMSNorm
-from nanochat.config import ModelConfig, MTPConfig
 
 
 def plain_block_config(cfg: ModelConfig) -> ModelConfig:

@@ -36,10 +36,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nanochat.ops import rows as row_subset
-
 from nanochat._core import buffer as _buf
 from nanochat._core import core
+from nanochat.ops import rows as row_subset
 
 
 def attention_mask(t: int, cached: int, window: int | None, device=None) -> torch.Tensor:

@@ -48,11 +48,10 @@ import functools
 
 import torch
 
-from nanochat.ops import rows as row_subset
-
-from nanochat.ops import ternary
 from nanochat._core import buffer as _buf
 from nanochat._core import core
+from nanochat.ops import rows as row_subset
+from nanochat.ops import ternary
 
 KERNELS = ("auto", "cpp", "torch")
 BACKWARDS = ("auto", "bf16", "float32")

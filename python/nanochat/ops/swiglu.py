@@ -18,10 +18,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nanochat.ops import rows as row_subset
-
 from nanochat._core import buffer as _buf
 from nanochat._core import core
+from nanochat.ops import rows as row_subset
 
 
 @torch.library.custom_op("nanochat::swiglu", mutates_args=(), device_types="cpu")

@@ -61,7 +61,6 @@ import torch
 
 from nanochat.ops.rows import armed, set_keep
 
-
 # ---- selection and the training step -----------------------------------------------------
 
 
@@ -95,26 +94,14 @@ class Collider:
         self.reference = reference  # frozen GPT for excess-loss scores, or None
 
     @classmethod
-    def from_config(cls, cfg, vocab_size: int, device, log=print) -> "Collider | None":
-        """From a ColliderConfig; None when disabled. Loads and freezes the reference model."""
+    def from_config(cls, cfg, reference=None, log=print) -> "Collider | None":
+        """From a ColliderConfig; None when disabled. `reference`: the frozen model the
+        trainer loaded from cfg.reference (excess-loss scores), or None (own loss)."""
         if not cfg.enabled:
             return None
-        ref = None
-        if cfg.reference:
-            from nanochat.model.load import load_model
-
-            try:
-                ref, _, _ = load_model(cfg.reference)
-            except (FileNotFoundError, ValueError) as e:
-                raise ValueError(f"train.collider.reference: {e}") from None
-            if ref.config.vocab_size != vocab_size:
-                raise ValueError(f"train.collider.reference {cfg.reference}: vocab_size "
-                                 f"{ref.config.vocab_size}, the model trains with {vocab_size}")
-            ref.set_bitlinear_kernel("auto")
-            ref.to(device).eval().requires_grad_(False)
         log(f"collider: sparsity {cfg.sparsity:g}, threshold {cfg.threshold:g}, scores: "
-            + (f"excess loss vs {cfg.reference}" if ref is not None else "own loss"))
-        return cls(cfg.sparsity, cfg.threshold, ref)
+            + (f"excess loss vs {cfg.reference}" if reference is not None else "own loss"))
+        return cls(cfg.sparsity, cfg.threshold, reference)
 
     def scores(self, tok_loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                autocast=contextlib.nullcontext()) -> torch.Tensor:
