@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -61,7 +62,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     feats = info["features"]
     cuda = info["cuda"]
     print(f"nanochat {info['version']}")
-    print(f"  cpu features : " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in feats.items()))
+    print("  cpu features : " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in feats.items()))
     print(f"  cuda         : compiled={'yes' if cuda['compiled'] else 'no'}, "
           f"devices={cuda['devices']}")
     print(f"  threads      : {info['threads']}  (NANOCHAT_NUM_THREADS overrides)")
@@ -93,9 +94,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from nanochat import config as C
     from nanochat.train import loop as T
+    from nanochat.train.distributed import Group
 
+    if args.nproc is not None:
+        return _launch_torchrun(args.nproc)
     if args.resume and not args.out:
         raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not args.out:  # each rank would name its own directory by the clock
+        raise ValueError("under torchrun, give the run directory: --out RUN_DIR")
     cfg = C.load_config(args.config, args.set)
     overrides = []
     if args.steps is not None:
@@ -103,22 +110,53 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.time_budget is not None:
         overrides.append(f"train.time_budget_s={args.time_budget}")
     cfg = C.apply_overrides(cfg, overrides)
+    group = Group.from_env(T.pick_device(cfg.train.device).type)
     run_dir = Path(args.out) if args.out else Path("runs") / time.strftime(
         f"%Y%m%d-%H%M%S-{Path(args.config).stem}")
-    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
-    if args.data:
-        data_dir = Path(args.data)
-    else:
-        from nanochat.data import corpus
+    if group.main:
+        print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir / 'tb'})", flush=True)
+    try:
+        if args.data:
+            data_dir = Path(args.data)
+        else:
+            from nanochat.data import corpus
 
-        sources = cfg.data.sources or None
-        manifest = corpus.prepare(sources, None, cfg.model.vocab_size, cfg.data.val_fraction,
-                                  cfg.data.extensions)
-        data_dir = Path(manifest.out_dir)
-    result = T.train(cfg, data_dir, run_dir, resume=args.resume,
-                     progress_bar=not args.no_progress)
-    T.summarize(result, cfg, prompt=args.sample_prompt)
+            sources = cfg.data.sources or None
+            for turn in ("main", "others"):  # rank 0 prepares (and caches), then the rest read
+                if group.main == (turn == "main"):
+                    manifest = corpus.prepare(sources, None, cfg.model.vocab_size,
+                                              cfg.data.val_fraction, cfg.data.extensions,
+                                              progress=group.main)
+                group.barrier()
+            data_dir = Path(manifest.out_dir)
+        result = T.train(cfg, data_dir, run_dir, resume=args.resume,
+                         progress_bar=not args.no_progress, group=group)
+        if group.main:
+            T.summarize(result, cfg, prompt=args.sample_prompt)
+        group.barrier()
+    finally:
+        group.close()
     return 0
+
+
+def _launch_torchrun(nproc: int) -> int:
+    """`nanochat train --nproc N ...`: the same command under torchrun on this machine."""
+    import subprocess
+
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "nanochat", *argv]
+    print("launching: " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -247,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
     pt.add_argument("--sample-prompt", default="def ", help="prompt of the end-of-run sample")
     pt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pt.add_argument("--nproc", type=int, metavar="N",
+                    help="data-parallel training in N processes on this machine: runs this "
+                    "command under `torchrun --standalone --nproc_per_node N` (DDP; gloo on "
+                    "CPU, NCCL on CUDA). Multi-node: launch `torchrun ... -m nanochat train` "
+                    "yourself")
     pt.set_defaults(func=_cmd_train)
 
     ps = sub.add_parser("sample", help="generate text from a checkpoint (torch, KV cache)")

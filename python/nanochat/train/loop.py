@@ -32,6 +32,7 @@ from nanochat.model.gpt import GPT
 from nanochat.model.load import load_model
 from nanochat.optim import build_optimizer, state_bytes
 from nanochat.train.collider import Collider
+from nanochat.train.distributed import Group
 from nanochat.train.metrics import MetricsLogger, peak_memory_bytes
 from nanochat.train.schedule import progress, wsd_factor
 
@@ -123,13 +124,17 @@ class _StopFlag:
 
 def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
           progress_bar: bool = True, stop_at_step: int | None = None,
-          log=print) -> TrainResult:
+          log=print, group: Group | None = None) -> TrainResult:
     """Train `cfg` on prepared data in `data_dir`, writing checkpoints/logs to `run_dir`.
 
     `resume` continues from the run's latest checkpoint (its config wins over `cfg`
     for the model; the schedule/budget settings of `cfg` apply). `stop_at_step`
-    stops early as if interrupted (used to test bit-exact resume).
+    stops early as if interrupted (used to test bit-exact resume). `group`: this process's
+    place in a torchrun job (nanochat/train/distributed.py); rank 0 alone logs and writes.
     """
+    group = group or Group()
+    if not group.main:
+        log, progress_bar = (lambda *_: None), False
     run_dir = Path(run_dir)
     malloc.tune()  # reuse activation buffers instead of re-faulting them each step
     data = TokenData(data_dir)
@@ -142,7 +147,9 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
 
     state = None
     if resume:
-        checkpoint.recover(run_dir)  # a save killed part way leaves temp dirs behind
+        if group.main:
+            checkpoint.recover(run_dir)  # a save killed part way leaves temp dirs behind
+        group.barrier()
         state = checkpoint.load(run_dir, log=log)
         saved = from_dict(state["config"], f"checkpoint {state['path']}")
         if saved.model != cfg.model:
@@ -159,6 +166,9 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
             raise ValueError(f"checkpoint {state['path']} used a different tokenizer "
                              f"than {data_dir}")
 
+    if group.world > 1 and t.collider.enabled:
+        raise ValueError("train.collider.enabled: token filtering does not run under torchrun "
+                         "yet; train with one process or turn it off")
     model = build_model(cfg, device, seed=t.seed)
     collider = Collider.from_config(t.collider, _reference_model(cfg, device), log=log)
     opt = build_optimizer(model, cfg, log=log if state is None else (lambda *_: None))
@@ -173,25 +183,31 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         log(f"resumed from {state['path']} at step {step}")
-    else:
+        if state.get("world", 1) != group.world:  # each rank's shard of the data changes
+            log(f"note: saved with {state.get('world', 1)} rank(s), resumed with "
+                f"{group.world}: the batches from here on differ from the original run's")
+    elif group.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    net = group.wrap(model)  # forward/backward through DDP's gradient averaging
 
     counts = model.num_params()
     log(f"model: {counts['total']:,} params ({counts['ternary']:,} ternary), device {device}, "
         f"bitlinear={t.bitlinear} (backward {t.bitlinear_backward}), "
-        f"threads={torch.get_num_threads()}")
+        f"threads={torch.get_num_threads()}"
+        + (f", {group.world} ranks" if group.world > 1 else ""))
     # purge from the step we start at: a resumed run repeats no step, and a fresh run in a
     # directory that already has a log (a first run killed before its first checkpoint)
     # starts it over
-    metrics = MetricsLogger(run_dir, purge_step=step)
-    loader = BatchLoader(data.train, t.batch_size, t.seq_len, seed=t.seed,
+    metrics = MetricsLogger(run_dir, purge_step=step) if group.main else None
+    loader = BatchLoader(group.shard(data.train, t.seq_len), t.batch_size, t.seq_len,
+                         seed=t.seed,
                          start_step=state["loader"]["step"] if state is not None else 0,
                          prefetch=t.prefetch, device=str(device),
                          pin_memory=device.type == "cuda")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
-    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * group.world
     result = TrainResult(run_dir=run_dir, step=step)
     bar = None
     if progress_bar:
@@ -205,7 +221,8 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
         st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
               "elapsed_s": elapsed, "train_s": train_s, "rng": rng, "config": cfg.to_dict(),
-              "loader": loader.state_dict(), "tokenizer_sha256": data.tokenizer.sha256()}
+              "loader": loader.state_dict(), "tokenizer_sha256": data.tokenizer.sha256(),
+              "world": group.world}
         return checkpoint.save(run_dir, step, st, cfg.to_dict(), data.dir / "tokenizer",
                                keep=t.keep_checkpoints)
 
@@ -219,10 +236,11 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
             model.train()
             while step < t.max_steps:
                 elapsed = elapsed_before + time.perf_counter() - start
-                if t.time_budget_s and elapsed >= t.time_budget_s:
+                if group.agree(bool(t.time_budget_s) and elapsed >= t.time_budget_s, device):
                     log(f"time budget of {t.time_budget_s:g}s reached at step {step}")
                     break
-                if flag.stop or (stop_at_step is not None and step >= stop_at_step):
+                if group.agree(flag.stop or (stop_at_step is not None and step >= stop_at_step),
+                               device):
                     result.interrupted = True
                     break
                 step_t0 = time.perf_counter()
@@ -231,7 +249,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * lr_factor
                 loss_sum, kept_sum = 0.0, 0.0
-                for _ in range(t.grad_accum):
+                for micro in range(t.grad_accum):
                     x, y = loader.next()
                     window_wait += loader.last_wait_s
                     if collider is not None:  # token filtering: score, select, gathered backward
@@ -239,9 +257,12 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                                                                  autocast)
                         loss_sum, kept_sum = loss_sum + loss_f, kept_sum + kept
                         continue
-                    with autocast:
-                        _, loss = model(x, y)
-                    (loss / t.grad_accum).backward()
+                    # DDP averages gradients in the last micro-batch's backward only
+                    last = micro == t.grad_accum - 1 or group.world == 1
+                    with contextlib.nullcontext() if last else net.no_sync():
+                        with autocast:
+                            _, loss = net(x, y)
+                        (loss / t.grad_accum).backward()
                     loss_sum += float(loss.detach())
                 grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                                   cfg.optim.grad_clip))
@@ -250,7 +271,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                 opt.zero_grad(set_to_none=True)
                 train_s += time.perf_counter() - step_t0
                 step += 1
-                loss_val = loss_sum / t.grad_accum
+                loss_val = group.mean(loss_sum / t.grad_accum, device)
                 if not math.isfinite(loss_val):
                     raise FloatingPointError(f"loss became {loss_val} at step {step}; "
                                              f"lower optim.lr")
@@ -265,7 +286,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                     bar.update(1)
 
                 is_last = step >= t.max_steps
-                if step % t.log_every == 0 or is_last:
+                if (step % t.log_every == 0 or is_last) and group.main:
                     span = train_s - window_train_s
                     tps = window_tokens / span if span > 0 else 0.0
                     result.tokens_per_s = tps
@@ -280,7 +301,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                         bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}",
                                         lr=f"{opt.param_groups[0]['lr']:.2e}")
                     window_train_s, window_tokens, window_wait = train_s, 0, 0.0
-                if step % t.eval_every == 0 or is_last:
+                if (step % t.eval_every == 0 or is_last) and group.main:
                     result.val_loss, result.val_bpb = evaluate(model, data, cfg, device)
                     metrics.log(step, val_loss=result.val_loss, val_bpb=result.val_bpb,
                                 train_s=train_s)
@@ -288,21 +309,22 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                     msg = (f"step {step}: val loss {result.val_loss:.4f}, "
                            f"val bits/byte {result.val_bpb:.4f}")
                     (bar.write(msg) if bar is not None else log(msg))
-                if step % t.checkpoint_every == 0 or is_last:
+                if (step % t.checkpoint_every == 0 or is_last) and group.main:
                     elapsed = elapsed_before + time.perf_counter() - start
                     last_saved = save()
             elapsed = elapsed_before + time.perf_counter() - start
-            if last_eval != step:
+            if group.main and last_eval != step:
                 result.val_loss, result.val_bpb = evaluate(model, data, cfg, device)
                 metrics.log(step, val_loss=result.val_loss, val_bpb=result.val_bpb,
                             train_s=train_s)
-            if last_saved is None or last_saved.name != f"step_{step:06d}":
+            if group.main and (last_saved is None or last_saved.name != f"step_{step:06d}"):
                 last_saved = save()
     finally:
         if bar is not None:
             bar.close()
         loader.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     result.step = step
     result.checkpoint = last_saved
     result.model = model
