@@ -4,7 +4,6 @@ the masked dense ones, an unchanged forward, sparsity 0 == unfiltered, and the t
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from nanochat.ops import rows as row_subset
+from nanochat.ops.rows import RowSubset
 
 from nanochat.data import corpus
 from nanochat.model.bitlinear import BitLinear
@@ -117,7 +117,6 @@ def test_dropped_rows_have_zero_activation_gradient_in_every_layer(kernel):
     for name, g in grads.items():
         assert torch.count_nonzero(g[~keep]) == 0, name
         assert torch.count_nonzero(g[keep].abs().sum(1)) == int(keep.sum()), name
-    assert row_subset._STATE.shape is None and row_subset._STATE.keep is None  # disarmed
 
 
 def test_mtp_heads_drop_the_same_rows_and_nothing_dropped_equals_unfiltered():
@@ -207,10 +206,10 @@ def _layer_grads(layer, x, g, keep=None):
         y = layer(x)
         y.backward(g)
     else:
-        with row_subset.armed(x.shape[:-1]):
-            y = layer(x)
-            row_subset.set_keep(keep)
-            y.backward(g)
+        rows = RowSubset(x.shape[:-1])
+        y = layer(x, rows)
+        rows.keep(keep)
+        y.backward(g)
     return y.detach(), x.grad, layer.weight.grad
 
 
@@ -247,17 +246,17 @@ def test_gathered_head_equals_masked_head():
     torch.nn.functional.linear(h, w).backward(g * keep[..., None])
     gh_ref, gw_ref = h.grad, w.grad
     h.grad = w.grad = None
-    with row_subset.armed((2, 16)):
-        out = row_subset.linear(h, w)
-        row_subset.set_keep(keep)
-        out.backward(g)
+    rows = RowSubset((2, 16))
+    out = row_subset.linear(h, w, rows)
+    rows.keep(keep)
+    out.backward(g)
     assert torch.count_nonzero(h.grad[~keep]) == 0
     torch.testing.assert_close(h.grad, gh_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, gw_ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("armed", [False, True])
-def test_token_losses_equal_cross_entropy_and_its_masked_gradient(armed):
+@pytest.mark.parametrize("subset", [False, True])
+def test_token_losses_equal_cross_entropy_and_its_masked_gradient(subset):
     """row_subset.token_losses: F.cross_entropy(reduction="none", ignore_index=-1) of the
     head; its backward (softmax - onehot formed on the kept rows only) equals autograd's
     through the dense form with the dropped rows' incoming gradient zeroed."""
@@ -270,18 +269,18 @@ def test_token_losses_equal_cross_entropy_and_its_masked_gradient(armed):
     g = torch.rand(B * T)
     keep = torch.rand(B, T) > 0.4
     ref = torch.nn.functional.cross_entropy(h @ w.t(), y, ignore_index=-1, reduction="none")
-    mask = keep.reshape(-1) if armed else torch.ones(B * T, dtype=torch.bool)
+    mask = keep.reshape(-1) if subset else torch.ones(B * T, dtype=torch.bool)
     ref.backward(g * mask)
     gh_ref, gw_ref = h.grad, w.grad
     h.grad = w.grad = None
-    with row_subset.armed((B, T)) if armed else contextlib.nullcontext():
-        out = row_subset.token_losses(h, w, y)
-        if armed:
-            row_subset.set_keep(keep)
-        out.backward(g)
+    rows = RowSubset((B, T)) if subset else None
+    out = row_subset.token_losses(h, w, y, rows)
+    if subset:
+        rows.keep(keep)
+    out.backward(g)
     torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
     assert out[3] == out[20] == 0
-    if armed:
+    if subset:
         assert torch.count_nonzero(h.grad[~mask]) == 0
     torch.testing.assert_close(h.grad, gh_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, gw_ref, rtol=1e-5, atol=1e-6)
@@ -294,11 +293,11 @@ def test_gathered_linear_under_autocast_runs_the_backward_in_its_dtype():
     keep = torch.rand(2, 8) > 0.4
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = torch.nn.functional.linear(h, w)
-        with row_subset.armed((2, 8)):
-            out = row_subset.linear(h, w)
-            assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
-            row_subset.set_keep(keep)
-            out.float().sum().backward()
+        rows = RowSubset((2, 8))
+        out = row_subset.linear(h, w, rows)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+        rows.keep(keep)
+        out.float().sum().backward()
     assert h.grad.dtype == w.grad.dtype == torch.float32
     assert torch.count_nonzero(h.grad[~keep]) == 0
     g = keep[..., None].expand(2, 8, 96).float()
@@ -313,10 +312,10 @@ def test_forward_is_unchanged_by_filtering(kernel):
     x, y = batch(3)
     with torch.no_grad():
         logits_ref, tok_ref = m(x, y, loss_reduction="none")
-    with row_subset.armed(x.shape):
-        logits, tok = m(x, y, loss_reduction="none")
-        row_subset.set_keep(select(tok, y != -1, 0.35, 1.0))
-        logits2, tok2 = m(x, y, loss_reduction="none")  # a mask set changes no forward
+    rows = RowSubset(x.shape)
+    logits, tok = m(x, y, loss_reduction="none", rows=rows)
+    rows.keep(select(tok, y != -1, 0.35, 1.0))
+    logits2, tok2 = m(x, y, loss_reduction="none", rows=rows)  # a mask set changes no forward
     for a in (logits, logits2):
         assert torch.equal(a.detach(), logits_ref)
     assert torch.equal(tok.detach(), tok_ref) and torch.equal(tok2.detach(), tok_ref)
@@ -333,7 +332,7 @@ def test_sparsity_zero_equals_unfiltered_exactly(kernel):
     assert kept == 1.0 and mean == float(loss.detach())
     for (name, a), b in zip(base.named_parameters(), m.parameters()):
         assert torch.equal(a.grad, b.grad), name
-    # armed with nothing to drop (threshold 0): the gathered code path, dense, same grads
+    # a row subset with nothing to drop (threshold 0): the gathered code path, dense, same grads
     m = model(kernel)
     Collider(0.35, 0.0).forward_backward(m, x, y, accum=2)
     for (name, a), b in zip(base.named_parameters(), m.parameters()):
@@ -359,16 +358,56 @@ def test_filtered_step_matches_masked_loss_except_kv_context():
     assert not torch.allclose(b[last + "attn_k.weight"].grad, a[last + "attn_k.weight"].grad)
 
 
-def test_armed_rejects_mismatched_masks_and_nesting():
-    with row_subset.armed((2, 8)):
-        with pytest.raises(ValueError, match="armed micro-batch"):
-            row_subset.set_keep(torch.ones(2, 9, dtype=torch.bool))
-        with pytest.raises(RuntimeError, match="already armed"):
-            with row_subset.armed((2, 8)):
-                pass
-        assert row_subset.token_rows(torch.empty(2, 8, 5))
-        assert not row_subset.token_rows(torch.empty(16, 5))  # other rows: dense
-    assert not row_subset.token_rows(torch.empty(2, 8, 5))
+def test_row_subset_rejects_mismatched_masks_and_rows():
+    rows = RowSubset((2, 8))
+    with pytest.raises(ValueError, match=r"shape \(2, 8\)"):
+        rows.keep(torch.ones(2, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool mask"):
+        rows.keep(torch.ones(2, 8))
+    w = torch.randn(4, 5)
+    with pytest.raises(ValueError, match=r"linear: 15 rows"):  # a layer over other rows
+        row_subset.linear(torch.randn(3, 5, 5), w, rows)
+    layer = BitLinear(256, 8, kernel="cpp")
+    with pytest.raises(ValueError, match=r"bitlinear: 15 rows"):
+        layer(torch.randn(15, 256), rows)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_interleaved_subsets_each_get_their_own_rows(kernel):
+    """Two models, each micro-batch with its own kept rows, both forwards before either
+    backward, the backwards in the other order: each model's layers see exactly their own
+    subset's rows (a module-global subset would hand the first model the second's rows)."""
+    x, y = batch(7)
+    keeps = [torch.rand(x.shape, generator=torch.Generator().manual_seed(s)) < 0.6
+             for s in (8, 9)]
+    models = [model(kernel, backward="float32") for _ in keeps]
+    inputs: dict = {0: {}, 1: {}}
+
+    def capture(i, name):
+        def pre(mod, args):
+            args[0].register_hook(lambda g: inputs[i].__setitem__(name, g))
+        return pre
+
+    for i, m in enumerate(models):
+        for name, mod in m.named_modules():
+            if isinstance(mod, BitLinear):
+                mod.register_forward_pre_hook(capture(i, name))
+    subsets, losses = [], []
+    for m, keep in zip(models, keeps):
+        rows = RowSubset(x.shape)
+        tok, tgt, _ = m.head_token_losses(x, y, rows)
+        rows.keep(keep)
+        subsets.append(rows)
+        losses.append((tok[0] * keep).sum())
+    for loss in reversed(losses):
+        loss.backward()
+    for i, keep in enumerate(keeps):
+        flat = keep.reshape(-1)
+        assert len(inputs[i]) == 7 * CFG.n_layers
+        for name, g in inputs[i].items():
+            g = g.reshape(flat.numel(), -1)
+            assert torch.count_nonzero(g[~flat]) == 0, (i, name)
+            assert torch.count_nonzero(g[flat].abs().sum(1)) == int(flat.sum()), (i, name)
 
 
 # ---- trainer and CLI -------------------------------------------------------------------

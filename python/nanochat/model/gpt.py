@@ -40,6 +40,7 @@ from nanochat.model.block import Block, RMSNorm, rope_cos_sin
 from nanochat.model.mhc import MHC
 from nanochat.model.moe import MoE
 from nanochat.ops import rows as row_subset
+from nanochat.ops.rows import RowSubset
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ class GPT(nn.Module):
                 m.backward_precision = precision
 
     # ---- forward ----------------------------------------------------------------------
-    def _trunk(self, idx: torch.Tensor, caches: list | None = None, start: int = 0):
+    def _trunk(self, idx: torch.Tensor, caches: list | None = None, start: int = 0,
+               rows: RowSubset | None = None):
         B, T = idx.shape
         pos = torch.arange(start, start + T, device=idx.device)
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
@@ -119,18 +121,18 @@ class GPT(nn.Module):
         if n > 1:  # n copies of the input (mhc.py: the init makes the streams diverge)
             x = x.unsqueeze(-2).expand(B, T, n, x.shape[-1])
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, None if caches is None else caches[i])
+            x = block(x, cos, sin, None if caches is None else caches[i], rows)
         if n > 1:
             x = x.mean(dim=-2)  # collapse the streams before the final norm
-        return self.output_norm(x)
+        return self.output_norm(x, rows)
 
     def forward_hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """Final normed hidden states (B, T, d), before the tied LM head."""
         return self._trunk(idx)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # row_subset.linear: F.linear, with a kept-rows-only backward in a Collider step
-        return row_subset.linear(hidden, self.token_embd.weight).float()  # (B, T, V)
+    def logits(self, hidden: torch.Tensor, rows: RowSubset | None = None) -> torch.Tensor:
+        # row_subset.linear: F.linear, with a kept-rows-only backward given a row subset
+        return row_subset.linear(hidden, self.token_embd.weight, rows).float()  # (B, T, V)
 
     def set_fused_loss(self, mode: str = "auto", precision: str = "f32") -> None:
         """The loss of training calls (targets, mean reduction): "on" the fused chunked
@@ -149,17 +151,19 @@ class GPT(nn.Module):
         return self.fused_loss == "on"
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_reduction: str = "mean"):
+                loss_reduction: str = "mean", rows: RowSubset | None = None):
         """logits (B, T, V), or (logits, loss) with targets (B, T) (-1 = ignore). With
         loss_reduction="none" the loss is per token, shaped like targets (the next-token
         head only). With mean reduction and MTP on (model.mtp.heads > 1) the loss is the
         weighted sum over the heads (nanochat/model/mtp.py), each head's own in last_head_losses;
-        when the fused loss runs (set_fused_loss) no logits exist and logits is None."""
-        h = self._trunk(idx)
+        when the fused loss runs (set_fused_loss) no logits exist and logits is None.
+        rows: the (B, T) token rows' subset every layer's backward runs on (nanochat/ops/
+        rows.py; Collider's kept tokens), or None (dense)."""
+        h = self._trunk(idx, rows=rows)
         if targets is not None and loss_reduction == "mean" and (
                 len(self.mtp) or self._fused()):
             return self._head_loss(idx, h, targets)
-        logits = self.logits(h)
+        logits = self.logits(h, rows)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
@@ -196,23 +200,25 @@ class GPT(nn.Module):
         self.last_head_losses = per_head.detach()
         return logits, total
 
-    def head_token_losses(self, idx: torch.Tensor, targets: torch.Tensor):
+    def head_token_losses(self, idx: torch.Tensor, targets: torch.Tensor,
+                          rows: RowSubset | None = None):
         """Per-token losses of every head, (heads, B, T) with 0 where a head has no target,
         its targets (heads, B, T) (-1 = none) and weights: the training loss is
         sum_i weights[i] * mean of losses[i] over its targets. Full logits, one head at a time
-        (Collider scores and masks tokens with these; nanochat/train/collider.py)."""
+        (Collider scores and masks tokens with these; nanochat/train/collider.py). rows: the
+        (B, T) token rows' subset every layer's backward runs on (nanochat/ops/rows.py)."""
 
         n = len(self.mtp) + 1
-        h = self._trunk(idx)
+        h = self._trunk(idx, rows=rows)
         hidden = [h]
         if n > 1:
             pos = torch.arange(idx.shape[1], device=idx.device)
             cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
-            hidden = mtp.head_hidden(self.mtp, h, self.token_embd(idx), cos, sin)
+            hidden = mtp.head_hidden(self.mtp, h, self.token_embd(idx), cos, sin, rows)
         tgt = mtp.head_targets(targets, n)  # (n, B, T), head i shifted by i
         W = self.token_embd.weight  # tied head; row_subset.token_losses: kept-row backward
         losses = torch.stack([row_subset.token_losses(
-            x.reshape(-1, x.shape[-1]), W, tgt[i].reshape(-1)).view(targets.shape)
+            x.reshape(-1, x.shape[-1]), W, tgt[i].reshape(-1), rows).view(targets.shape)
             for i, x in enumerate(hidden)])
         weights = mtp.head_weights(self.config.mtp) if n > 1 else [1.0]
         return losses, tgt, weights
