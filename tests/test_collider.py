@@ -5,6 +5,7 @@ the masked dense ones, an unchanged forward, sparsity 0 == unfiltered, and the t
 from __future__ import annotations
 
 import copy
+import math
 import json
 import subprocess
 import sys
@@ -34,10 +35,11 @@ def batch(seed=0, B=2, T=32):
     return x[:, :-1], x[:, 1:].clone()
 
 
-def model(kernel, backward="float32"):
+def model(kernel, backward="float32", fused="off"):
     torch.manual_seed(0)
     m = GPT(copy.deepcopy(CFG), bitlinear=kernel)
     m.set_bitlinear_backward(backward)
+    m.set_fused_loss(fused)
     return m
 
 
@@ -85,9 +87,10 @@ def test_config_table():
 # ---- the backward --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("fused", ["off", "on"])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_dropped_rows_have_zero_activation_gradient_in_every_layer(kernel):
-    m = model(kernel, backward="auto")
+def test_dropped_rows_have_zero_activation_gradient_in_every_layer(kernel, fused):
+    m = model(kernel, backward="auto", fused=fused)
     x, y = batch()
     with torch.no_grad():
         _, tok = m(x, y, loss_reduction="none")
@@ -117,6 +120,35 @@ def test_dropped_rows_have_zero_activation_gradient_in_every_layer(kernel):
     for name, g in grads.items():
         assert torch.count_nonzero(g[~keep]) == 0, name
         assert torch.count_nonzero(g[keep].abs().sum(1)) == int(keep.sum()), name
+
+
+@pytest.mark.parametrize("mtp", [1, 3])
+def test_collider_keeps_the_fused_loss(mtp):
+    """With the fused loss on (as the trainer sets it) the Collider step runs the fused op
+    per token: no saved tensor holds a (tokens, vocab) logits block (the unfused head saves
+    one), and its gradients equal the unfused head's."""
+    cfg = copy.deepcopy(CFG)
+    cfg.mtp.heads, cfg.vocab_size = mtp, 1000  # a vocab no other layer's width equals
+    x, y = batch(8)
+    grads, logits_saved = [], []
+    for fused in ("off", "on"):
+        torch.manual_seed(0)
+        m = GPT(copy.deepcopy(cfg), bitlinear="torch")
+        m.set_fused_loss(fused)
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            Collider(0.35, 1.0).forward_backward(m, x, y)
+        logits_saved.append(any(s[-1:] == (1000,) and math.prod(s) >= x.numel() * 1000
+                                for s in shapes))
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert logits_saved == [True, False]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_mtp_heads_drop_the_same_rows_and_nothing_dropped_equals_unfiltered():
@@ -251,37 +283,6 @@ def test_gathered_head_equals_masked_head():
     rows.keep(keep)
     out.backward(g)
     assert torch.count_nonzero(h.grad[~keep]) == 0
-    torch.testing.assert_close(h.grad, gh_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(w.grad, gw_ref, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("subset", [False, True])
-def test_token_losses_equal_cross_entropy_and_its_masked_gradient(subset):
-    """row_subset.token_losses: F.cross_entropy(reduction="none", ignore_index=-1) of the
-    head; its backward (softmax - onehot formed on the kept rows only) equals autograd's
-    through the dense form with the dropped rows' incoming gradient zeroed."""
-    torch.manual_seed(5)
-    B, T, d, V = 2, 16, 32, 50
-    w = torch.randn(V, d, requires_grad=True)
-    h = torch.randn(B * T, d, requires_grad=True)
-    y = torch.randint(0, V, (B * T,))
-    y[3] = y[20] = -1  # ignored targets: loss 0, no gradient
-    g = torch.rand(B * T)
-    keep = torch.rand(B, T) > 0.4
-    ref = torch.nn.functional.cross_entropy(h @ w.t(), y, ignore_index=-1, reduction="none")
-    mask = keep.reshape(-1) if subset else torch.ones(B * T, dtype=torch.bool)
-    ref.backward(g * mask)
-    gh_ref, gw_ref = h.grad, w.grad
-    h.grad = w.grad = None
-    rows = RowSubset((B, T)) if subset else None
-    out = row_subset.token_losses(h, w, y, rows)
-    if subset:
-        rows.keep(keep)
-    out.backward(g)
-    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
-    assert out[3] == out[20] == 0
-    if subset:
-        assert torch.count_nonzero(h.grad[~mask]) == 0
     torch.testing.assert_close(h.grad, gh_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, gw_ref, rtol=1e-5, atol=1e-6)
 

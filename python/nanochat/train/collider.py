@@ -23,8 +23,11 @@ micro-batch, with the config of [train.collider] (config.ColliderConfig):
                 backward GEMMs on them: grad_W = g_kept^T x_kept, grad_x = scatter(g_kept W)
                 (dropped rows 0). That is each BitLinear (torch path: rows.linear; C++
                 path: the backward of the `nanochat::bitlinear` op, whose bf16 operands are
-                gathered and cast in one C++ pass) and the tied LM head, whose softmax
-                gradient is formed on the kept rows only (rows.token_losses);
+                gathered and cast in one C++ pass) and the tied LM head: with the fused
+                loss on (as the trainer sets it, set_fused_loss) the fused op per token
+                (nanochat/ops/fused_loss.py token_losses: no logits kept, its backward
+                recomputes the kept rows' logits and forms softmax - onehot on them only),
+                else full logits through rows.linear;
               - the row-wise C++ ops (RMSNorm, SwiGLU: nanochat/ops/rmsnorm.py, swiglu.py) skip
                 the dropped rows; RoPE, the residual adds and the embedding are row-wise in
                 torch, so a dropped token's activation gradient is exactly zero everywhere;
