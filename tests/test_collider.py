@@ -371,6 +371,9 @@ def test_row_subset_rejects_mismatched_masks_and_rows():
     layer = BitLinear(256, 8, kernel="cpp")
     with pytest.raises(ValueError, match=r"bitlinear: 15 rows"):
         layer(torch.randn(15, 256), rows)
+    x, y = batch(B=2, T=8)
+    with pytest.raises(ValueError, match="loss_reduction='none'"):  # a mean reaches every row
+        model("torch")(x, y, rows=rows)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
