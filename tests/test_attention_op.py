@@ -12,7 +12,8 @@ import torch
 from nanochat.config import ModelConfig
 from nanochat.model.gpt import GPT
 from nanochat.ops import attention, ternary
-from nanochat.ops import rows as row_subset
+from nanochat.ops.attention import causal_attention
+from nanochat.ops.rows import RowSubset
 
 
 def _problem(B=2, H=4, Hkv=2, T=37, D=16, seed=0):
@@ -42,11 +43,11 @@ def _reference(q, k, v, go, window):
 def _ours(q, k, v, go, window, keep=None):
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
     B, _, T, _ = q.shape
-    with row_subset.armed((B, T)):
-        if keep is not None:
-            row_subset.set_keep(keep)
-        out, _ = torch.ops.nanochat.attention(q, k, v, window, True)
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), go)
+    rows = RowSubset((B, T))
+    if keep is not None:
+        rows.keep(keep)
+    out = causal_attention(q, k, v, window, rows)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), go)
     return out.detach(), dq, dk, dv
 
 
@@ -97,9 +98,9 @@ def test_thread_count_does_not_change_results():
 
 def test_opcheck():
     q, k, v, go = _problem(T=9, D=8)
-    torch.library.opcheck(torch.ops.nanochat.attention.default, (q, k, v, 0, False))
-    torch.library.opcheck(torch.ops.nanochat.attention.default, (q, k, v, 3, False))
-    out, lse = torch.ops.nanochat.attention(q, k, v, 0, False)
+    torch.library.opcheck(torch.ops.nanochat.attention.default, (q, k, v, 0))
+    torch.library.opcheck(torch.ops.nanochat.attention.default, (q, k, v, 3))
+    out, lse = torch.ops.nanochat.attention(q, k, v, 0)
     for rows in (None, torch.tensor([0, 4, 8, 12])):
         torch.library.opcheck(torch.ops.nanochat.attention_backward.default,
                               (go, q, k, v, out, lse, rows, 0))
@@ -107,7 +108,7 @@ def test_opcheck():
 
 def test_bad_input_names_the_argument():
     q, k, v, go = _problem(T=8, D=8)
-    out, lse = torch.ops.nanochat.attention(q, k, v, 0, False)
+    out, lse = torch.ops.nanochat.attention(q, k, v, 0)
     bwd = torch.ops.nanochat.attention_backward
     for rows in ([3, 1], [0, 16], [-1], [2, 2]):
         with pytest.raises(ValueError, match=r"rows\["):
@@ -119,7 +120,7 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="window"):
         bwd(go, q, k, v, out, lse, None, -1)
     with pytest.raises(ValueError, match="attention_forward: heads .* kv_heads"):
-        torch.ops.nanochat.attention(q[:, :3], k, v, 0, False)
+        torch.ops.nanochat.attention(q[:, :3], k, v, 0)
 
 
 def test_applies_only_to_float32_cpu_training(monkeypatch):

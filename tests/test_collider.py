@@ -4,9 +4,9 @@ the masked dense ones, an unchanged forward, sparsity 0 == unfiltered, and the t
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
+import math
 import subprocess
 import sys
 import sysconfig
@@ -19,6 +19,7 @@ from nanochat.data import corpus
 from nanochat.model.bitlinear import BitLinear
 from nanochat.model.gpt import GPT
 from nanochat.ops import rows as row_subset
+from nanochat.ops.rows import RowSubset
 from nanochat.train.collider import Collider, select
 
 CFG = ModelConfig(vocab_size=512, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -32,10 +33,11 @@ def batch(seed=0, B=2, T=32):
     return x[:, :-1], x[:, 1:].clone()
 
 
-def model(kernel, backward="float32"):
+def model(kernel, backward="float32", fused="off"):
     torch.manual_seed(0)
     m = GPT(copy.deepcopy(CFG), bitlinear=kernel)
     m.set_bitlinear_backward(backward)
+    m.set_fused_loss(fused)
     return m
 
 
@@ -83,9 +85,10 @@ def test_config_table():
 # ---- the backward --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("fused", ["off", "on"])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_dropped_rows_have_zero_activation_gradient_in_every_layer(kernel):
-    m = model(kernel, backward="auto")
+def test_dropped_rows_have_zero_activation_gradient_in_every_layer(kernel, fused):
+    m = model(kernel, backward="auto", fused=fused)
     x, y = batch()
     with torch.no_grad():
         _, tok = m(x, y, loss_reduction="none")
@@ -115,7 +118,35 @@ def test_dropped_rows_have_zero_activation_gradient_in_every_layer(kernel):
     for name, g in grads.items():
         assert torch.count_nonzero(g[~keep]) == 0, name
         assert torch.count_nonzero(g[keep].abs().sum(1)) == int(keep.sum()), name
-    assert row_subset._STATE.shape is None and row_subset._STATE.keep is None  # disarmed
+
+
+@pytest.mark.parametrize("mtp", [1, 3])
+def test_collider_keeps_the_fused_loss(mtp):
+    """With the fused loss on (as the trainer sets it) the Collider step runs the fused op
+    per token: no saved tensor holds a (tokens, vocab) logits block (the unfused head saves
+    one), and its gradients equal the unfused head's."""
+    cfg = copy.deepcopy(CFG)
+    cfg.mtp.heads, cfg.vocab_size = mtp, 1000  # a vocab no other layer's width equals
+    x, y = batch(8)
+    grads, logits_saved = [], []
+    for fused in ("off", "on"):
+        torch.manual_seed(0)
+        m = GPT(copy.deepcopy(cfg), bitlinear="torch")
+        m.set_fused_loss(fused)
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            Collider(0.35, 1.0).forward_backward(m, x, y)
+        logits_saved.append(any(s[-1:] == (1000,) and math.prod(s) >= x.numel() * 1000
+                                for s in shapes))
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert logits_saved == [True, False]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_mtp_heads_drop_the_same_rows_and_nothing_dropped_equals_unfiltered():
@@ -205,10 +236,10 @@ def _layer_grads(layer, x, g, keep=None):
         y = layer(x)
         y.backward(g)
     else:
-        with row_subset.armed(x.shape[:-1]):
-            y = layer(x)
-            row_subset.set_keep(keep)
-            y.backward(g)
+        rows = RowSubset(x.shape[:-1])
+        y = layer(x, rows)
+        rows.keep(keep)
+        y.backward(g)
     return y.detach(), x.grad, layer.weight.grad
 
 
@@ -245,42 +276,11 @@ def test_gathered_head_equals_masked_head():
     torch.nn.functional.linear(h, w).backward(g * keep[..., None])
     gh_ref, gw_ref = h.grad, w.grad
     h.grad = w.grad = None
-    with row_subset.armed((2, 16)):
-        out = row_subset.linear(h, w)
-        row_subset.set_keep(keep)
-        out.backward(g)
+    rows = RowSubset((2, 16))
+    out = row_subset.linear(h, w, rows)
+    rows.keep(keep)
+    out.backward(g)
     assert torch.count_nonzero(h.grad[~keep]) == 0
-    torch.testing.assert_close(h.grad, gh_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(w.grad, gw_ref, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("armed", [False, True])
-def test_token_losses_equal_cross_entropy_and_its_masked_gradient(armed):
-    """row_subset.token_losses: F.cross_entropy(reduction="none", ignore_index=-1) of the
-    head; its backward (softmax - onehot formed on the kept rows only) equals autograd's
-    through the dense form with the dropped rows' incoming gradient zeroed."""
-    torch.manual_seed(5)
-    B, T, d, V = 2, 16, 32, 50
-    w = torch.randn(V, d, requires_grad=True)
-    h = torch.randn(B * T, d, requires_grad=True)
-    y = torch.randint(0, V, (B * T,))
-    y[3] = y[20] = -1  # ignored targets: loss 0, no gradient
-    g = torch.rand(B * T)
-    keep = torch.rand(B, T) > 0.4
-    ref = torch.nn.functional.cross_entropy(h @ w.t(), y, ignore_index=-1, reduction="none")
-    mask = keep.reshape(-1) if armed else torch.ones(B * T, dtype=torch.bool)
-    ref.backward(g * mask)
-    gh_ref, gw_ref = h.grad, w.grad
-    h.grad = w.grad = None
-    with row_subset.armed((B, T)) if armed else contextlib.nullcontext():
-        out = row_subset.token_losses(h, w, y)
-        if armed:
-            row_subset.set_keep(keep)
-        out.backward(g)
-    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
-    assert out[3] == out[20] == 0
-    if armed:
-        assert torch.count_nonzero(h.grad[~mask]) == 0
     torch.testing.assert_close(h.grad, gh_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, gw_ref, rtol=1e-5, atol=1e-6)
 
@@ -292,11 +292,11 @@ def test_gathered_linear_under_autocast_runs_the_backward_in_its_dtype():
     keep = torch.rand(2, 8) > 0.4
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = torch.nn.functional.linear(h, w)
-        with row_subset.armed((2, 8)):
-            out = row_subset.linear(h, w)
-            assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
-            row_subset.set_keep(keep)
-            out.float().sum().backward()
+        rows = RowSubset((2, 8))
+        out = row_subset.linear(h, w, rows)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+        rows.keep(keep)
+        out.float().sum().backward()
     assert h.grad.dtype == w.grad.dtype == torch.float32
     assert torch.count_nonzero(h.grad[~keep]) == 0
     g = keep[..., None].expand(2, 8, 96).float()
@@ -311,10 +311,10 @@ def test_forward_is_unchanged_by_filtering(kernel):
     x, y = batch(3)
     with torch.no_grad():
         logits_ref, tok_ref = m(x, y, loss_reduction="none")
-    with row_subset.armed(x.shape):
-        logits, tok = m(x, y, loss_reduction="none")
-        row_subset.set_keep(select(tok, y != -1, 0.35, 1.0))
-        logits2, tok2 = m(x, y, loss_reduction="none")  # a mask set changes no forward
+    rows = RowSubset(x.shape)
+    logits, tok = m(x, y, loss_reduction="none", rows=rows)
+    rows.keep(select(tok, y != -1, 0.35, 1.0))
+    logits2, tok2 = m(x, y, loss_reduction="none", rows=rows)  # a mask set changes no forward
     for a in (logits, logits2):
         assert torch.equal(a.detach(), logits_ref)
     assert torch.equal(tok.detach(), tok_ref) and torch.equal(tok2.detach(), tok_ref)
@@ -331,7 +331,7 @@ def test_sparsity_zero_equals_unfiltered_exactly(kernel):
     assert kept == 1.0 and mean == float(loss.detach())
     for (name, a), b in zip(base.named_parameters(), m.parameters()):
         assert torch.equal(a.grad, b.grad), name
-    # armed with nothing to drop (threshold 0): the gathered code path, dense, same grads
+    # a row subset with nothing to drop (threshold 0): the gathered code path, dense, same grads
     m = model(kernel)
     Collider(0.35, 0.0).forward_backward(m, x, y, accum=2)
     for (name, a), b in zip(base.named_parameters(), m.parameters()):
@@ -357,16 +357,59 @@ def test_filtered_step_matches_masked_loss_except_kv_context():
     assert not torch.allclose(b[last + "attn_k.weight"].grad, a[last + "attn_k.weight"].grad)
 
 
-def test_armed_rejects_mismatched_masks_and_nesting():
-    with row_subset.armed((2, 8)):
-        with pytest.raises(ValueError, match="armed micro-batch"):
-            row_subset.set_keep(torch.ones(2, 9, dtype=torch.bool))
-        with pytest.raises(RuntimeError, match="already armed"):
-            with row_subset.armed((2, 8)):
-                pass
-        assert row_subset.token_rows(torch.empty(2, 8, 5))
-        assert not row_subset.token_rows(torch.empty(16, 5))  # other rows: dense
-    assert not row_subset.token_rows(torch.empty(2, 8, 5))
+def test_row_subset_rejects_mismatched_masks_and_rows():
+    rows = RowSubset((2, 8))
+    with pytest.raises(ValueError, match=r"shape \(2, 8\)"):
+        rows.keep(torch.ones(2, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool mask"):
+        rows.keep(torch.ones(2, 8))
+    w = torch.randn(4, 5)
+    with pytest.raises(ValueError, match=r"linear: 15 rows"):  # a layer over other rows
+        row_subset.linear(torch.randn(3, 5, 5), w, rows)
+    layer = BitLinear(256, 8, kernel="cpp")
+    with pytest.raises(ValueError, match=r"bitlinear: 15 rows"):
+        layer(torch.randn(15, 256), rows)
+    x, y = batch(B=2, T=8)
+    with pytest.raises(ValueError, match="loss_reduction='none'"):  # a mean reaches every row
+        model("torch")(x, y, rows=rows)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_interleaved_subsets_each_get_their_own_rows(kernel):
+    """Two models, each micro-batch with its own kept rows, both forwards before either
+    backward, the backwards in the other order: each model's layers see exactly their own
+    subset's rows (a module-global subset would hand the first model the second's rows)."""
+    x, y = batch(7)
+    keeps = [torch.rand(x.shape, generator=torch.Generator().manual_seed(s)) < 0.6
+             for s in (8, 9)]
+    models = [model(kernel, backward="float32") for _ in keeps]
+    inputs: dict = {0: {}, 1: {}}
+
+    def capture(i, name):
+        def pre(mod, args):
+            args[0].register_hook(lambda g: inputs[i].__setitem__(name, g))
+        return pre
+
+    for i, m in enumerate(models):
+        for name, mod in m.named_modules():
+            if isinstance(mod, BitLinear):
+                mod.register_forward_pre_hook(capture(i, name))
+    subsets, losses = [], []
+    for m, keep in zip(models, keeps):
+        rows = RowSubset(x.shape)
+        tok, tgt, _ = m.head_token_losses(x, y, rows)
+        rows.keep(keep)
+        subsets.append(rows)
+        losses.append((tok[0] * keep).sum())
+    for loss in reversed(losses):
+        loss.backward()
+    for i, keep in enumerate(keeps):
+        flat = keep.reshape(-1)
+        assert len(inputs[i]) == 7 * CFG.n_layers
+        for name, g in inputs[i].items():
+            g = g.reshape(flat.numel(), -1)
+            assert torch.count_nonzero(g[~flat]) == 0, (i, name)
+            assert torch.count_nonzero(g[flat].abs().sum(1)) == int(flat.sum()), (i, name)
 
 
 # ---- trainer and CLI -------------------------------------------------------------------

@@ -154,3 +154,100 @@ def test_cuda_matches_cpu(impl, monkeypatch):
         gpu = _grads(fused_linear_cross_entropy, h.cuda(), w.cuda(), y.cuda(), HW)
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
+
+
+# ---- per token: token_losses and its kept-row backward --------------------------------------
+
+
+def _token_reference(h, w, y, g):
+    """F.cross_entropy(reduction="none") per head and autograd's gradients of sum(g * losses)."""
+    h = h.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    losses = torch.stack([torch.nn.functional.cross_entropy(
+        h[i] @ w.t(), y[i], ignore_index=-1, reduction="none") for i in range(h.shape[0])])
+    (losses * g).sum().backward()
+    return losses.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_token_losses_match_cross_entropy_and_the_masked_gradient(subset):
+    """Per-token losses equal F.cross_entropy(reduction="none", ignore_index=-1); with a row
+    subset the backward (kept rows only) equals autograd's with the dropped rows' incoming
+    gradient zeroed, and the dropped rows' grad_hidden is exactly 0."""
+    from nanochat.ops.rows import RowSubset
+
+    h, w, y = _problem(heads=2, n=48, seed=11)
+    g = torch.rand(2, 48, generator=torch.Generator().manual_seed(12))
+    keep = torch.rand(6, 8, generator=torch.Generator().manual_seed(13)) < 0.6
+    mask = keep.reshape(-1) if subset else torch.ones(48, dtype=torch.bool)
+    ref, gh_ref, gw_ref = _token_reference(h, w, y, g * mask)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    rows = RowSubset((6, 8)) if subset else None
+    out = fused_loss.token_losses(hh, ww, y, rows, chunk=16)
+    if subset:
+        rows.keep(keep)
+    out.backward(g)
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.detach()[y < 0], torch.zeros(int((y < 0).sum())))
+    torch.testing.assert_close(hh.grad, gh_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ww.grad, gw_ref, rtol=1e-5, atol=1e-6)
+    if subset:
+        assert torch.count_nonzero(hh.grad[:, ~mask]) == 0
+
+
+def test_token_losses_torch_default_equals_the_kernel():
+    """The chunked torch loop (what devices without a kernel run) computes what the C++
+    driver does: per-token losses, and with per-token scales over a row list the gradients."""
+    h, w, y = _problem(seed=14)
+    g = torch.randn(3, 77, generator=torch.Generator().manual_seed(15))
+    rows = torch.tensor([0, 3, 4, 10, 40, 41, 70, 76])
+    for r in (None, rows):
+        loss_c, gh_c, gw_c = fused_loss._per_token(h, w, y, g, r, 16, "f32")
+        _, _, gh_t, gw_t, loss_t = fused_loss._chunked(h, w, y, [1.0] * 3, 16, True, g, r)
+        torch.testing.assert_close(loss_t, loss_c, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gh_t, gh_c, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gw_t, gw_c, rtol=1e-5, atol=1e-6)
+
+
+def test_token_losses_opcheck_and_errors():
+    from nanochat.ops.rows import RowSubset
+
+    h, w, y = _problem(heads=2, n=20, d=16, v=50, seed=16)
+    torch.library.opcheck(torch.ops.nanochat.linear_cross_entropy_tokens.default,
+                          (h.clone().requires_grad_(), w, y, 8, "f32"))
+    g = torch.rand(2, 20)
+    for rows in (None, torch.tensor([1, 5, 19])):
+        torch.library.opcheck(torch.ops.nanochat.linear_cross_entropy_tokens_backward.default,
+                              (g, h, w, y, rows, 8, "f32"))
+    with pytest.raises(ValueError, match=r"rows\[1\] = 1"):
+        torch.ops.nanochat.linear_cross_entropy_tokens_backward(g, h, w, y, torch.tensor([3, 1]),
+                                                                8, "f32")
+    with pytest.raises(ValueError, match="token_losses: 20 rows"):
+        fused_loss.token_losses(h, w, y, RowSubset((3, 7)))
+    with pytest.raises(ValueError, match="precision"):
+        fused_loss.token_losses(h, w, y, precision="fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("impl", ["", "kernel"])  # chunked torch (cuBLAS), csrc/cuda
+def test_cuda_token_losses_match_cpu(impl, monkeypatch):
+    from nanochat.ops.rows import RowSubset
+
+    monkeypatch.setenv("NANOCHAT_FUSED_LOSS_CUDA", impl)
+    if impl and not fused_loss.cuda_kernel_selected():
+        pytest.skip("core built without nvcc")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    h, w, y = _problem(heads=2, n=48, seed=17)
+    g = torch.rand(2, 48)
+    keep = torch.rand(6, 8) < 0.6
+    res = []
+    for dev in ("cpu", "cuda"):
+        hh, ww = h.to(dev).requires_grad_(), w.to(dev).requires_grad_()
+        rows = RowSubset((6, 8))
+        out = fused_loss.token_losses(hh, ww, y.to(dev), rows, chunk=16)
+        rows.keep(keep.to(dev))
+        out.backward(g.to(dev))
+        res.append((out.detach().cpu(), hh.grad.cpu(), ww.grad.cpu()))
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from nanochat.config import ModelConfig
 from nanochat.model.gpt import GPT
 from nanochat.ops import rmsnorm, ternary
-from nanochat.ops import rows as row_subset
+from nanochat.ops.rows import RowSubset
 
 EPS = 1e-5
 
@@ -63,7 +63,7 @@ def test_thread_count_does_not_change_results():
 
 
 def test_kept_rows_backward_equals_masked():
-    """Inside a Collider micro-batch the backward runs over the kept rows: grad_x equal to
+    """Given a row subset the backward runs over the kept rows: grad_x equal to
     the dense backward of the masked gradient (dropped rows exactly 0), grad_w too."""
     B, T, d = 3, 20, 64
     x, w, gy = _problem(rows=B * T, dim=d, seed=3)
@@ -71,11 +71,11 @@ def test_kept_rows_backward_equals_masked():
     keep = torch.rand(B, T, generator=torch.Generator().manual_seed(4)) < 0.6
     masked = gy * keep[..., None]
     _, gx_ref, gw_ref = _grads(_ours, x, w, masked)
-    with row_subset.armed((B, T)):
-        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = _ours(xx, ww)
-        row_subset.set_keep(keep)
-        gx, gw = torch.autograd.grad(y, (xx, ww), gy)  # unmasked: the dropped rows are skipped
+    rows = RowSubset((B, T))
+    xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = rmsnorm.rms_norm(xx, ww, EPS, rows)
+    rows.keep(keep)
+    gx, gw = torch.autograd.grad(y, (xx, ww), gy)  # unmasked: the dropped rows are skipped
     assert torch.equal(gx[keep], gx_ref[keep])
     assert torch.equal(gx[~keep], torch.zeros_like(gx[~keep]))
     torch.testing.assert_close(gw, gw_ref, rtol=1e-6, atol=1e-6)
@@ -83,8 +83,8 @@ def test_kept_rows_backward_equals_masked():
 
 def test_opcheck():
     x, w, gy = _problem(rows=8, dim=32)
-    torch.library.opcheck(torch.ops.nanochat.rms_norm.default, (x, w, EPS, False))
-    _, rstd = torch.ops.nanochat.rms_norm(x, w, EPS, False)
+    torch.library.opcheck(torch.ops.nanochat.rms_norm.default, (x, w, EPS))
+    _, rstd = torch.ops.nanochat.rms_norm(x, w, EPS)
     for keep in (None, torch.tensor([0, 3, 7])):
         torch.library.opcheck(torch.ops.nanochat.rms_norm_backward.default,
                               (gy, x, w, rstd, keep))
@@ -92,12 +92,12 @@ def test_opcheck():
 
 def test_bad_keep_names_the_argument():
     x, w, gy = _problem(rows=8, dim=32)
-    _, rstd = torch.ops.nanochat.rms_norm(x, w, EPS, False)
+    _, rstd = torch.ops.nanochat.rms_norm(x, w, EPS)
     for keep in ([3, 1], [0, 8], [-1], [2, 2]):
         with pytest.raises(ValueError, match=r"keep\["):
             torch.ops.nanochat.rms_norm_backward(gy, x, w, rstd, torch.tensor(keep))
     with pytest.raises(ValueError, match="weight"):
-        torch.ops.nanochat.rms_norm(x, w[:4], EPS, False)
+        torch.ops.nanochat.rms_norm(x, w[:4], EPS)
 
 
 def test_falls_back_to_torch_off_the_cpu_float32_path():

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from nanochat.config import ModelConfig
 from nanochat.model.gpt import GPT
-from nanochat.ops import rows as row_subset
 from nanochat.ops import swiglu, ternary
+from nanochat.ops.rows import RowSubset
 
 
 def _problem(rows=37, dim=100, seed=0):
@@ -62,11 +62,11 @@ def test_kept_rows_backward_equals_masked():
     gate, up, gout = (t.view(B, T, d) for t in _problem(rows=B * T, dim=d, seed=3))
     keep = torch.rand(B, T, generator=torch.Generator().manual_seed(4)) < 0.6
     _, gg_ref, gu_ref = _grads(swiglu.swiglu, gate, up, gout * keep[..., None])
-    with row_subset.armed((B, T)):
-        g2, u2 = gate.clone().requires_grad_(), up.clone().requires_grad_()
-        out = swiglu.swiglu(g2, u2)
-        row_subset.set_keep(keep)
-        gg, gu = torch.autograd.grad(out, (g2, u2), gout)  # unmasked: dropped rows skipped
+    rows = RowSubset((B, T))
+    g2, u2 = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    out = swiglu.swiglu(g2, u2, rows)
+    rows.keep(keep)
+    gg, gu = torch.autograd.grad(out, (g2, u2), gout)  # unmasked: dropped rows skipped
     for got, ref in ((gg, gg_ref), (gu, gu_ref)):
         assert torch.equal(got[keep], ref[keep])
         assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
@@ -74,7 +74,7 @@ def test_kept_rows_backward_equals_masked():
 
 def test_opcheck():
     gate, up, gout = _problem(rows=8, dim=32)
-    torch.library.opcheck(torch.ops.nanochat.swiglu.default, (gate, up, False))
+    torch.library.opcheck(torch.ops.nanochat.swiglu.default, (gate, up))
     for keep in (None, torch.tensor([0, 3, 7])):
         torch.library.opcheck(torch.ops.nanochat.swiglu_backward.default,
                               (gout, gate, up, keep))
@@ -86,7 +86,7 @@ def test_errors_name_the_argument(monkeypatch):
         with pytest.raises(ValueError, match=r"keep\["):
             torch.ops.nanochat.swiglu_backward(gout, gate, up, torch.tensor(keep))
     with pytest.raises(ValueError, match="up"):
-        torch.ops.nanochat.swiglu(gate, up[:, :4], False)
+        torch.ops.nanochat.swiglu(gate, up[:, :4])
     assert not swiglu.applies(gate.double(), up.double())
     monkeypatch.setenv("NANOCHAT_SWIGLU", "torch")
     assert not swiglu.applies(gate, up)

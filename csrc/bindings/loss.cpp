@@ -4,6 +4,8 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <optional>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -17,13 +19,16 @@ using nanochat::Error;
 using nanochat::bindings::Buffer;
 using nanochat::bindings::expect_shape;
 using nanochat::bindings::get;
+using nanochat::bindings::optional_rows;
 
 void bind_loss(py::module_& m) {
   m.def(
       "fused_linear_cross_entropy",
       [](const Buffer& hidden, const Buffer& weight, const Buffer& targets,
          const Buffer& head_weights, const Buffer& loss, py::object grad_hidden,
-         py::object grad_weight, int64_t chunk, const std::string& precision) {
+         py::object grad_weight, int64_t chunk, const std::string& precision,
+         const std::optional<Buffer>& row_loss, const std::optional<Buffer>& row_scale,
+         const std::optional<Buffer>& rows) {
         using namespace nanochat;
         FusedLossArgs a;
         a.hidden = get<float>(hidden, "hidden", "float32", 3);
@@ -53,21 +58,34 @@ void bind_loss(py::module_& m) {
         }
         a.chunk = chunk;
         a.precision = loss_precision_from_name(precision.c_str());
+        if (row_loss) {
+          a.row_loss = get<float>(*row_loss, "row_loss", "float32", 2);
+          expect_shape(*row_loss, "row_loss", {a.heads, a.tokens});
+        }
+        if (row_scale) {
+          a.row_scale = get<float>(*row_scale, "row_scale", "float32", 2);
+          expect_shape(*row_scale, "row_scale", {a.heads, a.tokens});
+        }
+        std::tie(a.rows, a.n_rows) = optional_rows(rows, "rows");
         py::gil_scoped_release nogil;
         return fused_linear_cross_entropy(a);
       },
       py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("head_weights"),
       py::arg("loss"), py::arg("grad_hidden") = py::none(), py::arg("grad_weight") = py::none(),
-      py::arg("chunk") = 1024, py::arg("precision") = "f32",
+      py::arg("chunk") = 1024, py::arg("precision") = "f32", py::arg("row_loss") = py::none(),
+      py::arg("row_scale") = py::none(), py::arg("rows") = py::none(),
       "Weighted sum of per-head mean cross-entropies of hidden (heads, tokens, d) against the\n"
       "tied head weight (vocab, d); targets int32 (heads, tokens), -1 ignored. Writes each\n"
-      "head's loss into `loss` and, if given, the gradients; returns the total.");
+      "head's loss into `loss` and, if given, the gradients; returns the total. Per token:\n"
+      "row_loss (heads, tokens) receives each token's loss, row_scale (heads, tokens) gives\n"
+      "each token's gradient scale, rows (sorted int64) the positions computed.");
 #ifdef NANOCHAT_HAVE_CUDA
   m.def(
       "fused_linear_cross_entropy_cuda",
       [](const Buffer& hidden, const Buffer& weight, const Buffer& targets,
          const Buffer& head_scales, const Buffer& row_loss, py::object grad_hidden,
-         py::object grad_weight, const Buffer& workspace, int64_t chunk, uintptr_t stream) {
+         py::object grad_weight, const Buffer& workspace, int64_t chunk, uintptr_t stream,
+         const std::optional<Buffer>& row_scale) {
         using namespace nanochat;
         CudaFusedLossArgs a;
         a.hidden = get<float>(hidden, "hidden", "float32", 3, true);
@@ -93,6 +111,10 @@ void bind_loss(py::module_& m) {
           a.grad_weight = get<float>(gw, "grad_weight", "float32", 2, true);
           expect_shape(gw, "grad_weight", weight.shape);
         }
+        if (row_scale) {
+          a.row_scale = get<float>(*row_scale, "row_scale", "float32", 2, true);
+          expect_shape(*row_scale, "row_scale", {a.heads, a.tokens});
+        }
         a.workspace = get<float>(workspace, "workspace", "float32", 1, true);
         a.chunk = chunk;
         if (workspace.shape[0] < std::min(chunk, a.tokens) * a.vocab)
@@ -102,9 +124,10 @@ void bind_loss(py::module_& m) {
       },
       py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("head_scales"),
       py::arg("row_loss"), py::arg("grad_hidden"), py::arg("grad_weight"), py::arg("workspace"),
-      py::arg("chunk"), py::arg("stream"),
+      py::arg("chunk"), py::arg("stream"), py::arg("row_scale") = py::none(),
       "CUDA fused loss: per-token losses into row_loss, gradients of sum_i w_i * loss_i\n"
-      "(head_scales = w_i / n_i) into grad_hidden / grad_weight; device buffers.");
+      "(head_scales = w_i / n_i; or row_scale (heads, tokens): a scale per token) into\n"
+      "grad_hidden / grad_weight; device buffers.");
 #endif
   m.def(
       "fused_loss_bf16_supported",

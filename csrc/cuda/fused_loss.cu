@@ -69,13 +69,16 @@ __device__ float block_reduce(float v, bool is_max, float* sh) {
 }
 
 // One block per logits row: row_loss = logsumexp - x[t] (0 if t < 0); with grad, the row
-// becomes (softmax - onehot(t)) * scale, or zeros for an ignored row.
+// becomes (softmax - onehot(t)) * scale (row_scale[row] when given), or zeros for an
+// ignored row.
 __global__ void ce_rows_kernel(float* __restrict__ logits, int64_t V,
-                               const int32_t* __restrict__ targets, float scale, bool grad,
+                               const int32_t* __restrict__ targets, float scale,
+                               const float* __restrict__ row_scale, bool grad,
                                float* __restrict__ row_loss) {
   __shared__ float sh[32];
   float* x = logits + int64_t(blockIdx.x) * V;
   const int32_t t = targets[blockIdx.x];
+  if (row_scale) scale = row_scale[blockIdx.x];
   if (t < 0) {
     if (grad)
       for (int64_t j = threadIdx.x; j < V; j += blockDim.x) x[j] = 0.0f;
@@ -113,7 +116,7 @@ void cuda_fused_linear_cross_entropy(const CudaFusedLossArgs& a, uintptr_t strea
   const std::string f = "cuda_fused_linear_cross_entropy: ";
   if (a.vocab <= 0 || a.dim <= 0 || a.heads <= 0 || a.tokens < 0 || a.chunk <= 0)
     throw Error(f + "vocab, dim, heads and chunk must be > 0, tokens >= 0");
-  if (!a.weight || !a.head_scales || !a.row_loss || !a.workspace ||
+  if (!a.weight || (!a.head_scales && !a.row_scale) || !a.row_loss || !a.workspace ||
       (a.tokens > 0 && (!a.hidden || !a.targets)))
     throw Error(f + "null buffer");
   const bool grad = a.grad_hidden != nullptr;
@@ -125,15 +128,19 @@ void cuda_fused_linear_cross_entropy(const CudaFusedLossArgs& a, uintptr_t strea
   if (grad) check(cudaMemsetAsync(a.grad_weight, 0, sizeof(float) * V * D, s), f.c_str());
   for (int64_t i = 0; i < a.heads; ++i) {
     float scale = 0.0f;  // the caller's w_i / n_i, read once per head
-    check(cudaMemcpyAsync(&scale, a.head_scales + i, sizeof(float), cudaMemcpyDeviceToHost, s),
-          f.c_str());
-    check(cudaStreamSynchronize(s), f.c_str());
+    if (!a.row_scale) {
+      check(cudaMemcpyAsync(&scale, a.head_scales + i, sizeof(float), cudaMemcpyDeviceToHost,
+                            s),
+            f.c_str());
+      check(cudaStreamSynchronize(s), f.c_str());
+    }
     for (int64_t t0 = 0; t0 < T; t0 += a.chunk) {
       const int64_t c = std::min(a.chunk, T - t0);
       const float* h = a.hidden + (i * T + t0) * D;
       gemm(c, V, D, h, D, 1, a.weight, 1, D, a.workspace, V, false, s);
-      ce_rows_kernel<<<unsigned(c), kRowThreads, 0, s>>>(a.workspace, V, a.targets + i * T + t0,
-                                                         scale, grad, a.row_loss + i * T + t0);
+      ce_rows_kernel<<<unsigned(c), kRowThreads, 0, s>>>(
+          a.workspace, V, a.targets + i * T + t0, scale,
+          a.row_scale ? a.row_scale + i * T + t0 : nullptr, grad, a.row_loss + i * T + t0);
       check(cudaGetLastError(), "cuda_fused_linear_cross_entropy: rows launch");
       if (!grad) continue;
       gemm(c, D, V, a.workspace, V, 1, a.weight, D, 1, a.grad_hidden + (i * T + t0) * D, D,

@@ -209,6 +209,16 @@ float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa) {
   if (!loss_precision_supported(a.precision, isa))
     throw Error(f + "precision bf16 on the AVX-512 kernels needs AVX512-BF16 (this CPU lacks it)");
   const int64_t V = a.vocab, D = a.dim, T = a.tokens;
+  if (a.rows) {
+    if (a.n_rows < 0 || a.n_rows > T)
+      throw Error(f + "n_rows must be in [0, tokens = " + num(T) + "], got " + num(a.n_rows));
+    for (int64_t k = 0; k < a.n_rows; ++k)
+      if (a.rows[k] < 0 || a.rows[k] >= T || (k > 0 && a.rows[k] <= a.rows[k - 1]))
+        throw Error(f + "rows[" + num(k) + "] = " + num(a.rows[k]) +
+                    " is not increasing inside [0, tokens = " + num(T) + ")");
+  }
+  const int64_t R = a.rows ? a.n_rows : T;  // the positions computed, in order
+  auto position = [&](int64_t k) { return a.rows ? a.rows[k] : k; };
   for (int64_t i = 0; i < a.heads; ++i) {
     if (!std::isfinite(a.head_weights[i]))
       throw Error(f + "head_weights[" + num(i) + "] is not finite");
@@ -224,6 +234,7 @@ float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa) {
   // grad_hidden rows of ignored tokens stay 0; grad_W is overwritten by the first chunk's
   // GEMM (zeroed at the end only if no head had a target).
   if (grad) std::fill(a.grad_hidden, a.grad_hidden + a.heads * T * D, 0.0f);
+  if (a.row_loss) std::fill(a.row_loss, a.row_loss + a.heads * T, 0.0f);
   bool gw_written = false;
   const int64_t C = std::max<int64_t>(1, std::min(a.chunk, T));
   // The logits scratch is written by the first GEMM before it is read: no zero fill (a
@@ -232,7 +243,7 @@ float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa) {
   std::vector<float> hc(size_t(C * D)), gc(grad ? size_t(C * D) : 0);
   std::vector<int64_t> rows(static_cast<size_t>(C));
   std::vector<int32_t> tg(static_cast<size_t>(C));
-  std::vector<float> row_loss(static_cast<size_t>(C));
+  std::vector<float> row_loss(static_cast<size_t>(C)), sc(static_cast<size_t>(C));
   std::vector<float> apf, bpf;  // packed GEMM operands, reused by every GEMM of the call
   std::vector<uint16_t> aph, bph;
   // bf16 on a table without a bf16 tile (AVX2): operands rounded to bf16 while packing, then
@@ -250,30 +261,37 @@ float fused_linear_cross_entropy(const FusedLossArgs& a, Isa isa) {
   for (int64_t i = 0; i < a.heads; ++i) {
     const int32_t* ti = a.targets + i * T;
     const float* hi = a.hidden + i * T * D;
-    const int64_t n = std::count_if(ti, ti + T, [](int32_t y) { return y >= 0; });
+    int64_t n = 0;
+    for (int64_t k = 0; k < R; ++k) n += ti[position(k)] >= 0;
     if (n == 0) {  // nothing to predict (e.g. a sequence shorter than the head's offset)
       a.loss[i] = 0.0f;
       continue;
     }
     const float scale = float(double(a.head_weights[i]) / double(n));
     double sum = 0.0;
-    int64_t t = 0;
-    while (t < T) {
+    const float* si = a.row_scale ? a.row_scale + i * T : nullptr;
+    int64_t k = 0;
+    while (k < R) {
       int64_t c = 0;  // gather the next chunk of non-ignored tokens
-      for (; t < T && c < C; ++t)
+      for (; k < R && c < C; ++k) {
+        const int64_t t = position(k);
         if (ti[t] >= 0) {
           rows[c] = t;
           tg[c] = ti[t];
+          sc[c] = si ? si[t] : scale;
           std::memcpy(hc.data() + c * D, hi + t * D, size_t(D) * sizeof(float));
           ++c;
         }
+      }
       if (c == 0) break;
       // logits (c x V) = h_c (c x D) W^T
       run_gemm(c, V, D, View{hc.data(), D, 1}, View{a.weight, 1, D}, logits.get(), V, false);
       parallel_for(c, [&](int64_t r) {
-        row_loss[r] = kern.ce_row(logits.get() + r * V, V, tg[r], scale, grad);
+        row_loss[r] = kern.ce_row(logits.get() + r * V, V, tg[r], sc[r], grad);
       });
       for (int64_t r = 0; r < c; ++r) sum += row_loss[r];
+      if (a.row_loss)
+        for (int64_t r = 0; r < c; ++r) a.row_loss[i * T + rows[r]] = row_loss[r];
       if (!grad) continue;
       // grad_h_c (c x D) = G (c x V) W (V x D); grad_W (V x D) += G^T h_c
       run_gemm(c, D, V, View{logits.get(), V, 1}, View{a.weight, D, 1}, gc.data(), D, false);

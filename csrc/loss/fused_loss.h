@@ -9,6 +9,11 @@
 //   total  = sum_i head_weight_i * loss_i                 (0 for a head with no target)
 // and, when asked, the gradients of `total`:
 //   grad_h_i = G_i W,   grad_W = sum_i G_i^T h_i,   G_i = (softmax - onehot) * w_i / n_i.
+// Per-token use (Collider's scoring, any caller that weights tokens itself): row_loss
+// receives each token's cross-entropy; row_scale replaces w_i / n_i by a scale per token
+// (the incoming gradient of row_loss: then G_i = (softmax - onehot) * row_scale_i), and
+// `rows` restricts the call to a sorted subset of the token positions (a backward over
+// kept rows only: the other rows get loss 0 and grad_h 0 and add nothing to grad_W).
 //
 // Per chunk of c non-ignored tokens of one head: gather the rows, logits = h_c W^T (GEMM),
 // per row max, exp written in place, logsumexp and loss, then the softmax gradient in
@@ -54,6 +59,10 @@ struct FusedLossArgs {
   float* grad_weight = nullptr;         // out (optional): vocab x dim, overwritten
   int64_t chunk = 1024;                 // tokens per chunk (> 0)
   LossPrecision precision = LossPrecision::f32;
+  float* row_loss = nullptr;            // out (optional): heads x tokens, 0 where not computed
+  const float* row_scale = nullptr;     // optional: heads x tokens gradient scales (see top)
+  const int64_t* rows = nullptr;        // optional: n_rows increasing positions in [0, tokens)
+  int64_t n_rows = 0;
 };
 
 // Runs the loss (and the gradients where grad_hidden / grad_weight are given: both or
@@ -65,7 +74,9 @@ float fused_linear_cross_entropy(const FusedLossArgs& a);  // active_isa()
 // ---- CUDA (csrc/cuda/fused_loss.cu, defined only when built with NANOCHAT_HAVE_CUDA) -----
 // Device pointers. Chunks of consecutive tokens; row_loss (heads x tokens) receives each
 // token's cross-entropy (0 where ignored) and the caller reduces it; head_scales[i] is
-// w_i / n_i (the caller counts the non-ignored targets). workspace: chunk x vocab floats.
+// w_i / n_i (the caller counts the non-ignored targets), or row_scale (heads x tokens, when
+// given) a gradient scale per token as on the CPU. workspace: chunk x vocab floats. A row
+// subset is the caller's gather (python/nanochat/ops/fused_loss.py).
 struct CudaFusedLossArgs {
   const float* weight = nullptr;
   int64_t vocab = 0, dim = 0;
@@ -73,6 +84,7 @@ struct CudaFusedLossArgs {
   const int32_t* targets = nullptr;
   int64_t heads = 0, tokens = 0;
   const float* head_scales = nullptr;
+  const float* row_scale = nullptr;  // optional, in place of head_scales
   float* row_loss = nullptr;
   float* grad_hidden = nullptr;  // optional, with grad_weight
   float* grad_weight = nullptr;

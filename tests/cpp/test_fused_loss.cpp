@@ -335,3 +335,184 @@ TEST(FusedLoss, RejectsBadArguments) {
   EXPECT_THROW(fused_linear_cross_entropy(a, Isa::scalar), Error);
   EXPECT_THROW(loss_precision_from_name("fp8"), Error);
 }
+
+// ---- per-token losses, per-token gradient scales and row subsets ------------------------
+
+namespace {
+
+struct RowsRun {
+  std::vector<float> row_loss, gh, gw;
+};
+
+// The per-token call: row_loss out, gradient scales per token (`scale`, heads x tokens) and
+// the positions `rows` (empty: every token).
+RowsRun run_rows(const Problem& p, Isa isa, int64_t chunk, const std::vector<float>& scale,
+                 const std::vector<int64_t>& rows, bool all_rows = false) {
+  RowsRun r{std::vector<float>(size_t(p.heads * p.tokens), 7.0f),
+            std::vector<float>(size_t(p.heads * p.tokens * p.dim), 7.0f),
+            std::vector<float>(size_t(p.vocab * p.dim), 7.0f)};
+  std::vector<float> loss(size_t(p.heads));
+  FusedLossArgs a;
+  a.weight = p.w.data();
+  a.vocab = p.vocab;
+  a.dim = p.dim;
+  a.hidden = p.h.data();
+  a.targets = p.y.data();
+  a.heads = p.heads;
+  a.tokens = p.tokens;
+  a.head_weights = p.hw.data();
+  a.loss = loss.data();
+  a.grad_hidden = r.gh.data();
+  a.grad_weight = r.gw.data();
+  a.chunk = chunk;
+  a.row_loss = r.row_loss.data();
+  a.row_scale = scale.data();
+  if (!all_rows) {
+    a.rows = rows.data();
+    a.n_rows = int64_t(rows.size());
+  }
+  fused_linear_cross_entropy(a, isa);
+  return r;
+}
+
+// Double-precision per-token losses and the gradients of sum_t scale_t * loss_t over `rows`.
+RowsRun reference_rows(const Problem& p, const std::vector<float>& scale,
+                       const std::vector<int64_t>& rows) {
+  const int64_t T = p.tokens, V = p.vocab, D = p.dim;
+  RowsRun r{std::vector<float>(size_t(p.heads * T)), std::vector<float>(size_t(p.heads * T * D)),
+            std::vector<float>(size_t(V * D))};
+  std::vector<double> gw(static_cast<size_t>(V * D)), z(static_cast<size_t>(V));
+  for (int64_t i = 0; i < p.heads; ++i)
+    for (int64_t t : rows) {
+      const int32_t y = p.y[i * T + t];
+      if (y < 0) continue;
+      const float* h = p.h.data() + (i * T + t) * D;
+      double m = -1e300;
+      for (int64_t v = 0; v < V; ++v) {
+        double s = 0;
+        for (int64_t d = 0; d < D; ++d) s += double(h[d]) * p.w[v * D + d];
+        z[size_t(v)] = s;
+        m = std::max(m, s);
+      }
+      double se = 0;
+      for (int64_t v = 0; v < V; ++v) se += std::exp(z[size_t(v)] - m);
+      r.row_loss[size_t(i * T + t)] = float(m + std::log(se) - z[size_t(y)]);
+      for (int64_t v = 0; v < V; ++v) {
+        const double g = (std::exp(z[size_t(v)] - m) / se - (v == y)) * scale[size_t(i * T + t)];
+        for (int64_t d = 0; d < D; ++d) {
+          r.gh[size_t((i * T + t) * D + d)] += float(g * p.w[v * D + d]);
+          gw[size_t(v * D + d)] += g * h[d];
+        }
+      }
+    }
+  for (size_t k = 0; k < gw.size(); ++k) r.gw[k] = float(gw[k]);
+  return r;
+}
+
+std::vector<float> random_scales(std::mt19937& rng, const Problem& p) {
+  return random_floats(rng, p.heads * p.tokens, -0.05f, 0.05f);
+}
+
+std::vector<int64_t> some_rows(std::mt19937& rng, int64_t T) {
+  std::vector<int64_t> rows;
+  std::uniform_real_distribution<double> u(0, 1);
+  for (int64_t t = 0; t < T; ++t)
+    if (u(rng) < 0.6) rows.push_back(t);
+  return rows;
+}
+
+}  // namespace
+
+TEST(FusedLoss, RowSubsetWithTokenScalesMatchesReference) {
+  GlobalStateGuard guard;
+  std::mt19937 rng(21);
+  const Problem p = make(rng, 2, 45, 301, 37);
+  const auto scale = random_scales(rng, p);
+  const auto rows = some_rows(rng, p.tokens);
+  const RowsRun ref = reference_rows(p, scale, rows);
+  for (Isa isa : isas())
+    for (int threads : {1, 2}) {
+      set_num_threads(threads);
+      SCOPED_TRACE(std::string(isa_name(isa)) + " threads " + std::to_string(threads));
+      const RowsRun r = run_rows(p, isa, 16, scale, rows);
+      EXPECT_LT(max_abs_diff(r.row_loss, ref.row_loss), 1e-5);
+      EXPECT_LT(max_abs_diff(r.gh, ref.gh), 1e-6);
+      EXPECT_LT(max_abs_diff(r.gw, ref.gw), 1e-6);
+      std::vector<bool> in(size_t(p.tokens));
+      for (int64_t t : rows) in[size_t(t)] = true;
+      for (int64_t i = 0; i < p.heads; ++i)
+        for (int64_t t = 0; t < p.tokens; ++t) {
+          if (in[size_t(t)] && p.y[size_t(i * p.tokens + t)] >= 0) continue;
+          ASSERT_EQ(r.row_loss[size_t(i * p.tokens + t)], 0.0f);  // not computed: exactly 0
+          for (int64_t d = 0; d < p.dim; ++d)
+            ASSERT_EQ(r.gh[size_t((i * p.tokens + t) * p.dim + d)], 0.0f);
+        }
+    }
+}
+
+TEST(FusedLoss, SimdRowSubsetWithinBoundOfScalar) {
+  GlobalStateGuard guard;
+  std::mt19937 rng(22);
+  const Problem p = make(rng, 2, 70, 500, 64);
+  const auto scale = random_scales(rng, p);
+  const auto rows = some_rows(rng, p.tokens);
+  const RowsRun s = run_rows(p, Isa::scalar, 32, scale, rows);
+  for (Isa isa : isas()) {
+    if (isa == Isa::scalar) continue;
+    SCOPED_TRACE(isa_name(isa));
+    const RowsRun r = run_rows(p, isa, 32, scale, rows);
+    EXPECT_LT(max_abs_diff(r.row_loss, s.row_loss), 4e-5);
+    EXPECT_LT(max_abs_diff(r.gh, s.gh), 1e-6);
+    EXPECT_LT(max_abs_diff(r.gw, s.gw), 1e-6);
+  }
+}
+
+TEST(FusedLoss, TokenScalesOfTheMeanBitEqualTheMeanCall) {
+  // row_scale = w_i / n_i on every token and every row listed: the same call as the mean
+  // loss, bit for bit (the per-token path shares the driver), and row_loss sums to it.
+  GlobalStateGuard guard;
+  std::mt19937 rng(23);
+  const Problem p = make(rng, 3, 40, 200, 48);
+  std::vector<float> scale(size_t(p.heads * p.tokens));
+  for (int64_t i = 0; i < p.heads; ++i) {
+    int64_t n = 0;
+    for (int64_t t = 0; t < p.tokens; ++t) n += p.y[size_t(i * p.tokens + t)] >= 0;
+    for (int64_t t = 0; t < p.tokens; ++t)
+      scale[size_t(i * p.tokens + t)] = float(double(p.hw[size_t(i)]) / double(n));
+  }
+  std::vector<int64_t> every(size_t(p.tokens));
+  for (int64_t t = 0; t < p.tokens; ++t) every[size_t(t)] = t;
+  for (Isa isa : isas()) {
+    SCOPED_TRACE(isa_name(isa));
+    const Result mean = run(p, isa, 8);
+    for (bool all : {false, true}) {
+      const RowsRun r = run_rows(p, isa, 8, scale, every, all);
+      EXPECT_EQ(r.gh, mean.gh);
+      EXPECT_EQ(r.gw, mean.gw);
+      for (int64_t i = 0; i < p.heads; ++i) {
+        double sum = 0;
+        int64_t n = 0;
+        for (int64_t t = 0; t < p.tokens; ++t) {
+          sum += r.row_loss[size_t(i * p.tokens + t)];
+          n += p.y[size_t(i * p.tokens + t)] >= 0;
+        }
+        EXPECT_EQ(float(sum / double(n)), mean.loss[size_t(i)]);
+      }
+    }
+  }
+}
+
+TEST(FusedLoss, RejectsBadRows) {
+  std::mt19937 rng(24);
+  const Problem p = make(rng, 1, 6, 10, 8);
+  const std::vector<float> scale(6, 1.0f);
+  for (const std::vector<int64_t>& rows : {std::vector<int64_t>{2, 1}, {0, 6}, {-1},
+                                           {3, 3}}) {
+    try {
+      run_rows(p, Isa::scalar, 4, scale, rows);
+      FAIL() << "no error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("rows["), std::string::npos) << e.what();
+    }
+  }
+}

@@ -310,8 +310,11 @@ def _attention_rows(threads, rounds, min_time, quick, gen):
     import torch
     import torch.nn.functional as F
 
-    from nanochat.ops import attention, ternary  # noqa: F401  (registers the op)
-    from nanochat.ops import rows as row_subset
+    from nanochat.ops import (
+        attention,
+        ternary,  # noqa: F401  (registers the op)
+    )
+    from nanochat.ops.rows import RowSubset
 
     for b, h, hkv, t, d in ([(2, 4, 2, 64, 64)] if quick else ATTENTION_SHAPES):
         q = torch.randn(b, t, h, d, generator=gen).transpose(1, 2).requires_grad_()
@@ -327,11 +330,11 @@ def _attention_rows(threads, rounds, min_time, quick, gen):
             torch.autograd.grad(o, (q, k, v), go)
 
         def ours(kept: bool):
-            with row_subset.armed((b, t)):
-                if kept:
-                    row_subset.set_keep(keep)
-                o = torch.ops.nanochat.attention(q, k, v, 0, True)[0]
-                torch.autograd.grad(o, (q, k, v), go)
+            rows = RowSubset((b, t))
+            if kept:
+                rows.keep(keep)
+            o = attention.causal_attention(q, k, v, 0, rows)
+            torch.autograd.grad(o, (q, k, v), go)
 
         variants = {"torch": sdpa, "dense": lambda: ours(False), "kept": lambda: ours(True)}
         for th in threads:

@@ -23,6 +23,7 @@ from nanochat.ops.bitlinear import (
     resolve_backward,
     weight_codes,
 )
+from nanochat.ops.rows import RowSubset
 
 
 class BitLinear(nn.Module):
@@ -81,15 +82,17 @@ class BitLinear(nn.Module):
                   and fast_isa())
         return ok
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: RowSubset | None = None) -> torch.Tensor:
+        """y = x W^T in BitLinear's semantics; rows: x's leading dims are this row subset's
+        token rows, and the backward runs on the kept ones (nanochat/ops/rows.py)."""
         if (self._frozen is not None and not torch.is_grad_enabled()
                 and self.uses_cpp(x, packed=True)):
             # inference inside frozen(): the weight was packed once, skip re-quantizing it
             y = self._frozen(x.reshape(-1, self.in_features).contiguous())
             return y.reshape(*x.shape[:-1], self.out_features)
         if self.uses_cpp(x):
-            return bitlinear_cpp(x, self.weight, self._bf16_backward)
-        return bitlinear_torch(x, self.weight)
+            return bitlinear_cpp(x, self.weight, self._bf16_backward, rows)
+        return bitlinear_torch(x, self.weight, rows)
 
     def ternary(self) -> ternary.TernaryMatrix:
         """The layer's weight in the C++ kernel layout (inference), same codes/scale as training."""

@@ -12,8 +12,8 @@ from nanochat.model.bitlinear import BitLinear
 from nanochat.model.mhc import MHC
 from nanochat.model.moe import MoE
 from nanochat.ops import rmsnorm
-from nanochat.ops import rows as row_subset
 from nanochat.ops.attention import attend, trim
+from nanochat.ops.rows import RowSubset
 from nanochat.ops.swiglu import swiglu
 
 
@@ -25,8 +25,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rmsnorm.rms_norm(x, self.weight, self.eps)  # the C++ op on float32 CPU
+    def forward(self, x: torch.Tensor, rows: RowSubset | None = None) -> torch.Tensor:
+        return rmsnorm.rms_norm(x, self.weight, self.eps, rows)  # the C++ op on float32 CPU
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
@@ -78,11 +78,11 @@ class Block(nn.Module):
             self.mhc_attn = MHC(m.streams, d, m.res, m.sinkhorn_iters, m.dynamic, cfg.norm_eps)
             self.mhc_ffn = MHC(m.streams, d, m.res, m.sinkhorn_iters, m.dynamic, cfg.norm_eps)
 
-    def attention(self, x, cos, sin, cache: list | None):
+    def attention(self, x, cos, sin, cache: list | None, rows: RowSubset | None = None):
         B, T, _ = x.shape
-        q = self.attn_q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,T,D)
-        k = self.attn_k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.attn_v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.attn_q(x, rows).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.attn_k(x, rows).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.attn_v(x, rows).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if cache is not None:  # [k, v] of earlier positions (B, Hkv, past, D), or [None, None]
@@ -92,24 +92,27 @@ class Block(nn.Module):
                 v = torch.cat((cache[1], v), dim=2)
             cache[0], cache[1] = trim(k, self.window), trim(v, self.window)
         # grouped-query: q head h reads kv head h // (n_heads / n_kv_heads), inside attend
-        y = attend(q, k, v, past, self.window, row_subset.token_rows(x))
+        y = attend(q, k, v, past, self.window, rows)
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B,T,H*D)
 
-    def attn_branch(self, x, cos, sin, cache: list | None = None):
-        a = self.attention(self.attn_norm(x), cos, sin, cache)  # (B, T, d)
-        return self.attn_output(self.attn_sub_norm(a))
+    def attn_branch(self, x, cos, sin, cache: list | None = None,
+                    rows: RowSubset | None = None):
+        a = self.attention(self.attn_norm(x, rows), cos, sin, cache, rows)  # (B, T, d)
+        return self.attn_output(self.attn_sub_norm(a, rows), rows)
 
-    def ffn_branch(self, x):
-        h = self.ffn_norm(x)
-        if self.moe is not None:
+    def ffn_branch(self, x, rows: RowSubset | None = None):
+        h = self.ffn_norm(x, rows)
+        if self.moe is not None:  # experts see gathered rows: dense (module doc of rows.py)
             return self.moe(h)
-        g, u = self.ffn_gate(h), self.ffn_up(h)
-        a = swiglu(g, u) if self.activation == "silu" else F.relu(g).square() * u
-        return self.ffn_down(self.ffn_sub_norm(a))
+        g, u = self.ffn_gate(h, rows), self.ffn_up(h, rows)
+        a = swiglu(g, u, rows) if self.activation == "silu" else F.relu(g).square() * u
+        return self.ffn_down(self.ffn_sub_norm(a, rows), rows)
 
-    def forward(self, x, cos, sin, cache: list | None = None):
+    def forward(self, x, cos, sin, cache: list | None = None, rows: RowSubset | None = None):
+        """x (B, T, d) (or (B, T, n, d) with mHC streams); rows: the (B, T) token rows'
+        subset whose backward the layers compute (nanochat/ops/rows.py), or None (dense)."""
         if hasattr(self, "mhc_attn"):  # x (B, T, n, d): streams mixed around each sub-layer
-            x = self.mhc_attn(x, lambda h: self.attn_branch(h, cos, sin, cache))
-            return self.mhc_ffn(x, self.ffn_branch)
-        x = x + self.attn_branch(x, cos, sin, cache)
-        return x + self.ffn_branch(x)
+            x = self.mhc_attn(x, lambda h: self.attn_branch(h, cos, sin, cache, rows))
+            return self.mhc_ffn(x, lambda h: self.ffn_branch(h, rows))
+        x = x + self.attn_branch(x, cos, sin, cache, rows)
+        return x + self.ffn_branch(x, rows)

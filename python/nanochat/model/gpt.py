@@ -39,7 +39,9 @@ from nanochat.model.bitlinear import BitLinear, frozen
 from nanochat.model.block import Block, RMSNorm, rope_cos_sin
 from nanochat.model.mhc import MHC
 from nanochat.model.moe import MoE
+from nanochat.ops import fused_loss
 from nanochat.ops import rows as row_subset
+from nanochat.ops.rows import RowSubset
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,8 @@ class GPT(nn.Module):
                 m.backward_precision = precision
 
     # ---- forward ----------------------------------------------------------------------
-    def _trunk(self, idx: torch.Tensor, caches: list | None = None, start: int = 0):
+    def _trunk(self, idx: torch.Tensor, caches: list | None = None, start: int = 0,
+               rows: RowSubset | None = None):
         B, T = idx.shape
         pos = torch.arange(start, start + T, device=idx.device)
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
@@ -119,18 +122,18 @@ class GPT(nn.Module):
         if n > 1:  # n copies of the input (mhc.py: the init makes the streams diverge)
             x = x.unsqueeze(-2).expand(B, T, n, x.shape[-1])
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, None if caches is None else caches[i])
+            x = block(x, cos, sin, None if caches is None else caches[i], rows)
         if n > 1:
             x = x.mean(dim=-2)  # collapse the streams before the final norm
-        return self.output_norm(x)
+        return self.output_norm(x, rows)
 
     def forward_hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """Final normed hidden states (B, T, d), before the tied LM head."""
         return self._trunk(idx)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # row_subset.linear: F.linear, with a kept-rows-only backward in a Collider step
-        return row_subset.linear(hidden, self.token_embd.weight).float()  # (B, T, V)
+    def logits(self, hidden: torch.Tensor, rows: RowSubset | None = None) -> torch.Tensor:
+        # row_subset.linear: F.linear, with a kept-rows-only backward given a row subset
+        return row_subset.linear(hidden, self.token_embd.weight, rows).float()  # (B, T, V)
 
     def set_fused_loss(self, mode: str = "auto", precision: str = "f32") -> None:
         """The loss of training calls (targets, mean reduction): "on" the fused chunked
@@ -149,17 +152,23 @@ class GPT(nn.Module):
         return self.fused_loss == "on"
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_reduction: str = "mean"):
+                loss_reduction: str = "mean", rows: RowSubset | None = None):
         """logits (B, T, V), or (logits, loss) with targets (B, T) (-1 = ignore). With
         loss_reduction="none" the loss is per token, shaped like targets (the next-token
         head only). With mean reduction and MTP on (model.mtp.heads > 1) the loss is the
         weighted sum over the heads (nanochat/model/mtp.py), each head's own in last_head_losses;
-        when the fused loss runs (set_fused_loss) no logits exist and logits is None."""
-        h = self._trunk(idx)
+        when the fused loss runs (set_fused_loss) no logits exist and logits is None.
+        rows: the (B, T) token rows' subset every layer's backward runs on (nanochat/ops/
+        rows.py; Collider's kept tokens), or None (dense); not with a mean loss, whose
+        gradient reaches every row (head_token_losses gives the losses to weight)."""
+        if rows is not None and targets is not None and loss_reduction == "mean":
+            raise ValueError("GPT.forward: a row subset needs loss_reduction='none' (a mean "
+                             "loss's gradient reaches every row)")
+        h = self._trunk(idx, rows=rows)
         if targets is not None and loss_reduction == "mean" and (
                 len(self.mtp) or self._fused()):
             return self._head_loss(idx, h, targets)
-        logits = self.logits(h)
+        logits = self.logits(h, rows)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
@@ -168,16 +177,18 @@ class GPT(nn.Module):
             loss = loss.view(targets.shape)
         return logits, loss
 
+    def _head_hidden(self, idx, h, rows: RowSubset | None = None) -> list[torch.Tensor]:
+        """The normed hidden states (B, T, d) of every head: [h], plus the MTP heads'."""
+        if not len(self.mtp):
+            return [h]
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        return mtp.head_hidden(self.mtp, h, self.token_embd(idx), cos, sin, rows)
+
     def _head_loss(self, idx, h, targets):
         """(logits of head 1 or None, weighted mean loss over the heads) for a training call."""
-        from nanochat.ops import fused_loss
-
         n = len(self.mtp) + 1
-        hidden = [h]
-        if n > 1:
-            pos = torch.arange(idx.shape[1], device=idx.device)
-            cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
-            hidden = mtp.head_hidden(self.mtp, h, self.token_embd(idx), cos, sin)
+        hidden = self._head_hidden(idx, h)
         tgt = mtp.head_targets(targets, n).reshape(n, -1)  # (n, B*T), head i shifted by i
         weights = mtp.head_weights(self.config.mtp) if n > 1 else [1.0]
         W = self.token_embd.weight
@@ -196,24 +207,29 @@ class GPT(nn.Module):
         self.last_head_losses = per_head.detach()
         return logits, total
 
-    def head_token_losses(self, idx: torch.Tensor, targets: torch.Tensor):
+    def head_token_losses(self, idx: torch.Tensor, targets: torch.Tensor,
+                          rows: RowSubset | None = None):
         """Per-token losses of every head, (heads, B, T) with 0 where a head has no target,
         its targets (heads, B, T) (-1 = none) and weights: the training loss is
-        sum_i weights[i] * mean of losses[i] over its targets. Full logits, one head at a time
-        (Collider scores and masks tokens with these; nanochat/train/collider.py)."""
-
+        sum_i weights[i] * mean of losses[i] over its targets (Collider scores and masks
+        tokens with these; nanochat/train/collider.py). The same two heads as the mean loss
+        (set_fused_loss): the fused op per token (no logits kept), or full logits one head
+        at a time. rows: the (B, T) token rows' subset every layer's backward, the head's
+        included, runs on (nanochat/ops/rows.py)."""
         n = len(self.mtp) + 1
-        h = self._trunk(idx)
-        hidden = [h]
-        if n > 1:
-            pos = torch.arange(idx.shape[1], device=idx.device)
-            cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
-            hidden = mtp.head_hidden(self.mtp, h, self.token_embd(idx), cos, sin)
+        h = self._trunk(idx, rows=rows)
+        hidden = self._head_hidden(idx, h, rows)
         tgt = mtp.head_targets(targets, n)  # (n, B, T), head i shifted by i
-        W = self.token_embd.weight  # tied head; row_subset.token_losses: kept-row backward
-        losses = torch.stack([row_subset.token_losses(
-            x.reshape(-1, x.shape[-1]), W, tgt[i].reshape(-1)).view(targets.shape)
-            for i, x in enumerate(hidden)])
+        W = self.token_embd.weight
+        if self._fused():
+            losses = fused_loss.token_losses(
+                torch.stack(hidden).reshape(n, -1, h.shape[-1]), W, tgt.reshape(n, -1), rows,
+                precision=self.fused_loss_precision).view(tgt.shape)
+        else:  # self.logits: the kept-row head GEMMs; dropped rows' incoming gradient is 0
+            losses = torch.stack([F.cross_entropy(
+                self.logits(x, rows).reshape(-1, W.shape[0]), tgt[i].reshape(-1),
+                ignore_index=-1, reduction="none").view(targets.shape)
+                for i, x in enumerate(hidden)])
         weights = mtp.head_weights(self.config.mtp) if n > 1 else [1.0]
         return losses, tgt, weights
 

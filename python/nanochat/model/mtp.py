@@ -39,6 +39,7 @@ import torch.nn as nn
 from nanochat.config import ModelConfig, MTPConfig
 from nanochat.model.bitlinear import BitLinear
 from nanochat.model.block import Block, RMSNorm
+from nanochat.ops.rows import RowSubset
 
 
 def plain_block_config(cfg: ModelConfig) -> ModelConfig:
@@ -77,11 +78,14 @@ class MTPHead(nn.Module):
         self.block.attn_output.reset_parameters(out_std)
         self.block.ffn_down.reset_parameters(out_std)
 
-    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos, sin):
-        """(h_k for the next module, the normed h_k for the unembedding), both (B, T, d)."""
-        x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))
-        x = self.block(x, cos, sin)
-        return x, self.shared_head_norm(x)
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos, sin,
+                rows: RowSubset | None = None):
+        """(h_k for the next module, the normed h_k for the unembedding), both (B, T, d).
+        rows: the (B, T) token rows' subset (nanochat/ops/rows.py), or None."""
+        x = self.eh_proj(torch.cat((self.enorm(emb, rows), self.hnorm(h_prev, rows)), dim=-1),
+                         rows)
+        x = self.block(x, cos, sin, rows=rows)
+        return x, self.shared_head_norm(x, rows)
 
 
 def build_heads(cfg: ModelConfig, bitlinear: str = "auto") -> nn.ModuleList:
@@ -109,12 +113,12 @@ def head_weights(m: MTPConfig) -> list[float]:
     return [m.loss_weights[0]] + [m.weight * w for w in m.loss_weights[1:m.heads]]
 
 
-def head_hidden(heads: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, cos, sin
-                ) -> list[torch.Tensor]:
+def head_hidden(heads: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, cos, sin,
+                rows: RowSubset | None = None) -> list[torch.Tensor]:
     """Normed hidden states (B, T, d) of every head: [h (the trunk's), head 2's, ...].
-    emb: the token embeddings of the input (B, T, d)."""
+    emb: the token embeddings of the input (B, T, d); rows: their row subset, or None."""
     out, prev = [h], h
     for j, head in enumerate(heads):
-        prev, normed = head(prev, shift_left(emb, j + 1, 0.0), cos, sin)
+        prev, normed = head(prev, shift_left(emb, j + 1, 0.0), cos, sin, rows)
         out.append(normed)
     return out

@@ -17,9 +17,10 @@ backward of csrc/attn/attention.cpp (16-query tiles, causal tiles skipped, group
 heads native; `nanochat bench kernels` times it against SDPA), so a model's forward is the
 same with and without grad; calls over a KV cache (decoding), other dtypes or devices and
 the scalar ISA run SDPA.
-Collider (nanochat/train/collider.py): in a Collider micro-batch only the kept token rows carry an
-output gradient (a dropped row's is exactly zero) and the k / v projections drop the
-gradient of the dropped rows anyway, so the op's backward runs over the kept rows only:
+Row subsets (nanochat/ops/rows.py; Collider, nanochat/train/collider.py, makes them): only
+the kept token rows carry an output gradient (a dropped row's is exactly zero) and the
+k / v projections drop the gradient of the dropped rows anyway, so given a subset the op's
+backward runs over the kept rows only:
 scores and their gradient for kept queries, dk / dv for kept keys. The dense backward
 spends ~5 T^2 D / 2 multiply-adds per head; the kept-row one (3 r + 2 r^2) / 5 of that at
 kept fraction r (0.56 at r = 0.65). Equal to autograd through masked softmax attention up to
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from nanochat._core import buffer as _buf
 from nanochat._core import core
-from nanochat.ops import rows as row_subset
+from nanochat.ops.rows import RowSubset, kept, with_rows
 
 
 def attention_mask(t: int, cached: int, window: int | None, device=None) -> torch.Tensor:
@@ -58,14 +59,14 @@ def _repeat_kv(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: int,
-           window: int | None, token_rows: bool = False) -> torch.Tensor:
+           window: int | None, rows: RowSubset | None = None) -> torch.Tensor:
     """Scaled dot-product attention of q (B, H, T, D) over k, v (B, Hkv, cached + T, D), whose
     first `cached` keys precede the T new positions. Picks SDPA's plain causal / unmasked
     forms where they are exact (a full layer's prefill, a single new token that sees the
-    whole cache) and an explicit mask otherwise. token_rows: the T positions are a Collider
-    micro-batch's token rows (the kept-row backward where it applies; module doc)."""
+    whole cache) and an explicit mask otherwise. rows: the (B, T) positions' row subset (the
+    kept-row backward where the op runs; module doc)."""
     if cached == 0 and op_applies(q, k, v):  # training and every full-sequence forward
-        return torch.ops.nanochat.attention(q, k, v, window or 0, token_rows)[0]
+        return causal_attention(q, k, v, window or 0, rows)
     k, v = _repeat_kv(q, k), _repeat_kv(q, v)
     t, s = q.shape[2], k.shape[2]
     if window is None or window >= s:  # the window covers everything: plain causal
@@ -124,11 +125,10 @@ def _flash_layouts(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.library.custom_op("nanochat::attention", mutates_args=(), device_types="cpu")
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                  token_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, T, D), logsumexp (B, H, T)) of causal attention (window 0: full) of q over
-    k, v (B, Hkv, T, D) (csrc/attn/attention.h). token_rows: the rows are a Collider
-    micro-batch's tokens (the backward runs on the kept ones)."""
+    k, v (B, Hkv, T, D) (csrc/attn/attention.h)."""
     out, lse = _flash_layouts(q)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     core().attention_forward(_buf(q), _buf(k), _buf(v), _buf(out), _buf(lse), window,
@@ -137,7 +137,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
 
 
 @_attention_op.register_fake
-def _(q, k, v, window, token_rows):
+def _(q, k, v, window):
     torch._check(q.dim() == 4 and k.shape == v.shape, lambda: "q (B,H,T,D), k = v (B,Hkv,T,D)")
     return _flash_layouts(q)
 
@@ -163,20 +163,27 @@ def _(grad_out, q, k, v, out, lse, rows, window):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window, token_rows = inputs
+    q, k, v, window = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.mark_non_differentiable(lse)
-    ctx.window, ctx.token_rows = window, token_rows
+    ctx.window = window
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    b, _, t, _ = q.shape
-    rows = row_subset.kept_rows(b * t) if ctx.token_rows else None
-    gq, gk, gv = torch.ops.nanochat.attention_backward(grad_out, q, k, v, out, lse, rows,
-                                                       ctx.window)
-    return gq, gk, gv, None, None
+    gq, gk, gv = torch.ops.nanochat.attention_backward(grad_out, q, k, v, out, lse,
+                                                       kept(ctx.rows), ctx.window)
+    return gq, gk, gv, None
 
 
-_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_attention_with_rows = with_rows(_attention_op, _setup_context, _backward)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                     rows: RowSubset | None = None) -> torch.Tensor:
+    """nanochat::attention's output (window 0: full); with a row subset over the (B, T)
+    positions, the backward runs on its kept rows (module doc)."""
+    if rows is not None:
+        rows.check(q.shape[0] * q.shape[2], "attention")
+    return _attention_with_rows(rows, q, k, v, window)[0]

@@ -52,6 +52,7 @@ from nanochat._core import buffer as _buf
 from nanochat._core import core
 from nanochat.ops import rows as row_subset
 from nanochat.ops import ternary
+from nanochat.ops.rows import RowSubset, kept, with_rows
 
 KERNELS = ("auto", "cpp", "torch")
 BACKWARDS = ("auto", "bf16", "float32")
@@ -98,14 +99,15 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---- the pure-torch reference -----------------------------------------------------------
 
 
-def bitlinear_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """y = STE(q(x)) @ STE(q(W))^T for x (..., in), weight (out, in). Over a Collider
-    micro-batch's token rows the backward GEMMs run on the kept rows (nanochat/train/collider.py)."""
+def bitlinear_torch(x: torch.Tensor, weight: torch.Tensor,
+                    rows: RowSubset | None = None) -> torch.Tensor:
+    """y = STE(q(x)) @ STE(q(W))^T for x (..., in), weight (out, in). With a row subset
+    (x's leading dims are its token rows) the backward GEMMs run on the kept rows."""
     codes, s = quantize_weight(weight.detach())  # detached: no graph for the quantizers
     w = weight + (codes * s - weight).detach()
     xq, a = quantize_activations(x.detach())
     x = x + (xq / a - x).detach()
-    return row_subset.linear(x, w)
+    return row_subset.linear(x, w, rows)
 
 
 # ---- the C++ path: a custom op with a fake kernel and an STE autograd formula -----------
@@ -134,14 +136,12 @@ def resolve_backward(backward: str) -> bool:
 
 @torch.library.custom_op("nanochat::bitlinear", mutates_args=(), device_types="cpu")
 def _bitlinear_op(
-    x: torch.Tensor, weight: torch.Tensor, bf16_backward: bool = False, token_rows: bool = False
+    x: torch.Tensor, weight: torch.Tensor, bf16_backward: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, weight codes int8, weight scale 0-d, activation codes int8, 1/a per token).
 
     Only y is differentiable; the rest are saved for the backward (and are what the
-    exporter would store). bf16_backward picks the backward GEMM precision (module doc);
-    token_rows marks x's rows as a Collider micro-batch's tokens, whose backward GEMMs run
-    on the kept rows only (nanochat/train/collider.py)."""
+    exporter would store). bf16_backward picks the backward GEMM precision (module doc)."""
     codes_f, s = quantize_weight(weight)
     codes = codes_f.to(torch.int8)
     q, x_scale = ternary.quantize_activations(x.contiguous())
@@ -150,7 +150,7 @@ def _bitlinear_op(
 
 
 @_bitlinear_op.register_fake
-def _(x, weight, bf16_backward=False, token_rows=False):
+def _(x, weight, bf16_backward=False):
     torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-d")
     torch._check(x.shape[1] == weight.shape[1], lambda: "x and weight: in_features differ")
     n, k = x.shape
@@ -169,7 +169,6 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(codes, s, q, x_scale)
     ctx.save_for_backward(codes, s, q, x_scale)
     ctx.bf16 = len(inputs) > 2 and bool(inputs[2])
-    ctx.token_rows = len(inputs) > 3 and bool(inputs[3])
 
 
 @torch.library.custom_op("nanochat::bitlinear_backward_operands", mutates_args=(),
@@ -216,8 +215,8 @@ def _(src, rows, total, scale):
 def _backward(ctx, grad_y, *_unused):
     codes, s, q, x_scale = ctx.saved_tensors
     n = grad_y.shape[0]
-    # Collider: both GEMMs on the kept rows only, grad_x zero on the others
-    rows = row_subset.kept_rows(n) if ctx.token_rows else None
+    # a row subset: both GEMMs on the kept rows only, grad_x zero on the others
+    rows = kept(ctx.rows)
     grad_x = grad_w = None
     if ctx.bf16:  # codes and q are exact in bf16; only grad_y (times 1/a) is rounded
         g, gs, qb = torch.ops.nanochat.bitlinear_backward_operands(grad_y.float(), q, x_scale,
@@ -227,7 +226,7 @@ def _backward(ctx, grad_y, *_unused):
                                                             n, s)
         if ctx.needs_input_grad[1]:
             grad_w = (gs.t() @ qb).to(grad_y.dtype)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None
     if rows is not None:
         grad_y, q, x_scale = (t.index_select(0, rows) for t in (grad_y, q, x_scale))
     # int8 codes times a float32 tensor promote to float32 in one pass (no separate cast)
@@ -235,18 +234,21 @@ def _backward(ctx, grad_y, *_unused):
         grad_x = row_subset.scatter_rows(rows, n, grad_y @ (codes * s))
     if ctx.needs_input_grad[1]:
         grad_w = grad_y.t() @ (q * x_scale[:, None])  # (out, N) @ (N, in)
-    return grad_x, grad_w, None, None
+    return grad_x, grad_w, None
 
 
-_bitlinear_op.register_autograd(_backward, setup_context=_setup_context)
+_bitlinear_with_rows = with_rows(_bitlinear_op, _setup_context, _backward)
 
 
-def bitlinear_cpp(x: torch.Tensor, weight: torch.Tensor,
-                  bf16_backward: bool = False) -> torch.Tensor:
-    """y for x (..., in) float32 CPU and weight (out, in) with in % 256 == 0."""
+def bitlinear_cpp(x: torch.Tensor, weight: torch.Tensor, bf16_backward: bool = False,
+                  rows: RowSubset | None = None) -> torch.Tensor:
+    """y for x (..., in) float32 CPU and weight (out, in) with in % 256 == 0; with a row
+    subset the backward GEMMs run on its kept rows."""
     lead = x.shape[:-1]
-    y = torch.ops.nanochat.bitlinear(x.reshape(-1, x.shape[-1]), weight, bf16_backward,
-                                     row_subset.token_rows(x))[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    if rows is not None:
+        rows.check(x2.shape[0], "bitlinear")
+    y = _bitlinear_with_rows(rows, x2, weight, bf16_backward)[0]
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -4,9 +4,10 @@
 
 Autograd's RMSNorm runs half a dozen element-wise kernels forward and more backward; a
 training step of `tiny` has 21 norms. `nanochat::rms_norm` reads and writes each row once
-per direction and saves the per-row 1/rms for the backward. Inside a Collider micro-batch
-(nanochat/train/collider.py) the backward runs over the kept token rows only: the others' incoming
-gradient is zero, so their input gradient is zero and they add nothing to the weight's.
+per direction and saves the per-row 1/rms for the backward. Given a row subset
+(nanochat/ops/rows.py: Collider's kept tokens) the backward runs over its kept rows only: the
+others' incoming gradient is zero, so their input gradient is zero and they add nothing to
+the weight's.
 
 `rms_norm` takes the op for float32 CPU tensors and falls back to F.rms_norm elsewhere
 (CUDA, bf16 autocast, float64 references), or everywhere with NANOCHAT_RMSNORM=torch
@@ -23,14 +24,13 @@ import torch.nn.functional as F
 
 from nanochat._core import buffer as _buf
 from nanochat._core import core
-from nanochat.ops import rows as row_subset
+from nanochat.ops.rows import RowSubset, kept, with_rows
 
 
 @torch.library.custom_op("nanochat::rms_norm", mutates_args=(), device_types="cpu")
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, token_rows: bool = False
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, rstd) for x (rows, dim) float32; rstd (rows,) is 1/rms, saved for the backward.
-    token_rows marks x's rows as a Collider micro-batch's tokens (backward: kept rows)."""
+    """(y, rstd) for x (rows, dim) float32; rstd (rows,) is 1/rms, saved for the backward."""
     x, weight = x.contiguous(), weight.contiguous()
     y = torch.empty_like(x)
     rstd = x.new_empty(x.shape[0])
@@ -39,7 +39,7 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, token_rows: 
 
 
 @_rms_norm_op.register_fake
-def _(x, weight, eps, token_rows=False):
+def _(x, weight, eps):
     torch._check(x.dim() == 2 and weight.dim() == 1, lambda: "x 2-d, weight 1-d")
     torch._check(x.shape[1] == weight.shape[0], lambda: "x and weight: dim differs")
     return x.new_empty(x.shape), x.new_empty((x.shape[0],))
@@ -65,21 +65,20 @@ def _(grad_y, x, weight, rstd, keep):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _, token_rows = inputs
+    x, weight, _ = inputs
     ctx.save_for_backward(x, weight, output[1])
-    ctx.token_rows = token_rows
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_y, _grad_rstd):
     x, weight, rstd = ctx.saved_tensors
-    keep = row_subset.kept_rows(x.shape[0]) if ctx.token_rows else None
-    gx, gw = torch.ops.nanochat.rms_norm_backward(grad_y.float(), x, weight, rstd, keep)
+    gx, gw = torch.ops.nanochat.rms_norm_backward(grad_y.float(), x, weight, rstd,
+                                                  kept(ctx.rows))
     return (gx if ctx.needs_input_grad[0] else None,
-            gw if ctx.needs_input_grad[1] else None, None, None)
+            gw if ctx.needs_input_grad[1] else None, None)
 
 
-_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_rms_norm_with_rows = with_rows(_rms_norm_op, _setup_context, _backward)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -91,12 +90,16 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and x.numel() > 0)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """F.rms_norm(x, (dim,), weight, eps) over the last dimension."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             rows: RowSubset | None = None) -> torch.Tensor:
+    """F.rms_norm(x, (dim,), weight, eps) over the last dimension. rows: x's leading dims
+    are its token rows, and the C++ op's backward runs on the kept ones."""
     if not applies(x, weight):
         # the weight in x's dtype: under bf16 autocast torch's fused kernel needs both alike
         return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
     lead = x.shape[:-1]
-    y, _ = torch.ops.nanochat.rms_norm(x.reshape(-1, x.shape[-1]), weight, float(eps),
-                                       row_subset.token_rows(x))
+    x2 = x.reshape(-1, x.shape[-1])
+    if rows is not None:
+        rows.check(x2.shape[0], "rms_norm")
+    y, _ = _rms_norm_with_rows(rows, x2, weight, float(eps))
     return y.reshape(*lead, x.shape[-1])

@@ -2,8 +2,8 @@
 
 Autograd runs silu, a multiply and their two backward kernels and saves silu's output on
 top of gate and up; `nanochat::swiglu` reads and writes each element once per direction
-and saves only gate and up. Inside a Collider micro-batch (nanochat/train/collider.py) its
-backward runs over the kept token rows only (the others' incoming gradient is zero).
+and saves only gate and up. Given a row subset (nanochat/ops/rows.py: Collider's kept
+tokens) its backward runs over the kept rows only (the others' incoming gradient is zero).
 
 `swiglu` takes the op for float32 CPU tensors and falls back to F.silu(gate) * up elsewhere
 (CUDA, bf16 autocast, float64 references), or everywhere with NANOCHAT_SWIGLU=torch
@@ -20,13 +20,12 @@ import torch.nn.functional as F
 
 from nanochat._core import buffer as _buf
 from nanochat._core import core
-from nanochat.ops import rows as row_subset
+from nanochat.ops.rows import RowSubset, kept, with_rows
 
 
 @torch.library.custom_op("nanochat::swiglu", mutates_args=(), device_types="cpu")
-def _swiglu_op(gate: torch.Tensor, up: torch.Tensor, token_rows: bool = False) -> torch.Tensor:
-    """silu(gate) * up for (rows, dim) float32; token_rows marks the rows as a Collider
-    micro-batch's tokens (backward: kept rows only)."""
+def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for (rows, dim) float32."""
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
     core().swiglu_forward(_buf(gate), _buf(up), _buf(out))
@@ -34,7 +33,7 @@ def _swiglu_op(gate: torch.Tensor, up: torch.Tensor, token_rows: bool = False) -
 
 
 @_swiglu_op.register_fake
-def _(gate, up, token_rows=False):
+def _(gate, up):
     torch._check(gate.dim() == 2 and gate.shape == up.shape, lambda: "gate, up: same 2-d shape")
     return gate.new_empty(gate.shape)
 
@@ -56,20 +55,18 @@ def _(grad_out, gate, up, keep):
 
 
 def _setup_context(ctx, inputs, output):
-    gate, up, token_rows = inputs
+    gate, up = inputs
     ctx.save_for_backward(gate, up)
-    ctx.token_rows = token_rows
 
 
 def _backward(ctx, grad_out):
     gate, up = ctx.saved_tensors
-    keep = row_subset.kept_rows(gate.shape[0]) if ctx.token_rows else None
-    gg, gu = torch.ops.nanochat.swiglu_backward(grad_out.float(), gate, up, keep)
+    gg, gu = torch.ops.nanochat.swiglu_backward(grad_out.float(), gate, up, kept(ctx.rows))
     return (gg if ctx.needs_input_grad[0] else None,
-            gu if ctx.needs_input_grad[1] else None, None)
+            gu if ctx.needs_input_grad[1] else None)
 
 
-_swiglu_op.register_autograd(_backward, setup_context=_setup_context)
+_swiglu_with_rows = with_rows(_swiglu_op, _setup_context, _backward)
 
 
 def applies(gate: torch.Tensor, up: torch.Tensor) -> bool:
@@ -82,11 +79,14 @@ def applies(gate: torch.Tensor, up: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """F.silu(gate) * up."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, rows: RowSubset | None = None) -> torch.Tensor:
+    """F.silu(gate) * up. rows: the leading dims are its token rows, and the C++ op's
+    backward runs on the kept ones."""
     if not applies(gate, up):
         return F.silu(gate) * up
     lead = gate.shape[:-1]
-    out = torch.ops.nanochat.swiglu(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1]),
-                                    row_subset.token_rows(gate))
+    g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
+    if rows is not None:
+        rows.check(g2.shape[0], "swiglu")
+    out = _swiglu_with_rows(rows, g2, u2)
     return out.reshape(*lead, gate.shape[-1])

@@ -21,10 +21,13 @@ micro-batch, with the config of [train.collider] (config.ColliderConfig):
   4. backward Every op over the (B, T) token rows works on the kept rows only:
               - each linear layer gathers the kept rows of its output gradient and runs both
                 backward GEMMs on them: grad_W = g_kept^T x_kept, grad_x = scatter(g_kept W)
-                (dropped rows 0). That is each BitLinear (torch path: `linear` below; C++
+                (dropped rows 0). That is each BitLinear (torch path: rows.linear; C++
                 path: the backward of the `nanochat::bitlinear` op, whose bf16 operands are
-                gathered and cast in one C++ pass) and the tied LM head, whose softmax
-                gradient is formed on the kept rows only (`token_losses` below);
+                gathered and cast in one C++ pass) and the tied LM head: with the fused
+                loss on (as the trainer sets it, set_fused_loss) the fused op per token
+                (nanochat/ops/fused_loss.py token_losses: no logits kept, its backward
+                recomputes the kept rows' logits and forms softmax - onehot on them only),
+                else full logits through rows.linear;
               - the row-wise C++ ops (RMSNorm, SwiGLU: nanochat/ops/rmsnorm.py, swiglu.py) skip
                 the dropped rows; RoPE, the residual adds and the embedding are row-wise in
                 torch, so a dropped token's activation gradient is exactly zero everywhere;
@@ -37,14 +40,15 @@ micro-batch, with the config of [train.collider] (config.ColliderConfig):
                 Collider makes: a dropped token still serves as context in the forward but
                 is not trained as context.
 
-How the mask reaches the layers: `armed(shape)` (entered by `Collider.forward_backward`
-around the forward and backward) marks calls whose leading dims are the micro-batch's
-(B, T) as token rows at forward time; `set_keep` stores the kept row indices after the
-scoring, and the backward of those calls reads them. Layers fed other rows (e.g. tokens
-gathered for an expert) are never marked and stay dense (their dropped rows are zero
-anyway, as they arrive through row-wise ops). The state is a module global rather than
-thread-local because CUDA's autograd runs the backward on its own threads. With sparsity
-0 nothing is armed: the step is exactly the unfiltered one.
+How the mask reaches the layers: `forward_backward` makes one `RowSubset` (nanochat/ops/
+rows.py) per micro-batch and passes it down the forward explicitly (GPT -> blocks / MTP
+heads -> layers -> ops); each op over the (B, T) token rows keeps the subset object in its
+autograd context. After the scoring `rows.keep(mask)` stores the kept row indices in it,
+and each backward reads them from its own context: no module state, so two micro-batches
+or models in flight at once each get their own rows, and the layers only know "rows to
+compute", not Collider. Layers fed other rows (e.g. tokens gathered for an expert) get no
+subset and stay dense (their dropped rows are zero anyway, as they arrive through row-wise
+ops). With sparsity 0 no subset is made: the step is exactly the unfiltered one.
 
     nanochat train --set train.collider.enabled=true
     nanochat bench collider            # backward / step time and held-out loss vs unfiltered
@@ -59,7 +63,7 @@ import time
 
 import torch
 
-from nanochat.ops.rows import armed, set_keep
+from nanochat.ops.rows import RowSubset
 
 # ---- selection and the training step -----------------------------------------------------
 
@@ -135,22 +139,22 @@ class Collider:
             if timings is not None:
                 timings.update(forward_s=t1 - t0, backward_s=mark() - t1)
             return float(loss.detach()), 1.0
-        with armed(x.shape):
-            with autocast:  # (heads, B, T) per-token losses, 0 where a head has no target
-                losses, tgt, weights = model.head_token_losses(x, y)
-            tok, valid = losses[0], y != -1
-            keep = select(self.scores(tok, x, y, autocast), valid, self.sparsity, self.threshold)
-            n_valid, n_kept = int(valid.sum()), int(keep.sum())
-            if n_kept < n_valid:
-                set_keep(keep)
-            # Each head's mean over its kept targets (MTP heads drop the same token rows:
-            # the row's activation gradient is dropped in every layer, heads included).
-            loss = sum(w * (losses[i] * keep).sum() / max(int((keep & (tgt[i] != -1)).sum()), 1)
-                       for i, w in enumerate(weights))
-            t1 = mark()
-            (loss / accum).backward()
-            if timings is not None:
-                timings.update(forward_s=t1 - t0, backward_s=mark() - t1)
+        rows = RowSubset(x.shape)
+        with autocast:  # (heads, B, T) per-token losses, 0 where a head has no target
+            losses, tgt, weights = model.head_token_losses(x, y, rows)
+        tok, valid = losses[0], y != -1
+        keep = select(self.scores(tok, x, y, autocast), valid, self.sparsity, self.threshold)
+        n_valid, n_kept = int(valid.sum()), int(keep.sum())
+        if n_kept < n_valid:
+            rows.keep(keep)
+        # Each head's mean over its kept targets (MTP heads drop the same token rows:
+        # the row's activation gradient is dropped in every layer, heads included).
+        loss = sum(w * (losses[i] * keep).sum() / max(int((keep & (tgt[i] != -1)).sum()), 1)
+                   for i, w in enumerate(weights))
+        t1 = mark()
+        (loss / accum).backward()
+        if timings is not None:
+            timings.update(forward_s=t1 - t0, backward_s=mark() - t1)
         # the logged loss: what the unfiltered step reports (every target of every head)
         mean = sum(w * float(losses[i].detach().sum()) / max(int((tgt[i] != -1).sum()), 1)
                    for i, w in enumerate(weights))
