@@ -15,3 +15,17 @@ def test_ci_runs_the_readme_commands():
     assert commands["README_MAIN"] in blocks
     assert commands["README_TEST"] in blocks
     assert "pytest" in commands["README_TEST"]
+
+
+def test_collider_figures_are_the_benchmarks_pages():
+    """Every figure in README's Collider paragraph is one docs/benchmarks.md states, so the
+    README cannot keep quoting numbers the measurements have moved past."""
+    readme = (ROOT / "README.md").read_text()
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    para = re.search(r"^Collider token filtering.*?(?=\n\n)", readme, flags=re.M | re.S).group(0)
+    figures = re.findall(r"\+?\d+\.\d+(?:-\d+\.\d+)?x?(?: to \+\d+\.\d+)?", " ".join(para.split()))
+    assert len(figures) >= 6, figures
+    missing = [f for f in figures if f not in " ".join(docs.split()) and f != "0.35"]
+    assert not missing, f"README's Collider figures not in docs/benchmarks.md: {missing}"
+    for caveat in ("1.15x", "held-out loss"):  # the GPU result and the loss cost
+        assert caveat in para
