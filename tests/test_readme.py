@@ -29,3 +29,16 @@ def test_collider_figures_are_the_benchmarks_pages():
     assert not missing, f"README's Collider figures not in docs/benchmarks.md: {missing}"
     for caveat in ("1.15x", "held-out loss"):  # the GPU result and the loss cost
         assert caveat in para
+
+
+def test_run_all_runs_every_bench():
+    """benchmarks/run_all.sh promises every `nanochat bench`: its list is the CLI's."""
+    import argparse
+
+    from nanochat.cli import build_parser
+
+    bench = next(a for a in build_parser()._subparsers._group_actions[0].choices["bench"]
+                 ._actions if isinstance(a, argparse._SubParsersAction))
+    script = (ROOT / "benchmarks" / "run_all.sh").read_text()
+    listed = re.search(r"^for name in (.*); do$", script, flags=re.M).group(1).split()
+    assert sorted(listed) == sorted(bench.choices)
