@@ -45,6 +45,7 @@ and scattered back in another (csrc/rows/bf16_rows.h), bit-identical to the torc
 from __future__ import annotations
 
 import functools
+import typing
 
 import torch
 
@@ -54,9 +55,10 @@ from nanochat.ops import ternary
 from nanochat.ops.activations import EPS, activation_scale, quantize_activations  # noqa: F401
 from nanochat._core import buffer as _buf
 from nanochat._core import core
+from nanochat.config import BackwardPrecision, BitLinearKernel
 
-KERNELS = ("auto", "cpp", "torch")
-BACKWARDS = ("auto", "bf16", "float32")
+KERNELS = typing.get_args(BitLinearKernel)  # train.bitlinear's choices
+BACKWARDS = typing.get_args(BackwardPrecision)  # train.bitlinear_backward's
 AUTO_MIN_MACS = 1 << 25  # "auto" trains on the C++ path from this much work per call up
 # ISAs whose codes GEMM (csrc/ternary/gemm.cpp: the x86 panel kernels) makes the C++ layer
 # beat torch's from AUTO_MIN_MACS up (`nanochat bench kernels --isa avx2`, op "layer"); on
