@@ -25,8 +25,8 @@ state tensors (nanochat.optim.state_bytes).
 
 Verdict rule for a claimed reduction or gain c (the lower end of a range): "confirmed" when
 the measured value is at least c (inside the claimed range or beyond it), "partly" when it is
-below c but at least c / 2, "refuted" below c / 2 (or when nothing was gained). The async loader's claim is "not
-testable" in these runs (see claims()).
+below c but at least c / 2, "refuted" below c / 2 (or when nothing was gained). The async
+loader's claim is "not testable" in these runs (see claims()).
 """
 
 from __future__ import annotations
