@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 
 import pytest
@@ -197,9 +198,12 @@ def test_bench_decode_survives_llama_failure(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_validate_passes(run_nanochat):
+def test_validate_passes_within_its_30_seconds(run_nanochat):
+    """README and `nanochat validate` promise 30 s: the command's own total (imports and
+    start-up excluded) must keep it."""
     r = run_nanochat(["validate"], timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     stages = [ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith(("PASS", "FAIL"))]
     assert stages == ["data", "train", "export", "load", "parity", "generate"], r.stdout
-    assert "all stages passed" in r.stdout
+    total = float(re.search(r"all stages passed in ([\d.]+)s", r.stdout).group(1))
+    assert total < 30.0, r.stdout

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 from nanochat.config import ConfigError, ModelConfig, load_config
-from nanochat.export import architecture, check_supported, export_gguf
+from nanochat.export import architecture, export_gguf
 from nanochat.model.gpt import GPT, model_info
 
 torch.set_num_threads(1)
@@ -43,16 +43,31 @@ def test_windowed_kv_cache_is_smaller():
     assert hybrid_kv / full_kv == pytest.approx((5 * 2048 + 15 * 512) / (20 * 2048))
 
 
+# each option set -> what it must change against the same config with the option off
+OPTIONS = {
+    "mhc": (["model.mhc.streams=4"], ["model.mhc.streams=1"],
+            lambda on, off: on["mhc_params"] > 0 == off["mhc_params"]),
+    "mhc-lite": (["model.mhc.streams=4", "model.mhc.res=lite"],
+                 ["model.mhc.streams=4", "model.mhc.res=sinkhorn"],
+                 lambda on, off: on["mhc_params"] != off["mhc_params"] > 0),
+    "hybrid": (["model.attention.pattern=SL", "model.attention.window=256"],
+               ["model.attention.pattern=L"],
+               lambda on, off: on["kv_cache_bytes"] < off["kv_cache_bytes"]),
+    "moe": (["model.moe.experts=4"], ["model.moe.experts=0"],
+            lambda on, off: on["router_params"] > 0 == off["router_params"]
+            and on["active_params"] < on["total_params"]),
+}
+
+
 @pytest.mark.parametrize("name", PRODUCTION)
-@pytest.mark.parametrize("option", ["model.mhc.streams=4", "model.mhc.res=lite",
-                                    "model.attention.pattern=SL", "model.moe.experts=4"])
+@pytest.mark.parametrize("option", OPTIONS)
 def test_options_switch_by_config(name, option):
-    cfg = load_config(name, [option]).model
-    info = model_info(cfg, batch=1, seq=64)
-    if option.startswith("model.mhc.streams"):
-        assert info["mhc_params"] > 0
-    if option.startswith("model.moe"):
-        assert info["router_params"] > 0
+    """Every option changes what it should (counted at the full context, where a window
+    saves KV cache), against the same config with it off."""
+    on_sets, off_sets, changed = OPTIONS[option]
+    on, off = (model_info(c, batch=1, seq=c.max_seq_len) for c in (
+        load_config(name, on_sets).model, load_config(name, off_sets).model))
+    assert changed(on, off), (on, off)
 
 
 def _reduced(cfg: ModelConfig) -> ModelConfig:
@@ -105,28 +120,32 @@ def test_old_config_dicts_load_with_dense_defaults():
         GPT.from_config_dict({**d, "moe": {"experts": 2, "nope": 1}})
 
 
-@pytest.mark.parametrize("option,named,key", [
-    ("model.moe.experts=4", "model.moe.experts", "nanochat.expert_count"),
-    ("model.mhc.streams=2", "model.mhc.streams", "nanochat.hc.stream_count"),
-    ("model.attention.pattern=SL", "model.attention.pattern",
-     "nanochat.attention.sliding_window")])
-def test_export_refuses_unsupported_options(option, named, key, tmp_path):
-    """Each option is refused by name until the writer declares its GGUF keys
-    (docs/gguf.md); once it does, export must not refuse it."""
-    cfg = load_config("tiny", [option]).model
-    if key in {k for k, _, _ in architecture(cfg)[1]}:  # the writer supports it now
-        check_supported(cfg)
-        return
-    with pytest.raises(ValueError, match=named):
-        check_supported(cfg)
-    small = dataclasses.replace(cfg, d_model=64, n_layers=1, n_heads=1, n_kv_heads=1,
-                                ffn_hidden=64)
-    model = GPT(small, bitlinear="torch")
-    tok = types.SimpleNamespace(vocab_size=small.vocab_size)
-    with pytest.raises(ValueError, match=named):
-        export_gguf(model, tok, tmp_path / "m.gguf")
+@pytest.mark.parametrize("option,key", [
+    ("model.moe.experts=4", "nanochat.expert_count"),
+    ("model.mhc.streams=2", "nanochat.hc.stream_count"),
+    ("model.attention.pattern=SL", "nanochat.attention.sliding_window")])
+def test_every_option_exports_with_its_key(option, key, tmp_path):
+    """The writer declares each option's GGUF key (docs/gguf.md) and writes the file."""
+    from nanochat.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["def f(x):\n    return x + 1\n" * 20], 300)
+    cfg = load_config("tiny", [option, f"model.vocab_size={tok.vocab_size}", "model.d_model=256",
+                               "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=2",
+                               "model.ffn_hidden=256", "model.moe.expert_hidden=256"]).model
+    assert key in {k for k, _, _ in architecture(cfg)[1]}
+    export_gguf(GPT(cfg, bitlinear="torch"), tok, tmp_path / "m.gguf")
+    assert (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF"
+
+
+def test_export_refuses_before_writing(tmp_path):
+    """What the engine cannot run is refused by its key, and no file is left behind."""
+    cfg = load_config("tiny", ["model.moe.experts=1025", "model.moe.expert_hidden=32",
+                               "model.d_model=64", "model.n_layers=1", "model.n_heads=1",
+                               "model.n_kv_heads=1", "model.ffn_hidden=64"]).model
+    tok = types.SimpleNamespace(vocab_size=cfg.vocab_size)
+    with pytest.raises(ValueError, match="model.moe.experts = 1025"):
+        export_gguf(GPT(cfg, bitlinear="torch"), tok, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
-    check_supported(load_config("nano_125m").model)  # the dense config exports
 
 
 def test_trainer_runs_every_option_and_resumes_bit_exact(tmp_path):

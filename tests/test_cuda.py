@@ -106,3 +106,15 @@ def test_cuda_cpu_mixing_raises():
         W(x.cuda())  # CUDA input to a CPU matrix
     with pytest.raises(ValueError, match=r"expected a CPU tensor"):
         ternary.quantize_activations(x.cuda())
+
+
+def test_cuda_quantize_activations_op_equals_the_core():
+    """torch.ops.nanochat.quantize_activations on CUDA (ops/activations.py, the one torch
+    quantizer) gives the core's codes and scales bit for bit, tie rows included."""
+    from nanochat.ops import ternary_gemm  # noqa: F401  (registers the op)
+    from test_ops import _hard_activations
+
+    x = _hard_activations()
+    q, s = ternary.quantize_activations(x)
+    qg, sg = torch.ops.nanochat.quantize_activations(x.cuda())
+    assert torch.equal(qg.cpu(), q) and torch.equal(sg.cpu(), s)

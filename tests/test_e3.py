@@ -41,7 +41,9 @@ def test_tokens_to_reach_interpolates_between_evals():
 
 def test_verdict_rule():
     assert e3.verdict(0.86, 0.86) == "confirmed"
-    assert e3.verdict(0.82, 0.86) == "confirmed"  # within 5 points
+    assert e3.verdict(0.95, 0.86) == "confirmed"  # beyond the claim
+    assert e3.verdict(0.82, 0.86) == "partly"  # below the claimed range is not confirmed
+    assert e3.verdict(0.124, 0.15) == "partly"  # 12.4% against "15-20%"
     assert e3.verdict(0.50, 0.86) == "partly"
     assert e3.verdict(0.40, 0.86) == "refuted"
     assert e3.verdict(-0.1, 0.15) == "refuted"
@@ -69,11 +71,14 @@ def test_claims_from_measured_numbers():
     assert rows["MTP"]["measured"] == pytest.approx(0.25)
     assert rows["MTP"]["verdict"] == "confirmed"
     assert rows["Collider"]["measured"] == pytest.approx(0.30)
-    assert rows["Collider"]["verdict"] == "confirmed"
+    assert rows["Collider"]["verdict"] == "partly"  # 30% against "35%"
     assert rows["8-bit Muon"]["measured"] == pytest.approx(0.86)
     assert rows["GaLore 2"]["measured"] == pytest.approx(0.45)
     assert rows["GaLore 2"]["verdict"] == "partly"
-    assert rows["Async loader"]["measured"] == pytest.approx(0.8)  # the worst setup counts
+    # an in-memory source never makes a step wait: no figure from these runs could fail
+    assert rows["Async loader"]["measured"] is None
+    assert rows["Async loader"]["verdict"] == "not testable"
+    assert "20.00%" in rows["Async loader"]["note"]  # the worst setup's wait, for the record
     assert rows["~95% combined memory reduction"]["measured"] == pytest.approx(0.85)
     # an MTP run that never gets there is refuted, and the note says so
     results["mtp_only"] = _run(t, [5.5, 4.5, 3.9, 3.4], 900, 1100)

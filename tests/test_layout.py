@@ -1,6 +1,6 @@
 """The package's layout is its architecture: imports go one way, and there are no cycles.
 
-    ops   -> _core                            (the torch.library ops over the compiled core)
+    ops   -> _core, config                    (the torch.library ops over the compiled core)
     data  -> atomic                           (corpus, tokenizer, token files, loader)
     model -> ops, data, config, checkpoint    (the GPT, its layers, loading a checkpoint)
     optim, train, infer, bench, cli, export, validate: the users of the above

@@ -20,6 +20,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 
 def _config_dir() -> Path:
@@ -38,19 +39,37 @@ class ConfigError(ValueError):
     """A config value or key is wrong; the message names the file and key."""
 
 
+# The choices of every string-valued option. Fields annotated with these are checked in one
+# place (_check_choice); other modules take their tuples from here (typing.get_args).
+MHCRes = Literal["sinkhorn", "lite"]  # H_res: Sinkhorn-Knopp, or a mix of permutations
+MoEBalance = Literal["bias", "none"]
+Activation = Literal["silu", "relu2"]
+BitLinearKernel = Literal["auto", "cpp", "torch"]
+BackwardPrecision = Literal["auto", "bf16", "float32"]
+Device = Literal["auto", "cpu", "cuda"]
+FusedLoss = Literal["auto", "on", "off"]
+FusedLossPrecision = Literal["f32", "bf16"]
+MuonScale = Literal["moonlight", "original"]
+NSDtype = Literal["auto", "bfloat16", "float32"]
+Optimizer = Literal["adamw", "muon", "lion"]
+RestOptimizer = Literal["adamw", "lion"]  # Muon is for matrices
+StatePrecision = Literal["fp32", "8bit"]
+DecayShape = Literal["linear", "cosine", "1-sqrt"]
+OPTIMIZERS = typing.get_args(Optimizer)
+
+
 @dataclass
 class MHCConfig:
     """[model.mhc] manifold-constrained hyper-connections (nanochat/model/mhc.py)."""
     streams: int = 1  # n residual streams; 1 is the plain residual (no mHC parameters)
-    res: str = "sinkhorn"  # H_res: "sinkhorn" (Sinkhorn-Knopp) or "lite" (mix of permutations)
+    res: MHCRes = "sinkhorn"  # H_res: "sinkhorn" (Sinkhorn-Knopp) or "lite" (mix of permutations)
     sinkhorn_iters: int = 20
     dynamic: bool = True  # coefficients also computed from the RMS-normed streams
 
     def validate(self, where: str = "model.mhc") -> None:
         if not 1 <= self.streams <= 8:
             raise ConfigError(f"{where}.streams must be in 1..8, got {self.streams}")
-        if self.res not in ("sinkhorn", "lite"):
-            raise ConfigError(f"{where}.res must be 'sinkhorn' or 'lite', got {self.res!r}")
+        _check_choices(self, where)
         if self.res == "lite" and self.streams > 5:
             raise ConfigError(f"{where}: res = 'lite' mixes all streams! permutations; "
                               f"streams must be <= 5, got {self.streams}")
@@ -67,7 +86,7 @@ class MoEConfig:
     top_k: int = 2
     expert_hidden: int = 0  # hidden width of each expert; 0: model.ffn_hidden
     shared_expert: bool = False  # one always-on expert of the same width
-    balance: str = "bias"  # "bias" (DeepSeek-V3 auxiliary-loss-free) or "none"
+    balance: MoEBalance = "bias"  # "bias" (DeepSeek-V3 auxiliary-loss-free) or "none"
     bias_rate: float = 1e-3  # bias step per training forward (gamma)
 
     def validate(self, where: str = "model.moe") -> None:
@@ -76,8 +95,7 @@ class MoEConfig:
         if self.experts and not 1 <= self.top_k <= self.experts:
             raise ConfigError(f"{where}.top_k must be in 1..experts ({self.experts}), "
                               f"got {self.top_k}")
-        if self.balance not in ("bias", "none"):
-            raise ConfigError(f"{where}.balance must be 'bias' or 'none', got {self.balance!r}")
+        _check_choices(self, where)
         if self.bias_rate < 0:
             raise ConfigError(f"{where}.bias_rate must be >= 0, got {self.bias_rate}")
 
@@ -128,7 +146,7 @@ class ModelConfig:
     max_seq_len: int = 512
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    activation: str = "silu"  # "silu" (llama.cpp's bitnet graph) or "relu2" (BitNet 2B4T)
+    activation: Activation = "silu"  # "silu" (llama.cpp's bitnet graph) or "relu2" (BitNet 2B4T)
     init_std: float = 0.02
     mhc: MHCConfig = field(default_factory=MHCConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -151,9 +169,7 @@ class ModelConfig:
         if (self.d_model // self.n_heads) % 2:
             raise ConfigError(f"{where}: head dim {self.d_model // self.n_heads} "
                               f"must be even (RoPE)")
-        if self.activation not in ("silu", "relu2"):
-            raise ConfigError(f"{where}.activation must be 'silu' or 'relu2', "
-                              f"got {self.activation!r}")
+        _check_choices(self, where)
 
     @property
     def head_dim(self) -> int:
@@ -190,17 +206,17 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     seed: int = 1337
-    bitlinear: str = "auto"  # "auto" (C++ kernel where faster), "cpp", "torch"
+    bitlinear: BitLinearKernel = "auto"  # "auto" (C++ kernel where faster), "cpp", "torch"
     # C++ BitLinear backward GEMMs: "auto" (bf16 on CPUs with AVX512-BF16/AMX), "bf16", "float32"
-    bitlinear_backward: str = "auto"
+    bitlinear_backward: BackwardPrecision = "auto"
     prefetch: int = 4  # batches the loader keeps ready
-    device: str = "auto"  # "auto", "cpu", "cuda"
+    device: Device = "auto"
     sample_tokens: int = 128  # length of the end-of-run sample
     collider: ColliderConfig = field(default_factory=ColliderConfig)  # token filtering, off
     # LM-head loss: "on" the C++ fused chunked cross-entropy (nanochat/ops/fused_loss.py), "off"
     # full logits + F.cross_entropy, "auto" fused when MTP is on or on CPU at vocab >= 16384
-    fused_loss: str = "auto"
-    fused_loss_precision: str = "f32"  # the fused loss's GEMMs: "f32" or "bf16" (AVX512-BF16)
+    fused_loss: FusedLoss = "auto"
+    fused_loss_precision: FusedLossPrecision = "f32"  # the fused loss's GEMMs (bf16: AVX512-BF16)
 
     def validate(self, where: str = "train") -> None:
         self.collider.validate(f"{where}.collider")
@@ -208,20 +224,7 @@ class TrainConfig:
                   "eval_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "prefetch")
         if self.time_budget_s < 0:
             raise ConfigError(f"{where}.time_budget_s must be >= 0, got {self.time_budget_s}")
-        if self.bitlinear not in ("auto", "cpp", "torch"):
-            raise ConfigError(f"{where}.bitlinear must be auto, cpp or torch, "
-                              f"got {self.bitlinear!r}")
-        if self.bitlinear_backward not in ("auto", "bf16", "float32"):
-            raise ConfigError(f"{where}.bitlinear_backward must be auto, bf16 or float32, got "
-                              f"{self.bitlinear_backward!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"{where}.device must be auto, cpu or cuda, got {self.device!r}")
-        if self.fused_loss not in ("auto", "on", "off"):
-            raise ConfigError(f"{where}.fused_loss must be auto, on or off, "
-                              f"got {self.fused_loss!r}")
-        if self.fused_loss_precision not in ("f32", "bf16"):
-            raise ConfigError(f"{where}.fused_loss_precision must be f32 or bf16, got "
-                              f"{self.fused_loss_precision!r}")
+        _check_choices(self, where)
 
 
 @dataclass
@@ -230,22 +233,17 @@ class MuonConfig:
     nesterov: bool = True
     ns_steps: int = 5  # quintic Newton-Schulz iterations
     # "moonlight" (0.2*sqrt(max(rows, cols)): AdamW's LR and WD carry over) or "original"
-    scale: str = "moonlight"
+    scale: MuonScale = "moonlight"
     # Newton-Schulz matmul precision: "auto" (bf16 on CUDA and on CPUs with AVX512-BF16/AMX,
     # as the Muon reference runs it; else float32), "bfloat16" or "float32"
-    ns_dtype: str = "auto"
+    ns_dtype: NSDtype = "auto"
 
     def validate(self, where: str = "optim.muon") -> None:
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"{where}.momentum must be in [0, 1), got {self.momentum}")
         if self.ns_steps < 1:
             raise ConfigError(f"{where}.ns_steps must be >= 1, got {self.ns_steps}")
-        if self.ns_dtype not in ("auto", "bfloat16", "float32"):
-            raise ConfigError(f"{where}.ns_dtype must be auto, bfloat16 or float32, "
-                              f"got {self.ns_dtype!r}")
-        if self.scale not in ("moonlight", "original"):
-            raise ConfigError(f"{where}.scale must be 'moonlight' or 'original', "
-                              f"got {self.scale!r}")
+        _check_choices(self, where)
 
 
 @dataclass
@@ -280,17 +278,14 @@ class GaLoreConfig:
             raise ConfigError(f"{where}: oversample and power_iters must be >= 0")
 
 
-OPTIMIZERS = ("adamw", "muon", "lion")
-
-
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # the BitLinear matrices: "adamw", "muon" or "lion"
-    rest: str = "adamw"  # everything else (embeddings, norms, mHC, routers): "adamw" or "lion"
+    name: Optimizer = "adamw"  # the BitLinear matrices
+    rest: RestOptimizer = "adamw"  # everything else (embeddings, norms, mHC, routers)
     # "PATTERN=OPTIMIZER" rules on parameter names (fnmatch, first match wins), e.g.
     # ["*.attn_q.weight=adamw", "*router*=lion"]; they beat name/rest
     overrides: list[str] = field(default_factory=list)
-    state: str = "fp32"  # optimizer-state precision: "fp32" or "8bit" (blockwise, C++ kernels)
+    state: StatePrecision = "fp32"  # optimizer-state precision (8bit: blockwise, C++ kernels)
     block_size: int = 2048  # 8-bit state: elements per absmax block (multiple of 64)
     min_8bit_size: int = 4096  # 8-bit state: smaller tensors keep fp32 state
     lr: float = 3e-3  # peak LR of the ternary (BitLinear) matrices
@@ -306,20 +301,13 @@ class OptimConfig:
     galore: GaLoreConfig = field(default_factory=GaLoreConfig)
 
     def validate(self, where: str = "optim") -> None:
-        if self.name not in OPTIMIZERS:
-            raise ConfigError(f"{where}.name must be one of {', '.join(OPTIMIZERS)}, "
-                              f"got {self.name!r}")
-        if self.rest not in ("adamw", "lion"):
-            raise ConfigError(f"{where}.rest must be 'adamw' or 'lion' (Muon is for matrices), "
-                              f"got {self.rest!r}")
+        _check_choices(self, where)
         for i, rule in enumerate(self.overrides):
             pattern, sep, opt = rule.partition("=")
             if not sep or not pattern.strip() or opt.strip() not in OPTIMIZERS:
                 raise ConfigError(f"{where}.overrides[{i}] = {rule!r}: expected "
                                   f"'PATTERN=OPTIMIZER' with OPTIMIZER one of "
                                   f"{', '.join(OPTIMIZERS)}")
-        if self.state not in ("fp32", "8bit"):
-            raise ConfigError(f"{where}.state must be 'fp32' or '8bit', got {self.state!r}")
         if not (0 < self.block_size <= 1 << 20 and self.block_size % 64 == 0):
             raise ConfigError(f"{where}.block_size must be a positive multiple of 64 up to 2^20, "
                               f"got {self.block_size}")
@@ -343,7 +331,7 @@ class OptimConfig:
 class ScheduleConfig:
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # last fraction of the run spent decaying
-    decay_shape: str = "1-sqrt"  # "linear", "cosine" or "1-sqrt"
+    decay_shape: DecayShape = "1-sqrt"
     final_lr_fraction: float = 0.0
 
     def validate(self, where: str = "schedule") -> None:
@@ -352,9 +340,7 @@ class ScheduleConfig:
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"{where}.decay_fraction must be in [0, 1], "
                               f"got {self.decay_fraction}")
-        if self.decay_shape not in ("linear", "cosine", "1-sqrt"):
-            raise ConfigError(f"{where}.decay_shape must be linear, cosine or 1-sqrt, "
-                              f"got {self.decay_shape!r}")
+        _check_choices(self, where)
         if not 0 <= self.final_lr_fraction <= 1:
             raise ConfigError(f"{where}.final_lr_fraction must be in [0, 1]")
 
@@ -390,6 +376,22 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def _check_choice(value, typ, where: str):
+    """The one check of a Literal option: the error names the key and the allowed values."""
+    allowed = typing.get_args(typ)
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{where} must be one of {', '.join(repr(a) for a in allowed)}, "
+                          f"got {value!r}")
+    return value
+
+
+def _check_choices(obj, where: str) -> None:
+    """Every Literal field of one config table (values set in Python skip _coerce)."""
+    for name, typ in typing.get_type_hints(type(obj)).items():
+        if typing.get_origin(typ) is Literal:
+            _check_choice(getattr(obj, name), typ, f"{where}.{name}")
+
+
 def _positive(obj, where: str, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
@@ -400,6 +402,8 @@ def _positive(obj, where: str, *names: str) -> None:
 def _coerce(value, typ, where: str):
     """Check/convert one TOML value against a dataclass field type."""
     origin = typing.get_origin(typ)
+    if origin is Literal:
+        return _check_choice(value, typ, where)
     if origin is list:
         (item,) = typing.get_args(typ)
         if not isinstance(value, list):

@@ -24,8 +24,9 @@ is the child's max RSS on CPU (max allocated on CUDA); optimizer-state bytes are
 state tensors (nanochat.optim.state_bytes).
 
 Verdict rule for a claimed reduction or gain c (the lower end of a range): "confirmed" when
-the measured value is at least c - 0.05, "partly" when it is at least c / 2 (and > 0),
-"refuted" otherwise.
+the measured value is at least c (inside the claimed range or beyond it), "partly" when it is
+below c but at least c / 2, "refuted" below c / 2 (or when nothing was gained). The async
+loader's claim is "not testable" in these runs (see claims()).
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def tokens_to_reach(curve: list[dict], target: float) -> float | None:
 def verdict(measured: float | None, claim: float) -> str:
     if measured is None or not math.isfinite(measured) or measured <= 0:
         return "refuted"
-    if measured >= claim - 0.05:
+    if measured >= claim:
         return "confirmed"
     return "partly" if measured >= claim / 2 else "refuted"
 
@@ -213,9 +214,16 @@ def claims(results: dict, collider: dict | None) -> list[dict]:
     add("GaLore 2: 50-65% less optimizer memory", 0.50,
         _reduction(results, "galore2", "optim_state_bytes"),
         "1 - optimizer-state bytes of galore2 / baseline")
+    # The trainer's source is a token array in memory: a batch is a gather that takes
+    # microseconds, so no step can wait for one and a utilization figure from these runs
+    # could not fail. tests/test_loader.py measures the overlap against a slowed source.
     waits = [r["data_wait_fraction"] for r in results.values()]
-    add("Async loader: 90%+ utilization", 0.90, 1.0 - max(waits) if waits else None,
-        "1 - the largest data-wait fraction of any setup (time steps waited for a batch)")
+    out.append({"claim": "Async loader: 90%+ utilization", "claimed": 0.90, "measured": None,
+                "verdict": "not testable",
+                "how": "the loader here slices an in-memory token array, so it never makes a "
+                       "step wait; the overlap with a slow source is tests/test_loader.py's",
+                "note": "" if not waits else
+                f"largest data-wait fraction of any setup: {max(waits):.2%}"})
     peak = _reduction(results, "full", "peak_memory_bytes")
     add("~95% combined memory reduction", 0.95,
         _reduction(results, "full", "optim_state_bytes"),
@@ -281,8 +289,9 @@ def report_markdown(meta: dict, results: dict, claim_rows: list[dict], plots: li
     for c in claim_rows:
         m = "-" if c["measured"] is None else f"{c['measured']:.1%}"
         lines.append(f"| {c['claim']} | {m} | **{c['verdict']}** | {c['how']} | {c['note']} |")
-    lines += ["", "Verdicts: confirmed when the measured figure is within 5 points of the claim's "
-              "lower end or better, partly when it reaches half of it, refuted otherwise. "
+    lines += ["", "Verdicts: confirmed when the measured figure reaches the claim's lower end "
+              "(inside the claimed range or beyond), partly when it is below that but reaches "
+              "half of it, refuted below half. "
               "Small models and short runs are not the seed's setting (it claims its figures "
               "at scale): a refuted claim here says what this size shows, not what a large run "
               "would.", ""]

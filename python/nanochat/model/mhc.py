@@ -50,12 +50,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import typing
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from nanochat.config import MHCRes
 
 SINKHORN_TOL = 2e-2  # worst row-sum error after 20 iterations (module doc)
 
@@ -99,8 +102,8 @@ class MHC(nn.Module):
         super().__init__()
         if n < 2:
             raise ValueError(f"MHC: streams must be >= 2 (1 is the plain residual), got {n}")
-        if res not in ("sinkhorn", "lite"):
-            raise ValueError(f"MHC: res must be 'sinkhorn' or 'lite', got {res!r}")
+        if res not in typing.get_args(MHCRes):
+            raise ValueError(f"MHC: res must be one of {typing.get_args(MHCRes)}, got {res!r}")
         self.n, self.d_model, self.res, self.iters, self.eps = n, d_model, res, sinkhorn_iters, eps
         self.n_res = n * n if res == "sinkhorn" else math.factorial(n)
         kw = dict(device=device, dtype=torch.float32)

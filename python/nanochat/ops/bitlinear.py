@@ -45,17 +45,20 @@ and scattered back in another (csrc/rows/bf16_rows.h), bit-identical to the torc
 from __future__ import annotations
 
 import functools
+import typing
 
 import torch
 
 from nanochat._core import buffer as _buf
 from nanochat._core import core
+from nanochat.config import BackwardPrecision, BitLinearKernel
 from nanochat.ops import rows as row_subset
 from nanochat.ops import ternary
+from nanochat.ops.activations import EPS, activation_scale, quantize_activations  # noqa: F401
 from nanochat.ops.rows import RowSubset, kept, with_rows
 
-KERNELS = ("auto", "cpp", "torch")
-BACKWARDS = ("auto", "bf16", "float32")
+KERNELS = typing.get_args(BitLinearKernel)  # train.bitlinear's choices
+BACKWARDS = typing.get_args(BackwardPrecision)  # train.bitlinear_backward's
 AUTO_MIN_MACS = 1 << 25  # "auto" trains on the C++ path from this much work per call up
 # ISAs whose codes GEMM (csrc/ternary/gemm.cpp: the x86 panel kernels) makes the C++ layer
 # beat torch's from AUTO_MIN_MACS up (`nanochat bench kernels --isa avx2`, op "layer"); on
@@ -64,7 +67,6 @@ AUTO_MIN_MACS = 1 << 25  # "auto" trains on the C++ path from this much work per
 # agreement under qemu but their speed against torch has not been measured on an ARM machine,
 # so "auto" keeps torch there; kernel="cpp" runs them.
 FAST_ISAS = ("avx2", "avx_vnni", "avx512", "avx512_vnni")
-EPS = 1e-5
 
 
 # ---- quantizers (shared by both paths, so the codes match exactly) ----------------------
@@ -81,19 +83,6 @@ def weight_codes(w: torch.Tensor) -> tuple[torch.Tensor, float]:
     with torch.no_grad():
         codes, s = quantize_weight(w.float())
     return codes.to(torch.int8), float(s)
-
-
-def activation_scale(x: torch.Tensor) -> torch.Tensor:
-    """a = 127 / max|x| per token, (..., 1). A true division, as in the C++ core
-    (torch's `127.0 / t` is `t.reciprocal() * 127`: two roundings, different codes)."""
-    amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
-    return torch.full_like(amax, 127.0) / amax
-
-
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token int8 codes (as x's dtype) and the scale a (..., 1): x ~= codes / a."""
-    a = activation_scale(x)
-    return (x * a).round().clamp(-128, 127), a
 
 
 # ---- the pure-torch reference -----------------------------------------------------------

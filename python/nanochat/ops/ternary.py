@@ -23,6 +23,7 @@ import torch
 
 from nanochat._core import buffer as _buffer  # the core's buffer descriptor
 from nanochat._core import core
+from nanochat.ops.activations import int8_activations
 
 Array = Union[torch.Tensor, np.ndarray]
 
@@ -285,12 +286,8 @@ class TernaryMatrix:
         vector = x.ndim == 1
         x2 = x.reshape(1, -1) if vector else x
         if isinstance(x2, torch.Tensor) and x2.device.type == "cuda":
-            # Same float32 ops as the C++ quantizer (true divisions: torch's `127.0 / t`
-            # is t.reciprocal() * 127, two roundings), so CUDA and CPU agree bit for bit.
-            amax = x2.abs().amax(dim=1).clamp(min=1e-5)
-            s = torch.full_like(amax, 127.0) / amax
-            q = torch.clamp(torch.round(x2 * s[:, None]), -128, 127).to(torch.int8)
-            y = self.matmul_quantized(q.contiguous(), (torch.ones_like(s) / s).contiguous())
+            q, s = int8_activations(x2)  # the core's codes and scales, bit for bit
+            y = self.matmul_quantized(q.contiguous(), s.contiguous())
         else:
             q, s = quantize_activations(x2)
             y = self.matmul_quantized(q, s)

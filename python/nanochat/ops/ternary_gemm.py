@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from nanochat.ops import ternary
+from nanochat.ops.activations import int8_activations
 
 
 @torch.library.custom_op("nanochat::quantize_activations", mutates_args=())
@@ -23,10 +24,7 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax int8 of a (tokens, features) float32 tensor."""
     if x.device.type == "cpu":
         return ternary.quantize_activations(x.contiguous())
-    # Same arithmetic as the core, for CUDA tensors.
-    s = 127.0 / x.abs().amax(dim=1).clamp(min=1e-5)
-    q = torch.clamp(torch.round(x * s[:, None]), -128, 127).to(torch.int8)
-    return q, (1.0 / s).to(torch.float32)
+    return int8_activations(x)  # the one torch quantizer, the core's bit for bit
 
 
 @quantize_activations.register_fake
