@@ -354,3 +354,22 @@ def test_soak_1000_requests_16_clients(gguf):
     assert m["nanochat_active_sequences"] == 0 and m["nanochat_kv_used_bytes"] == 0
     # flat after warm-up: the last sample within 64 MiB of the one after 300 requests
     assert rss[-1] - rss[3] < 64 << 20, [r >> 20 for r in rss]
+
+
+def test_chat_page_is_served_open(server):
+    r = httpx.get(server.url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    for needle in ("/v1/chat/completions", "/v1/models", "AbortController", "Authorization",
+                   'id="stop"', 'id="temperature"'):
+        assert needle in page, needle
+
+
+def test_bench_serve_json(gguf, run_nanochat):
+    r = run_nanochat(["bench", "serve", "--model", gguf, "--streams", "1,2", "--seconds", "1",
+                      "--threads", "1", "--max-tokens", "8", "--json"], timeout=180)
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["streams"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["engine"] == "nanochat" and row["errors"] == 0 and row["requests"] > 0
+        assert row["tokens_per_s"] > 0 and row["ttft_p50_s"] > 0 and row["itl_p99_s"] >= 0

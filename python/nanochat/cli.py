@@ -11,7 +11,7 @@
     nanochat info [--json] [--cmake-dir]
     nanochat model info [--config tiny] [--json] [--batch B --seq T] [--set K=V]
     nanochat recipe nano_125m|small_560m|medium_3b [--dry-run] [--data DIR] [--out DIR]
-    nanochat bench kernels|train|decode|collider|arch|optim|loss|e3 [--json]
+    nanochat bench kernels|train|decode|collider|arch|optim|loss|e3|serve [--json]
 """
 
 from __future__ import annotations
@@ -448,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nanochat.bench import kernels
     from nanochat.bench import loss as bench_loss
     from nanochat.bench import optim as bench_optim
+    from nanochat.bench import serve as bench_serve
     from nanochat.bench import train as bench_train
 
     benches = [
@@ -461,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
         (bench_loss, "loss", "fused LM/MTP-head cross-entropy vs naive torch: peak memory, time"),
         (bench_e3, "e3", "the seed's five training setups, one report: loss, speed, memory, "
          "claims checked"),
+        (bench_serve, "serve", "nanochat serve under 1/4/8/16 streaming clients: tokens/s, "
+         "TTFT, inter-token latency"),
     ]
     for module, name, help_text in benches:
         pn = bsub.add_parser(name, help=help_text, description=module.__doc__,
