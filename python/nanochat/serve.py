@@ -557,7 +557,7 @@ class Server:
 
         def choice(i: int, piece: str, reason: str | None) -> dict:
             if chat:
-                return {"index": i, "delta": {"content": piece} if piece else {},
+                return {"index": i, "delta": {"content": piece} if reason is None else {},
                         "finish_reason": reason, "logprobs": None}
             return {"index": i, "text": piece, "finish_reason": reason, "logprobs": None}
 
@@ -572,7 +572,10 @@ class Server:
                     if out["tokens"]:
                         first_token()
                     piece = out["text"].decode("utf-8", errors="replace")
-                    if piece:
+                    # A chunk per step that sampled: tokens whose text is held back (a
+                    # possible stop string, a split character) or empty (special tokens)
+                    # still show the client that generation goes on.
+                    if piece or out["tokens"]:
                         yield chunk([choice(i, piece, None)])
                     if out["finished"]:
                         total += out["generated_tokens"]
