@@ -373,3 +373,57 @@ def test_bench_serve_json(gguf, run_nanochat):
     for row in rows:
         assert row["engine"] == "nanochat" and row["errors"] == 0 and row["requests"] > 0
         assert row["tokens_per_s"] > 0 and row["ttft_p50_s"] > 0 and row["itl_p99_s"] >= 0
+
+
+# ---- the chat page in headless Chromium (.ci/run installs chromium and playwright) -------
+
+@pytest.mark.browser
+def test_chat_page_in_chromium(tmp_path):
+    """Load the page, give the key, send a message, see the answer stream in, press stop:
+    the stream ends and its sequence leaves the scheduler. A screenshot is kept
+    ($NANOCHAT_ARTIFACTS, else the test's tmp dir)."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium (apt-get install chromium)")
+    import torch
+
+    from engine_helpers import TEXT, make_model
+    from nanochat.export import export_gguf
+    from nanochat.tokenizer import Tokenizer
+
+    # Wide enough that a long greedy answer takes seconds: time to press stop mid-stream.
+    path = tmp_path / "page.gguf"
+    with torch.no_grad():
+        model = make_model(seed=3, d_model=1024, n_layers=8, n_heads=8, n_kv_heads=4,
+                           ffn_hidden=2048, max_seq_len=2048)
+    export_gguf(model, Tokenizer.train([TEXT], 512), path)
+    shots = os.environ.get("NANOCHAT_ARTIFACTS") or str(tmp_path)
+    with start(str(path), ctx=2048, threads=1) as s, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True)
+        page = browser.new_page()
+        page.goto(s.url + "/")
+        page.fill("#key", KEY)
+        page.dispatch_event("#key", "change")
+        page.wait_for_function("document.getElementById('model').textContent.length > 1 && "
+                               "!document.getElementById('model').textContent.startsWith('(')")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "2000")
+        page.fill("#input", "hello <|assistant_end|>")
+        page.press("#input", "Enter")
+        page.wait_for_function("document.querySelector('.assistant') && "
+                               "document.querySelector('.assistant').textContent.length > 8")
+        assert page.is_enabled("#stop")
+        page.screenshot(path=os.path.join(shots, "chat_page.png"))
+        page.click("#stop")
+        page.wait_for_function("document.getElementById('status').textContent === 'stopped'")
+        assert page.is_enabled("#send")
+        assert page.inner_text(".user") == "hello <|assistant_end|>"
+        deadline = time.monotonic() + 2
+        while metrics(s)["nanochat_active_sequences"] != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert metrics(s)["nanochat_cancelled_sequences_total"] == 1
+        browser.close()

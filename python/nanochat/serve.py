@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import socket
@@ -48,6 +49,7 @@ from pathlib import Path
 
 from nanochat._core import core
 
+log = logging.getLogger("nanochat.serve")
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"  # GET /
 CHAT_MARKERS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
 
@@ -376,6 +378,11 @@ class Server:
                 response = await handler(request)
             except ApiError as e:
                 response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            except Exception as e:  # a bug: still an OpenAI-shaped 500, and the server lives on
+                log.exception("%s %s failed", request.method, request.url.path)
+                err = ApiError(500, f"internal server error: {type(e).__name__}",
+                               type_="server_error")
+                response = JSONResponse(err.body(), status_code=500)
             self.metrics.count_request(name, response.status_code)
             return response
         return run
