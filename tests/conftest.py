@@ -13,8 +13,7 @@ import subprocess
 import sys
 
 import pytest
-
-from nanochat import ternary
+from nanochat.ops import ternary
 
 SUPPORTED_ISAS = ternary.supported_isas()
 DEFAULT_THREADS = ternary.num_threads()
@@ -122,8 +121,7 @@ def one_thread():
     """Small shapes: one torch and one kernel thread. On a loaded 2-core machine, two-thread
     barriers on tiny ops stall for scheduler ticks (a 0.2 s test once took 45 s)."""
     import torch
-
-    from nanochat import ternary
+    from nanochat.ops import ternary
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -154,12 +152,11 @@ def trained_tiny(tmp_path_factory):
     from pathlib import Path
 
     import torch
-
-    from nanochat import corpus
     from nanochat.config import apply_overrides, load_config
+    from nanochat.data import corpus
     from nanochat.export import export_gguf
-    from nanochat.sample import load_model
-    from nanochat.train import train
+    from nanochat.model.load import load_model
+    from nanochat.train.loop import train
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     src = tmp_path_factory.mktemp("trained-src")

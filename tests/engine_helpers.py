@@ -17,9 +17,10 @@ import copy
 
 import numpy as np
 import torch
-from nanochat import bitlinear
 from nanochat.config import ModelConfig
-from nanochat.gpt import GPT, RMSNorm
+from nanochat.model.block import RMSNorm
+from nanochat.model.gpt import GPT
+from nanochat.ops import bitlinear
 
 VOCAB = 512
 TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n"

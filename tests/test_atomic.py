@@ -10,10 +10,9 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from nanochat import atomic
 from nanochat._core import core
-from nanochat.metrics import MetricsLogger
+from nanochat.train.metrics import MetricsLogger
 
 
 def _entries(d: Path) -> list[str]:

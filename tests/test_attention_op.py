@@ -1,4 +1,4 @@
-"""nanochat::attention (csrc/attn, nanochat/attention.py): the C++ forward and backward,
+"""nanochat::attention (csrc/attn, nanochat/ops/attention.py): the C++ forward and backward,
 against autograd through float64 masked softmax attention: full and windowed,
 grouped-query, strided inputs, every ISA, thread counts, Collider's kept rows, opcheck,
 errors, and that training runs it."""
@@ -9,9 +9,10 @@ import math
 
 import pytest
 import torch
-from nanochat import attention, collider, ternary
 from nanochat.config import ModelConfig
-from nanochat.gpt import GPT
+from nanochat.model.gpt import GPT
+from nanochat.ops import attention, ternary
+from nanochat.ops import rows as row_subset
 
 
 def _problem(B=2, H=4, Hkv=2, T=37, D=16, seed=0):
@@ -41,9 +42,9 @@ def _reference(q, k, v, go, window):
 def _ours(q, k, v, go, window, keep=None):
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
     B, _, T, _ = q.shape
-    with collider.armed((B, T)):
+    with row_subset.armed((B, T)):
         if keep is not None:
-            collider.set_keep(keep)
+            row_subset.set_keep(keep)
         out, _ = torch.ops.nanochat.attention(q, k, v, window, True)
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), go)
     return out.detach(), dq, dk, dv

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nanochat import ternary
+from nanochat.ops import ternary
 
 
 def test_text_output_names_the_cpu_and_the_pinned_isa(run_nanochat):

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from nanochat import bitlinear, ternary
-from nanochat.bitlinear import (
-    BitLinear,
+from nanochat.model.bitlinear import BitLinear, frozen
+from nanochat.ops import bitlinear, ternary
+from nanochat.ops.bitlinear import (
     bitlinear_cpp,
     bitlinear_torch,
-    frozen,
     quantize_activations,
     quantize_weight,
     weight_codes,

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import _small_sets, data_dir, quiet, small_config  # noqa: F401 (fixture)
-
 from nanochat import checkpoint
-from nanochat.loader import BatchLoader
-from nanochat.train import train
+from nanochat.data.loader import BatchLoader
+from nanochat.train.loop import train
+from test_train import _small_sets, data_dir, quiet, small_config  # noqa: F401 (fixture)
 
 
 def tiny(**train):

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import SUPPORTED_ISAS, clean_env
 
 INFO_KEYS = {"version", "features", "cuda", "threads", "isa", "isas"}

@@ -64,8 +64,8 @@ def test_generate_stop_string(gguf, run_nanochat):
 
 
 def test_chat_keeps_history_and_resets(gguf, run_nanochat, tmp_path):
-    from nanochat.chat import Conversation
-    from nanochat.engine import Engine
+    from nanochat.infer.chat import Conversation
+    from nanochat.infer.engine import Engine
 
     eng = Engine(gguf)
     conv = Conversation(eng)
@@ -90,8 +90,8 @@ def test_chat_keeps_history_and_resets(gguf, run_nanochat, tmp_path):
 
 
 def test_chat_trims_old_turns_when_the_context_is_full(gguf):
-    from nanochat.chat import Conversation
-    from nanochat.engine import Engine
+    from nanochat.infer.chat import Conversation
+    from nanochat.infer.engine import Engine
 
     eng = Engine(gguf, n_ctx=64)
     conv = Conversation(eng)
@@ -104,8 +104,8 @@ def test_chat_trims_old_turns_when_the_context_is_full(gguf):
 def test_chat_user_text_cannot_forge_markers(gguf):
     """Marker text typed by the user stays plain text in the chat template: the only
     control tokens of a turn are the template's own."""
-    from nanochat.chat import Conversation
-    from nanochat.engine import Engine
+    from nanochat.infer.chat import Conversation
+    from nanochat.infer.engine import Engine
 
     eng = Engine(gguf)
     conv = Conversation(eng)

@@ -1,4 +1,4 @@
-"""Collider token filtering (nanochat/collider.py): the selection rule, exactly-zero
+"""Collider token filtering (nanochat/train/collider.py): the selection rule, exactly-zero
 activation gradients of dropped tokens in every layer, the gathered backward GEMMs equal to
 the masked dense ones, an unchanged forward, sparsity 0 == unfiltered, and the trainer/CLI."""
 
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from nanochat import collider, corpus
-from nanochat.bitlinear import BitLinear
-from nanochat.collider import Collider, select
 from nanochat.config import ConfigError, ModelConfig, RunConfig, apply_overrides, from_dict
-from nanochat.gpt import GPT
+from nanochat.data import corpus
+from nanochat.model.bitlinear import BitLinear
+from nanochat.model.gpt import GPT
+from nanochat.ops import rows as row_subset
+from nanochat.train.collider import Collider, select
 
 CFG = ModelConfig(vocab_size=512, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2,
                   ffn_hidden=512, max_seq_len=64)
@@ -115,7 +115,7 @@ def test_dropped_rows_have_zero_activation_gradient_in_every_layer(kernel):
     for name, g in grads.items():
         assert torch.count_nonzero(g[~keep]) == 0, name
         assert torch.count_nonzero(g[keep].abs().sum(1)) == int(keep.sum()), name
-    assert collider._STATE.shape is None and collider._STATE.keep is None  # disarmed
+    assert row_subset._STATE.shape is None and row_subset._STATE.keep is None  # disarmed
 
 
 def test_mtp_heads_drop_the_same_rows_and_nothing_dropped_equals_unfiltered():
@@ -205,9 +205,9 @@ def _layer_grads(layer, x, g, keep=None):
         y = layer(x)
         y.backward(g)
     else:
-        with collider.armed(x.shape[:-1]):
+        with row_subset.armed(x.shape[:-1]):
             y = layer(x)
-            collider.set_keep(keep)
+            row_subset.set_keep(keep)
             y.backward(g)
     return y.detach(), x.grad, layer.weight.grad
 
@@ -245,9 +245,9 @@ def test_gathered_head_equals_masked_head():
     torch.nn.functional.linear(h, w).backward(g * keep[..., None])
     gh_ref, gw_ref = h.grad, w.grad
     h.grad = w.grad = None
-    with collider.armed((2, 16)):
-        out = collider.linear(h, w)
-        collider.set_keep(keep)
+    with row_subset.armed((2, 16)):
+        out = row_subset.linear(h, w)
+        row_subset.set_keep(keep)
         out.backward(g)
     assert torch.count_nonzero(h.grad[~keep]) == 0
     torch.testing.assert_close(h.grad, gh_ref, rtol=1e-5, atol=1e-6)
@@ -256,7 +256,7 @@ def test_gathered_head_equals_masked_head():
 
 @pytest.mark.parametrize("armed", [False, True])
 def test_token_losses_equal_cross_entropy_and_its_masked_gradient(armed):
-    """collider.token_losses: F.cross_entropy(reduction="none", ignore_index=-1) of the
+    """row_subset.token_losses: F.cross_entropy(reduction="none", ignore_index=-1) of the
     head; its backward (softmax - onehot formed on the kept rows only) equals autograd's
     through the dense form with the dropped rows' incoming gradient zeroed."""
     torch.manual_seed(5)
@@ -272,10 +272,10 @@ def test_token_losses_equal_cross_entropy_and_its_masked_gradient(armed):
     ref.backward(g * mask)
     gh_ref, gw_ref = h.grad, w.grad
     h.grad = w.grad = None
-    with collider.armed((B, T)) if armed else contextlib.nullcontext():
-        out = collider.token_losses(h, w, y)
+    with row_subset.armed((B, T)) if armed else contextlib.nullcontext():
+        out = row_subset.token_losses(h, w, y)
         if armed:
-            collider.set_keep(keep)
+            row_subset.set_keep(keep)
         out.backward(g)
     torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
     assert out[3] == out[20] == 0
@@ -292,10 +292,10 @@ def test_gathered_linear_under_autocast_runs_the_backward_in_its_dtype():
     keep = torch.rand(2, 8) > 0.4
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = torch.nn.functional.linear(h, w)
-        with collider.armed((2, 8)):
-            out = collider.linear(h, w)
+        with row_subset.armed((2, 8)):
+            out = row_subset.linear(h, w)
             assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
-            collider.set_keep(keep)
+            row_subset.set_keep(keep)
             out.float().sum().backward()
     assert h.grad.dtype == w.grad.dtype == torch.float32
     assert torch.count_nonzero(h.grad[~keep]) == 0
@@ -311,9 +311,9 @@ def test_forward_is_unchanged_by_filtering(kernel):
     x, y = batch(3)
     with torch.no_grad():
         logits_ref, tok_ref = m(x, y, loss_reduction="none")
-    with collider.armed(x.shape):
+    with row_subset.armed(x.shape):
         logits, tok = m(x, y, loss_reduction="none")
-        collider.set_keep(select(tok, y != -1, 0.35, 1.0))
+        row_subset.set_keep(select(tok, y != -1, 0.35, 1.0))
         logits2, tok2 = m(x, y, loss_reduction="none")  # a mask set changes no forward
     for a in (logits, logits2):
         assert torch.equal(a.detach(), logits_ref)
@@ -358,15 +358,15 @@ def test_filtered_step_matches_masked_loss_except_kv_context():
 
 
 def test_armed_rejects_mismatched_masks_and_nesting():
-    with collider.armed((2, 8)):
+    with row_subset.armed((2, 8)):
         with pytest.raises(ValueError, match="armed micro-batch"):
-            collider.set_keep(torch.ones(2, 9, dtype=torch.bool))
+            row_subset.set_keep(torch.ones(2, 9, dtype=torch.bool))
         with pytest.raises(RuntimeError, match="already armed"):
-            with collider.armed((2, 8)):
+            with row_subset.armed((2, 8)):
                 pass
-        assert collider.token_rows(torch.empty(2, 8, 5))
-        assert not collider.token_rows(torch.empty(16, 5))  # other rows: dense
-    assert not collider.token_rows(torch.empty(2, 8, 5))
+        assert row_subset.token_rows(torch.empty(2, 8, 5))
+        assert not row_subset.token_rows(torch.empty(16, 5))  # other rows: dense
+    assert not row_subset.token_rows(torch.empty(2, 8, 5))
 
 
 # ---- trainer and CLI -------------------------------------------------------------------
@@ -433,7 +433,7 @@ def test_bench_collider_rows(capsys):
 
 @pytest.mark.slow
 def test_collider_run_resumes_bit_exactly(data_dir, tmp_path):
-    from nanochat.train import train
+    from nanochat.train.loop import train
 
     cfg = apply_overrides(RunConfig(), [*SMALL, "train.max_steps=4", "train.grad_accum=2",
                                         "train.collider.enabled=true"])

@@ -1,7 +1,6 @@
 """Run config: TOML into typed dataclasses, unknown keys rejected, overrides typed."""
 
 import pytest
-
 from nanochat import config as C
 
 

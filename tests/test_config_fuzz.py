@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from nanochat.config import ConfigError, RunConfig, apply_overrides, load_config
 
 EXAMPLES = int(os.environ.get("NANOCHAT_FUZZ_EXAMPLES", "300"))

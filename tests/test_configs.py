@@ -8,10 +8,9 @@ import types
 
 import pytest
 import torch
-
 from nanochat.config import ConfigError, ModelConfig, load_config
 from nanochat.export import architecture, check_supported, export_gguf
-from nanochat.gpt import GPT, model_info
+from nanochat.model.gpt import GPT, model_info
 
 torch.set_num_threads(1)
 
@@ -133,11 +132,11 @@ def test_export_refuses_unsupported_options(option, named, key, tmp_path):
 def test_trainer_runs_every_option_and_resumes_bit_exact(tmp_path):
     """`nanochat train`'s loop with mHC n = 4, MoE and hybrid attention on: the loss is
     logged, and a resumed run (MoE bias buffers in the checkpoint) equals a straight one."""
-    from test_train import FILES, STDLIB, VOCAB, quiet, small_config
-
-    from nanochat import checkpoint, corpus
+    from nanochat import checkpoint
     from nanochat.config import apply_overrides
-    from nanochat.train import train
+    from nanochat.data import corpus
+    from nanochat.train.loop import train
+    from test_train import FILES, STDLIB, VOCAB, quiet, small_config
 
     src = tmp_path / "src"
     src.mkdir()

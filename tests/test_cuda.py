@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from nanochat import ternary
 from nanochat._core import core
+from nanochat.ops import ternary
 
 
 def _cuda_ready() -> bool:

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from nanochat import corpus
-from nanochat.corpus import Manifest, collect, prepare, split_fraction
-from nanochat.dataset import TokenData, unigram_bigram_bpb
-from nanochat.tokenizer import Tokenizer
+from nanochat.data import corpus
+from nanochat.data.corpus import Manifest, collect, prepare, split_fraction
+from nanochat.data.dataset import TokenData, unigram_bigram_bpb
+from nanochat.data.tokenizer import Tokenizer
 
 VOCAB = 320
 VAL_FRACTION = 0.3

@@ -8,9 +8,8 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-
-from nanochat import corpus
 from nanochat.bench import e3
+from nanochat.data import corpus
 
 
 def test_setups_differ_only_in_their_feature():

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from nanochat.config import ModelConfig
+from nanochat.data.tokenizer import Tokenizer
 from nanochat.export import export_gguf
-from nanochat.gpt import GPT
-from nanochat.tokenizer import Tokenizer
+from nanochat.model.gpt import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ("import os\n\ndef main(argv):\n    for name in os.listdir(argv[1]):\n"
@@ -73,7 +72,7 @@ def _run(exe: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_cpp_and_c_examples_match_python_engine(examples, model_path):
-    from nanochat.engine import Engine
+    from nanochat.infer.engine import Engine
 
     prompt = "def main("
     want = Engine(str(model_path)).complete(prompt, max_tokens=16, temperature=0.0)["text"]

@@ -1,4 +1,4 @@
-"""The C++ engine (nanochat.engine.Engine) against the torch model it was exported from.
+"""The C++ engine (nanochat.infer.engine.Engine) against the torch model it was exported from.
 
 A small GPT (d_model 256, 2 layers, GQA) with random weights goes through export_gguf and
 the engine. Both sides quantize activations per token to int8 the same way, so:
@@ -22,12 +22,18 @@ import copy
 import numpy as np
 import pytest
 import torch
-from nanochat.engine import Engine
+from engine_helpers import (
+    TEXT,
+    VOCAB,
+    check_exact,
+    make_model,
+    rel_err,
+    round_scales_to_fp16,
+    torch_logits,
+)
+from nanochat.data.tokenizer import Tokenizer
 from nanochat.export import export_gguf
-from nanochat.tokenizer import Tokenizer
-
-from engine_helpers import (TEXT, VOCAB, check_exact, make_model, rel_err,
-                            round_scales_to_fp16, torch_logits)
+from nanochat.infer.engine import Engine
 
 TEXT = TEXT * 8
 TRAINED_TOL = 8e-2  # fp32 trained scales vs the file's fp16 ones
@@ -314,7 +320,7 @@ def test_n_past_while_generating_counts_yielded_tokens(exact_files):
 def test_engine_threads_are_its_own(exact_files, prompt):
     """Engine(n_threads=k) runs its sessions on k threads without changing the library-wide
     count other engines use (Model::load used to replace the one global pool)."""
-    from nanochat import ternary
+    from nanochat.ops import ternary
 
     before = ternary.num_threads()
     eng = Engine(exact_files[1]["tq2_0", "f16"], n_threads=3)
@@ -332,7 +338,7 @@ def test_thread_count_limits(tmp_path):
     import subprocess
     import sys
 
-    code = ("from nanochat import ternary\n"
+    code = ("from nanochat.ops import ternary\n"
             "print(ternary.num_threads())\n"
             "try:\n"
             "    ternary.set_num_threads(1 << 30)\n"

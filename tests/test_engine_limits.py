@@ -11,12 +11,11 @@ from __future__ import annotations
 import struct
 
 import pytest
-from nanochat.cli import main
-from nanochat.engine import Engine
-from nanochat.export import export_gguf
-from nanochat.tokenizer import Tokenizer
-
 from engine_helpers import TEXT, VOCAB, make_model
+from nanochat.cli import main
+from nanochat.data.tokenizer import Tokenizer
+from nanochat.export import export_gguf
+from nanochat.infer.engine import Engine
 
 KV_PER_TOKEN = 2 * 2 * 2 * 64 * 4  # layers x (K, V) x kv heads x head dim x f32
 
@@ -82,7 +81,7 @@ def test_model_survives_its_file_changing(small_gguf, tmp_path, run_python):
     p = tmp_path / "m.gguf"
     p.write_bytes(small_gguf.read_bytes())
     code = f"""
-from nanochat.engine import Engine
+from nanochat.infer.engine import Engine
 e = Engine({str(p)!r})
 a = e.complete("def ", max_tokens=8, temperature=0.0)["tokens"]
 with open({str(p)!r}, "r+b") as f:

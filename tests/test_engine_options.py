@@ -15,22 +15,30 @@ from __future__ import annotations
 
 import itertools
 
+import engine_helpers
 import gguf
 import numpy as np
 import pytest
 import torch
 from conftest import assert_greedy_agrees
+from engine_helpers import (
+    EXACT_TOL,
+    FLIP_TOL,
+    SMALL,
+    TEXT,
+    VOCAB,
+    check_exact,
+    rel_err,
+    round_scales_to_fp16,
+    torch_logits,
+)
 from nanochat import export
 from nanochat.config import AttentionConfig, MHCConfig, ModelConfig, MoEConfig
-from nanochat.engine import Engine
+from nanochat.data.tokenizer import Tokenizer
 from nanochat.export import export_gguf
-from nanochat.gpt import GPT
-from nanochat.mhc import MHC
-from nanochat.tokenizer import Tokenizer
-
-import engine_helpers
-from engine_helpers import (EXACT_TOL, FLIP_TOL, SMALL, TEXT, VOCAB, check_exact, rel_err,
-                            round_scales_to_fp16, torch_logits)
+from nanochat.infer.engine import Engine
+from nanochat.model.gpt import GPT
+from nanochat.model.mhc import MHC
 
 TEXT = TEXT * 4
 SMALL = {**SMALL, "max_seq_len": 384}
@@ -189,7 +197,7 @@ def test_swa_bad_metadata_is_a_clear_error(swa, tok, tmp_path, monkeypatch, edit
 @pytest.fixture
 def fp16_expert_scales(monkeypatch):
     """moe.py's per-expert absmean scale rounded to fp16 too (the file's block d)."""
-    from nanochat import moe
+    from nanochat.model import moe
 
     def ste_expert_weights(w):
         wd = w.detach()

@@ -1,4 +1,4 @@
-"""The engine's C++ tokenizer (nanochat._C.BpeTokenizer) against nanochat.tokenizer (HF
+"""The engine's C++ tokenizer (nanochat._C.BpeTokenizer) against nanochat.data.tokenizer (HF
 tokenizers), token for token, and the C++ sampler's Python binding.
 
     python -m pytest tests/test_engine_tokenizer.py -q      # ~10 s, ~6 MB of stdlib sources
@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from nanochat import _C
-from nanochat.tokenizer import PRE_TOKENIZER, Tokenizer
+from nanochat.data.tokenizer import PRE_TOKENIZER, Tokenizer
 
 CASES = {
     "chinese": "机器学习是人工智能的一个分支。你好，世界！今天天气很好，我们去公园散步吧。",
@@ -196,7 +195,7 @@ def test_from_gguf_written_by_gguf_py(tok, ctok, tmp_path):
 def test_from_gguf_of_an_exported_model(tmp_path):
     export = pytest.importorskip("nanochat.export")
     from nanochat.config import ModelConfig
-    from nanochat.gpt import GPT
+    from nanochat.model.gpt import GPT
 
     small = Tokenizer.train([CASES["code"] * 20, MULTILINGUAL], 512)
     cfg = ModelConfig(vocab_size=512, d_model=256, n_layers=1, n_heads=4, n_kv_heads=2,

@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from nanochat import ternary
 from nanochat._core import core
+from nanochat.ops import ternary
 
 TM = ternary.TernaryMatrix
 

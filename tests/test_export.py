@@ -19,9 +19,10 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+import engine_helpers  # noqa: E402
 from nanochat import checkpoint, cli  # noqa: E402
-from nanochat.bitlinear import weight_codes  # noqa: E402
 from nanochat.config import ModelConfig, RunConfig, apply_overrides  # noqa: E402
+from nanochat.data.tokenizer import Tokenizer  # noqa: E402
 from nanochat.export import (  # noqa: E402
     architecture,
     dequantize_q8_0,
@@ -29,10 +30,8 @@ from nanochat.export import (  # noqa: E402
     export_gguf,
     quantize_q8_0,
 )
-from nanochat.gpt import GPT  # noqa: E402
-from nanochat.tokenizer import Tokenizer  # noqa: E402
-
-import engine_helpers  # noqa: E402
+from nanochat.model.gpt import GPT  # noqa: E402
+from nanochat.ops.bitlinear import weight_codes  # noqa: E402
 
 GT = gguf.GGMLQuantizationType
 VOCAB = 512
@@ -131,7 +130,7 @@ def test_ternary_bytes_equal_gguf_py_quantize_of_dequantized(model, tok, tmp_pat
 
 def test_tq2_0_loads_into_the_kernel_layout_with_the_trained_scale(model, tok, tmp_path):
     """The engine's path: TQ2_0 -> TK2 takes the common block d as the tensor scale."""
-    from nanochat.ternary import TernaryMatrix
+    from nanochat.ops.ternary import TernaryMatrix
 
     path = tmp_path / "m.gguf"
     export_gguf(model, tok, path)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from nanochat import ternary
+from nanochat.ops import ternary
 
 gguf_quants = pytest.importorskip("gguf.quants")
 from gguf import GGMLQuantizationType  # noqa: E402

@@ -1,13 +1,15 @@
-"""The fused linear cross-entropy op (nanochat/fused_loss.py over csrc/loss) against the
+"""The fused linear cross-entropy op (nanochat/ops/fused_loss.py over csrc/loss) against the
 naive torch loss: loss and gradients in fp32 with ignore-index targets, chunk-size and ISA
 invariance, the bf16 path's error bound, opcheck, the chunked torch path and errors."""
 
 import pytest
 import torch
-
-from nanochat import fused_loss, ternary
-from nanochat.fused_loss import (chunked_linear_cross_entropy, fused_linear_cross_entropy,
-                                 naive_linear_cross_entropy)
+from nanochat.ops import fused_loss, ternary
+from nanochat.ops.fused_loss import (
+    chunked_linear_cross_entropy,
+    fused_linear_cross_entropy,
+    naive_linear_cross_entropy,
+)
 
 
 def _problem(heads=3, n=77, d=40, v=333, seed=0, ignore=0.25):

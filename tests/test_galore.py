@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from nanochat.optim import HybridOptimizer, state_bytes
 from nanochat.optim import galore as gl
+from torch import nn
 
 
 def low_rank_plus_noise(m, n, r, seed=0):

@@ -1,7 +1,7 @@
 """GGUF v3 files from nanochat._C against the PyPI `gguf` package (llama.cpp's gguf-py).
 
 Our writer's files must read identically in gguf.GGUFReader, gguf.GGUFWriter's files must
-read identically in our GgufFile, and TQ2_0 bytes from nanochat.ternary survive both ways.
+read identically in our GgufFile, and TQ2_0 bytes from nanochat.ops.ternary survive both ways.
 GGUF dims are fastest-first: a numpy array of shape (rows, cols) has dims [cols, rows].
 """
 
@@ -14,9 +14,9 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from nanochat import ternary  # noqa: E402
 from nanochat._core import core  # noqa: E402
-from nanochat.ternary import _buffer  # noqa: E402
+from nanochat.ops import ternary  # noqa: E402
+from nanochat.ops.ternary import _buffer  # noqa: E402
 
 GT = gguf.GGMLQuantizationType
 

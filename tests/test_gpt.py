@@ -13,12 +13,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import clean_env
-from nanochat.bitlinear import BitLinear
 from nanochat.config import CONFIG_DIR, ConfigError, ModelConfig, load_config
-from nanochat.gpt import GPT, RMSNorm, apply_rope, model_info, rope_cos_sin
-
+from nanochat.model.bitlinear import BitLinear
+from nanochat.model.block import RMSNorm, apply_rope, rope_cos_sin
+from nanochat.model.gpt import GPT, model_info
 
 # Small shapes: run single-threaded (conftest.one_thread explains why).
 pytestmark = pytest.mark.usefixtures("one_thread")

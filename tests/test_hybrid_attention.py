@@ -1,15 +1,14 @@
-"""Hybrid attention (nanochat/attention.py): per-layer full ("L") / sliding-window ("S")
+"""Hybrid attention (nanochat/ops/attention.py): per-layer full ("L") / sliding-window ("S")
 attention against a masked softmax reference, the windowed KV cache in GPT.generate."""
 
 import math
 
+import nanochat.model.block as block_mod
 import pytest
 import torch
-
-import nanochat.gpt as gpt_mod
-from nanochat.attention import attend, attention_mask, trim
 from nanochat.config import AttentionConfig, ConfigError, ModelConfig, load_config
-from nanochat.gpt import GPT
+from nanochat.model.gpt import GPT
+from nanochat.ops.attention import attend, attention_mask, trim
 
 torch.set_num_threads(1)
 
@@ -80,7 +79,7 @@ def test_model_matches_reference_attention(monkeypatch):
     idx = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = model(idx)
-        monkeypatch.setattr(gpt_mod, "attend", reference_attend)
+        monkeypatch.setattr(block_mod, "attend", reference_attend)
         ref = model(idx)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 

@@ -39,7 +39,7 @@ def _torch_greedy(model, ids: list[int], n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def engine(trained_tiny):
-    from nanochat.engine import Engine
+    from nanochat.infer.engine import Engine
 
     return Engine(str(trained_tiny["gguf"]))
 
@@ -99,7 +99,7 @@ def test_llama_cpp_tokenizes_like_us(trained_tiny, llama_cpp):
 @pytest.mark.llama
 @pytest.mark.parametrize("gguf_key", ["gguf", "gguf_q8"])
 def test_llama_cpp_greedy_matches_engine(trained_tiny, llama_cpp, gguf_key):
-    from nanochat.engine import Engine
+    from nanochat.infer.engine import Engine
 
     tok = trained_tiny["tok"]
     path = trained_tiny[gguf_key]

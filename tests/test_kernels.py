@@ -15,9 +15,8 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import SUPPORTED_ISAS, set_threads
-from nanochat import ternary
+from nanochat.ops import ternary
 
 ROWS = [1, 2, 3, 5, 17, 100]
 COLS = [256, 512, 1280]
@@ -269,7 +268,7 @@ def test_env_isa_reported_by_info(run_nanochat, name):
 
 _ENV_CHILD = """
 import sys, torch
-from nanochat import ternary
+from nanochat.ops import ternary
 g = torch.Generator().manual_seed(1)
 codes = torch.randint(-1, 2, (17, 1280), dtype=torch.int8, generator=g)
 x = torch.randn(9, 1280, generator=g)
@@ -325,7 +324,7 @@ _POOL_CHILD = """
 import time
 import numpy as np
 import nanochat._C as C
-from nanochat import ternary
+from nanochat.ops import ternary
 W = ternary.TernaryMatrix.from_codes(np.ones((64, 4096), np.int8), 1.0)
 q, s = ternary.quantize_activations(np.ones((4, 4096), np.float32))
 want = W.matmul_quantized(q, s)

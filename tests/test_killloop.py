@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from nanochat import checkpoint
+from nanochat.data import corpus
 from test_train import FILES, STDLIB
-
-from nanochat import checkpoint, corpus
 
 pytestmark = pytest.mark.killloop
 

@@ -8,8 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
-
-from nanochat.loader import BatchLoader, eval_batches
+from nanochat.data.loader import BatchLoader, eval_batches
 
 TOKENS = (np.arange(50_000) % 60_000).astype(np.uint16)  # token value == position
 

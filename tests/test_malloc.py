@@ -11,14 +11,13 @@ the 32 MiB logits, every step); tuned, only blocks at or over the 32 MiB mmap th
 from __future__ import annotations
 
 import pytest
-
-from nanochat import ternary
+from nanochat.ops import ternary
 
 _CHILD = """
 import resource, torch
 from nanochat import malloc
 from nanochat.config import load_config
-from nanochat.gpt import GPT
+from nanochat.model.gpt import GPT
 applied = malloc.tune()
 torch.set_num_threads(1)
 cfg = load_config("tiny")

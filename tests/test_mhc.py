@@ -1,4 +1,4 @@
-"""mHC residual streams (nanochat/mhc.py): doubly stochastic H_res, gains over depth, n = 1
+"""mHC residual streams (nanochat/model/mhc.py): doubly stochastic H_res, gains over depth, n = 1
 is the plain residual, and a short training run where the streams diverge and every mHC
 parameter gets gradient (the predecessor's streams stayed identical forever)."""
 
@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
-
 from nanochat.config import MHCConfig, ModelConfig
-from nanochat.gpt import GPT
-from nanochat.mhc import MHC, SINKHORN_TOL, mix, permutation_matrices, sinkhorn
+from nanochat.model.gpt import GPT
+from nanochat.model.mhc import MHC, SINKHORN_TOL, mix, permutation_matrices, sinkhorn
 
 torch.set_num_threads(1)
 

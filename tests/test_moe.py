@@ -1,15 +1,14 @@
-"""Mixture of ternary experts (nanochat/moe.py): the dispatched layer equals a dense loop
+"""Mixture of ternary experts (nanochat/model/moe.py): the dispatched layer equals a dense loop
 over experts (outputs and gradients), the router learns, the aux-loss-free bias balances the
 load, and the GPT counts active vs total parameters."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-from nanochat.bitlinear import bitlinear_torch
 from nanochat.config import ConfigError, ModelConfig, MoEConfig, load_config
-from nanochat.gpt import GPT, model_info
-from nanochat.moe import MoE
+from nanochat.model.gpt import GPT, model_info
+from nanochat.model.moe import MoE
+from nanochat.ops.bitlinear import bitlinear_torch
 
 torch.set_num_threads(1)
 

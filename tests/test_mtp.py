@@ -1,4 +1,4 @@
-"""Multi-token prediction (nanochat/mtp.py, GPT with [model.mtp]): target shifts, the loss
+"""Multi-token prediction (nanochat/model/mtp.py, GPT with [model.mtp]): target shifts, the loss
 against a naive per-head composition (fused and unfused), causality of the sequential
 heads, MTP off leaving the model unchanged, checkpoints, a CLI training run, and export."""
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from nanochat import checkpoint, mtp
+from nanochat import checkpoint
 from nanochat.config import apply_overrides, load_config
-from nanochat.gpt import GPT
+from nanochat.model import mtp
+from nanochat.model.gpt import GPT
 
 SMALL = ["model.vocab_size=512", "model.d_model=256", "model.n_layers=2", "model.n_heads=4",
          "model.n_kv_heads=2", "model.ffn_hidden=256", "model.max_seq_len=64",
@@ -63,7 +63,7 @@ def test_loss_is_the_weighted_sum_of_per_head_cross_entropies(fused):
     # naive: every head's logits, targets shifted by i, F.cross_entropy
     h = m._trunk(x)
     pos = torch.arange(x.shape[1])
-    from nanochat.gpt import rope_cos_sin
+    from nanochat.model.block import rope_cos_sin
     cos, sin = rope_cos_sin(pos, m.config.head_dim, m.config.rope_theta)
     emb, prev, hs = m.token_embd(x), h, [h]
     for j, head in enumerate(m.mtp):
@@ -102,7 +102,7 @@ def test_head_k_sees_tokens_only_up_to_t_plus_k():
     m = GPT(_cfg(4)).eval()
     x, _ = _batch(seed=2)
     pos = torch.arange(x.shape[1])
-    from nanochat.gpt import rope_cos_sin
+    from nanochat.model.block import rope_cos_sin
     cos, sin = rope_cos_sin(pos, m.config.head_dim, m.config.rope_theta)
 
     def hidden(idx):
@@ -159,7 +159,7 @@ def test_checkpoint_round_trip(tmp_path):
 def data_dir(tmp_path_factory):
     import sysconfig
 
-    from nanochat import corpus
+    from nanochat.data import corpus
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     src = tmp_path_factory.mktemp("src")
@@ -191,11 +191,10 @@ def test_cli_training_with_mtp_heads(run_nanochat, data_dir, tmp_path):
 def test_export_with_heads_loads_in_gguf_and_the_engine(tmp_path):
     import gguf
     import numpy as np
-
-    from nanochat.bitlinear import weight_codes
-    from nanochat.engine import Engine
+    from nanochat.data.tokenizer import Tokenizer
     from nanochat.export import export_gguf
-    from nanochat.tokenizer import Tokenizer
+    from nanochat.infer.engine import Engine
+    from nanochat.ops.bitlinear import weight_codes
 
     text = Path(mtp.__file__).read_text()
     tok = Tokenizer.train([text], 512)
@@ -234,8 +233,8 @@ def test_export_with_heads_loads_in_gguf_and_the_engine(tmp_path):
 
 def test_engine_rejects_heads_the_metadata_does_not_declare(tmp_path, monkeypatch):
     from nanochat import export
-    from nanochat.engine import Engine
-    from nanochat.tokenizer import Tokenizer
+    from nanochat.data.tokenizer import Tokenizer
+    from nanochat.infer.engine import Engine
 
     tok = Tokenizer.train([Path(mtp.__file__).read_text()], 512)
     torch.manual_seed(6)

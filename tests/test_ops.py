@@ -1,8 +1,8 @@
 """torch.library custom ops: schema/fake/dispatch checks (opcheck) and torch.compile."""
 
 import torch
-
-from nanochat import ops, ternary
+from nanochat.ops import ternary
+from nanochat.ops import ternary_gemm as ops
 
 
 def _case(rows=8, cols=512, tokens=3, seed=0):

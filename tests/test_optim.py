@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
-from nanochat import ternary
 from nanochat.config import ConfigError, RunConfig, apply_overrides
-from nanochat.gpt import GPT
+from nanochat.model.gpt import GPT
+from nanochat.ops import ternary
 from nanochat.optim import HybridOptimizer, build_optimizer, parameter_kinds, state_bytes
 from nanochat.optim.muon import NS_COEFFS, newton_schulz, shape_scale
+from torch import nn
 
 
 def quiet(*_a, **_k):
@@ -62,8 +61,8 @@ def test_newton_schulz_matches_float64(shape):
 def test_ns_dtype_auto_follows_the_machine_and_the_pinned_isa():
     """bf16 Newton-Schulz only where bf16 GEMMs are fast: bf16 hardware AND an AVX-512
     kernel ISA; NANOCHAT_ISA=avx2 (set_isa) behaves as an AVX2-only CPU."""
-    from nanochat import bitlinear, ternary
     from nanochat._core import core
+    from nanochat.ops import bitlinear, ternary
     from nanochat.optim.muon import ns_dtype
 
     feats = core().info()["features"]
@@ -307,7 +306,7 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 def test_cli_train_with_muon_8bit(tmp_path):
     """`nanochat train --set optim....` end to end: groups logged, state bytes logged."""
-    from nanochat import corpus
+    from nanochat.data import corpus
 
     src = tmp_path / "src"
     src.mkdir()

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from nanochat._core import core
 from nanochat.optim import state8bit as s8
 
@@ -160,8 +159,8 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):
-    from nanochat import corpus
-    from nanochat.dataset import TokenData
+    from nanochat.data import corpus
+    from nanochat.data.dataset import TokenData
 
     src = tmp_path_factory.mktemp("src")
     for f in ("json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "fnmatch.py",
@@ -179,7 +178,7 @@ SMALL = ["model.vocab_size=512", "model.d_model=128", "model.n_layers=2", "model
 
 def _final_loss(tokens, sets, steps=200, base="small"):
     from nanochat.config import RunConfig, apply_overrides, load_config
-    from nanochat.gpt import GPT
+    from nanochat.model.gpt import GPT
     from nanochat.optim import build_optimizer
 
     if base == "tiny":  # the tiny config as shipped (block 2048), on this 512-token data

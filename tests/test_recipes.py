@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-
-from nanochat import recipes
 from nanochat.cli import main
 from nanochat.config import ConfigError, load_config
+from nanochat.train import recipes
 
 torch.set_num_threads(1)
 
@@ -66,9 +65,8 @@ def test_cli_run_needs_data(capsys):
 
 def test_recipe_runs_training(tmp_path):
     """The recipe's own path (its overrides, then --set ones shrinking it to seconds)."""
+    from nanochat.data import corpus
     from test_train import FILES, STDLIB, VOCAB
-
-    from nanochat import corpus
 
     src = tmp_path / "src"
     src.mkdir()

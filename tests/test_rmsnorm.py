@@ -1,4 +1,4 @@
-"""nanochat::rms_norm (csrc/norm, nanochat/rmsnorm.py) against torch's F.rms_norm: forward,
+"""nanochat::rms_norm (csrc/norm, nanochat/ops/rmsnorm.py) against torch's F.rms_norm: forward,
 backward, every ISA, thread-count invariance, Collider's kept-row backward, opcheck, errors,
 and that the model's RMSNorm runs it."""
 
@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from nanochat import collider, rmsnorm, ternary
 from nanochat.config import ModelConfig
-from nanochat.gpt import GPT
+from nanochat.model.gpt import GPT
+from nanochat.ops import rmsnorm, ternary
+from nanochat.ops import rows as row_subset
 
 EPS = 1e-5
 
@@ -70,10 +71,10 @@ def test_kept_rows_backward_equals_masked():
     keep = torch.rand(B, T, generator=torch.Generator().manual_seed(4)) < 0.6
     masked = gy * keep[..., None]
     _, gx_ref, gw_ref = _grads(_ours, x, w, masked)
-    with collider.armed((B, T)):
+    with row_subset.armed((B, T)):
         xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = _ours(xx, ww)
-        collider.set_keep(keep)
+        row_subset.set_keep(keep)
         gx, gw = torch.autograd.grad(y, (xx, ww), gy)  # unmasked: the dropped rows are skipped
     assert torch.equal(gx[keep], gx_ref[keep])
     assert torch.equal(gx[~keep], torch.zeros_like(gx[~keep]))

@@ -3,9 +3,8 @@
 import math
 
 import pytest
-
 from nanochat.config import ScheduleConfig
-from nanochat.schedule import progress, wsd_factor
+from nanochat.train.schedule import progress, wsd_factor
 
 
 @pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])

@@ -1,4 +1,4 @@
-"""nanochat serve on loopback, driven by the official openai client: models, completions,
+"""nanochat serve (nanochat/infer/server.py) on loopback, driven by the official openai client: models, completions,
 chat, streaming and not, stop strings, n, every limit's status and OpenAI-shaped error body,
 temperature 0 equal to the engine's own greedy text, 16 concurrent streams equal to their
 sequential results, a disconnect cancelling its sequence, and (marker soak, .ci/run) 1,000
@@ -31,7 +31,7 @@ def gguf(trained_tiny):
 
 
 def start(gguf, **kw):
-    from nanochat.serve import BackgroundServer, Server
+    from nanochat.infer.server import BackgroundServer, Server
 
     opts = dict(api_key=KEY, ctx=CTX, threads=1, max_batch=16)
     opts.update(kw)
@@ -56,7 +56,7 @@ def model_id(client):
 
 @pytest.fixture(scope="module")
 def engine(gguf):
-    from nanochat.engine import Engine
+    from nanochat.infer.engine import Engine
 
     return Engine(gguf, n_threads=1)
 
@@ -98,7 +98,7 @@ def test_completion_temperature0_equals_nanochat_generate(client, model_id, gguf
 
 
 def test_chat_equals_the_engine_chat(client, model_id, engine):
-    from nanochat.chat import Conversation
+    from nanochat.infer.chat import Conversation
 
     want = "".join(Conversation(engine).reply("print the sum", max_tokens=30, temperature=0.0))
     r = client.chat.completions.create(model=model_id, max_tokens=30, temperature=0,
@@ -392,7 +392,7 @@ def test_chat_page_in_chromium(tmp_path):
 
     from engine_helpers import TEXT, make_model
     from nanochat.export import export_gguf
-    from nanochat.tokenizer import Tokenizer
+    from nanochat.data.tokenizer import Tokenizer
 
     # Wide enough that a long greedy answer takes seconds: time to press stop mid-stream.
     path = tmp_path / "page.gguf"

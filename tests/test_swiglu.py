@@ -1,4 +1,4 @@
-"""nanochat::swiglu (csrc/act, nanochat/swiglu.py) against torch's F.silu(gate) * up:
+"""nanochat::swiglu (csrc/act, nanochat/ops/swiglu.py) against torch's F.silu(gate) * up:
 forward, backward, every ISA, thread-count invariance, Collider's kept-row backward,
 opcheck, errors, and that the model's FFN runs it."""
 
@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from nanochat import collider, swiglu, ternary
 from nanochat.config import ModelConfig
-from nanochat.gpt import GPT
+from nanochat.model.gpt import GPT
+from nanochat.ops import rows as row_subset
+from nanochat.ops import swiglu, ternary
 
 
 def _problem(rows=37, dim=100, seed=0):
@@ -61,10 +62,10 @@ def test_kept_rows_backward_equals_masked():
     gate, up, gout = (t.view(B, T, d) for t in _problem(rows=B * T, dim=d, seed=3))
     keep = torch.rand(B, T, generator=torch.Generator().manual_seed(4)) < 0.6
     _, gg_ref, gu_ref = _grads(swiglu.swiglu, gate, up, gout * keep[..., None])
-    with collider.armed((B, T)):
+    with row_subset.armed((B, T)):
         g2, u2 = gate.clone().requires_grad_(), up.clone().requires_grad_()
         out = swiglu.swiglu(g2, u2)
-        collider.set_keep(keep)
+        row_subset.set_keep(keep)
         gg, gu = torch.autograd.grad(out, (g2, u2), gout)  # unmasked: dropped rows skipped
     for got, ref in ((gg, gg_ref), (gu, gu_ref)):
         assert torch.equal(got[keep], ref[keep])

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from nanochat.tokenizer import (MIN_VOCAB, PRE_TOKENIZER, SPECIAL_TOKENS, Tokenizer,
-                                bytes_to_unicode)
+from nanochat.data.tokenizer import (
+    MIN_VOCAB,
+    PRE_TOKENIZER,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    bytes_to_unicode,
+)
 
 CODE = '''import os, sys
 

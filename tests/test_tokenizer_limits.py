@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from nanochat import _C
-from nanochat.tokenizer import PRE_TOKENIZER, bytes_to_unicode
+from nanochat.data.tokenizer import PRE_TOKENIZER, bytes_to_unicode
 
 MIB = 1 << 20
 LIMIT_S = 0.5

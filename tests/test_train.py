@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from nanochat import checkpoint, corpus
+from nanochat import checkpoint
 from nanochat.config import RunConfig, apply_overrides
-from nanochat.train import train
+from nanochat.data import corpus
+from nanochat.train.loop import train
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 FILES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "fnmatch.py",
@@ -220,8 +220,8 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
 
 
 def test_optimizer_groups_by_parameter_kind():
-    from nanochat.gpt import GPT
-    from nanochat.train import build_optimizer
+    from nanochat.model.gpt import GPT
+    from nanochat.train.loop import build_optimizer
 
     cfg = small_config()
     model = GPT(cfg.model, bitlinear="torch")

@@ -1,5 +1,5 @@
 // nanochat._C.attention_forward / attention_backward: csrc/attn on raw buffers
-// (python/nanochat/attention.py wraps them as the nanochat::attention torch op).
+// (python/nanochat/ops/attention.py wraps them as the nanochat::attention torch op).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

@@ -1,6 +1,6 @@
 // nanochat._C engine bindings: EngineModel (load, info, tokenizer), EngineSession
 // (eval, eval_all, generate) and EngineScheduler (continuous batching) over the C++ API
-// in nanochat.hpp. python/nanochat/engine.py
+// in nanochat.hpp. python/nanochat/infer/engine.py and infer/server.py
 // wraps these. The GIL is released while the engine computes; a generate callback takes
 // it back for each token.
 #include <pybind11/numpy.h>

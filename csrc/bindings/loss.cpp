@@ -1,5 +1,5 @@
 // nanochat._C.fused_linear_cross_entropy: the fused LM-head + MTP-head loss of
-// csrc/loss on raw buffers (python/nanochat/fused_loss.py wraps it as a torch op).
+// csrc/loss on raw buffers (python/nanochat/ops/fused_loss.py wraps it as a torch op).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

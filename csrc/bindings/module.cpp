@@ -1,6 +1,6 @@
 // nanochat._C: pybind11 bindings over the core. Takes raw buffers only (address,
 // shape, strides in elements, dtype, device); no torch headers. The Python layer
-// (nanochat/ternary.py) builds Buffers from torch tensors or numpy arrays and
+// (nanochat/ops/ternary.py) builds Buffers from torch tensors or numpy arrays and
 // allocates outputs; these functions check everything again and throw
 // nanochat::Error (ValueError in Python) instead of touching bad memory.
 #include <pybind11/numpy.h>

@@ -1,5 +1,5 @@
 // nanochat._C.rms_norm_forward / rms_norm_backward: csrc/norm on raw buffers
-// (python/nanochat/rmsnorm.py wraps them as the nanochat::rms_norm torch op).
+// (python/nanochat/ops/rmsnorm.py wraps them as the nanochat::rms_norm torch op).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

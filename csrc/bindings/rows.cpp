@@ -1,5 +1,5 @@
 // nanochat._C.gather_backward_operands / scatter_scaled_rows: csrc/rows on raw buffers
-// (python/nanochat/bitlinear.py wraps them as torch ops in BitLinear's bf16 backward).
+// (python/nanochat/ops/bitlinear.py wraps them as torch ops in BitLinear's bf16 backward).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

@@ -1,5 +1,5 @@
 // nanochat._C.swiglu_forward / swiglu_backward: csrc/act on raw buffers
-// (python/nanochat/swiglu.py wraps them as the nanochat::swiglu torch op).
+// (python/nanochat/ops/swiglu.py wraps them as the nanochat::swiglu torch op).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

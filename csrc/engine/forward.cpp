@@ -1,4 +1,4 @@
-// The forward pass: python/nanochat/gpt.py's graph on the C++ kernels.
+// The forward pass: python/nanochat/model/gpt.py's graph on the C++ kernels.
 //
 //   x = token_embd[tok]
 //   per layer:  a = rmsnorm(x) -> int8 (once) -> q, k, v (one pool dispatch) -> NEOX RoPE
@@ -338,7 +338,7 @@ void ffn_block(Ctx& c, const TernaryWeight& gate, const TernaryWeight& up,
   matmul(c, dn, T, d);
 }
 
-// The MoE FFN (nanochat/moe.py) of T tokens whose normed input is s.xn (f32) and s.q8
+// The MoE FFN (nanochat/model/moe.py) of T tokens whose normed input is s.xn (f32) and s.q8
 // (int8), into s.moe_y (T x d):
 //   score = sigmoid(router . xn)        top-k of score + expert_bias (selection only)
 //   gate  = score[pick] (/ their sum when expert_weights_norm)
@@ -426,7 +426,7 @@ void moe_ffn(Ctx& c, const LayerWeights& L, int64_t T) {
 
 float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
-// mHC before a sub-layer (nanochat/mhc.py): each token's H_pre, H_post, H_res from the
+// mHC before a sub-layer (nanochat/model/mhc.py): each token's H_pre, H_post, H_res from the
 // static logits (plus, dynamic, alpha * (phi . streams) / rms(streams)), H_res made doubly
 // stochastic by Sinkhorn (rows then columns, `iters` rounds, from exp of the max-shifted
 // logits) or as the softmax-weighted sum of the permutation matrices ("lite"); then the

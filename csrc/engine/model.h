@@ -38,7 +38,7 @@ struct LayerWeights {
   const float* ffn_sub_norm = nullptr;  // ffn_hidden
   TernaryWeight q, k, v, o, gate, up, down;
   bool sliding = false;  // sliding-window attention (Model::Impl::window keys), else full
-  // Mixture of experts in place of gate/up/ffn_sub_norm/down (nanochat/moe.py).
+  // Mixture of experts in place of gate/up/ffn_sub_norm/down (nanochat/model/moe.py).
   bool moe = false;
   const float* router = nullptr;        // ffn_gate_inp: n_experts x d_model, f32
   const float* expert_bias = nullptr;   // exp_probs_b: n_experts, selection only
@@ -47,7 +47,7 @@ struct LayerWeights {
   bool shared = false;                  // the always-on shared expert below
   const float* sh_sub_norm = nullptr;   // expert_hidden
   TernaryWeight sh_gate, sh_up, sh_down;
-  // mHC coefficients of the attention [0] and FFN [1] sub-layers (nanochat/mhc.py).
+  // mHC coefficients of the attention [0] and FFN [1] sub-layers (nanochat/model/mhc.py).
   struct Hc {
     const float* pre = nullptr;    // n static logits of H_pre
     const float* post = nullptr;   // n, of H_post

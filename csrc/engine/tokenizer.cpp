@@ -1,5 +1,5 @@
 // Byte-level BPE: GPT-2 pre-tokenizer over code points, then merges by rank per piece.
-// Semantics follow HF tokenizers' BPE model as python/nanochat/tokenizer.py configures it
+// Semantics follow HF tokenizers' BPE model as python/nanochat/data/tokenizer.py configures it
 // (no dropout, no unk, no byte_fallback, ignore_merges false: a piece that is itself a
 // token is still built by merges) and llama.cpp's "gpt2" vocab.
 #include "engine/tokenizer.h"

@@ -1,5 +1,5 @@
 // Byte-level BPE (GPT-2 style) from a GGUF file's tokenizer.ggml.* metadata, equal token
-// for token to the Python tokenizer (HF `tokenizers`, python/nanochat/tokenizer.py) and to
+// for token to the Python tokenizer (HF `tokenizers`, python/nanochat/data/tokenizer.py) and to
 // llama.cpp with tokenizer.ggml.model = "gpt2", tokenizer.ggml.pre = "gpt-2".
 //
 // Pipeline: (optional) split out special-token strings; GPT-2 regex pre-tokenization

@@ -1,5 +1,5 @@
 // Row gathers and scatters with bf16 conversion around BitLinear's bf16 backward GEMMs
-// (python/nanochat/bitlinear.py). The backward multiplies bf16 operands:
+// (python/nanochat/ops/bitlinear.py). The backward multiplies bf16 operands:
 //   grad_x = (bf16(gy) @ bf16(codes)) * s            grad_w = bf16(gy * x_scale)^T @ bf16(q)
 // and, inside a Collider micro-batch, only over the rows that carry gradient (gathered
 // before, scattered back after, the other rows of grad_x zero). In torch that is a dozen

@@ -16,7 +16,7 @@ __all__ = ["Engine", "__version__"]
 
 def __getattr__(name: str):
     if name == "Engine":  # lazy: importing nanochat loads no compiled code
-        from nanochat.engine import Engine
+        from nanochat.infer.engine import Engine
 
         return Engine
     raise AttributeError(f"module 'nanochat' has no attribute {name!r}")

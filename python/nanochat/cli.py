@@ -77,7 +77,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_model(args: argparse.Namespace) -> int:
     from nanochat import config as C
-    from nanochat import gpt
+    from nanochat.model import gpt
 
     if args.model == "info":
         cfg = C.load_config(args.config, args.set)
@@ -93,7 +93,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nanochat import config as C
-    from nanochat import train as T
+    from nanochat.train import loop as T
 
     if args.resume and not args.out:
         raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
@@ -110,7 +110,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.data:
         data_dir = Path(args.data)
     else:
-        from nanochat import corpus
+        from nanochat.data import corpus
 
         sources = cfg.data.sources or None
         manifest = corpus.prepare(sources, None, cfg.model.vocab_size, cfg.data.val_fraction,
@@ -123,7 +123,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from nanochat.sample import sample_from_checkpoint
+    from nanochat.infer.sample import sample_from_checkpoint
 
     text = sample_from_checkpoint(args.checkpoint, args.prompt, max_tokens=args.max_tokens,
                                   temperature=args.temperature, top_k=args.top_k,
@@ -142,7 +142,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from nanochat import corpus
+    from nanochat.data import corpus
 
     if args.data == "prepare":
         m = corpus.prepare(args.source or None, args.out, args.vocab_size, args.val_fraction,
@@ -162,8 +162,8 @@ def _sampling(args: argparse.Namespace) -> dict:
 def _open_engine(args: argparse.Namespace):
     from pathlib import Path
 
-    from nanochat import ternary
-    from nanochat.engine import Engine
+    from nanochat.infer.engine import Engine
+    from nanochat.ops import ternary
 
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"--model: {args.model} does not exist (export one with "
@@ -198,17 +198,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from nanochat import chat
+    from nanochat.infer import chat
 
     return chat.repl(_open_engine(args), args.max_tokens, _sampling(args))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from nanochat import serve
+        from nanochat.infer import server
     except ImportError as e:  # starlette / uvicorn: the optional `serve` dependencies
         raise ValueError(f"{e.name} is not installed: pip install 'nanochat-ternary[serve]'")
-    return serve.main(args)
+    return server.main(args)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--lib", action="store_true", help="print the path of libnanochat.so and exit")
     pi.set_defaults(func=_cmd_info)
 
-    from nanochat import recipes
+    from nanochat.train import recipes
 
     pr = sub.add_parser("recipe", help="the production training recipes (nano/small/medium)",
                         description=recipes.__doc__,

@@ -40,7 +40,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class MHCConfig:
-    """[model.mhc] manifold-constrained hyper-connections (nanochat/mhc.py)."""
+    """[model.mhc] manifold-constrained hyper-connections (nanochat/model/mhc.py)."""
     streams: int = 1  # n residual streams; 1 is the plain residual (no mHC parameters)
     res: str = "sinkhorn"  # H_res: "sinkhorn" (Sinkhorn-Knopp) or "lite" (mix of permutations)
     sinkhorn_iters: int = 20
@@ -62,7 +62,7 @@ class MHCConfig:
 
 @dataclass
 class MoEConfig:
-    """[model.moe] mixture of ternary experts in place of the FFN (nanochat/moe.py)."""
+    """[model.moe] mixture of ternary experts in place of the FFN (nanochat/model/moe.py)."""
     experts: int = 0  # routed experts E; 0 keeps the dense FFN
     top_k: int = 2
     expert_hidden: int = 0  # hidden width of each expert; 0: model.ffn_hidden
@@ -101,7 +101,7 @@ class AttentionConfig:
 
 @dataclass
 class MTPConfig:
-    """[model.mtp] multi-token prediction (nanochat/mtp.py): `heads` tokens predicted per
+    """[model.mtp] multi-token prediction (nanochat/model/mtp.py): `heads` tokens predicted per
     position, head 1 the ordinary next-token head, heads 2..n sequential MTP modules. The
     training loss is loss_weights[0] * L_1 + weight * sum_{k>=2} loss_weights[k-1] * L_k."""
     heads: int = 1  # 1: off (the plain LM); 4 is the usual setting
@@ -162,7 +162,7 @@ class ModelConfig:
 
 @dataclass
 class ColliderConfig:
-    """Collider token filtering ([train.collider], nanochat/collider.py has the full definition):
+    """Collider token filtering ([train.collider], nanochat/train/collider.py has the full definition):
     per micro-batch, drop up to `sparsity` of the tokens, lowest score first, among those whose
     min-max normalized score is below `threshold`; dropped tokens get no gradient in any layer."""
     enabled: bool = False
@@ -197,7 +197,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda"
     sample_tokens: int = 128  # length of the end-of-run sample
     collider: ColliderConfig = field(default_factory=ColliderConfig)  # token filtering, off
-    # LM-head loss: "on" the C++ fused chunked cross-entropy (nanochat/fused_loss.py), "off"
+    # LM-head loss: "on" the C++ fused chunked cross-entropy (nanochat/ops/fused_loss.py), "off"
     # full logits + F.cross_entropy, "auto" fused when MTP is on or on CPU at vocab >= 16384
     fused_loss: str = "auto"
     fused_loss_precision: str = "f32"  # the fused loss's GEMMs: "f32" or "bf16" (AVX512-BF16)

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanochat import ternary
 from nanochat._core import core
-from nanochat.bitlinear import weight_codes
 from nanochat.config import ModelConfig
-from nanochat.tokenizer import PRE_TOKENIZER, Tokenizer
+from nanochat.data.tokenizer import PRE_TOKENIZER, Tokenizer
+from nanochat.ops import ternary
+from nanochat.ops.bitlinear import weight_codes
 
 # ggml tensor type ids (ggml.h `enum ggml_type`) and llama.cpp's LlamaFileType ids
 # (general.file_type) of the ternary types; the same numbers as gguf-py's enums.
@@ -54,7 +54,7 @@ BLOCK_TENSORS = (
     ("ffn_gate", "ternary"), ("ffn_up", "ternary"), ("ffn_sub_norm", "norm"),
     ("ffn_down", "ternary"),
 )
-# A MoE block's FFN in place of the dense ffn_gate/up/sub_norm/down (nanochat/moe.py):
+# A MoE block's FFN in place of the dense ffn_gate/up/sub_norm/down (nanochat/model/moe.py):
 # "router" full precision, "experts" (E, out, in) ternary with one scale per expert.
 MOE_TENSORS = (("ffn_gate_inp.weight", "ffn_gate_inp", "router"),
                ("exp_probs_b.bias", "expert_bias", "router"),
@@ -66,7 +66,7 @@ SHEXP_TENSORS = (("ffn_gate_shexp.weight", "ffn_gate_shexp", "ternary"),
                  ("ffn_up_shexp.weight", "ffn_up_shexp", "ternary"),
                  ("ffn_sub_norm_shexp.weight", "ffn_sub_norm_shexp", "norm"),
                  ("ffn_down_shexp.weight", "ffn_down_shexp", "ternary"))
-# An MTP head's join (nanochat/mtp.py), after its block's tensors: blk.{n_layers + j}.nextn.*
+# An MTP head's join (nanochat/model/mtp.py), after its block's tensors: blk.{n_layers + j}.nextn.*
 MTP_TENSORS = (("enorm", "norm"), ("hnorm", "norm"), ("eh_proj", "ternary"),
                ("shared_head_norm", "norm"))
 
@@ -112,14 +112,14 @@ def architecture(cfg: ModelConfig) -> tuple[str, list[KV]]:
     forces "nanochat".
     """
     extensions: list[KV] = []
-    if cfg.mtp.heads > 1:  # MTP heads 2..n as blocks n_layers.. (nanochat/mtp.py)
+    if cfg.mtp.heads > 1:  # MTP heads 2..n as blocks n_layers.. (nanochat/model/mtp.py)
         extensions.append(("nanochat.nextn_predict_layers", "u32", cfg.mtp.heads - 1))
-    if "S" in cfg.attention.pattern:  # per-block sliding window (nanochat/attention.py)
+    if "S" in cfg.attention.pattern:  # per-block sliding window (nanochat/ops/attention.py)
         extensions += [
             ("nanochat.attention.sliding_window", "u32", cfg.attention.window),
             ("nanochat.attention.sliding_window_pattern", "array[bool]",
              [cfg.attention.layer_window(i) is not None for i in range(cfg.n_layers)])]
-    if cfg.moe.experts:  # every block's FFN is a mixture of ternary experts (nanochat/moe.py)
+    if cfg.moe.experts:  # every block's FFN is a mixture of ternary experts (nanochat/model/moe.py)
         m = cfg.moe
         extensions += [
             ("nanochat.expert_count", "u32", m.experts),
@@ -129,7 +129,7 @@ def architecture(cfg: ModelConfig) -> tuple[str, list[KV]]:
             ("nanochat.expert_gating_func", "string", "sigmoid"),
             ("nanochat.expert_weights_norm", "bool", m.top_k > 1),
             ("nanochat.leading_dense_block_count", "u32", 0)]
-    if cfg.mhc.streams > 1:  # mHC residual streams around every sub-layer (nanochat/mhc.py)
+    if cfg.mhc.streams > 1:  # mHC residual streams around every sub-layer (nanochat/model/mhc.py)
         m = cfg.mhc
         extensions += [
             ("nanochat.hc.stream_count", "u32", m.streams),
@@ -289,7 +289,7 @@ def _tensor_bytes(name: str, kind: str, p: torch.Tensor, weight_type: str, embd_
 def export_gguf(model, tokenizer: Tokenizer, path: str | os.PathLike,
                 weight_type: str = "tq2_0", embd_type: str = "f16",
                 name: str | None = None) -> dict:
-    """Write `model` (a nanochat.gpt.GPT) and `tokenizer` to `path` as GGUF v3.
+    """Write `model` (a nanochat.model.gpt.GPT) and `tokenizer` to `path` as GGUF v3.
 
     weight_type: "tq2_0" | "tq1_0" for every BitLinear weight; embd_type: "f16" | "q8_0" |
     "f32" for the tied token embedding. Returns a summary dict (architecture, tensor count,
@@ -358,7 +358,7 @@ def default_name(checkpoint: Path) -> str:
 def export_checkpoint(checkpoint: str | os.PathLike, path: str | os.PathLike, **kw) -> dict:
     """Export a training checkpoint (a checkpoint dir or a run dir: its latest) to GGUF.
     Keyword arguments are export_gguf's; the summary also names the checkpoint."""
-    from nanochat.sample import load_model
+    from nanochat.model.load import load_model
 
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():

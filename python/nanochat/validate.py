@@ -85,7 +85,7 @@ def validate(workdir: Path, report) -> bool:
 
     with stage("data") as rec:
         if ok:
-            from nanochat import corpus
+            from nanochat.data import corpus
 
             stdlib = Path(sysconfig.get_paths()["stdlib"])
             src = workdir / "src"
@@ -102,7 +102,7 @@ def validate(workdir: Path, report) -> bool:
             import torch
 
             from nanochat.config import RunConfig, apply_overrides
-            from nanochat.train import train
+            from nanochat.train.loop import train
 
             cfg = apply_overrides(RunConfig(), [
                 "model.vocab_size=512", "model.d_model=256", "model.n_layers=2",
@@ -144,7 +144,7 @@ def validate(workdir: Path, report) -> bool:
 
     with stage("load") as rec:
         if ok:
-            from nanochat.engine import Engine
+            from nanochat.infer.engine import Engine
 
             state["engine"] = eng = Engine(str(state["gguf"]))
             i = eng.info
@@ -156,7 +156,7 @@ def validate(workdir: Path, report) -> bool:
             import numpy as np
             import torch
 
-            from nanochat.sample import load_model
+            from nanochat.model.load import load_model
 
             model, tok, _ = load_model(state["run"])
             eng = state["engine"]

@@ -82,9 +82,9 @@ def run(args: argparse.Namespace):
 
     import torch
 
-    from nanochat import ternary
     from nanochat.config import apply_overrides, load_config
-    from nanochat.gpt import GPT
+    from nanochat.model.build import build_model
+    from nanochat.ops import ternary
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -97,8 +97,7 @@ def run(args: argparse.Namespace):
     runs = {}
     for v in names:
         cfg = apply_overrides(base, overrides(v, args, base.model.ffn_hidden), "--variants")
-        torch.manual_seed(0)
-        model = GPT(cfg.model)
+        model = build_model(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         runs[v] = (model, opt)
     g = torch.Generator().manual_seed(0)

@@ -65,18 +65,16 @@ def timing_rows(cfg, config: str, args) -> list[dict]:
     import torch
 
     from nanochat import malloc
-    from nanochat.collider import Collider
-    from nanochat.gpt import GPT
-    from nanochat.train import pick_device
+    from nanochat.model.build import build_model
+    from nanochat.train.collider import Collider
+    from nanochat.train.loop import pick_device
 
     device = pick_device(args.device)
     if device.type == "cuda" and args.bitlinear == "cpp":
         raise ValueError("--bitlinear cpp runs on CPU tensors only; on --device cuda use "
                          "auto or torch")
     malloc.tune()  # as the trainer runs (nanochat/malloc.py)
-    torch.manual_seed(0)
-    model = GPT(cfg.model, bitlinear=args.bitlinear).to(device)
-    model.set_bitlinear_backward(args.backward)
+    model = build_model(cfg, device, bitlinear=args.bitlinear, backward=args.backward)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     toks = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), generator=g)
@@ -130,9 +128,9 @@ def _step_seconds(run_dir: Path, tokens_per_step: int) -> list[float]:
 
 
 def _heldout(args) -> list[dict]:
-    from nanochat import corpus
     from nanochat.config import apply_overrides, load_config
-    from nanochat.train import train
+    from nanochat.data import corpus
+    from nanochat.train.loop import train
 
     base = load_config("tiny")
     data = Path(corpus.prepare(base.data.sources or None, None, base.model.vocab_size,

@@ -80,10 +80,10 @@ def model_file(config: str, embd: str, log=print, cfg=None) -> Path:
     cached under a name that hashes the config's content: what both engines load."""
     import torch
 
-    from nanochat.config import load_config
+    from nanochat.config import RunConfig, load_config
+    from nanochat.data.tokenizer import Tokenizer
     from nanochat.export import export_gguf
-    from nanochat.gpt import GPT
-    from nanochat.tokenizer import Tokenizer
+    from nanochat.model.build import build_model
 
     cfg = cfg if cfg is not None else load_config(config).model
     key = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
@@ -95,16 +95,15 @@ def model_file(config: str, embd: str, log=print, cfg=None) -> Path:
     # A tokenizer trained on a few lines, padded with <|reserved_N|> fillers to the size
     # of the config's vocabulary: speed does not depend on what the tokens mean.
     tok = Tokenizer.train(["def main():\n    return 0\n" * 64], cfg.vocab_size)
-    torch.manual_seed(0)
     with torch.no_grad():
-        model = GPT(cfg, bitlinear="torch")
+        model = build_model(RunConfig(model=cfg), bitlinear="torch")
     export_gguf(model, tok, path, weight_type="tq2_0", embd_type=embd, name=f"bench-{config}")
     return path
 
 
 def _ours(path: Path, threads: int, prompt: list[int], n_decode: int) -> dict:
-    from nanochat import ternary
-    from nanochat.engine import Engine
+    from nanochat.infer.engine import Engine
+    from nanochat.ops import ternary
 
     ternary.set_num_threads(threads)
     eng = Engine(str(path), n_ctx=len(prompt) + n_decode + 8)

@@ -98,7 +98,7 @@ def _train_child(cfg_dict: dict, data_dir: str, run_dir: str, q) -> None:
     sys.stdout = sys.stderr  # the trainer's eval lines: keep stdout for the results (--json)
     try:
         from nanochat.config import from_dict
-        from nanochat.train import train
+        from nanochat.train.loop import train
 
         cfg = from_dict(cfg_dict)
         r = train(cfg, Path(data_dir), Path(run_dir), progress_bar=True, log=lambda *a: None)
@@ -325,7 +325,7 @@ def run(args: argparse.Namespace):
     if args.data:
         data_dir = Path(args.data)
     else:
-        from nanochat import corpus
+        from nanochat.data import corpus
 
         data_dir = Path(corpus.prepare(None, None, first.model.vocab_size,
                                        first.data.val_fraction, first.data.extensions).out_dir)

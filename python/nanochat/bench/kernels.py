@@ -22,7 +22,7 @@ Two more parts time what training runs around the GEMM (skip them with --no-trai
   - op "quantize": activation quantization (absmax per token to int8, what the
     nanochat::bitlinear op runs before every GEMM) of training-sized activations
     (--tokens-train x cols) on every ISA and torch's
-    fake-quant version (nanochat/bitlinear.py); vs_scalar = scalar time / this time;
+    fake-quant version (nanochat/ops/bitlinear.py); vs_scalar = scalar time / this time;
   - op "layer": one BitLinear's forward + backward at the shapes behind bitlinear.py's
     AUTO_MIN_MACS threshold, the C++ op (kernel="cpp") vs torch (kernel="torch");
     vs_torch = torch time / C++ time;
@@ -129,8 +129,9 @@ def run(args: argparse.Namespace):
 
     import torch
 
-    from nanochat import malloc, ternary
+    from nanochat import malloc
     from nanochat._core import core
+    from nanochat.ops import ternary
 
     # as the trainer runs: without it, whether torch's temporaries are page-faulted afresh
     # on every call depends on what ran before (glibc's dynamic mmap threshold)
@@ -246,7 +247,7 @@ def run(args: argparse.Namespace):
 def _quantize_rows(isas, threads, rounds, min_time, quick, gen):
     import torch
 
-    from nanochat import bitlinear, ternary
+    from nanochat.ops import bitlinear, ternary
 
     for tokens, cols in ([(256, 256)] if quick else QUANT_SHAPES):
         x = torch.randn(tokens, cols, generator=gen)
@@ -276,8 +277,8 @@ def _quantize_rows(isas, threads, rounds, min_time, quick, gen):
 def _layer_rows(threads, rounds, min_time, quick, gen):
     import torch
 
-    from nanochat import ternary
-    from nanochat.bitlinear import BitLinear
+    from nanochat.model.bitlinear import BitLinear
+    from nanochat.ops import ternary
 
     for cin, cout, tokens in ([(256, 128, 256)] if quick else LAYER_SHAPES):
         torch.manual_seed(0)
@@ -309,7 +310,8 @@ def _attention_rows(threads, rounds, min_time, quick, gen):
     import torch
     import torch.nn.functional as F
 
-    from nanochat import attention, collider, ternary  # noqa: F401  (registers the op)
+    from nanochat.ops import attention, ternary  # noqa: F401  (registers the op)
+    from nanochat.ops import rows as row_subset
 
     for b, h, hkv, t, d in ([(2, 4, 2, 64, 64)] if quick else ATTENTION_SHAPES):
         q = torch.randn(b, t, h, d, generator=gen).transpose(1, 2).requires_grad_()
@@ -325,9 +327,9 @@ def _attention_rows(threads, rounds, min_time, quick, gen):
             torch.autograd.grad(o, (q, k, v), go)
 
         def ours(kept: bool):
-            with collider.armed((b, t)):
+            with row_subset.armed((b, t)):
                 if kept:
-                    collider.set_keep(keep)
+                    row_subset.set_keep(keep)
                 o = torch.ops.nanochat.attention(q, k, v, 0, True)[0]
                 torch.autograd.grad(o, (q, k, v), go)
 

@@ -1,10 +1,10 @@
 """nanochat bench loss: peak memory and time of the fused linear cross-entropy (the C++
-chunked op, nanochat/fused_loss.py) vs naive torch (every head's full logits, F.linear +
+chunked op, nanochat/ops/fused_loss.py) vs naive torch (every head's full logits, F.linear +
 F.cross_entropy + autograd), forward + backward, for 1 and 4 heads in one run.
 
 Inputs as the LM head sees them: hidden (heads, tokens, d) with unit RMS, the tied weight
 (vocab, d) at std 0.02, and one random token sequence whose targets head i reads shifted by
-i (nanochat/mtp.py: the last i are ignored); the head weights are the MTP defaults.
+i (nanochat/model/mtp.py: the last i are ignored); the head weights are the MTP defaults.
 Defaults: vocab 32768, 8192 tokens, d_model 768 (nano_125m's).
 
 Memory: each (heads, variant) runs in a fresh child process; its peak is the process's
@@ -56,8 +56,9 @@ def _measure(variant: str, heads: int, vocab: int, tokens: int, dim: int, chunk:
 
     import torch
 
-    from nanochat import fused_loss, mtp, ternary
     from nanochat.config import MTPConfig
+    from nanochat.model import mtp
+    from nanochat.ops import fused_loss, ternary
 
     try:
         if threads > 0:
@@ -99,8 +100,8 @@ def _measure(variant: str, heads: int, vocab: int, tokens: int, dim: int, chunk:
 
 
 def run(args: argparse.Namespace):
-    from nanochat import fused_loss
     from nanochat.bench import cpu_model
+    from nanochat.ops import fused_loss
 
     ctx = mp.get_context("spawn")
     variants = ["naive", "fused-f32"] + (["fused-bf16"] if fused_loss.bf16_supported() else [])

@@ -130,9 +130,9 @@ def _check(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace):
     import torch
 
-    from nanochat import ternary
     from nanochat.config import apply_overrides, load_config
-    from nanochat.gpt import GPT
+    from nanochat.model.build import build_model
+    from nanochat.ops import ternary
     from nanochat.optim import build_optimizer
     from nanochat.optim.muon import ns_dtype
 
@@ -142,8 +142,7 @@ def run(args: argparse.Namespace):
     configs = _check(args)
     for model_name in args.models.split(","):
         cfg = load_config(model_name)
-        torch.manual_seed(0)
-        model = GPT(cfg.model, bitlinear="torch")
+        model = build_model(cfg, bitlinear="torch")
         gen = torch.Generator().manual_seed(0)
         grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in model.parameters()]
         n_params = sum(p.numel() for p in model.parameters())

@@ -12,13 +12,13 @@ The machine line above the table (every bench prints it) names the CPU model and
 paths the C++ ops ran on (NANOCHAT_ISA pins them); each JSON object carries the CPU and the ISA
 as "cpu" and "isa", the ISA as the child saw it.
 The C++ path's backward GEMMs run at `--backward` precision (default auto: bf16 on CPUs
-with AVX512-BF16/AMX, see nanochat/bitlinear.py); the torch baseline is f32 throughout.
+with AVX512-BF16/AMX, see nanochat/ops/bitlinear.py); the torch baseline is f32 throughout.
 
 `--compare malloc` instead runs the C++ path twice, with nanochat/malloc.py's glibc
 settings (what the trainer applies) and with glibc's defaults (the child skips tune()):
 speedup_vs_glibc = glibc step time / tuned step time. `--compare fused` runs the C++
 path with the nanochat::rms_norm, nanochat::swiglu and nanochat::attention ops
-(nanochat/rmsnorm.py, swiglu.py, attention.py) and with torch's F.rms_norm,
+(nanochat/ops/rmsnorm.py, swiglu.py, attention.py) and with torch's F.rms_norm,
 F.silu(gate) * up and SDPA (NANOCHAT_RMSNORM=torch, NANOCHAT_SWIGLU=torch and
 NANOCHAT_ATTENTION=torch in the child): speedup_vs_torch.
 """
@@ -55,9 +55,10 @@ def _measure(config: str, variant: str, batch: int, seq: int, steps: int, thread
 
     import torch
 
-    from nanochat import malloc, ternary
+    from nanochat import malloc
     from nanochat.config import load_config
-    from nanochat.gpt import GPT
+    from nanochat.model.build import build_model
+    from nanochat.ops import ternary
 
     try:
         if tune_malloc:
@@ -66,9 +67,9 @@ def _measure(config: str, variant: str, batch: int, seq: int, steps: int, thread
             torch.set_num_threads(threads)
             ternary.set_num_threads(threads)
         cfg = load_config(config)
-        torch.manual_seed(0)
-        model = GPT(cfg.model, bitlinear=variant)
-        model.set_bitlinear_backward(backward)
+        # the trainer's step; plain torch has no C++ op, the fused head loss included
+        model = build_model(cfg, bitlinear=variant, backward=backward,
+                            fused_loss="off" if variant == "torch" else None)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), generator=g)
@@ -104,14 +105,12 @@ VARIANTS = {
 
 
 def _child(env: dict, *args):
-    import os
-
     os.environ.update(env)
     _measure(*args)
 
 
 def run(args: argparse.Namespace):
-    from nanochat.bitlinear import resolve_backward
+    from nanochat.ops.bitlinear import resolve_backward
 
     ctx = mp.get_context("spawn")
     from nanochat.bench import cpu_model

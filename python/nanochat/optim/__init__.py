@@ -33,7 +33,7 @@ LABELS = {"adamw": "AdamW", "muon": "Muon", "lion": "Lion"}
 def parameter_kinds(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """(name, parameter) by kind: "matrix" (BitLinear weights, MoE expert tensors),
     "embedding" (nn.Embedding weights) and "scalar" (everything else)."""
-    from nanochat.bitlinear import BitLinear
+    from nanochat.model.bitlinear import BitLinear
 
     matrices, embeddings = set(), set()
     for m in model.modules():

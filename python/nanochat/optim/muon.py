@@ -65,7 +65,7 @@ def ns_dtype(setting: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16
     if setting != "auto":
         raise ValueError(f"muon ns_dtype must be auto, bfloat16 or float32, got {setting!r}")
-    from nanochat.bitlinear import cpu_has_fast_bf16
+    from nanochat.ops.bitlinear import cpu_has_fast_bf16
 
     return torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32
 

@@ -33,113 +33,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat import collider, rmsnorm
-from nanochat.attention import attend, trim
-from nanochat.bitlinear import BitLinear, frozen
 from nanochat.config import ModelConfig, _build
-from nanochat.mhc import MHC
-from nanochat.moe import MoE
-from nanochat.swiglu import swiglu
+from nanochat.model import mtp
+from nanochat.model.bitlinear import BitLinear, frozen
+from nanochat.model.block import Block, RMSNorm, rope_cos_sin
+from nanochat.model.mhc import MHC
+from nanochat.model.moe import MoE
+from nanochat.ops import rows as row_subset
 
 log = logging.getLogger(__name__)
-
-
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight (ggml_rms_norm then a multiply)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rmsnorm.rms_norm(x, self.weight, self.eps)  # the C++ op on float32 CPU
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos, sin (T, head_dim/2) float32 for the given absolute positions (T,)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device,
-                                       dtype=torch.float32) / head_dim)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, head_dim/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """NEOX (half-split) rotation of x (B, H, T, D): pairs (x[i], x[i + D/2]) by angle
-    pos * theta^(-2i/D), the pairing llama.cpp uses for the bitnet architecture."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
-
-
-class Block(nn.Module):
-    """One layer. Options (config.py): mHC streams around both sub-layers (x is then
-    (B, T, n, d)), a mixture of experts in place of the FFN, a sliding attention window."""
-
-    def __init__(self, cfg: ModelConfig, bitlinear: str, layer: int = 0):
-        super().__init__()
-        d, hd = cfg.d_model, cfg.head_dim
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
-        self.activation = cfg.activation
-        self.window = cfg.attention.layer_window(layer)  # None: full causal attention
-        self.attn_norm = RMSNorm(d, cfg.norm_eps)
-        self.attn_q = BitLinear(d, cfg.n_heads * hd, bitlinear)
-        self.attn_k = BitLinear(d, cfg.n_kv_heads * hd, bitlinear)
-        self.attn_v = BitLinear(d, cfg.n_kv_heads * hd, bitlinear)
-        self.attn_sub_norm = RMSNorm(d, cfg.norm_eps)
-        self.attn_output = BitLinear(cfg.n_heads * hd, d, bitlinear)
-        self.ffn_norm = RMSNorm(d, cfg.norm_eps)
-        self.moe = None
-        if cfg.moe.experts:  # the experts replace ffn_gate/up/sub_norm/down
-            e = cfg.moe
-            self.moe = MoE(d, e.expert_hidden or cfg.ffn_hidden, e.experts, e.top_k,
-                           e.shared_expert, e.balance, e.bias_rate, cfg.activation,
-                           cfg.norm_eps, bitlinear)
-        else:
-            self.ffn_gate = BitLinear(d, cfg.ffn_hidden, bitlinear)
-            self.ffn_up = BitLinear(d, cfg.ffn_hidden, bitlinear)
-            self.ffn_sub_norm = RMSNorm(cfg.ffn_hidden, cfg.norm_eps)
-            self.ffn_down = BitLinear(cfg.ffn_hidden, d, bitlinear)
-        m = cfg.mhc
-        if m.streams > 1:
-            self.mhc_attn = MHC(m.streams, d, m.res, m.sinkhorn_iters, m.dynamic, cfg.norm_eps)
-            self.mhc_ffn = MHC(m.streams, d, m.res, m.sinkhorn_iters, m.dynamic, cfg.norm_eps)
-
-    def attention(self, x, cos, sin, cache: list | None):
-        B, T, _ = x.shape
-        q = self.attn_q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,T,D)
-        k = self.attn_k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.attn_v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
-        if cache is not None:  # [k, v] of earlier positions (B, Hkv, past, D), or [None, None]
-            if cache[0] is not None:
-                past = cache[0].shape[2]
-                k = torch.cat((cache[0], k), dim=2)
-                v = torch.cat((cache[1], v), dim=2)
-            cache[0], cache[1] = trim(k, self.window), trim(v, self.window)
-        # grouped-query: q head h reads kv head h // (n_heads / n_kv_heads), inside attend
-        y = attend(q, k, v, past, self.window, collider.token_rows(x))
-        return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B,T,H*D)
-
-    def attn_branch(self, x, cos, sin, cache: list | None = None):
-        a = self.attention(self.attn_norm(x), cos, sin, cache)  # (B, T, d)
-        return self.attn_output(self.attn_sub_norm(a))
-
-    def ffn_branch(self, x):
-        h = self.ffn_norm(x)
-        if self.moe is not None:
-            return self.moe(h)
-        g, u = self.ffn_gate(h), self.ffn_up(h)
-        a = swiglu(g, u) if self.activation == "silu" else F.relu(g).square() * u
-        return self.ffn_down(self.ffn_sub_norm(a))
-
-    def forward(self, x, cos, sin, cache: list | None = None):
-        if hasattr(self, "mhc_attn"):  # x (B, T, n, d): streams mixed around each sub-layer
-            x = self.mhc_attn(x, lambda h: self.attn_branch(h, cos, sin, cache))
-            return self.mhc_ffn(x, self.ffn_branch)
-        x = x + self.attn_branch(x, cos, sin, cache)
-        return x + self.ffn_branch(x)
 
 
 class GPT(nn.Module):
@@ -151,7 +53,6 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, bitlinear, i) for i in range(config.n_layers))
         self.output_norm = RMSNorm(config.d_model, config.norm_eps)
         self.init_weights()
-        from nanochat import mtp  # multi-token prediction heads 2..n (nanochat/mtp.py)
 
         self.mtp = mtp.build_heads(config, bitlinear)  # empty when model.mtp.heads == 1
         self.fused_loss, self.fused_loss_precision = "off", "f32"  # set_fused_loss
@@ -175,7 +76,7 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """normal(0, init_std) for the embedding and every BitLinear; the two residual output
         projections (attn_output, ffn_down) scaled by 1/sqrt(2 * n_layers); norms at 1.
-        Experts like the dense FFN (router at init_std); mHC per nanochat/mhc.py."""
+        Experts like the dense FFN (router at init_std); mHC per nanochat/model/mhc.py."""
         std = self.config.init_std
         nn.init.normal_(self.token_embd.weight, 0.0, std)
         out_std = std / math.sqrt(2 * self.config.n_layers)
@@ -201,7 +102,7 @@ class GPT(nn.Module):
 
     def set_bitlinear_backward(self, precision: str) -> None:
         """Backward GEMM precision of the C++ BitLinear path: auto, bf16 or float32."""
-        from nanochat.bitlinear import resolve_backward
+        from nanochat.ops.bitlinear import resolve_backward
 
         resolve_backward(precision)
         for m in self.modules():
@@ -228,12 +129,12 @@ class GPT(nn.Module):
         return self._trunk(idx)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # collider.linear: F.linear, with a kept-rows-only backward in a Collider step
-        return collider.linear(hidden, self.token_embd.weight).float()  # (B, T, V)
+        # row_subset.linear: F.linear, with a kept-rows-only backward in a Collider step
+        return row_subset.linear(hidden, self.token_embd.weight).float()  # (B, T, V)
 
     def set_fused_loss(self, mode: str = "auto", precision: str = "f32") -> None:
         """The loss of training calls (targets, mean reduction): "on" the fused chunked
-        cross-entropy op (nanochat/fused_loss.py: no (tokens, vocab) logits), "off" full
+        cross-entropy op (nanochat/ops/fused_loss.py: no (tokens, vocab) logits), "off" full
         logits and F.cross_entropy, "auto" fused when MTP is on, or on CPU at vocab >= 16384
         (where `nanochat bench loss` measures it faster). A model starts "off"; train sets it."""
         if mode not in ("auto", "on", "off") or precision not in ("f32", "bf16"):
@@ -252,7 +153,7 @@ class GPT(nn.Module):
         """logits (B, T, V), or (logits, loss) with targets (B, T) (-1 = ignore). With
         loss_reduction="none" the loss is per token, shaped like targets (the next-token
         head only). With mean reduction and MTP on (model.mtp.heads > 1) the loss is the
-        weighted sum over the heads (nanochat/mtp.py), each head's own in last_head_losses;
+        weighted sum over the heads (nanochat/model/mtp.py), each head's own in last_head_losses;
         when the fused loss runs (set_fused_loss) no logits exist and logits is None."""
         h = self._trunk(idx)
         if targets is not None and loss_reduction == "mean" and (
@@ -269,7 +170,7 @@ class GPT(nn.Module):
 
     def _head_loss(self, idx, h, targets):
         """(logits of head 1 or None, weighted mean loss over the heads) for a training call."""
-        from nanochat import fused_loss, mtp
+        from nanochat.ops import fused_loss
 
         n = len(self.mtp) + 1
         hidden = [h]
@@ -299,8 +200,7 @@ class GPT(nn.Module):
         """Per-token losses of every head, (heads, B, T) with 0 where a head has no target,
         its targets (heads, B, T) (-1 = none) and weights: the training loss is
         sum_i weights[i] * mean of losses[i] over its targets. Full logits, one head at a time
-        (Collider scores and masks tokens with these; nanochat/collider.py)."""
-        from nanochat import mtp
+        (Collider scores and masks tokens with these; nanochat/train/collider.py)."""
 
         n = len(self.mtp) + 1
         h = self._trunk(idx)
@@ -310,8 +210,8 @@ class GPT(nn.Module):
             cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
             hidden = mtp.head_hidden(self.mtp, h, self.token_embd(idx), cos, sin)
         tgt = mtp.head_targets(targets, n)  # (n, B, T), head i shifted by i
-        W = self.token_embd.weight  # tied head; collider.token_losses: kept-row backward
-        losses = torch.stack([collider.token_losses(
+        W = self.token_embd.weight  # tied head; row_subset.token_losses: kept-row backward
+        losses = torch.stack([row_subset.token_losses(
             x.reshape(-1, x.shape[-1]), W, tgt[i].reshape(-1)).view(targets.shape)
             for i, x in enumerate(hidden)])
         weights = mtp.head_weights(self.config.mtp) if n > 1 else [1.0]

@@ -1,7 +1,7 @@
 """A prepared data directory, opened read-only, and the n-gram baselines for bits per byte.
 
     nanochat data prepare        # writes the directory this opens
-    python -c "from nanochat.dataset import *; d = TokenData('DIR'); print(unigram_bigram_bpb(d))"
+    python -c "from nanochat.data.dataset import *; d = TokenData('DIR'); print(unigram_bigram_bpb(d))"
 
 `TokenData(dir)` validates manifest.json against the files next to it (dtype, sizes, the
 tokenizer hash), memory-maps train.bin / val.bin (no copy) and checks every token id against
@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nanochat.corpus import SPLITS, Manifest, token_dtype
-from nanochat.tokenizer import Tokenizer
-
+from nanochat.data.corpus import SPLITS, Manifest, token_dtype
+from nanochat.data.tokenizer import Tokenizer
 
 _CHECK_CHUNK = 1 << 24  # tokens per pass of the id check (64 MiB of uint32 at most)
 

@@ -44,16 +44,14 @@ and scattered back in another (csrc/rows/bf16_rows.h), bit-identical to the torc
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import math
 
 import torch
-import torch.nn as nn
 
-from nanochat import collider, ternary
 from nanochat._core import buffer as _buf
 from nanochat._core import core
+from nanochat.ops import rows as row_subset
+from nanochat.ops import ternary
 
 KERNELS = ("auto", "cpp", "torch")
 BACKWARDS = ("auto", "bf16", "float32")
@@ -102,12 +100,12 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def bitlinear_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y = STE(q(x)) @ STE(q(W))^T for x (..., in), weight (out, in). Over a Collider
-    micro-batch's token rows the backward GEMMs run on the kept rows (nanochat/collider.py)."""
+    micro-batch's token rows the backward GEMMs run on the kept rows (nanochat/train/collider.py)."""
     codes, s = quantize_weight(weight.detach())  # detached: no graph for the quantizers
     w = weight + (codes * s - weight).detach()
     xq, a = quantize_activations(x.detach())
     x = x + (xq / a - x).detach()
-    return collider.linear(x, w)
+    return row_subset.linear(x, w)
 
 
 # ---- the C++ path: a custom op with a fake kernel and an STE autograd formula -----------
@@ -143,7 +141,7 @@ def _bitlinear_op(
     Only y is differentiable; the rest are saved for the backward (and are what the
     exporter would store). bf16_backward picks the backward GEMM precision (module doc);
     token_rows marks x's rows as a Collider micro-batch's tokens, whose backward GEMMs run
-    on the kept rows only (nanochat/collider.py)."""
+    on the kept rows only (nanochat/train/collider.py)."""
     codes_f, s = quantize_weight(weight)
     codes = codes_f.to(torch.int8)
     q, x_scale = ternary.quantize_activations(x.contiguous())
@@ -219,7 +217,7 @@ def _backward(ctx, grad_y, *_unused):
     codes, s, q, x_scale = ctx.saved_tensors
     n = grad_y.shape[0]
     # Collider: both GEMMs on the kept rows only, grad_x zero on the others
-    rows = collider.kept_rows(n) if ctx.token_rows else None
+    rows = row_subset.kept_rows(n) if ctx.token_rows else None
     grad_x = grad_w = None
     if ctx.bf16:  # codes and q are exact in bf16; only grad_y (times 1/a) is rounded
         g, gs, qb = torch.ops.nanochat.bitlinear_backward_operands(grad_y.float(), q, x_scale,
@@ -234,7 +232,7 @@ def _backward(ctx, grad_y, *_unused):
         grad_y, q, x_scale = (t.index_select(0, rows) for t in (grad_y, q, x_scale))
     # int8 codes times a float32 tensor promote to float32 in one pass (no separate cast)
     if ctx.needs_input_grad[0]:
-        grad_x = collider.scatter_rows(rows, n, grad_y @ (codes * s))
+        grad_x = row_subset.scatter_rows(rows, n, grad_y @ (codes * s))
     if ctx.needs_input_grad[1]:
         grad_w = grad_y.t() @ (q * x_scale[:, None])  # (out, N) @ (N, in)
     return grad_x, grad_w, None, None
@@ -248,7 +246,7 @@ def bitlinear_cpp(x: torch.Tensor, weight: torch.Tensor,
     """y for x (..., in) float32 CPU and weight (out, in) with in % 256 == 0."""
     lead = x.shape[:-1]
     y = torch.ops.nanochat.bitlinear(x.reshape(-1, x.shape[-1]), weight, bf16_backward,
-                                     collider.token_rows(x))[0]
+                                     row_subset.token_rows(x))[0]
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -266,98 +264,3 @@ def cpp_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == torch.float32
         and weight.shape[1] % ternary.QK == 0
     )
-
-
-# ---- the module ------------------------------------------------------------------------
-
-
-class BitLinear(nn.Module):
-    """A bias-free linear layer with a latent fp32 weight (out, in), ternary in the forward."""
-
-    def __init__(self, in_features: int, out_features: int, kernel: str = "auto",
-                 device=None, dtype=None, backward_precision: str = "auto"):
-        super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"BitLinear kernel must be one of {KERNELS}, got {kernel!r}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.kernel = kernel
-        self.backward_precision = backward_precision  # C++ path's backward GEMMs (module doc)
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32)
-        )
-        self._frozen: ternary.TernaryMatrix | None = None  # set only inside frozen()
-        self.reset_parameters()
-
-    @property
-    def backward_precision(self) -> str:
-        return self._backward_precision
-
-    @backward_precision.setter
-    def backward_precision(self, value: str) -> None:
-        # Resolved here, once: forward stays free of CPU probing (torch.compile traces it).
-        self._bf16_backward = resolve_backward(value)
-        self._backward_precision = value
-
-    def reset_parameters(self, std: float | None = None) -> None:
-        """Normal(0, std), std defaulting to 1/sqrt(in_features). The GPT sets its own std."""
-        std = std if std is not None else 1 / math.sqrt(self.in_features)
-        nn.init.normal_(self.weight, 0.0, std)
-
-    def uses_cpp(self, x: torch.Tensor, packed: bool = False) -> bool:
-        """Whether this call runs the C++ path. `packed`: inside frozen(), where the weight
-        is packed once, so "auto" takes it whenever it applies (the GEMV beats torch)."""
-        if self.kernel == "torch":
-            return False
-        ok = cpp_applies(x, self.weight)
-        if self.kernel == "cpp" and not ok:
-            raise ValueError(
-                f"BitLinear(kernel='cpp') needs float32 CPU tensors and in_features % "
-                f"{ternary.QK} == 0; got x {x.dtype} on {x.device}, weight "
-                f"{self.weight.dtype} on {self.weight.device}, in_features {self.in_features}"
-            )
-        if self.kernel == "auto" and not packed:
-            # Below this much work per call the fixed costs (quantize the weight, the op
-            # and autograd plumbing) outweigh the faster GEMMs: one layer's forward +
-            # backward around 2^25 MACs, C++ vs torch, is the "layer" part of
-            # `nanochat bench kernels` (docs/benchmarks.md: 256->128 at 256 tokens,
-            # 2^23 MACs, runs at 0.74-0.86x torch's speed on 2 threads).
-            tokens = x.numel() // self.in_features
-            ok = (ok and self.in_features * self.out_features * tokens >= AUTO_MIN_MACS
-                  and fast_isa())
-        return ok
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self._frozen is not None and not torch.is_grad_enabled()
-                and self.uses_cpp(x, packed=True)):
-            # inference inside frozen(): the weight was packed once, skip re-quantizing it
-            y = self._frozen(x.reshape(-1, self.in_features).contiguous())
-            return y.reshape(*x.shape[:-1], self.out_features)
-        if self.uses_cpp(x):
-            return bitlinear_cpp(x, self.weight, self._bf16_backward)
-        return bitlinear_torch(x, self.weight)
-
-    def ternary(self) -> ternary.TernaryMatrix:
-        """The layer's weight in the C++ kernel layout (inference), same codes/scale as training."""
-        codes, s = weight_codes(self.weight.detach().cpu())
-        return ternary.TernaryMatrix.from_codes(codes, s)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"kernel={self.kernel}, backward_precision={self.backward_precision}")
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module):
-    """Pack every cpp-capable BitLinear of `model` once for the duration of the block, so
-    no-grad forwards (generation) skip the per-call weight quantization. Same codes, scale
-    and kernels as the op. The weights must not change inside the block."""
-    layers = [m for m in model.modules() if isinstance(m, BitLinear) and m.kernel != "torch"
-              and cpp_applies(m.weight.new_empty((0, m.in_features)), m.weight)]
-    try:
-        for m in layers:
-            m._frozen = m.ternary()
-        yield model
-    finally:
-        for m in layers:
-            m._frozen = None

@@ -5,7 +5,7 @@
 Autograd's RMSNorm runs half a dozen element-wise kernels forward and more backward; a
 training step of `tiny` has 21 norms. `nanochat::rms_norm` reads and writes each row once
 per direction and saves the per-row 1/rms for the backward. Inside a Collider micro-batch
-(nanochat/collider.py) the backward runs over the kept token rows only: the others' incoming
+(nanochat/train/collider.py) the backward runs over the kept token rows only: the others' incoming
 gradient is zero, so their input gradient is zero and they add nothing to the weight's.
 
 `rms_norm` takes the op for float32 CPU tensors and falls back to F.rms_norm elsewhere
@@ -21,9 +21,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nanochat import collider
 from nanochat._core import buffer as _buf
 from nanochat._core import core
+from nanochat.ops import rows as row_subset
 
 
 @torch.library.custom_op("nanochat::rms_norm", mutates_args=(), device_types="cpu")
@@ -73,7 +73,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_rstd):
     x, weight, rstd = ctx.saved_tensors
-    keep = collider.kept_rows(x.shape[0]) if ctx.token_rows else None
+    keep = row_subset.kept_rows(x.shape[0]) if ctx.token_rows else None
     gx, gw = torch.ops.nanochat.rms_norm_backward(grad_y.float(), x, weight, rstd, keep)
     return (gx if ctx.needs_input_grad[0] else None,
             gw if ctx.needs_input_grad[1] else None, None, None)
@@ -98,5 +98,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
     lead = x.shape[:-1]
     y, _ = torch.ops.nanochat.rms_norm(x.reshape(-1, x.shape[-1]), weight, float(eps),
-                                       collider.token_rows(x))
+                                       row_subset.token_rows(x))
     return y.reshape(*lead, x.shape[-1])

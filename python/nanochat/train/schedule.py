@@ -3,7 +3,7 @@
 The factor multiplies each parameter group's peak LR. Progress is the fraction of
 the run done: step / max_steps, or, under a wall-clock budget, whichever of that
 and elapsed / budget is further along, so a time-limited run still ends with its
-decay. Continuous at both boundaries. Used by nanochat/train.py.
+decay. Continuous at both boundaries. Used by nanochat/train/loop.py.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Autograd runs silu, a multiply and their two backward kernels and saves silu's output on
 top of gate and up; `nanochat::swiglu` reads and writes each element once per direction
-and saves only gate and up. Inside a Collider micro-batch (nanochat/collider.py) its
+and saves only gate and up. Inside a Collider micro-batch (nanochat/train/collider.py) its
 backward runs over the kept token rows only (the others' incoming gradient is zero).
 
 `swiglu` takes the op for float32 CPU tensors and falls back to F.silu(gate) * up elsewhere
@@ -18,9 +18,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nanochat import collider
 from nanochat._core import buffer as _buf
 from nanochat._core import core
+from nanochat.ops import rows as row_subset
 
 
 @torch.library.custom_op("nanochat::swiglu", mutates_args=(), device_types="cpu")
@@ -63,7 +63,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     gate, up = ctx.saved_tensors
-    keep = collider.kept_rows(gate.shape[0]) if ctx.token_rows else None
+    keep = row_subset.kept_rows(gate.shape[0]) if ctx.token_rows else None
     gg, gu = torch.ops.nanochat.swiglu_backward(grad_out.float(), gate, up, keep)
     return (gg if ctx.needs_input_grad[0] else None,
             gu if ctx.needs_input_grad[1] else None, None)
@@ -88,5 +88,5 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return F.silu(gate) * up
     lead = gate.shape[:-1]
     out = torch.ops.nanochat.swiglu(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1]),
-                                    collider.token_rows(gate))
+                                    row_subset.token_rows(gate))
     return out.reshape(*lead, gate.shape[-1])

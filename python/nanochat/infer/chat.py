@@ -1,6 +1,6 @@
 """nanochat chat: a conversation with a GGUF model on the C++ engine, history kept in its KV cache.
 
-The chat template (the special tokens of nanochat/tokenizer.py), one turn after another:
+The chat template (the special tokens of nanochat/data/tokenizer.py), one turn after another:
 
     <|bos|><|user_start|>USER TEXT<|user_end|><|assistant_start|>REPLY<|assistant_end|>...
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 
-from nanochat.engine import Engine
+from nanochat.infer.engine import Engine
 
 MARKERS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
 

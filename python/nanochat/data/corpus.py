@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from nanochat import atomic
-from nanochat.tokenizer import MIN_VOCAB, Tokenizer
+from nanochat.data.tokenizer import MIN_VOCAB, Tokenizer
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -9,20 +9,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat import checkpoint
-from nanochat.config import from_dict
-from nanochat.gpt import GPT
-from nanochat.tokenizer import Tokenizer
-
-
-def load_model(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
-    state = checkpoint.load(Path(path))
-    cfg = from_dict(state["config"], f"checkpoint {state['path']}")
-    model = GPT(cfg.model, bitlinear="torch")
-    model.load_state_dict(state["model"])
-    model.eval()
-    tok = Tokenizer.load(state["path"] / "tokenizer")
-    return model, tok, state
+from nanochat.model.load import load_model
 
 
 def sample_from_checkpoint(path: str | Path, prompt: str, max_tokens: int = 200,

@@ -6,7 +6,7 @@
     y      = sum_top g * expert_e(x)  (+ shared expert(x))
     expert_e(x) = down_e(sub_norm_e(act(gate_e(x)) * up_e(x)))   the dense FFN's shape
 
-Every expert matrix has BitLinear semantics (nanochat/bitlinear.py): the weights are stored
+Every expert matrix has BitLinear semantics (nanochat/ops/bitlinear.py): the weights are stored
 as 3-D tensors (E, out, in) and each expert is quantized on its own (absmean scale per
 expert), activations per token to int8 (absmax), straight-through estimator for both; the
 routing selection is not differentiable, the gate values are (the router learns through
@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.bitlinear import EPS, BitLinear, quantize_activations
+from nanochat.model.bitlinear import BitLinear
+from nanochat.ops.bitlinear import EPS, quantize_activations
 
 
 def ste_activations(x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Engine: the C++ inference engine (csrc/engine) over a GGUF file, from Python.
 
-    from nanochat.engine import Engine
+    from nanochat.infer.engine import Engine
     eng = Engine("model.gguf")
     for token, piece in eng.generate("def main(", max_tokens=64, temperature=0.7):
         print(piece, end="", flush=True)
@@ -10,7 +10,7 @@ One Engine is one model plus one session (KV cache): generate() and eval() conti
 conversation in it; reset() forgets it. The engine computes with the GIL released; the
 generator runs generation on a worker thread and yields tokens as they come. Thread
 count: Engine(n_threads=...) for this engine alone, else NANOCHAT_NUM_THREADS or
-nanochat.ternary.set_num_threads; engines on different threads each run on their own
+nanochat.ops.ternary.set_num_threads; engines on different threads each run on their own
 threads.
 
     pytest tests/test_engine.py

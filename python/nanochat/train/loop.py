@@ -24,14 +24,16 @@ from pathlib import Path
 import torch
 
 from nanochat import atomic, checkpoint, malloc
-from nanochat.collider import Collider
 from nanochat.config import RunConfig, from_dict
-from nanochat.dataset import TokenData, unigram_bigram_bpb
-from nanochat.gpt import GPT
-from nanochat.loader import BatchLoader, eval_batches
-from nanochat.metrics import MetricsLogger, peak_memory_bytes
+from nanochat.data.dataset import TokenData, unigram_bigram_bpb
+from nanochat.data.loader import BatchLoader, eval_batches
+from nanochat.model.build import build_model
+from nanochat.model.gpt import GPT
+from nanochat.model.load import load_model
 from nanochat.optim import build_optimizer, state_bytes
-from nanochat.schedule import progress, wsd_factor
+from nanochat.train.collider import Collider
+from nanochat.train.metrics import MetricsLogger, peak_memory_bytes
+from nanochat.train.schedule import progress, wsd_factor
 
 
 @dataclass
@@ -54,6 +56,22 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device = 'cuda' but torch sees no CUDA device")
     return torch.device(name)
+
+
+def _reference_model(cfg: RunConfig, device) -> GPT | None:
+    """Collider's frozen reference model (train.collider.reference), or None."""
+    c = cfg.train.collider
+    if not (c.enabled and c.reference):
+        return None
+    try:
+        ref, _, _ = load_model(c.reference)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"train.collider.reference: {e}") from None
+    if ref.config.vocab_size != cfg.model.vocab_size:
+        raise ValueError(f"train.collider.reference {c.reference}: vocab_size "
+                         f"{ref.config.vocab_size}, the model trains with {cfg.model.vocab_size}")
+    ref.set_bitlinear_kernel("auto")
+    return ref.to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -141,11 +159,8 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
             raise ValueError(f"checkpoint {state['path']} used a different tokenizer "
                              f"than {data_dir}")
 
-    torch.manual_seed(t.seed)
-    model = GPT(cfg.model, bitlinear=t.bitlinear).to(device)
-    model.set_bitlinear_backward(t.bitlinear_backward)
-    model.set_fused_loss(t.fused_loss, t.fused_loss_precision)  # LM/MTP head loss
-    collider = Collider.from_config(t.collider, cfg.model.vocab_size, device, log=log)
+    model = build_model(cfg, device, seed=t.seed)
+    collider = Collider.from_config(t.collider, _reference_model(cfg, device), log=log)
     opt = build_optimizer(model, cfg, log=log if state is None else (lambda *_: None))
     step, elapsed_before, train_s = 0, 0.0, 0.0
     if state is not None:

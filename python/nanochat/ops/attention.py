@@ -17,7 +17,7 @@ backward of csrc/attn/attention.cpp (16-query tiles, causal tiles skipped, group
 heads native; `nanochat bench kernels` times it against SDPA), so a model's forward is the
 same with and without grad; calls over a KV cache (decoding), other dtypes or devices and
 the scalar ISA run SDPA.
-Collider (nanochat/collider.py): in a Collider micro-batch only the kept token rows carry an
+Collider (nanochat/train/collider.py): in a Collider micro-batch only the kept token rows carry an
 output gradient (a dropped row's is exactly zero) and the k / v projections drop the
 gradient of the dropped rows anyway, so the op's backward runs over the kept rows only:
 scores and their gradient for kept queries, dk / dv for kept keys. The dense backward
@@ -36,9 +36,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nanochat import collider
 from nanochat._core import buffer as _buf
 from nanochat._core import core
+from nanochat.ops import rows as row_subset
 
 
 def attention_mask(t: int, cached: int, window: int | None, device=None) -> torch.Tensor:
@@ -101,7 +101,7 @@ def op_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether nanochat::attention runs this call: float32 CPU tensors outside autocast.
     NANOCHAT_ATTENTION: auto (default) takes the op on an ISA with vector tiles (FAST_ISAS),
     cpp on any ISA, torch never."""
-    from nanochat import ternary
+    from nanochat.ops import ternary
 
     mode = os.environ.get("NANOCHAT_ATTENTION", "auto")
     return ((mode == "cpp" or (mode == "auto" and ternary.active_isa() in FAST_ISAS))
@@ -173,7 +173,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     b, _, t, _ = q.shape
-    rows = collider.kept_rows(b * t) if ctx.token_rows else None
+    rows = row_subset.kept_rows(b * t) if ctx.token_rows else None
     gq, gk, gv = torch.ops.nanochat.attention_backward(grad_out, q, k, v, out, lse, rows,
                                                        ctx.window)
     return gq, gk, gv, None, None

@@ -24,7 +24,7 @@ longer than the context), 401 for a wrong or missing key when --api-key is set, 
 unknown model or path, 429 with Retry-After when the scheduler's queue is full.
 
 The chat template is the model's own: the GGUF vocabulary's <|user_start|> <|user_end|>
-<|assistant_start|> <|assistant_end|> tokens (nanochat/chat.py), with system messages folded
+<|assistant_start|> <|assistant_end|> tokens (nanochat/infer/chat.py), with system messages folded
 into the next user turn. Message text is tokenized as plain text, so a user cannot forge a
 marker.
 """
@@ -49,7 +49,7 @@ from pathlib import Path
 
 from nanochat._core import core
 
-log = logging.getLogger("nanochat.serve")
+log = logging.getLogger("nanochat.infer.server")
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"  # GET /
 CHAT_MARKERS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
 

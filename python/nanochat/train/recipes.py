@@ -86,16 +86,16 @@ def _available_bytes(device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def _time_steps(model_cfg, batch: int, seq: int, steps: int, device) -> float:
-    """Seconds per optimizer step (forward + backward + AdamW) on random tokens."""
+def _time_steps(cfg, batch: int, seq: int, steps: int, device) -> float:
+    """Seconds per optimizer step (the trainer's model, forward + backward + AdamW) on
+    random tokens."""
     import torch
 
-    from nanochat.gpt import GPT
+    from nanochat.model.build import build_model
 
-    torch.manual_seed(0)
-    model = GPT(model_cfg).to(device)
+    model = build_model(cfg, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, model_cfg.vocab_size, (batch, seq + 1), device=device)
+    x = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), device=device)
 
     def step():
         _, loss = model(x[:, :-1], x[:, 1:])
@@ -119,7 +119,7 @@ def measure_tokens_per_s(cfg, batch: int, steps: int) -> tuple[float, str]:
     it was measured (the full model, or depths 1 and 2 extrapolated when it does not fit)."""
     import torch
 
-    from nanochat.gpt import model_info
+    from nanochat.model.gpt import model_info
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seq = cfg.train.seq_len
@@ -127,10 +127,10 @@ def measure_tokens_per_s(cfg, batch: int, steps: int) -> tuple[float, str]:
              else f"cpu, {torch.get_num_threads()} threads")
     need = model_info(cfg.model, batch, seq)["training_state_bytes"]
     if need < 0.5 * _available_bytes(device):
-        sec = _time_steps(cfg.model, batch, seq, steps, device)
+        sec = _time_steps(cfg, batch, seq, steps, device)
         return batch * seq / sec, f"measured: {steps} steps of the full model on {where}"
-    t1, t2 = (_time_steps(dataclasses.replace(cfg.model, n_layers=n), batch, seq, steps, device)
-              for n in (1, 2))
+    t1, t2 = (_time_steps(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=n)),
+                          batch, seq, steps, device) for n in (1, 2))
     sec = t1 + (t2 - t1) * (cfg.model.n_layers - 1)
     return batch * seq / sec, (f"measured at depth 1 ({t1:.2f} s/step) and 2 ({t2:.2f} s/step) "
                                f"on {where}, extrapolated to {cfg.model.n_layers} layers (the "
@@ -140,7 +140,7 @@ def measure_tokens_per_s(cfg, batch: int, steps: int) -> tuple[float, str]:
 
 def plan(name: str, extra: list[str] | None = None, tokens_per_s: float | None = None,
          measure_steps: int = 2, measure_batch: int = 1) -> dict:
-    from nanochat.gpt import model_info
+    from nanochat.model.gpt import model_info
 
     r, cfg = build(name, extra)
     t = cfg.train
@@ -223,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
         p = plan(args.name, args.set, args.tokens_per_s, args.measure_steps, args.measure_batch)
         print(json.dumps(p) if args.json else format_plan(p))
         return 0
-    from nanochat import train as T
+    from nanochat.train import loop as T
 
     _, cfg = build(args.name, args.set)
     if not args.data:

@@ -5,7 +5,7 @@ address after their dtype, device, shape and contiguity are checked; outputs are
 allocated here, as the same kind of array as the main input (torch in, torch out;
 numpy in, numpy out). Misuse raises TypeError/ValueError, never crashes.
 
-    from nanochat import ternary
+    from nanochat.ops import ternary
     W = ternary.TernaryMatrix.from_float(torch.randn(768, 768))
     y = W(x)                      # per-token int8 activations, ternary GEMM
     raw = W.to_tq2_0()            # ggml TQ2_0 bytes, as gguf.quants writes them

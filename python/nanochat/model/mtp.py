@@ -2,7 +2,7 @@
 
 Head 1 is the ordinary next-token head (the trunk, output_norm, the tied unembedding).
 Head k >= 2 is a sequential module in the DeepSeek-V3 form, one BitNet transformer block
-each (gpt.Block, plain: dense FFN, full attention, one residual stream):
+each (block.Block, plain: dense FFN, full attention, one residual stream):
 
     x_k   = eh_proj([enorm(embd(token[t + k - 1])) ; hnorm(h_{k-1}[t])])   # BitLinear 2d -> d
     h_k   = block_k(x_k)                                                    # causal, RoPE
@@ -17,7 +17,7 @@ embedding of the token it is conditioned on, so the k-th prediction is made with
 causal chain the main model would follow, which is what self-speculative decoding wants
 (DeepSeek-V3 reports 85-90% acceptance of the second token); the files this project writes
 follow llama.cpp's `nextn` layout for exactly these modules (docs/gguf.md); and the heads
-are still evaluated one after another, so the fused loss (nanochat/fused_loss.py) never
+are still evaluated one after another, so the fused loss (nanochat/ops/fused_loss.py) never
 holds more than one chunk of one head's logits. Both designs share the unembedding.
 
 Training loss (config MTPConfig): loss_weights[0] * L_1 + weight * sum_{k>=2} loss_weights[k-1]
@@ -36,8 +36,9 @@ import math
 import torch
 import torch.nn as nn
 
-from nanochat.bitlinear import BitLinear
 from nanochat.config import ModelConfig, MTPConfig
+from nanochat.model.bitlinear import BitLinear
+from nanochat.model.block import Block, RMSNorm
 
 
 def plain_block_config(cfg: ModelConfig) -> ModelConfig:
@@ -53,7 +54,6 @@ class MTPHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig, bitlinear: str = "auto"):
         super().__init__()
-        from nanochat.gpt import Block, RMSNorm  # gpt imports this module lazily
 
         d = cfg.d_model
         self.enorm = RMSNorm(d, cfg.norm_eps)

@@ -4,7 +4,7 @@ trace under torch.compile and run on FakeTensors.
     torch.ops.nanochat.quantize_activations(x)            -> (q int8, x_scale f32)
     torch.ops.nanochat.ternary_gemm(w, q, x_scale, s)     -> y f32 (tokens, rows)
 
-`w` is TK2 bytes (rows, cols/4) uint8 (see nanochat.ternary.TernaryMatrix). These
+`w` is TK2 bytes (rows, cols/4) uint8 (see nanochat.ops.ternary.TernaryMatrix). These
 are inference kernels on already-quantized values, so they have no autograd
 formula; the training layer (BitLinear) differentiates through its float
 reference with a straight-through estimator. Tested by tests/test_ops.py
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from nanochat import ternary
+from nanochat.ops import ternary
 
 
 @torch.library.custom_op("nanochat::quantize_activations", mutates_args=())

@@ -1,0 +1,115 @@
+"""One decoder block (pre-norm attention with a sub-norm, pre-norm FFN with a sub-norm), its
+RMSNorm and RoPE; nanochat/model/gpt.py stacks them, nanochat/model/mtp.py reuses them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.config import ModelConfig
+from nanochat.model.bitlinear import BitLinear
+from nanochat.model.mhc import MHC
+from nanochat.model.moe import MoE
+from nanochat.ops import rmsnorm
+from nanochat.ops import rows as row_subset
+from nanochat.ops.attention import attend, trim
+from nanochat.ops.swiglu import swiglu
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (ggml_rms_norm then a multiply)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rmsnorm.rms_norm(x, self.weight, self.eps)  # the C++ op on float32 CPU
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos, sin (T, head_dim/2) float32 for the given absolute positions (T,)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device,
+                                       dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NEOX (half-split) rotation of x (B, H, T, D): pairs (x[i], x[i + D/2]) by angle
+    pos * theta^(-2i/D), the pairing llama.cpp uses for the bitnet architecture."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
+class Block(nn.Module):
+    """One layer. Options (config.py): mHC streams around both sub-layers (x is then
+    (B, T, n, d)), a mixture of experts in place of the FFN, a sliding attention window."""
+
+    def __init__(self, cfg: ModelConfig, bitlinear: str, layer: int = 0):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+        self.activation = cfg.activation
+        self.window = cfg.attention.layer_window(layer)  # None: full causal attention
+        self.attn_norm = RMSNorm(d, cfg.norm_eps)
+        self.attn_q = BitLinear(d, cfg.n_heads * hd, bitlinear)
+        self.attn_k = BitLinear(d, cfg.n_kv_heads * hd, bitlinear)
+        self.attn_v = BitLinear(d, cfg.n_kv_heads * hd, bitlinear)
+        self.attn_sub_norm = RMSNorm(d, cfg.norm_eps)
+        self.attn_output = BitLinear(cfg.n_heads * hd, d, bitlinear)
+        self.ffn_norm = RMSNorm(d, cfg.norm_eps)
+        self.moe = None
+        if cfg.moe.experts:  # the experts replace ffn_gate/up/sub_norm/down
+            e = cfg.moe
+            self.moe = MoE(d, e.expert_hidden or cfg.ffn_hidden, e.experts, e.top_k,
+                           e.shared_expert, e.balance, e.bias_rate, cfg.activation,
+                           cfg.norm_eps, bitlinear)
+        else:
+            self.ffn_gate = BitLinear(d, cfg.ffn_hidden, bitlinear)
+            self.ffn_up = BitLinear(d, cfg.ffn_hidden, bitlinear)
+            self.ffn_sub_norm = RMSNorm(cfg.ffn_hidden, cfg.norm_eps)
+            self.ffn_down = BitLinear(cfg.ffn_hidden, d, bitlinear)
+        m = cfg.mhc
+        if m.streams > 1:
+            self.mhc_attn = MHC(m.streams, d, m.res, m.sinkhorn_iters, m.dynamic, cfg.norm_eps)
+            self.mhc_ffn = MHC(m.streams, d, m.res, m.sinkhorn_iters, m.dynamic, cfg.norm_eps)
+
+    def attention(self, x, cos, sin, cache: list | None):
+        B, T, _ = x.shape
+        q = self.attn_q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,T,D)
+        k = self.attn_k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.attn_v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:  # [k, v] of earlier positions (B, Hkv, past, D), or [None, None]
+            if cache[0] is not None:
+                past = cache[0].shape[2]
+                k = torch.cat((cache[0], k), dim=2)
+                v = torch.cat((cache[1], v), dim=2)
+            cache[0], cache[1] = trim(k, self.window), trim(v, self.window)
+        # grouped-query: q head h reads kv head h // (n_heads / n_kv_heads), inside attend
+        y = attend(q, k, v, past, self.window, row_subset.token_rows(x))
+        return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B,T,H*D)
+
+    def attn_branch(self, x, cos, sin, cache: list | None = None):
+        a = self.attention(self.attn_norm(x), cos, sin, cache)  # (B, T, d)
+        return self.attn_output(self.attn_sub_norm(a))
+
+    def ffn_branch(self, x):
+        h = self.ffn_norm(x)
+        if self.moe is not None:
+            return self.moe(h)
+        g, u = self.ffn_gate(h), self.ffn_up(h)
+        a = swiglu(g, u) if self.activation == "silu" else F.relu(g).square() * u
+        return self.ffn_down(self.ffn_sub_norm(a))
+
+    def forward(self, x, cos, sin, cache: list | None = None):
+        if hasattr(self, "mhc_attn"):  # x (B, T, n, d): streams mixed around each sub-layer
+            x = self.mhc_attn(x, lambda h: self.attn_branch(h, cos, sin, cache))
+            return self.mhc_ffn(x, self.ffn_branch)
+        x = x + self.attn_branch(x, cos, sin, cache)
+        return x + self.ffn_branch(x)
