@@ -1,5 +1,6 @@
-// nanochat._C engine bindings: EngineModel (load, info, tokenizer) and EngineSession
-// (eval, eval_all, generate) over the C++ API in nanochat.hpp. python/nanochat/infer/engine.py
+// nanochat._C engine bindings: EngineModel (load, info, tokenizer), EngineSession
+// (eval, eval_all, generate) and EngineScheduler (continuous batching) over the C++ API
+// in nanochat.hpp. python/nanochat/infer/engine.py and infer/server.py
 // wraps these. The GIL is released while the engine computes; a generate callback takes
 // it back for each token.
 #include <pybind11/numpy.h>
@@ -26,6 +27,10 @@ struct PyModel {
 struct PySession {
   std::shared_ptr<const Model> model;
   std::unique_ptr<Session> session;
+};
+
+struct PyScheduler {
+  std::unique_ptr<Scheduler> scheduler;
 };
 
 py::dict info_dict(const ModelInfo& i) {
@@ -194,4 +199,115 @@ void bind_engine(py::module_& m) {
           "Feeds `prompt` (ids) and samples; callback(token, piece: bytes) -> False stops. "
           "Returns a dict (tokens, text: bytes, stop_reason, prompt_tokens, prefill_seconds, "
           "decode_seconds, decode_steps, decode_{ternary,head,attention}_seconds).");
+
+  // Subclasses of CoreError (ValueError), registered after it so they are tried first.
+  py::register_exception<ContextFullError>(m, "ContextFullError", m.attr("CoreError"));
+  py::register_exception<QueueFullError>(m, "QueueFullError", m.attr("CoreError"));
+
+  py::class_<PyScheduler>(m, "EngineScheduler",
+                          "Continuous batching over an EngineModel (nanochat.hpp Scheduler): "
+                          "submit/cancel/poll from any thread, step() on one.")
+      .def(py::init([](const PyModel& model, int32_t n_ctx, int64_t kv_budget_bytes,
+                       int32_t max_batch, int32_t prefill_chunk, int32_t max_queue) {
+             SchedulerOptions o;
+             o.n_ctx = n_ctx;
+             o.kv_budget_bytes = kv_budget_bytes;
+             o.max_batch = max_batch;
+             o.prefill_chunk = prefill_chunk;
+             o.max_queue = max_queue;
+             return PyScheduler{std::make_unique<Scheduler>(model.model, o)};
+           }),
+           py::arg("model"), py::arg("n_ctx") = 0, py::arg("kv_budget_bytes") = 0,
+           py::arg("max_batch") = 16, py::arg("prefill_chunk") = 64, py::arg("max_queue") = 64)
+      .def(
+          "submit",
+          [](PyScheduler& s, const std::vector<int32_t>& prompt, float temperature, int32_t top_k,
+             float top_p, float repetition_penalty, int32_t repetition_window, uint64_t seed,
+             int32_t max_tokens, const std::vector<int32_t>& stop_tokens, const py::list& stop,
+             bool stop_at_eos) {
+            SamplingParams sp;
+            sp.temperature = temperature;
+            sp.top_k = top_k;
+            sp.top_p = top_p;
+            sp.repetition_penalty = repetition_penalty;
+            sp.repetition_window = repetition_window;
+            sp.seed = seed;
+            sp.max_tokens = max_tokens;
+            sp.stop_tokens = stop_tokens;
+            for (const py::handle& h : stop) sp.stop_strings.push_back(h.cast<std::string>());
+            sp.stop_at_eos = stop_at_eos;
+            py::gil_scoped_release nogil;
+            return s.scheduler->submit(prompt, sp);
+          },
+          py::arg("prompt"), py::arg("temperature") = 0.8f, py::arg("top_k") = 0,
+          py::arg("top_p") = 1.0f, py::arg("repetition_penalty") = 1.0f,
+          py::arg("repetition_window") = 64, py::arg("seed") = 0, py::arg("max_tokens") = 128,
+          py::arg("stop_tokens") = std::vector<int32_t>(), py::arg("stop") = py::list(),
+          py::arg("stop_at_eos") = true,
+          "Queues a sequence; returns its id. ContextFullError: it can never fit; "
+          "QueueFullError: max_queue sequences wait already.")
+      .def(
+          "cancel",
+          [](PyScheduler& s, int64_t id) {
+            py::gil_scoped_release nogil;
+            return s.scheduler->cancel(id);
+          },
+          py::arg("id"))
+      .def("step",
+           [](PyScheduler& s) {
+             py::gil_scoped_release nogil;
+             return s.scheduler->step();
+           })
+      .def(
+          "wait",
+          [](PyScheduler& s, int32_t timeout_ms) {
+            py::gil_scoped_release nogil;
+            return s.scheduler->wait(timeout_ms);
+          },
+          py::arg("timeout_ms"))
+      .def("notify",
+           [](PyScheduler& s) {
+             py::gil_scoped_release nogil;
+             s.scheduler->notify();
+           })
+      .def(
+          "poll",
+          [](PyScheduler& s) {
+            std::vector<SequenceOutput> outs;
+            {
+              py::gil_scoped_release nogil;
+              outs = s.scheduler->poll();
+            }
+            py::list r;
+            for (const SequenceOutput& o : outs) {
+              py::dict d;
+              d["id"] = o.id;
+              d["tokens"] = o.tokens;
+              d["text"] = py::bytes(o.text);
+              d["finished"] = o.finished;
+              d["finish_reason"] = o.finish_reason;
+              d["error"] = o.error;
+              d["prompt_tokens"] = o.prompt_tokens;
+              d["generated_tokens"] = o.generated_tokens;
+              r.append(d);
+            }
+            return r;
+          },
+          "News since the last poll: dicts (id, tokens, text: bytes, finished, finish_reason, "
+          "error, prompt_tokens, generated_tokens).")
+      .def_property_readonly("stats", [](const PyScheduler& s) {
+        const SchedulerStats st = s.scheduler->stats();
+        py::dict d;
+        d["active"] = st.active;
+        d["waiting"] = st.waiting;
+        d["kv_used_bytes"] = st.kv_used_bytes;
+        d["kv_budget_bytes"] = st.kv_budget_bytes;
+        d["steps"] = st.steps;
+        d["prefill_tokens"] = st.prefill_tokens;
+        d["decode_tokens"] = st.decode_tokens;
+        d["last_rows"] = st.last_rows;
+        d["last_sequences"] = st.last_sequences;
+        d["last_step_seconds"] = st.last_step_seconds;
+        return d;
+      });
 }

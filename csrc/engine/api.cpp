@@ -127,15 +127,7 @@ struct Session::Impl {
 };
 
 int64_t Session::kv_cache_bytes(const Model& model, int32_t n_ctx) {
-  const Model::Impl& m = model.impl();
-  const int64_t kv_dim = int64_t(m.info.n_kv_heads) * m.info.head_dim;
-  int64_t total = 0;
-  for (const LayerWeights& L : m.layers) {  // as SessionState lays it out
-    const int64_t slots = L.sliding ? std::min<int64_t>(n_ctx, int64_t(m.window) + kMaxBatch)
-                                    : int64_t(n_ctx);
-    total += 2 * slots * kv_dim * int64_t(sizeof(float));
-  }
-  return total;
+  return KvCache::bytes(model.impl(), n_ctx);
 }
 
 namespace {

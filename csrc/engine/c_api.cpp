@@ -3,6 +3,7 @@
 #include <cstring>
 #include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/model.h"
@@ -15,6 +16,12 @@ struct nc_model {
 
 struct nc_session {
   nanochat::Session session;
+};
+
+struct nc_scheduler {
+  nc_scheduler(std::shared_ptr<const nanochat::Model> m, const nanochat::SchedulerOptions& o)
+      : scheduler(std::move(m), o) {}
+  nanochat::Scheduler scheduler;
 };
 
 namespace {
@@ -34,6 +41,8 @@ nc_status guarded(const char* fn, F&& f, nc_status error_status = NC_ERR_INVALID
     return f();
   } catch (const nanochat::ContextFullError& e) {
     return fail(NC_ERR_CONTEXT_FULL, std::string(fn) + ": " + e.what());
+  } catch (const nanochat::QueueFullError& e) {
+    return fail(NC_ERR_QUEUE_FULL, std::string(fn) + ": " + e.what());
   } catch (const nanochat::Error& e) {
     return fail(error_status, std::string(fn) + ": " + e.what());
   } catch (const std::bad_alloc&) {
@@ -49,6 +58,30 @@ void copy_str(char* dst, size_t cap, const std::string& s) {
   const size_t n = s.size() < cap - 1 ? s.size() : cap - 1;
   std::memcpy(dst, s.data(), n);
   dst[n] = '\0';
+}
+
+// nc_sampling -> SamplingParams (params NULL: the defaults); a NULL list pointer is an error.
+nc_status to_params(const char* fn, const nc_sampling* params, nanochat::SamplingParams& sp) {
+  if (!params) return NC_OK;
+  if ((params->n_stop_tokens > 0 && !params->stop_tokens) ||
+      (params->n_stop_strings > 0 && !params->stop_strings))
+    return fail(NC_ERR_INVALID_ARGUMENT, std::string(fn) + ": stop list with a NULL pointer");
+  sp.temperature = params->temperature;
+  sp.top_k = params->top_k;
+  sp.top_p = params->top_p;
+  sp.repetition_penalty = params->repetition_penalty;
+  sp.repetition_window = params->repetition_window;
+  sp.seed = params->seed;
+  sp.max_tokens = params->max_tokens;
+  sp.stop_at_eos = params->stop_at_eos != 0;
+  sp.stop_tokens.assign(params->stop_tokens, params->stop_tokens + params->n_stop_tokens);
+  for (size_t i = 0; i < params->n_stop_strings; ++i) {
+    if (!params->stop_strings[i])
+      return fail(NC_ERR_INVALID_ARGUMENT,
+                  std::string(fn) + ": stop_strings[" + std::to_string(i) + "] is NULL");
+    sp.stop_strings.emplace_back(params->stop_strings[i]);
+  }
+  return NC_OK;
 }
 
 }  // namespace
@@ -241,31 +274,10 @@ nc_status nc_generate_ex(nc_session* session, const char* prompt, size_t len, ui
   if (flags & ~uint32_t(NC_GENERATE_PARSE_SPECIAL))
     return fail(NC_ERR_INVALID_ARGUMENT, "nc_generate_ex: unknown flag bits " +
                                              std::to_string(flags & ~uint32_t(NC_GENERATE_PARSE_SPECIAL)));
-  nc_sampling def;
-  if (!params) {
-    nc_sampling_default(&def);
-    params = &def;
-  }
-  if ((params->n_stop_tokens > 0 && !params->stop_tokens) ||
-      (params->n_stop_strings > 0 && !params->stop_strings))
-    return fail(NC_ERR_INVALID_ARGUMENT, "nc_generate: stop list with a NULL pointer");
   return guarded("nc_generate", [&] {
     nanochat::SamplingParams sp;
-    sp.temperature = params->temperature;
-    sp.top_k = params->top_k;
-    sp.top_p = params->top_p;
-    sp.repetition_penalty = params->repetition_penalty;
-    sp.repetition_window = params->repetition_window;
-    sp.seed = params->seed;
-    sp.max_tokens = params->max_tokens;
-    sp.stop_at_eos = params->stop_at_eos != 0;
-    sp.stop_tokens.assign(params->stop_tokens, params->stop_tokens + params->n_stop_tokens);
-    for (size_t i = 0; i < params->n_stop_strings; ++i) {
-      if (!params->stop_strings[i])
-        return fail(NC_ERR_INVALID_ARGUMENT,
-                    "nc_generate: stop_strings[" + std::to_string(i) + "] is NULL");
-      sp.stop_strings.emplace_back(params->stop_strings[i]);
-    }
+    const nc_status st = to_params("nc_generate", params, sp);
+    if (st != NC_OK) return st;
     nanochat::Session& s = session->session;
     const nanochat::Model& m = s.model();
     std::vector<int32_t> ids =
@@ -288,6 +300,122 @@ nc_status nc_generate_ex(nc_session* session, const char* prompt, size_t len, ui
     }
     return NC_OK;
   });
+}
+
+void nc_scheduler_options_default(nc_scheduler_options* out) {
+  if (!out) return;
+  const nanochat::SchedulerOptions d;
+  std::memset(out, 0, sizeof *out);
+  out->n_ctx = d.n_ctx;
+  out->kv_budget_bytes = d.kv_budget_bytes;
+  out->max_batch = d.max_batch;
+  out->prefill_chunk = d.prefill_chunk;
+  out->max_queue = d.max_queue;
+}
+
+nc_status nc_scheduler_new(const nc_model* model, const nc_scheduler_options* opts,
+                           nc_scheduler** out) {
+  if (!out) return fail(NC_ERR_INVALID_ARGUMENT, "nc_scheduler_new: out is NULL");
+  *out = nullptr;
+  if (!model) return fail(NC_ERR_INVALID_ARGUMENT, "nc_scheduler_new: model is NULL");
+  return guarded("nc_scheduler_new", [&] {
+    nanochat::SchedulerOptions o;
+    if (opts) {
+      o.n_ctx = opts->n_ctx;
+      o.kv_budget_bytes = opts->kv_budget_bytes;
+      o.max_batch = opts->max_batch;
+      o.prefill_chunk = opts->prefill_chunk;
+      o.max_queue = opts->max_queue;
+    }
+    *out = new nc_scheduler(model->model, o);
+    return NC_OK;
+  });
+}
+
+void nc_scheduler_free(nc_scheduler* scheduler) { delete scheduler; }
+
+nc_status nc_scheduler_submit(nc_scheduler* scheduler, const int32_t* prompt, size_t n,
+                              const nc_sampling* params, int64_t* id_out) {
+  if (!scheduler || !id_out || (!prompt && n > 0))
+    return fail(NC_ERR_INVALID_ARGUMENT, "nc_scheduler_submit: NULL argument");
+  *id_out = 0;
+  return guarded("nc_scheduler_submit", [&] {
+    nanochat::SamplingParams sp;
+    const nc_status st = to_params("nc_scheduler_submit", params, sp);
+    if (st != NC_OK) return st;
+    *id_out = scheduler->scheduler.submit(std::vector<int32_t>(prompt, prompt + n), sp);
+    return NC_OK;
+  });
+}
+
+nc_status nc_scheduler_cancel(nc_scheduler* scheduler, int64_t id) {
+  if (!scheduler) return fail(NC_ERR_INVALID_ARGUMENT, "nc_scheduler_cancel: scheduler is NULL");
+  return guarded("nc_scheduler_cancel", [&] {
+    if (!scheduler->scheduler.cancel(id))
+      return fail(NC_ERR_INVALID_ARGUMENT, "nc_scheduler_cancel: no unfinished sequence " +
+                                               std::to_string(id));
+    return NC_OK;
+  });
+}
+
+nc_status nc_scheduler_step(nc_scheduler* scheduler, int32_t* ran) {
+  if (!scheduler) return fail(NC_ERR_INVALID_ARGUMENT, "nc_scheduler_step: scheduler is NULL");
+  return guarded("nc_scheduler_step", [&] {
+    const bool r = scheduler->scheduler.step();
+    if (ran) *ran = r ? 1 : 0;
+    return NC_OK;
+  });
+}
+
+nc_status nc_scheduler_wait(nc_scheduler* scheduler, int32_t timeout_ms, int32_t* has_work) {
+  if (!scheduler) return fail(NC_ERR_INVALID_ARGUMENT, "nc_scheduler_wait: scheduler is NULL");
+  return guarded("nc_scheduler_wait", [&] {
+    const bool w = scheduler->scheduler.wait(timeout_ms);
+    if (has_work) *has_work = w ? 1 : 0;
+    return NC_OK;
+  });
+}
+
+nc_status nc_scheduler_poll(nc_scheduler* scheduler, nc_sequence_callback callback,
+                            void* user_data) {
+  if (!scheduler || !callback)
+    return fail(NC_ERR_INVALID_ARGUMENT, "nc_scheduler_poll: NULL argument");
+  return guarded("nc_scheduler_poll", [&] {
+    for (const nanochat::SequenceOutput& o : scheduler->scheduler.poll()) {
+      nc_sequence_output c;
+      std::memset(&c, 0, sizeof c);
+      c.id = o.id;
+      c.tokens = o.tokens.data();
+      c.n_tokens = o.tokens.size();
+      c.text = o.text.data();
+      c.text_len = o.text.size();
+      c.finished = o.finished ? 1 : 0;
+      copy_str(c.finish_reason, sizeof c.finish_reason, o.finish_reason);
+      c.error = o.error.c_str();
+      c.prompt_tokens = o.prompt_tokens;
+      c.generated_tokens = o.generated_tokens;
+      callback(&c, user_data);
+    }
+    return NC_OK;
+  });
+}
+
+nc_status nc_scheduler_get_stats(const nc_scheduler* scheduler, nc_scheduler_stats* out) {
+  if (!scheduler || !out)
+    return fail(NC_ERR_INVALID_ARGUMENT, "nc_scheduler_get_stats: NULL argument");
+  const nanochat::SchedulerStats s = scheduler->scheduler.stats();
+  std::memset(out, 0, sizeof *out);
+  out->active = s.active;
+  out->waiting = s.waiting;
+  out->kv_used_bytes = s.kv_used_bytes;
+  out->kv_budget_bytes = s.kv_budget_bytes;
+  out->steps = s.steps;
+  out->prefill_tokens = s.prefill_tokens;
+  out->decode_tokens = s.decode_tokens;
+  out->last_rows = s.last_rows;
+  out->last_sequences = s.last_sequences;
+  out->last_step_seconds = s.last_step_seconds;
+  return NC_OK;
 }
 
 }  // extern "C"

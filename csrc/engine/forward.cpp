@@ -9,7 +9,7 @@
 //   logits = token_embd . rmsnorm(x, output_norm)      (tied head, dense kernels)
 //
 // A batch of up to kMaxBatch tokens runs each matrix as one GEMM (prefill); one token
-// is the decode GEMV. Nothing here allocates: SessionState holds every buffer.
+// is the decode GEMV. Nothing here allocates: ForwardScratch holds every buffer.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -25,11 +25,20 @@
 
 namespace nanochat {
 
-SessionState::SessionState(const Model::Impl& model, int32_t ctx) : m(model), n_ctx(ctx) {
+int64_t KvCache::bytes(const Model::Impl& m, int32_t n_ctx) {
+  const int64_t kv_dim = int64_t(m.info.n_kv_heads) * m.info.head_dim;
+  int64_t total = 0;
+  for (const LayerWeights& L : m.layers) {
+    const int64_t slots =
+        L.sliding ? std::min<int64_t>(n_ctx, int64_t(m.window) + kMaxBatch) : int64_t(n_ctx);
+    total += 2 * slots * kv_dim * int64_t(sizeof(float));
+  }
+  return total;
+}
+
+KvCache::KvCache(const Model::Impl& model, int32_t ctx, bool fault_in) : m(model), n_ctx(ctx) {
   const ModelInfo& I = m.info;
-  const int64_t d = I.d_model, hd = I.head_dim, ffn = I.ffn_hidden;
-  const int64_t kv_dim = int64_t(I.n_kv_heads) * hd;
-  const int64_t hidden = std::max<int64_t>(ffn, m.expert_hidden), wide = std::max(d, hidden);
+  const int64_t kv_dim = int64_t(I.n_kv_heads) * I.head_dim;
   slots.resize(size_t(I.n_layers));
   layer_off.resize(size_t(I.n_layers));
   size_t total = 0;
@@ -40,9 +49,14 @@ SessionState::SessionState(const Model::Impl& model, int32_t ctx) : m(model), n_
     total += size_t(2 * slots[size_t(l)] * kv_dim);
   }
   kv = LargeBuffer(total * sizeof(float));
-  // Fault the pages in now: the first token writes a row in every head's region, which
-  // would otherwise zero the whole cache inside the first eval's timing.
-  std::memset(kv.data(), 0, kv.size());
+  if (fault_in) std::memset(kv.data(), 0, kv.size());
+}
+
+ForwardScratch::ForwardScratch(const Model::Impl& m) {
+  const ModelInfo& I = m.info;
+  const int64_t d = I.d_model, hd = I.head_dim, ffn = I.ffn_hidden;
+  const int64_t kv_dim = int64_t(I.n_kv_heads) * hd;
+  const int64_t hidden = std::max<int64_t>(ffn, m.expert_hidden), wide = std::max(d, hidden);
   const size_t B = size_t(kMaxBatch);
   x.resize(B * size_t(d));
   xn.resize(B * size_t(wide));
@@ -78,17 +92,17 @@ SessionState::SessionState(const Model::Impl& model, int32_t ctx) : m(model), n_
   }
 }
 
-float* SessionState::k_cache(int64_t layer, int64_t kv_head) {
+float* KvCache::k_cache(int64_t layer, int64_t kv_head) {
   return reinterpret_cast<float*>(kv.data()) + layer_off[size_t(layer)] +
          kv_head * slots[size_t(layer)] * m.info.head_dim;
 }
 
-float* SessionState::v_cache(int64_t layer, int64_t kv_head) {
+float* KvCache::v_cache(int64_t layer, int64_t kv_head) {
   return k_cache(layer, kv_head) +
          int64_t(m.info.n_kv_heads) * slots[size_t(layer)] * m.info.head_dim;
 }
 
-void SessionState::check_start(int32_t pos, const char* what) const {
+void KvCache::check_start(int32_t pos, const char* what) const {
   if (m.window == 0) return;
   const int32_t need = std::max(0, pos - m.window + 1);  // first key position pos reads
   if (need < pos && need < ring_lo)
@@ -116,7 +130,7 @@ void rmsnorm(const float* x, const float* w, int64_t tokens, int64_t n, float ep
   for (int64_t t = 0; t < tokens; ++t) rms_norm_row(x + t * n, w, n, eps, out + t * n);
 }
 
-// Adds the seconds from construction to destruction to one of SessionState::times: two
+// Adds the seconds from construction to destruction to one of ForwardScratch::times: two
 // clock reads per matrix product or attention call (~100 per small_560m decode step).
 class PartTimer {
  public:
@@ -133,17 +147,20 @@ class PartTimer {
 };
 
 struct Ctx {
-  SessionState& s;
+  ForwardScratch& s;
+  const Model::Impl& m;
   const ModelInfo& info;
   const DenseKernels& dk;
   GemmKernel kernel;
   int64_t threads;
+  const BatchSegment* segs;  // the batch's rows by sequence, in row order
+  int64_t n_segs;
 };
 
 // Per-token int8 quantization of xn (tokens x k) into s.q8 with its sums (the kernels'
 // +1 code offset correction), shared by every matrix that reads this input.
 void quantize(Ctx& c, int64_t tokens, int64_t k) {
-  SessionState& s = c.s;
+  ForwardScratch& s = c.s;
   c.dk.quantize(s.xn.data(), tokens, k, s.q8.data(), s.q8_scale.data(), s.q8_sum.data());
 }
 
@@ -156,7 +173,7 @@ struct MatOut {
 // dispatch: tasks are (matrix, 16-row-multiple chunk, 64-token chunk) tiles.
 template <size_t N>
 void matmul(Ctx& c, const MatOut (&outs)[N], int64_t tokens, int64_t ldy) {
-  SessionState& s = c.s;
+  ForwardScratch& s = c.s;
   PartTimer timer(s.times.ternary);
   GemmArgs args[N];
   int64_t rows = 0;
@@ -206,33 +223,48 @@ void rope(float* x, int64_t n_heads, int64_t hd, const float* cs) {
   }
 }
 
-// Causal GQA attention of the batch's queries (positions pos0 ..) over the cache, with
-// an online softmax over key blocks (no score buffer beyond one block on the stack). A task
-// is one KV head and a chunk of queries: the query heads that share the KV head (up to
-// kHeadChunk at a time) read each key and value row once, which in decode is one pass
-// over the layer's cache from DRAM instead of one per query head from L2.
-void attention(Ctx& c, int64_t layer, int64_t tokens, int64_t pos0) {
-  SessionState& s = c.s;
+// Causal GQA attention of the batch's queries over their sequences' caches (each
+// segment's rows at positions kv->n_cached ..), with an online softmax over key blocks
+// (no score buffer beyond one block on the stack). A task is one KV head and a chunk of
+// one segment's queries: the query heads that share the KV head (up to kHeadChunk at a
+// time) read each key and value row once, which in decode is one pass over the layer's
+// cache from DRAM instead of one per query head from L2.
+void attention(Ctx& c, int64_t layer) {
+  ForwardScratch& s = c.s;
   PartTimer timer(s.times.attention);
   const ModelInfo& I = c.info;
   const int64_t H = I.n_heads, hd = I.head_dim, d = I.d_model, KV = I.n_kv_heads;
   const int64_t group = H / KV;
-  const int64_t window = s.m.layers[size_t(layer)].sliding ? s.m.window : 0;
+  const int64_t window = c.m.layers[size_t(layer)].sliding ? c.m.window : 0;
   const int64_t ldq = d + 2 * KV * hd;
   const float scale = 1.0f / std::sqrt(float(hd));
   constexpr int64_t kKeyBlock = 256;
   constexpr int64_t kQueryChunk = 16;
   constexpr int64_t kHeadChunk = 8;
-  const int64_t nqc = (tokens + kQueryChunk - 1) / kQueryChunk;
+  // first[i]: the task where segment i's query chunks start (at most kMaxBatch segments).
+  int64_t first[kMaxBatch + 1];
+  first[0] = 0;
+  int64_t work = 0;
+  for (int64_t i = 0; i < c.n_segs; ++i) {
+    const BatchSegment& g = c.segs[i];
+    first[i + 1] = first[i] + (g.rows + kQueryChunk - 1) / kQueryChunk;
+    const int64_t keys = g.kv->n_cached + g.rows;
+    work += H * g.rows * (window ? std::min(window, keys) : keys) * hd;
+  }
   const DenseKernels& dk = c.dk;
   auto body = [&](int64_t task) {
-    const int64_t kvh = task % KV, qc = task / KV;
-    const float* K = s.k_cache(layer, kvh);
-    const float* V = s.v_cache(layer, kvh);
-    const int64_t S = s.slots[size_t(layer)];
+    const int64_t kvh = task % KV, chunk = task / KV;
+    int64_t seg = 0;
+    while (chunk >= first[seg + 1]) ++seg;
+    const BatchSegment& g = c.segs[seg];
+    const int64_t qc = chunk - first[seg], pos0 = g.kv->n_cached - g.row0;
+    const float* K = g.kv->k_cache(layer, kvh);
+    const float* V = g.kv->v_cache(layer, kvh);
+    const int64_t S = g.kv->slots[size_t(layer)];
     float sc[kHeadChunk * kKeyBlock];  // head h's scores at sc + h * nb
     float mx[kHeadChunk], sum[kHeadChunk];
-    for (int64_t t = qc * kQueryChunk; t < std::min(tokens, (qc + 1) * kQueryChunk); ++t) {
+    const int64_t t_end = g.row0 + std::min(g.rows, (qc + 1) * kQueryChunk);
+    for (int64_t t = g.row0 + qc * kQueryChunk; t < t_end; ++t) {
       for (int64_t h0 = kvh * group; h0 < (kvh + 1) * group; h0 += kHeadChunk) {
         const int64_t nq = std::min(kHeadChunk, (kvh + 1) * group - h0);
         const float* q = s.qkv.data() + t * ldq + h0 * hd;  // nq heads, hd apart
@@ -271,8 +303,7 @@ void attention(Ctx& c, int64_t layer, int64_t tokens, int64_t pos0) {
       }
     }
   };
-  const int64_t ntasks = KV * nqc;
-  const int64_t work = H * tokens * (window ? std::min(window, pos0 + tokens) : pos0 + tokens) * hd;
+  const int64_t ntasks = KV * first[c.n_segs];
   if (c.threads == 1 || work < kParallelWork) {
     for (int64_t i = 0; i < ntasks; ++i) body(i);
   } else {
@@ -284,7 +315,7 @@ void attention(Ctx& c, int64_t layer, int64_t tokens, int64_t pos0) {
 // in s.q8 (width d), into s.proj (T x d). Clobbers s.q8 with the hidden rows.
 void ffn_block(Ctx& c, const TernaryWeight& gate, const TernaryWeight& up,
                const float* sub_norm, const TernaryWeight& down, int64_t T, int64_t ffn) {
-  SessionState& s = c.s;
+  ForwardScratch& s = c.s;
   const int64_t d = c.info.d_model;
   const MatOut gu[2] = {{&gate, s.gu.data()}, {&up, s.gu.data() + ffn}};
   matmul(c, gu, T, 2 * ffn);
@@ -292,7 +323,7 @@ void ffn_block(Ctx& c, const TernaryWeight& gate, const TernaryWeight& up,
     const float* g = s.gu.data() + t * 2 * ffn;
     const float* u = g + ffn;
     float* out = s.h.data() + t * ffn;
-    if (s.m.activation == Activation::silu) {
+    if (c.m.activation == Activation::silu) {
       c.dk.silu_mul(g, u, ffn, out);
     } else {
       for (int64_t i = 0; i < ffn; ++i) {
@@ -313,10 +344,10 @@ void ffn_block(Ctx& c, const TernaryWeight& gate, const TernaryWeight& up,
 //   gate  = score[pick] (/ their sum when expert_weights_norm)
 //   y     = sum gate * expert(x) (+ shared expert(x))
 // Tokens are grouped by expert and each expert runs once over its rows (one GEMV per
-// picked expert in decode, a GEMM per expert in prefill); buffers are SessionState's.
+// picked expert in decode, a GEMM per expert in prefill); buffers are ForwardScratch's.
 void moe_ffn(Ctx& c, const LayerWeights& L, int64_t T) {
-  SessionState& s = c.s;
-  const Model::Impl& m = s.m;
+  ForwardScratch& s = c.s;
+  const Model::Impl& m = c.m;
   const int64_t d = c.info.d_model, E = m.n_experts, k = m.n_experts_used, H = m.expert_hidden;
   // Keep the input's int8 rows: each expert gathers its tokens' rows into s.q8.
   std::copy(s.q8.begin(), s.q8.begin() + T * d, s.moe_q8.begin());
@@ -401,8 +432,8 @@ float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 // logits) or as the softmax-weighted sum of the permutation matrices ("lite"); then the
 // sub-layer input s.x = H_pre . streams.
 void hc_in(Ctx& c, const LayerWeights::Hc& H, int64_t T) {
-  SessionState& s = c.s;
-  const Model::Impl& m = s.m;
+  ForwardScratch& s = c.s;
+  const Model::Impl& m = c.m;
   const int64_t n = m.hc_n, d = c.info.d_model, nd = n * d, nr = m.hc_n_res;
   float* dyn = s.hc_tmp.data() + nd;  // 2n + n_res logits
   for (int64_t t = 0; t < T; ++t) {
@@ -465,8 +496,8 @@ void hc_in(Ctx& c, const LayerWeights::Hc& H, int64_t T) {
 
 // mHC after a sub-layer with output y (T x d): streams = H_res . streams + H_post^T y.
 void hc_out(Ctx& c, const float* y, int64_t T) {
-  SessionState& s = c.s;
-  const int64_t n = s.m.hc_n, d = c.info.d_model, nd = n * d;
+  ForwardScratch& s = c.s;
+  const int64_t n = c.m.hc_n, d = c.info.d_model, nd = n * d;
   float* tmp = s.hc_tmp.data();
   for (int64_t t = 0; t < T; ++t) {
     float* X = s.streams.data() + t * nd;
@@ -486,20 +517,27 @@ void hc_out(Ctx& c, const float* y, int64_t T) {
 
 // One batch of tokens through every layer; leaves the final hidden states in s.x.
 void run_batch(Ctx& c, const int32_t* tokens, int64_t T) {
-  SessionState& s = c.s;
-  const Model::Impl& m = s.m;
+  ForwardScratch& s = c.s;
+  const Model::Impl& m = c.m;
   const ModelInfo& I = c.info;
   const int64_t d = I.d_model, hd = I.head_dim, ffn = I.ffn_hidden;
   const int64_t kv_dim = int64_t(I.n_kv_heads) * hd, ldq = d + 2 * kv_dim;
-  const int64_t pos0 = s.n_cached;
   const float eps = I.norm_eps;
+  // pos[t]: row t's position in its own sequence.
+  int32_t pos[kMaxBatch];
+  KvCache* cache[kMaxBatch];
+  for (int64_t i = 0; i < c.n_segs; ++i)
+    for (int64_t r = 0; r < c.segs[i].rows; ++r) {
+      pos[c.segs[i].row0 + r] = c.segs[i].kv->n_cached + int32_t(r);
+      cache[c.segs[i].row0 + r] = c.segs[i].kv;
+    }
 
   for (int64_t t = 0; t < T; ++t) dense_row(m.embd, tokens[t], s.x.data() + t * d);
   // cos | sin rows for each position: angle = pos * theta^(-2i/hd) in float32, as torch.
   for (int64_t t = 0; t < T; ++t) {
     float* cs = s.rope.data() + t * hd;
     for (int64_t i = 0; i < hd / 2; ++i) {
-      const float a = float(pos0 + t) * m.inv_freq[size_t(i)];
+      const float a = float(pos[t]) * m.inv_freq[size_t(i)];
       cs[i] = float(std::cos(double(a)));
       cs[hd / 2 + i] = float(std::sin(double(a)));
     }
@@ -532,14 +570,15 @@ void run_batch(Ctx& c, const int32_t* tokens, int64_t T) {
       float* row = q + t * ldq;
       rope(row, I.n_heads, hd, s.rope.data() + t * hd);
       rope(row + d, I.n_kv_heads, hd, s.rope.data() + t * hd);
-      const int64_t slot = (pos0 + t) % s.slots[size_t(l)];
+      KvCache& kv = *cache[t];
+      const int64_t slot = pos[t] % kv.slots[size_t(l)];
       for (int64_t h = 0; h < I.n_kv_heads; ++h) {
-        std::copy(row + d + h * hd, row + d + (h + 1) * hd, s.k_cache(l, h) + slot * hd);
+        std::copy(row + d + h * hd, row + d + (h + 1) * hd, kv.k_cache(l, h) + slot * hd);
         std::copy(row + d + kv_dim + h * hd, row + d + kv_dim + (h + 1) * hd,
-                  s.v_cache(l, h) + slot * hd);
+                  kv.v_cache(l, h) + slot * hd);
       }
     }
-    attention(c, l, T, pos0);
+    attention(c, l);
     rmsnorm(s.att.data(), L.attn_sub_norm, T, d, eps, s.xn.data());
     quantize(c, T, d);
     const MatOut o[1] = {{&L.o, s.proj.data()}};
@@ -565,39 +604,81 @@ void run_batch(Ctx& c, const int32_t* tokens, int64_t T) {
       for (int64_t j = 0; j < d; ++j) x[j] += s.streams[size_t((t * n_hc + i) * d + j)];
     for (int64_t j = 0; j < d; ++j) x[j] /= float(n_hc);
   }
-  s.n_cached += int32_t(T);
-  if (m.window) {  // the rings now hold at most their last `slots` positions
-    int64_t ring = s.n_ctx;
-    for (int64_t l = 0; l < I.n_layers; ++l)
-      if (m.layers[size_t(l)].sliding) ring = std::min(ring, s.slots[size_t(l)]);
-    s.ring_lo = std::max<int32_t>(s.ring_lo, int32_t(s.n_cached - ring));
+  for (int64_t i = 0; i < c.n_segs; ++i) {
+    KvCache& kv = *c.segs[i].kv;
+    kv.n_cached += int32_t(c.segs[i].rows);
+    if (m.window) {  // the rings now hold at most their last `slots` positions
+      int64_t ring = kv.n_ctx;
+      for (int64_t l = 0; l < I.n_layers; ++l)
+        if (m.layers[size_t(l)].sliding) ring = std::min(ring, kv.slots[size_t(l)]);
+      kv.ring_lo = std::max<int32_t>(kv.ring_lo, int32_t(kv.n_cached - ring));
+    }
   }
+}
+
+// logits (tokens x vocab) of the normed final hidden states in s.xn: one pass over the
+// head for all of them.
+void head_normed(Ctx& c, int64_t tokens, float* logits) {
+  ForwardScratch& s = c.s;
+  const Model::Impl& m = c.m;
+  PartTimer timer(s.times.head);
+  const DenseActs& a = s.head_act.prepare(m.embd.type, s.xn.data(), tokens, c.info.d_model);
+  dense_gemm(m.embd, a, logits, m.embd.rows);
 }
 
 // logits (tokens x vocab) of the final hidden states s.x[first .. first + tokens).
 void head(Ctx& c, int64_t first, int64_t tokens, float* logits) {
-  SessionState& s = c.s;
-  const Model::Impl& m = s.m;
+  ForwardScratch& s = c.s;
   const int64_t d = c.info.d_model;
-  rmsnorm(s.x.data() + first * d, m.output_norm, tokens, d, c.info.norm_eps, s.xn.data());
-  PartTimer timer(s.times.head);
-  const DenseActs& a = s.head_act.prepare(m.embd.type, s.xn.data(), tokens, d);
-  dense_gemm(m.embd, a, logits, m.embd.rows);
+  rmsnorm(s.x.data() + first * d, c.m.output_norm, tokens, d, c.info.norm_eps, s.xn.data());
+  head_normed(c, tokens, logits);
 }
 
 }  // namespace
 
 void forward(SessionState& s, const int32_t* tokens, int64_t n, LogitsMode mode, float* logits) {
-  Ctx c{s, s.m.info, dense_kernels(), gemm_kernel(active_isa()), num_threads()};
+  BatchSegment seg{&s, 0, 0};
+  Ctx c{s, s.m, s.m.info, dense_kernels(), gemm_kernel(active_isa()), num_threads(), &seg, 1};
   const int64_t vocab = s.m.info.vocab_size;
   if (s.n_cached == 0) s.ring_lo = 0;  // a fresh start reads no earlier key
   s.check_start(s.n_cached, "forward");
   for (int64_t c0 = 0; c0 < n; c0 += kMaxBatch) {
     const int64_t T = std::min(kMaxBatch, n - c0);
+    seg.rows = T;
     run_batch(c, tokens + c0, T);
     if (mode == LogitsMode::all) head(c, 0, T, logits + c0 * vocab);
     if (mode == LogitsMode::last && c0 + T == n) head(c, T - 1, 1, logits);
   }
+}
+
+void forward_batch(ForwardScratch& s, const Model::Impl& m, const int32_t* tokens, int64_t n,
+                   const BatchSegment* segs, int64_t n_segs, const int64_t* logit_rows,
+                   int64_t n_logits, float* logits) {
+  if (n < 1 || n > kMaxBatch || n_segs < 1 || n_logits < 0 || n_logits > n)
+    throw Error("forward_batch: " + std::to_string(n) + " rows in " + std::to_string(n_segs) +
+                " segments with " + std::to_string(n_logits) + " logit rows (rows must be in [1, " +
+                std::to_string(kMaxBatch) + "])");
+  int64_t next = 0;
+  for (int64_t i = 0; i < n_segs; ++i) {
+    const BatchSegment& g = segs[i];
+    if (g.row0 != next || g.rows < 1 || g.kv->n_cached + g.rows > g.kv->n_ctx)
+      throw Error("forward_batch: segment " + std::to_string(i) +
+                  " does not continue the rows in order or overflows its cache");
+    next += g.rows;
+    if (g.kv->n_cached == 0) g.kv->ring_lo = 0;
+    g.kv->check_start(g.kv->n_cached, "forward_batch");
+  }
+  if (next != n) throw Error("forward_batch: the segments do not cover the rows");
+  for (int64_t i = 0; i < n_logits; ++i)
+    if (logit_rows[i] < 0 || logit_rows[i] >= n)
+      throw Error("forward_batch: logit row " + std::to_string(logit_rows[i]) + " out of range");
+  Ctx c{s, m, m.info, dense_kernels(), gemm_kernel(active_isa()), num_threads(), segs, n_segs};
+  run_batch(c, tokens, n);
+  const int64_t d = m.info.d_model;
+  for (int64_t i = 0; i < n_logits; ++i)
+    rmsnorm(s.x.data() + logit_rows[i] * d, m.output_norm, 1, d, m.info.norm_eps,
+            s.xn.data() + i * d);
+  if (n_logits > 0) head_normed(c, n_logits, logits);
 }
 
 }  // namespace nanochat

@@ -15,12 +15,6 @@
 
 namespace nanochat {
 
-// Thrown when tokens do not fit a session's context (the C API maps it to
-// NC_ERR_CONTEXT_FULL); still a nanochat::Error for C++ callers.
-struct ContextFullError : Error {
-  using Error::Error;
-};
-
 enum class Activation { silu, relu2 };
 
 // One ternary matrix as TK2 tiles (ternary.h; rows = out_features, cols = in_features),
@@ -103,13 +97,19 @@ struct PartTimes {
   double ternary = 0.0, head = 0.0, attention = 0.0;
 };
 
-// A session's KV cache and every scratch buffer a forward pass needs, sized once.
-struct SessionState {
-  SessionState(const Model::Impl& m, int32_t n_ctx);
+// One sequence's KV cache. A Session holds one (SessionState); a Scheduler one per
+// sequence, sized to the sequence's prompt + max_tokens.
+struct KvCache {
+  // fault_in: touch every page now (a session's first token would otherwise zero the
+  // whole cache inside the first eval's timing); a scheduler's sequences skip it, since
+  // admission runs between other sequences' decode steps.
+  KvCache(const Model::Impl& m, int32_t n_ctx, bool fault_in = true);
+  // Bytes a cache of n_ctx positions over `m` allocates.
+  static int64_t bytes(const Model::Impl& m, int32_t n_ctx);
   const Model::Impl& m;
   int32_t n_ctx;
   int32_t n_cached = 0;  // positions in the KV cache
-  // KV cache, f32, per layer: K [kv_head][slot][head_dim], then V the same. A full layer
+  // f32, per layer: K [kv_head][slot][head_dim], then V the same. A full layer
   // has n_ctx slots (slot = position); a sliding layer a ring of min(n_ctx, window +
   // kMaxBatch) slots (slot = position mod slots): a batch writes its keys before it
   // attends, so the ring must hold the window - 1 keys behind the batch's first query
@@ -119,13 +119,17 @@ struct SessionState {
   std::vector<int64_t> slots;      // per layer
   std::vector<size_t> layer_off;   // per layer: first float of its K
   int32_t ring_lo = 0;  // lowest position every ring still holds (valid: ring_lo..n_cached)
-  PartTimes times;
   float* k_cache(int64_t layer, int64_t kv_head);
   float* v_cache(int64_t layer, int64_t kv_head);
   // Throws unless a forward pass may start at position `pos` (the sliding layers' rings
   // still hold the window before it); truncate(n) reruns position n - 1.
   void check_start(int32_t pos, const char* what) const;
-  // Scratch (kMaxBatch tokens).
+};
+
+// Every scratch buffer a forward pass of up to kMaxBatch rows needs, sized once.
+struct ForwardScratch {
+  explicit ForwardScratch(const Model::Impl& m);
+  PartTimes times;
   std::vector<float> x;         // residual stream, B x d
   std::vector<float> xn;        // normed input of a matmul, B x max(d, ffn)
   std::vector<float> qkv;       // B x (d + 2 * kv_dim)
@@ -156,6 +160,11 @@ struct SessionState {
   std::vector<float> hc_tmp;          // max(n x d, 2n + n_res): one token's scratch
 };
 
+// A session's KV cache and its scratch.
+struct SessionState : KvCache, ForwardScratch {
+  SessionState(const Model::Impl& m, int32_t n_ctx) : KvCache(m, n_ctx), ForwardScratch(m) {}
+};
+
 // The text side of generate(): appends each token's bytes and says what may be streamed.
 // Held back: an unfinished UTF-8 sequence at the end, and a suffix that could still grow
 // into a stop string. A completed stop string cuts the text where it starts.
@@ -181,5 +190,21 @@ enum class LogitsMode { none, last, all };
 // Runs tokens at positions n_cached .. n_cached+n-1 (ids already checked, and they fit
 // n_ctx) and advances n_cached. logits: vocab floats (last) or n x vocab (all).
 void forward(SessionState& s, const int32_t* tokens, int64_t n, LogitsMode mode, float* logits);
+
+// Rows [row0, row0 + rows) of a batch continue the sequence whose cache is `kv`, at
+// positions kv->n_cached ..
+struct BatchSegment {
+  KvCache* kv;
+  int64_t row0, rows;
+};
+// One forward pass over rows of several sequences (continuous batching): tokens[0 .. n)
+// with n <= kMaxBatch, split into segments that cover the rows in order, each with its
+// own cache (ids already checked; each segment fits its cache). Every row runs the same
+// arithmetic as in forward() (the matrices are row-wise), so a sequence gets the logits
+// it would get alone. Advances every cache's n_cached. logits: n_logits x vocab, the
+// rows logit_rows[0 .. n_logits).
+void forward_batch(ForwardScratch& s, const Model::Impl& m, const int32_t* tokens, int64_t n,
+                   const BatchSegment* segs, int64_t n_segs, const int64_t* logit_rows,
+                   int64_t n_logits, float* logits);
 
 }  // namespace nanochat

@@ -6,11 +6,12 @@
     nanochat data prepare [--source PATH ...] [--out DIR] [--vocab-size N] [--ext .py ...]
     nanochat generate --model OUT.gguf --prompt "def " [--json]
     nanochat chat --model OUT.gguf
+    nanochat serve --model OUT.gguf [--port 8000] [--api-key KEY] (pip install '.[serve]')
     nanochat validate
     nanochat info [--json] [--cmake-dir]
     nanochat model info [--config tiny] [--json] [--batch B --seq T] [--set K=V]
     nanochat recipe nano_125m|small_560m|medium_3b [--dry-run] [--data DIR] [--out DIR]
-    nanochat bench kernels|train|decode|collider|arch|optim|loss|e3 [--json]
+    nanochat bench kernels|train|decode|collider|arch|optim|loss|e3|serve [--json]
 """
 
 from __future__ import annotations
@@ -240,6 +241,14 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return chat.repl(_open_engine(args), args.max_tokens, _sampling(args))
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from nanochat.infer import server
+    except ImportError as e:  # starlette / uvicorn: the optional `serve` dependencies
+        raise ValueError(f"{e.name} is not installed: pip install 'nanochat-ternary[serve]'")
+    return server.main(args)
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from nanochat import validate
 
@@ -254,6 +263,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(machine_line(), file=sys.stderr if getattr(args, "json", False) else sys.stdout,
           flush=True)
     return args.bench_module.main(args)
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="FILE.gguf",
+                   help="a GGUF model (nanochat export --gguf)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                   "(default: $NANOCHAT_API_KEY; unset: open)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="sequences generated at once, 1..128 (default 16)")
+    p.add_argument("--ctx", type=int, default=0,
+                   help="context of one sequence, prompt + max_tokens (default: the model's, "
+                   "at most 4096)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="kernel threads (default: NANOCHAT_NUM_THREADS or all cores)")
+    p.add_argument("--kv-mib", type=int, default=4096,
+                   help="KV cache of all running sequences together, MiB (default 4096); a "
+                   "request that fits later waits, one that never fits gets 400")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="sequences that may wait for room; beyond it 429 (default 64)")
+    p.add_argument("--prefill-chunk", type=int, default=64,
+                   help="prompt tokens per engine step beside the decode rows, 1..128 "
+                   "(default 64)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     engine_args(pc, 256, 0.7)
     pc.set_defaults(func=_cmd_chat)
 
+    psv = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server with continuous batching (C++ engine)",
+        description="Serves a GGUF model over HTTP: /v1/models, /v1/completions, "
+        "/v1/chat/completions (JSON or SSE streams), /health and /metrics (Prometheus). All "
+        "requests share one engine scheduler that runs the next token of every active "
+        "sequence in one forward pass. Needs the `serve` extra (starlette, uvicorn).")
+    _serve_arguments(psv)
+    psv.set_defaults(func=_cmd_serve)
+
     pv = sub.add_parser(
         "validate", help="30-second end-to-end check: train, export, engine, parity, generate",
         description="Checks an install end to end on a micro model: prepares a few stdlib "
@@ -448,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nanochat.bench import kernels
     from nanochat.bench import loss as bench_loss
     from nanochat.bench import optim as bench_optim
+    from nanochat.bench import serve as bench_serve
     from nanochat.bench import train as bench_train
 
     benches = [
@@ -461,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
         (bench_loss, "loss", "fused LM/MTP-head cross-entropy vs naive torch: peak memory, time"),
         (bench_e3, "e3", "the seed's five training setups, one report: loss, speed, memory, "
          "claims checked"),
+        (bench_serve, "serve", "nanochat serve under 1/4/8/16 streaming clients: tokens/s, "
+         "TTFT, inter-token latency"),
     ]
     for module, name, help_text in benches:
         pn = bsub.add_parser(name, help=help_text, description=module.__doc__,

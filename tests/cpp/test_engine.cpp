@@ -1487,3 +1487,438 @@ TEST(EngineCApi, ThreadCountIsBounded) {
   nc_set_num_threads(-5);  // the default
   EXPECT_GE(nc_num_threads(), 1);
 }
+
+// ---- continuous batching (Scheduler) ---------------------------------------------------
+
+namespace {
+
+// Adds the scheduler's news to `got` (tokens and text appended, the last state kept).
+void collect(Scheduler& sch, std::map<int64_t, SequenceOutput>& got) {
+  for (SequenceOutput& o : sch.poll()) {
+    SequenceOutput& g = got[o.id];
+    g.id = o.id;
+    g.tokens.insert(g.tokens.end(), o.tokens.begin(), o.tokens.end());
+    g.text += o.text;
+    g.prompt_tokens = o.prompt_tokens;
+    g.generated_tokens = o.generated_tokens;
+    if (o.finished) {
+      EXPECT_FALSE(g.finished) << "sequence " << o.id << " finished twice";
+      g.finished = true;
+      g.finish_reason = o.finish_reason;
+      g.error = o.error;
+    }
+  }
+}
+
+// Steps until nothing is left to run.
+void drain(Scheduler& sch, std::map<int64_t, SequenceOutput>& got) {
+  for (int i = 0; i < 10000 && sch.step(); ++i) collect(sch, got);
+  collect(sch, got);
+}
+
+}  // namespace
+
+// Sequences of different lengths (one longer than kMaxBatch), submitted at different steps,
+// prompts run in chunks beside other sequences' decode rows, greedy and seeded: each gets
+// exactly the tokens, text and stop reason Session::generate gives it alone. On F16 and
+// Q8_0 heads, 1 and 2 threads, and with a sliding-window ring that wraps.
+TEST(Scheduler, BatchEqualsSessionGenerate) {
+  GlobalStateGuard guard;
+  for (int variant = 0; variant < 3; ++variant) {
+    Spec spec;
+    if (variant == 1) spec.etype = gguf::GgmlType::Q8_0;
+    auto made = make_model(spec);
+    FileSpec file = made.first;
+    if (variant == 2) {
+      file.set("nanochat.attention.sliding_window", gguf::Value::u32(4));
+      file.set("nanochat.attention.sliding_window_pattern",
+               gguf::Value::int_array(gguf::ValueType::BOOL, {1, 0}));
+    }
+    TempModel tm(file);
+    auto model = Model::load(tm.path);
+    set_num_threads(variant == 1 ? 2 : 1);
+    struct Req {
+      int64_t len;
+      int32_t max_tokens;
+      float temperature;
+      uint64_t seed;
+      int submit_at;  // step
+    };
+    const std::vector<Req> reqs = {{5, 20, 0.0f, 0, 0},  {150, 12, 0.0f, 0, 0},
+                                   {1, 25, 0.0f, 0, 2},  {40, 16, 0.9f, 7, 2},
+                                   {70, 8, 0.0f, 0, 5},  {9, 30, 1.0f, 3, 9}};
+    std::vector<std::vector<int32_t>> prompts;
+    std::vector<SamplingParams> params;
+    std::vector<GenerateResult> want;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      prompts.push_back(random_tokens(uint32_t(100 + i), reqs[i].len, made.second.vocab));
+      SamplingParams sp;
+      sp.temperature = reqs[i].temperature;
+      sp.seed = reqs[i].seed;
+      sp.max_tokens = reqs[i].max_tokens;
+      sp.stop_at_eos = false;
+      params.push_back(sp);
+      Session alone(model);
+      want.push_back(alone.generate(prompts[i], sp));
+    }
+    SchedulerOptions o;
+    o.max_batch = 4;  // six sequences: two wait for a slot
+    o.prefill_chunk = 16;
+    Scheduler sch(model, o);
+    std::map<int64_t, SequenceOutput> got;
+    std::vector<int64_t> ids;
+    bool mixed = false;  // a step ran decode rows and prompt chunks together
+    int32_t widest = 0;
+    size_t next = 0;
+    for (int step = 0; step < 2000; ++step) {
+      while (next < reqs.size() && reqs[next].submit_at <= step) {
+        ids.push_back(sch.submit(prompts[next], params[next]));
+        ++next;
+      }
+      const bool ran = sch.step();
+      collect(sch, got);
+      const SchedulerStats st = sch.stats();
+      mixed = mixed || (st.last_sequences > 1 && st.last_rows > st.last_sequences);
+      widest = std::max(widest, st.last_sequences);
+      if (!ran && next == reqs.size()) break;
+    }
+    EXPECT_TRUE(mixed);
+    EXPECT_EQ(widest, 4);
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      const SequenceOutput& g = got[ids[i]];
+      EXPECT_TRUE(g.finished) << "variant " << variant << " request " << i;
+      EXPECT_EQ(g.tokens, want[i].tokens) << "variant " << variant << " request " << i;
+      EXPECT_EQ(g.text, want[i].text) << "variant " << variant << " request " << i;
+      EXPECT_EQ(g.finish_reason, want[i].stop_reason) << "variant " << variant << " request " << i;
+      EXPECT_EQ(g.prompt_tokens, int32_t(reqs[i].len));
+      EXPECT_EQ(g.generated_tokens, int32_t(want[i].tokens.size()));
+    }
+    const SchedulerStats st = sch.stats();
+    EXPECT_EQ(st.active, 0);
+    EXPECT_EQ(st.waiting, 0);
+    EXPECT_EQ(st.kv_used_bytes, 0);
+  }
+}
+
+// Stop tokens, stop strings (held back and trimmed as in generate), eos and a context
+// shorter than prompt + max_tokens end a sequence as Session::generate ends it.
+TEST(Scheduler, StopsMatchSessionGenerate) {
+  auto [file, ref] = make_model(Spec{});
+  TempModel tm(file);
+  auto model = Model::load(tm.path);
+  const auto prompt = random_tokens(12, 5, ref.vocab);
+  SamplingParams base;
+  base.temperature = 1.0f;
+  base.max_tokens = 24;
+  base.stop_at_eos = false;
+  base.seed = 42;
+  const GenerateResult a = Session(model).generate(prompt, base);
+  ASSERT_GE(a.text.size(), 8u);
+  std::vector<SamplingParams> cases(4, base);
+  cases[0].stop_tokens = {a.tokens[5]};
+  cases[1].stop_strings = {"\x01\x02 never", a.text.substr(4, 3)};
+  cases[2].stop_strings = {"\x01\x02 never"};  // held back, then flushed at the end
+  cases[3].max_tokens = 200;                    // the context (64) ends it first
+  SchedulerOptions o;
+  o.n_ctx = 64;
+  Scheduler sch(model, o);
+  std::vector<int64_t> ids;
+  for (const SamplingParams& sp : cases) ids.push_back(sch.submit(prompt, sp));
+  std::map<int64_t, SequenceOutput> got;
+  drain(sch, got);
+  for (size_t i = 0; i < cases.size(); ++i) {
+    Session alone(model, 64);
+    const GenerateResult w = alone.generate(prompt, cases[i]);
+    EXPECT_EQ(got[ids[i]].tokens, w.tokens) << i;
+    EXPECT_EQ(got[ids[i]].text, w.text) << i;
+    EXPECT_EQ(got[ids[i]].finish_reason, w.stop_reason) << i;
+  }
+  EXPECT_EQ(got[ids[0]].finish_reason, "stop_token");
+  EXPECT_EQ(got[ids[1]].finish_reason, "stop_string");
+  EXPECT_EQ(got[ids[3]].finish_reason, "context_full");
+}
+
+// The KV budget: sequences that fit run, one that fits later waits, one that never fits
+// and one beyond max_queue are refused; cancel frees a sequence's KV at once (and lets a
+// waiting one in); everything is freed at the end.
+TEST(Scheduler, KvBudgetWaitsRefusesAndCancelFrees) {
+  auto [file, ref] = make_model(Spec{});
+  TempModel tm(file);
+  auto model = Model::load(tm.path);
+  const auto prompt = random_tokens(5, 10, ref.vocab);
+  SamplingParams sp;
+  sp.temperature = 0.0f;
+  sp.max_tokens = 22;
+  sp.stop_at_eos = false;
+  const int64_t per = KvCache::bytes(model->impl(), 32);  // prompt + max_tokens
+  SchedulerOptions o;
+  o.kv_budget_bytes = 2 * per;
+  o.max_batch = 8;
+  o.max_queue = 2;
+  Scheduler sch(model, o);
+  const int64_t a = sch.submit(prompt, sp), b = sch.submit(prompt, sp);
+  EXPECT_EQ(sch.stats().active, 2);
+  EXPECT_EQ(sch.stats().kv_used_bytes, 2 * per);
+  const int64_t c = sch.submit(prompt, sp), d = sch.submit(prompt, sp);
+  EXPECT_EQ(sch.stats().waiting, 2);
+  EXPECT_THROW(sch.submit(prompt, sp), QueueFullError);
+  SamplingParams big = sp;
+  big.max_tokens = 100;
+  try {
+    sch.submit(prompt, big);
+    FAIL() << "a sequence larger than the budget must be refused";
+  } catch (const ContextFullError& e) {
+    EXPECT_NE(std::string(e.what()).find("budget"), std::string::npos) << e.what();
+  }
+  ASSERT_TRUE(sch.step());
+  EXPECT_TRUE(sch.cancel(a));  // a's cache freed, c admitted in its room
+  SchedulerStats st = sch.stats();
+  EXPECT_EQ(st.active, 2);
+  EXPECT_EQ(st.waiting, 1);
+  EXPECT_EQ(st.kv_used_bytes, 2 * per);
+  EXPECT_TRUE(sch.cancel(d));  // a waiting one
+  EXPECT_EQ(sch.stats().waiting, 0);
+  EXPECT_FALSE(sch.cancel(a));
+  EXPECT_FALSE(sch.cancel(12345));
+  std::map<int64_t, SequenceOutput> got;
+  drain(sch, got);
+  EXPECT_EQ(got[a].finish_reason, "cancelled");
+  EXPECT_EQ(got[d].finish_reason, "cancelled");
+  EXPECT_TRUE(got[d].tokens.empty());
+  const GenerateResult w = Session(model).generate(prompt, sp);
+  for (int64_t id : {b, c}) {
+    EXPECT_EQ(got[id].finish_reason, "max_tokens");
+    EXPECT_EQ(got[id].tokens, w.tokens);
+  }
+  st = sch.stats();
+  EXPECT_EQ(st.kv_used_bytes, 0);
+  EXPECT_EQ(st.active, 0);
+  EXPECT_TRUE(sch.poll().empty());
+}
+
+TEST(Scheduler, BadArgumentsAreErrors) {
+  auto [file, ref] = make_model(Spec{});
+  TempModel tm(file);
+  auto model = Model::load(tm.path);
+  auto opts_error = [&](SchedulerOptions o) -> std::string {
+    try {
+      Scheduler s(model, o);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "(no error)";
+  };
+  SchedulerOptions o;
+  o.max_batch = 0;
+  EXPECT_NE(opts_error(o).find("max_batch"), std::string::npos);
+  o = SchedulerOptions();
+  o.max_batch = int32_t(kMaxBatch) + 1;
+  EXPECT_NE(opts_error(o).find("max_batch"), std::string::npos);
+  o = SchedulerOptions();
+  o.prefill_chunk = 0;
+  EXPECT_NE(opts_error(o).find("prefill_chunk"), std::string::npos);
+  o = SchedulerOptions();
+  o.n_ctx = 100000;
+  EXPECT_NE(opts_error(o).find("n_ctx"), std::string::npos);
+  o = SchedulerOptions();
+  o.kv_budget_bytes = -1;
+  EXPECT_NE(opts_error(o).find("kv_budget_bytes"), std::string::npos);
+  o = SchedulerOptions();
+  o.max_queue = -1;
+  EXPECT_NE(opts_error(o).find("max_queue"), std::string::npos);
+  EXPECT_THROW(Scheduler(nullptr), Error);
+
+  Scheduler sch(model);
+  SamplingParams sp;
+  auto submit_error = [&](const std::vector<int32_t>& p, const SamplingParams& s) -> std::string {
+    try {
+      sch.submit(p, s);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "(no error)";
+  };
+  EXPECT_NE(submit_error({}, sp).find("empty"), std::string::npos);
+  EXPECT_NE(submit_error({5, int32_t(ref.vocab)}, sp).find("out of range"), std::string::npos);
+  EXPECT_NE(submit_error({5, -1}, sp).find("out of range"), std::string::npos);
+  SamplingParams bad = sp;
+  bad.max_tokens = 0;
+  EXPECT_NE(submit_error({5}, bad).find("max_tokens"), std::string::npos);
+  bad = sp;
+  bad.stop_tokens = {int32_t(ref.vocab)};
+  EXPECT_NE(submit_error({5}, bad).find("stop_tokens[0]"), std::string::npos);
+  bad = sp;
+  bad.stop_strings = {""};
+  EXPECT_NE(submit_error({5}, bad).find("stop_strings[0]"), std::string::npos);
+  bad = sp;
+  bad.top_p = 2.0f;
+  EXPECT_NE(submit_error({5}, bad), "(no error)");
+  EXPECT_THROW(sch.submit(random_tokens(3, 256, ref.vocab), sp), ContextFullError);
+  EXPECT_EQ(sch.stats().active, 0);
+  EXPECT_FALSE(sch.step());
+}
+
+// A server's shape: one thread waits and steps while others submit, poll and cancel.
+// Every sequence not cancelled gets its sequential greedy tokens; cancelled ones end
+// "cancelled" with their KV freed.
+TEST(Scheduler, SteppingThreadWithConcurrentSubmitAndCancel) {
+  auto [file, ref] = make_model(Spec{});
+  TempModel tm(file);
+  auto model = Model::load(tm.path);
+  SamplingParams sp;
+  sp.temperature = 0.0f;
+  sp.max_tokens = 40;
+  sp.stop_at_eos = false;
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<GenerateResult> want;
+  for (uint32_t i = 0; i < 8; ++i) {
+    prompts.push_back(random_tokens(200 + i, 3 + 11 * i, ref.vocab));
+    want.push_back(Session(model).generate(prompts.back(), sp));
+  }
+  SchedulerOptions o;
+  o.max_batch = 5;
+  o.prefill_chunk = 8;
+  Scheduler sch(model, o);
+  std::atomic<bool> stop{false};
+  std::mutex mu;
+  std::map<int64_t, SequenceOutput> got;
+  std::thread stepper([&] {
+    while (!stop.load()) {
+      if (!sch.wait(20)) continue;
+      sch.step();
+      std::lock_guard<std::mutex> lock(mu);
+      collect(sch, got);
+    }
+  });
+  std::vector<int64_t> ids;
+  for (const auto& p : prompts) ids.push_back(sch.submit(p, sp));
+  EXPECT_TRUE(sch.cancel(ids[1]));
+  for (int i = 0; i < 2000; ++i) {  // cancel ids[6] once it has produced something
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!got[ids[6]].tokens.empty()) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  sch.cancel(ids[6]);
+  for (int i = 0; i < 20000; ++i) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      bool all = true;
+      for (int64_t id : ids) all = all && got[id].finished;
+      if (all) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  stop = true;
+  sch.notify();
+  stepper.join();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const SequenceOutput& g = got[ids[i]];
+    ASSERT_TRUE(g.finished) << i;
+    if (i == 1) {
+      EXPECT_EQ(g.finish_reason, "cancelled");
+      EXPECT_TRUE(g.tokens.empty());
+    } else if (i == 6) {
+      // cancelled mid-way, or finished before the cancel arrived: a prefix either way
+      EXPECT_TRUE(g.finish_reason == "cancelled" || g.finish_reason == "max_tokens");
+      ASSERT_LE(g.tokens.size(), want[i].tokens.size());
+      EXPECT_TRUE(std::equal(g.tokens.begin(), g.tokens.end(), want[i].tokens.begin()));
+    } else {
+      EXPECT_EQ(g.finish_reason, "max_tokens") << i;
+      EXPECT_EQ(g.tokens, want[i].tokens) << i;
+    }
+  }
+  EXPECT_EQ(sch.stats().kv_used_bytes, 0);
+}
+
+namespace {
+struct CCollected {
+  std::map<int64_t, std::vector<int32_t>> tokens;
+  std::map<int64_t, std::string> text, reason;
+};
+void c_collect(const nc_sequence_output* o, void* ud) {
+  auto* c = static_cast<CCollected*>(ud);
+  c->tokens[o->id].insert(c->tokens[o->id].end(), o->tokens, o->tokens + o->n_tokens);
+  c->text[o->id].append(o->text, o->text_len);
+  if (o->finished) c->reason[o->id] = o->finish_reason;
+}
+}  // namespace
+
+TEST(EngineCApi, Scheduler) {
+  auto [file, ref] = make_model(Spec{});
+  TempModel tm(file);
+  nc_model* m = nullptr;
+  ASSERT_EQ(nc_model_load(tm.path.c_str(), &m), NC_OK) << nc_last_error();
+  nc_scheduler* sch = nullptr;
+  nc_scheduler_options o;
+  nc_scheduler_options_default(&o);
+  EXPECT_EQ(o.max_batch, 16);
+  o.max_batch = 0;
+  EXPECT_EQ(nc_scheduler_new(m, &o, &sch), NC_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(sch, nullptr);
+  EXPECT_NE(std::string(nc_last_error()).find("max_batch"), std::string::npos);
+  EXPECT_EQ(nc_scheduler_new(nullptr, nullptr, &sch), NC_ERR_INVALID_ARGUMENT);
+  nc_scheduler_options_default(&o);
+  o.max_batch = 2;
+  o.max_queue = 1;
+  ASSERT_EQ(nc_scheduler_new(m, &o, &sch), NC_OK) << nc_last_error();
+  const auto prompt = random_tokens(9, 12, ref.vocab);
+  nc_sampling sp;
+  nc_sampling_default(&sp);
+  sp.temperature = 0.0f;
+  sp.max_tokens = 10;
+  sp.stop_at_eos = 0;
+  int64_t id = -1;
+  EXPECT_EQ(nc_scheduler_submit(sch, nullptr, 3, &sp, &id), NC_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(nc_scheduler_submit(sch, prompt.data(), 0, &sp, &id), NC_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(nc_last_error()).find("empty"), std::string::npos);
+  sp.n_stop_tokens = 1;  // with a NULL list
+  EXPECT_EQ(nc_scheduler_submit(sch, prompt.data(), prompt.size(), &sp, &id),
+            NC_ERR_INVALID_ARGUMENT);
+  sp.n_stop_tokens = 0;
+  sp.max_tokens = 1000;  // prompt + max_tokens beyond the context: generation stops there
+  std::vector<int32_t> long_prompt = random_tokens(9, 256, ref.vocab);
+  EXPECT_EQ(nc_scheduler_submit(sch, long_prompt.data(), long_prompt.size(), &sp, &id),
+            NC_ERR_CONTEXT_FULL);
+  sp.max_tokens = 10;
+  std::vector<int64_t> ids;
+  for (int i = 0; i < 3; ++i) {  // two run, one waits
+    ASSERT_EQ(nc_scheduler_submit(sch, prompt.data(), prompt.size(), &sp, &id), NC_OK)
+        << nc_last_error();
+    EXPECT_GT(id, 0);
+    ids.push_back(id);
+  }
+  EXPECT_EQ(nc_scheduler_submit(sch, prompt.data(), prompt.size(), &sp, &id), NC_ERR_QUEUE_FULL);
+  nc_scheduler_stats st;
+  ASSERT_EQ(nc_scheduler_get_stats(sch, &st), NC_OK);
+  EXPECT_EQ(st.active, 2);
+  EXPECT_EQ(st.waiting, 1);
+  EXPECT_EQ(nc_scheduler_cancel(sch, 999), NC_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(nc_scheduler_poll(sch, nullptr, nullptr), NC_ERR_INVALID_ARGUMENT);
+  CCollected got;
+  int32_t ran = 1, has_work = 0;
+  ASSERT_EQ(nc_scheduler_wait(sch, 0, &has_work), NC_OK);
+  EXPECT_EQ(has_work, 1);
+  while (ran) {
+    ASSERT_EQ(nc_scheduler_step(sch, &ran), NC_OK) << nc_last_error();
+    ASSERT_EQ(nc_scheduler_poll(sch, c_collect, &got), NC_OK);
+  }
+  ASSERT_EQ(nc_scheduler_get_stats(sch, &st), NC_OK);
+  EXPECT_EQ(st.kv_used_bytes, 0);
+  EXPECT_GT(st.steps, 9);
+  auto model = Model::load(tm.path);
+  SamplingParams cp;
+  cp.temperature = 0.0f;
+  cp.max_tokens = 10;
+  cp.stop_at_eos = false;
+  const GenerateResult w = Session(model).generate(prompt, cp);
+  for (int64_t i : ids) {
+    EXPECT_EQ(got.tokens[i], w.tokens);
+    EXPECT_EQ(got.text[i], w.text);
+    EXPECT_EQ(got.reason[i], "max_tokens");
+  }
+  nc_scheduler_free(sch);
+  nc_scheduler_free(nullptr);
+  nc_model_free(m);
+}

@@ -33,7 +33,8 @@ typedef enum nc_status {
   NC_ERR_FILE = 2,             /* missing, unreadable, truncated or malformed model file */
   NC_ERR_CONTEXT_FULL = 3,     /* the session's KV cache cannot hold the tokens */
   NC_ERR_BUFFER_TOO_SMALL = 4, /* an output buffer is too small; *n_out says how much is needed */
-  NC_ERR_INTERNAL = 5          /* out of memory or a bug */
+  NC_ERR_INTERNAL = 5,         /* out of memory or a bug */
+  NC_ERR_QUEUE_FULL = 6        /* a scheduler's queue is full: try again later */
 } nc_status;
 
 typedef struct nc_model nc_model;
@@ -139,6 +140,74 @@ NC_API nc_status nc_generate_ex(nc_session* session, const char* prompt, size_t 
                                 uint32_t flags, const nc_sampling* params,
                                 nc_token_callback callback, void* user_data,
                                 nc_generate_stats* stats);
+
+/* ---- continuous batching (nanochat.hpp's Scheduler) ------------------------------------
+ *
+ *   nc_scheduler* sch = NULL;  nc_scheduler_options o;  nc_scheduler_options_default(&o);
+ *   nc_scheduler_new(model, &o, &sch);
+ *   nc_scheduler_submit(sch, tokens, n, &sp, &id);     (any thread)
+ *   int ran = 1;  while (ran) { nc_scheduler_step(sch, &ran); nc_scheduler_poll(sch, cb, ud); }
+ *
+ * Each step runs one forward pass over every active sequence (one decode token each, plus
+ * a chunk of prompt tokens of sequences still prefilling). Each sequence has its own KV
+ * cache (prompt + max_tokens positions) and sampling parameters; greedy sequences get the
+ * tokens nc_generate gives them alone. submit, cancel, poll and stats may be called from
+ * any thread while one thread steps. */
+typedef struct nc_scheduler nc_scheduler;
+
+typedef struct nc_scheduler_options {
+  int32_t n_ctx;           /* prompt + max_tokens of a sequence at most; 0: min(context_length, 4096) */
+  int64_t kv_budget_bytes; /* KV caches of all admitted sequences together; 0: 4 GiB */
+  int32_t max_batch;       /* sequences admitted at once, 1..128 */
+  int32_t prefill_chunk;   /* prompt tokens per step, 1..128 */
+  int32_t max_queue;       /* sequences that may wait for room; more: NC_ERR_QUEUE_FULL */
+} nc_scheduler_options;
+
+typedef struct nc_sequence_output {
+  int64_t id;
+  const int32_t* tokens; /* the tokens new since the last poll */
+  size_t n_tokens;
+  const char* text;      /* their text (UTF-8, not NUL-terminated), stop strings held back */
+  size_t text_len;
+  int32_t finished;
+  /* when finished: "max_tokens", "stop_token", "stop_string", "context_full", "cancelled", "error" */
+  char finish_reason[16];
+  const char* error;     /* NUL-terminated; "" unless finish_reason is "error" */
+  int32_t prompt_tokens;
+  int32_t generated_tokens; /* so far, in all */
+} nc_sequence_output;
+
+/* Called by nc_scheduler_poll once per sequence with news; pointers live during the call. */
+typedef void (*nc_sequence_callback)(const nc_sequence_output* out, void* user_data);
+
+typedef struct nc_scheduler_stats {
+  int32_t active, waiting;
+  int64_t kv_used_bytes, kv_budget_bytes;
+  int64_t steps, prefill_tokens, decode_tokens;
+  int32_t last_rows, last_sequences;
+  double last_step_seconds;
+} nc_scheduler_stats;
+
+NC_API void nc_scheduler_options_default(nc_scheduler_options* out);
+/* opts NULL: the defaults. An option out of range: NC_ERR_INVALID_ARGUMENT naming it. */
+NC_API nc_status nc_scheduler_new(const nc_model* model, const nc_scheduler_options* opts,
+                                  nc_scheduler** out);
+NC_API void nc_scheduler_free(nc_scheduler* scheduler); /* NULL is a no-op; not while stepping */
+/* Queues prompt tokens with their own sampling (params NULL: defaults); *id_out > 0.
+ * NC_ERR_CONTEXT_FULL: the prompt leaves no room in n_ctx, or prompt + max_tokens need
+ * more KV than the whole budget (it could never run). NC_ERR_QUEUE_FULL: max_queue wait. */
+NC_API nc_status nc_scheduler_submit(nc_scheduler* scheduler, const int32_t* prompt, size_t n,
+                                     const nc_sampling* params, int64_t* id_out);
+/* Ends a sequence and frees its KV cache (at once, or when the running step ends).
+ * NC_ERR_INVALID_ARGUMENT when the id is unknown or already finished. */
+NC_API nc_status nc_scheduler_cancel(nc_scheduler* scheduler, int64_t id);
+/* One batched forward pass; *ran = 0 when there was nothing to run (ran may be NULL). */
+NC_API nc_status nc_scheduler_step(nc_scheduler* scheduler, int32_t* ran);
+/* Blocks until there is work (or timeout_ms); *has_work says which (may be NULL). */
+NC_API nc_status nc_scheduler_wait(nc_scheduler* scheduler, int32_t timeout_ms, int32_t* has_work);
+NC_API nc_status nc_scheduler_poll(nc_scheduler* scheduler, nc_sequence_callback callback,
+                                   void* user_data);
+NC_API nc_status nc_scheduler_get_stats(const nc_scheduler* scheduler, nc_scheduler_stats* out);
 
 #ifdef __cplusplus
 }

@@ -168,6 +168,102 @@ class Session {
   std::unique_ptr<Impl> impl_;
 };
 
+// ---- continuous batching ----------------------------------------------------------------
+//
+//   nanochat::Scheduler sched(model, opts);
+//   int64_t id = sched.submit(prompt_tokens, params);     // any thread
+//   while (sched.step()) for (auto& out : sched.poll()) ...  // one thread runs step()
+//
+// A Scheduler serves many sequences over one model: each step() is ONE forward pass over
+// the pending token of every decoding sequence plus up to prefill_chunk prompt tokens of
+// sequences still prefilling, so the weights are read once for the whole batch. Each
+// sequence has its own KV cache (sized to its prompt + max_tokens, within n_ctx), position,
+// sampler (SamplingParams: seed, temperature, ..., stop tokens and strings, max_tokens).
+// Greedy sequences get exactly the tokens Session::generate gives them alone.
+
+struct SchedulerOptions {
+  int32_t n_ctx = 0;            // a sequence's prompt + max_tokens at most (0: the model's
+                                // context_length, at most kDefaultMaxContext)
+  int64_t kv_budget_bytes = 0;  // KV caches of all admitted sequences together (0: 4 GiB)
+  int32_t max_batch = 16;       // sequences admitted at once, 1 .. 128
+  int32_t prefill_chunk = 64;   // prompt tokens per step, 1 .. 128
+  int32_t max_queue = 64;       // sequences waiting for room; a submit beyond it throws
+                                // QueueFullError (0: none wait)
+};
+
+// Tokens do not fit a session's context, or a sequence could never fit a Scheduler (the
+// C API maps it to NC_ERR_CONTEXT_FULL); still a nanochat::Error.
+struct ContextFullError : Error {
+  using Error::Error;
+};
+
+// submit() when max_queue sequences already wait: the caller may retry later (HTTP 429).
+struct QueueFullError : Error {
+  using Error::Error;
+};
+
+// A sequence's output since the last poll().
+struct SequenceOutput {
+  int64_t id = 0;
+  std::vector<int32_t> tokens;  // new tokens (stop tokens excluded)
+  std::string text;             // their text, held back as TokenCallback's pieces are
+  bool finished = false;
+  // When finished: "max_tokens", "stop_token", "stop_string", "context_full", "cancelled",
+  // or "error" (error: what failed; the sequence's tokens so far stand).
+  std::string finish_reason;
+  std::string error;
+  int32_t prompt_tokens = 0;
+  int32_t generated_tokens = 0;  // in all, so far
+};
+
+struct SchedulerStats {
+  int32_t active = 0;           // admitted sequences (prefilling or decoding)
+  int32_t waiting = 0;          // submitted, waiting for KV room or a batch slot
+  int64_t kv_used_bytes = 0;    // KV caches of the admitted sequences
+  int64_t kv_budget_bytes = 0;
+  int64_t steps = 0;            // forward passes run
+  int64_t prefill_tokens = 0;   // prompt tokens run, in all
+  int64_t decode_tokens = 0;    // tokens sampled, in all
+  int32_t last_rows = 0;        // rows of the last step's forward pass
+  int32_t last_sequences = 0;   // sequences in it
+  double last_step_seconds = 0.0;
+};
+
+class Scheduler {
+ public:
+  // Throws Error on an option out of range (naming it). Computes on the model's threads
+  // (LoadOptions.n_threads, else the library-wide count).
+  Scheduler(std::shared_ptr<const Model> model, const SchedulerOptions& opts = {});
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  // Queues a sequence and returns its id (> 0). Throws Error on bad arguments (empty
+  // prompt, token or stop token out of range, bad sampling values, max_tokens < 1),
+  // ContextFullError when its prompt leaves no room in n_ctx or its KV cache alone would
+  // exceed kv_budget_bytes (it could never run), QueueFullError when max_queue wait.
+  int64_t submit(const std::vector<int32_t>& prompt, const SamplingParams& params);
+  // Ends a sequence: its KV cache is freed now, or at the end of the step running it.
+  // Its last output says "cancelled". False when the id is unknown or already finished.
+  bool cancel(int64_t id);
+  // Admits waiting sequences that fit, runs one batched forward pass and samples. Returns
+  // false when there was nothing to run. One thread at a time (others wait for it).
+  bool step();
+  // Blocks until there is work for step() (or timeout_ms passes, or notify()).
+  // Returns whether there is work.
+  bool wait(int32_t timeout_ms);
+  void notify();  // wakes wait()
+  // Output of every sequence with news since the last call; a finished sequence's last.
+  std::vector<SequenceOutput> poll();
+  SchedulerStats stats() const;
+  const SchedulerOptions& options() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
 // Library-wide settings (the kernels' thread count and ISA), shared by every Model
 // loaded without LoadOptions.n_threads. set_num_threads throws Error above 1024 threads
 // or when the threads cannot be started (the previous count stays).

@@ -1,1 +1,2 @@
-"""Generation: the C++ engine over a GGUF file, interactive chat, torch sampling."""
+"""Generation: the C++ engine over a GGUF file, interactive chat, the OpenAI-compatible
+server (nanochat serve), torch sampling."""
