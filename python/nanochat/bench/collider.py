@@ -29,6 +29,9 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import get_args
+
+from nanochat.config import BackwardPrecision, BitLinearKernel, Device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,11 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=float, default=0.35, help="fraction dropped (default 0.35)")
     p.add_argument("--threshold", type=float, default=0.3,
                    help="normalized-score threshold of the training runs (default 0.3)")
-    p.add_argument("--bitlinear", default="cpp", choices=("auto", "cpp", "torch"),
+    p.add_argument("--bitlinear", default="cpp", choices=get_args(BitLinearKernel),
                    help="BitLinear path (default cpp)")
-    p.add_argument("--backward", default="auto", choices=("auto", "bf16", "float32"),
+    p.add_argument("--backward", default="auto", choices=get_args(BackwardPrecision),
                    help="C++ path backward GEMM precision (default auto)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+    p.add_argument("--device", default="cpu", choices=get_args(Device),
                    help="device of the timing (default cpu; on cuda under bf16 autocast, as "
                    "the trainer runs, and --bitlinear auto or torch)")
     p.add_argument("--train-steps", type=int, default=100,

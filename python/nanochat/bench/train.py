@@ -30,6 +30,9 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+from typing import get_args
+
+from nanochat.config import BackwardPrecision
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bitlinear: C++ vs torch BitLinear (default); malloc: the C++ path "
                    "with the trainer's glibc malloc settings vs glibc's defaults; fused: the "
                    "C++ path with the C++ RMSNorm and SwiGLU ops vs torch's")
-    p.add_argument("--backward", default="auto", choices=("auto", "bf16", "float32"),
+    p.add_argument("--backward", default="auto", choices=get_args(BackwardPrecision),
                    help="C++ path backward GEMM precision (default auto)")
 
 

@@ -27,13 +27,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import typing
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.config import ModelConfig, _build
+from nanochat.config import FusedLoss, FusedLossPrecision, ModelConfig, _build
 from nanochat.model import mtp
 from nanochat.model.bitlinear import BitLinear, frozen
 from nanochat.model.block import Block, RMSNorm, rope_cos_sin
@@ -140,9 +141,10 @@ class GPT(nn.Module):
         cross-entropy op (nanochat/ops/fused_loss.py: no (tokens, vocab) logits), "off" full
         logits and F.cross_entropy, "auto" fused when MTP is on, or on CPU at vocab >= 16384
         (where `nanochat bench loss` measures it faster). A model starts "off"; train sets it."""
-        if mode not in ("auto", "on", "off") or precision not in ("f32", "bf16"):
-            raise ValueError(f"set_fused_loss: mode auto/on/off and precision f32/bf16, got "
-                             f"{mode!r}, {precision!r}")
+        modes, precisions = typing.get_args(FusedLoss), typing.get_args(FusedLossPrecision)
+        if mode not in modes or precision not in precisions:
+            raise ValueError(f"set_fused_loss: mode one of {modes} and precision one of "
+                             f"{precisions}, got {mode!r}, {precision!r}")
         self.fused_loss, self.fused_loss_precision = mode, precision
 
     def _fused(self) -> bool:

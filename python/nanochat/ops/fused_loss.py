@@ -38,16 +38,18 @@ NANOCHAT_FUSED_LOSS_CUDA=kernel (built when nvcc is found; see cuda_kernel_selec
 from __future__ import annotations
 
 import os
+import typing
 
 import torch
 import torch.nn.functional as F
 
 from nanochat._core import buffer as _buf
 from nanochat._core import core
+from nanochat.config import FusedLossPrecision
 from nanochat.ops.rows import RowSubset, kept, with_rows
 
 DEFAULT_CHUNK = 1024
-PRECISIONS = ("f32", "bf16")
+PRECISIONS = typing.get_args(FusedLossPrecision)  # train.fused_loss_precision's choices
 
 
 def cuda_kernel_selected() -> bool:
