@@ -369,3 +369,33 @@ def test_llama_cpp_runs_imported_silu_model(hf_dir, tmp_path, monkeypatch):
     err = rel_err(theirs, ours)
     # measured 0.017-0.023 per position; the same file read with relu2 instead: 0.59-0.81
     assert err.max() < 0.1, err
+
+
+@pytest.mark.slow  # ~15-45 s on 2 cores; .ci/run's transformers stage runs it
+def test_fine_tune_imported(hf_dir, tmp_path):
+    """import -> data prepare with the imported tokenizer -> train --resume (the loss falls)
+    -> export --hf loads in transformers with our logits."""
+    from nanochat.config import load_config
+    from nanochat.data import corpus
+    from nanochat.train import loop
+
+    run = tmp_path / "run"
+    import_hf(hf_dir, run, log=lambda *_: None)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}  # the cat's hat\n" * 8)
+    tok_dir = run / "checkpoints" / "step_000000" / "tokenizer"
+    m = corpus.prepare([src], tmp_path / "data", val_fraction=0.1, progress=False,
+                       tokenizer=tok_dir)
+    assert m.vocab_size == VOCAB
+    cfg = load_config(str(run / "config.toml"), ["train.max_steps=10", "train.eval_every=10",
+                                                   "train.eval_tokens=2048",
+                                                   "train.sample_tokens=4"])
+    result = loop.train(cfg, tmp_path / "data", run, resume=True, progress_bar=False,
+                        log=lambda *_: None)
+    # measured 6.24 -> 4.47 over the 10 steps on this repetitive text
+    assert result.step == 10 and result.losses[-1] < result.losses[0] - 1.0, result.losses
+    out = tmp_path / "tuned-hf"
+    hf_bitnet.export_hf(run, out)
+    assert torch.allclose(hf_logits(out, IDS), our_logits(run, IDS), atol=ATOL, rtol=0)

@@ -157,7 +157,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     if args.data == "prepare":
         m = corpus.prepare(args.source or None, args.out, args.vocab_size, args.val_fraction,
-                           args.ext or [".py"], progress=not args.no_progress)
+                           args.ext or [".py"], progress=not args.no_progress,
+                           tokenizer=args.tokenizer)
         print("\n".join(corpus.summary_lines(m)))
         return 0
     raise AssertionError(args.data)
@@ -387,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     vocab, val = ModelConfig().vocab_size, DataConfig().val_fraction
     pdp.add_argument("--vocab-size", type=int, default=vocab,
                      help=f"tokenizer vocabulary, = model.vocab_size ({vocab})")
+    pdp.add_argument("--tokenizer", metavar="DIR",
+                     help="use this tokenizer directory instead of training one (e.g. an "
+                     "imported model's RUN/checkpoints/step_000000/tokenizer, to fine-tune it)")
     pdp.add_argument("--val-fraction", type=float, default=val,
                      help=f"fraction of files held out for validation ({val})")
     pdp.add_argument("--ext", action="append", metavar=".EXT",

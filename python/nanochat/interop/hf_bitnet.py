@@ -1,6 +1,8 @@
 """transformers' BitNet checkpoints (`model_type: "bitnet"`, BitNetForCausalLM) in and out.
 
     nanochat import hf DIR --out RUN                 # -> a run dir: sample, export --gguf, train
+    nanochat data prepare --tokenizer RUN/checkpoints/step_000000/tokenizer --source SRC --out DATA
+    nanochat train --config RUN/config.toml --out RUN --resume --data DATA --steps 300
     nanochat export --hf OUT_DIR --checkpoint RUN    # -> BitNetForCausalLM.from_pretrained(OUT_DIR)
 
 The graph is ours (nanochat/model/gpt.py): transformers' BitNet is the Llama stack with
@@ -392,9 +394,33 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, log=print) -> Path
         out.mkdir(parents=True, exist_ok=True)
         path = checkpoint.save(out, 0, st, run.to_dict(), tok_dir, keep=1)
     (out / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    # the model's config for fine-tuning: nanochat train --config RUN/config.toml --resume
+    (out / "config.toml").write_text(to_toml(run.to_dict()))
     log(f"imported {src} ({quant['linear_class']}, {quant['mode']}): "
         f"{sum(p.numel() for p in model.parameters()):,} params -> {path}")
     return path
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)  # Python's repr of a float (1e-05, inf) is a valid TOML float
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"config value {v!r} has no TOML form")
+
+
+def to_toml(d: dict, prefix: str = "") -> str:
+    """A RunConfig dict as TOML (`nanochat train --config RUN/config.toml` reads it)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    out = ([f"[{prefix}]"] + lines + [""]) if prefix and lines else lines
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.append(to_toml(v, f"{prefix}.{k}" if prefix else k))
+    return "\n".join(out)
 
 
 # ---- export ---------------------------------------------------------------------------------
