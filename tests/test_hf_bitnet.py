@@ -26,9 +26,12 @@ from nanochat.ops.bitlinear import weight_codes  # noqa: E402
 
 VOCAB = 512
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
-# Logits of the same ternary graph and weights in two float32 implementations: measured max
-# |diff| 6.6e-7 against logits of magnitude ~1.2 (same codes; sums in another order).
-ATOL = 1e-5
+# Logits of the same ternary graph and weights in two float32 implementations (same codes,
+# sums in another order): per position, max |diff| / max |logit| is ~3e-7, except where that
+# float noise moves one int8 activation across a rounding boundary (how often depends on the
+# BLAS thread count: none of 48 positions with 2 threads, 2 of 48 with 1), measured 2e-3 and
+# 4.5e-3 there. The bound of tests/engine_helpers.py: 90% of positions within 1e-5, all 2e-2.
+EXACT_TOL, FLIP_TOL = 1e-5, 2e-2
 # A packed file runs the same codes with the scale applied after the matmul instead of
 # before: ~1e-7 relative float differences that flip an occasional int8 activation code at a
 # rounding boundary, and the flip propagates. Measured mean |diff| 4e-5 (bitlinear class) and
@@ -86,6 +89,11 @@ def hf_dir(tmp_path_factory):
     return d
 
 
+def assert_same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
+    err = ((got - want).abs().amax(-1) / want.abs().max()).flatten()  # per position
+    assert err.max() < FLIP_TOL and (err < EXACT_TOL).float().mean() >= 0.9, err
+
+
 def hf_logits(path, ids):
     with torch._dynamo.config.patch(disable=True):  # its quantizers are @torch.compile'd
         model = transformers.BitNetForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -118,8 +126,7 @@ def ref(hf_dir):
 def test_import_matches_transformers(ref, imported):
     ours = our_logits(imported, IDS)
     assert ref.abs().max() > 0.5  # a real signal, not near-zero logits
-    assert torch.allclose(ours, ref, atol=ATOL, rtol=0), (ours - ref).abs().max()
-    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+    assert_same_logits(ours, ref)
     model, tok, state = load_model(imported)
     assert model.config.activation == "relu2" and model.config.n_kv_heads == 2
     assert model.config.rope_theta == 500000.0
@@ -180,7 +187,7 @@ def test_export_hf_round_trip(imported, tmp_path):
     conf = json.loads((out / "config.json").read_text())
     assert conf["model_type"] == "bitnet" and conf["hidden_act"] == "relu2"
     ours = our_logits(imported, IDS)
-    assert torch.allclose(hf_logits(out, IDS), ours, atol=ATOL, rtol=0)
+    assert_same_logits(hf_logits(out, IDS), ours)
     # and back again: the same latent weights, bit for bit
     run2 = tmp_path / "again"
     import_hf(out, run2, log=lambda *_: None)
@@ -398,4 +405,4 @@ def test_fine_tune_imported(hf_dir, tmp_path):
     assert result.step == 10 and result.losses[-1] < result.losses[0] - 1.0, result.losses
     out = tmp_path / "tuned-hf"
     hf_bitnet.export_hf(run, out)
-    assert torch.allclose(hf_logits(out, IDS), our_logits(run, IDS), atol=ATOL, rtol=0)
+    assert_same_logits(hf_logits(out, IDS), our_logits(run, IDS))
