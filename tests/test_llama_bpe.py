@@ -116,3 +116,15 @@ def test_unsupported_pre_tokenizer_named(tmp_path):
     (tmp_path / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
     with pytest.raises(ValueError, match="pre_tokenizer"):
         Tokenizer.load_foreign(tmp_path / "tokenizer.json", 0)
+
+
+def test_cpp_arbitrary_bytes_round_trip(files):
+    """Any bytes (invalid UTF-8, lone CR, truncated sequences) split and decode back exactly
+    under the llama-bpe split, as under GPT-2's."""
+    _, _, gguf = files
+    cpp = _C.BpeTokenizer.from_gguf(str(gguf))
+    rng = random.Random(1)
+    alphabet = b"\r\n\t '0aZ9.\xc3\xa9\xe6\x9c\xba\xf0\x9f\x98\x80\xff\x80"
+    for _ in range(2000):
+        data = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert cpp.decode(cpp.encode_bytes(data)) == data, data
