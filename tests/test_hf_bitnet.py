@@ -15,14 +15,13 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 pytest.importorskip("accelerate")  # transformers needs it to load a bitnet-quantized model
 
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from nanochat.cli import main  # noqa: E402
-from nanochat.data.tokenizer import LLAMA3_REGEX, Tokenizer  # noqa: E402
-from nanochat.interop import hf_bitnet  # noqa: E402
-from nanochat.interop.hf_bitnet import HFImportError, import_hf  # noqa: E402
-from nanochat.model.load import load_model  # noqa: E402
-from nanochat.ops.bitlinear import weight_codes  # noqa: E402
+from nanochat.cli import main
+from nanochat.data.tokenizer import LLAMA3_REGEX
+from nanochat.interop import hf_bitnet
+from nanochat.interop.hf_bitnet import HFImportError, import_hf
+from nanochat.model.load import load_model
+from nanochat.ops.bitlinear import weight_codes
+from safetensors.torch import load_file, save_file
 
 VOCAB = 512
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -43,15 +42,17 @@ PACKED_MEAN = 5e-3
 def llama3_tokenizer_json(vocab: int) -> str:
     """A LLaMA-3-style tokenizer.json (llama-bpe split regex + ByteLevel, BPE) of `vocab`
     tokens with BOS/EOS specials, trained on a little varied text."""
-    from tokenizers import Regex, Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTok
 
     tok = HFTok(models.BPE(ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    text = ["def f(x):\n    return x * 2  # doubled\r\n", "The cat's hat isn't red, we'll see.",
-            "1234567 apples + 89 pears", "日本語のテキスト 😀 emoji", "IT'S LOUD; THEY'RE HERE"] * 20
+    text = ["def f(x):\n    return x * 2  # doubled\r\n", "The cat's hat isn't red.",
+            "1234567 apples + 89 pears", "日本語のテキスト 😀 emoji",
+            "IT'S LOUD; THEY'RE HERE"] * 20
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[BOS, EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
@@ -127,7 +128,7 @@ def test_import_matches_transformers(ref, imported):
     ours = our_logits(imported, IDS)
     assert ref.abs().max() > 0.5  # a real signal, not near-zero logits
     assert_same_logits(ours, ref)
-    model, tok, state = load_model(imported)
+    model, tok, _ = load_model(imported)
     assert model.config.activation == "relu2" and model.config.n_kv_heads == 2
     assert model.config.rope_theta == 500000.0
     assert tok.bos_id == 0 and tok.eos_id == 1 and tok.pre_tokenizer == "llama-bpe"
@@ -323,7 +324,6 @@ def _engine_vs_torch(run, gguf, monkeypatch):
     """(engine, ids, torch float64 logits with fp16-rounded scales as the file stores them,
     engine logits) on TEXT."""
     from engine_helpers import round_scales_to_fp16, torch_logits
-
     from nanochat.infer.engine import Engine
 
     model, tok, _ = load_model(run)

@@ -12,20 +12,21 @@ import json
 import random
 
 import pytest
-from tokenizers import Regex, Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
-
 from nanochat import _C
 from nanochat.data.tokenizer import LLAMA3_REGEX, Tokenizer
 from nanochat.export import tokenizer_metadata
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTok
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 FRAGMENTS = [
     "1234567890", "3.14159", "x = 10_000_000;", "42nd", "٣٤٥ १२३", "½ ²",
-    "it's", "IT'S", "they're", "THEY'RE", "we'll", "WE'LL", "I'm", "I'M", "she'd", "SHE'D",
-    "you've", "YOU'VE", "'sup", "''s", "don't", "DON'T", "’s",
+    "it's", "IT'S", "they're", "THEY'RE", "we'll", "WE'LL", "I'm", "I'M", "she'd",
+    "SHE'D", "you've", "YOU'VE", "'sup", "''s", "don't", "DON'T", "’s",
     "line1\r\nline2\r\n\r\n", "\n\n\n", "\t\tindent", "  \n  x", " \u00a0 ", "\u3000",
     "😀", "👨‍👩‍👧‍👦", "🇫🇷", "👍🏽", "机器学习是人工智能", "東京は日本の首都です", "안녕하세요",
-    "Привет, мир!", "مرحبا", "def f(x):\n    return {'a': [1, 2]}  # c\n", "if (a && b) { y++; }",
+    "Привет, мир!", "مرحبا", "def f(x):\n    return {'a': [1, 2]}  # c\n",
+    "if (a && b) { y++; }",
     "   ", " ", "...!!!???", " (((", "a--b", "e\u0301", "\x00\x7f", "<|begin_of_text|>",
     "Hello", " world", "The", " quick brown fox", "MixedCASE words", "snake_case_name",
 ]
@@ -82,7 +83,7 @@ def test_python_equals_hf(files):
 
 
 def test_cpp_equals_hf(files):
-    path, ours, gguf = files
+    path, _, gguf = files
     hf = HFTok.from_str(path.read_text(encoding="utf-8"))
     cpp = _C.BpeTokenizer.from_gguf(str(gguf))
     for t in strings(1000):
@@ -94,7 +95,7 @@ def test_cpp_equals_hf(files):
 def test_cpp_ignore_merges(files, tmp_path):
     """A piece that is itself a token encodes to that token even where the merges would
     build it differently: a vocab entry with no merge path at all shows it."""
-    path, ours, _ = files
+    path, _, _ = files
     spec = json.loads(path.read_text(encoding="utf-8"))
     vocab = spec["model"]["vocab"]
     vocab["ĠXQZ"] = max(max(vocab.values()), *(a["id"] for a in spec["added_tokens"])) + 1

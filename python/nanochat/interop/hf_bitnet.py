@@ -316,9 +316,10 @@ def read_state(src: Path, cfg: ModelConfig, quant: dict) -> dict[str, torch.Tens
     if extra:
         raise HFImportError(f"{files[extra[0]]}: unexpected tensor(s) {', '.join(extra[:8])}")
     raw = _read_tensors(files)
-    if "lm_head.weight" in raw:  # a tied checkpoint may store the head: it must be the embedding
-        if not torch.equal(raw["lm_head.weight"], raw["model.embed_tokens.weight"]):
-            raise HFImportError(f"{files['lm_head.weight']}: lm_head.weight differs from "
+    # a tied checkpoint may store the head too: it must then be the embedding
+    if "lm_head.weight" in raw and not torch.equal(raw["lm_head.weight"],
+                                                   raw["model.embed_tokens.weight"]):
+        raise HFImportError(f"{files['lm_head.weight']}: lm_head.weight differs from "
                                 f"model.embed_tokens.weight, but tie_word_embeddings is true")
     state, scales = {}, {}
     for hf, (ours, shape, dtypes) in expected.items():
@@ -466,7 +467,7 @@ def export_hf(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> Pat
         raise ValueError(f"--hf {out} already exists; choose a new directory")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output directory {out.parent} does not exist")
-    model, tok, state = load_model(checkpoint_path)
+    model, tok, _ = load_model(checkpoint_path)
     cfg = model.config
     conf = hf_config(cfg, tok.bos_id, tok.eos_id)
     sd = model.state_dict()
