@@ -94,33 +94,33 @@ def test_two_ranks_train_and_one_resumes(tmp_path):
     assert checkpoint.load(run)["step"] == 6
 
 
-def _rank_step(rank: int, port: int, out: str) -> None:
-    import os
+RANK_STEP = """
+import sys
+import torch
+from nanochat.train.distributed import Group
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    g = Group.from_env("cpu", timeout_s=120)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    net = g.wrap(model)
-    x = torch.full((2, 4), float(rank + 1))  # each rank its own batch
-    net(x).square().mean().backward()
-    torch.save({"grad": model.weight.grad, "loss_mean": g.mean(float(rank), x.device),
-                "agree": g.agree(rank == 0, x.device)}, f"{out}/rank{rank}.pt")
-    g.close()
+g = Group.from_env("cpu", timeout_s=120)
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 3)
+net = g.wrap(model)
+x = torch.full((2, 4), float(g.rank + 1))  # each rank its own batch
+net(x).square().mean().backward()
+torch.save({"grad": model.weight.grad, "loss_mean": g.mean(float(g.rank), x.device),
+            "agree": g.agree(g.rank == 0, x.device)}, f"{sys.argv[1]}/rank{g.rank}.pt")
+g.close()
+"""
 
 
 def test_ranks_average_their_gradients(tmp_path):
-    """Two gloo ranks with different batches end with the same gradient: the mean of the two
-    single-process gradients (what DDP promises; without the wrap each keeps its own)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_rank_step, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    """Two gloo ranks under torchrun with different batches end with the same gradient: the
+    mean of the two single-process gradients (what DDP promises; without the wrap each keeps
+    its own)."""
+    script = tmp_path / "rank_step.py"
+    script.write_text(RANK_STEP)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(script), str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     want = []
     for r in range(2):

@@ -389,10 +389,9 @@ def test_chat_page_in_chromium(tmp_path):
     if chromium is None:
         pytest.skip("no chromium (apt-get install chromium)")
     import torch
-
     from engine_helpers import TEXT, make_model
-    from nanochat.export import export_gguf
     from nanochat.data.tokenizer import Tokenizer
+    from nanochat.export import export_gguf
 
     # Wide enough that a long greedy answer takes seconds: time to press stop mid-stream.
     path = tmp_path / "page.gguf"

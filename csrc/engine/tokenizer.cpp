@@ -140,6 +140,97 @@ void split_gpt2(const uint8_t* s, size_t n, F&& emit) {
   }
 }
 
+// LLaMA-3's regex (llama.cpp's "llama-bpe" pre-tokenizer), as Oniguruma runs it:
+//   (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+//   ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+// The first alternative that matches at a position wins. The case-insensitive contractions
+// compare ASCII letters only (as llama.cpp; Unicode folding would also take U+017F for s).
+template <typename F>
+void split_llama3(const uint8_t* s, size_t n, F&& emit) {
+  auto newline = [](uint32_t cp) { return cp == '\r' || cp == '\n'; };
+  auto run = [&](size_t k, CharClass cls, size_t max_chars) {  // end of a run of one class
+    for (size_t count = 0; k < n && count < max_chars; ++count) {
+      const Char e = char_at(s, n, k);
+      if (e.cls != cls) break;
+      k += e.len;
+    }
+    return k;
+  };
+  size_t i = 0;
+  while (i < n) {
+    const Char c = char_at(s, n, i);
+    if (c.cp == '\'' && i + 1 < n) {
+      const uint8_t a = s[i + 1] | 0x20;  // ASCII lower case (only letters are compared)
+      if (a == 's' || a == 't' || a == 'm' || a == 'd') {
+        emit(i, i + 2);
+        i += 2;
+        continue;
+      }
+      if (i + 2 < n) {
+        const uint8_t b = s[i + 2] | 0x20;
+        if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) {
+          emit(i, i + 3);
+          i += 3;
+          continue;
+        }
+      }
+    }
+    // [^\r\n\p{L}\p{N}]?\p{L}+
+    size_t letters = n;  // where the letter run starts, n: no match
+    if (c.cls == CharClass::Letter) {
+      letters = i;
+    } else if (c.cls != CharClass::Number && !newline(c.cp) && i + c.len < n &&
+               char_at(s, n, i + c.len).cls == CharClass::Letter) {
+      letters = i + c.len;
+    }
+    if (letters < n) {
+      const size_t k = run(letters, CharClass::Letter, SIZE_MAX);
+      emit(i, k);
+      i = k;
+      continue;
+    }
+    if (c.cls == CharClass::Number) {  // \p{N}{1,3}
+      const size_t k = run(i, CharClass::Number, 3);
+      emit(i, k);
+      i = k;
+      continue;
+    }
+    // " ?[^\s\p{L}\p{N}]+[\r\n]*"
+    size_t other = n;
+    if (c.cls == CharClass::Other) {
+      other = i;
+    } else if (c.cp == ' ' && i + 1 < n && char_at(s, n, i + 1).cls == CharClass::Other) {
+      other = i + 1;
+    }
+    if (other < n) {
+      size_t k = run(other, CharClass::Other, SIZE_MAX);
+      while (k < n && (s[k] == '\r' || s[k] == '\n')) ++k;
+      emit(i, k);
+      i = k;
+      continue;
+    }
+    // c is whitespace. \s*[\r\n]+: the run up to and including its last newline.
+    size_t k = i, last = i, count = 0, after_newline = 0;
+    while (k < n) {
+      const Char e = char_at(s, n, k);
+      if (e.cls != CharClass::Space) break;
+      last = k;
+      k += e.len;
+      ++count;
+      if (newline(e.cp)) after_newline = k;
+    }
+    if (after_newline) {
+      emit(i, after_newline);
+      i = after_newline;
+      continue;
+    }
+    // \s+(?!\S) then \s+, as in split_gpt2
+    if (k < n && count >= 2) k = last;
+    emit(i, k);
+    i = k;
+  }
+}
+
 // GPT-2's bytes_to_unicode: printable bytes map to themselves, the other 68 to U+0100...
 uint32_t byte_to_cp(int b) {
   static const auto table = [] {
@@ -448,9 +539,9 @@ BpeTokenizer BpeTokenizer::from_gguf(const gguf::GgufFile& file) {
     throw Error(path + ": tokenizer.ggml.model is " + quote(model) +
                 ", expected \"gpt2\" (byte-level BPE)");
   const std::string& pre = file.get_string("tokenizer.ggml.pre");
-  if (pre != "gpt-2")
+  if (pre != "gpt-2" && pre != "llama-bpe")
     throw Error(path + ": tokenizer.ggml.pre is " + quote(pre) +
-                ", expected \"gpt-2\" (the only pre-tokenizer implemented)");
+                ", expected \"gpt-2\" or \"llama-bpe\" (the pre-tokenizers implemented)");
   std::vector<std::string> tokens = file.get_string_array("tokenizer.ggml.tokens");
   std::vector<int32_t> types;
   if (file.has("tokenizer.ggml.token_type")) {  // optional in llama.cpp: all normal
@@ -464,7 +555,9 @@ BpeTokenizer BpeTokenizer::from_gguf(const gguf::GgufFile& file) {
     }
   }
   const std::vector<std::string>& merges = file.get_string_array("tokenizer.ggml.merges");
-  return BpeTokenizer(std::move(tokens), std::move(types), merges, path + ": tokenizer.ggml.");
+  BpeTokenizer t(std::move(tokens), std::move(types), merges, path + ": tokenizer.ggml.");
+  t.llama3_ = pre == "llama-bpe";
+  return t;
 }
 
 // ---- encode ---------------------------------------------------------------------------
@@ -509,7 +602,11 @@ std::vector<int32_t> BpeTokenizer::encode(const std::string& text, bool parse_sp
 void BpeTokenizer::encode_plain(const char* text, size_t n, std::vector<int32_t>& out,
                                 Scratch& s) const {
   const uint8_t* t = reinterpret_cast<const uint8_t*>(text);
-  split_gpt2(t, n, [&](size_t b, size_t e) { encode_piece(t + b, e - b, out, s); });
+  auto piece = [&](size_t b, size_t e) { encode_piece(t + b, e - b, out, s); };
+  if (llama3_)
+    split_llama3(t, n, piece);
+  else
+    split_gpt2(t, n, piece);
 }
 
 void BpeTokenizer::encode_piece(const uint8_t* p, size_t n, std::vector<int32_t>& out,
@@ -532,12 +629,23 @@ void BpeTokenizer::encode_piece(const uint8_t* p, size_t n, std::vector<int32_t>
     }
   }
   std::vector<int32_t>& ids = s.ids;
-  ids.resize(n);
-  for (size_t i = 0; i < n; ++i) ids[i] = byte_ids_[p[i]];
-  if (n <= SMALL_PIECE)
-    merge_small(ids, s);
-  else
-    merge_large(ids, s);
+  int32_t whole = -1;
+  if (llama3_) {  // LLaMA-3 sets ignore_merges: a piece that is a normal token is that token
+    std::string form;
+    for (size_t i = 0; i < n; ++i) form += utf8_encode(byte_to_cp(p[i]));
+    const auto it = ids_.find(form);
+    if (it != ids_.end() && !is_special(it->second)) whole = it->second;
+  }
+  if (whole >= 0) {
+    ids.assign(1, whole);
+  } else {
+    ids.resize(n);
+    for (size_t i = 0; i < n; ++i) ids[i] = byte_ids_[p[i]];
+    if (n <= SMALL_PIECE)
+      merge_small(ids, s);
+    else
+      merge_large(ids, s);
+  }
   if (cacheable && s.cache.size() < CACHE_MAX_ENTRIES) {
     s.cache.emplace(key, std::make_pair(static_cast<uint32_t>(s.cache_ids.size()),
                                         static_cast<uint32_t>(ids.size())));

@@ -32,7 +32,9 @@ class BpeTokenizer {
   BpeTokenizer(std::vector<std::string> tokens, std::vector<int32_t> token_types,
                const std::vector<std::string>& merges);
   // From tokenizer.ggml.{model,pre,tokens,token_type,merges}; model must be "gpt2" and
-  // pre one this tokenizer implements ("gpt-2"). Errors name the file and key.
+  // pre one this tokenizer implements: "gpt-2", or "llama-bpe" (LLaMA-3's split regex and
+  // its ignore_merges: a piece that is a normal token encodes to it). Errors name the file
+  // and key.
   static BpeTokenizer from_gguf(const gguf::GgufFile& file);
 
   int32_t vocab_size() const { return static_cast<int32_t>(tokens_.size()); }
@@ -75,6 +77,7 @@ class BpeTokenizer {
   std::shared_ptr<const PairMap> merges_;
   // parse_special: control + user-defined token strings (null when there are none).
   std::shared_ptr<const SpecialMatcher> specials_;
+  bool llama3_ = false;  // tokenizer.ggml.pre "llama-bpe" (from_gguf), else GPT-2's split
 };
 
 }  // namespace nanochat

@@ -173,9 +173,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from nanochat.export import export_checkpoint, format_summary
 
+    if args.hf:
+        from nanochat.interop.hf_bitnet import export_hf
+
+        print(f"wrote {export_hf(args.checkpoint, args.hf)} (transformers BitNetForCausalLM)")
+        return 0
     summary = export_checkpoint(args.checkpoint, args.gguf, weight_type=args.type,
                                 embd_type=args.embd, name=args.name)
     print(format_summary(summary))
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from nanochat.interop.hf_bitnet import import_hf
+
+    import_hf(args.dir, args.out)
     return 0
 
 
@@ -184,7 +196,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     if args.data == "prepare":
         m = corpus.prepare(args.source or None, args.out, args.vocab_size, args.val_fraction,
-                           args.ext or [".py"], progress=not args.no_progress)
+                           args.ext or [".py"], progress=not args.no_progress,
+                           tokenizer=args.tokenizer)
         print("\n".join(corpus.summary_lines(m)))
         return 0
     raise AssertionError(args.data)
@@ -345,8 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
         "SiLU models are written as llama.cpp's 'bitnet' architecture, others (e.g. relu2) "
         "as 'nanochat'. The file is written to a temporary name and renamed when complete.",
         epilog="example: nanochat export --gguf nano.gguf --checkpoint runs/nano --embd q8_0")
-    pe.add_argument("--gguf", required=True, metavar="OUT.gguf",
-                    help="output file (its directory must exist; an existing file is replaced)")
+    dest = pe.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--gguf", metavar="OUT.gguf",
+                      help="output file (its directory must exist; an existing file is replaced)")
+    dest.add_argument("--hf", metavar="OUT_DIR",
+                      help="instead: a transformers BitNetForCausalLM directory (config.json, "
+                      "model.safetensors with the latent weights, tokenizer files; "
+                      "docs/interop.md); OUT_DIR must not exist")
     pe.add_argument("--checkpoint", required=True, metavar="DIR",
                     help="checkpoint dir (RUN/checkpoints/step_N) or run dir (its latest)")
     pe.add_argument("--type", default="tq2_0", type=str.lower, choices=("tq2_0", "tq1_0"),
@@ -356,6 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="type of the token embedding, also the tied LM head (default: f16)")
     pe.add_argument("--name", help="general.name (default: the run directory's name)")
     pe.set_defaults(func=_cmd_export)
+
+    pim = sub.add_parser("import", help="turn another project's checkpoint into a run directory")
+    isub = pim.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    pih = isub.add_parser(
+        "hf", help="a transformers BitNet checkpoint (model_type bitnet)",
+        description="Read a transformers BitNetForCausalLM directory (config.json, "
+        "model.safetensors or a sharded index, tokenizer.json; master-weight 'online' or "
+        "packed 'offline' form) into a nanochat run directory with one step-0 checkpoint, "
+        "which `nanochat sample`, `export --gguf`/`--hf` and `train --resume` take. Only "
+        "safetensors are read; every key, shape and dtype is checked (docs/interop.md).",
+        epilog="example: nanochat import hf ./bitnet-b1.58-2B-4T-bf16 --out runs/2b4t")
+    pih.add_argument("dir", metavar="DIR", help="the checkpoint directory")
+    pih.add_argument("--out", required=True, metavar="RUN",
+                     help="run directory to create (must hold no checkpoint yet)")
+    pih.set_defaults(func=_cmd_import)
 
     def engine_args(sp: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
         sp.add_argument("--model", required=True, metavar="FILE.gguf",
@@ -441,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     vocab, val = ModelConfig().vocab_size, DataConfig().val_fraction
     pdp.add_argument("--vocab-size", type=int, default=vocab,
                      help=f"tokenizer vocabulary, = model.vocab_size ({vocab})")
+    pdp.add_argument("--tokenizer", metavar="DIR",
+                     help="use this tokenizer directory instead of training one (e.g. an "
+                     "imported model's RUN/checkpoints/step_000000/tokenizer, to fine-tune it)")
     pdp.add_argument("--val-fraction", type=float, default=val,
                      help=f"fraction of files held out for validation ({val})")
     pdp.add_argument("--ext", action="append", metavar=".EXT",

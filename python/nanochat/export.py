@@ -27,7 +27,7 @@ import torch
 
 from nanochat._core import core
 from nanochat.config import ModelConfig
-from nanochat.data.tokenizer import PRE_TOKENIZER, Tokenizer
+from nanochat.data.tokenizer import Tokenizer
 from nanochat.ops import ternary
 from nanochat.ops.bitlinear import weight_codes
 
@@ -178,19 +178,21 @@ def metadata(cfg: ModelConfig, tok: Tokenizer, weight_type: str, name: str) -> l
 
 
 def tokenizer_metadata(tok: Tokenizer) -> list[KV]:
-    """tokenizer.ggml.*: GPT-2 byte-level BPE as llama.cpp's "gpt2" model reads it."""
+    """tokenizer.ggml.*: byte-level BPE as llama.cpp's "gpt2" model reads it, with the
+    tokenizer's pre-tokenizer ("gpt-2" ours, "llama-bpe" an imported LLaMA-3 one)."""
     bos = tok.bos_id
     types = [TOKEN_CONTROL if tok.is_special(i) else TOKEN_NORMAL for i in range(tok.vocab_size)]
+    eot = tok.special_tokens.get(EOT)  # an imported tokenizer has no chat turn token of ours
     return [
         ("tokenizer.ggml.model", "string", "gpt2"),
-        ("tokenizer.ggml.pre", "string", PRE_TOKENIZER),
+        ("tokenizer.ggml.pre", "string", tok.pre_tokenizer),
         ("tokenizer.ggml.tokens", "array[string]", tok.tokens()),
         ("tokenizer.ggml.token_type", "array[i32]", types),
         ("tokenizer.ggml.merges", "array[string]", tok.merges()),
         ("tokenizer.ggml.bos_token_id", "u32", bos),
         # Training puts <|bos|> before every document, so predicting it ends one.
-        ("tokenizer.ggml.eos_token_id", "u32", bos),
-        ("tokenizer.ggml.eot_token_id", "u32", tok.special_tokens[EOT]),
+        ("tokenizer.ggml.eos_token_id", "u32", tok.eos_id),
+        *([("tokenizer.ggml.eot_token_id", "u32", eot)] if eot is not None else []),
         ("tokenizer.ggml.add_bos_token", "bool", True),
         ("tokenizer.ggml.add_eos_token", "bool", False),
     ]

@@ -360,9 +360,15 @@ def _write_tokens(docs: list[Document], tok: Tokenizer, dest: Path, dtype: np.dt
 
 
 def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4096,
-            val_fraction: float = 0.05, extensions=(".py",), progress: bool = True) -> Manifest:
-    """Collect, train the tokenizer on train, tokenize both splits; cached (module doc)."""
+            val_fraction: float = 0.05, extensions=(".py",), progress: bool = True,
+            tokenizer: str | Path | None = None) -> Manifest:
+    """Collect, train the tokenizer on train, tokenize both splits; cached (module doc).
+    `tokenizer`: a tokenizer directory to use as it is instead of training one (e.g. an
+    imported model's, RUN/checkpoints/step_000000/tokenizer); vocab_size is then its size."""
     t0 = time.perf_counter()
+    given = Tokenizer.load(tokenizer) if tokenizer is not None else None
+    if given is not None:
+        vocab_size = given.vocab_size
     if not MIN_VOCAB <= vocab_size <= 2**32:
         raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (5 special tokens + 256 bytes) "
                          f"and fit in uint32, got {vocab_size}")
@@ -371,6 +377,8 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     settings = _settings(roots, exts, vocab_size, val_fraction)
+    if given is not None:  # the cache key names the tokenizer used
+        settings["tokenizer_sha256"] = given.sha256()
     settings_hash = _hash(settings)
     out = Path(out_dir).expanduser() if out_dir else cache_dir() / "data" / settings_hash[:12]
     fingerprint = _fingerprint(_scan(roots, exts))
@@ -386,7 +394,7 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
         n = sum(d.nbytes for d in files.train)
         print(f"training tokenizer (vocab {vocab_size}) on {len(files.train)} files, "
               f"{n / 1e6:.1f} MB", file=sys.stderr)
-    tok = Tokenizer.train((d.text for d in files.train), vocab_size)
+    tok = given or Tokenizer.train((d.text for d in files.train), vocab_size)
     tmp_tok = out / "tokenizer.tmp"
     shutil.rmtree(tmp_tok, ignore_errors=True)
     tok.save(tmp_tok)

@@ -36,6 +36,12 @@ SPECIAL_TOKENS = (BOS, "<|user_start|>", "<|user_end|>", "<|assistant_start|>", 
 RESERVED = "<|reserved_{}|>"
 MIN_VOCAB = len(SPECIAL_TOKENS) + 256
 FILENAME = "tokenizer.json"
+# An imported (foreign) tokenizer's own special tokens and pre-tokenizer, beside FILENAME:
+# {"bos": text, "eos": text, "pre": name}. Absent: the nanochat layout above.
+FOREIGN = "special.json"
+# LLaMA-3's split regex (llama.cpp's "llama-bpe" pre-tokenizer), as in its tokenizer.json
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 @lru_cache(maxsize=1)
@@ -62,15 +68,22 @@ def unicode_to_bytes() -> dict[str, int]:
 class Tokenizer:
     """A trained byte-level BPE tokenizer. Build with `train` or `load`."""
 
-    def __init__(self, hf):  # hf: tokenizers.Tokenizer
+    def __init__(self, hf, foreign: dict | None = None):  # hf: tokenizers.Tokenizer
         self._hf = hf
         # Special-token strings inside text are encoded as plain bytes, never as specials.
         hf.encode_special_tokens = True
-        self._special = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
-        for i, t in enumerate(SPECIAL_TOKENS):
-            if self._special[t] != i:
-                raise ValueError(f"tokenizer: special token {t} has id {self._special[t]}, "
-                                 f"expected {i}")
+        self._foreign = foreign
+        if foreign is not None:  # an imported tokenizer: its own BOS/EOS (FOREIGN)
+            self._special = {t: hf.token_to_id(t) for t in (foreign["bos"], foreign["eos"])}
+            for t, i in self._special.items():
+                if i is None:
+                    raise ValueError(f"tokenizer: special token {t!r} is not in the vocabulary")
+        else:
+            self._special = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
+            for i, t in enumerate(SPECIAL_TOKENS):
+                if self._special[t] != i:
+                    raise ValueError(f"tokenizer: special token {t} has id {self._special[t]}, "
+                                     f"expected {i}")
         self._special_ids = {i: a.content for i, a in hf.get_added_tokens_decoder().items()
                              if a.special}  # id -> text, the reserved fillers included
         self._encode_batch = getattr(hf, "encode_batch_fast", hf.encode_batch)
@@ -109,7 +122,44 @@ class Tokenizer:
         d = Path(path_dir)
         d.mkdir(parents=True, exist_ok=True)
         (d / FILENAME).write_text(self._serialized(), encoding="utf-8")
+        if self._foreign is not None:
+            (d / FOREIGN).write_text(json.dumps(self._foreign) + "\n", encoding="utf-8")
         return d
+
+    def save_hf(self, path_dir: str | Path) -> None:
+        """tokenizer.json and tokenizer_config.json as transformers' AutoTokenizer reads them."""
+        d = Path(path_dir)
+        (d / FILENAME).write_text(self._serialized(), encoding="utf-8")
+        conf = {"tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": self._hf.id_to_token(self.bos_id),
+                "eos_token": self._hf.id_to_token(self.eos_id)}
+        (d / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n",
+                                                 encoding="utf-8")
+
+    @classmethod
+    def load_foreign(cls, file: str | Path, bos_id, eos_id=None) -> "Tokenizer":
+        """Another project's byte-level BPE tokenizer.json (e.g. LLaMA-3's), with the BOS
+        (and EOS, default BOS) ids its model config names. Only pipelines we reproduce in
+        every tokenizer of ours are accepted: no normalizer, BPE, a ByteLevel decoder, and
+        the GPT-2 ("gpt-2") or LLaMA-3 ("llama-bpe") pre-tokenizer."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        f = Path(file)
+        try:
+            text = f.read_text(encoding="utf-8")
+            spec = json.loads(text)
+            hf = HFTokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises its own Exception type
+            raise ValueError(f"{f}: not a valid tokenizer file: {e}") from None
+        pre = pre_tokenizer_name(spec, f)
+        ids = {"bos_token_id": bos_id, "eos_token_id": bos_id if eos_id is None else eos_id}
+        names = {}
+        for key, i in ids.items():
+            t = hf.id_to_token(i) if isinstance(i, int) and not isinstance(i, bool) else None
+            if t is None:
+                raise ValueError(f"{f}: the model's {key} {i!r} is not a token of this file")
+            names[key] = t
+        return cls(hf, {"bos": names["bos_token_id"], "eos": names["eos_token_id"], "pre": pre})
 
     @classmethod
     def load(cls, path_dir: str | Path) -> "Tokenizer":
@@ -122,7 +172,19 @@ class Tokenizer:
             hf = HFTokenizer.from_str(f.read_text(encoding="utf-8"))
         except Exception as e:  # tokenizers raises its own Exception type
             raise ValueError(f"{f}: not a valid tokenizer file: {e}") from None
-        return cls(hf)
+        foreign = None
+        if (Path(path_dir) / FOREIGN).is_file():
+            fs = Path(path_dir) / FOREIGN
+            try:
+                foreign = json.loads(fs.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{fs}: not valid JSON: {e}") from None
+            if (not isinstance(foreign, dict) or set(foreign) != {"bos", "eos", "pre"}
+                    or not all(isinstance(v, str) for v in foreign.values())
+                    or foreign["pre"] not in ("gpt-2", "llama-bpe")):
+                raise ValueError(f"{fs}: expected {{\"bos\", \"eos\", \"pre\"}} strings, "
+                                 f"pre 'gpt-2' or 'llama-bpe'")
+        return cls(hf, foreign)
 
     # ---- encode / decode ----------------------------------------------------------------
 
@@ -146,11 +208,23 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
-        return self._special[BOS]
+        return self._special[self._foreign["bos"] if self._foreign else BOS]
+
+    @property
+    def eos_id(self) -> int:
+        """End of a document: training puts BOS before every document, so our own
+        tokenizers end one with BOS; an imported one with its model's EOS."""
+        return self._special[self._foreign["eos"]] if self._foreign else self.bos_id
+
+    @property
+    def pre_tokenizer(self) -> str:
+        """llama.cpp's name of the pre-tokenizer (tokenizer.ggml.pre)."""
+        return self._foreign["pre"] if self._foreign else PRE_TOKENIZER
 
     @property
     def special_tokens(self) -> dict[str, int]:
-        """The five fixed special tokens (not the reserved fillers), text -> id."""
+        """The five fixed special tokens (not the reserved fillers), text -> id; an
+        imported tokenizer's BOS and EOS."""
         return dict(self._special)
 
     def is_special(self, i: int) -> bool:
@@ -192,6 +266,31 @@ class Tokenizer:
 
     def _serialized(self) -> str:
         return self._hf.to_str(pretty=True)
+
+
+def pre_tokenizer_name(spec: dict, where) -> str:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json's pipeline, or an error naming the
+    field we do not reproduce."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or spec.get("normalizer") is not None:
+        raise ValueError(f"{where}: only byte-level BPE without a normalizer is supported "
+                         f"(model.type {model.get('type')!r}, normalizer "
+                         f"{spec.get('normalizer')!r})")
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError(f"{where}: decoder must be ByteLevel, got {spec.get('decoder')!r}")
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get(
+            "add_prefix_space", False):
+        return "gpt-2"
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if (len(steps) == 2 and steps[0].get("type") == "Split"
+            and steps[0].get("pattern") == {"Regex": LLAMA3_REGEX}
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
+            and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True)
+            and not steps[1].get("add_prefix_space", False)):
+        return "llama-bpe"
+    raise ValueError(f"{where}: pre_tokenizer {json.dumps(pre)[:200]} is neither GPT-2's "
+                     f"ByteLevel nor LLaMA-3's llama-bpe split")
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, pre={PRE_TOKENIZER!r})"
