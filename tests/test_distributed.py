@@ -121,7 +121,7 @@ def test_ranks_average_their_gradients(tmp_path):
                         "--nproc_per_node=2", str(script), str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     want = []
     for r in range(2):
         torch.manual_seed(0)
