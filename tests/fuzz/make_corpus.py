@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFValueType as V
 from gguf import GGUFWriter
 
 HERE = Path(__file__).resolve().parent

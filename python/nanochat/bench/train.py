@@ -19,8 +19,8 @@ settings (what the trainer applies) and with glibc's defaults (the child skips t
 speedup_vs_glibc = glibc step time / tuned step time. `--compare fused` runs the C++
 path with the nanochat::rms_norm, nanochat::swiglu and nanochat::attention ops
 (nanochat/ops/rmsnorm.py, swiglu.py, attention.py) and with torch's F.rms_norm,
-F.silu(gate) * up and SDPA (NANOCHAT_RMSNORM=torch, NANOCHAT_SWIGLU=torch and
-NANOCHAT_ATTENTION=torch in the child): speedup_vs_torch.
+F.silu(gate) * up and SDPA (the model built with ops="torch", nanochat/model/build.py):
+speedup_vs_torch.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import statistics
 from typing import get_args
 
@@ -52,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _measure(config: str, variant: str, batch: int, seq: int, steps: int, threads: int,
-             backward: str, q, tune_malloc: bool = True):
+             backward: str, q, tune_malloc: bool = True, ops: str = "auto"):
     import resource
     import time
 
@@ -72,7 +71,7 @@ def _measure(config: str, variant: str, batch: int, seq: int, steps: int, thread
         cfg = load_config(config)
         # the trainer's step; plain torch has no C++ op, the fused head loss included
         model = build_model(cfg, bitlinear=variant, backward=backward,
-                            fused_loss="off" if variant == "torch" else None)
+                            fused_loss="off" if variant == "torch" else None, ops=ops)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), generator=g)
@@ -96,20 +95,13 @@ def _measure(config: str, variant: str, batch: int, seq: int, steps: int, thread
         q.put({"error": f"{type(e).__name__}: {e}"})
 
 
-# --compare MODE: (label, BitLinear path, malloc.tune() in the child, environment of the
-# child) per variant; the last one is the baseline the ratios divide by.
-TORCH_OPS = {"NANOCHAT_RMSNORM": "torch", "NANOCHAT_SWIGLU": "torch",  # no C++ op at all
-             "NANOCHAT_ATTENTION": "torch"}
+# --compare MODE: (label, BitLinear path, malloc.tune() in the child, the model's other
+# ops: build_model's `ops`) per variant; the last one is the baseline the ratios divide by.
 VARIANTS = {
-    "bitlinear": [("cpp", "cpp", True, {}), ("torch", "torch", True, TORCH_OPS)],
-    "malloc": [("tuned", "cpp", True, {}), ("glibc", "cpp", False, {})],
-    "fused": [("cpp", "cpp", True, {}), ("torch", "cpp", True, TORCH_OPS)],
+    "bitlinear": [("cpp", "cpp", True, "auto"), ("torch", "torch", True, "torch")],
+    "malloc": [("tuned", "cpp", True, "auto"), ("glibc", "cpp", False, "auto")],
+    "fused": [("cpp", "cpp", True, "auto"), ("torch", "cpp", True, "torch")],
 }
-
-
-def _child(env: dict, *args):
-    os.environ.update(env)
-    _measure(*args)
 
 
 def run(args: argparse.Namespace):
@@ -125,11 +117,11 @@ def run(args: argparse.Namespace):
     for config in args.configs.split(","):
         samples = {label: [] for label, *_ in variants}
         for _ in range(args.rounds):
-            for label, path, tune, env in variants:
+            for label, path, tune, ops in variants:
                 q = ctx.Queue()
-                p = ctx.Process(target=_child, args=(env, config, path, args.batch, args.seq,
-                                                     args.steps, args.threads, args.backward,
-                                                     q, tune))
+                p = ctx.Process(target=_measure, args=(config, path, args.batch, args.seq,
+                                                       args.steps, args.threads, args.backward,
+                                                       q, tune, ops))
                 p.start()
                 r = q.get()
                 p.join()

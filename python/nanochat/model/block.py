@@ -16,6 +16,11 @@ from nanochat.ops.attention import attend, trim
 from nanochat.ops.rows import RowSubset
 from nanochat.ops.swiglu import swiglu
 
+# `ops` of RMSNorm and Block: "auto" runs nanochat's ops (the C++ kernel where one is
+# registered for the device, their torch default elsewhere), "torch" plain torch functions
+# and autograd, the baseline a bench compares with (nanochat/model/build.py sets it).
+OPS = ("auto", "torch")
+
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight (ggml_rms_norm then a multiply)."""
@@ -24,9 +29,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.ops = "auto"
 
     def forward(self, x: torch.Tensor, rows: RowSubset | None = None) -> torch.Tensor:
-        return rmsnorm.rms_norm(x, self.weight, self.eps, rows)  # the C++ op on float32 CPU
+        if self.ops == "torch":
+            return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        return rmsnorm.rms_norm(x, self.weight, self.eps, rows)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
@@ -54,6 +62,7 @@ class Block(nn.Module):
         d, hd = cfg.d_model, cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
         self.activation = cfg.activation
+        self.ops = "auto"  # OPS above
         self.window = cfg.attention.layer_window(layer)  # None: full causal attention
         self.attn_norm = RMSNorm(d, cfg.norm_eps)
         self.attn_q = BitLinear(d, cfg.n_heads * hd, bitlinear)
@@ -92,7 +101,7 @@ class Block(nn.Module):
                 v = torch.cat((cache[1], v), dim=2)
             cache[0], cache[1] = trim(k, self.window), trim(v, self.window)
         # grouped-query: q head h reads kv head h // (n_heads / n_kv_heads), inside attend
-        y = attend(q, k, v, past, self.window, rows)
+        y = attend(q, k, v, past, self.window, rows, op=self.ops != "torch")
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B,T,H*D)
 
     def attn_branch(self, x, cos, sin, cache: list | None = None,
@@ -105,7 +114,12 @@ class Block(nn.Module):
         if self.moe is not None:  # experts see gathered rows: dense (module doc of rows.py)
             return self.moe(h)
         g, u = self.ffn_gate(h, rows), self.ffn_up(h, rows)
-        a = swiglu(g, u, rows) if self.activation == "silu" else F.relu(g).square() * u
+        if self.activation != "silu":
+            a = F.relu(g).square() * u
+        elif self.ops == "torch":
+            a = F.silu(g) * u
+        else:
+            a = swiglu(g, u, rows)
         return self.ffn_down(self.ffn_sub_norm(a, rows), rows)
 
     def forward(self, x, cos, sin, cache: list | None = None, rows: RowSubset | None = None):

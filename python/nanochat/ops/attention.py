@@ -59,13 +59,14 @@ def _repeat_kv(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: int,
-           window: int | None, rows: RowSubset | None = None) -> torch.Tensor:
+           window: int | None, rows: RowSubset | None = None, op: bool = True) -> torch.Tensor:
     """Scaled dot-product attention of q (B, H, T, D) over k, v (B, Hkv, cached + T, D), whose
     first `cached` keys precede the T new positions. Picks SDPA's plain causal / unmasked
     forms where they are exact (a full layer's prefill, a single new token that sees the
     whole cache) and an explicit mask otherwise. rows: the (B, T) positions' row subset (the
-    kept-row backward where the op runs; module doc)."""
-    if cached == 0 and op_applies(q, k, v):  # training and every full-sequence forward
+    kept-row backward where the op runs; module doc); op=False: SDPA only (a plain-torch
+    baseline)."""
+    if cached == 0 and op and op_applies(q, k, v):  # training and every full-sequence forward
         return causal_attention(q, k, v, window or 0, rows)
     k, v = _repeat_kv(q, k), _repeat_kv(q, v)
     t, s = q.shape[2], k.shape[2]
