@@ -4,6 +4,7 @@ too) trains a step with every option composed, old configs load, the exporter re
 options it cannot write yet."""
 
 import dataclasses
+import json
 import types
 
 import pytest
@@ -194,3 +195,28 @@ def test_bench_arch_rows(tmp_path, capsys):
     assert by["mhc"]["activation_bytes"] > by["plain"]["activation_bytes"] > 0
     assert by["moe"]["params"] > by["moe"]["active_params"]
     assert by["hybrid"]["params"] == by["plain"]["params"]
+
+
+def test_bitnet_2b4t_is_the_published_config(tmp_path):
+    """configs/models/bitnet_2b4t.toml is what `nanochat import hf` makes of the config.json
+    Microsoft publishes for bitnet-b1.58-2B-4T (its fields as released), and its size is the
+    published 2.4B."""
+    from nanochat.interop.hf_bitnet import read_config
+
+    published = {
+        "architectures": ["BitNetForCausalLM"], "model_type": "bitnet",
+        "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+        "eos_token_id": 128001, "hidden_act": "relu2", "hidden_size": 2560,
+        "initializer_range": 0.02, "intermediate_size": 6912,
+        "max_position_embeddings": 4096, "num_attention_heads": 20, "num_hidden_layers": 30,
+        "num_key_value_heads": 5, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 128256,
+        "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                "quantization_mode": "offline"}}
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    imported, _ = read_config(tmp_path)
+    ours = load_config("bitnet_2b4t").model
+    assert imported == ours
+    total = model_info(ours, batch=1, seq=128)["total_params"]
+    assert abs(total / 2.41e9 - 1) < 0.01, total

@@ -33,6 +33,7 @@ from engine_helpers import (
     torch_logits,
 )
 from nanochat import export
+from nanochat._core import core
 from nanochat.config import AttentionConfig, MHCConfig, ModelConfig, MoEConfig
 from nanochat.data.tokenizer import Tokenizer
 from nanochat.export import export_gguf
@@ -412,3 +413,97 @@ def test_export_refuses_what_the_engine_cannot_run():
         check_supported(ModelConfig(**SMALL, moe=MoEConfig(experts=1025, top_k=2)))
     with pytest.raises(ValueError, match="model.mhc.sinkhorn_iters = 100001"):
         check_supported(ModelConfig(**SMALL, mhc=MHCConfig(streams=2, sinkhorn_iters=100001)))
+
+
+# ---- bitnet.cpp's files: "bitnet-b1.58" with I2_S matrices; bitnet.hidden_activation -----
+
+I2_S = 36  # bitnet.cpp's ggml type id
+
+
+def i2_s_bytes(codes: np.ndarray, scale: float) -> np.ndarray:
+    """bitnet.cpp's quantize_i2_s as its x86 builds run it (src/ggml-bitnet-mad.cpp): code + 1
+    of weight 128b + 32g + j in byte 32b + j at bit shift 6 - 2g; then the float32 scale,
+    padded to 32 bytes."""
+    q = (codes.astype(np.int16) + 1).astype(np.uint8).reshape(-1, 4, 32)
+    packed = (q[:, 0] << 6) | (q[:, 1] << 4) | (q[:, 2] << 2) | q[:, 3]
+    tail = np.zeros(32, np.uint8)
+    tail[:4] = np.frombuffer(np.float32(scale).tobytes(), np.uint8)
+    return np.concatenate([packed.reshape(-1).astype(np.uint8), tail])
+
+
+def export_bitnet_cpp(monkeypatch, model, tok, path, arch="bitnet-b1.58", keys=()) -> None:
+    """The model as bitnet.cpp's converter writes it: its architecture name, I2_S matrices
+    (each with the fp16-rounded scale our TQ2_0 file stores, so both compute alike)."""
+    from nanochat.ops.bitlinear import weight_codes
+
+    meta, tensor_bytes = export.metadata, export._tensor_bytes
+
+    def metadata(cfg, tk, weight_type, name):
+        out = []
+        for k, t, v in meta(cfg, tk, weight_type, name):
+            if k == "nanochat.ffn_activation":
+                continue
+            if k == "general.architecture":
+                v = arch
+            out.append((arch + k[8:] if k.startswith("nanochat.") else k, t, v))
+        return out + list(keys)
+
+    def i2_s(name, kind, p, weight_type, embd_type):
+        if kind != "ternary":
+            return tensor_bytes(name, kind, p, weight_type, embd_type)
+        codes, scale = weight_codes(p.detach())
+        return I2_S, list(reversed(p.shape)), i2_s_bytes(codes.numpy(), float(np.float16(scale)))
+
+    with monkeypatch.context() as m:
+        m.setitem(export.TYPE_NAMES, I2_S, "i2_s")
+        m.setattr(export, "metadata", metadata)
+        m.setattr(export, "_tensor_bytes", i2_s)
+        export_gguf(model, tok, path)
+
+
+def test_bitnet_cpp_i2_s_file_runs_like_ours(tok, tmp_path, monkeypatch):
+    """A bitnet-b1.58 / I2_S file of a squared-ReLU model gives the logits of our own export
+    of the same model, bit for bit (same codes, same scale)."""
+    model = make_model(3, activation="relu2")
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "i2s.gguf"
+    export_gguf(model, tok, ours)
+    export_bitnet_cpp(monkeypatch, model, tok, theirs)
+    md = core().GgufFile(str(theirs)).kv()  # our reader: gguf-py has no type 36
+    assert md["general.architecture"] == "bitnet-b1.58" and "bitnet-b1.58.block_count" in md
+    a, b = Engine(ours), Engine(theirs)
+    assert (b.info["architecture"], b.info["weight_type"]) == ("bitnet-b1.58", "I2_S")
+    ids = prompt_ids(24)
+    assert np.array_equal(a.eval_all(ids), b.eval_all(ids))
+
+
+def test_i2_s_corruption_is_named(tok, tmp_path, monkeypatch):
+    model = make_model(4, activation="relu2")
+    path = tmp_path / "i2s.gguf"
+    export_bitnet_cpp(monkeypatch, model, tok, path)
+    f = core().GgufFile(str(path))
+    t = next(t for t in f.tensors() if t["name"] == "blk.1.ffn_up.weight")
+    assert t["nbytes"] == 256 * model.config.ffn_hidden // 4 + 32  # codes, scale, padding
+    raw = bytearray(path.read_bytes())
+    raw[f.data_offset + t["offset"]] = 0xFF  # code 3 in four weights
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(raw)
+    with pytest.raises(ValueError, match=r"blk\.1\.ffn_up\.weight.*code 3"):
+        Engine(bad)
+
+
+@pytest.mark.parametrize("activation", ["relu2", "silu"])
+def test_bitnet_hidden_activation_key(tok, tmp_path, monkeypatch, activation):
+    """llama.cpp's "bitnet" architecture with bitnet.hidden_activation runs that activation;
+    an unknown value is refused, naming the key."""
+    model = make_model(5, activation=activation)
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "bitnet.gguf"
+    export_gguf(model, tok, ours)
+    export_bitnet_cpp(monkeypatch, model, tok, theirs, arch="bitnet",
+                      keys=[("bitnet.hidden_activation", "string", activation)])
+    ids = prompt_ids(16)
+    assert np.array_equal(Engine(ours).eval_all(ids), Engine(theirs).eval_all(ids))
+    bad = tmp_path / "gelu.gguf"
+    export_bitnet_cpp(monkeypatch, model, tok, bad, arch="bitnet",
+                      keys=[("bitnet.hidden_activation", "string", "gelu")])
+    with pytest.raises(ValueError, match="bitnet.hidden_activation"):
+        Engine(bad)

@@ -105,6 +105,18 @@ float load_ternary(const Loader& ld, const gguf::TensorInfo& t, int64_t rows, in
                    std::vector<uint8_t>& tk2) {
   codes.resize(size_t(rows * cols));
   scales.resize(size_t(rows * cols / QK));
+  if (t.type == uint32_t(gguf::GgmlType::I2_S)) {  // bitnet.cpp: one scale for the tensor
+    float scale = 0.0f;
+    try {
+      scale = i2_s_unpack(t.data, rows, cols, codes.data());
+    } catch (const Error& e) {
+      ld.fail("tensor '" + t.name + "': " + e.what());
+    }
+    tk2.resize(size_t(rows * tk2_row_bytes(cols)));
+    tk2_pack(codes.data(), rows, cols, tk2.data());
+    tk2_tile(tk2.data(), rows, cols, out);
+    return scale;
+  }
   const bool tq2 = t.type == uint32_t(gguf::GgmlType::TQ2_0);
   try {
     if (tq2)
@@ -160,9 +172,12 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
   info.path = path;
 
   // ---- hyperparameters ----
+  // bitnet: llama.cpp's graph; bitnet-b1.58: bitnet.cpp's (the same graph with squared-ReLU
+  // FFNs and I2_S matrices, BitNet b1.58 2B4T's official files); nanochat: ours.
   const std::string arch = f.get_string("general.architecture");
-  if (arch != "bitnet" && arch != "nanochat")
-    ld.fail("general.architecture '" + arch + "' is not supported (expected bitnet or nanochat)");
+  if (arch != "bitnet" && arch != "bitnet-b1.58" && arch != "nanochat")
+    ld.fail("general.architecture '" + arch +
+            "' is not supported (expected bitnet, bitnet-b1.58 or nanochat)");
   info.architecture = arch;
   info.name = f.has("general.name") ? f.get_string("general.name") : "";
   const std::string p = arch + ".";
@@ -183,8 +198,16 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
     if (info.activation != "silu" && info.activation != "relu2")
       ld.fail("metadata 'nanochat.ffn_activation' = '" + info.activation +
               "' (expected silu or relu2)");
+  } else if (arch == "bitnet-b1.58") {
+    info.activation = "relu2";  // bitnet.cpp's build_bitnet_158: LLM_FFN_RELU_SQR
   } else {
-    info.activation = "silu";  // llama.cpp's bitnet graph
+    // llama.cpp's bitnet graph runs SiLU; newer writers state a squared ReLU in this key.
+    info.activation = f.has("bitnet.hidden_activation")
+                          ? f.get_string("bitnet.hidden_activation")
+                          : std::string("silu");
+    if (info.activation != "silu" && info.activation != "relu2")
+      ld.fail("metadata 'bitnet.hidden_activation' = '" + info.activation +
+              "' (expected silu or relu2)");
   }
   m->activation = info.activation == "silu" ? Activation::silu : Activation::relu2;
 
@@ -337,7 +360,7 @@ std::unique_ptr<Model::Impl> load_model(const std::string& path) {
     L.attn_sub_norm = norm("attn_sub_norm.weight", d);
     L.ffn_norm = norm("ffn_norm.weight", d);
     auto ternary_tensor = [&](const std::string& n, const std::vector<int64_t>& dims) {
-      const gguf::TensorInfo& t = ld.tensor(b + n, dims, {T::TQ2_0, T::TQ1_0});
+      const gguf::TensorInfo& t = ld.tensor(b + n, dims, {T::TQ2_0, T::TQ1_0, T::I2_S});
       if (ternary_type == 0) ternary_type = t.type;
       if (t.type != ternary_type)
         ld.fail("tensor '" + t.name + "' is " + gguf::type_traits(t.type).name +

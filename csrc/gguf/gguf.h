@@ -155,7 +155,10 @@ struct Value {
 };
 
 // ---- ggml tensor types ----------------------------------------------------------------
-enum class GgmlType : uint32_t { F32 = 0, F16 = 1, Q8_0 = 8, TQ1_0 = 34, TQ2_0 = 35 };
+// I2_S (36) is bitnet.cpp's type, not ggml's: its blocks are followed by one float32 scale
+// per tensor and padding, I2_S_TAIL_BYTES in all (tensor_nbytes adds them).
+enum class GgmlType : uint32_t { F32 = 0, F16 = 1, Q8_0 = 8, TQ1_0 = 34, TQ2_0 = 35, I2_S = 36 };
+constexpr int64_t I2_S_TAIL_BYTES = 32;
 
 struct TypeTraits {
   GgmlType type;
@@ -169,6 +172,7 @@ constexpr TypeTraits TYPE_TRAITS[] = {
     {GgmlType::Q8_0, "Q8_0", 32, 34},
     {GgmlType::TQ1_0, "TQ1_0", 256, 54},
     {GgmlType::TQ2_0, "TQ2_0", 256, 66},
+    {GgmlType::I2_S, "I2_S", 128, 32},
 };
 constexpr const TypeTraits* find_traits(uint32_t id) {
   for (const TypeTraits& t : TYPE_TRAITS)
@@ -182,10 +186,12 @@ static_assert(find_traits(34)->block_size == 256 && find_traits(34)->type_size =
 static_assert(find_traits(35)->block_size == 256 && find_traits(35)->type_size == 66, "TQ2_0");
 static_assert(find_traits(35)->type_size == TQ2_0_BLOCK_BYTES, "TQ2_0 matches ternary.h");
 static_assert(find_traits(34)->type_size == TQ1_0_BLOCK_BYTES, "TQ1_0 matches ternary.h");
+static_assert(find_traits(36)->block_size == I2_S_BLOCK && find_traits(36)->type_size ==
+              I2_S_BLOCK / 4, "I2_S matches ternary.h");
 
 // Traits of a known type id; throws Error ("unknown ggml tensor type N") otherwise.
 const TypeTraits& type_traits(uint32_t id);
-// Bytes a tensor of this type and dims (GGUF order) needs. Throws Error when dims[0]
+// Bytes a tensor of this type and dims (GGUF order) needs (I2_S: with its tail). Throws Error when dims[0]
 // is not a multiple of the block size, a dim is negative, there are more than
 // MAX_DIMS dims, or the size overflows int64.
 int64_t tensor_nbytes(uint32_t type, const std::vector<int64_t>& dims);

@@ -302,6 +302,8 @@ int64_t tensor_nbytes(uint32_t type, const std::vector<int64_t>& dims) {
   if (__builtin_mul_overflow(n, t.type_size, &n)) throw Error("tensor size overflows");
   for (size_t i = 1; i < dims.size(); ++i)
     if (__builtin_mul_overflow(n, dims[i], &n)) throw Error("tensor size overflows");
+  if (t.type == GgmlType::I2_S && __builtin_add_overflow(n, I2_S_TAIL_BYTES, &n))
+    throw Error("tensor size overflows");
   return n;
 }
 

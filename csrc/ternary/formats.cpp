@@ -155,6 +155,30 @@ void tq2_0_unpack(const uint8_t* in, int64_t rows, int64_t cols, int8_t* codes,
   }
 }
 
+// ---- I2_S (ternary.h) -------------------------------------------------------------
+float i2_s_unpack(const uint8_t* in, int64_t rows, int64_t cols, int8_t* codes) {
+  check_matrix(in, codes, rows, cols, "i2_s_unpack");
+  const int64_t n = rows * cols, nblocks = n / I2_S_BLOCK;  // cols % 256 == 0: whole blocks
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const uint8_t* p = in + b * (I2_S_BLOCK / 4);
+    int8_t* c = codes + b * I2_S_BLOCK;
+    for (int g = 0; g < 4; ++g)
+      for (int j = 0; j < 32; ++j) {
+        const int v = (p[j] >> (6 - 2 * g)) & 3;
+        if (v == 3)
+          throw Error("i2_s_unpack: invalid 2-bit code 3 in block " + std::to_string(b) +
+                      " (row " + std::to_string(b * I2_S_BLOCK / cols) + "): data is corrupt");
+        c[g * 32 + j] = int8_t(v - 1);
+      }
+  }
+  float scale;
+  std::memcpy(&scale, in + n / 4, sizeof scale);
+  if (!std::isfinite(scale) || scale < 0.0f)
+    throw Error("i2_s_unpack: the tensor scale " + std::to_string(scale) +
+                " is not a finite number >= 0");
+  return scale;
+}
+
 // ---- TQ1_0 ----------------------------------------------------------------------
 // qs[0..31]: weights n*32 + j (n 0..4), qs[32..47]: 160 + n*16 + j (n 0..4),
 // qh[0..3]: 240 + n*4 + j (n 0..3). Digits are base-3 with the first weight most

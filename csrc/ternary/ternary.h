@@ -42,6 +42,16 @@ void tq1_0_pack(const int8_t* codes, int64_t rows, int64_t cols, float scale, ui
 void tq1_0_unpack(const uint8_t* in, int64_t rows, int64_t cols, int8_t* codes,
                   float* block_scales);
 
+// ---- bitnet.cpp I2_S, as its x86 builds write it ----------------------------------
+// 2 bits per weight over the whole (flattened) matrix in blocks of 128 weights in 32
+// bytes: byte j of block b holds weights 128b + 32g + j (g = 0..3) at bit shift 6 - 2g,
+// as code + 1 (3 is invalid). After the blocks: one float32 scale for the tensor, then
+// padding to 32 bytes. (Its ARM builds write 64-weight blocks of 16 bytes, and the file
+// does not say which build wrote it: docs/interop.md.) Returns the scale; a non-finite
+// or negative one throws.
+constexpr int64_t I2_S_BLOCK = 128;
+float i2_s_unpack(const uint8_t* in, int64_t rows, int64_t cols, int8_t* codes);
+
 // ---- TK2: this project's kernel layout ---------------------------------------
 // 2 bits per weight, code+1 in {0,1,2}; 64 bytes per 256-weight block, no
 // per-block scale (one float scale per tensor travels beside the bytes). Byte j

@@ -812,3 +812,31 @@ TEST(Activations, BadArgumentsThrow) {
   EXPECT_THROW(dequantize_activations(q.data(), nullptr, 1, 64, x.data()), Error);
   EXPECT_NO_THROW(quantize_activations(nullptr, 0, 64, nullptr, nullptr));
 }
+
+// bitnet.cpp's I2_S, x86 layout (quantize_i2_s in its src/ggml-bitnet-mad.cpp): weight
+// 128b + 32g + j sits in byte 32b + j at shift 6 - 2g, as code + 1; a float32 scale follows.
+TEST(Formats, I2SUnpackReadsBitnetCppLayout) {
+  const int64_t rows = 2, cols = 256, n = rows * cols;
+  std::vector<int8_t> codes(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) codes[size_t(i)] = int8_t((i * 7 + i / 5) % 3 - 1);
+  std::vector<uint8_t> file(static_cast<size_t>(n / 4 + 32), 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t b = i / 128, g = (i % 128) / 32, j = i % 32;
+    file[size_t(32 * b + j)] |= uint8_t((codes[size_t(i)] + 1) << (6 - 2 * g));
+  }
+  const float scale = 0.8125f;
+  std::memcpy(file.data() + n / 4, &scale, 4);
+  // One hand-checked byte: weights 0, 32, 64, 96 -> byte 0 = (c0+1)<<6 | (c32+1)<<4 | ...
+  EXPECT_EQ(file[0], uint8_t(((codes[0] + 1) << 6) | ((codes[32] + 1) << 4) |
+                             ((codes[64] + 1) << 2) | (codes[96] + 1)));
+  std::vector<int8_t> back(static_cast<size_t>(n));
+  EXPECT_EQ(i2_s_unpack(file.data(), rows, cols, back.data()), scale);
+  EXPECT_EQ(back, codes);
+
+  file[5] |= 0xC0;  // code 3 in weight 5
+  EXPECT_THROW(i2_s_unpack(file.data(), rows, cols, back.data()), Error);
+  file[5] &= 0x3F;
+  const float bad = -1.0f;
+  std::memcpy(file.data() + n / 4, &bad, 4);
+  EXPECT_THROW(i2_s_unpack(file.data(), rows, cols, back.data()), Error);
+}

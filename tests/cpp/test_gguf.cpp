@@ -125,6 +125,8 @@ Bytes one_tensor(uint32_t n_dims, std::vector<uint64_t> dims, uint32_t type, uin
 TEST(GgufTraits, BlockSizes) {
   EXPECT_EQ(type_traits(35).type_size, 66);
   EXPECT_EQ(tensor_nbytes(35, {512, 3}), 2 * 66 * 3);
+  EXPECT_EQ(tensor_nbytes(36, {256, 3}), 256 * 3 / 4 + 32);  // I2_S: codes, then its tail
+  EXPECT_THROW(tensor_nbytes(36, {64}), Error);
   EXPECT_EQ(tensor_nbytes(8, {64}), 68);
   EXPECT_EQ(tensor_nbytes(1, {3, 5}), 30);
   EXPECT_THROW(tensor_nbytes(35, {100}), Error);
