@@ -47,6 +47,7 @@ Activation = Literal["silu", "relu2"]
 BitLinearKernel = Literal["auto", "cpp", "torch"]
 BackwardPrecision = Literal["auto", "bf16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
+Parallel = Literal["ddp", "fsdp"]  # under torchrun: replicated (DDP) or sharded (FSDP2)
 FusedLoss = Literal["auto", "on", "off"]
 FusedLossPrecision = Literal["f32", "bf16"]
 MuonScale = Literal["moonlight", "original"]
@@ -217,6 +218,9 @@ class TrainConfig:
     # full logits + F.cross_entropy, "auto" fused when MTP is on or on CPU at vocab >= 16384
     fused_loss: FusedLoss = "auto"
     fused_loss_precision: FusedLossPrecision = "f32"  # the fused loss's GEMMs (bf16: AVX512-BF16)
+    # Under torchrun: "ddp" (every rank holds the whole model, gradients averaged) or "fsdp"
+    # (FSDP2: parameters, gradients and optimizer state sharded over the ranks)
+    parallel: Parallel = "ddp"
 
     def validate(self, where: str = "train") -> None:
         self.collider.validate(f"{where}.collider")

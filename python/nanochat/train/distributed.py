@@ -13,13 +13,25 @@ next collective. Decisions that end the loop (time budget, a signal) are taken o
 broadcast, so no rank waits forever for one that left. A rank that fails makes torchrun stop
 the others (its exit code is the job's).
 
-Checkpoints are the single-process format (the model and optimizer state are replicated, so
-rank 0's copy is the whole state): a run saved with N ranks resumes with any number,
-`nanochat export` and `sample` read it as usual.
+`train.parallel = "fsdp"` shards instead (PyTorch's FSDP2, `fully_shard` on every block and
+then the whole model): each rank keeps 1/N of the parameters, gradients and optimizer state
+as DTensor shards and gathers a block's weights just before it runs (bf16 parameters with
+f32 gradient reduction on CUDA). Element-wise optimizers (AdamW, Lion) update their shard;
+Muon's Newton-Schulz needs whole matrices, and DTensor's matmul gathers them, so every rank
+orthogonalizes the full matrix and keeps its rows (exact, at the cost of the gather). 8-bit
+optimizer state and GaLore are refused under FSDP: their blockwise codes and projections
+are defined on whole tensors.
+
+Checkpoints are the single-process format either way: DDP's state is replicated, so rank
+0's copy is the whole state; under FSDP every rank takes part in gathering the full model
+and optimizer state to rank 0 (torch.distributed.checkpoint.state_dict), which writes it.
+So a run saved with N ranks resumes with any number and either strategy, and `nanochat
+export` and `sample` read it as usual.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -63,15 +75,69 @@ class Group:
             ternary.set_num_threads(torch.get_num_threads())
         return cls(rank, world, local)
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model to run forward/backward through: DDP over it when distributed."""
+    def wrap(self, model: torch.nn.Module, parallel: str = "ddp") -> torch.nn.Module:
+        """The model to run forward/backward through: itself in one process; DDP over it, or
+        the model itself sharded in place by FSDP2 ("fsdp"), under torchrun."""
         if self.world == 1:
+            return model
+        dev = next(model.parameters()).device
+        if parallel == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mesh = init_device_mesh(dev.type, (self.world,))
+            mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if dev.type == "cuda" else MixedPrecisionPolicy())
+            for block in [*model.blocks, *model.mtp]:  # one all-gather per block
+                fully_shard(block, mesh=mesh, mp_policy=mp)
+            fully_shard(model, mesh=mesh, mp_policy=mp)  # embedding, final norm: the root
             return model
         from torch.nn.parallel import DistributedDataParallel
 
-        dev = next(model.parameters()).device
         return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda"
                                        else None)
+
+    def gradient_sync(self, net: torch.nn.Module, sync: bool):
+        """Context of one micro-batch's backward: gradients are averaged over the ranks when
+        `sync` (the last micro-batch of a step), only accumulated otherwise."""
+        if self.world == 1 or sync and not _sharded(net):
+            return contextlib.nullcontext()
+        if _sharded(net):
+            net.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return net.no_sync()
+
+    def full_state(self, net: torch.nn.Module, opt: torch.optim.Optimizer
+                   ) -> tuple[dict, dict] | None:
+        """(model state, optimizer state) in the single-process format, on rank 0 (None on
+        the others). Under FSDP every rank must call it: the shards are gathered."""
+        if not _sharded(net):
+            model = getattr(net, "module", net)  # DDP's wrapped model: its own names
+            return (model.state_dict(), opt.state_dict()) if self.main else None
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(net, options=full)
+        opt_sd = get_optimizer_state_dict(net, opt, options=full)
+        return (model_sd, _ids_from_names(opt_sd, opt, net)) if self.main else None
+
+    def load_optimizer(self, net: torch.nn.Module, opt: torch.optim.Optimizer,
+                       state: dict) -> None:
+        """Load a single-process optimizer state (every rank holds the whole of it)."""
+        if not _sharded(net):
+            opt.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(net, opt, _names_from_ids(state, opt, net),
+                                 options=StateDictOptions(full_state_dict=True))
 
     def shard(self, tokens: np.ndarray, seq_len: int) -> np.ndarray:
         """This rank's contiguous, disjoint slice of the training tokens."""
@@ -106,3 +172,37 @@ class Group:
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def check_parallel(cfg, group: Group) -> None:
+    """Refuse what train.parallel cannot run with this config (before anything starts)."""
+    if group.world > 1 and cfg.train.parallel == "fsdp" and (cfg.optim.state == "8bit"
+                                                              or cfg.optim.galore.enabled):
+        raise ValueError("train.parallel = 'fsdp': optim.state = '8bit' and optim.galore are "
+                         "defined on whole tensors, not FSDP's shards; use optim.state = "
+                         "'fp32' without GaLore, or train.parallel = 'ddp'")
+
+
+def _sharded(net: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(net, FSDPModule)
+
+
+def _param_names(opt: torch.optim.Optimizer, net: torch.nn.Module) -> list[str]:
+    """The optimizer's parameters by name, in its state_dict()'s id order."""
+    name = {id(p): n for n, p in net.named_parameters()}
+    return [name[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def _ids_from_names(sd: dict, opt: torch.optim.Optimizer, net: torch.nn.Module) -> dict:
+    """get_optimizer_state_dict's name-keyed state -> torch's id-keyed state_dict()."""
+    ids = {n: i for i, n in enumerate(_param_names(opt, net))}
+    groups = [{**g, "params": [ids[n] for n in g["params"]]} for g in sd["param_groups"]]
+    return {"state": {ids[n]: v for n, v in sd["state"].items()}, "param_groups": groups}
+
+
+def _names_from_ids(sd: dict, opt: torch.optim.Optimizer, net: torch.nn.Module) -> dict:
+    names = _param_names(opt, net)
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": {names[i]: v for i, v in sd["state"].items()}, "param_groups": groups}

@@ -32,7 +32,7 @@ from nanochat.model.gpt import GPT
 from nanochat.model.load import load_model
 from nanochat.optim import build_optimizer, state_bytes
 from nanochat.train.collider import Collider
-from nanochat.train.distributed import Group
+from nanochat.train.distributed import Group, check_parallel
 from nanochat.train.metrics import MetricsLogger, peak_memory_bytes
 from nanochat.train.schedule import progress, wsd_factor
 
@@ -169,13 +169,19 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
     if group.world > 1 and t.collider.enabled:
         raise ValueError("train.collider.enabled: token filtering does not run under torchrun "
                          "yet; train with one process or turn it off")
+    check_parallel(cfg, group)
+    sharded = group.world > 1 and t.parallel == "fsdp"
     model = build_model(cfg, device, seed=t.seed)
     collider = Collider.from_config(t.collider, _reference_model(cfg, device), log=log)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    # DDP averages gradients; FSDP shards the parameters in place, so the optimizer is built
+    # on what wrap() leaves
+    net = group.wrap(model, t.parallel)
     opt = build_optimizer(model, cfg, log=log if state is None else (lambda *_: None))
     step, elapsed_before, train_s = 0, 0.0, 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        group.load_optimizer(net, opt, state["optimizer"])
         step = state["step"]
         elapsed_before = state["elapsed_s"]
         train_s = state.get("train_s", elapsed_before)  # older checkpoints: wall time
@@ -189,13 +195,12 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
     elif group.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    net = group.wrap(model)  # forward/backward through DDP's gradient averaging
 
     counts = model.num_params()
     log(f"model: {counts['total']:,} params ({counts['ternary']:,} ternary), device {device}, "
         f"bitlinear={t.bitlinear} (backward {t.bitlinear_backward}), "
         f"threads={torch.get_num_threads()}"
-        + (f", {group.world} ranks" if group.world > 1 else ""))
+        + (f", {group.world} ranks ({t.parallel})" if group.world > 1 else ""))
     # purge from the step we start at: a resumed run repeats no step, and a fresh run in a
     # directory that already has a log (a first run killed before its first checkpoint)
     # starts it over
@@ -216,10 +221,14 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
         bar = tqdm(total=t.max_steps, initial=step, unit="step", dynamic_ncols=True,
                    file=sys.stderr, desc="train")
 
-    def save() -> Path:
+    def save() -> Path | None:
+        """Every rank calls it (FSDP gathers the shards); rank 0 writes."""
+        full = group.full_state(net, opt)
+        if full is None:
+            return None
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        st = {"model": full[0], "optimizer": full[1], "step": step,
               "elapsed_s": elapsed, "train_s": train_s, "rng": rng, "config": cfg.to_dict(),
               "loader": loader.state_dict(), "tokenizer_sha256": data.tokenizer.sha256(),
               "world": group.world}
@@ -230,7 +239,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
     elapsed = elapsed_before
     # Throughput windows count training steps only (train_s), not evals or checkpoints.
     window_train_s, window_tokens, window_wait = train_s, 0, 0.0
-    last_saved, last_eval = None, -1
+    last_saved, saved_step, last_eval = None, -1, -1
     try:
         with _StopFlag() as flag:
             model.train()
@@ -257,14 +266,13 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                                                                  autocast)
                         loss_sum, kept_sum = loss_sum + loss_f, kept_sum + kept
                         continue
-                    # DDP averages gradients in the last micro-batch's backward only
-                    last = micro == t.grad_accum - 1 or group.world == 1
-                    with contextlib.nullcontext() if last else net.no_sync():
+                    # the ranks average gradients in the last micro-batch's backward only
+                    with group.gradient_sync(net, micro == t.grad_accum - 1):
                         with autocast:
                             _, loss = net(x, y)
                         (loss / t.grad_accum).backward()
                     loss_sum += float(loss.detach())
-                grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                grad_norm = (_norm(torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                                   cfg.optim.grad_clip))
                              if cfg.optim.grad_clip > 0 else None)
                 opt.step()
@@ -301,24 +309,27 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                         bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}",
                                         lr=f"{opt.param_groups[0]['lr']:.2e}")
                     window_train_s, window_tokens, window_wait = train_s, 0, 0.0
-                if (step % t.eval_every == 0 or is_last) and group.main:
+                # a sharded model's forward is collective: every rank evaluates
+                if (step % t.eval_every == 0 or is_last) and (group.main or sharded):
                     result.val_loss, result.val_bpb = evaluate(model, data, cfg, device)
+                    last_eval = step
+                    if group.main:
+                        metrics.log(step, val_loss=result.val_loss, val_bpb=result.val_bpb,
+                                    train_s=train_s)
+                        msg = (f"step {step}: val loss {result.val_loss:.4f}, "
+                               f"val bits/byte {result.val_bpb:.4f}")
+                        (bar.write(msg) if bar is not None else log(msg))
+                if (step % t.checkpoint_every == 0 or is_last) and (group.main or sharded):
+                    elapsed = elapsed_before + time.perf_counter() - start
+                    last_saved, saved_step = save(), step
+            elapsed = elapsed_before + time.perf_counter() - start
+            if (group.main or sharded) and last_eval != step:
+                result.val_loss, result.val_bpb = evaluate(model, data, cfg, device)
+                if group.main:
                     metrics.log(step, val_loss=result.val_loss, val_bpb=result.val_bpb,
                                 train_s=train_s)
-                    last_eval = step
-                    msg = (f"step {step}: val loss {result.val_loss:.4f}, "
-                           f"val bits/byte {result.val_bpb:.4f}")
-                    (bar.write(msg) if bar is not None else log(msg))
-                if (step % t.checkpoint_every == 0 or is_last) and group.main:
-                    elapsed = elapsed_before + time.perf_counter() - start
-                    last_saved = save()
-            elapsed = elapsed_before + time.perf_counter() - start
-            if group.main and last_eval != step:
-                result.val_loss, result.val_bpb = evaluate(model, data, cfg, device)
-                metrics.log(step, val_loss=result.val_loss, val_bpb=result.val_bpb,
-                            train_s=train_s)
-            if group.main and (last_saved is None or last_saved.name != f"step_{step:06d}"):
-                last_saved = save()
+            if (group.main or sharded) and saved_step != step:
+                last_saved, saved_step = save(), step
     finally:
         if bar is not None:
             bar.close()
@@ -327,9 +338,17 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
             metrics.close()
     result.step = step
     result.checkpoint = last_saved
+    if sharded and group.main:  # the end-of-run sample runs on rank 0 alone: a whole model
+        model = build_model(cfg, device, seed=None)
+        model.load_state_dict(checkpoint.load(last_saved, log=lambda *_: None)["model"])
     result.model = model
     result.data = data
     return result
+
+
+def _norm(total) -> float:
+    """clip_grad_norm_'s total norm; a DTensor under FSDP (the norm over every shard)."""
+    return float(total.full_tensor() if hasattr(total, "full_tensor") else total)
 
 
 def summarize(result: TrainResult, cfg: RunConfig, prompt: str = "def ", log=print) -> dict:
