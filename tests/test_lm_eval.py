@@ -130,7 +130,7 @@ def test_generate_until_stops_at_until(trained_tiny, torch_results):
         (out,) = s["resps"][0]
         assert not any(u in out for u in UNTIL), out
         ids = [scorer.bos_id, *scorer.encode(s["doc"]["prompt"])]
-        full = scorer.generate(ids, 24, [])  # no stop strings: the whole greedy continuation
+        full = scorer.generate(ids, 16, [])  # no stop strings: the whole greedy continuation
         assert full.startswith(out)
         if len(full) > len(out):
             assert full[len(out):].startswith(tuple(UNTIL)), (out, full)

@@ -71,7 +71,7 @@ def test_report_has_every_section(run, trained_tiny, capsys):
     assert m["checkpoint_bytes"] > m["weights_bytes"] > 0  # state.pt holds the optimizer too
     assert rep["export"]["bytes"] == trained_tiny["gguf"].stat().st_size
     e = rep["engine"]
-    assert e["status"] == "ok" and e["decode_tokens"] == 8 and e["decode_tokens_per_s"] > 0
+    assert e["status"] == "ok" and e["generated_tokens"] == 8 and e["decode_tokens_per_s"] > 0
 
 
 def test_report_exports_a_temporary_gguf_and_lists_what_is_missing(run, run_nanochat):
@@ -86,7 +86,7 @@ def test_report_exports_a_temporary_gguf_and_lists_what_is_missing(run, run_nano
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)
     assert rep["export"]["status"] == "ok" and rep["export"]["temporary"] is True
-    assert rep["engine"]["decode_tokens"] == 4
+    assert rep["engine"]["generated_tokens"] == 4
     assert not list(run.glob("*.gguf"))  # the temporary export is gone
     assert tuple(rep) == report.KEYS
 

@@ -136,7 +136,7 @@ def engine_speed(gguf: Path, tokens: int) -> dict:
         if best is None or r["decode_tokens_per_s"] > best["decode_tokens_per_s"]:
             best = r
     return {"status": "ok", "gguf": str(gguf), "prompt_tokens": best["prompt_tokens"],
-            "decode_tokens": best["decode_steps"],
+            "generated_tokens": len(best["tokens"]), "decode_steps": best["decode_steps"],
             "prefill_tokens_per_s": best["prefill_tokens_per_s"],
             "decode_tokens_per_s": best["decode_tokens_per_s"],
             "threads": _threads()}
@@ -383,7 +383,7 @@ def markdown(rep: dict) -> str:
     if s["status"] == "ok":
         L += [f"- C++ engine on {s['gguf']}, {s['threads']} threads: prefill "
               f"{s['prefill_tokens_per_s']:,.0f} tokens/s ({s['prompt_tokens']} tokens), decode "
-              f"{s['decode_tokens_per_s']:,.0f} tokens/s ({s['decode_tokens']} tokens); one "
+              f"{s['decode_tokens_per_s']:,.0f} tokens/s ({s['decode_steps']} steps); one "
               f"short run, not a benchmark (`nanochat bench decode`)", ""]
     else:
         L += missing(s)
