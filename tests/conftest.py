@@ -146,7 +146,8 @@ def trained_tiny(tmp_path_factory):
 
     Random weights leave logits nearly tied, so greedy-token comparisons between two correct
     implementations could still flip; a trained model has the peaked logits real use has.
-    Returns a dict: run (dir), model (GPT), tok (Tokenizer), gguf (f16 head), gguf_q8 (Q8_0).
+    Returns a dict: run (dir), model (GPT), tok (Tokenizer), gguf (f16 head), gguf_q8 (Q8_0),
+    data (the prepared data dir it trained on).
     """
     import sysconfig
     from pathlib import Path
@@ -174,7 +175,7 @@ def trained_tiny(tmp_path_factory):
     train(cfg, data, run, progress_bar=False, log=lambda *a, **k: None)
     model, tok, _ = load_model(run)
     out = {"run": run, "model": model, "tok": tok, "gguf": run / "model.gguf",
-           "gguf_q8": run / "model-q8.gguf"}
+           "gguf_q8": run / "model-q8.gguf", "data": data}
     export_gguf(model, tok, out["gguf"], embd_type="f16")
     export_gguf(model, tok, out["gguf_q8"], embd_type="q8_0")
     return out

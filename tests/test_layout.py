@@ -19,7 +19,7 @@ import torch
 
 ROOT = Path(nanochat.__file__).parent
 # packages that must never import from the higher layers
-ABOVE = {"train", "infer", "optim", "bench", "cli", "export", "validate", "interop"}
+ABOVE = {"train", "infer", "optim", "bench", "cli", "export", "validate", "interop", "eval"}
 LOWER = {"ops": ABOVE | {"model", "data"}, "data": ABOVE | {"model", "ops"}, "model": ABOVE}
 
 

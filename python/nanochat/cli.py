@@ -12,6 +12,9 @@
     nanochat model info [--config tiny] [--json] [--batch B --seq T] [--set K=V]
     nanochat recipe nano_125m|small_560m|medium_3b [--dry-run] [--data DIR] [--out DIR]
     nanochat bench kernels|train|decode|collider|arch|optim|loss|e3|serve [--json]
+    nanochat eval bpb --model RUN|X.gguf --data DIR [--json]
+    nanochat eval lm-eval --model nanochat --model_args path=RUN --tasks T (pip install '.[eval]')
+    nanochat report RUN [--export]
 """
 
 from __future__ import annotations
@@ -276,6 +279,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(machine_line(), file=sys.stderr if getattr(args, "json", False) else sys.stdout,
           flush=True)
     return args.bench_module.main(args)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.eval == "lm-eval":
+        try:
+            from nanochat.eval import lm_eval as adapter
+        except ImportError as e:  # lm-eval: the optional `eval` dependency
+            raise ValueError(f"{e.name} is not installed: pip install 'nanochat-ternary[eval]'")
+        return adapter.cli(args.lm_eval_args)
+    return args.eval_module.main(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from nanochat.eval import report
+
+    return report.main(args)
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -550,6 +569,31 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(pn)
         pn.set_defaults(bench_module=module)
     pb.set_defaults(func=_cmd_bench)
+
+    pev = sub.add_parser("eval", help="evaluate a model: held-out bits/byte, lm-eval tasks")
+    esub = pev.add_subparsers(dest="eval", required=True, metavar="NAME")
+    from nanochat.eval import bpb as eval_bpb
+
+    peb = esub.add_parser("bpb", help="held-out bits per byte of a run or a GGUF file",
+                          description=eval_bpb.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    eval_bpb.add_arguments(peb)
+    peb.set_defaults(eval_module=eval_bpb)
+    # every argument goes to lm_eval's own parser unchanged (no prefix char: none is ours)
+    pel = esub.add_parser(
+        "lm-eval", add_help=False, prefix_chars="\0",
+        help="lm-evaluation-harness with the model 'nanochat' registered; arguments as "
+        "lm_eval's (pip install '.[eval]'; docs/evaluation-lm.md)")
+    pel.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    pev.set_defaults(func=_cmd_eval)
+
+    from nanochat.eval import report
+
+    prp = sub.add_parser("report", help="a run's report card: config, curve, evals, sizes, speed",
+                         description=report.__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_arguments(prp)
+    prp.set_defaults(func=_cmd_report)
     return p
 
 
