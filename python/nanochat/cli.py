@@ -12,6 +12,7 @@
     nanochat model info [--config tiny] [--json] [--batch B --seq T] [--set K=V]
     nanochat recipe nano_125m|small_560m|medium_3b [--dry-run] [--data DIR] [--out DIR]
     nanochat bench kernels|train|decode|collider|arch|optim|loss|e3|serve [--json]
+    nanochat eval humaneval|humaneval-rs (--model X.gguf | --samples FILE) [-n N] [--json]
 """
 
 from __future__ import annotations
@@ -276,6 +277,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(machine_line(), file=sys.stderr if getattr(args, "json", False) else sys.stdout,
           flush=True)
     return args.bench_module.main(args)
+
+
+def _eval_commands() -> dict:
+    """`nanochat eval NAME`: each value has a docstring (first line: the --help summary),
+    add_arguments(parser) and main(args) -> exit status; a module of those works too."""
+    from nanochat.eval import humaneval
+
+    return {"humaneval": humaneval.PYTHON, "humaneval-rs": humaneval.RUST}
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -550,6 +559,16 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(pn)
         pn.set_defaults(bench_module=module)
     pb.set_defaults(func=_cmd_bench)
+
+    pev = sub.add_parser("eval", help="evaluate a model: code benchmarks (docs/evaluation.md)",
+                         description="Evaluate a model. See docs/evaluation.md.")
+    esub = pev.add_subparsers(dest="eval", required=True, metavar="NAME")
+    for name, cmd in _eval_commands().items():
+        pn = esub.add_parser(name, help=cmd.__doc__.strip().splitlines()[0],
+                             description=cmd.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.add_arguments(pn)
+        pn.set_defaults(func=lambda a, cmd=cmd: cmd.main(a))
     return p
 
 
