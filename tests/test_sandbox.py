@@ -261,7 +261,8 @@ def test_all_wrong_gives_zero(tmp_path):
 
 def test_hostile_samples_fail_alone(tmp_path, protections, outside):
     rows = _canonical()[:6]
-    hostile = ["    import os\n    while True:\n        try: os.fork()\n        except OSError: pass\n",
+    hostile = ["    import os\n    while True:\n        try: os.fork()\n"
+               "        except OSError: pass\n",
                "    x = bytearray(10 * 1024**3)\n",
                f"    open({str(outside)!r}, 'w').write('x')\n    return True\n",
                "    import socket\n    socket.create_connection(('1.1.1.1', 80), timeout=2)\n"
