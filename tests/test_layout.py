@@ -3,7 +3,7 @@
     ops   -> _core, config                    (the torch.library ops over the compiled core)
     data  -> atomic                           (corpus, tokenizer, token files, loader)
     model -> ops, data, config, checkpoint    (the GPT, its layers, loading a checkpoint)
-    optim, train, infer, bench, cli, export, validate: the users of the above
+    optim, train, infer, eval, bench, cli, export, validate: the users of the above
 
 Every import counts, lazy ones inside functions included: a lazy import is still a
 dependency, it only hides the cycle from the interpreter.

@@ -13,6 +13,7 @@
     nanochat recipe nano_125m|small_560m|medium_3b [--dry-run] [--data DIR] [--out DIR]
     nanochat bench kernels|train|decode|collider|arch|optim|loss|e3|serve [--json]
     nanochat eval bpb --model RUN|X.gguf --data DIR [--json]
+    nanochat eval humaneval|humaneval-rs (--model X.gguf | --samples FILE) [-n N] [--json]
     nanochat eval lm-eval --model nanochat --model_args path=RUN --tasks T (pip install '.[eval]')
     nanochat report RUN [--export]
 """
@@ -281,14 +282,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return args.bench_module.main(args)
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    if args.eval == "lm-eval":
-        try:
-            from nanochat.eval import lm_eval as adapter
-        except ImportError as e:  # lm-eval: the optional `eval` dependency
-            raise ValueError(f"{e.name} is not installed: pip install 'nanochat-ternary[eval]'")
-        return adapter.cli(args.lm_eval_args)
-    return args.eval_module.main(args)
+def _eval_commands() -> dict:
+    """`nanochat eval NAME`: each value has a docstring (first line: the --help summary),
+    add_arguments(parser) and main(args) -> exit status; a module of those works too."""
+    from nanochat.eval import bpb, humaneval
+
+    return {"bpb": bpb, "humaneval": humaneval.PYTHON, "humaneval-rs": humaneval.RUST}
+
+
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from nanochat.eval import lm_eval as adapter
+    except ImportError as e:  # lm-eval: the optional `eval` dependency
+        raise ValueError(f"{e.name} is not installed: pip install 'nanochat-ternary[eval]'")
+    return adapter.cli(args.lm_eval_args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -570,22 +577,23 @@ def build_parser() -> argparse.ArgumentParser:
         pn.set_defaults(bench_module=module)
     pb.set_defaults(func=_cmd_bench)
 
-    pev = sub.add_parser("eval", help="evaluate a model: held-out bits/byte, lm-eval tasks")
+    pev = sub.add_parser("eval", help="evaluate a model: bits/byte, code benchmarks, lm-eval "
+                         "tasks (docs/evaluation.md)",
+                         description="Evaluate a model. See docs/evaluation.md.")
     esub = pev.add_subparsers(dest="eval", required=True, metavar="NAME")
-    from nanochat.eval import bpb as eval_bpb
-
-    peb = esub.add_parser("bpb", help="held-out bits per byte of a run or a GGUF file",
-                          description=eval_bpb.__doc__,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    eval_bpb.add_arguments(peb)
-    peb.set_defaults(eval_module=eval_bpb)
+    for name, cmd in _eval_commands().items():
+        pn = esub.add_parser(name, help=cmd.__doc__.strip().splitlines()[0],
+                             description=cmd.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.add_arguments(pn)
+        pn.set_defaults(func=lambda a, cmd=cmd: cmd.main(a))
     # every argument goes to lm_eval's own parser unchanged (no prefix char: none is ours)
     pel = esub.add_parser(
         "lm-eval", add_help=False, prefix_chars="\0",
         help="lm-evaluation-harness with the model 'nanochat' registered; arguments as "
         "lm_eval's (pip install '.[eval]'; docs/evaluation-lm.md)")
     pel.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
-    pev.set_defaults(func=_cmd_eval)
+    pel.set_defaults(func=_cmd_lm_eval)
 
     from nanochat.eval import report
 

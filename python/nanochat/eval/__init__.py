@@ -1,0 +1,1 @@
+"""Evaluation: code benchmarks (HumanEval, HumanEval-Rust) run in a sandbox."""
