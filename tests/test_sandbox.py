@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from nanochat.eval import humaneval as H
 from nanochat.eval import sandbox as S
 

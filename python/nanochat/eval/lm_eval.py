@@ -31,13 +31,12 @@ from __future__ import annotations
 import logging
 
 import lm_eval.models  # noqa: F401 - fills the registry with lm-eval's own models first
+import numpy as np
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
-
-import numpy as np
-import torch
 
 from nanochat.eval.bpb import open_scorer
 
