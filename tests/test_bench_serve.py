@@ -32,7 +32,7 @@ def _chunk(text: str, reason=None, **extra) -> bytes:
 
 def _stand_in_app(bodies: list[dict]):
     """Streams by the request's model: "llama" as llama-server with timings_per_token (the
-    2nd chunk carries two tokens, the final chunk none), "ours" one token per chunk,
+    2nd chunk carries two tokens, 3 GAP after the 1st; the final chunk none), "ours" one token per chunk,
     "miscount" a usage that disagrees with its chunks, "cut" no [DONE]."""
     from starlette.applications import Starlette
     from starlette.responses import StreamingResponse
@@ -45,9 +45,9 @@ def _stand_in_app(bodies: list[dict]):
 
         async def events():
             if model == "llama":
-                for text, n in (("a", 1), ("\u00e9", 3), ("b", 4)):
+                for text, n, gap in (("a", 1, 3 * GAP), ("\u00e9", 3, GAP), ("b", 4, GAP)):
                     yield _chunk(text, timings={"predicted_n": n})
-                    await asyncio.sleep(GAP)
+                    await asyncio.sleep(gap)
                 yield _chunk("", "length", timings={"predicted_n": 4},
                              usage={"completion_tokens": 4, "prompt_tokens": 3})
             else:
@@ -87,7 +87,7 @@ def stand_in():
 def _drive(url: str, model: str, extra=None, max_tokens: int = 4) -> dict:
     target = bench.Target("llama.cpp" if model == "llama" else "nanochat", url, model,
                           extra or {})
-    return asyncio.run(bench.drive(target, 2, 0.3, max_tokens))
+    return asyncio.run(bench.drive(target, 2, 0.4, max_tokens))
 
 
 def test_llama_style_stream_counts_tokens_per_chunk(stand_in):
@@ -95,8 +95,8 @@ def test_llama_style_stream_counts_tokens_per_chunk(stand_in):
     row = _drive(url, "llama", bench.LLAMA_EXTRA)
     assert row["engine"] == "llama.cpp" and row["errors"] == 0 and row["requests"] >= 2
     assert row["tokens"] == 4 * row["requests"] and row["short"] == 0
-    # Gaps: GAP / 2 twice (the two-token chunk), then GAP: the median is half a gap.
-    assert row["itl_p50_s"] < 0.75 * GAP <= row["itl_p99_s"]
+    # Gaps: the two-token chunk after 3 GAP counts as two of 1.5 GAP, then one of GAP.
+    assert 1.4 * GAP <= row["itl_p99_s"] < 2.5 * GAP
     sent = bodies[-1]
     assert sent["ignore_eos"] is True and sent["timings_per_token"] is True
     assert sent["min_p"] == 0.0 and sent["top_k"] == 0 and sent["top_p"] == 1.0
