@@ -19,7 +19,7 @@ pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
-from nanochat.bench import serve as bench  # noqa: E402
+from nanochat.bench import serve as bench
 
 GAP = 0.06  # seconds between the stand-in's chunks
 
@@ -32,8 +32,8 @@ def _chunk(text: str, reason=None, **extra) -> bytes:
 
 def _stand_in_app(bodies: list[dict]):
     """Streams by the request's model: "llama" as llama-server with timings_per_token (the
-    2nd chunk carries two tokens, 3 GAP after the 1st; the final chunk none), "ours" one token per chunk,
-    "miscount" a usage that disagrees with its chunks, "cut" no [DONE]."""
+    2nd chunk carries two tokens, 3 GAP after the 1st; the final chunk none), "ours" one
+    token per chunk, "miscount" a usage that disagrees with its chunks, "cut" no [DONE]."""
     from starlette.applications import Starlette
     from starlette.responses import StreamingResponse
     from starlette.routing import Route

@@ -225,7 +225,7 @@ class Child:
         import httpx
 
         self.name, self.url = name, url
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives until close()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, env=dict(os.environ))
         try:
