@@ -365,9 +365,16 @@ def test_chat_page_is_served_open(server):
         assert needle in page, needle
 
 
-def test_bench_serve_json(gguf, run_nanochat):
+def test_bench_serve_json(gguf, run_nanochat, tmp_path):
+    # Without llama-server it says why and gives our rows (tests/test_bench_serve.py drives
+    # the llama.cpp side).
+    missing = str(tmp_path / "llama-server")
     r = run_nanochat(["bench", "serve", "--model", gguf, "--streams", "1,2", "--seconds", "1",
-                      "--threads", "1", "--max-tokens", "8", "--json"], timeout=180)
+                      "--threads", "1", "--max-tokens", "8", "--json",
+                      "--llama-server", missing], timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert f"--llama-server {missing}: no such executable" in r.stderr
+    assert "tools/build_llama_server.sh" in r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["streams"] for row in rows] == [1, 2]
     for row in rows:
