@@ -44,7 +44,9 @@ import numpy as np
 from nanochat import atomic
 from nanochat.data.tokenizer import MIN_VOCAB, Tokenizer
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sharded token files listed in "shards" (records.py)
+FLAT_SCHEMA = 1  # train.bin/val.bin, what a source tree still prepares into; both are read
+READABLE_SCHEMAS = (FLAT_SCHEMA, SCHEMA_VERSION)
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 # Directory names never descended into below a source root (a root itself may be one).
@@ -210,6 +212,7 @@ class SplitStats:
     files: int = 0
     bytes: int = 0
     tokens: int = 0
+    records: int = 0  # records of parquet/JSONL sources (0 for a source tree)
 
 
 @dataclass
@@ -232,6 +235,10 @@ class Manifest:
     fingerprint: str  # of the source files' relative paths, sizes and mtimes
     created: str
     prepare_s: float = 0.0
+    # schema 2 (records.py): split -> [{"file": "train_00000.bin", "tokens": n}, ...]
+    shards: dict | None = None
+    text_field: str | None = None
+    bad_records: dict | None = None  # per kind, "total" and "first" (file:line: reason)
     out_dir: str = field(default="", compare=False)  # where it lives; not serialized
 
     def split(self, name: str) -> SplitStats:
@@ -247,7 +254,8 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict, where: str = MANIFEST) -> "Manifest":
         names = {f.name for f in dataclasses.fields(cls)} - {"out_dir"}
-        missing = sorted(n for n in names if n not in d and n != "prepare_s")
+        optional = {"prepare_s", "shards", "text_field", "bad_records"}
+        missing = sorted(n for n in names if n not in d and n not in optional)
         if missing:
             raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
         kw = {k: d[k] for k in names if k in d}
@@ -255,7 +263,34 @@ class Manifest:
             kw["train"], kw["val"] = SplitStats(**d["train"]), SplitStats(**d["val"])
         except TypeError as e:
             raise ValueError(f"{where}: bad split stats: {e}") from None
-        return cls(**kw)
+        m = cls(**kw)
+        if m.schema >= 2:
+            m.check_shards(where)
+        return m
+
+    def check_shards(self, where: str) -> None:
+        """Schema 2: a non-empty shard list per split whose token counts sum to the split's."""
+        if not isinstance(self.shards, dict):
+            raise ValueError(f"{where}: schema {self.schema} needs a 'shards' object")
+        for name in SPLITS:
+            lst = self.shards.get(name)
+            ok = isinstance(lst, list) and lst and all(
+                isinstance(s, dict) and isinstance(s.get("file"), str)
+                and s["file"] == Path(s["file"]).name and s["file"].endswith(".bin")
+                and isinstance(s.get("tokens"), int) and s["tokens"] > 0 for s in lst)
+            if not ok:
+                raise ValueError(f"{where}: shards.{name} must be a non-empty list of "
+                                 '{"file": "NAME.bin", "tokens": N > 0}')
+            if sum(s["tokens"] for s in lst) != self.split(name).tokens:
+                raise ValueError(f"{where}: shards.{name} hold "
+                                 f"{sum(s['tokens'] for s in lst)} tokens, {name}.tokens "
+                                 f"says {self.split(name).tokens}")
+
+    def files_of(self, name: str) -> list[tuple[str, int]]:
+        """(file name, tokens) of the split's token files, in order."""
+        if self.shards is None:
+            return [(f"{name}.bin", self.split(name).tokens)]
+        return [(s["file"], s["tokens"]) for s in self.shards[name]]
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "Manifest":
@@ -268,9 +303,10 @@ class Manifest:
             raise ValueError(f"{f}: not valid JSON: {e}") from None
         if not isinstance(d, dict):
             raise ValueError(f"{f}: expected a JSON object")
-        if d.get("schema") != SCHEMA_VERSION:
+        if d.get("schema") not in READABLE_SCHEMAS:
             raise ValueError(f"{f}: schema {d.get('schema')!r}, this version reads "
-                             f"{SCHEMA_VERSION} (prepare the data again)")
+                             f"{' and '.join(map(str, READABLE_SCHEMAS))} (prepare the data "
+                             "again)")
         m = cls.from_dict(d, str(f))
         m.out_dir = str(Path(out_dir))
         return m
@@ -282,7 +318,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def _settings(sources: list[Path], exts: list[str], vocab_size: int,
               val_fraction: float) -> dict:
-    return {"schema": SCHEMA_VERSION, "sources": [str(s) for s in sources], "extensions": exts,
+    return {"schema": FLAT_SCHEMA, "sources": [str(s) for s in sources], "extensions": exts,
             "vocab_size": vocab_size, "val_fraction": val_fraction}
 
 
@@ -327,9 +363,10 @@ def _cached(out_dir: Path, settings_hash: str, fingerprint: str) -> Manifest | N
         return None
     item = token_dtype(m.vocab_size).itemsize
     for name in SPLITS:
-        f = out_dir / f"{name}.bin"
-        if not f.is_file() or f.stat().st_size != m.split(name).tokens * item:
-            return None
+        for fname, ntok in m.files_of(name):
+            f = out_dir / fname
+            if not f.is_file() or f.stat().st_size != ntok * item:
+                return None
     try:
         if Tokenizer.load(out_dir / "tokenizer").sha256() != m.tokenizer_sha256:
             return None
@@ -361,11 +398,30 @@ def _write_tokens(docs: list[Document], tok: Tokenizer, dest: Path, dtype: np.dt
 
 def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4096,
             val_fraction: float = 0.05, extensions=(".py",), progress: bool = True,
-            tokenizer: str | Path | None = None) -> Manifest:
+            tokenizer: str | Path | None = None, record_options: dict | None = None
+            ) -> Manifest:
     """Collect, train the tokenizer on train, tokenize both splits; cached (module doc).
     `tokenizer`: a tokenizer directory to use as it is instead of training one (e.g. an
-    imported model's, RUN/checkpoints/step_000000/tokenizer); vocab_size is then its size."""
+    imported model's, RUN/checkpoints/step_000000/tokenizer); vocab_size is then its size.
+    Sources that are (or hold) parquet/JSONL files go to records.prepare_records, with
+    record_options (text_field, workers, shard_tokens, tokenizer_sample_bytes)."""
     t0 = time.perf_counter()
+    if sources:
+        from nanochat.data import records
+
+        roots = _resolve_sources(sources)
+        kinds = {r: bool(records.record_files(r, EXCLUDED_DIRS)) for r in roots}
+        if all(kinds.values()):
+            return records.prepare_records(roots, out_dir, vocab_size, val_fraction,
+                                           progress=progress, tokenizer=tokenizer,
+                                           **(record_options or {}))
+        if any(kinds.values()):
+            raise ValueError("sources mix record files (parquet/JSONL) with source trees: "
+                             f"records in {', '.join(str(r) for r in roots if kinds[r])}; "
+                             f"trees in {', '.join(str(r) for r in roots if not kinds[r])}; "
+                             "prepare them separately")
+    elif record_options:
+        raise ValueError(f"{', '.join(record_options)}: only for parquet/JSONL sources")
     given = Tokenizer.load(tokenizer) if tokenizer is not None else None
     if given is not None:
         vocab_size = given.vocab_size
@@ -410,7 +466,7 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
         stats[name] = SplitStats(len(docs), sum(d.nbytes for d in docs), ntok)
 
     m = Manifest(
-        schema=SCHEMA_VERSION, sources=settings["sources"], extensions=exts,
+        schema=FLAT_SCHEMA, sources=settings["sources"], extensions=exts,
         vocab_size=vocab_size, val_fraction=val_fraction, dtype=dtype.name,
         train=stats["train"], val=stats["val"],
         skipped={"binary": files.binary, "undecodable": files.undecodable,
@@ -427,6 +483,27 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
 def summary_lines(m: Manifest) -> list[str]:
     """Human-readable summary of a manifest (what `nanochat data prepare` prints)."""
     sk = m.skipped
+    if m.shards is not None:  # parquet / JSONL records (records.py)
+        b = m.bad_records or {}
+        bad = ", ".join(f"{b.get(k, 0)} {k.replace('_', ' ')}" for k in
+                        ("invalid_json", "not_object", "missing_field", "wrong_type",
+                         "undecodable"))
+        lines = [
+            f"data dir     : {m.out_dir}",
+            f"sources      : {', '.join(m.sources)}  ({m.matched} files: "
+            f"{', '.join(m.extensions)}; text field {m.text_field!r})",
+            f"records      : train {m.train.records:,}, val {m.val.records:,}; "
+            f"{sk['empty']} empty",
+            f"bad records  : {b.get('total', 0)} ({bad})",
+            *(f"               {x}" for x in b.get("first", [])[:5]),
+            f"bytes        : train {m.train.bytes:,}, val {m.val.bytes:,}",
+            f"tokens       : train {m.train.tokens:,} in {len(m.shards['train'])} shard(s), "
+            f"val {m.val.tokens:,} in {len(m.shards['val'])}  ({m.dtype}, "
+            f"{m.train.bytes / max(m.train.tokens, 1):.2f} bytes/token on train)",
+            f"tokenizer    : vocab {m.vocab_size}, sha256 {m.tokenizer_sha256[:16]}",
+            f"prepared in  : {m.prepare_s:.1f} s  ({m.created})",
+        ]
+        return lines
     return [
         f"data dir     : {m.out_dir}",
         f"sources      : {', '.join(m.sources)}  ({', '.join(m.extensions)})",

@@ -1,0 +1,493 @@
+"""Datasets people ship: parquet shards and JSON lines -> tokenizer + sharded token files.
+
+    nanochat data prepare --source fineweb/ --vocab-size 32768          # *.parquet, `text`
+    nanochat data prepare --source dump.jsonl.zst --text-field content --workers 8
+
+A source that is, or is a directory holding, files named *.parquet, *.jsonl, *.jsonl.gz or
+*.jsonl.zst (also .ndjson) is read record by record: parquet by row group in batches of
+rows (pyarrow), JSON lines one line at a time (gzip from the standard library, zstd through
+the `zstandard` package). Nothing holds more than a bounded window of the corpus:
+
+1. the tokenizer trains on the first `tokenizer_sample_bytes` of train text, in file order;
+2. the main process reads records into chunks of about CHUNK_BYTES and hands them to
+   `workers` spawned processes (at most 2 per worker in flight); each decodes, parses,
+   checks and tokenizes its chunk (<|bos|> before every record) and returns the token ids;
+3. the main process writes the results in chunk order into `train_00000.bin`, ... of at
+   most `shard_tokens` tokens (same for val), so the bytes do not depend on `workers`.
+
+A record goes to val when split_fraction("<relative path>:<record index>") < val_fraction
+(the index counts lines of a JSONL file from 0, rows of a parquet file from 0), so the split
+is a function of the record alone. Bad records (a JSON line that is not valid JSON or not an
+object, a missing or null text field, a value that is not a string, bytes that are not UTF-8)
+are counted by kind, and the first MAX_REPORTED are listed as "file:line: reason" (parquet:
+"file:row N") in the manifest's `bad_records`; empty texts are counted as `empty`. A file
+that cannot be read at all (no such column, a truncated gzip, a missing optional package) is
+an error naming it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import multiprocessing as mp
+import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from nanochat import atomic
+
+PARQUET_SUFFIXES = (".parquet",)
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".jsonl.zst", ".ndjson.zst")
+RECORD_SUFFIXES = PARQUET_SUFFIXES + JSONL_SUFFIXES
+CHUNK_BYTES = 1 << 20  # raw bytes of records per task handed to a worker
+CHUNK_RECORDS = 4096  # and at most this many records
+PARQUET_BATCH_ROWS = 1024  # rows per pyarrow batch (a row group is read a batch at a time)
+MAX_REPORTED = 20  # bad records listed by file:line in the manifest
+BAD_KINDS = ("invalid_json", "not_object", "missing_field", "wrong_type", "undecodable")
+
+
+def is_record_file(path: str | Path) -> bool:
+    return str(path).endswith(RECORD_SUFFIXES)
+
+
+def record_files(root: Path, excluded: frozenset) -> list[tuple[Path, str]]:
+    """(path, rel) of the record files at or under root, sorted; rel is "/"-separated."""
+    if root.is_file():
+        return [(root, root.name)] if is_record_file(root) else []
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in excluded)
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if is_record_file(name) and p.is_file():
+                out.append((p, p.relative_to(root).as_posix()))
+    return out
+
+
+# ---- reading --------------------------------------------------------------------------
+
+
+def _jsonl_stream(path: Path):
+    """A binary file object over the decompressed lines of path."""
+    name = str(path)
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise ValueError(f"{path}: reading .zst needs the zstandard package "
+                             "(pip install zstandard)") from None
+        raw = open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw,
+                                                                            closefd=True))
+    return open(path, "rb")
+
+
+def _jsonl_items(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line index from 0, raw line) of every non-blank line."""
+    lineno = 0
+    try:
+        with _jsonl_stream(path) as f:
+            for lineno, line in enumerate(f):  # noqa: B007 (read in the except)
+                if line.strip():
+                    yield lineno, line
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path}: unreadable after line {lineno + 1}: {e}") from None
+    except Exception as e:  # zstandard.ZstdError is not an OSError
+        if type(e).__module__.startswith("zstandard"):
+            raise ValueError(f"{path}: unreadable after line {lineno + 1}: {e}") from None
+        raise
+
+
+def _parquet_items(path: Path, text_field: str) -> Iterator[tuple[int, object]]:
+    """(row index from 0, value) of the text column, a batch of rows at a time."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading parquet needs the pyarrow package "
+                         "(pip install pyarrow)") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable parquet file: {e}") from None
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        raise ValueError(f"{path}: no column {text_field!r} (columns: "
+                         f"{', '.join(schema.names)}); choose one with --text-field")
+    t = schema.field(text_field).type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t)):
+        raise ValueError(f"{path}: column {text_field!r} has type {t}, not a string")
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+            for v in batch.column(0).to_pylist():
+                yield row, v
+                row += 1
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: unreadable at row {row}: {e}") from None
+
+
+def _items(path: Path, text_field: str) -> Iterator[tuple[int, object]]:
+    if str(path).endswith(PARQUET_SUFFIXES):
+        return _parquet_items(path, text_field)
+    return _jsonl_items(path)
+
+
+def _item_size(v) -> int:
+    return len(v) if isinstance(v, (bytes, str)) else 0
+
+
+def extract(v, text_field: str, is_jsonl: bool) -> tuple[str | None, str | None]:
+    """(text, None) or (None, bad kind) for one raw item (a JSONL line or a parquet value)."""
+    if is_jsonl:
+        try:
+            s = v.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "undecodable"
+        try:
+            obj = json.loads(s)
+        except json.JSONDecodeError:
+            return None, "invalid_json"
+        if not isinstance(obj, dict):
+            return None, "not_object"
+        v = obj.get(text_field)
+    if v is None:
+        return None, "missing_field"
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8"), None
+        except UnicodeDecodeError:
+            return None, "undecodable"
+    if not isinstance(v, str):
+        return None, "wrong_type"
+    return v, None
+
+
+def iter_texts(files: list[tuple[Path, str]], text_field: str) -> Iterator[tuple[str, int, str]]:
+    """(rel, index, text) of every good record, in file order (bad ones skipped)."""
+    for path, rel in files:
+        jsonl = not str(path).endswith(PARQUET_SUFFIXES)
+        for i, v in _items(path, text_field):
+            text, _ = extract(v, text_field, jsonl)
+            if text:
+                yield rel, i, text
+
+
+# ---- tokenizing in worker processes ---------------------------------------------------
+
+
+@dataclass
+class Chunk:
+    """Consecutive raw records of one file: what one worker task tokenizes."""
+
+    rel: str
+    jsonl: bool
+    first: list = field(default_factory=list)  # record indices
+    items: list = field(default_factory=list)
+    nbytes: int = 0
+
+
+@dataclass
+class ChunkResult:
+    tokens: dict  # split -> uint32 ndarray (bos + ids per record)
+    records: dict  # split -> good records
+    bytes: dict  # split -> UTF-8 bytes of their texts
+    empty: int
+    bad: list  # (rel, index, kind)
+
+
+@lru_cache(maxsize=2)
+def _tokenizer(path: str, sha256: str):
+    """The tokenizer a worker encodes with, loaded once per process (keyed by its hash)."""
+    from nanochat.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(path)
+    if tok.sha256() != sha256:
+        raise ValueError(f"{path}: tokenizer changed while preparing")
+    return tok
+
+
+def _worker_init() -> None:
+    # One thread per worker process: `workers` sets the parallelism, not HF's rayon pool.
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def tokenize_chunk(chunk: Chunk, text_field: str, val_fraction: float, tok_dir: str,
+                   tok_sha: str) -> ChunkResult:
+    from nanochat.data.corpus import split_fraction
+
+    tok = _tokenizer(tok_dir, tok_sha)
+    texts = {"train": [], "val": []}
+    nbytes = {"train": 0, "val": 0}
+    bad, empty = [], 0
+    for i, v in zip(chunk.first, chunk.items):
+        text, kind = extract(v, text_field, chunk.jsonl)
+        if kind is not None:
+            bad.append((chunk.rel, i, kind))
+            continue
+        if not text:
+            empty += 1
+            continue
+        split = "val" if split_fraction(f"{chunk.rel}:{i}") < val_fraction else "train"
+        texts[split].append(text)
+        nbytes[split] += len(text.encode("utf-8"))
+    tokens = {}
+    for split, ts in texts.items():
+        ids = tok.encode_batch(ts) if ts else []
+        arr = np.empty(sum(len(x) for x in ids) + len(ids), dtype=np.uint32)
+        pos = 0
+        for x in ids:
+            arr[pos] = tok.bos_id
+            arr[pos + 1:pos + 1 + len(x)] = x
+            pos += 1 + len(x)
+        tokens[split] = arr
+    return ChunkResult(tokens, {k: len(v) for k, v in texts.items()}, nbytes, empty, bad)
+
+
+def chunks(files: list[tuple[Path, str]], text_field: str) -> Iterator[Chunk]:
+    """The raw records of files, in order, cut into chunks that never span two files."""
+    for path, rel in files:
+        jsonl = not str(path).endswith(PARQUET_SUFFIXES)
+        c = Chunk(rel, jsonl)
+        for i, v in _items(path, text_field):
+            c.first.append(i)
+            c.items.append(v)
+            c.nbytes += _item_size(v)
+            if c.nbytes >= CHUNK_BYTES or len(c.items) >= CHUNK_RECORDS:
+                yield c
+                c = Chunk(rel, jsonl)
+        if c.items:
+            yield c
+
+
+def tokenized(chunk_iter: Iterator[Chunk], workers: int, args: tuple) -> Iterator[
+        tuple[Chunk, ChunkResult]]:
+    """(chunk, result) in chunk order, tokenized by `workers` spawned processes with at
+    most 2 * workers chunks in flight (so memory does not grow with the corpus). A worker
+    that dies (killed, out of memory) raises BrokenProcessPool here instead of a hang."""
+    ctx = mp.get_context("spawn")  # no fork of a parent that already runs HF/torch threads
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+        pending: deque = deque()
+        try:
+            for c in chunk_iter:
+                pending.append((c, pool.submit(tokenize_chunk, c, *args)))
+                if len(pending) >= 2 * workers:
+                    c0, r = pending.popleft()
+                    yield c0, r.result()
+            while pending:
+                c0, r = pending.popleft()
+                yield c0, r.result()
+        finally:
+            for _, r in pending:  # on an error: drop the queued work, do not wait for it
+                r.cancel()
+
+
+# ---- sharded output -------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Appends tokens to {split}_00000.bin, ... of at most shard_tokens tokens each; a shard
+    is written under a temporary name and renamed when full (or at close)."""
+
+    def __init__(self, out: Path, split: str, shard_tokens: int, dtype: np.dtype):
+        self.out, self.split, self.cap, self.dtype = out, split, shard_tokens, dtype
+        self.shards: list[dict] = []  # {"file", "tokens"}, the manifest's list
+        self._ctx = None
+        self._f = None
+        self._n = 0
+
+    def _open(self) -> None:
+        name = f"{self.split}_{len(self.shards):05d}.bin"
+        self._ctx = atomic.open_atomic(self.out / name)
+        self._f = self._ctx.__enter__()
+        self._name, self._n = name, 0
+
+    def _finish(self) -> None:
+        self._ctx.__exit__(None, None, None)
+        self.shards.append({"file": self._name, "tokens": self._n})
+        self._ctx = self._f = None
+
+    def write(self, arr: np.ndarray) -> None:
+        arr = arr.astype(self.dtype, copy=False)
+        while len(arr):
+            if self._f is None:
+                self._open()
+            take = min(len(arr), self.cap - self._n)
+            arr[:take].tofile(self._f)
+            self._n += take
+            arr = arr[take:]
+            if self._n == self.cap:
+                self._finish()
+
+    def close(self) -> list[dict]:
+        if self._f is not None:
+            self._finish()
+        return self.shards
+
+    def abort(self, exc: BaseException) -> None:
+        if self._ctx is not None:  # removes the temp file
+            self._ctx.__exit__(type(exc), exc, exc.__traceback__)
+            self._ctx = self._f = None
+
+
+# ---- prepare --------------------------------------------------------------------------
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _sample(files, text_field: str, val_fraction: float, limit: int) -> Iterator[str]:
+    """The train texts in file order, until `limit` UTF-8 bytes (the tokenizer's sample)."""
+    from nanochat.data.corpus import split_fraction
+
+    n = 0
+    for rel, i, text in iter_texts(files, text_field):
+        if split_fraction(f"{rel}:{i}") < val_fraction:
+            continue
+        yield text
+        n += len(text.encode("utf-8"))
+        if n >= limit:
+            return
+
+
+def prepare_records(roots: list[Path], out_dir=None, vocab_size: int = 4096,
+                    val_fraction: float = 0.05, progress: bool = True, tokenizer=None,
+                    text_field: str = "text", workers: int | None = None,
+                    shard_tokens: int = 1 << 28, tokenizer_sample_bytes: int = 100_000_000):
+    """Prepare parquet/JSONL sources into out_dir (module doc); cached like corpus.prepare."""
+    import shutil
+    import sys
+    import time
+    from datetime import datetime, timezone
+
+    from nanochat.data import corpus
+    from nanochat.data.tokenizer import MIN_VOCAB, Tokenizer
+
+    t0 = time.perf_counter()
+    workers = _default_workers() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if tokenizer_sample_bytes < 1:
+        raise ValueError(f"tokenizer_sample_bytes must be >= 1, got {tokenizer_sample_bytes}")
+    if not text_field:
+        raise ValueError("text_field must be a non-empty name")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    given = Tokenizer.load(tokenizer) if tokenizer is not None else None
+    if given is not None:
+        vocab_size = given.vocab_size
+    if not MIN_VOCAB <= vocab_size <= 2**32:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (5 special tokens + 256 bytes) "
+                         f"and fit in uint32, got {vocab_size}")
+    files = [(p, rel) for r in roots for p, rel in record_files(r, corpus.EXCLUDED_DIRS)]
+    suffixes = sorted({next(s for s in sorted(RECORD_SUFFIXES, key=len, reverse=True)
+                            if str(p).endswith(s)) for p, _ in files})
+    settings = {"schema": corpus.SCHEMA_VERSION, "sources": [str(r) for r in roots],
+                "vocab_size": vocab_size, "val_fraction": val_fraction,
+                "text_field": text_field, "shard_tokens": shard_tokens,
+                "tokenizer_sample_bytes": tokenizer_sample_bytes}
+    if given is not None:
+        settings["tokenizer_sha256"] = given.sha256()
+    settings_hash = corpus._hash(settings)
+    out = (Path(out_dir).expanduser() if out_dir
+           else corpus.cache_dir() / "data" / settings_hash[:12])
+    fingerprint = corpus._fingerprint([(r, p, rel) for r in roots
+                                       for p, rel in record_files(r, corpus.EXCLUDED_DIRS)])
+    cached = corpus._cached(out, settings_hash, fingerprint)
+    if cached is not None:
+        print(f"using cached data in {out}", file=sys.stderr)
+        return cached
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / corpus.MANIFEST).unlink(missing_ok=True)
+    for old in list(out.glob("train*.bin")) + list(out.glob("val*.bin")):
+        old.unlink()  # the previous run's shards (their count may differ)
+    if given is None:
+        if progress:
+            print(f"training tokenizer (vocab {vocab_size}) on up to "
+                  f"{tokenizer_sample_bytes / 1e6:.0f} MB of train text", file=sys.stderr)
+        tok = Tokenizer.train(_sample(files, text_field, val_fraction, tokenizer_sample_bytes),
+                              vocab_size)
+    else:
+        tok = given
+    tmp_tok = out / "tokenizer.tmp"
+    shutil.rmtree(tmp_tok, ignore_errors=True)
+    tok.save(tmp_tok)
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    os.replace(tmp_tok, out / "tokenizer")
+
+    dtype = corpus.token_dtype(vocab_size)
+    writers = {s: ShardWriter(out, s, shard_tokens, dtype) for s in corpus.SPLITS}
+    stats = {s: corpus.SplitStats() for s in corpus.SPLITS}
+    split_files = {s: set() for s in corpus.SPLITS}
+    counts = dict.fromkeys(BAD_KINDS, 0)
+    first, empty = [], 0
+    total = sum(p.stat().st_size for p, _ in files)
+    bar = corpus._progress(None, progress, "tokenizing", "B", total=total)
+    args = (text_field, val_fraction, str(out / "tokenizer"), tok.sha256())
+    try:
+        for c, r in tokenized(chunks(files, text_field), workers, args):
+            for s in corpus.SPLITS:
+                writers[s].write(r.tokens[s])
+                stats[s].tokens += len(r.tokens[s])
+                stats[s].records += r.records[s]
+                stats[s].bytes += r.bytes[s]
+                if r.records[s]:
+                    split_files[s].add(c.rel)
+            empty += r.empty
+            for rel, i, kind in r.bad:
+                counts[kind] += 1
+                if len(first) < MAX_REPORTED:
+                    where = f"{rel}:{i + 1}" if c.jsonl else f"{rel}:row {i}"
+                    first.append(f"{where}: {kind.replace('_', ' ')}"
+                                 + (f" {text_field!r}" if kind in ("missing_field",
+                                                                   "wrong_type") else ""))
+            if progress:
+                bar.update(c.nbytes)
+        shards = {s: writers[s].close() for s in corpus.SPLITS}
+    except BaseException as e:
+        for w in writers.values():
+            w.abort(e)
+        raise
+    finally:
+        if progress:
+            bar.close()
+    nbad = sum(counts.values())
+    for s in corpus.SPLITS:
+        stats[s].files = len(split_files[s])
+        if not stats[s].records:
+            where = ", ".join(str(r) for r in roots)
+            raise ValueError(f"{where}: no {s} records ({stats['train'].records} train, "
+                             f"{stats['val'].records} val, {nbad} bad, {empty} empty; "
+                             f"val_fraction {val_fraction})")
+    if nbad and progress:
+        print(f"{nbad} bad record(s) skipped: " + "; ".join(first[:5]), file=sys.stderr)
+    m = corpus.Manifest(
+        schema=corpus.SCHEMA_VERSION, sources=settings["sources"], extensions=suffixes,
+        vocab_size=vocab_size, val_fraction=val_fraction, dtype=dtype.name,
+        train=stats["train"], val=stats["val"],
+        skipped={"binary": 0, "undecodable": counts["undecodable"], "empty": empty},
+        duplicates=0, matched=len(files), tokenizer_sha256=tok.sha256(),
+        settings_hash=settings_hash, fingerprint=fingerprint,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        prepare_s=round(time.perf_counter() - t0, 2), shards=shards, text_field=text_field,
+        bad_records={**counts, "total": nbad, "first": first}, out_dir=str(out))
+    atomic.write_text(out / corpus.MANIFEST, json.dumps(m.to_dict(), indent=2) + "\n")
+    return m
