@@ -23,6 +23,10 @@ first, so an interrupted run never leaves a manifest describing other files. A s
 mtimes) returns the existing manifest. The default out_dir is
 $NANOCHAT_CACHE/data/<hash of the settings>, where NANOCHAT_CACHE defaults to
 $XDG_CACHE_HOME/nanochat, else ~/.cache/nanochat.
+
+Sources that are, or hold, parquet / JSON lines files go to records.py instead (read record
+by record in worker processes, written as token shards; manifest schema 2, docs/data.md).
+The source-tree path above writes the flat layout (schema 1); both schemas are read.
 """
 
 from __future__ import annotations
@@ -420,7 +424,7 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
                              f"records in {', '.join(str(r) for r in roots if kinds[r])}; "
                              f"trees in {', '.join(str(r) for r in roots if not kinds[r])}; "
                              "prepare them separately")
-    elif record_options:
+    if record_options:  # a source tree: these options would be silently ignored
         raise ValueError(f"{', '.join(record_options)}: only for parquet/JSONL sources")
     given = Tokenizer.load(tokenizer) if tokenizer is not None else None
     if given is not None:

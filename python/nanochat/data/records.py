@@ -28,7 +28,6 @@ an error naming it.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import multiprocessing as mp
 import os
@@ -74,31 +73,49 @@ def record_files(root: Path, excluded: frozenset) -> list[tuple[Path, str]]:
 # ---- reading --------------------------------------------------------------------------
 
 
-def _jsonl_stream(path: Path):
-    """A binary file object over the decompressed lines of path."""
+def _zstd_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a .zst file (one or more frames). zstandard's stream reader ends quietly
+    at a truncated frame, so this feeds a decompressor block by block and checks that the
+    last frame ended."""
+    try:
+        import zstandard
+    except ImportError:
+        raise ValueError(f"{path}: reading .zst needs the zstandard package "
+                         "(pip install zstandard)") from None
+    dctx = zstandard.ZstdDecompressor()
+    dobj, pending, started = dctx.decompressobj(), b"", False
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            while block:
+                if dobj.eof:  # the previous frame ended: the rest is the next frame
+                    dobj = dctx.decompressobj()
+                data = dobj.decompress(block)
+                started = True
+                block = dobj.unused_data if dobj.eof else b""
+                *lines, pending = (pending + data).split(b"\n")
+                yield from (x + b"\n" for x in lines)
+    if started and not dobj.eof:
+        raise EOFError("zstd stream ends inside a frame (truncated file)")
+    if pending:
+        yield pending
+
+
+def _jsonl_lines(path: Path) -> Iterator[bytes]:
     name = str(path)
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
     if name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raise ValueError(f"{path}: reading .zst needs the zstandard package "
-                             "(pip install zstandard)") from None
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw,
-                                                                            closefd=True))
-    return open(path, "rb")
+        yield from _zstd_lines(path)
+        return
+    with gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb") as f:
+        yield from f
 
 
 def _jsonl_items(path: Path) -> Iterator[tuple[int, bytes]]:
     """(line index from 0, raw line) of every non-blank line."""
     lineno = 0
     try:
-        with _jsonl_stream(path) as f:
-            for lineno, line in enumerate(f):  # noqa: B007 (read in the except)
-                if line.strip():
-                    yield lineno, line
+        for lineno, line in enumerate(_jsonl_lines(path)):  # noqa: B007 (read in the except)
+            if line.strip():
+                yield lineno, line
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise ValueError(f"{path}: unreadable after line {lineno + 1}: {e}") from None
     except Exception as e:  # zstandard.ZstdError is not an OSError
@@ -244,14 +261,11 @@ def tokenize_chunk(chunk: Chunk, text_field: str, val_fraction: float, tok_dir: 
         nbytes[split] += len(text.encode("utf-8"))
     tokens = {}
     for split, ts in texts.items():
-        ids = tok.encode_batch(ts) if ts else []
-        arr = np.empty(sum(len(x) for x in ids) + len(ids), dtype=np.uint32)
-        pos = 0
-        for x in ids:
-            arr[pos] = tok.bos_id
-            arr[pos + 1:pos + 1 + len(x)] = x
-            pos += 1 + len(x)
-        tokens[split] = arr
+        flat: list[int] = []
+        for x in tok.encode_batch(ts) if ts else []:
+            flat.append(tok.bos_id)
+            flat += x
+        tokens[split] = np.array(flat, dtype=np.uint32)  # one conversion per chunk
     return ChunkResult(tokens, {k: len(v) for k, v in texts.items()}, nbytes, empty, bad)
 
 
