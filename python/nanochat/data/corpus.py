@@ -39,6 +39,7 @@ import shutil
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +47,8 @@ from pathlib import Path
 import numpy as np
 
 from nanochat import atomic
+from nanochat.data import records
+from nanochat.data.records import split_fraction
 from nanochat.data.tokenizer import MIN_VOCAB, Tokenizer
 
 SCHEMA_VERSION = 2  # 2: sharded token files listed in "shards" (records.py)
@@ -151,11 +154,6 @@ def _scan(sources: list[Path], exts: list[str]) -> list[tuple[Path, Path, str]]:
             raise ValueError(f"source {root} has no files with extension {', '.join(exts)}")
         found += files
     return found
-
-
-def split_fraction(rel: str) -> float:
-    """The file's position in [0, 1) for the train/val split: sha1 of its relative path."""
-    return int.from_bytes(hashlib.sha1(rel.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
 def collect(sources, extensions=(".py",), val_fraction: float = 0.05,
@@ -407,16 +405,14 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
     """Collect, train the tokenizer on train, tokenize both splits; cached (module doc).
     `tokenizer`: a tokenizer directory to use as it is instead of training one (e.g. an
     imported model's, RUN/checkpoints/step_000000/tokenizer); vocab_size is then its size.
-    Sources that are (or hold) parquet/JSONL files go to records.prepare_records, with
+    Sources that are (or hold) parquet/JSONL files go to prepare_records, with
     record_options (text_field, workers, shard_tokens, tokenizer_sample_bytes)."""
     t0 = time.perf_counter()
     if sources:
-        from nanochat.data import records
-
         roots = _resolve_sources(sources)
         kinds = {r: bool(records.record_files(r, EXCLUDED_DIRS)) for r in roots}
         if all(kinds.values()):
-            return records.prepare_records(roots, out_dir, vocab_size, val_fraction,
+            return prepare_records(roots, out_dir, vocab_size, val_fraction,
                                            progress=progress, tokenizer=tokenizer,
                                            **(record_options or {}))
         if any(kinds.values()):
@@ -480,6 +476,148 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         prepare_s=round(time.perf_counter() - t0, 2), out_dir=str(out),
     )
+    atomic.write_text(out / MANIFEST, json.dumps(m.to_dict(), indent=2) + "\n")
+    return m
+
+
+# ---- records: parquet / JSONL (readers, workers, shard writer in records.py) ------
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _sample(files, text_field: str, val_fraction: float, limit: int) -> Iterator[str]:
+    """The train texts in file order, until `limit` UTF-8 bytes (the tokenizer's sample)."""
+    n = 0
+    for rel, i, text in records.iter_texts(files, text_field):
+        if split_fraction(f"{rel}:{i}") < val_fraction:
+            continue
+        yield text
+        n += len(text.encode("utf-8"))
+        if n >= limit:
+            return
+
+
+def prepare_records(roots: list[Path], out_dir=None, vocab_size: int = 4096,
+                    val_fraction: float = 0.05, progress: bool = True, tokenizer=None,
+                    text_field: str = "text", workers: int | None = None,
+                    shard_tokens: int = 1 << 28, tokenizer_sample_bytes: int = 100_000_000):
+    """Prepare parquet/JSONL sources into out_dir (module doc); cached like prepare."""
+    t0 = time.perf_counter()
+    workers = _default_workers() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if tokenizer_sample_bytes < 1:
+        raise ValueError(f"tokenizer_sample_bytes must be >= 1, got {tokenizer_sample_bytes}")
+    if not text_field:
+        raise ValueError("text_field must be a non-empty name")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    given = Tokenizer.load(tokenizer) if tokenizer is not None else None
+    if given is not None:
+        vocab_size = given.vocab_size
+    if not MIN_VOCAB <= vocab_size <= 2**32:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (5 special tokens + 256 bytes) "
+                         f"and fit in uint32, got {vocab_size}")
+    files = [(p, rel) for r in roots for p, rel in records.record_files(r, EXCLUDED_DIRS)]
+    suffixes = sorted({next(s for s in sorted(records.RECORD_SUFFIXES, key=len, reverse=True)
+                            if str(p).endswith(s)) for p, _ in files})
+    settings = {"schema": SCHEMA_VERSION, "sources": [str(r) for r in roots],
+                "vocab_size": vocab_size, "val_fraction": val_fraction,
+                "text_field": text_field, "shard_tokens": shard_tokens,
+                "tokenizer_sample_bytes": tokenizer_sample_bytes}
+    if given is not None:
+        settings["tokenizer_sha256"] = given.sha256()
+    settings_hash = _hash(settings)
+    out = (Path(out_dir).expanduser() if out_dir
+           else cache_dir() / "data" / settings_hash[:12])
+    fingerprint = _fingerprint([(r, p, rel) for r in roots
+                                       for p, rel in records.record_files(r, EXCLUDED_DIRS)])
+    cached = _cached(out, settings_hash, fingerprint)
+    if cached is not None:
+        print(f"using cached data in {out}", file=sys.stderr)
+        return cached
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    for old in list(out.glob("train*.bin")) + list(out.glob("val*.bin")):
+        old.unlink()  # the previous run's shards (their count may differ)
+    if given is None:
+        if progress:
+            print(f"training tokenizer (vocab {vocab_size}) on up to "
+                  f"{tokenizer_sample_bytes / 1e6:.0f} MB of train text", file=sys.stderr)
+        tok = Tokenizer.train(_sample(files, text_field, val_fraction, tokenizer_sample_bytes),
+                              vocab_size)
+    else:
+        tok = given
+    tmp_tok = out / "tokenizer.tmp"
+    shutil.rmtree(tmp_tok, ignore_errors=True)
+    tok.save(tmp_tok)
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    os.replace(tmp_tok, out / "tokenizer")
+
+    dtype = token_dtype(vocab_size)
+    writers = {s: records.ShardWriter(out, s, shard_tokens, dtype) for s in SPLITS}
+    stats = {s: SplitStats() for s in SPLITS}
+    split_files = {s: set() for s in SPLITS}
+    counts = dict.fromkeys(records.BAD_KINDS, 0)
+    first, empty = [], 0
+    total = sum(p.stat().st_size for p, _ in files)
+    bar = _progress(None, progress, "tokenizing", "B", total=total)
+    args = (text_field, val_fraction, str(out / "tokenizer"), tok.sha256())
+    try:
+        for c, r in records.tokenized(records.chunks(files, text_field), workers, args):
+            for s in SPLITS:
+                writers[s].write(r.tokens[s])
+                stats[s].tokens += len(r.tokens[s])
+                stats[s].records += r.records[s]
+                stats[s].bytes += r.bytes[s]
+                if r.records[s]:
+                    split_files[s].add(c.rel)
+            empty += r.empty
+            for rel, i, kind in r.bad:
+                counts[kind] += 1
+                if len(first) < records.MAX_REPORTED:
+                    where = f"{rel}:{i + 1}" if c.jsonl else f"{rel}:row {i}"
+                    first.append(f"{where}: {kind.replace('_', ' ')}"
+                                 + (f" {text_field!r}" if kind in ("missing_field",
+                                                                   "wrong_type") else ""))
+            if progress:
+                bar.update(c.nbytes)
+        shards = {s: writers[s].close() for s in SPLITS}
+    except BaseException as e:
+        for w in writers.values():
+            w.abort(e)
+        raise
+    finally:
+        if progress:
+            bar.close()
+    nbad = sum(counts.values())
+    for s in SPLITS:
+        stats[s].files = len(split_files[s])
+        if not stats[s].records:
+            where = ", ".join(str(r) for r in roots)
+            raise ValueError(f"{where}: no {s} records ({stats['train'].records} train, "
+                             f"{stats['val'].records} val, {nbad} bad, {empty} empty; "
+                             f"val_fraction {val_fraction})")
+    if nbad and progress:
+        print(f"{nbad} bad record(s) skipped: " + "; ".join(first[:5]), file=sys.stderr)
+    m = Manifest(
+        schema=SCHEMA_VERSION, sources=settings["sources"], extensions=suffixes,
+        vocab_size=vocab_size, val_fraction=val_fraction, dtype=dtype.name,
+        train=stats["train"], val=stats["val"],
+        skipped={"binary": 0, "undecodable": counts["undecodable"], "empty": empty},
+        duplicates=0, matched=len(files), tokenizer_sha256=tok.sha256(),
+        settings_hash=settings_hash, fingerprint=fingerprint,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        prepare_s=round(time.perf_counter() - t0, 2), shards=shards, text_field=text_field,
+        bad_records={**counts, "total": nbad, "first": first}, out_dir=str(out))
     atomic.write_text(out / MANIFEST, json.dumps(m.to_dict(), indent=2) + "\n")
     return m
 

@@ -28,12 +28,13 @@ an error naming it.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import multiprocessing as mp
 import os
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -50,6 +51,11 @@ CHUNK_RECORDS = 4096  # and at most this many records
 PARQUET_BATCH_ROWS = 1024  # rows per pyarrow batch (a row group is read a batch at a time)
 MAX_REPORTED = 20  # bad records listed by file:line in the manifest
 BAD_KINDS = ("invalid_json", "not_object", "missing_field", "wrong_type", "undecodable")
+
+
+def split_fraction(rel: str) -> float:
+    """The file's position in [0, 1) for the train/val split: sha1 of its relative path."""
+    return int.from_bytes(hashlib.sha1(rel.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
 def is_record_file(path: str | Path) -> bool:
@@ -242,8 +248,6 @@ def _worker_init() -> None:
 
 def tokenize_chunk(chunk: Chunk, text_field: str, val_fraction: float, tok_dir: str,
                    tok_sha: str) -> ChunkResult:
-    from nanochat.data.corpus import split_fraction
-
     tok = _tokenizer(tok_dir, tok_sha)
     texts = {"train": [], "val": []}
     nbytes = {"train": 0, "val": 0}
@@ -353,155 +357,3 @@ class ShardWriter:
         if self._ctx is not None:  # removes the temp file
             self._ctx.__exit__(type(exc), exc, exc.__traceback__)
             self._ctx = self._f = None
-
-
-# ---- prepare --------------------------------------------------------------------------
-
-
-def _default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _sample(files, text_field: str, val_fraction: float, limit: int) -> Iterator[str]:
-    """The train texts in file order, until `limit` UTF-8 bytes (the tokenizer's sample)."""
-    from nanochat.data.corpus import split_fraction
-
-    n = 0
-    for rel, i, text in iter_texts(files, text_field):
-        if split_fraction(f"{rel}:{i}") < val_fraction:
-            continue
-        yield text
-        n += len(text.encode("utf-8"))
-        if n >= limit:
-            return
-
-
-def prepare_records(roots: list[Path], out_dir=None, vocab_size: int = 4096,
-                    val_fraction: float = 0.05, progress: bool = True, tokenizer=None,
-                    text_field: str = "text", workers: int | None = None,
-                    shard_tokens: int = 1 << 28, tokenizer_sample_bytes: int = 100_000_000):
-    """Prepare parquet/JSONL sources into out_dir (module doc); cached like corpus.prepare."""
-    import shutil
-    import sys
-    import time
-    from datetime import datetime, timezone
-
-    from nanochat.data import corpus
-    from nanochat.data.tokenizer import MIN_VOCAB, Tokenizer
-
-    t0 = time.perf_counter()
-    workers = _default_workers() if workers is None else workers
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    if tokenizer_sample_bytes < 1:
-        raise ValueError(f"tokenizer_sample_bytes must be >= 1, got {tokenizer_sample_bytes}")
-    if not text_field:
-        raise ValueError("text_field must be a non-empty name")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    given = Tokenizer.load(tokenizer) if tokenizer is not None else None
-    if given is not None:
-        vocab_size = given.vocab_size
-    if not MIN_VOCAB <= vocab_size <= 2**32:
-        raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (5 special tokens + 256 bytes) "
-                         f"and fit in uint32, got {vocab_size}")
-    files = [(p, rel) for r in roots for p, rel in record_files(r, corpus.EXCLUDED_DIRS)]
-    suffixes = sorted({next(s for s in sorted(RECORD_SUFFIXES, key=len, reverse=True)
-                            if str(p).endswith(s)) for p, _ in files})
-    settings = {"schema": corpus.SCHEMA_VERSION, "sources": [str(r) for r in roots],
-                "vocab_size": vocab_size, "val_fraction": val_fraction,
-                "text_field": text_field, "shard_tokens": shard_tokens,
-                "tokenizer_sample_bytes": tokenizer_sample_bytes}
-    if given is not None:
-        settings["tokenizer_sha256"] = given.sha256()
-    settings_hash = corpus._hash(settings)
-    out = (Path(out_dir).expanduser() if out_dir
-           else corpus.cache_dir() / "data" / settings_hash[:12])
-    fingerprint = corpus._fingerprint([(r, p, rel) for r in roots
-                                       for p, rel in record_files(r, corpus.EXCLUDED_DIRS)])
-    cached = corpus._cached(out, settings_hash, fingerprint)
-    if cached is not None:
-        print(f"using cached data in {out}", file=sys.stderr)
-        return cached
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / corpus.MANIFEST).unlink(missing_ok=True)
-    for old in list(out.glob("train*.bin")) + list(out.glob("val*.bin")):
-        old.unlink()  # the previous run's shards (their count may differ)
-    if given is None:
-        if progress:
-            print(f"training tokenizer (vocab {vocab_size}) on up to "
-                  f"{tokenizer_sample_bytes / 1e6:.0f} MB of train text", file=sys.stderr)
-        tok = Tokenizer.train(_sample(files, text_field, val_fraction, tokenizer_sample_bytes),
-                              vocab_size)
-    else:
-        tok = given
-    tmp_tok = out / "tokenizer.tmp"
-    shutil.rmtree(tmp_tok, ignore_errors=True)
-    tok.save(tmp_tok)
-    shutil.rmtree(out / "tokenizer", ignore_errors=True)
-    os.replace(tmp_tok, out / "tokenizer")
-
-    dtype = corpus.token_dtype(vocab_size)
-    writers = {s: ShardWriter(out, s, shard_tokens, dtype) for s in corpus.SPLITS}
-    stats = {s: corpus.SplitStats() for s in corpus.SPLITS}
-    split_files = {s: set() for s in corpus.SPLITS}
-    counts = dict.fromkeys(BAD_KINDS, 0)
-    first, empty = [], 0
-    total = sum(p.stat().st_size for p, _ in files)
-    bar = corpus._progress(None, progress, "tokenizing", "B", total=total)
-    args = (text_field, val_fraction, str(out / "tokenizer"), tok.sha256())
-    try:
-        for c, r in tokenized(chunks(files, text_field), workers, args):
-            for s in corpus.SPLITS:
-                writers[s].write(r.tokens[s])
-                stats[s].tokens += len(r.tokens[s])
-                stats[s].records += r.records[s]
-                stats[s].bytes += r.bytes[s]
-                if r.records[s]:
-                    split_files[s].add(c.rel)
-            empty += r.empty
-            for rel, i, kind in r.bad:
-                counts[kind] += 1
-                if len(first) < MAX_REPORTED:
-                    where = f"{rel}:{i + 1}" if c.jsonl else f"{rel}:row {i}"
-                    first.append(f"{where}: {kind.replace('_', ' ')}"
-                                 + (f" {text_field!r}" if kind in ("missing_field",
-                                                                   "wrong_type") else ""))
-            if progress:
-                bar.update(c.nbytes)
-        shards = {s: writers[s].close() for s in corpus.SPLITS}
-    except BaseException as e:
-        for w in writers.values():
-            w.abort(e)
-        raise
-    finally:
-        if progress:
-            bar.close()
-    nbad = sum(counts.values())
-    for s in corpus.SPLITS:
-        stats[s].files = len(split_files[s])
-        if not stats[s].records:
-            where = ", ".join(str(r) for r in roots)
-            raise ValueError(f"{where}: no {s} records ({stats['train'].records} train, "
-                             f"{stats['val'].records} val, {nbad} bad, {empty} empty; "
-                             f"val_fraction {val_fraction})")
-    if nbad and progress:
-        print(f"{nbad} bad record(s) skipped: " + "; ".join(first[:5]), file=sys.stderr)
-    m = corpus.Manifest(
-        schema=corpus.SCHEMA_VERSION, sources=settings["sources"], extensions=suffixes,
-        vocab_size=vocab_size, val_fraction=val_fraction, dtype=dtype.name,
-        train=stats["train"], val=stats["val"],
-        skipped={"binary": 0, "undecodable": counts["undecodable"], "empty": empty},
-        duplicates=0, matched=len(files), tokenizer_sha256=tok.sha256(),
-        settings_hash=settings_hash, fingerprint=fingerprint,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        prepare_s=round(time.perf_counter() - t0, 2), shards=shards, text_field=text_field,
-        bad_records={**counts, "total": nbad, "first": first}, out_dir=str(out))
-    atomic.write_text(out / corpus.MANIFEST, json.dumps(m.to_dict(), indent=2) + "\n")
-    return m
