@@ -9,7 +9,7 @@ out=${1:-bench-results/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
 nanochat info --json > "$out/info.json"
 lscpu > "$out/lscpu.txt" 2>/dev/null || true
-for name in kernels decode train collider arch optim loss e3 serve; do
+for name in kernels decode train collider arch optim loss e3 serve data; do
   extra=()
   if [ "$name" = e3 ]; then extra=(--out "$out/e3"); fi  # its report, plots and runs
   echo "nanochat bench $name --json ${extra[*]} > $out/$name.jsonl"
