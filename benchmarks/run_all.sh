@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every `nanochat bench` NAME (the nine below; tests/test_readme.py checks the list is
+# Runs every `nanochat bench` NAME (the ten below; tests/test_readme.py checks the list is
 # the CLI's) with --json and its default arguments into OUTDIR (default
 # bench-results/<date>), one file per bench, plus the machine description. On 2 CPU cores
 # this takes hours (e3 alone ~25 min, optim and collider tens of minutes each).
