@@ -11,7 +11,7 @@
     nanochat info [--json] [--cmake-dir]
     nanochat model info [--config tiny] [--json] [--batch B --seq T] [--set K=V]
     nanochat recipe nano_125m|small_560m|medium_3b [--dry-run] [--data DIR] [--out DIR]
-    nanochat bench kernels|train|decode|collider|arch|optim|loss|e3|serve [--json]
+    nanochat bench kernels|train|decode|collider|arch|optim|loss|e3|serve|data [--json]
     nanochat eval bpb --model RUN|X.gguf --data DIR [--json]
     nanochat eval humaneval|humaneval-rs (--model X.gguf | --samples FILE) [-n N] [--json]
     nanochat eval lm-eval --model nanochat --model_args path=RUN --tasks T (pip install '.[eval]')
@@ -199,9 +199,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from nanochat.data import corpus
 
     if args.data == "prepare":
+        opts = {k: v for k, v in (("text_field", args.text_field), ("workers", args.workers),
+                                  ("shard_tokens", args.shard_tokens),
+                                  ("tokenizer_sample_bytes", args.tokenizer_sample_bytes))
+                if v is not None}
         m = corpus.prepare(args.source or None, args.out, args.vocab_size, args.val_fraction,
                            args.ext or [".py"], progress=not args.no_progress,
-                           tokenizer=args.tokenizer)
+                           tokenizer=args.tokenizer, record_options=opts)
         print("\n".join(corpus.summary_lines(m)))
         return 0
     raise AssertionError(args.data)
@@ -491,10 +495,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Walk the sources for files with the given extensions, skip binary and "
         "non-UTF-8 files, drop duplicates, split train/val by file, train a byte-level BPE "
         "tokenizer on train and write train.bin/val.bin, tokenizer/ and manifest.json. "
+        "Sources that are or hold parquet / JSON lines files (*.parquet, *.jsonl, .jsonl.gz, "
+        ".jsonl.zst) are read record by record instead, tokenized in --workers processes "
+        "and written as token shards (docs/data.md). "
         "Reuses the output directory when the settings and the files are unchanged.")
     pdp.add_argument("--source", action="append", metavar="PATH",
                      help="directory or file to read (repeatable; default: this Python's "
                      "standard library, without site-packages)")
+    pdp.add_argument("--text-field", metavar="NAME",
+                     help="parquet column / JSON key holding the text (default: text)")
+    pdp.add_argument("--workers", type=int, metavar="N",
+                     help="tokenizer processes for parquet/JSONL (default: the CPU cores)")
+    pdp.add_argument("--shard-tokens", type=int, metavar="N",
+                     help="tokens per shard file for parquet/JSONL (default: 2**28)")
+    pdp.add_argument("--tokenizer-sample-bytes", type=int, metavar="N",
+                     help="bytes of train text the tokenizer trains on, for parquet/JSONL "
+                     "(default: 100000000)")
     pdp.add_argument("--out", metavar="DIR", help="output directory (default: "
                      "$NANOCHAT_CACHE/data/<settings hash>, ~/.cache/nanochat if unset)")
     vocab, val = ModelConfig().vocab_size, DataConfig().val_fraction
@@ -548,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = pb.add_subparsers(dest="bench", required=True, metavar="NAME")
     from nanochat.bench import arch as bench_arch
     from nanochat.bench import collider as bench_collider
+    from nanochat.bench import data as bench_data
     from nanochat.bench import decode as bench_decode
     from nanochat.bench import e3 as bench_e3
     from nanochat.bench import kernels
@@ -569,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
          "claims checked"),
         (bench_serve, "serve", "nanochat serve under 1/4/8/16 streaming clients: tokens/s, "
          "TTFT, inter-token latency"),
+        (bench_data, "data", "data prepare's tokenization (1, 2 workers) vs HF encode_batch"),
     ]
     for module, name, help_text in benches:
         pn = bsub.add_parser(name, help=help_text, description=module.__doc__,

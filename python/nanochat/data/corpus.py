@@ -23,6 +23,10 @@ first, so an interrupted run never leaves a manifest describing other files. A s
 mtimes) returns the existing manifest. The default out_dir is
 $NANOCHAT_CACHE/data/<hash of the settings>, where NANOCHAT_CACHE defaults to
 $XDG_CACHE_HOME/nanochat, else ~/.cache/nanochat.
+
+Sources that are, or hold, parquet / JSON lines files go to records.py instead (read record
+by record in worker processes, written as token shards; manifest schema 2, docs/data.md).
+The source-tree path above writes the flat layout (schema 1); both schemas are read.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import shutil
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,9 +47,13 @@ from pathlib import Path
 import numpy as np
 
 from nanochat import atomic
+from nanochat.data import records
+from nanochat.data.records import split_fraction
 from nanochat.data.tokenizer import MIN_VOCAB, Tokenizer
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sharded token files listed in "shards" (records.py)
+FLAT_SCHEMA = 1  # train.bin/val.bin, what a source tree still prepares into; both are read
+READABLE_SCHEMAS = (FLAT_SCHEMA, SCHEMA_VERSION)
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 # Directory names never descended into below a source root (a root itself may be one).
@@ -147,11 +156,6 @@ def _scan(sources: list[Path], exts: list[str]) -> list[tuple[Path, Path, str]]:
     return found
 
 
-def split_fraction(rel: str) -> float:
-    """The file's position in [0, 1) for the train/val split: sha1 of its relative path."""
-    return int.from_bytes(hashlib.sha1(rel.encode("utf-8")).digest()[:8], "big") / 2**64
-
-
 def collect(sources, extensions=(".py",), val_fraction: float = 0.05,
             progress: bool = False) -> CorpusFiles:
     """Read, filter, deduplicate and split the files under `sources` (see module doc)."""
@@ -210,6 +214,7 @@ class SplitStats:
     files: int = 0
     bytes: int = 0
     tokens: int = 0
+    records: int = 0  # records of parquet/JSONL sources (0 for a source tree)
 
 
 @dataclass
@@ -232,6 +237,10 @@ class Manifest:
     fingerprint: str  # of the source files' relative paths, sizes and mtimes
     created: str
     prepare_s: float = 0.0
+    # schema 2 (records.py): split -> [{"file": "train_00000.bin", "tokens": n}, ...]
+    shards: dict | None = None
+    text_field: str | None = None
+    bad_records: dict | None = None  # per kind, "total" and "first" (file:line: reason)
     out_dir: str = field(default="", compare=False)  # where it lives; not serialized
 
     def split(self, name: str) -> SplitStats:
@@ -247,7 +256,8 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict, where: str = MANIFEST) -> "Manifest":
         names = {f.name for f in dataclasses.fields(cls)} - {"out_dir"}
-        missing = sorted(n for n in names if n not in d and n != "prepare_s")
+        optional = {"prepare_s", "shards", "text_field", "bad_records"}
+        missing = sorted(n for n in names if n not in d and n not in optional)
         if missing:
             raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
         kw = {k: d[k] for k in names if k in d}
@@ -255,7 +265,34 @@ class Manifest:
             kw["train"], kw["val"] = SplitStats(**d["train"]), SplitStats(**d["val"])
         except TypeError as e:
             raise ValueError(f"{where}: bad split stats: {e}") from None
-        return cls(**kw)
+        m = cls(**kw)
+        if m.schema >= 2:
+            m.check_shards(where)
+        return m
+
+    def check_shards(self, where: str) -> None:
+        """Schema 2: a non-empty shard list per split whose token counts sum to the split's."""
+        if not isinstance(self.shards, dict):
+            raise ValueError(f"{where}: schema {self.schema} needs a 'shards' object")
+        for name in SPLITS:
+            lst = self.shards.get(name)
+            ok = isinstance(lst, list) and lst and all(
+                isinstance(s, dict) and isinstance(s.get("file"), str)
+                and s["file"] == Path(s["file"]).name and s["file"].endswith(".bin")
+                and isinstance(s.get("tokens"), int) and s["tokens"] > 0 for s in lst)
+            if not ok:
+                raise ValueError(f"{where}: shards.{name} must be a non-empty list of "
+                                 '{"file": "NAME.bin", "tokens": N > 0}')
+            if sum(s["tokens"] for s in lst) != self.split(name).tokens:
+                raise ValueError(f"{where}: shards.{name} hold "
+                                 f"{sum(s['tokens'] for s in lst)} tokens, {name}.tokens "
+                                 f"says {self.split(name).tokens}")
+
+    def files_of(self, name: str) -> list[tuple[str, int]]:
+        """(file name, tokens) of the split's token files, in order."""
+        if self.shards is None:
+            return [(f"{name}.bin", self.split(name).tokens)]
+        return [(s["file"], s["tokens"]) for s in self.shards[name]]
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "Manifest":
@@ -268,9 +305,10 @@ class Manifest:
             raise ValueError(f"{f}: not valid JSON: {e}") from None
         if not isinstance(d, dict):
             raise ValueError(f"{f}: expected a JSON object")
-        if d.get("schema") != SCHEMA_VERSION:
+        if d.get("schema") not in READABLE_SCHEMAS:
             raise ValueError(f"{f}: schema {d.get('schema')!r}, this version reads "
-                             f"{SCHEMA_VERSION} (prepare the data again)")
+                             f"{' and '.join(map(str, READABLE_SCHEMAS))} (prepare the data "
+                             "again)")
         m = cls.from_dict(d, str(f))
         m.out_dir = str(Path(out_dir))
         return m
@@ -282,7 +320,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def _settings(sources: list[Path], exts: list[str], vocab_size: int,
               val_fraction: float) -> dict:
-    return {"schema": SCHEMA_VERSION, "sources": [str(s) for s in sources], "extensions": exts,
+    return {"schema": FLAT_SCHEMA, "sources": [str(s) for s in sources], "extensions": exts,
             "vocab_size": vocab_size, "val_fraction": val_fraction}
 
 
@@ -327,9 +365,10 @@ def _cached(out_dir: Path, settings_hash: str, fingerprint: str) -> Manifest | N
         return None
     item = token_dtype(m.vocab_size).itemsize
     for name in SPLITS:
-        f = out_dir / f"{name}.bin"
-        if not f.is_file() or f.stat().st_size != m.split(name).tokens * item:
-            return None
+        for fname, ntok in m.files_of(name):
+            f = out_dir / fname
+            if not f.is_file() or f.stat().st_size != ntok * item:
+                return None
     try:
         if Tokenizer.load(out_dir / "tokenizer").sha256() != m.tokenizer_sha256:
             return None
@@ -361,11 +400,28 @@ def _write_tokens(docs: list[Document], tok: Tokenizer, dest: Path, dtype: np.dt
 
 def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4096,
             val_fraction: float = 0.05, extensions=(".py",), progress: bool = True,
-            tokenizer: str | Path | None = None) -> Manifest:
+            tokenizer: str | Path | None = None, record_options: dict | None = None
+            ) -> Manifest:
     """Collect, train the tokenizer on train, tokenize both splits; cached (module doc).
     `tokenizer`: a tokenizer directory to use as it is instead of training one (e.g. an
-    imported model's, RUN/checkpoints/step_000000/tokenizer); vocab_size is then its size."""
+    imported model's, RUN/checkpoints/step_000000/tokenizer); vocab_size is then its size.
+    Sources that are (or hold) parquet/JSONL files go to prepare_records, with
+    record_options (text_field, workers, shard_tokens, tokenizer_sample_bytes)."""
     t0 = time.perf_counter()
+    if sources:
+        roots = _resolve_sources(sources)
+        kinds = {r: bool(records.record_files(r, EXCLUDED_DIRS)) for r in roots}
+        if all(kinds.values()):
+            return prepare_records(roots, out_dir, vocab_size, val_fraction,
+                                           progress=progress, tokenizer=tokenizer,
+                                           **(record_options or {}))
+        if any(kinds.values()):
+            raise ValueError("sources mix record files (parquet/JSONL) with source trees: "
+                             f"records in {', '.join(str(r) for r in roots if kinds[r])}; "
+                             f"trees in {', '.join(str(r) for r in roots if not kinds[r])}; "
+                             "prepare them separately")
+    if record_options:  # a source tree: these options would be silently ignored
+        raise ValueError(f"{', '.join(record_options)}: only for parquet/JSONL sources")
     given = Tokenizer.load(tokenizer) if tokenizer is not None else None
     if given is not None:
         vocab_size = given.vocab_size
@@ -410,7 +466,7 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
         stats[name] = SplitStats(len(docs), sum(d.nbytes for d in docs), ntok)
 
     m = Manifest(
-        schema=SCHEMA_VERSION, sources=settings["sources"], extensions=exts,
+        schema=FLAT_SCHEMA, sources=settings["sources"], extensions=exts,
         vocab_size=vocab_size, val_fraction=val_fraction, dtype=dtype.name,
         train=stats["train"], val=stats["val"],
         skipped={"binary": files.binary, "undecodable": files.undecodable,
@@ -424,9 +480,172 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
     return m
 
 
+# ---- records: parquet / JSONL (readers, workers, shard writer in records.py) ------
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _sample(files, text_field: str, val_fraction: float, limit: int) -> Iterator[str]:
+    """The train texts in file order, until `limit` UTF-8 bytes (the tokenizer's sample)."""
+    n = 0
+    for rel, i, text in records.iter_texts(files, text_field):
+        if split_fraction(f"{rel}:{i}") < val_fraction:
+            continue
+        yield text
+        n += len(text.encode("utf-8"))
+        if n >= limit:
+            return
+
+
+def prepare_records(roots: list[Path], out_dir=None, vocab_size: int = 4096,
+                    val_fraction: float = 0.05, progress: bool = True, tokenizer=None,
+                    text_field: str = "text", workers: int | None = None,
+                    shard_tokens: int = 1 << 28, tokenizer_sample_bytes: int = 100_000_000):
+    """Prepare parquet/JSONL sources into out_dir (module doc); cached like prepare."""
+    t0 = time.perf_counter()
+    workers = _default_workers() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if tokenizer_sample_bytes < 1:
+        raise ValueError(f"tokenizer_sample_bytes must be >= 1, got {tokenizer_sample_bytes}")
+    if not text_field:
+        raise ValueError("text_field must be a non-empty name")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    given = Tokenizer.load(tokenizer) if tokenizer is not None else None
+    if given is not None:
+        vocab_size = given.vocab_size
+    if not MIN_VOCAB <= vocab_size <= 2**32:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (5 special tokens + 256 bytes) "
+                         f"and fit in uint32, got {vocab_size}")
+    files = [(p, rel) for r in roots for p, rel in records.record_files(r, EXCLUDED_DIRS)]
+    suffixes = sorted({next(s for s in sorted(records.RECORD_SUFFIXES, key=len, reverse=True)
+                            if str(p).endswith(s)) for p, _ in files})
+    settings = {"schema": SCHEMA_VERSION, "sources": [str(r) for r in roots],
+                "vocab_size": vocab_size, "val_fraction": val_fraction,
+                "text_field": text_field, "shard_tokens": shard_tokens,
+                "tokenizer_sample_bytes": tokenizer_sample_bytes}
+    if given is not None:
+        settings["tokenizer_sha256"] = given.sha256()
+    settings_hash = _hash(settings)
+    out = (Path(out_dir).expanduser() if out_dir
+           else cache_dir() / "data" / settings_hash[:12])
+    fingerprint = _fingerprint([(r, p, rel) for r in roots
+                                       for p, rel in records.record_files(r, EXCLUDED_DIRS)])
+    cached = _cached(out, settings_hash, fingerprint)
+    if cached is not None:
+        print(f"using cached data in {out}", file=sys.stderr)
+        return cached
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    for old in list(out.glob("train*.bin")) + list(out.glob("val*.bin")):
+        old.unlink()  # the previous run's shards (their count may differ)
+    if given is None:
+        if progress:
+            print(f"training tokenizer (vocab {vocab_size}) on up to "
+                  f"{tokenizer_sample_bytes / 1e6:.0f} MB of train text", file=sys.stderr)
+        tok = Tokenizer.train(_sample(files, text_field, val_fraction, tokenizer_sample_bytes),
+                              vocab_size)
+    else:
+        tok = given
+    tmp_tok = out / "tokenizer.tmp"
+    shutil.rmtree(tmp_tok, ignore_errors=True)
+    tok.save(tmp_tok)
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    os.replace(tmp_tok, out / "tokenizer")
+
+    dtype = token_dtype(vocab_size)
+    writers = {s: records.ShardWriter(out, s, shard_tokens, dtype) for s in SPLITS}
+    stats = {s: SplitStats() for s in SPLITS}
+    split_files = {s: set() for s in SPLITS}
+    counts = dict.fromkeys(records.BAD_KINDS, 0)
+    first, empty = [], 0
+    total = sum(p.stat().st_size for p, _ in files)
+    bar = _progress(None, progress, "tokenizing", "B", total=total)
+    args = (text_field, val_fraction, str(out / "tokenizer"), tok.sha256())
+    try:
+        for c, r in records.tokenized(records.chunks(files, text_field), workers, args):
+            for s in SPLITS:
+                writers[s].write(r.tokens[s])
+                stats[s].tokens += len(r.tokens[s])
+                stats[s].records += r.records[s]
+                stats[s].bytes += r.bytes[s]
+                if r.records[s]:
+                    split_files[s].add(c.rel)
+            empty += r.empty
+            for rel, i, kind in r.bad:
+                counts[kind] += 1
+                if len(first) < records.MAX_REPORTED:
+                    where = f"{rel}:{i + 1}" if c.jsonl else f"{rel}:row {i}"
+                    first.append(f"{where}: {kind.replace('_', ' ')}"
+                                 + (f" {text_field!r}" if kind in ("missing_field",
+                                                                   "wrong_type") else ""))
+            if progress:
+                bar.update(c.nbytes)
+        shards = {s: writers[s].close() for s in SPLITS}
+    except BaseException as e:
+        for w in writers.values():
+            w.abort(e)
+        raise
+    finally:
+        if progress:
+            bar.close()
+    nbad = sum(counts.values())
+    for s in SPLITS:
+        stats[s].files = len(split_files[s])
+        if not stats[s].records:
+            where = ", ".join(str(r) for r in roots)
+            raise ValueError(f"{where}: no {s} records ({stats['train'].records} train, "
+                             f"{stats['val'].records} val, {nbad} bad, {empty} empty; "
+                             f"val_fraction {val_fraction})")
+    if nbad and progress:
+        print(f"{nbad} bad record(s) skipped: " + "; ".join(first[:5]), file=sys.stderr)
+    m = Manifest(
+        schema=SCHEMA_VERSION, sources=settings["sources"], extensions=suffixes,
+        vocab_size=vocab_size, val_fraction=val_fraction, dtype=dtype.name,
+        train=stats["train"], val=stats["val"],
+        skipped={"binary": 0, "undecodable": counts["undecodable"], "empty": empty},
+        duplicates=0, matched=len(files), tokenizer_sha256=tok.sha256(),
+        settings_hash=settings_hash, fingerprint=fingerprint,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        prepare_s=round(time.perf_counter() - t0, 2), shards=shards, text_field=text_field,
+        bad_records={**counts, "total": nbad, "first": first}, out_dir=str(out))
+    atomic.write_text(out / MANIFEST, json.dumps(m.to_dict(), indent=2) + "\n")
+    return m
+
+
 def summary_lines(m: Manifest) -> list[str]:
     """Human-readable summary of a manifest (what `nanochat data prepare` prints)."""
     sk = m.skipped
+    if m.shards is not None:  # parquet / JSONL records (records.py)
+        b = m.bad_records or {}
+        bad = ", ".join(f"{b.get(k, 0)} {k.replace('_', ' ')}" for k in
+                        ("invalid_json", "not_object", "missing_field", "wrong_type",
+                         "undecodable"))
+        lines = [
+            f"data dir     : {m.out_dir}",
+            f"sources      : {', '.join(m.sources)}  ({m.matched} files: "
+            f"{', '.join(m.extensions)}; text field {m.text_field!r})",
+            f"records      : train {m.train.records:,}, val {m.val.records:,}; "
+            f"{sk['empty']} empty",
+            f"bad records  : {b.get('total', 0)} ({bad})",
+            *(f"               {x}" for x in b.get("first", [])[:5]),
+            f"bytes        : train {m.train.bytes:,}, val {m.val.bytes:,}",
+            f"tokens       : train {m.train.tokens:,} in {len(m.shards['train'])} shard(s), "
+            f"val {m.val.tokens:,} in {len(m.shards['val'])}  ({m.dtype}, "
+            f"{m.train.bytes / max(m.train.tokens, 1):.2f} bytes/token on train)",
+            f"tokenizer    : vocab {m.vocab_size}, sha256 {m.tokenizer_sha256[:16]}",
+            f"prepared in  : {m.prepare_s:.1f} s  ({m.created})",
+        ]
+        return lines
     return [
         f"data dir     : {m.out_dir}",
         f"sources      : {', '.join(m.sources)}  ({', '.join(m.extensions)})",

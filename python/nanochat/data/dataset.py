@@ -4,9 +4,13 @@
     python -c "from nanochat.data.dataset import *; d = TokenData('DIR'); print(unigram_bigram_bpb(d))"
 
 `TokenData(dir)` validates manifest.json against the files next to it (dtype, sizes, the
-tokenizer hash), memory-maps train.bin / val.bin (no copy) and checks every token id against
+tokenizer hash), memory-maps the token files (no copy) and checks every token id against
 the vocabulary in one chunked pass (a prepared directory may come from someone else). Every
-check names the file it is about.
+check names the file it is about. A split is one np.memmap when it is one file (train.bin of
+a source tree, or a single shard) and a `ShardedTokens` over the shards' memmaps otherwise:
+the same token stream as their concatenation, indexed like an array (len, slices, integer
+arrays), so the loader's windows, the ranks' slices (train/distributed.py) and their
+checkpointed position work the same across shard boundaries.
 
 Bits per byte convention (the same as the trainer's held-out eval): the targets are the
 val tokens after the first; bits/byte = sum over targets of -ln p(target), divided by
@@ -40,6 +44,55 @@ def _check_ids(tokens: np.ndarray, vocab_size: int, f: Path) -> None:
                              f"range for the vocabulary of {vocab_size} tokens")
 
 
+class ShardedTokens:
+    """Read-only concatenation of 1-D token arrays (the shards' memmaps), without copying:
+    len(), [a:b] (a view, step 1), [int] and [integer array of any shape] (a gather), and
+    np.asarray (materializes the whole range)."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = [p for p in parts if len(p)]
+        if not self.parts:
+            raise ValueError("ShardedTokens needs at least one non-empty array")
+        self.dtype = self.parts[0].dtype
+        self.ends = np.cumsum([len(p) for p in self.parts])  # (P,) exclusive ends
+        self.starts = self.ends - [len(p) for p in self.parts]
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    def __getitem__(self, key):
+        n = len(self)
+        if isinstance(key, slice):
+            a, b, step = key.indices(n)
+            if step != 1:
+                raise IndexError("ShardedTokens: slices with a step are not supported")
+            parts = [p[max(a - s, 0):max(min(b - s, len(p)), 0)]
+                     for p, s in zip(self.parts, self.starts.tolist())]
+            parts = [p for p in parts if len(p)]
+            return ShardedTokens(parts) if parts else np.empty(0, self.dtype)
+        idx = np.asarray(key)
+        if idx.dtype.kind not in "iu":
+            raise IndexError(f"ShardedTokens: index must be integers, got {idx.dtype}")
+        idx = np.where(idx < 0, idx + n, idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"ShardedTokens: index out of range for {n} tokens")
+        flat = idx.reshape(-1)
+        which = np.searchsorted(self.ends, flat, side="right")  # the part holding each index
+        out = np.empty(flat.shape, dtype=self.dtype)
+        for k in np.unique(which).tolist():
+            m = which == k
+            out[m] = self.parts[k][flat[m] - self.starts[k]]
+        return out.reshape(idx.shape) if idx.ndim else out[0]
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.concatenate(self.parts)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
 class TokenData:
     """train/val token arrays (read-only np.memmap), tokenizer, manifest, token_bytes."""
 
@@ -57,20 +110,22 @@ class TokenData:
         self.dtype = dtype
         arrays = {}
         for name in SPLITS:
-            f = self.dir / f"{name}.bin"
-            ntok = self.manifest.split(name).tokens
-            if not f.is_file():
-                raise FileNotFoundError(f"{f} does not exist (listed in {mf})")
-            size = f.stat().st_size
-            if size != ntok * dtype.itemsize:
-                raise ValueError(f"{f}: {size} bytes, but {mf} says {ntok} {dtype.name} "
-                                 f"tokens ({ntok * dtype.itemsize} bytes)")
-            if ntok == 0:
-                raise ValueError(f"{f}: the {name} split is empty")
-            arrays[name] = np.memmap(f, dtype=dtype, mode="r", shape=(ntok,))
-            _check_ids(arrays[name], self.manifest.vocab_size, f)
-        self.train: np.ndarray = arrays["train"]
-        self.val: np.ndarray = arrays["val"]
+            parts = []
+            for fname, ntok in self.manifest.files_of(name):
+                f = self.dir / fname
+                if not f.is_file():
+                    raise FileNotFoundError(f"{f} does not exist (listed in {mf})")
+                size = f.stat().st_size
+                if size != ntok * dtype.itemsize:
+                    raise ValueError(f"{f}: {size} bytes, but {mf} says {ntok} {dtype.name} "
+                                     f"tokens ({ntok * dtype.itemsize} bytes)")
+                if ntok == 0:
+                    raise ValueError(f"{f}: the {name} split is empty")
+                parts.append(np.memmap(f, dtype=dtype, mode="r", shape=(ntok,)))
+                _check_ids(parts[-1], self.manifest.vocab_size, f)
+            arrays[name] = parts[0] if len(parts) == 1 else ShardedTokens(parts)
+        self.train: np.ndarray | ShardedTokens = arrays["train"]
+        self.val: np.ndarray | ShardedTokens = arrays["val"]
         self.tokenizer = Tokenizer.load(self.dir / "tokenizer")
         if self.tokenizer.sha256() != self.manifest.tokenizer_sha256:
             raise ValueError(f"{self.dir / 'tokenizer'}: tokenizer hash does not match {mf}")
