@@ -1,6 +1,7 @@
 """The `nanochat` command: thin argument parsing over the package.
 
     nanochat train [--config tiny] [--data DIR] [--out DIR] [--steps N] [--resume]
+    nanochat sft --checkpoint RUN --data FILE.jsonl [--data ...] --out RUN2 [--steps N]
     nanochat sample --checkpoint DIR --prompt "def "
     nanochat export --gguf OUT.gguf --checkpoint DIR [--type tq2_0|tq1_0] [--embd f16|q8_0|f32]
     nanochat data prepare [--source PATH ...] [--out DIR] [--vocab-size N] [--ext .py ...]
@@ -87,6 +88,16 @@ def _cmd_model(args: argparse.Namespace) -> int:
         print(json.dumps(info) if args.json else gpt.format_model_info(info))
         return 0
     raise AssertionError(args.model)
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from nanochat.train.sft import sft
+
+    if not args.resume and not args.checkpoint:
+        raise ValueError("--checkpoint RUN (the model to fine-tune) is required, or --resume")
+    sft(args.data, args.out, args.checkpoint, args.steps, args.set, resume=args.resume,
+        progress_bar=not args.no_progress)
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -338,6 +349,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "CPU, NCCL on CUDA). Multi-node: launch `torchrun ... -m nanochat train` "
                     "yourself")
     pt.set_defaults(func=_cmd_train)
+
+    pft = sub.add_parser(
+        "sft", help="chat fine-tuning: a run on conversations (OpenAI messages) -> a chat run",
+        description="Fine-tunes RUN on conversations (JSON lines or parquet rows with an OpenAI "
+        "`messages` list), loss on the assistant's tokens only, conversations packed with "
+        "attention kept inside each; the same trainer, schedules and checkpoints as `train`. "
+        "Writes --out as a normal run directory (export --gguf works) plus sft.json. "
+        "docs/post-training.md.")
+    pft.add_argument("--checkpoint", help="run or checkpoint dir to start from")
+    pft.add_argument("--data", action="append", required=True, metavar="FILE",
+                     help="conversations, .jsonl or .parquet (repeatable)")
+    pft.add_argument("--out", required=True, help="the fine-tuned run's directory")
+    pft.add_argument("--steps", type=int, help="optimizer steps (default 200)")
+    pft.add_argument("--resume", action="store_true", help="continue --out from its latest "
+                     "checkpoint")
+    pft.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                     help="override a config value of RUN's, e.g. --set optim.lr=1e-3")
+    pft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pft.set_defaults(func=_cmd_sft)
 
     ps = sub.add_parser("sample", help="generate text from a checkpoint (torch, KV cache)")
     ps.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest)")

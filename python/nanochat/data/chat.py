@@ -317,7 +317,7 @@ class ConversationLoader(PrefetchLoader):
             raise ValueError("no conversations to train on")
         self.chats, self.seed, self.pad, self._pack_len = chats, seed, pad, seq_len
         self._epochs: dict[int, list] = {}  # the last epoch packed (a batch may span two)
-        self._rows_per_epoch = len(self._epoch(0))
+        self._ends = [len(self._epoch(0))]  # rows before the end of epoch 0, 1, ...
         super().__init__(batch_size, seq_len, start_step, prefetch, device, pin_memory)
 
     def _epoch(self, e: int) -> list:
@@ -327,11 +327,16 @@ class ConversationLoader(PrefetchLoader):
                                     self._pack_len, self.pad)}
         return self._epochs[e]
 
+    def _row(self, r: int):
+        """Row r of the run: epochs' rows back to back (each epoch packs differently)."""
+        while self._ends[-1] <= r:
+            self._ends.append(self._ends[-1] + len(self._epoch(len(self._ends))))
+        e = int(np.searchsorted(self._ends, r, side="right"))
+        return self._epoch(e)[r - (self._ends[e - 1] if e else 0)]
+
     def build_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, n = self.batch_size, self._rows_per_epoch
-        picked = []
-        for r in range(step * B, step * B + B):
-            picked.append(self._epoch(r // n)[r % n])
+        picked = [self._row(r) for r in range(step * self.batch_size,
+                                              (step + 1) * self.batch_size)]
         tok = np.stack([p[0] for p in picked])
         msk = np.stack([p[1] for p in picked])
         doc = np.stack([p[2] for p in picked])

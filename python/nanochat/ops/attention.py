@@ -167,13 +167,15 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
     starts (module doc) or None."""
     out, lse = _flash_layouts(q)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    doc_start = _doc_contiguous(doc_start)  # held here: the buffer only borrows its memory
     core().attention_forward(_buf(q), _buf(k), _buf(v), _buf(out), _buf(lse), window,
-                             1.0 / math.sqrt(q.shape[-1]), _doc_buf(doc_start))
+                             1.0 / math.sqrt(q.shape[-1]),
+                             None if doc_start is None else _buf(doc_start))
     return out, lse
 
 
-def _doc_buf(doc_start: torch.Tensor | None):
-    return None if doc_start is None else _buf(doc_start.to(torch.int64).contiguous())
+def _doc_contiguous(doc_start: torch.Tensor | None) -> torch.Tensor | None:
+    return None if doc_start is None else doc_start.to(torch.int64).contiguous()
 
 
 @_attention_op.register_fake
@@ -192,10 +194,11 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     zero elsewhere (csrc/attn/attention.h); doc_start as the forward's."""
     gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     t = [_last_dim_contiguous(x) for x in (q, k, v, out, grad_out)] + [lse]
+    doc_start = _doc_contiguous(doc_start)
     core().attention_backward(*(_buf(x) for x in t),
                               None if rows is None else _buf(rows.contiguous()),
                               _buf(gq), _buf(gk), _buf(gv), window, 1.0 / math.sqrt(q.shape[-1]),
-                              _doc_buf(doc_start))
+                              None if doc_start is None else _buf(doc_start))
     return gq, gk, gv
 
 
