@@ -553,8 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     pdc = dsub.add_parser(
         "chat", help="generate a small chat set (JSON lines) from Python sources for `sft`",
         description="Conversations from documented functions of Python sources (default: this "
-        "Python's standard library, PSF license): 'Write a Python function `sig` that "
-        "<docstring line>' -> its source, and 'What does `module.sig` do?' -> its docstring.")
+        "Python's standard library, PSF license): 'Write a Python function `sig`: "
+        "<docstring's first sentence>' -> its source, and 'What does `module.sig` do?' -> its docstring.")
     pdc.add_argument("--out", required=True, metavar="FILE.jsonl", help="where to write them")
     pdc.add_argument("--source", action="append", metavar="PATH",
                      help="directory or .py file (repeatable; default: the stdlib)")

@@ -6,7 +6,7 @@ library, the training corpus; PSF license, like the code it quotes):
 For every function or method with a docstring whose source is at most MAX_SOURCE_CHARS,
 two conversations (OpenAI `messages` rows, nanochat/data/chat.py):
 
-    user: Write a Python function `name(args)` that <docstring's first line, lowercased>
+    user: Write a Python function `name(args)`: <the docstring's first sentence>.
     assistant: the function's source (dedented)
 
     user: What does `module.name(args)` do?
@@ -73,9 +73,8 @@ def conversations(path: Path, module: str) -> Iterator[dict]:
             continue
         sig = _signature(node)
         src = textwrap.dedent(" " * node.col_offset + src)
-        ask = first[0].lower() + first[1:]
         yield {"messages": [
-            {"role": "user", "content": f"Write a Python function `{sig}` that {ask}."},
+            {"role": "user", "content": f"Write a Python function `{sig}`: {first}."},
             {"role": "assistant", "content": src}]}
         yield {"messages": [
             {"role": "user", "content": f"What does `{module}.{sig}` do?"},

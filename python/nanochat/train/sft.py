@@ -81,12 +81,13 @@ class ChatSource:
 
 def sft_config(state: dict, steps: int | None, overrides: list[str]) -> RunConfig:
     """The base run's config for fine-tuning: --steps (train.max_steps, default
-    DEFAULT_STEPS), no time budget, evals and checkpoints within the run, then --set."""
+    DEFAULT_STEPS), no time budget, rows as long as the model's context (a conversation
+    must fit one), evals and checkpoints within the run, then --set."""
     cfg = from_dict(state["config"], f"checkpoint {state['path']}")
     t = cfg.train
     n = steps if steps is not None else DEFAULT_STEPS
     base = [f"train.max_steps={n}", "train.time_budget_s=0",
-            f"train.seq_len={min(t.seq_len, cfg.model.max_seq_len)}",
+            f"train.seq_len={cfg.model.max_seq_len}",
             f"train.eval_every={min(t.eval_every, n)}",
             f"train.checkpoint_every={min(t.checkpoint_every, n)}"]
     return apply_overrides(cfg, base + list(overrides))
