@@ -96,7 +96,8 @@ class Block(nn.Module):
                 v = torch.cat((cache[1], v), dim=2)
             cache[0], cache[1] = trim(k, self.window), trim(v, self.window)
         # grouped-query: q head h reads kv head h // (n_heads / n_kv_heads), inside attend
-        y = attend(q, k, v, past, self.window, rows, doc_start)
+        y = (attend(q, k, v, past, self.window, rows) if doc_start is None else
+             attend(q, k, v, past, self.window, rows, doc_start))
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B,T,H*D)
 
     def attn_branch(self, x, cos, sin, cache: list | None = None,
