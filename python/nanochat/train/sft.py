@@ -81,12 +81,14 @@ class ChatSource:
 
 def sft_config(state: dict, steps: int | None, overrides: list[str]) -> RunConfig:
     """The base run's config for fine-tuning: --steps (train.max_steps, default
-    DEFAULT_STEPS), no time budget, rows as long as the model's context (a conversation
-    must fit one), evals and checkpoints within the run, then --set."""
+    DEFAULT_STEPS), no time budget, a warmup of at most a tenth of the run (the base run's
+    is sized for pre-training), rows as long as the model's context (a conversation must
+    fit one), evals and checkpoints within the run, then --set."""
     cfg = from_dict(state["config"], f"checkpoint {state['path']}")
     t = cfg.train
     n = steps if steps is not None else DEFAULT_STEPS
     base = [f"train.max_steps={n}", "train.time_budget_s=0",
+            f"schedule.warmup_steps={min(cfg.schedule.warmup_steps, max(1, n // 10))}",
             f"train.seq_len={cfg.model.max_seq_len}",
             f"train.eval_every={min(t.eval_every, n)}",
             f"train.checkpoint_every={min(t.checkpoint_every, n)}"]
