@@ -54,7 +54,6 @@ def _conversation_prompt(eng, msgs) -> list[int]:
 @jinja2
 def test_gguf_template_gives_the_engines_chat_tokens(gguf):
     import jinja2 as j2
-
     from nanochat.infer.engine import Engine
 
     assert _template(gguf) == chat.CHAT_TEMPLATE
@@ -102,7 +101,6 @@ def test_llama_cpp_applies_the_template(trained_tiny):
     tokenized by llama.cpp with special tokens parsed, gives our chat prompt tokens."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
     from nanochat.infer.engine import Engine
 
     path = str(trained_tiny["gguf"])

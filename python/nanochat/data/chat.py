@@ -133,7 +133,7 @@ class Markers:
     assistant_end: int
 
     @classmethod
-    def of(cls, special: dict[str, int], where: str) -> "Markers":
+    def of(cls, special: dict[str, int], where: str) -> Markers:
         """From a tokenizer's special tokens (text -> id); a clear error for a tokenizer
         without our chat markers (an imported model's)."""
         missing = [t for t in SPECIAL_TOKENS if t not in special]
@@ -229,7 +229,7 @@ class ChatSet:
             lines.append(f"  ... and {len(self.bad) - MAX_REPORTED} more")
         return "\n".join(lines)
 
-    def split(self, every: int) -> tuple["ChatSet", "ChatSet"]:
+    def split(self, every: int) -> tuple[ChatSet, ChatSet]:
         """(train, val): every `every`-th conversation goes to val (at least one, when
         there are two or more)."""
         n = len(self.ids)

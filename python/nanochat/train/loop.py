@@ -212,9 +212,10 @@ def train(cfg: RunConfig, data_dir: Path | None, run_dir: Path, resume: bool = F
     # directory that already has a log (a first run killed before its first checkpoint)
     # starts it over
     metrics = MetricsLogger(run_dir, purge_step=step) if group.main else None
-    loader_args = dict(seed=t.seed,
-                       start_step=state["loader"]["step"] if state is not None else 0,
-                       prefetch=t.prefetch, device=str(device), pin_memory=device.type == "cuda")
+    loader_args = {"seed": t.seed,
+                   "start_step": state["loader"]["step"] if state is not None else 0,
+                   "prefetch": t.prefetch, "device": str(device),
+                   "pin_memory": device.type == "cuda"}
     loader = (data.loader(t.batch_size, t.seq_len, **loader_args) if source is not None else
               BatchLoader(group.shard(data.train, t.seq_len), t.batch_size, t.seq_len,
                           **loader_args))

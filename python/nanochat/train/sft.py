@@ -44,7 +44,6 @@ class ChatSource:
         self.tokenizer = tokenizer
         self.dir = tokenizer_parent  # checkpoints copy dir / "tokenizer"
         self.markers = chat.Markers.of(tokenizer.special_tokens, str(tokenizer_parent))
-        self.rows = chats.rows
         self.all = chats
         self.train, self.val = chats.split(VAL_EVERY)
         if not self.val.ids:  # a single conversation: evaluate on it
