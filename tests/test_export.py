@@ -22,6 +22,7 @@ gguf = pytest.importorskip("gguf")
 import engine_helpers  # noqa: E402
 from nanochat import checkpoint, cli  # noqa: E402
 from nanochat.config import ModelConfig, RunConfig, apply_overrides  # noqa: E402
+from nanochat.data.chat import CHAT_TEMPLATE  # noqa: E402
 from nanochat.data.tokenizer import Tokenizer  # noqa: E402
 from nanochat.export import (  # noqa: E402
     architecture,
@@ -228,6 +229,7 @@ def expected_metadata(tok: Tokenizer, arch: str, cfg: dict, name: str, file_type
         "tokenizer.ggml.eot_token_id": ("u32", 4),
         "tokenizer.ggml.add_bos_token": ("bool", True),
         "tokenizer.ggml.add_eos_token": ("bool", False),
+        "tokenizer.chat_template": ("string", CHAT_TEMPLATE),
     }
     if arch == "nanochat":
         kv["nanochat.ffn_activation"] = ("string", cfg.get("activation", "silu"))
@@ -260,7 +262,7 @@ def test_metadata_round_trips(model, tok, tmp_path, wtype, file_type):
     assert file_type == int(getattr(gguf.LlamaFileType, f"MOSTLY_{wtype.upper()}"))
     path = tmp_path / "m.gguf"
     s = export_gguf(model, tok, path, weight_type=wtype, name="tiny-test")
-    assert s["architecture"] == "bitnet" and s["metadata_keys"] == 24
+    assert s["architecture"] == "bitnet" and s["metadata_keys"] == 25
     check_metadata(path, expected_metadata(tok, "bitnet", SMALL, "tiny-test", file_type))
 
 

@@ -24,7 +24,7 @@ def _model(seed=0, **kw) -> GPT:
     return GPT(_cfg(**kw), bitlinear="torch")
 
 
-def reference_attend(q, k, v, cached, window, rows=None, op=True):
+def reference_attend(q, k, v, cached, window, rows=None, doc_start=None, op=True):
     """softmax(q k^T / sqrt(D) + mask) v with the mask written out position by position
     (k, v: the query heads' kv heads, repeated for grouped-query attention)."""
     group = q.shape[1] // k.shape[1]

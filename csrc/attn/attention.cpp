@@ -91,11 +91,31 @@ void check(const char* fn, const AttentionShape& s, const int64_t* rows, int64_t
   if (rows) check_row_list(fn, "rows", rows, n_rows, s.batch * s.seq);
 }
 
+void check_doc_start(const char* fn, const AttentionShape& s, const int64_t* doc_start) {
+  if (!doc_start) return;
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t t = 0; t < s.seq; ++t) {
+      const int64_t d = doc_start[b * s.seq + t];
+      if (d < 0 || d > t)
+        throw Error(std::string(fn) + ": doc_start[" + std::to_string(b) + ", " +
+                    std::to_string(t) + "] = " + std::to_string(d) + " is outside [0, " +
+                    std::to_string(t) + "]");
+    }
+}
+
+// The first key query t of batch row b sees: the window's start, or its conversation's
+// start when that is later (doc_start: (B, T) or nullptr for one sequence per row).
+inline int64_t first_key(const AttentionShape& s, const int64_t* doc_start, int64_t b,
+                         int64_t t) {
+  const int64_t w = s.window > 0 ? std::max<int64_t>(0, t - s.window + 1) : 0;
+  return doc_start ? std::max(w, doc_start[b * s.seq + t]) : w;
+}
+
 // One (batch row, kv head): every query head of the group, every kept query block.
 void backward_task(const attn_kernels::Kernels& K, const AttentionShape& s, int64_t b,
                    int64_t hk, const std::vector<int64_t>& pos, HeadsView q, HeadsView k,
                    HeadsView v, HeadsView o, HeadsView go, HeadsView lse, HeadsOut gq,
-                   HeadsOut gk, HeadsOut gv) {
+                   HeadsOut gk, HeadsOut gv, const int64_t* doc_start) {
   const int64_t T = s.seq, D = s.head_dim, n = int64_t(pos.size());
   const int64_t group = s.heads / s.kv_heads;
   const size_t row_bytes = size_t(D) * sizeof(float);
@@ -141,15 +161,19 @@ void backward_task(const attn_kernels::Kernels& K, const AttentionShape& s, int6
         delta[i] = dd;
         lse_b[i] = *lse.at(b, h, t);
       }
-      // Keys [lo, hi) cover every kept query of the block; row i sees [lo_i, pos_i].
+      // Keys [lo, hi) cover every kept query of the block; row i sees [lo_i, pos_i]. Keys
+      // before every row's first key (an earlier conversation, outside every window) are
+      // skipped.
       const int64_t hi = pos[size_t(i0 + r - 1)] + 1;
-      const int64_t lo = s.window > 0 ? std::max<int64_t>(0, pos[size_t(i0)] - s.window + 1) : 0;
+      int64_t lo = hi;
+      for (int64_t i = 0; i < r; ++i)
+        lo = std::min(lo, first_key(s, doc_start, b, pos[size_t(i0 + i)]));
       const int64_t L = hi - lo;
       K.gemm_nt(qb.data(), D, kt.data() + lo, T_used, r, L, D, p.data(), L);   // q k^T
       K.gemm_nt(gob.data(), D, vt.data() + lo, T_used, r, L, D, ds.data(), L);  // do v^T
       for (int64_t i = 0; i < r; ++i) {
         const int64_t t = pos[size_t(i0 + i)];
-        const int64_t a = (s.window > 0 ? std::max<int64_t>(0, t - s.window + 1) : 0) - lo;
+        const int64_t a = first_key(s, doc_start, b, t) - lo;
         const int64_t e = t + 1 - lo;  // row i's keys are [a, e) of the tile
         float* pr = p.data() + i * L;
         float* dsr = ds.data() + i * L;
@@ -194,7 +218,7 @@ void backward_task(const attn_kernels::Kernels& K, const AttentionShape& s, int6
 // One (batch row, kv head) of the forward: every query head of the group, 16-row blocks.
 void forward_task(const attn_kernels::Kernels& K, const AttentionShape& s, int64_t b,
                   int64_t hk, HeadsView q, HeadsView k, HeadsView v, HeadsOut out,
-                  HeadsOut lse) {
+                  HeadsOut lse, const int64_t* doc_start) {
   const int64_t T = s.seq, D = s.head_dim, group = s.heads / s.kv_heads;
   std::vector<float> kt(size_t(D * T));  // k^T (D x T): q k^T streams contiguous key rows
   for (int64_t t = 0; t < T; ++t) {
@@ -209,12 +233,13 @@ void forward_task(const attn_kernels::Kernels& K, const AttentionShape& s, int64
     for (int64_t i0 = 0; i0 < T; i0 += QB) {
       const int64_t r = std::min(QB, T - i0);
       const int64_t hi = i0 + r;  // keys [lo, hi) cover the block; row t sees [lo_t, t]
-      const int64_t lo = s.window > 0 ? std::max<int64_t>(0, i0 - s.window + 1) : 0;
+      int64_t lo = hi;
+      for (int64_t t = i0; t < hi; ++t) lo = std::min(lo, first_key(s, doc_start, b, t));
       const int64_t L = hi - lo;
       K.gemm_nt(q.at(b, h, i0), q.st, kt.data() + lo, T, r, L, D, p.data(), L);
       for (int64_t i = 0; i < r; ++i) {
         const int64_t t = i0 + i;
-        const int64_t a = (s.window > 0 ? std::max<int64_t>(0, t - s.window + 1) : 0) - lo;
+        const int64_t a = first_key(s, doc_start, b, t) - lo;
         const int64_t e = t + 1 - lo;
         float* pr = p.data() + i * L;
         float sum;
@@ -239,18 +264,21 @@ void forward_task(const attn_kernels::Kernels& K, const AttentionShape& s, int64
 const char* attention_path() { return kernels().name; }
 
 void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v,
-                       HeadsOut out, HeadsOut lse) {
+                       HeadsOut out, HeadsOut lse, const int64_t* doc_start) {
   check("attention_forward", s, nullptr, 0);
+  check_doc_start("attention_forward", s, doc_start);
   const auto& K = kernels();
   parallel_for(s.batch * s.kv_heads, [&](int64_t task) {
-    forward_task(K, s, task / s.kv_heads, task % s.kv_heads, q, k, v, out, lse);
+    forward_task(K, s, task / s.kv_heads, task % s.kv_heads, q, k, v, out, lse, doc_start);
   });
 }
 
 void attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v,
                         HeadsView o, HeadsView go, HeadsView lse, const int64_t* rows,
-                        int64_t n_rows, HeadsOut gq, HeadsOut gk, HeadsOut gv) {
+                        int64_t n_rows, HeadsOut gq, HeadsOut gk, HeadsOut gv,
+                        const int64_t* doc_start) {
   check("attention_backward", s, rows, n_rows);
+  check_doc_start("attention_backward", s, doc_start);
   const auto& K = kernels();
   const int64_t T = s.seq;
   parallel_for(s.batch * s.kv_heads, [&](int64_t task) {
@@ -263,7 +291,7 @@ void attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, Heads
     } else {
       for (int64_t t = 0; t < T; ++t) pos.push_back(t);
     }
-    backward_task(K, s, b, hk, pos, q, k, v, o, go, lse, gq, gk, gv);
+    backward_task(K, s, b, hk, pos, q, k, v, o, go, lse, gq, gk, gv, doc_start);
   });
 }
 

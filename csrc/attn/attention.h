@@ -46,17 +46,23 @@ struct AttentionShape {
 // The forward: out (B, H, T, D) = softmax(scale * q k^T, causal / windowed) v and lse
 // (B, H, T), the natural-log sum of exp(scale * q k^T) per query row (what the backward
 // takes). Same tiles as the backward: 16-query blocks, keys past the block's last query
-// skipped. Throws nanochat::Error on a bad shape.
+// skipped. doc_start: packed sequences (several conversations in one row): a contiguous
+// (B, T) array, doc_start[b, t] the position of the first token of token t's sequence;
+// query t then sees keys [max(window start, doc_start[b, t]), t] and key tiles before every
+// query's start are skipped. nullptr: one sequence per row. Throws nanochat::Error on a bad
+// shape or a doc_start[b, t] outside [0, t].
 void attention_forward(const AttentionShape& shape, HeadsView q, HeadsView k, HeadsView v,
-                       HeadsOut out, HeadsOut lse);
+                       HeadsOut out, HeadsOut lse, const int64_t* doc_start = nullptr);
 
 // q, o, go (B, H, T, D); k, v (B, Hkv, T, D); lse (B, H, T), the forward's natural-log
 // sum of exp(scale * q k^T) per query row. rows: sorted flat row indices b * T + t
 // (n_rows of them) that carry an output gradient, nullptr for all. Writes every row of
-// gq (B, H, T, D), gk and gv (B, Hkv, T, D). Throws nanochat::Error on a bad shape or list.
+// gq (B, H, T, D), gk and gv (B, Hkv, T, D). doc_start: as the forward's. Throws
+// nanochat::Error on a bad shape, list or doc_start.
 void attention_backward(const AttentionShape& shape, HeadsView q, HeadsView k, HeadsView v,
                         HeadsView o, HeadsView go, HeadsView lse, const int64_t* rows,
-                        int64_t n_rows, HeadsOut gq, HeadsOut gk, HeadsOut gv);
+                        int64_t n_rows, HeadsOut gq, HeadsOut gk, HeadsOut gv,
+                        const int64_t* doc_start = nullptr);
 
 // ---- per-ISA tile kernels (internal; declared here for the kernel files) ---------------
 // The kernel path attention forward/backward run on the active ISA ("avx2", ...).

@@ -60,35 +60,47 @@ nanochat::AttentionShape shape_of(const Buffer& q, const Buffer& k, int64_t wind
   return s;
 }
 
+// The optional (B, T) int64 doc_start of packed sequences (attention.h), or nullptr.
+const int64_t* doc_starts(const std::optional<Buffer>& b, const nanochat::AttentionShape& s) {
+  if (!b) return nullptr;
+  const int64_t* p = nanochat::bindings::get<int64_t>(*b, "doc_start", "int64", 2);
+  nanochat::bindings::expect_shape(*b, "doc_start", {s.batch, s.seq});
+  return p;
+}
+
 }  // namespace
 
 void bind_attention(py::module_& m) {
   m.def(
       "attention_forward",
       [](const Buffer& q, const Buffer& k, const Buffer& v, const Buffer& out, const Buffer& lse,
-         int64_t window, double scale) {
+         int64_t window, double scale, const std::optional<Buffer>& doc_start) {
         using nanochat::HeadsOut;
         using nanochat::HeadsView;
         const nanochat::AttentionShape s = shape_of(q, k, window, scale);
+        const int64_t* ds = doc_starts(doc_start, s);
         const std::vector<int64_t> qs = q.shape, ks = {s.batch, s.kv_heads, s.seq, s.head_dim};
         const HeadsView qv = strided<HeadsView>(q, "q", qs), kv = strided<HeadsView>(k, "k", ks),
                         vv = strided<HeadsView>(v, "v", ks);
         const HeadsOut ov = strided<HeadsOut>(out, "out", qs),
                        lv = strided<HeadsOut>(lse, "logsumexp", {s.batch, s.heads, s.seq});
         py::gil_scoped_release release;
-        nanochat::attention_forward(s, qv, kv, vv, ov, lv);
+        nanochat::attention_forward(s, qv, kv, vv, ov, lv, ds);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("logsumexp"),
-      py::arg("window"), py::arg("scale"),
-      "out and logsumexp of causal attention (window 0: full) of q over k, v.");
+      py::arg("window"), py::arg("scale"), py::arg("doc_start") = py::none(),
+      "out and logsumexp of causal attention (window 0: full) of q over k, v; doc_start "
+      "(B, T) int64: each token's sequence start in a packed row (None: one per row).");
   m.def(
       "attention_backward",
       [](const Buffer& q, const Buffer& k, const Buffer& v, const Buffer& o, const Buffer& go,
          const Buffer& lse, const std::optional<Buffer>& rows, const Buffer& gq,
-         const Buffer& gk, const Buffer& gv, int64_t window, double scale) {
+         const Buffer& gk, const Buffer& gv, int64_t window, double scale,
+         const std::optional<Buffer>& doc_start) {
         using nanochat::HeadsOut;
         using nanochat::HeadsView;
         const nanochat::AttentionShape s = shape_of(q, k, window, scale);
+        const int64_t* ds = doc_starts(doc_start, s);
         const std::vector<int64_t> qs = q.shape, ks = {s.batch, s.kv_heads, s.seq, s.head_dim};
         const HeadsView qv = strided<HeadsView>(q, "q", qs), kv = strided<HeadsView>(k, "k", ks),
                         vv = strided<HeadsView>(v, "v", ks), ov = strided<HeadsView>(o, "out", qs),
@@ -100,11 +112,12 @@ void bind_attention(py::module_& m) {
                        gvv = strided<HeadsOut>(gv, "grad_v", ks);
         const auto [rp, n_rows] = optional_rows(rows, "rows");
         py::gil_scoped_release release;
-        nanochat::attention_backward(s, qv, kv, vv, ov, gov, lv, rp, n_rows, gqv, gkv, gvv);
+        nanochat::attention_backward(s, qv, kv, vv, ov, gov, lv, rp, n_rows, gqv, gkv, gvv, ds);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("grad_out"),
       py::arg("logsumexp"), py::arg("rows"), py::arg("grad_q"), py::arg("grad_k"),
-      py::arg("grad_v"), py::arg("window"), py::arg("scale"),
+      py::arg("grad_v"), py::arg("window"), py::arg("scale"), py::arg("doc_start") = py::none(),
       "grad_q, grad_k, grad_v of causal attention (window 0: full) on the listed rows "
-      "(sorted flat b * T + t, int64) or all rows (None); the other rows get zeros.");
+      "(sorted flat b * T + t, int64) or all rows (None); the other rows get zeros. "
+      "doc_start: as attention_forward's.");
 }

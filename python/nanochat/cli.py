@@ -1,9 +1,11 @@
 """The `nanochat` command: thin argument parsing over the package.
 
     nanochat train [--config tiny] [--data DIR] [--out DIR] [--steps N] [--resume]
+    nanochat sft --checkpoint RUN --data FILE.jsonl [--data ...] --out RUN2 [--steps N]
     nanochat sample --checkpoint DIR --prompt "def "
     nanochat export --gguf OUT.gguf --checkpoint DIR [--type tq2_0|tq1_0] [--embd f16|q8_0|f32]
     nanochat data prepare [--source PATH ...] [--out DIR] [--vocab-size N] [--ext .py ...]
+    nanochat data chat --out chat.jsonl [--source PATH ...] [--limit N]
     nanochat generate --model OUT.gguf --prompt "def " [--json]
     nanochat chat --model OUT.gguf
     nanochat serve --model OUT.gguf [--port 8000] [--api-key KEY] (pip install '.[serve]')
@@ -91,6 +93,16 @@ def _cmd_model(args: argparse.Namespace) -> int:
         print(json.dumps(info) if args.json else gpt.format_model_info(info))
         return 0
     raise AssertionError(args.model)
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from nanochat.train.sft import sft
+
+    if not args.resume and not args.checkpoint:
+        raise ValueError("--checkpoint RUN (the model to fine-tune) is required, or --resume")
+    sft(args.data, args.out, args.checkpoint, args.steps, args.set, resume=args.resume,
+        progress_bar=not args.no_progress)
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -208,6 +220,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
                            tokenizer=args.tokenizer, record_options=opts)
         print("\n".join(corpus.summary_lines(m)))
         return 0
+    if args.data == "chat":
+        from nanochat.data import chatgen
+
+        n = chatgen.generate(args.out, args.source or None, args.limit)
+        print(f"{n} conversations -> {args.out}")
+        return 0
     raise AssertionError(args.data)
 
 
@@ -235,6 +253,8 @@ def _open_engine(args: argparse.Namespace):
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.chat:
+        return _generate_chat(args)
     eng = _open_engine(args)
     kw = dict(max_tokens=args.max_tokens, stop=args.stop, **_sampling(args))
     if args.json:
@@ -256,10 +276,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_chat(args: argparse.Namespace) -> int:
+    """generate --chat: --prompt as one user turn in the chat template; the reply."""
+    from nanochat.infer import chat
+
+    if args.stop:
+        raise ValueError("--stop does not apply with --chat (the reply ends at <|assistant_end|>)")
+    eng = _open_engine(args)
+    conv = chat.Conversation(eng, args.system)
+    pieces = []
+    for piece in conv.reply(args.prompt, max_tokens=args.max_tokens, **_sampling(args)):
+        pieces.append(piece)
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    r = dict(eng.last_result or {})
+    if args.json:
+        print(json.dumps({**r, "prompt": args.prompt, "text": "".join(pieces), "chat": True}))
+        return 0
+    sys.stdout.write("\n")
+    if r and not args.quiet:
+        print(f"[{r['prompt_tokens']} prompt tokens, {len(r['tokens'])} generated "
+              f"({r['stop_reason']})]", file=sys.stderr)
+    return 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from nanochat.infer import chat
 
-    return chat.repl(_open_engine(args), args.max_tokens, _sampling(args))
+    return chat.repl(_open_engine(args), args.max_tokens, _sampling(args), system=args.system)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -369,6 +414,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "yourself")
     pt.set_defaults(func=_cmd_train)
 
+    pft = sub.add_parser(
+        "sft", help="chat fine-tuning: a run on conversations (OpenAI messages) -> a chat run",
+        description="Fine-tunes RUN on conversations (JSON lines or parquet rows with an OpenAI "
+        "`messages` list), loss on the assistant's tokens only, conversations packed with "
+        "attention kept inside each; the same trainer, schedules and checkpoints as `train`. "
+        "Writes --out as a normal run directory (export --gguf works) plus sft.json. "
+        "docs/post-training.md.")
+    pft.add_argument("--checkpoint", help="run or checkpoint dir to start from")
+    pft.add_argument("--data", action="append", required=True, metavar="FILE",
+                     help="conversations, .jsonl or .parquet (repeatable)")
+    pft.add_argument("--out", required=True, help="the fine-tuned run's directory")
+    pft.add_argument("--steps", type=int, help="optimizer steps (default 200)")
+    pft.add_argument("--resume", action="store_true", help="continue --out from its latest "
+                     "checkpoint")
+    pft.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                     help="override a config value of RUN's, e.g. --set optim.lr=1e-3")
+    pft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pft.set_defaults(func=_cmd_sft)
+
     ps = sub.add_parser("sample", help="generate text from a checkpoint (torch, KV cache)")
     ps.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest)")
     ps.add_argument("--prompt", default="", help="text to continue")
@@ -453,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--stop", action="append", default=[], metavar="TEXT",
                     help="stop when the text ends with TEXT (repeatable; trimmed off)")
     pg.add_argument("--json", action="store_true", help="one JSON object instead of streaming")
+    pg.add_argument("--chat", action="store_true", help="--prompt is one user turn in the "
+                    "chat template; prints the assistant's reply (its `text` under --json)")
+    pg.add_argument("--system", help="with --chat: a system prompt (merged into the user turn)")
     pg.add_argument("--quiet", action="store_true", help="no speed line on stderr")
     pg.set_defaults(func=_cmd_generate)
 
@@ -463,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stays in the KV cache. /reset forgets it, /quit or Ctrl-D leaves. Reads one message "
         "per line, so it also takes piped input.")
     engine_args(pc, 256, 0.7)
+    pc.add_argument("--system", help="a system prompt, prepended to the first message")
     pc.set_defaults(func=_cmd_chat)
 
     psv = sub.add_parser(
@@ -524,6 +592,15 @@ def build_parser() -> argparse.ArgumentParser:
     pdp.add_argument("--ext", action="append", metavar=".EXT",
                      help="file extension to include (repeatable; default: .py)")
     pdp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pdc = dsub.add_parser(
+        "chat", help="generate a small chat set (JSON lines) from Python sources for `sft`",
+        description="Conversations from documented functions of Python sources (default: this "
+        "Python's standard library, PSF license): 'Write a Python function `sig`: "
+        "<docstring's first sentence>' -> its source, and 'What does `module.sig` do?' -> its docstring.")
+    pdc.add_argument("--out", required=True, metavar="FILE.jsonl", help="where to write them")
+    pdc.add_argument("--source", action="append", metavar="PATH",
+                     help="directory or .py file (repeatable; default: the stdlib)")
+    pdc.add_argument("--limit", type=int, default=0, help="keep the first N (default: all)")
     pd.set_defaults(func=_cmd_data)
 
     pi = sub.add_parser("info", help="version, CPU features, CUDA, threads and kernel dispatch")

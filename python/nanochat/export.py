@@ -27,6 +27,7 @@ import torch
 
 from nanochat._core import core
 from nanochat.config import ModelConfig
+from nanochat.data.chat import CHAT_TEMPLATE
 from nanochat.data.tokenizer import Tokenizer
 from nanochat.ops import ternary
 from nanochat.ops.bitlinear import weight_codes
@@ -195,6 +196,9 @@ def tokenizer_metadata(tok: Tokenizer) -> list[KV]:
         *([("tokenizer.ggml.eot_token_id", "u32", eot)] if eot is not None else []),
         ("tokenizer.ggml.add_bos_token", "bool", True),
         ("tokenizer.ggml.add_eos_token", "bool", False),
+        # the chat template (nanochat/data/chat.py) in Jinja, as llama.cpp and its server
+        # read it; a foreign tokenizer has no markers for it
+        *([("tokenizer.chat_template", "string", CHAT_TEMPLATE)] if eot is not None else []),
     ]
 
 

@@ -32,29 +32,24 @@ class _Failure:
         self.exc = exc
 
 
-class BatchLoader:
-    """next() -> (x, y), int64 tensors (B, T) on `device`; see the module doc."""
+class PrefetchLoader:
+    """The stepping, prefetch thread and device transfer of a deterministic loader:
+    next() -> build_batch(step) (a tuple of CPU tensors) on `device`. A subclass sets up what
+    build_batch reads, then calls this __init__, which starts the worker."""
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
-                 start_step: int = 0, prefetch: int = 4, device: str | torch.device = "cpu",
-                 pin_memory: bool = False, source_delay_s: float = 0.0):
+    def __init__(self, batch_size: int, seq_len: int, start_step: int = 0, prefetch: int = 4,
+                 device: str | torch.device = "cpu", pin_memory: bool = False):
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"batch_size and seq_len must be > 0, got {batch_size}, {seq_len}")
-        if len(tokens) < seq_len + 1:
-            raise ValueError(f"{len(tokens)} tokens is too few for one window of seq_len "
-                             f"{seq_len} (+1 for the shifted target)")
         if prefetch < 0 or start_step < 0:
             raise ValueError(f"prefetch and start_step must be >= 0, got {prefetch}, {start_step}")
-        self.tokens = tokens
-        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.batch_size, self.seq_len = batch_size, seq_len
         self.step = start_step  # the step the next next() returns
         self.prefetch = prefetch
         self.device = torch.device(device)
         self.pin_memory = pin_memory and torch.cuda.is_available()
-        self.source_delay_s = source_delay_s  # test hook: make the source slow
         self.last_wait_s = 0.0
         self.total_wait_s = 0.0
-        self._offsets = np.arange(seq_len + 1)  # (T+1,)
         self._stop = threading.Event()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -64,24 +59,9 @@ class BatchLoader:
                                             name="nanochat-batch-loader", daemon=True)
             self._thread.start()
 
-    # ---- batch construction -------------------------------------------------------------
-
-    def starts(self, step: int) -> np.ndarray:
-        """Window starts of batch `step`, (B,) int64."""
-        rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
-
-    def build_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The CPU batch for `step` (runs on the worker thread when prefetching)."""
-        if self.source_delay_s:
-            time.sleep(self.source_delay_s)
-        idx = self.starts(step)[:, None] + self._offsets  # (B, T+1)
-        buf = np.asarray(self.tokens[idx], dtype=np.int64)  # (B, T+1)
-        x = torch.from_numpy(np.ascontiguousarray(buf[:, :-1]))  # (B, T)
-        y = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))  # (B, T)
-        if self.pin_memory:
-            x, y = x.pin_memory(), y.pin_memory()
-        return x, y
+    def build_batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """The CPU batch of `step`, a pure function of it (each subclass defines it)."""
+        raise NotImplementedError(f"{type(self).__name__}.build_batch")
 
     def _worker(self, step: int) -> None:
         while not self._stop.is_set():
@@ -101,11 +81,11 @@ class BatchLoader:
 
     # ---- consumer -----------------------------------------------------------------------
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self) -> tuple[torch.Tensor, ...]:
         """The batch for the current step; advances the step."""
         t0 = time.perf_counter()
         if self._queue is None:
-            x, y = self.build_batch(self.step)
+            batch = self.build_batch(self.step)
         else:
             if self._stop.is_set():
                 raise RuntimeError("BatchLoader is closed")
@@ -119,19 +99,18 @@ class BatchLoader:
             if isinstance(item, _Failure):
                 self.close()
                 raise item.exc
-            step, (x, y) = item
+            step, batch = item
             assert step == self.step, (step, self.step)
         if self.device.type != "cpu":
-            x = x.to(self.device, non_blocking=self.pin_memory)
-            y = y.to(self.device, non_blocking=self.pin_memory)
+            batch = tuple(t.to(self.device, non_blocking=self.pin_memory) for t in batch)
         self.last_wait_s = time.perf_counter() - t0
         self.total_wait_s += self.last_wait_s
         self.step += 1
-        return x, y
+        return batch
 
     __next__ = next
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         return self
 
     def state_dict(self) -> dict:
@@ -150,11 +129,49 @@ class BatchLoader:
             if self._thread is not threading.current_thread():
                 self._thread.join(timeout=5.0)
 
-    def __enter__(self) -> "BatchLoader":
+    def __enter__(self) -> "PrefetchLoader":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+
+class BatchLoader(PrefetchLoader):
+    """next() -> (x, y), int64 tensors (B, T) on `device`; see the module doc."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
+                 start_step: int = 0, prefetch: int = 4, device: str | torch.device = "cpu",
+                 pin_memory: bool = False, source_delay_s: float = 0.0):
+        if batch_size <= 0 or seq_len <= 0:
+            raise ValueError(f"batch_size and seq_len must be > 0, got {batch_size}, {seq_len}")
+        if len(tokens) < seq_len + 1:
+            raise ValueError(f"{len(tokens)} tokens is too few for one window of seq_len "
+                             f"{seq_len} (+1 for the shifted target)")
+        self.tokens = tokens
+        self.seed = seed
+        self.source_delay_s = source_delay_s  # test hook: make the source slow
+        self._offsets = np.arange(seq_len + 1)  # (T+1,)
+        super().__init__(batch_size, seq_len, start_step, prefetch, device, pin_memory)
+
+    # ---- batch construction -------------------------------------------------------------
+
+    def starts(self, step: int) -> np.ndarray:
+        """Window starts of batch `step`, (B,) int64."""
+        rng = np.random.default_rng([self.seed, step])
+        return rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+
+    def build_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CPU batch for `step` (runs on the worker thread when prefetching)."""
+        if self.source_delay_s:
+            time.sleep(self.source_delay_s)
+        idx = self.starts(step)[:, None] + self._offsets  # (B, T+1)
+        buf = np.asarray(self.tokens[idx], dtype=np.int64)  # (B, T+1)
+        x = torch.from_numpy(np.ascontiguousarray(buf[:, :-1]))  # (B, T)
+        y = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))  # (B, T)
+        if self.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,

@@ -1,15 +1,19 @@
 """nanochat chat: a conversation with a GGUF model on the C++ engine, history kept in its KV cache.
 
-The chat template (the special tokens of nanochat/data/tokenizer.py), one turn after another:
+The chat template (nanochat/data/chat.py, the one renderer SFT and the GGUF's
+tokenizer.chat_template share), one turn after another:
 
     <|bos|><|user_start|>USER TEXT<|user_end|><|assistant_start|>REPLY<|assistant_end|>...
 
-User text is tokenized as plain text (typing "<|user_end|>" cannot forge a marker). Each
+User text is tokenized as plain text (typing "<|user_end|>" cannot forge a marker). A system
+prompt (--system) has no markers of its own: it is prepended to the first user message,
+separated by a blank line, as SFT renders it (when the context fills and that turn is
+dropped, the system prompt goes with it). Each
 turn feeds only the tokens the cache does not hold yet, and the reply streams until the
 model emits <|assistant_end|> (or its end-of-text token). When the context is full the
 oldest turns are dropped and the rest is re-read.
 
-    nanochat chat --model model.gguf [--temperature 0.7] [--max-tokens 256]
+    nanochat chat --model model.gguf [--temperature 0.7] [--max-tokens 256] [--system TEXT]
     commands: /reset (forget the conversation), /quit (or Ctrl-D)
 """
 
@@ -18,14 +22,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 
+from nanochat.data.chat import SYSTEM_SEPARATOR, Markers, user_tokens
 from nanochat.infer.engine import Engine
 
 MARKERS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
 
 
 class Conversation:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, system: str | None = None):
         self.engine = engine
+        self.system = system or None
         ids = {}
         for m in MARKERS:
             t = engine.tokenize(m, parse_special=True)
@@ -35,6 +41,7 @@ class Conversation:
             ids[m] = t[0]
         self.user_start, self.user_end, self.asst_start, self.asst_end = (ids[m] for m in MARKERS)
         self.bos = engine.info["bos_id"]
+        self.markers = Markers(self.bos, *(ids[m] for m in MARKERS))
         self.turns: list[list[int]] = []  # finished turns (user + reply), as tokens
         self.engine.reset()
 
@@ -47,7 +54,9 @@ class Conversation:
 
     def reply(self, text: str, max_tokens: int = 256, **sampling) -> Iterator[str]:
         """Streams the model's reply to `text` and records the turn."""
-        user = [self.user_start, *self.engine.tokenize(text), self.user_end, self.asst_start]
+        if self.system and not self.turns:  # the first turn of the history carries it
+            text = self.system + SYSTEM_SEPARATOR + text
+        user = user_tokens(text, self.engine.tokenize, self.markers)
         budget = self.engine.n_ctx - max_tokens - len(user) - 1
         while self.turns and len(self._history()) > budget:  # forget the oldest turns
             self.turns.pop(0)
@@ -69,8 +78,8 @@ class Conversation:
 
 
 def repl(engine: Engine, max_tokens: int, sampling: dict, stdin=sys.stdin,
-         stdout=sys.stdout) -> int:
-    conv = Conversation(engine)
+         stdout=sys.stdout, system: str | None = None) -> int:
+    conv = Conversation(engine, system)
     interactive = stdin.isatty()
     if interactive:
         i = engine.info

@@ -38,10 +38,13 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos, sin (T, head_dim/2) float32 for the given absolute positions (T,)."""
+    """cos, sin (T, head_dim/2) float32 for the given absolute positions (T,); per-row
+    positions (B, T) (packed rows) give (B, 1, T, head_dim/2), which broadcast over heads."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device,
                                        dtype=torch.float32) / head_dim)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (..., T, head_dim/2)
+    if positions.dim() == 2:
+        angles = angles.unsqueeze(1)
     return angles.cos(), angles.sin()
 
 
@@ -87,7 +90,8 @@ class Block(nn.Module):
             self.mhc_attn = MHC(m.streams, d, m.res, m.sinkhorn_iters, m.dynamic, cfg.norm_eps)
             self.mhc_ffn = MHC(m.streams, d, m.res, m.sinkhorn_iters, m.dynamic, cfg.norm_eps)
 
-    def attention(self, x, cos, sin, cache: list | None, rows: RowSubset | None = None):
+    def attention(self, x, cos, sin, cache: list | None, rows: RowSubset | None = None,
+                  doc_start: torch.Tensor | None = None):
         B, T, _ = x.shape
         q = self.attn_q(x, rows).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.attn_k(x, rows).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -101,12 +105,12 @@ class Block(nn.Module):
                 v = torch.cat((cache[1], v), dim=2)
             cache[0], cache[1] = trim(k, self.window), trim(v, self.window)
         # grouped-query: q head h reads kv head h // (n_heads / n_kv_heads), inside attend
-        y = attend(q, k, v, past, self.window, rows, op=self.ops != "torch")
+        y = attend(q, k, v, past, self.window, rows, doc_start, op=self.ops != "torch")
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B,T,H*D)
 
     def attn_branch(self, x, cos, sin, cache: list | None = None,
-                    rows: RowSubset | None = None):
-        a = self.attention(self.attn_norm(x, rows), cos, sin, cache, rows)  # (B, T, d)
+                    rows: RowSubset | None = None, doc_start: torch.Tensor | None = None):
+        a = self.attention(self.attn_norm(x, rows), cos, sin, cache, rows, doc_start)  # (B,T,d)
         return self.attn_output(self.attn_sub_norm(a, rows), rows)
 
     def ffn_branch(self, x, rows: RowSubset | None = None):
@@ -122,11 +126,13 @@ class Block(nn.Module):
             a = swiglu(g, u, rows)
         return self.ffn_down(self.ffn_sub_norm(a, rows), rows)
 
-    def forward(self, x, cos, sin, cache: list | None = None, rows: RowSubset | None = None):
+    def forward(self, x, cos, sin, cache: list | None = None, rows: RowSubset | None = None,
+                doc_start: torch.Tensor | None = None):
         """x (B, T, d) (or (B, T, n, d) with mHC streams); rows: the (B, T) token rows'
-        subset whose backward the layers compute (nanochat/ops/rows.py), or None (dense)."""
+        subset whose backward the layers compute (nanochat/ops/rows.py), or None (dense);
+        doc_start: packed rows' (B, T) sequence starts (nanochat/ops/attention.py), or None."""
         if hasattr(self, "mhc_attn"):  # x (B, T, n, d): streams mixed around each sub-layer
-            x = self.mhc_attn(x, lambda h: self.attn_branch(h, cos, sin, cache, rows))
+            x = self.mhc_attn(x, lambda h: self.attn_branch(h, cos, sin, cache, rows, doc_start))
             return self.mhc_ffn(x, lambda h: self.ffn_branch(h, rows))
-        x = x + self.attn_branch(x, cos, sin, cache, rows)
+        x = x + self.attn_branch(x, cos, sin, cache, rows, doc_start)
         return x + self.ffn_branch(x, rows)

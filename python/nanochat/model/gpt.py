@@ -113,17 +113,25 @@ class GPT(nn.Module):
                 m.backward_precision = precision
 
     # ---- forward ----------------------------------------------------------------------
+    def _rope(self, T: int, start: int = 0, doc_start: torch.Tensor | None = None, device=None):
+        """cos, sin of positions start .. start + T - 1, or in packed rows (doc_start (B, T))
+        of each token's position within its own conversation, so a packed conversation sees
+        the positions it would see alone."""
+        pos = torch.arange(start, start + T, device=device)
+        if doc_start is not None:
+            pos = pos - doc_start
+        return rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+
     def _trunk(self, idx: torch.Tensor, caches: list | None = None, start: int = 0,
-               rows: RowSubset | None = None):
+               rows: RowSubset | None = None, doc_start: torch.Tensor | None = None):
         B, T = idx.shape
-        pos = torch.arange(start, start + T, device=idx.device)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        cos, sin = self._rope(T, start, doc_start, idx.device)
         x = self.token_embd(idx)
         n = self.config.mhc.streams
         if n > 1:  # n copies of the input (mhc.py: the init makes the streams diverge)
             x = x.unsqueeze(-2).expand(B, T, n, x.shape[-1])
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, None if caches is None else caches[i], rows)
+            x = block(x, cos, sin, None if caches is None else caches[i], rows, doc_start)
         if n > 1:
             x = x.mean(dim=-2)  # collapse the streams before the final norm
         return self.output_norm(x, rows)
@@ -154,7 +162,8 @@ class GPT(nn.Module):
         return self.fused_loss == "on"
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_reduction: str = "mean", rows: RowSubset | None = None):
+                loss_reduction: str = "mean", rows: RowSubset | None = None,
+                doc_start: torch.Tensor | None = None):
         """logits (B, T, V), or (logits, loss) with targets (B, T) (-1 = ignore). With
         loss_reduction="none" the loss is per token, shaped like targets (the next-token
         head only). With mean reduction and MTP on (model.mtp.heads > 1) the loss is the
@@ -162,14 +171,17 @@ class GPT(nn.Module):
         when the fused loss runs (set_fused_loss) no logits exist and logits is None.
         rows: the (B, T) token rows' subset every layer's backward runs on (nanochat/ops/
         rows.py; Collider's kept tokens), or None (dense); not with a mean loss, whose
-        gradient reaches every row (head_token_losses gives the losses to weight)."""
+        gradient reaches every row (head_token_losses gives the losses to weight).
+        doc_start: packed rows (several conversations per row, chat fine-tuning): (B, T)
+        int, each token's conversation start; attention and positions stay inside each
+        conversation (nanochat/ops/attention.py). None: one sequence per row."""
         if rows is not None and targets is not None and loss_reduction == "mean":
             raise ValueError("GPT.forward: a row subset needs loss_reduction='none' (a mean "
                              "loss's gradient reaches every row)")
-        h = self._trunk(idx, rows=rows)
+        h = self._trunk(idx, rows=rows, doc_start=doc_start)
         if targets is not None and loss_reduction == "mean" and (
                 len(self.mtp) or self._fused()):
-            return self._head_loss(idx, h, targets)
+            return self._head_loss(idx, h, targets, doc_start)
         logits = self.logits(h, rows)
         if targets is None:
             return logits
@@ -179,19 +191,20 @@ class GPT(nn.Module):
             loss = loss.view(targets.shape)
         return logits, loss
 
-    def _head_hidden(self, idx, h, rows: RowSubset | None = None) -> list[torch.Tensor]:
+    def _head_hidden(self, idx, h, rows: RowSubset | None = None,
+                     doc_start: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The normed hidden states (B, T, d) of every head: [h], plus the MTP heads'."""
         if not len(self.mtp):
             return [h]
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
-        return mtp.head_hidden(self.mtp, h, self.token_embd(idx), cos, sin, rows)
+        cos, sin = self._rope(idx.shape[1], 0, doc_start, idx.device)
+        return mtp.head_hidden(self.mtp, h, self.token_embd(idx), cos, sin, rows, doc_start)
 
-    def _head_loss(self, idx, h, targets):
+    def _head_loss(self, idx, h, targets, doc_start=None):
         """(logits of head 1 or None, weighted mean loss over the heads) for a training call."""
         n = len(self.mtp) + 1
-        hidden = self._head_hidden(idx, h)
-        tgt = mtp.head_targets(targets, n).reshape(n, -1)  # (n, B*T), head i shifted by i
+        hidden = self._head_hidden(idx, h, doc_start=doc_start)
+        # (n, B*T), head i shifted by i (and cut at each packed conversation's end)
+        tgt = mtp.head_targets(targets, n, doc_start).reshape(n, -1)
         weights = mtp.head_weights(self.config.mtp) if n > 1 else [1.0]
         W = self.token_embd.weight
         if self._fused():

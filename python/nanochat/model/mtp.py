@@ -79,12 +79,13 @@ class MTPHead(nn.Module):
         self.block.ffn_down.reset_parameters(out_std)
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos, sin,
-                rows: RowSubset | None = None):
+                rows: RowSubset | None = None, doc_start: torch.Tensor | None = None):
         """(h_k for the next module, the normed h_k for the unembedding), both (B, T, d).
-        rows: the (B, T) token rows' subset (nanochat/ops/rows.py), or None."""
+        rows: the (B, T) token rows' subset (nanochat/ops/rows.py), or None; doc_start:
+        packed rows' sequence starts (nanochat/ops/attention.py), or None."""
         x = self.eh_proj(torch.cat((self.enorm(emb, rows), self.hnorm(h_prev, rows)), dim=-1),
                          rows)
-        x = self.block(x, cos, sin, rows=rows)
+        x = self.block(x, cos, sin, rows=rows, doc_start=doc_start)
         return x, self.shared_head_norm(x, rows)
 
 
@@ -102,10 +103,18 @@ def shift_left(x: torch.Tensor, s: int, fill) -> torch.Tensor:
     return torch.cat((x[:, s:], pad), dim=1)
 
 
-def head_targets(targets: torch.Tensor, heads: int) -> torch.Tensor:
+def head_targets(targets: torch.Tensor, heads: int,
+                 doc_start: torch.Tensor | None = None) -> torch.Tensor:
     """(heads, B, T): head i (0-based) predicts targets shifted left by exactly i (the token
-    i + 1 after the input position), -1 where that runs past the sequence."""
-    return torch.stack([shift_left(targets, i, -1) for i in range(heads)])
+    i + 1 after the input position), -1 where that runs past the sequence, or, in packed
+    rows (doc_start), past the position's own conversation."""
+    out = []
+    for i in range(heads):
+        t = shift_left(targets, i, -1)
+        if doc_start is not None and i:
+            t = t.masked_fill(shift_left(doc_start, i, -1) != doc_start, -1)
+        out.append(t)
+    return torch.stack(out)
 
 
 def head_weights(m: MTPConfig) -> list[float]:
@@ -114,11 +123,13 @@ def head_weights(m: MTPConfig) -> list[float]:
 
 
 def head_hidden(heads: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, cos, sin,
-                rows: RowSubset | None = None) -> list[torch.Tensor]:
+                rows: RowSubset | None = None,
+                doc_start: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Normed hidden states (B, T, d) of every head: [h (the trunk's), head 2's, ...].
-    emb: the token embeddings of the input (B, T, d); rows: their row subset, or None."""
+    emb: the token embeddings of the input (B, T, d); rows: their row subset, or None;
+    doc_start: packed rows' sequence starts, or None."""
     out, prev = [h], h
     for j, head in enumerate(heads):
-        prev, normed = head(prev, shift_left(emb, j + 1, 0.0), cos, sin, rows)
+        prev, normed = head(prev, shift_left(emb, j + 1, 0.0), cos, sin, rows, doc_start)
         out.append(normed)
     return out

@@ -17,6 +17,13 @@ backward of csrc/attn/attention.cpp (16-query tiles, causal tiles skipped, group
 heads native; `nanochat bench kernels` times it against SDPA), so a model's forward is the
 same with and without grad; calls over a KV cache (decoding), other dtypes or devices and
 the scalar ISA run SDPA.
+Packed rows (chat fine-tuning packs several conversations into one row): `doc_start`
+(B, T) int64 holds, per token, the position of the first token of its conversation in the
+row, and a query then sees only keys of its own conversation: [max(window start,
+doc_start), q]. The C++ op skips key tiles before every query's start; SDPA takes the
+boolean mask (`packed_mask`). None (the default): one sequence per row, the plain causal
+path unchanged. Positions restart at each conversation too (nanochat/model/gpt.py), so a
+packed conversation computes what it would alone.
 Row subsets (nanochat/ops/rows.py; Collider, nanochat/train/collider.py, makes them): only
 the kept token rows carry an output gradient (a dropped row's is exactly zero) and the
 k / v projections drop the gradient of the dropped rows anyway, so given a subset the op's
@@ -53,22 +60,50 @@ def attention_mask(t: int, cached: int, window: int | None, device=None) -> torc
     return ok
 
 
+def packed_mask(doc_start: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean (B, 1, T, T) of packed rows: query i sees key j when doc_start[b, i] <= j <= i
+    and, with a window, i - j < window."""
+    t = doc_start.shape[1]
+    ok = attention_mask(t, 0, window, doc_start.device)[None]
+    j = torch.arange(t, device=doc_start.device)[None, None, :]
+    return (ok & (j >= doc_start[:, :, None])).unsqueeze(1)
+
+
+def check_doc_start(doc_start: torch.Tensor, shape: tuple[int, int]) -> None:
+    """A clear error for a doc_start that is not (B, T) integer with 0 <= doc_start[b, t] <= t."""
+    if doc_start.shape != torch.Size(shape) or doc_start.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"doc_start: expected an integer tensor of shape {tuple(shape)}, got "
+                         f"{doc_start.dtype} {tuple(doc_start.shape)}")
+    t = torch.arange(shape[1], device=doc_start.device)
+    if bool(((doc_start < 0) | (doc_start > t)).any()):
+        raise ValueError("doc_start: every doc_start[b, t] must lie in [0, t]")
+
+
 def _repeat_kv(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
     group = q.shape[1] // kv.shape[1]
     return kv if group == 1 else kv.repeat_interleave(group, dim=1)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: int,
-           window: int | None, rows: RowSubset | None = None, op: bool = True) -> torch.Tensor:
+           window: int | None, rows: RowSubset | None = None,
+           doc_start: torch.Tensor | None = None, op: bool = True) -> torch.Tensor:
     """Scaled dot-product attention of q (B, H, T, D) over k, v (B, Hkv, cached + T, D), whose
     first `cached` keys precede the T new positions. Picks SDPA's plain causal / unmasked
     forms where they are exact (a full layer's prefill, a single new token that sees the
     whole cache) and an explicit mask otherwise. rows: the (B, T) positions' row subset (the
-    kept-row backward where the op runs; module doc); op=False: SDPA only (a plain-torch
-    baseline)."""
+    kept-row backward where the op runs; module doc). doc_start: packed rows' (B, T)
+    sequence starts (module doc), full-sequence calls only. op=False: SDPA only (a
+    plain-torch baseline)."""
+    if doc_start is not None:
+        if cached:
+            raise ValueError("attend: doc_start (packed rows) needs a full-sequence call, "
+                             "not one over a KV cache")
+        check_doc_start(doc_start, (q.shape[0], q.shape[2]))
     if cached == 0 and op and op_applies(q, k, v):  # training and every full-sequence forward
-        return causal_attention(q, k, v, window or 0, rows)
+        return causal_attention(q, k, v, window or 0, rows, doc_start)
     k, v = _repeat_kv(q, k), _repeat_kv(q, v)
+    if doc_start is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=packed_mask(doc_start, window))
     t, s = q.shape[2], k.shape[2]
     if window is None or window >= s:  # the window covers everything: plain causal
         if cached == 0:
@@ -126,19 +161,26 @@ def _flash_layouts(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.library.custom_op("nanochat::attention", mutates_args=(), device_types="cpu")
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                  doc_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, T, D), logsumexp (B, H, T)) of causal attention (window 0: full) of q over
-    k, v (B, Hkv, T, D) (csrc/attn/attention.h)."""
+    k, v (B, Hkv, T, D) (csrc/attn/attention.h); doc_start (B, T): packed rows' sequence
+    starts (module doc) or None."""
     out, lse = _flash_layouts(q)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    doc_start = _doc_contiguous(doc_start)  # held here: the buffer only borrows its memory
     core().attention_forward(_buf(q), _buf(k), _buf(v), _buf(out), _buf(lse), window,
-                             1.0 / math.sqrt(q.shape[-1]))
+                             1.0 / math.sqrt(q.shape[-1]),
+                             None if doc_start is None else _buf(doc_start))
     return out, lse
 
 
+def _doc_contiguous(doc_start: torch.Tensor | None) -> torch.Tensor | None:
+    return None if doc_start is None else doc_start.to(torch.int64).contiguous()
+
+
 @_attention_op.register_fake
-def _(q, k, v, window):
+def _(q, k, v, window, doc_start=None):
     torch._check(q.dim() == 4 and k.shape == v.shape, lambda: "q (B,H,T,D), k = v (B,Hkv,T,D)")
     return _flash_layouts(q)
 
@@ -146,45 +188,49 @@ def _(q, k, v, window):
 @torch.library.custom_op("nanochat::attention_backward", mutates_args=(), device_types="cpu")
 def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                            v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                           rows: torch.Tensor | None,
-                           window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           rows: torch.Tensor | None, window: int,
+                           doc_start: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_q, grad_k, grad_v) on the listed rows (sorted flat b * T + t, int64; None: all),
-    zero elsewhere (csrc/attn/attention.h)."""
+    zero elsewhere (csrc/attn/attention.h); doc_start as the forward's."""
     gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     t = [_last_dim_contiguous(x) for x in (q, k, v, out, grad_out)] + [lse]
+    doc_start = _doc_contiguous(doc_start)
     core().attention_backward(*(_buf(x) for x in t),
                               None if rows is None else _buf(rows.contiguous()),
-                              _buf(gq), _buf(gk), _buf(gv), window, 1.0 / math.sqrt(q.shape[-1]))
+                              _buf(gq), _buf(gk), _buf(gv), window, 1.0 / math.sqrt(q.shape[-1]),
+                              None if doc_start is None else _buf(doc_start))
     return gq, gk, gv
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, rows, window):
+def _(grad_out, q, k, v, out, lse, rows, window, doc_start=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window = inputs
+    q, k, v, window, doc_start = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, doc_start)
     ctx.mark_non_differentiable(lse)
     ctx.window = window
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, doc_start = ctx.saved_tensors
     gq, gk, gv = torch.ops.nanochat.attention_backward(grad_out, q, k, v, out, lse,
-                                                       kept(ctx.rows), ctx.window)
-    return gq, gk, gv, None
+                                                       kept(ctx.rows), ctx.window, doc_start)
+    return gq, gk, gv, None, None
 
 
 _attention_with_rows = with_rows(_attention_op, _setup_context, _backward)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                     rows: RowSubset | None = None) -> torch.Tensor:
+                     rows: RowSubset | None = None,
+                     doc_start: torch.Tensor | None = None) -> torch.Tensor:
     """nanochat::attention's output (window 0: full); with a row subset over the (B, T)
-    positions, the backward runs on its kept rows (module doc)."""
+    positions, the backward runs on its kept rows; doc_start: packed rows (module doc)."""
     if rows is not None:
         rows.check(q.shape[0] * q.shape[2], "attention")
-    return _attention_with_rows(rows, q, k, v, window)[0]
+    return _attention_with_rows(rows, q, k, v, window, doc_start)[0]

@@ -122,22 +122,27 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
+def train(cfg: RunConfig, data_dir: Path | None, run_dir: Path, resume: bool = False,
           progress_bar: bool = True, stop_at_step: int | None = None,
-          log=print, group: Group | None = None) -> TrainResult:
+          log=print, group: Group | None = None, source=None,
+          init_model: dict | None = None) -> TrainResult:
     """Train `cfg` on prepared data in `data_dir`, writing checkpoints/logs to `run_dir`.
 
     `resume` continues from the run's latest checkpoint (its config wins over `cfg`
     for the model; the schedule/budget settings of `cfg` apply). `stop_at_step`
     stops early as if interrupted (used to test bit-exact resume). `group`: this process's
     place in a torchrun job (nanochat/train/distributed.py); rank 0 alone logs and writes.
+    `source`: data other than a token directory (data_dir is then unused): an object with
+    the TokenData attributes the loop reads (tokenizer, dir holding tokenizer/), loader(...)
+    and evaluate(model, cfg, device) (chat fine-tuning: nanochat/train/sft.py). `init_model`:
+    the weights a fresh run starts from (a resumed one loads its own checkpoint).
     """
     group = group or Group()
     if not group.main:
         log, progress_bar = (lambda *_: None), False
     run_dir = Path(run_dir)
     malloc.tune()  # reuse activation buffers instead of re-faulting them each step
-    data = TokenData(data_dir)
+    data = source if source is not None else TokenData(data_dir)
     if data.tokenizer.vocab_size != cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size = {cfg.model.vocab_size} but the tokenizer in "
                          f"{data_dir} has {data.tokenizer.vocab_size} tokens; prepare data with "
@@ -169,9 +174,16 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
     if group.world > 1 and t.collider.enabled:
         raise ValueError("train.collider.enabled: token filtering does not run under torchrun "
                          "yet; train with one process or turn it off")
+    if source is not None and group.world > 1:
+        raise ValueError("training on a custom data source runs in one process")
+    if source is not None and t.collider.enabled:  # its scoring passes carry no doc_start
+        raise ValueError("train.collider.enabled: Collider's token filtering does not run on "
+                         "packed conversations; turn it off (--set train.collider.enabled=false)")
     check_parallel(cfg, group)
     sharded = group.world > 1 and t.parallel == "fsdp"
     model = build_model(cfg, device, seed=t.seed)
+    if init_model is not None and state is None:
+        model.load_state_dict(init_model)
     collider = Collider.from_config(t.collider, _reference_model(cfg, device), log=log)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -205,11 +217,18 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
     # directory that already has a log (a first run killed before its first checkpoint)
     # starts it over
     metrics = MetricsLogger(run_dir, purge_step=step) if group.main else None
-    loader = BatchLoader(group.shard(data.train, t.seq_len), t.batch_size, t.seq_len,
-                         seed=t.seed,
-                         start_step=state["loader"]["step"] if state is not None else 0,
-                         prefetch=t.prefetch, device=str(device),
-                         pin_memory=device.type == "cuda")
+    loader_args = {"seed": t.seed,
+                   "start_step": state["loader"]["step"] if state is not None else 0,
+                   "prefetch": t.prefetch, "device": str(device),
+                   "pin_memory": device.type == "cuda"}
+    loader = (data.loader(t.batch_size, t.seq_len, **loader_args) if source is not None else
+              BatchLoader(group.shard(data.train, t.seq_len), t.batch_size, t.seq_len,
+                          **loader_args))
+    if source is not None:
+        def evaluate_run(model, data, cfg, device):
+            return source.evaluate(model, cfg, device)
+    else:
+        evaluate_run = evaluate
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * group.world
@@ -259,7 +278,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                     g["lr"] = g["base_lr"] * lr_factor
                 loss_sum, kept_sum = 0.0, 0.0
                 for micro in range(t.grad_accum):
-                    x, y = loader.next()
+                    x, y, *doc = loader.next()  # doc: packed rows' doc_start (sft.py)
                     window_wait += loader.last_wait_s
                     if collider is not None:  # token filtering: score, select, gathered backward
                         loss_f, kept = collider.forward_backward(model, x, y, t.grad_accum,
@@ -269,7 +288,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                     # the ranks average gradients in the last micro-batch's backward only
                     with group.gradient_sync(net, micro == t.grad_accum - 1):
                         with autocast:
-                            _, loss = net(x, y)
+                            _, loss = net(x, y, doc_start=doc[0]) if doc else net(x, y)
                         (loss / t.grad_accum).backward()
                     loss_sum += float(loss.detach())
                 grad_norm = (_norm(torch.nn.utils.clip_grad_norm_(model.parameters(),
@@ -311,7 +330,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                     window_train_s, window_tokens, window_wait = train_s, 0, 0.0
                 # a sharded model's forward is collective: every rank evaluates
                 if (step % t.eval_every == 0 or is_last) and (group.main or sharded):
-                    result.val_loss, result.val_bpb = evaluate(model, data, cfg, device)
+                    result.val_loss, result.val_bpb = evaluate_run(model, data, cfg, device)
                     last_eval = step
                     if group.main:
                         metrics.log(step, val_loss=result.val_loss, val_bpb=result.val_bpb,
@@ -324,7 +343,7 @@ def train(cfg: RunConfig, data_dir: Path, run_dir: Path, resume: bool = False,
                     last_saved, saved_step = save(), step
             elapsed = elapsed_before + time.perf_counter() - start
             if (group.main or sharded) and last_eval != step:
-                result.val_loss, result.val_bpb = evaluate(model, data, cfg, device)
+                result.val_loss, result.val_bpb = evaluate_run(model, data, cfg, device)
                 if group.main:
                     metrics.log(step, val_loss=result.val_loss, val_bpb=result.val_bpb,
                                 train_s=train_s)
