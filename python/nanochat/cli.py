@@ -686,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     pel = esub.add_parser(
         "lm-eval", add_help=False, prefix_chars="\0",
         help="lm-evaluation-harness with the model 'nanochat' registered; arguments as "
-        "lm_eval's (pip install '.[eval]'; docs/evaluation-lm.md)")
+        "lm_eval's (pip install '.[eval]'; docs/evaluation.md)")
     pel.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
     pel.set_defaults(func=_cmd_lm_eval)
 
