@@ -211,7 +211,8 @@ def _two_ranks(tmp_path, overrides):
     script = tmp_path / "train_steps.py"
     script.write_text(TRAIN_STEPS.replace(
         "g = Group.from_env", f"MODEL = {SMALL_MODEL!r}\n"
-        f"BATCHES = torch.load({str(tmp_path / 'b.pt')!r})\ng = Group.from_env"))
+        f"BATCHES = torch.load({str(tmp_path / 'b.pt')!r}, weights_only=True)\n"
+        "g = Group.from_env"))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", str(script), str(tmp_path), *overrides],
                        capture_output=True, text=True, timeout=600)
