@@ -96,6 +96,19 @@ def test_help(launcher, args):
     assert "usage: nanochat" in r.stdout
 
 
+@pytest.mark.parametrize("args", [["--help"], ["info"], ["eval", "bpb", "--help"]],
+                         ids=["help", "info", "eval-help"])
+def test_commands_without_torch_do_not_import_it(args):
+    """Building the parser (every command does) and `info` stay off torch: its import costs
+    seconds and ~200 MiB resident that a command like `info` or an engine-side eval never
+    uses."""
+    code = ("import sys\nfrom nanochat import cli\ntry:\n    cli.main(sys.argv[1:])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    r = run([sys.executable, "-c", code, *args])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "False"
+
+
 def test_no_command_is_usage_error():
     r = run([sys.executable, "-m", "nanochat"])
     assert r.returncode == 2 and "usage: nanochat" in r.stderr

@@ -32,10 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from nanochat import atomic
-from nanochat.data.loader import eval_batches
 
 
 @dataclass
@@ -47,7 +45,9 @@ class Scores:
 
 
 class TorchScorer:
-    """A checkpoint (run dir or step dir) in the torch model, on `device`."""
+    """A checkpoint (run dir or step dir) in the torch model, on `device`. torch is imported
+    where it is used: every `nanochat` command builds its parser from this module, and most
+    of them (info, engine-side evals, serve) never need torch's ~3 s and ~200 MiB."""
 
     kind = "torch"
 
@@ -60,6 +60,8 @@ class TorchScorer:
         self.config = from_dict(state["config"], f"checkpoint {state['path']}")
         self.checkpoint = Path(state["path"])
         self.step = int(state["step"])
+        import torch
+
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.bos_id = self.tokenizer.bos_id
@@ -76,24 +78,28 @@ class TorchScorer:
     def vocab_bytes(self) -> list[bytes]:
         return vocab_bytes(self.tokenizer)
 
-    @torch.no_grad()
     def score(self, x: np.ndarray, y: np.ndarray) -> Scores:
         """x, y: int (B, T) inputs and targets."""
+        import torch
+
         xt = torch.as_tensor(np.asarray(x, dtype=np.int64), device=self.device)
         yt = torch.as_tensor(np.asarray(y, dtype=np.int64), device=self.device)
-        logits = self.model(xt).double()  # (B, T, V)
+        with torch.no_grad():
+            logits = self.model(xt).double()  # (B, T, V)
         lp = torch.log_softmax(logits, dim=-1).gather(-1, yt[..., None])[..., 0]
         greedy = logits.argmax(dim=-1) == yt
         return Scores(lp.cpu().numpy(), greedy.cpu().numpy())
 
-    @torch.no_grad()
     def generate(self, ids: list[int], max_tokens: int, until: list[str]) -> str:
         """Greedy continuation of ids, cut before the first of `until`. The model generates
         max_tokens (or to <|bos|>) and the text is cut afterwards: greedy tokens do not depend
         on what follows them, so this equals stopping at the string."""
+        import torch
+
         x = torch.tensor([ids], device=self.device)
-        out = self.model.generate(x, max_new_tokens=max_tokens, temperature=0.0,
-                                  stop_ids=(self.bos_id,))
+        with torch.no_grad():
+            out = self.model.generate(x, max_new_tokens=max_tokens, temperature=0.0,
+                                      stop_ids=(self.bos_id,))
         return cut_at(self.decode(out[0, len(ids):].tolist()), until)
 
 
@@ -240,6 +246,8 @@ def score_stream(scorer, tokens: np.ndarray, token_bytes: np.ndarray, seq_len: i
                  batch_size: int = 8, max_tokens: int | None = None,
                  progress: bool = False) -> Total:
     """Total nats, targets and target bytes over the trainer's eval windows of `tokens`."""
+    from nanochat.data.loader import eval_batches  # torch: imported where used (TorchScorer)
+
     if seq_len < 1 or seq_len > scorer.context:
         raise ValueError(f"--seq-len must be in [1, {scorer.context}] (the model's context), "
                          f"got {seq_len}")

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nanochat import atomic, checkpoint
+from nanochat import atomic
 
 KEYS = ("run", "generated", "environment", "config", "training", "curve", "bpb", "evals",
         "model", "export", "engine", "not_run")
@@ -413,6 +413,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.speed_tokens < 0:
         raise ValueError(f"--speed-tokens must be >= 0, got {args.speed_tokens}")
+    from nanochat import checkpoint  # torch: not at import, the CLI builds its parser here
+
     run = Path(args.run)
     checkpoint.resolve(run)  # a clear error for a directory that is no run
     rep = write(run, export=args.export, speed_tokens=args.speed_tokens,
