@@ -284,6 +284,12 @@ def test_metrics_page(server, client, model_id):
         assert name in m, name
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert 'nanochat_requests_total{endpoint="completions",status="200"}' in text
+    # the engine's clocks: whole steps, and their parts within them
+    parts = {k: float(v) for k, v in re.findall(
+        r'^nanochat_engine_seconds_total\{part="([a-z]+)"\} ([0-9.e+-]+)$', text, flags=re.M)}
+    assert set(parts) == {"step", "ternary", "attention", "head", "sample"}
+    assert all(v > 0 for v in parts.values()), parts
+    assert parts["ternary"] + parts["attention"] + parts["head"] + parts["sample"] <= parts["step"]
 
 
 # ---- soak (.ci/run) -------------------------------------------------------------------------
@@ -380,6 +386,12 @@ def test_bench_serve_json(gguf, run_nanochat, tmp_path):
     for row in rows:
         assert row["engine"] == "nanochat" and row["errors"] == 0 and row["requests"] > 0
         assert row["tokens_per_s"] > 0 and row["ttft_p50_s"] > 0 and row["itl_p99_s"] >= 0
+        # the engine's share of the wall time and a mean step's parts, from its /metrics
+        assert 0 < row["engine_busy"] <= 1 and row["steps"] > 0
+        ms = row["step_ms"]
+        assert set(ms) == {"step", "ternary", "attention", "head", "sample", "other"}
+        assert min(ms.values()) >= 0 and ms["ternary"] > 0
+        assert sum(v for k, v in ms.items() if k != "step") == pytest.approx(ms["step"])
 
 
 # ---- the chat page in headless Chromium (.ci/run installs chromium and playwright) -------

@@ -308,6 +308,11 @@ void bind_engine(py::module_& m) {
         d["last_rows"] = st.last_rows;
         d["last_sequences"] = st.last_sequences;
         d["last_step_seconds"] = st.last_step_seconds;
+        d["step_seconds"] = st.step_seconds;
+        d["ternary_seconds"] = st.ternary_seconds;
+        d["attention_seconds"] = st.attention_seconds;
+        d["head_seconds"] = st.head_seconds;
+        d["sample_seconds"] = st.sample_seconds;
         return d;
       });
 }

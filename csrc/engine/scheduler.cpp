@@ -296,6 +296,7 @@ bool Scheduler::step() {
   }
 
   std::string failure;
+  const PartTimes before = s.scratch.times;
   try {
     ThreadCountScope threads(s.model->n_threads());
     forward_batch(s.scratch, s.model->impl(), tokens, n, segs, n_segs, logit_rows, n_logits,
@@ -305,6 +306,7 @@ bool Scheduler::step() {
   } catch (const std::exception& e) {
     failure = e.what();
   }
+  const auto t_sample = clock::now();
   const BpeTokenizer& tok = *s.model->impl().tokenizer;
   for (int64_t i = 0; i < n_logits && failure.empty(); ++i) {
     Seq* q = logit_seq[i];
@@ -327,6 +329,7 @@ bool Scheduler::step() {
     }
     if (!q->step_reason.empty()) q->step_piece += q->text.flush();
   }
+  const double sample_seconds = std::chrono::duration<double>(clock::now() - t_sample).count();
 
   std::lock_guard<std::mutex> lock(s.mu);
   for (int64_t i = 0; i < n_segs; ++i) seg_seq[i]->in_step = false;
@@ -357,6 +360,11 @@ bool Scheduler::step() {
   s.stats.last_rows = int32_t(n);
   s.stats.last_sequences = int32_t(n_segs);
   s.stats.last_step_seconds = std::chrono::duration<double>(clock::now() - t0).count();
+  s.stats.step_seconds += s.stats.last_step_seconds;
+  s.stats.ternary_seconds += s.scratch.times.ternary - before.ternary;
+  s.stats.attention_seconds += s.scratch.times.attention - before.attention;
+  s.stats.head_seconds += s.scratch.times.head - before.head;
+  s.stats.sample_seconds += sample_seconds;
   return true;
 }
 

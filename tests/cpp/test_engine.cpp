@@ -1597,6 +1597,13 @@ TEST(Scheduler, BatchEqualsSessionGenerate) {
     EXPECT_EQ(st.active, 0);
     EXPECT_EQ(st.waiting, 0);
     EXPECT_EQ(st.kv_used_bytes, 0);
+    // The parts of the step time are clocked within the steps.
+    EXPECT_GT(st.ternary_seconds, 0.0);
+    EXPECT_GT(st.attention_seconds, 0.0);
+    EXPECT_GT(st.head_seconds, 0.0);
+    EXPECT_GT(st.sample_seconds, 0.0);
+    EXPECT_LE(st.ternary_seconds + st.attention_seconds + st.head_seconds + st.sample_seconds,
+              st.step_seconds);
   }
 }
 

@@ -227,6 +227,14 @@ struct SchedulerStats {
   int32_t last_rows = 0;        // rows of the last step's forward pass
   int32_t last_sequences = 0;   // sequences in it
   double last_step_seconds = 0.0;
+  // Where the steps' time went, summed over all steps (seconds): what a server's operator
+  // reads to tell a batched step's cost (the GEMMs grow with the rows, attention with the
+  // sequences' caches) from the work around it.
+  double step_seconds = 0.0;       // whole steps, the parts below included
+  double ternary_seconds = 0.0;    // ternary GEMMs over the batch's rows
+  double attention_seconds = 0.0;  // attention over each sequence's cache
+  double head_seconds = 0.0;       // the LM head over the sampled rows
+  double sample_seconds = 0.0;     // sampling and stop checks, per sequence
 };
 
 class Scheduler {

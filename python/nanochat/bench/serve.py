@@ -23,6 +23,10 @@ Requests still running at the deadline finish and count. Reported per server and
                  carrying n tokens (its timings.predicted_n step) counts as n gaps of gap / n
   short          requests that ended before max_tokens (ours stops at the model's end token)
   errors         requests that failed (a non-200 status, a broken stream, a token miscount)
+  engine_busy    ours only, from the server's /metrics engine clocks: the share of the wall
+                 time the engine spent stepping (the rest went to HTTP, the clients, waiting),
+  step_ms        and a mean step's ms by part: ternary GEMMs, attention, LM head, sampling,
+                 other (norms, RoPE, quantization, the scheduler's own work)
 
 The model is --model FILE.gguf, or --config's random-weight GGUF (cached, as bench decode).
 A config that llama.cpp's bitnet graph cannot run (small_560m's sliding-window "SSSL") is
@@ -194,6 +198,32 @@ async def drive(target: Target, streams: int, seconds: float, max_tokens: int) -
             "short": totals["short"], "tokens": totals["tokens"], "seconds": elapsed}
 
 
+def engine_clock(url: str) -> dict[str, float]:
+    """Our server's engine clocks from /metrics: steps run and seconds by part (step, ternary,
+    attention, head, sample), summed since it started."""
+    import httpx
+
+    clock = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("nanochat_engine_steps_total "):
+            clock["steps"] = float(line.split()[1])
+        elif line.startswith('nanochat_engine_seconds_total{part="'):
+            name, value = line.split()
+            clock[name.split('"')[1]] = float(value)
+    return clock
+
+
+def engine_split(before: dict, after: dict, elapsed: float) -> dict:
+    """Where a run's time went in our engine: the share of the wall time it spent stepping
+    (the rest is the HTTP server, the clients and waiting) and a mean step's parts in ms."""
+    steps = after["steps"] - before["steps"]
+    per_step = {k: (after[k] - before[k]) / steps * 1e3 if steps else 0.0
+                for k in after if k != "steps"}
+    per_step["other"] = per_step["step"] - sum(v for k, v in per_step.items() if k != "step")
+    return {"engine_busy": (after["step"] - before["step"]) / elapsed, "steps": int(steps),
+            "step_ms": per_step}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -331,8 +361,11 @@ def main(args: argparse.Namespace) -> int:
             continue
         try:
             for k in counts:
+                before = engine_clock(url) if engine == "nanochat" else None
                 row = asyncio.run(drive(Target(engine, url, child.model, extra), k,
                                         args.seconds, args.max_tokens))
+                if before is not None:
+                    row.update(engine_split(before, engine_clock(url), row["seconds"]))
                 row.update(config=None if args.model else args.config, variant=variant,
                            threads=args.threads, max_tokens=args.max_tokens)
                 ours = [r for r in rows if r["engine"] == "nanochat" and r["streams"] == k]
@@ -350,6 +383,12 @@ def main(args: argparse.Namespace) -> int:
         finally:
             child.close()
     if not args.json:
+        for r in rows:
+            if "engine_busy" in r:
+                parts = " + ".join(f"{k} {v:.1f}" for k, v in r["step_ms"].items() if k != "step")
+                print(f"nanochat {r['streams']} streams: engine stepping {r['engine_busy']:.0%} "
+                      f"of the wall time, {r['steps']} steps of {r['step_ms']['step']:.1f} ms "
+                      f"= {parts} ms")
         for r in rows:
             if "nanochat_over_this" in r:
                 print(f"{r['streams']} streams: nanochat {r['nanochat_over_this']:.2f}x "

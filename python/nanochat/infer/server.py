@@ -109,6 +109,10 @@ class Histogram:
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+# The parts of the engine's step time the scheduler's stats sum (`<part>_seconds`).
+ENGINE_PARTS = ("step", "ternary", "attention", "head", "sample")
+
+
 class Metrics:
     """Counters the event loop and the scheduler thread update (under one lock)."""
 
@@ -165,6 +169,11 @@ class Metrics:
                                   "Tokens the engine sampled.")]:
             out += [f"# HELP nanochat_{name} {help_}", f"# TYPE nanochat_{name} counter",
                     f"nanochat_{name} {stats[key]}"]
+        out += ["# HELP nanochat_engine_seconds_total Engine time by part: whole steps, and "
+                "within them the ternary GEMMs, attention, the LM head and sampling.",
+                "# TYPE nanochat_engine_seconds_total counter"]
+        out += [f'nanochat_engine_seconds_total{{part="{part}"}} {stats[part + "_seconds"]}'
+                for part in ENGINE_PARTS]
         return "\n".join(out) + "\n"
 
 
