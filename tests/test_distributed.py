@@ -4,9 +4,13 @@ resumed by one process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -271,3 +275,79 @@ def test_fsdp_refuses_whole_tensor_optimizer_state(override):
         check_parallel(cfg, Group(0, 2))
     check_parallel(cfg, Group())  # one process: nothing is sharded
     check_parallel(apply_overrides(cfg, ["train.parallel=ddp"]), Group(0, 2))
+
+
+def _prepared(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in FILES[:6]:
+        (src / f.replace("/", "_")).write_text((STDLIB / f).read_text())
+    return corpus.prepare([str(src)], tmp_path / "data", vocab_size=512, val_fraction=0.2,
+                          progress=False).out_dir
+
+
+def _descendants(pid: int) -> list[int]:
+    parent = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                stat = open(f"/proc/{p}/stat").read()
+            except OSError:
+                continue
+            parent[int(p)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, todo = [], [pid]
+    while todo:
+        kids = [c for c, pp in parent.items() if pp == todo[-1]]
+        todo.pop()
+        found += kids
+        todo += kids
+    return found
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    for pid in _descendants(launcher):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+    return None
+
+
+def test_killing_one_rank_ends_the_job_with_its_error(tmp_path):
+    """SIGKILL of rank 1 mid-run: the job (launched by `nanochat train --nproc 2`) exits
+    non-zero within seconds, naming the killed rank, instead of rank 0 waiting in its next
+    collective until the process group's timeout."""
+    data = _prepared(tmp_path)
+    cfg = tmp_path / "ddp.toml"
+    cfg.write_text(CONFIG.replace("checkpoint_every = 2", "checkpoint_every = 1000000"))
+    run = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "nanochat", "train", "--config", str(cfg),
+                            "--data", str(data), "--out", str(run), "--no-progress",
+                            "--nproc", "2", "--steps", "100000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run / "metrics.jsonl").is_file()
+                   and "loss" in (run / "metrics.jsonl").read_text()):  # training under way
+            assert job.poll() is None, job.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        victim = _rank_pid(job.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        out, _ = job.communicate(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        if job.poll() is None:
+            for pid in _descendants(job.pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            job.kill()
+            job.wait()
+    assert job.returncode != 0
+    assert "SIGKILL" in out and f"pid: {victim}" in out, out[-3000:]
+    print(f"job ended {took:.1f} s after the kill")
+    assert took < 30, (took, out[-3000:])
