@@ -87,8 +87,9 @@ def _same_state(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_save_shards_that_reshard(tmp_path, parallel):
+@pytest.mark.parametrize("parallel,state", [("ddp", "fp32"), ("fsdp", "fp32"),
+                                            ("ddp", "8bit")])  # 8-bit: refused under FSDP
+def test_two_ranks_save_shards_that_reshard(tmp_path, parallel, state):
     """2 ranks write a sharded (DCP) checkpoint, each rank its own file; resumed by 2 ranks
     the losses are the uninterrupted run's; one process loads it (2 -> 1) and two ranks
     load one process's (1 -> 2) with the model and optimizer state unchanged; `nanochat
@@ -100,7 +101,8 @@ def test_two_ranks_save_shards_that_reshard(tmp_path, parallel):
     def run(out, *args):
         r = subprocess.run([sys.executable, "-m", "nanochat", "train", "--config", str(cfg),
                             "--data", str(data), "--out", str(out), "--no-progress", "--set",
-                            f"train.parallel={parallel}", *args],
+                            f"train.parallel={parallel}", "--set", f"optim.state={state}",
+                            *args],
                            capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
         return r.stdout
@@ -119,8 +121,10 @@ def test_two_ranks_save_shards_that_reshard(tmp_path, parallel):
     saved = tmp_path / "saved4"
     shutil.copytree(ckpt, saved)
     shutil.copytree(tmp_path / "run", tmp_path / "one")
-    state = checkpoint.load(tmp_path / "run")
-    assert (state["step"], state["world"]) == (4, 2)
+    st = checkpoint.load(tmp_path / "run")
+    assert (st["step"], st["world"]) == (4, 2)
+    codes = {v.dtype for s in st["optimizer"]["state"].values() for v in s.values()}
+    assert (torch.int8 in codes or torch.uint8 in codes) == (state == "8bit")
 
     out = run(tmp_path / "run", "--resume", "--nproc", "2", "--steps", "6")
     assert "at step 4" in out and "resumed with" not in out
@@ -152,8 +156,8 @@ def test_two_ranks_save_shards_that_reshard(tmp_path, parallel):
     assert "saved with 1 rank(s), resumed with 2" in out
     _same_state(checkpoint.load(one6), checkpoint.load(tmp_path / "one"))
     out = run(tmp_path / "one", "--resume", "--nproc", "2", "--steps", "8")
-    state = checkpoint.load(tmp_path / "one")
-    assert (state["step"], state["world"]) == (8, 2)
+    st = checkpoint.load(tmp_path / "one")
+    assert (st["step"], st["world"]) == (8, 2)
     losses = _losses(tmp_path / "one")
     assert len(losses) == 8 and all(np.isfinite(losses))
 

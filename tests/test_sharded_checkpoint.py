@@ -18,7 +18,8 @@ from test_train import data_dir, quiet, small_config  # noqa: F401  (data_dir: a
 
 
 def _cfg(fmt: str, state: str = "fp32", **kw):
-    kw = {"max_steps": 4, "checkpoint_every": 2, "eval_every": 1000, **kw}
+    kw = {"max_steps": 2, "checkpoint_every": 1000, "eval_every": 1000, "eval_tokens": 256,
+          **kw}
     return apply_overrides(small_config(**kw),
                            [f"train.checkpoint_format={fmt}", f"optim.state={state}"])
 
@@ -28,7 +29,7 @@ def test_sharded_resume_is_bit_exact(data_dir, tmp_path, state):  # noqa: F811
     straight = train(_cfg("gathered", state), data_dir, tmp_path / "a", progress_bar=False,
                      log=quiet)
     first = train(_cfg("sharded", state), data_dir, tmp_path / "b", progress_bar=False,
-                  stop_at_step=2, log=quiet)
+                  stop_at_step=1, log=quiet)
     ckpt = checkpoint.list_checkpoints(tmp_path / "b")[-1]
     assert sorted(os.listdir(ckpt)) == ["config.json", "meta.pt", "shards", "tokenizer"]
     assert not (ckpt / "state.pt").exists()
@@ -61,7 +62,7 @@ def test_bad_shard_dirs_are_clear_errors(data_dir, tmp_path):  # noqa: F811
     ckpt = checkpoint.list_checkpoints(tmp_path / "run")[-1]
     shards = ckpt / "shards"
     # a save killed before its rename: a temp dir with shards but no meta.pt is no checkpoint
-    half = ckpt.parent / ".step_000002.abcd"
+    half = ckpt.parent / ".step_000001.abcd"
     (half / "shards").mkdir(parents=True)
     (half / "shards" / "__0_0.distcp").write_bytes(b"partial")
     assert checkpoint.list_checkpoints(tmp_path / "run") == [ckpt]
