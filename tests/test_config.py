@@ -77,12 +77,13 @@ CHOICES = dict(_choice_fields())
 
 
 def test_every_string_option_is_a_literal():
-    """The 15 string options that take fixed values are typed, so one check covers them."""
+    """The 16 string options that take fixed values are typed, so one check covers them."""
     assert set(CHOICES) == {
         "model.activation", "model.mhc.res", "model.moe.balance", "train.bitlinear",
         "train.bitlinear_backward", "train.device", "train.fused_loss",
-        "train.fused_loss_precision", "train.parallel", "optim.name", "optim.rest", "optim.state",
-        "optim.muon.scale", "optim.muon.ns_dtype", "schedule.decay_shape"}
+        "train.fused_loss_precision", "train.parallel", "train.checkpoint_format", "optim.name",
+        "optim.rest", "optim.state", "optim.muon.scale", "optim.muon.ns_dtype",
+        "schedule.decay_shape"}
 
 
 @pytest.mark.parametrize("key", sorted(CHOICES))

@@ -4,9 +4,14 @@ resumed by one process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -64,45 +69,96 @@ def test_torchrun_needs_an_out_dir(monkeypatch, capsys):
     assert "--out RUN_DIR" in capsys.readouterr().err
 
 
+def _losses(run) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in rows if "loss" in x]
+
+
+def _same_state(a: dict, b: dict) -> None:
+    """Two checkpoints' model and optimizer state (single-process format), exactly."""
+    assert a["model"].keys() == b["model"].keys()
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for i, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"]["state"][i][k]))
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_train_and_one_resumes(tmp_path, parallel):
-    """2 ranks save, 1 process resumes, then 2 ranks again: the checkpoint is the single-
-    process format whatever the strategy (FSDP gathers its shards to rank 0)."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for f in FILES[:6]:
-        (src / f.replace("/", "_")).write_text((STDLIB / f).read_text())
-    data = corpus.prepare([str(src)], tmp_path / "data", vocab_size=512, val_fraction=0.2,
-                          progress=False).out_dir
+@pytest.mark.parametrize("parallel,state", [("ddp", "fp32"), ("fsdp", "fp32"),
+                                            ("ddp", "8bit")])  # 8-bit: refused under FSDP
+def test_two_ranks_save_shards_that_reshard(tmp_path, parallel, state):
+    """2 ranks write a sharded (DCP) checkpoint, each rank its own file; resumed by 2 ranks
+    the losses are the uninterrupted run's; one process loads it (2 -> 1) and two ranks
+    load one process's (1 -> 2) with the model and optimizer state unchanged; `nanochat
+    export` of the sharded dir equals that of the same state in the gathered format."""
+    data = _prepared(tmp_path)
     cfg = tmp_path / "ddp.toml"
     cfg.write_text(CONFIG)
-    run = tmp_path / "run"
-    base = [sys.executable, "-m", "nanochat", "train", "--config", str(cfg), "--data",
-            str(data), "--out", str(run), "--no-progress", "--set", f"train.parallel={parallel}"]
-    r = subprocess.run(base + ["--nproc", "2", "--steps", "4"], capture_output=True,
-                       text=True, timeout=900)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert "2 ranks" in r.stdout and r.stdout.count("held-out bits/byte") == 1  # rank 0 only
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [x["step"] for x in rows if "loss" in x]
-    assert steps == [1, 2, 3, 4]  # logged once per step, by rank 0
-    state = checkpoint.load(run)
-    assert (state["step"], state["world"]) == (4, 2)
-    # 2 ranks x 4 x 32 x 2 accumulated: the logged throughput counts both ranks' tokens
-    r = subprocess.run(base + ["--resume", "--steps", "6"], capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert "saved with 2 rank(s), resumed with 1" in r.stdout
-    assert checkpoint.load(run)["step"] == 6
-    r = subprocess.run(base + ["--resume", "--nproc", "2", "--steps", "8"], capture_output=True,
-                       text=True, timeout=900)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert f"2 ranks ({parallel})" in r.stdout and "resumed with 2" in r.stdout
-    state = checkpoint.load(run)
-    assert (state["step"], state["world"]) == (8, 2)
-    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(x)]
+
+    def run(out, *args):
+        r = subprocess.run([sys.executable, "-m", "nanochat", "train", "--config", str(cfg),
+                            "--data", str(data), "--out", str(out), "--no-progress", "--set",
+                            f"train.parallel={parallel}", "--set", f"optim.state={state}",
+                            *args],
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        return r.stdout
+
+    run(tmp_path / "straight", "--nproc", "2", "--steps", "6")
+    out = run(tmp_path / "run", "--nproc", "2", "--steps", "4")
+    assert "2 ranks" in out and out.count("held-out bits/byte") == 1  # rank 0 only
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3, 4]  # once each, by rank 0
+    ckpt = checkpoint.list_checkpoints(tmp_path / "run")[-1]
+    assert sorted(p.name for p in (ckpt / "shards").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own file
+    if parallel == "fsdp":  # each rank holds half the parameters
+        sizes = [(ckpt / "shards" / f"__{r}_0.distcp").stat().st_size for r in range(2)]
+        assert min(sizes) > 0.4 * sum(sizes)
+    saved = tmp_path / "saved4"
+    shutil.copytree(ckpt, saved)
+    shutil.copytree(tmp_path / "run", tmp_path / "one")
+    st = checkpoint.load(tmp_path / "run")
+    assert (st["step"], st["world"]) == (4, 2)
+    codes = {v.dtype for s in st["optimizer"]["state"].values() for v in s.values()}
+    assert (torch.int8 in codes or torch.uint8 in codes) == (state == "8bit")
+
+    out = run(tmp_path / "run", "--resume", "--nproc", "2", "--steps", "6")
+    assert "at step 4" in out and "resumed with" not in out
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "straight")  # exact
+
+    # 2 -> 1: one process loads the shards and, with no step to run, writes them back in the
+    # single-process format (state.pt)
+    out = run(tmp_path / "one", "--resume", "--steps", "4")
+    assert "saved with 2 rank(s), resumed with 1" in out
+    gathered = checkpoint.list_checkpoints(tmp_path / "one")[-1]
+    assert (gathered / "state.pt").is_file() and not (gathered / "shards").exists()
+    _same_state(checkpoint.load(saved), checkpoint.load(gathered))
+    # (GGUF export needs d_model % 256 == 0: tests/test_sharded_checkpoint.py compares it)
+    sample = [sys.executable, "-m", "nanochat", "sample", "--prompt", "def ", "--max-tokens",
+              "16", "--seed", "0", "--checkpoint"]
+    texts = []
+    for src in (saved, gathered):
+        r = subprocess.run(sample + [str(src)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        texts.append(r.stdout)
+    assert texts[0] == texts[1] and len(texts[0]) > len("def ")
+
+    # 1 -> 2: one process trains on and writes shards; two ranks load them
+    run(tmp_path / "one", "--resume", "--steps", "6", "--set", "train.checkpoint_format=sharded")
+    one6 = tmp_path / "one6"
+    shutil.copytree(checkpoint.list_checkpoints(tmp_path / "one")[-1], one6)
+    assert checkpoint.load(one6)["world"] == 1
+    out = run(tmp_path / "one", "--resume", "--nproc", "2", "--steps", "6")
+    assert "saved with 1 rank(s), resumed with 2" in out
+    _same_state(checkpoint.load(one6), checkpoint.load(tmp_path / "one"))
+    out = run(tmp_path / "one", "--resume", "--nproc", "2", "--steps", "8")
+    st = checkpoint.load(tmp_path / "one")
+    assert (st["step"], st["world"]) == (8, 2)
+    losses = _losses(tmp_path / "one")
     assert len(losses) == 8 and all(np.isfinite(losses))
 
 
@@ -271,3 +327,79 @@ def test_fsdp_refuses_whole_tensor_optimizer_state(override):
         check_parallel(cfg, Group(0, 2))
     check_parallel(cfg, Group())  # one process: nothing is sharded
     check_parallel(apply_overrides(cfg, ["train.parallel=ddp"]), Group(0, 2))
+
+
+def _prepared(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in FILES[:6]:
+        (src / f.replace("/", "_")).write_text((STDLIB / f).read_text())
+    return corpus.prepare([str(src)], tmp_path / "data", vocab_size=512, val_fraction=0.2,
+                          progress=False).out_dir
+
+
+def _descendants(pid: int) -> list[int]:
+    parent = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                stat = open(f"/proc/{p}/stat").read()
+            except OSError:
+                continue
+            parent[int(p)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, todo = [], [pid]
+    while todo:
+        kids = [c for c, pp in parent.items() if pp == todo[-1]]
+        todo.pop()
+        found += kids
+        todo += kids
+    return found
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    for pid in _descendants(launcher):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+    return None
+
+
+def test_killing_one_rank_ends_the_job_with_its_error(tmp_path):
+    """SIGKILL of rank 1 mid-run: the job (launched by `nanochat train --nproc 2`) exits
+    non-zero within seconds, naming the killed rank, instead of rank 0 waiting in its next
+    collective until the process group's timeout."""
+    data = _prepared(tmp_path)
+    cfg = tmp_path / "ddp.toml"
+    cfg.write_text(CONFIG.replace("checkpoint_every = 2", "checkpoint_every = 1000000"))
+    run = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "nanochat", "train", "--config", str(cfg),
+                            "--data", str(data), "--out", str(run), "--no-progress",
+                            "--nproc", "2", "--steps", "100000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run / "metrics.jsonl").is_file()
+                   and "loss" in (run / "metrics.jsonl").read_text()):  # training under way
+            assert job.poll() is None, job.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        victim = _rank_pid(job.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        out, _ = job.communicate(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        if job.poll() is None:
+            for pid in _descendants(job.pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            job.kill()
+            job.wait()
+    assert job.returncode != 0
+    assert "SIGKILL" in out and f"pid: {victim}" in out, out[-3000:]
+    print(f"job ended {took:.1f} s after the kill")
+    assert took < 30, (took, out[-3000:])

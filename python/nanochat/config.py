@@ -48,6 +48,7 @@ BitLinearKernel = Literal["auto", "cpp", "torch"]
 BackwardPrecision = Literal["auto", "bf16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
 Parallel = Literal["ddp", "fsdp"]  # under torchrun: replicated (DDP) or sharded (FSDP2)
+CheckpointFormat = Literal["auto", "gathered", "sharded"]
 FusedLoss = Literal["auto", "on", "off"]
 FusedLossPrecision = Literal["f32", "bf16"]
 MuonScale = Literal["moonlight", "original"]
@@ -221,6 +222,9 @@ class TrainConfig:
     # Under torchrun: "ddp" (every rank holds the whole model, gradients averaged) or "fsdp"
     # (FSDP2: parameters, gradients and optimizer state sharded over the ranks)
     parallel: Parallel = "ddp"
+    # "sharded": every rank writes its own shards (torch.distributed.checkpoint); "gathered":
+    # rank 0 writes the whole state to one state.pt; "auto": sharded under torchrun only
+    checkpoint_format: CheckpointFormat = "auto"
 
     def validate(self, where: str = "train") -> None:
         self.collider.validate(f"{where}.collider")

@@ -183,9 +183,12 @@ class HybridOptimizer(torch.optim.Optimizer):
         dtypes = {k: {n: v.dtype for n, v in st.items() if torch.is_tensor(v)}
                   for k, st in state_dict["state"].items()}
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
+        # keys: torch's ids or, from torch.distributed.checkpoint's set_state_dict, parameter
+        # names; either way in the order of the saved groups' "params", as torch maps them
+        saved = [k for g in state_dict["param_groups"] for k in g["params"]]
+        param = dict(zip(saved, (p for g in self.param_groups for p in g["params"])))
         for k, names in dtypes.items():
-            st = self.state[params[k]]
+            st = self.state[param[k]]
             for n, dt in names.items():
                 if st[n].dtype != dt:  # int8/uint8 codes cast to float by torch: exact back
                     st[n] = st[n].to(dt)

@@ -22,11 +22,14 @@ orthogonalizes the full matrix and keeps its rows (exact, at the cost of the gat
 optimizer state and GaLore are refused under FSDP: their blockwise codes and projections
 are defined on whole tensors.
 
-Checkpoints are the single-process format either way: DDP's state is replicated, so rank
-0's copy is the whole state; under FSDP every rank takes part in gathering the full model
-and optimizer state to rank 0 (torch.distributed.checkpoint.state_dict), which writes it.
-So a run saved with N ranks resumes with any number and either strategy, and `nanochat
-export` and `sample` read it as usual.
+Checkpoints are sharded under torchrun (`train.checkpoint_format`, nanochat/checkpoint.py):
+every rank writes its own part of the model and optimizer state with
+torch.distributed.checkpoint (DCP) from the state dicts of
+torch.distributed.checkpoint.state_dict (FSDP's DTensor shards; DDP's replicated tensors,
+which DCP writes once), and resuming loads them into the current world's state dicts, so a
+run saved with N ranks resumes with any number and either strategy. "gathered" writes the
+single-process format instead (FSDP gathers the full state to rank 0), which loads under
+any world too. `nanochat export` and `sample` read either.
 """
 
 from __future__ import annotations
@@ -138,6 +141,25 @@ class Group:
 
         set_optimizer_state_dict(net, opt, _names_from_ids(state, opt, net),
                                  options=StateDictOptions(full_state_dict=True))
+
+    def sharded_state(self, net: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+        """This rank's model and optimizer state for a sharded checkpoint (parameter names as
+        keys, whatever the wrapper); every rank calls it."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, opt_sd = get_state_dict(net, opt)
+        return {"model": model_sd, "optim": opt_sd}
+
+    def load_sharded(self, net: torch.nn.Module, opt: torch.optim.Optimizer,
+                     shards) -> None:
+        """Load a sharded checkpoint's model and optimizer state, resharded to this world's
+        layout; every rank calls it."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        from nanochat import checkpoint
+
+        sd = checkpoint.read_shards(shards, self.sharded_state(net, opt))
+        set_state_dict(net, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
     def shard(self, tokens: np.ndarray, seq_len: int) -> np.ndarray:
         """This rank's contiguous, disjoint slice of the training tokens."""

@@ -155,7 +155,8 @@ def train(cfg: RunConfig, data_dir: Path | None, run_dir: Path, resume: bool = F
         if group.main:
             checkpoint.recover(run_dir)  # a save killed part way leaves temp dirs behind
         group.barrier()
-        state = checkpoint.load(run_dir, log=log)
+        # a sharded checkpoint's tensors are read below, each rank its own part
+        state = checkpoint.load(run_dir, log=log, consolidate=False)
         saved = from_dict(state["config"], f"checkpoint {state['path']}")
         if saved.model != cfg.model:
             raise ValueError(f"checkpoint {state['path']} was trained with a different model "
@@ -181,11 +182,15 @@ def train(cfg: RunConfig, data_dir: Path | None, run_dir: Path, resume: bool = F
                          "packed conversations; turn it off (--set train.collider.enabled=false)")
     check_parallel(cfg, group)
     sharded = group.world > 1 and t.parallel == "fsdp"
+    # every rank writes a sharded checkpoint; FSDP's ranks all take part in gathering one too
+    shard_files = t.checkpoint_format == "sharded" or (t.checkpoint_format == "auto"
+                                                       and group.world > 1)
+    every_rank_saves = sharded or shard_files
     model = build_model(cfg, device, seed=t.seed)
     if init_model is not None and state is None:
         model.load_state_dict(init_model)
     collider = Collider.from_config(t.collider, _reference_model(cfg, device), log=log)
-    if state is not None:
+    if state is not None and "shards" not in state:
         model.load_state_dict(state["model"])
     # DDP averages gradients; FSDP shards the parameters in place, so the optimizer is built
     # on what wrap() leaves
@@ -193,7 +198,10 @@ def train(cfg: RunConfig, data_dir: Path | None, run_dir: Path, resume: bool = F
     opt = build_optimizer(model, cfg, log=log if state is None else (lambda *_: None))
     step, elapsed_before, train_s = 0, 0.0, 0.0
     if state is not None:
-        group.load_optimizer(net, opt, state["optimizer"])
+        if "shards" in state:
+            group.load_sharded(net, opt, state["shards"])
+        else:
+            group.load_optimizer(net, opt, state["optimizer"])
         step = state["step"]
         elapsed_before = state["elapsed_s"]
         train_s = state.get("train_s", elapsed_before)  # older checkpoints: wall time
@@ -241,18 +249,21 @@ def train(cfg: RunConfig, data_dir: Path | None, run_dir: Path, resume: bool = F
                    file=sys.stderr, desc="train")
 
     def save() -> Path | None:
-        """Every rank calls it (FSDP gathers the shards); rank 0 writes."""
+        """Every rank calls it when every_rank_saves; rank 0 returns the checkpoint dir."""
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+        st = {"step": step, "elapsed_s": elapsed, "train_s": train_s, "rng": rng,
+              "config": cfg.to_dict(), "loader": loader.state_dict(),
+              "tokenizer_sha256": data.tokenizer.sha256(), "world": group.world}
+        if shard_files:
+            return checkpoint.save_sharded(run_dir, step, group.sharded_state(net, opt), st,
+                                           cfg.to_dict(), data.dir / "tokenizer",
+                                           keep=t.keep_checkpoints)
         full = group.full_state(net, opt)
         if full is None:
             return None
-        rng = {"torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        st = {"model": full[0], "optimizer": full[1], "step": step,
-              "elapsed_s": elapsed, "train_s": train_s, "rng": rng, "config": cfg.to_dict(),
-              "loader": loader.state_dict(), "tokenizer_sha256": data.tokenizer.sha256(),
-              "world": group.world}
-        return checkpoint.save(run_dir, step, st, cfg.to_dict(), data.dir / "tokenizer",
-                               keep=t.keep_checkpoints)
+        return checkpoint.save(run_dir, step, {"model": full[0], "optimizer": full[1], **st},
+                               cfg.to_dict(), data.dir / "tokenizer", keep=t.keep_checkpoints)
 
     start = time.perf_counter()
     elapsed = elapsed_before
@@ -338,7 +349,8 @@ def train(cfg: RunConfig, data_dir: Path | None, run_dir: Path, resume: bool = F
                         msg = (f"step {step}: val loss {result.val_loss:.4f}, "
                                f"val bits/byte {result.val_bpb:.4f}")
                         (bar.write(msg) if bar is not None else log(msg))
-                if (step % t.checkpoint_every == 0 or is_last) and (group.main or sharded):
+                if (step % t.checkpoint_every == 0 or is_last) and (group.main or
+                                                                    every_rank_saves):
                     elapsed = elapsed_before + time.perf_counter() - start
                     last_saved, saved_step = save(), step
             elapsed = elapsed_before + time.perf_counter() - start
@@ -347,7 +359,7 @@ def train(cfg: RunConfig, data_dir: Path | None, run_dir: Path, resume: bool = F
                 if group.main:
                     metrics.log(step, val_loss=result.val_loss, val_bpb=result.val_bpb,
                                 train_s=train_s)
-            if (group.main or sharded) and saved_step != step:
+            if (group.main or every_rank_saves) and saved_step != step:
                 last_saved, saved_step = save(), step
     finally:
         if bar is not None:
