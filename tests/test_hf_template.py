@@ -187,6 +187,14 @@ def test_generate_chat_feeds_the_template(imported, hf_dir, tmp_path, capsys):
                                        return_dict=True)["input_ids"])
     assert conv.last_prompt == want
     assert EOT not in reply
+    # the second turn: the history with the reply as the template renders it; the cache
+    # keeps the part of the first prompt the new one shares
+    reply2 = "".join(conv.reply("isn't it red?", max_tokens=8, temperature=0.0))
+    msgs += [{"role": "assistant", "content": reply},
+             {"role": "user", "content": "isn't it red?"}]
+    want = list(hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True,
+                                       return_dict=True)["input_ids"])
+    assert conv.last_prompt == want and EOT not in reply2
     assert main(["generate", "--model", str(gguf), "--chat", "--prompt", "hi", "--json",
                  "--max-tokens", "4"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["chat"] is True
@@ -197,6 +205,10 @@ MALICIOUS = [
     "{{ messages.__class__.__init__.__globals__ }}",
     "{% set x = messages.append({'role': 'user', 'content': 'x'}) %}{{ x }}",
     "{{ cycler.__init__.__globals__.os.system('touch PWNED') }}",
+    "{{ 'x' * 10 ** 10 }}",  # memory: refused before it is allocated
+    "{{ ['x'] * 100000000 }}",
+    "{{ 2 ** 100000000 }}",  # time: printing a number of 30 million digits
+    "{{ 1 / 0 }}{{ messages[99] }}",
 ]
 
 

@@ -11,7 +11,8 @@ chat_template.jinja file), kept as chat_template.jinja in the tokenizer director
 a file, so it runs in jinja2's ImmutableSandboxedEnvironment (as transformers does): no
 attribute starting with "_", no mutation of the messages, no code execution; a template that
 tries any of it, or fails, is a ValueError naming the file. The output is capped at
-MAX_RENDER_CHARS.
+MAX_RENDER_CHARS, and so are `'x' * n` and `n ** m` (jinja2 bounds only range()); a
+template's running time is not bounded beyond that (nested loops of range(100000)).
 
 Rendering follows transformers' apply_chat_template: the text is rendered with `messages`,
 `add_generation_prompt`, `bos_token` and `eos_token`, then tokenized as a whole with special
@@ -73,10 +74,27 @@ def _environment():
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
+    class Sandbox(ImmutableSandboxedEnvironment):
+        """jinja2's sandbox bounds range() but not `'x' * n` or `n ** m`: a template could
+        ask for gigabytes in one expression. Those two are checked before they run."""
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if (operator == "**" and isinstance(left, int) and isinstance(right, int)
+                    and left.bit_length() * abs(right) > 1 << 16):  # printing it is quadratic
+                raise jinja2.exceptions.SecurityError(f"{left} ** {right} is too large")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if (isinstance(seq, (str, list, tuple)) and isinstance(n, int)
+                            and len(seq) * n > MAX_RENDER_CHARS):
+                        raise jinja2.exceptions.SecurityError(
+                            f"a repetition of {len(seq)} x {n} exceeds {MAX_RENDER_CHARS}")
+            return super().call_binop(context, operator, left, right)
+
     now = datetime.now()  # one time per template: its renders of a conversation agree
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True,
+                  extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = now.strftime
@@ -156,7 +174,8 @@ class ChatTemplate:
                     raise ValueError(f"{self.where}: the chat template rendered more than "
                                      f"{MAX_RENDER_CHARS} characters")
                 out.append(piece)
-        except self._error as e:  # SecurityError, UndefinedError, raise_exception, ...
+        except (self._error, ArithmeticError, LookupError, TypeError, AttributeError,
+                RecursionError) as e:  # SecurityError, UndefinedError, raise_exception, ...
             raise ValueError(f"{self.where}: the chat template failed: "
                              f"{type(e).__name__}: {e}") from None
         return "".join(out)
