@@ -107,7 +107,7 @@ def test_load_counts_and_reports_bad_rows_by_line(tmp_path, tok, markers):
              "", json.dumps({"messages": [{"role": "assistant", "content": "a"}]}),
              json.dumps({"messages": long_conv}), json.dumps({"messages": CONVS[1]})]
     f.write_text("\n".join(lines) + "\n")
-    cs = chat.load([f], tok.encode, markers, max_tokens=64)
+    cs = chat.load([f], chat.renderer(tok.encode, markers), max_tokens=64)
     assert len(cs.ids) == 2 and cs.rows == 6
     assert [(line, why.split(":")[0]) for _, line, why in cs.bad] == [
         (2, "not JSON"), (3, 'expected an object with a "messages" list'),
@@ -117,10 +117,10 @@ def test_load_counts_and_reports_bad_rows_by_line(tmp_path, tok, markers):
     assert report.startswith("2 conversations, 4 bad row(s) of 6")
     assert f"{f}:2: not JSON" in report and f"{f}:5: message 0" in report
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        chat.load([tmp_path / "nope.jsonl"], tok.encode, markers, 64)
+        chat.load([tmp_path / "nope.jsonl"], chat.renderer(tok.encode, markers), 64)
     (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe{}\n")
     with pytest.raises(ValueError, match="not UTF-8"):
-        chat.load([tmp_path / "bin.jsonl"], tok.encode, markers, 64)
+        chat.load([tmp_path / "bin.jsonl"], chat.renderer(tok.encode, markers), 64)
 
 
 def test_parquet(tmp_path, tok, markers):
@@ -128,13 +128,13 @@ def test_parquet(tmp_path, tok, markers):
     if importlib.util.find_spec("pyarrow") is None:
         f.write_bytes(b"PAR1")
         with pytest.raises(ValueError, match="needs pyarrow"):
-            chat.load([f], tok.encode, markers, 64)
+            chat.load([f], chat.renderer(tok.encode, markers), 64)
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"messages": CONVS}), f)
-    cs = chat.load([f], tok.encode, markers, 256)
+    cs = chat.load([f], chat.renderer(tok.encode, markers), 256)
     assert len(cs.ids) == 3 and not cs.bad
 
 

@@ -191,3 +191,29 @@ def test_cli_runs_lm_eval_with_nanochat_registered(trained_tiny, tmp_path, run_n
     results = list(out.rglob("results_*.json"))
     assert results, p.stdout
     assert "acc,none" in json.loads(results[0].read_text())["results"]["nanochat_mc"]
+
+
+def _greedy(model, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens by a full forward per token (no KV cache: independent of the
+    model's generate)."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([out]))[0, -1].argmax()))
+    return out[len(ids):]
+
+
+def test_generate_until_on_torch(trained_tiny):
+    """lm-eval's generate_until task on a run directory (the torch path): each response is
+    the torch model's own greedy continuation of <|bos|> prompt, cut before the first
+    `until` string, and at least one was cut."""
+    res = _evaluate(trained_tiny["run"], ["nanochat_gen"])
+    model, tok = trained_tiny["model"], trained_tiny["tok"]
+    cut = 0
+    for s in res["samples"]["nanochat_gen"]:
+        (out,) = s["resps"][0]
+        full = tok.decode(_greedy(model, [tok.bos_id, *tok.encode(s["doc"]["prompt"])], 16))
+        want = bpb.cut_at(full, UNTIL)
+        assert out == want, (out, full)
+        cut += len(want) < len(full)
+    assert cut >= 1

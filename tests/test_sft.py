@@ -85,7 +85,7 @@ def test_the_loss_counts_assistant_tokens_only(base, chat_file):
 
     tok = Tokenizer.load(state["path"] / "tokenizer")
     m = chat.Markers.of(tok.special_tokens, "t")
-    cs = chat.load([chat_file], tok.encode, m, 65)
+    cs = chat.load([chat_file], chat.renderer(tok.encode, m), 65)
     src = ChatSource(tok, state["path"], cs)
     x, y, doc = src.loader(4, 64, seed=0, prefetch=0).build_batch(0)
     model, _, _ = load_model(base)

@@ -281,9 +281,10 @@ def _generate_chat(args: argparse.Namespace) -> int:
     from nanochat.infer import chat
 
     if args.stop:
-        raise ValueError("--stop does not apply with --chat (the reply ends at <|assistant_end|>)")
+        raise ValueError("--stop does not apply with --chat (the reply ends at the end of the "
+                         "turn)")
     eng = _open_engine(args)
-    conv = chat.Conversation(eng, args.system)
+    conv = chat.open_conversation(eng, args.system)
     pieces = []
     for piece in conv.reply(args.prompt, max_tokens=args.max_tokens, **_sampling(args)):
         pieces.append(piece)

@@ -184,6 +184,11 @@ def tokenizer_metadata(tok: Tokenizer) -> list[KV]:
     bos = tok.bos_id
     types = [TOKEN_CONTROL if tok.is_special(i) else TOKEN_NORMAL for i in range(tok.vocab_size)]
     eot = tok.special_tokens.get(EOT)  # an imported tokenizer has no chat turn token of ours
+    template = CHAT_TEMPLATE if eot is not None else tok.chat_template
+    if eot is None and template is not None:  # an imported one's own template and its end
+        from nanochat.data.template import ChatTemplate
+
+        eot = ChatTemplate.of(tok, "the checkpoint's tokenizer").end_of_turn(tok)
     return [
         ("tokenizer.ggml.model", "string", "gpt2"),
         ("tokenizer.ggml.pre", "string", tok.pre_tokenizer),
@@ -196,9 +201,9 @@ def tokenizer_metadata(tok: Tokenizer) -> list[KV]:
         *([("tokenizer.ggml.eot_token_id", "u32", eot)] if eot is not None else []),
         ("tokenizer.ggml.add_bos_token", "bool", True),
         ("tokenizer.ggml.add_eos_token", "bool", False),
-        # the chat template (nanochat/data/chat.py) in Jinja, as llama.cpp and its server
-        # read it; a foreign tokenizer has no markers for it
-        *([("tokenizer.chat_template", "string", CHAT_TEMPLATE)] if eot is not None else []),
+        # the chat template in Jinja, as llama.cpp and its server read it: ours (nanochat/
+        # data/chat.py), or an imported tokenizer's own (nanochat/data/template.py), if any
+        *([("tokenizer.chat_template", "string", template)] if template is not None else []),
     ]
 
 

@@ -240,9 +240,17 @@ class ChatSet:
                              self.bad) for keep in pick)
 
 
-def load(paths: Sequence[str | Path], encode: Callable[[str], list[int]], m: Markers,
-         max_tokens: int) -> ChatSet:
-    """Every good conversation of the files, rendered; a conversation longer than
+Renderer = Callable[[list], tuple[list[int], list[bool]]]  # messages -> (ids, loss mask)
+
+
+def renderer(encode: Callable[[str], list[int]], m: Markers) -> Renderer:
+    """nanochat's template (`render`) over a tokenizer's encode and markers."""
+    return lambda messages: render(messages, encode, m)
+
+
+def load(paths: Sequence[str | Path], render_fn: Renderer, max_tokens: int) -> ChatSet:
+    """Every good conversation of the files, rendered by `render_fn` (`renderer(...)`, or an
+    imported model's template: nanochat/data/template.py); a conversation longer than
     max_tokens tokens (the context) is a bad row. Raises ValueError for an unreadable
     file."""
     out = ChatSet()
@@ -255,7 +263,7 @@ def load(paths: Sequence[str | Path], encode: Callable[[str], list[int]], m: Mar
             try:
                 if isinstance(msgs, BadConversation):
                     raise msgs
-                ids, mask = render(msgs, encode, m)
+                ids, mask = render_fn(msgs)
                 if len(ids) > max_tokens:
                     raise BadConversation(f"{len(ids)} tokens, longer than the context of "
                                           f"{max_tokens}")

@@ -39,6 +39,9 @@ FILENAME = "tokenizer.json"
 # An imported (foreign) tokenizer's own special tokens and pre-tokenizer, beside FILENAME:
 # {"bos": text, "eos": text, "pre": name}. Absent: the nanochat layout above.
 FOREIGN = "special.json"
+# An imported tokenizer's own chat template (Jinja; nanochat/data/template.py), beside FILENAME
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+MAX_TEMPLATE_BYTES = 1 << 20  # a chat template is a few KB; a bigger file is not one
 # LLaMA-3's split regex (llama.cpp's "llama-bpe" pre-tokenizer), as in its tokenizer.json
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -68,11 +71,17 @@ def unicode_to_bytes() -> dict[str, int]:
 class Tokenizer:
     """A trained byte-level BPE tokenizer. Build with `train` or `load`."""
 
-    def __init__(self, hf, foreign: dict | None = None):  # hf: tokenizers.Tokenizer
+    def __init__(self, hf, foreign: dict | None = None, chat_template: str | None = None):
+        # hf: tokenizers.Tokenizer; chat_template: an imported tokenizer's Jinja template
         self._hf = hf
         # Special-token strings inside text are encoded as plain bytes, never as specials.
         hf.encode_special_tokens = True
         self._foreign = foreign
+        self._hf_special = None  # built by encode_special on first use
+        if chat_template is not None and foreign is None:
+            raise ValueError("tokenizer: only an imported tokenizer keeps a chat template "
+                             "(ours is nanochat/data/chat.py's)")
+        self.chat_template = chat_template
         if foreign is not None:  # an imported tokenizer: its own BOS/EOS (FOREIGN)
             self._special = {t: hf.token_to_id(t) for t in (foreign["bos"], foreign["eos"])}
             for t, i in self._special.items():
@@ -124,6 +133,8 @@ class Tokenizer:
         (d / FILENAME).write_text(self._serialized(), encoding="utf-8")
         if self._foreign is not None:
             (d / FOREIGN).write_text(json.dumps(self._foreign) + "\n", encoding="utf-8")
+        if self.chat_template is not None:
+            (d / CHAT_TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
         return d
 
     def save_hf(self, path_dir: str | Path) -> None:
@@ -133,11 +144,14 @@ class Tokenizer:
         conf = {"tokenizer_class": "PreTrainedTokenizerFast",
                 "bos_token": self._hf.id_to_token(self.bos_id),
                 "eos_token": self._hf.id_to_token(self.eos_id)}
+        if self.chat_template is not None:
+            conf["chat_template"] = self.chat_template
         (d / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n",
                                                  encoding="utf-8")
 
     @classmethod
-    def load_foreign(cls, file: str | Path, bos_id, eos_id=None) -> "Tokenizer":
+    def load_foreign(cls, file: str | Path, bos_id, eos_id=None,
+                     chat_template: str | None = None) -> "Tokenizer":
         """Another project's byte-level BPE tokenizer.json (e.g. LLaMA-3's), with the BOS
         (and EOS, default BOS) ids its model config names. Only pipelines we reproduce in
         every tokenizer of ours are accepted: no normalizer, BPE, a ByteLevel decoder, and
@@ -159,7 +173,8 @@ class Tokenizer:
             if t is None:
                 raise ValueError(f"{f}: the model's {key} {i!r} is not a token of this file")
             names[key] = t
-        return cls(hf, {"bos": names["bos_token_id"], "eos": names["eos_token_id"], "pre": pre})
+        return cls(hf, {"bos": names["bos_token_id"], "eos": names["eos_token_id"], "pre": pre},
+                   chat_template)
 
     @classmethod
     def load(cls, path_dir: str | Path) -> "Tokenizer":
@@ -184,13 +199,34 @@ class Tokenizer:
                     or foreign["pre"] not in ("gpt-2", "llama-bpe")):
                 raise ValueError(f"{fs}: expected {{\"bos\", \"eos\", \"pre\"}} strings, "
                                  f"pre 'gpt-2' or 'llama-bpe'")
-        return cls(hf, foreign)
+        template = None
+        ft = Path(path_dir) / CHAT_TEMPLATE_FILE
+        if foreign is not None and ft.is_file():
+            if ft.stat().st_size > MAX_TEMPLATE_BYTES:
+                raise ValueError(f"{ft}: {ft.stat().st_size} bytes, larger than any chat "
+                                 f"template")
+            try:
+                template = ft.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{ft}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return cls(hf, foreign, template)
 
     # ---- encode / decode ----------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; never emits special tokens and adds no BOS."""
         return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_special(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, character offsets) of `text` with special-token strings parsed to their
+        ids, as transformers tokenizes a rendered chat template (nanochat/data/template.py);
+        only for text a template built, never for a document's plain text."""
+        if self._hf_special is None:  # a second instance: `encode` keeps specials as text
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._hf_special = HFTokenizer.from_str(self._serialized())
+        e = self._hf_special.encode(text, add_special_tokens=False)
+        return e.ids, e.offsets
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` over many texts, in parallel (HF's thread pool)."""
@@ -215,6 +251,11 @@ class Tokenizer:
         """End of a document: training puts BOS before every document, so our own
         tokenizers end one with BOS; an imported one with its model's EOS."""
         return self._special[self._foreign["eos"]] if self._foreign else self.bos_id
+
+    @property
+    def foreign(self) -> bool:
+        """An imported tokenizer (its own special tokens, no nanochat chat markers)."""
+        return self._foreign is not None
 
     @property
     def pre_tokenizer(self) -> str:

@@ -15,6 +15,13 @@ oldest turns are dropped and the rest is re-read.
 
     nanochat chat --model model.gguf [--temperature 0.7] [--max-tokens 256] [--system TEXT]
     commands: /reset (forget the conversation), /quit (or Ctrl-D)
+
+An imported model (nanochat import hf, then sft and export) has no such markers; its GGUF
+carries its own tokenizer.chat_template (nanochat/data/template.py) and end-of-turn token
+(tokenizer.ggml.eot_token_id). TemplateConversation renders the whole conversation with that
+template each turn (the system prompt as the template's own system message), tokenizes it
+with special tokens parsed (as transformers and llama.cpp do), feeds what the cache does not
+hold yet and stops the reply at the end-of-turn token. `open_conversation` picks the kind.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 
-from nanochat.data.chat import SYSTEM_SEPARATOR, Markers, user_tokens
+from nanochat._core import core
+from nanochat.data.chat import CHAT_TEMPLATE, SYSTEM_SEPARATOR, Markers, user_tokens
+from nanochat.data.template import ChatTemplate
 from nanochat.infer.engine import Engine
 
 MARKERS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
@@ -77,9 +86,79 @@ class Conversation:
         self.turns.append(user + reply + [self.asst_end])
 
 
+class TemplateConversation:
+    """A chat with an imported model through the GGUF's own chat template (module doc)."""
+
+    def __init__(self, engine: Engine, source: str, tokens: list[str],
+                 system: str | None = None):
+        # tokens: tokenizer.ggml.tokens, where the BOS / EOS texts the template reads are
+        info = engine.info
+        where = f"{info['path']}: tokenizer.chat_template"
+        if info["eot_id"] < 0:
+            raise ValueError(f"{info['path']}: the model has a chat template but no "
+                             f"tokenizer.ggml.eot_token_id, so a reply could not stop")
+        self.engine, self.eot = engine, info["eot_id"]
+        self.template = ChatTemplate(source, where, tokens[info["bos_id"]],
+                                     tokens[info["eos_id"]])
+        self.system = [{"role": "system", "content": system}] if system else []
+        self.messages: list[dict] = []  # user / assistant turns so far
+        self.fed: list[int] = []  # what the engine's cache holds
+        self.last_prompt: list[int] = []  # the last turn's rendered prompt (tests read it)
+        self.engine.reset()
+
+    def reset(self) -> None:
+        self.messages, self.fed = [], []
+        self.engine.reset()
+
+    def _prompt(self, messages: list[dict]) -> list[int]:
+        text = self.template.text(self.system + messages, add_generation_prompt=True)
+        return self.engine.tokenize(text, parse_special=True)
+
+    def reply(self, text: str, max_tokens: int = 256, **sampling) -> Iterator[str]:
+        """Streams the model's reply to `text` and records the turn."""
+        user = {"role": "user", "content": text}
+        budget = self.engine.n_ctx - max_tokens
+        prompt = self._prompt(self.messages + [user])
+        while self.messages and len(prompt) > budget:  # forget the oldest exchange
+            self.messages = self.messages[2:]
+            prompt = self._prompt(self.messages + [user])
+        if len(prompt) > budget:
+            raise ValueError(f"the message ({len(prompt)} tokens with the template) and "
+                             f"--max-tokens {max_tokens} do not fit the context of "
+                             f"{self.engine.n_ctx} tokens")
+        # keep the cache where the new rendering extends it (one token is always fed)
+        n = 0
+        limit = min(len(self.fed), self.engine.n_past, len(prompt) - 1)
+        while n < limit and self.fed[n] == prompt[n]:
+            n += 1
+        self.engine.truncate(n)
+        self.last_prompt = prompt
+        reply: list[int] = []
+        pieces: list[str] = []
+        for token, piece in self.engine.generate(prompt[n:], max_tokens=max_tokens,
+                                                 add_bos=False, stop_tokens=[self.eot],
+                                                 **sampling):
+            if token >= 0:
+                reply.append(token)
+            pieces.append(piece)
+            yield piece
+        self.fed = prompt + reply
+        self.messages += [user, {"role": "assistant", "content": "".join(pieces)}]
+
+
+def open_conversation(engine: Engine, system: str | None = None):
+    """The chat for a GGUF: nanochat's markers (Conversation), or an imported model's own
+    template (TemplateConversation); a clear error for a model with neither."""
+    kv = core().GgufFile(engine.info["path"]).kv()
+    source = kv.get("tokenizer.chat_template")
+    if source is None or source == CHAT_TEMPLATE:
+        return Conversation(engine, system)
+    return TemplateConversation(engine, source, kv["tokenizer.ggml.tokens"], system)
+
+
 def repl(engine: Engine, max_tokens: int, sampling: dict, stdin=sys.stdin,
          stdout=sys.stdout, system: str | None = None) -> int:
-    conv = Conversation(engine, system)
+    conv = open_conversation(engine, system)
     interactive = stdin.isatty()
     if interactive:
         i = engine.info

@@ -4,6 +4,7 @@
     nanochat data prepare --tokenizer RUN/checkpoints/step_000000/tokenizer --source SRC --out DATA
     nanochat train --config RUN/config.toml --out RUN --resume --data DATA --steps 300
     nanochat export --hf OUT_DIR --checkpoint RUN    # -> BitNetForCausalLM.from_pretrained(OUT_DIR)
+    nanochat sft --checkpoint RUN --data chat.jsonl --out RUN2   # with DIR's chat template
 
 The graph is ours (nanochat/model/gpt.py): transformers' BitNet is the Llama stack with
 attn_sub_norm before o_proj and ffn_sub_norm before down_proj, NEOX (rotate_half) RoPE, GQA,
@@ -23,6 +24,9 @@ Weights come in two forms (quantization_config):
   The latent weight we store for codes c and scale s is c * s / p (p: the fraction of nonzero
   codes), whose absmean is s, so re-quantizing gives back exactly c and s (a plain c * s would
   shrink the scale by p).
+
+The checkpoint's chat template (tokenizer_config.json's chat_template, or chat_template.jinja)
+is kept with the tokenizer (nanochat/data/template.py renders it in a Jinja sandbox).
 
 Nothing from disk runs code: config.json is JSON, weights are read with safetensors only
 (no pickle), every key, shape and dtype is checked, and errors name the file and key.
@@ -354,9 +358,15 @@ def _tokenizer_dir(src: Path, cfg: ModelConfig, tmp: Path, bos_id, eos_id) -> Pa
     if not (src / "tokenizer.json").is_file():
         raise HFImportError(f"{src}: tokenizer.json is missing (the run needs the model's "
                             f"tokenizer)")
+    from nanochat.data.template import read_hf_template
+
     if isinstance(eos_id, list):  # several end tokens (LLaMA-3 instruct): the first ends text
         eos_id = eos_id[0] if eos_id else None
-    tok = Tokenizer.load_foreign(src / "tokenizer.json", bos_id, eos_id)
+    try:  # the chat template travels with the tokenizer (chat fine-tuning, export, chat)
+        template = read_hf_template(src)
+    except ValueError as e:
+        raise HFImportError(str(e)) from None
+    tok = Tokenizer.load_foreign(src / "tokenizer.json", bos_id, eos_id, template)
     if tok.vocab_size > cfg.vocab_size:
         raise HFImportError(f"{src / 'tokenizer.json'}: {tok.vocab_size} tokens, more than "
                             f"the model's vocab_size {cfg.vocab_size}")

@@ -12,7 +12,9 @@ val_bpb are the held-out assistant tokens' nats per token and bits per byte. The
 directory is a normal one (`nanochat export --gguf RUN2` works) plus sft.json: the base
 checkpoint, the data files, the bad-row report, and the held-out loss before and after.
 Collider's token filtering does not apply (its scoring passes carry no doc_start) and is
-refused; imported models keep their foreign tokenizer, which has no chat markers: refused.
+refused. An imported model (nanochat import hf) keeps its foreign tokenizer, which has no
+chat markers: its conversations are rendered with its own chat template (nanochat/data/
+template.py), which the run keeps with its tokenizer and export writes to the GGUF.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 
 from nanochat import atomic, checkpoint
 from nanochat.config import RunConfig, apply_overrides, from_dict
-from nanochat.data import chat
+from nanochat.data import chat, template
 from nanochat.data.tokenizer import Tokenizer
 from nanochat.model.build import build_model
 from nanochat.train import loop
@@ -43,7 +45,7 @@ class ChatSource:
     def __init__(self, tokenizer: Tokenizer, tokenizer_parent: Path, chats: chat.ChatSet):
         self.tokenizer = tokenizer
         self.dir = tokenizer_parent  # checkpoints copy dir / "tokenizer"
-        self.markers = chat.Markers.of(tokenizer.special_tokens, str(tokenizer_parent))
+        self.pad = tokenizer.bos_id  # <|bos|> in ours (chat.Markers.bos), BOS in imported ones
         self.all = chats
         self.train, self.val = chats.split(VAL_EVERY)
         if not self.val.ids:  # a single conversation: evaluate on it
@@ -51,7 +53,7 @@ class ChatSource:
         self.token_bytes = torch.as_tensor(tokenizer.token_bytes(), dtype=torch.float64)
 
     def loader(self, batch_size: int, seq_len: int, **kw) -> chat.ConversationLoader:
-        return chat.ConversationLoader(self.train, batch_size, seq_len, pad=self.markers.bos,
+        return chat.ConversationLoader(self.train, batch_size, seq_len, pad=self.pad,
                                        **kw)
 
     @torch.no_grad()
@@ -60,7 +62,7 @@ class ChatSource:
         was_training = model.training
         model.eval()
         rows = chat.pack(self.val.ids, self.val.masks, range(len(self.val.ids)),
-                         cfg.train.seq_len, self.markers.bos)
+                         cfg.train.seq_len, self.pad)
         nats, n_tokens, n_bytes = 0.0, 0, 0.0
         B = cfg.train.batch_size
         for i in range(0, len(rows), B):
@@ -112,8 +114,11 @@ def sft(data: list[str | Path], out: str | Path, base: str | Path | None = None,
     cfg = sft_config(state, steps, overrides or [])
     tok_dir = state["path"] / "tokenizer"
     tok = Tokenizer.load(tok_dir)
-    markers = chat.Markers.of(tok.special_tokens, str(tok_dir))
-    chats = chat.load(data, tok.encode, markers, cfg.train.seq_len + 1)
+    if tok.foreign:  # an imported model: its own chat template (nanochat/data/template.py)
+        render = template.renderer(tok, str(tok_dir))
+    else:
+        render = chat.renderer(tok.encode, chat.Markers.of(tok.special_tokens, str(tok_dir)))
+    chats = chat.load(data, render, cfg.train.seq_len + 1)
     log("chat data: " + chats.report())
     if not chats.ids:
         raise ValueError(f"no usable conversation in {', '.join(map(str, data))}")
