@@ -30,7 +30,10 @@ Two more parts time what training runs around the GEMM (skip them with --no-trai
     and nano_125m's heads, batch 8 x 256), nanochat::attention (the C++ forward and
     backward of csrc/attn) vs torch's SDPA (flash forward and backward, k / v repeated
     for grouped-query heads, as GPT ran before); "kept" is the C++ backward inside a
-    Collider micro-batch keeping 65% of the rows. vs_torch = torch time / this time.
+    Collider micro-batch keeping 65% of the rows; "default" is the op's pure-torch default
+    (what other devices and dtypes run; its CPU kernel takes float32 on every ISA because the
+    C++ op beats the default there, the scalar tiles included: --isa scalar).
+    vs_torch = torch time / this time.
 
 Columns: seconds per call (median), GOPS = 2*rows*cols*tokens/s, weight GB/s
 (TK2 bytes = rows*cols/4 per call), bw_fraction = weight GB/s / read bandwidth,
@@ -336,7 +339,13 @@ def _attention_rows(threads, rounds, min_time, quick, gen):
             o = attention.causal_attention(q, k, v, 0, rows)
             torch.autograd.grad(o, (q, k, v), go)
 
-        variants = {"torch": sdpa, "dense": lambda: ours(False), "kept": lambda: ours(True)}
+        def default():  # the op's torch default, forward then backward
+            with torch.no_grad():
+                o, lse = attention._torch_forward(q, k, v, 0, None)
+                attention._torch_backward(go, q, k, v, o, lse, None, 0, None)
+
+        variants = {"torch": sdpa, "dense": lambda: ours(False), "kept": lambda: ours(True),
+                    "default": default}
         for th in threads:
             times: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(rounds):
@@ -345,7 +354,7 @@ def _attention_rows(threads, rounds, min_time, quick, gen):
                 for name, fn in variants.items():
                     times[name].append(_time_calls(fn, min_time))
             med = {name: statistics.median(v) for name, v in times.items()}
-            for name in ("dense", "kept"):
+            for name in ("dense", "kept", "default"):
                 yield {"op": "attention", "rows": h, "cols": d, "tokens": b * t, "threads": th,
                        "isa": ternary.active_isa(), "kernel": f"attention_{name}",
                        "batch": b, "heads": h, "kv_heads": hkv, "seq": t, "head_dim": d,
@@ -375,8 +384,10 @@ def main(args: argparse.Namespace) -> int:
                   f"{'2^%.1f MACs' % math.log2(m['macs']):>14} {vs:>8} torch", flush=True)
         elif m["op"] == "attention":
             shape = f"{m['batch']}x{m['seq']} h{m['heads']}/{m['kv_heads']} d{m['head_dim']}"
-            what = "kept 65%" if m["kernel"] == "attention_kept" else "all rows"
-            print(f"{'attention fwd+bwd':20} {shape:<22} {m['threads']:>3} {what:>9} "
+            what = {"attention_kept": "kept 65%", "attention_default": "default"}.get(
+                m["kernel"], "all rows")
+            print(f"{'attention fwd+bwd':20} {shape:<22} {m['threads']:>3} {m['isa']:>11} "
+                  f"{what:>9} "
                   f"{_fmt_time(m['seconds']):>10} {vs:>8} torch", flush=True)
         else:
             isa = {"tk2": m["isa"], "tk2x8": "tiles", "tk2_dram": "dram",
