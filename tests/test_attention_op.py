@@ -206,6 +206,24 @@ def test_bf16_runs_the_torch_default_in_float32():
         torch.testing.assert_close(a.double(), b, rtol=0.05, atol=0.05)
 
 
+def test_cpu_kernel_takes_float32_on_vector_isas(isa, monkeypatch):
+    """The CPU kernel runs the C++ op on float32 where its tiles are vector code and hands
+    the scalar ISA (slower than the default there) and other dtypes to the torch default."""
+    ran = []
+    for name in ("_cpp_forward", "_torch_forward", "_cpp_backward", "_torch_backward"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name,
+                            lambda *a, real=real, name=name: ran.append(name) or real(*a))
+    q, k, v, go = _problem(T=8, D=8)
+    for x in (q, q.double()):
+        ran.clear()
+        xs = [t.to(x.dtype).requires_grad_() for t in (q, k, v)]
+        torch.autograd.grad(causal_attention(*xs, 2), xs, go.to(x.dtype))
+        cpp = x.dtype == torch.float32 and isa != "scalar"
+        assert ran == (["_cpp_forward", "_cpp_backward"] if cpp
+                       else ["_torch_forward", "_torch_backward"]), (isa, x.dtype)
+
+
 def test_torch_default_is_every_devices_kernel():
     """The op's body is registered for every device (CompositeExplicitAutograd), the C++
     kernel for the CPU only."""

@@ -31,9 +31,9 @@ Two more parts time what training runs around the GEMM (skip them with --no-trai
     backward of csrc/attn) vs torch's SDPA (flash forward and backward, k / v repeated
     for grouped-query heads, as GPT ran before); "kept" is the C++ backward inside a
     Collider micro-batch keeping 65% of the rows; "default" is the op's pure-torch default
-    (what other devices and dtypes run; its CPU kernel takes float32 on every ISA because the
-    C++ op beats the default there, the scalar tiles included: --isa scalar).
-    vs_torch = torch time / this time.
+    (other devices and dtypes; the CPU kernel hands float32 to it on the scalar ISA, where
+    it beats the scalar tiles: --isa scalar, attention.py _native). Attention runs on the
+    last ISA of --isa. vs_torch = torch time / this time.
 
 Columns: seconds per call (median), GOPS = 2*rows*cols*tokens/s, weight GB/s
 (TK2 bytes = rows*cols/4 per call), bw_fraction = weight GB/s / read bandwidth,

@@ -16,8 +16,8 @@ A full-sequence call (nothing cached: training, evaluation, a prefill) runs
 default on every device and dtype (masked softmax over materialized (T, T) scores per head,
 float32 for bf16 / f16 inputs), and the C++ forward and backward of csrc/attn/attention.cpp
 (16-query tiles, causal tiles skipped, grouped-query heads native) registered for the CPU,
-which takes float32 on every ISA (`_native` decides) and hands other dtypes (bf16 autocast,
-float64 references) to the default. A model's forward is then the same with and without
+which takes float32 on an ISA with vector tiles (`_native` decides) and hands other dtypes
+(bf16 autocast, float64 references) and the scalar ISA to the default. A model's forward is then the same with and without
 grad. Calls over a KV cache (decoding) run SDPA, as does every call of a model built with
 ops="torch" (nanochat/model/build.py: the plain-torch baseline, no op).
 Packed rows (chat fine-tuning packs several conversations into one row): `doc_start`
@@ -249,10 +249,15 @@ def _cpp_backward(grad_out, q, k, v, out, lse, rows, window, doc_start):
 
 
 def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The one place that decides whether the CPU kernel runs the C++ op: float32 inputs,
-    on every ISA (the scalar reference tiles too beat the torch default: `nanochat bench
-    kernels --isa scalar`, op "attention"); other dtypes run the default."""
-    return all(x.dtype == torch.float32 for x in (q, k, v)) and q.numel() > 0
+    """The one place that decides whether the CPU kernel runs the C++ op: float32 inputs on
+    an ISA with vector tiles. The scalar reference tiles are slower than the torch default
+    (`nanochat bench kernels --isa scalar --threads 1`, op "attention"), so the default runs
+    there; the AVX2 / AVX-512 tiles are faster (--isa avx2). ARM's NEON tiles take the C++
+    op as AVX2's do (vector tiles; their speed is unmeasured on an ARM machine)."""
+    from nanochat.ops import ternary
+
+    return (all(x.dtype == torch.float32 for x in (q, k, v)) and q.numel() > 0
+            and ternary.active_isa() != "scalar")
 
 
 @torch.library.custom_op("nanochat::attention", mutates_args=())
