@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 from nanochat.config import ModelConfig
-from nanochat.model.gpt import GPT
 from nanochat.ops import attention, ternary
 from nanochat.ops.attention import causal_attention
 from nanochat.ops.rows import RowSubset
