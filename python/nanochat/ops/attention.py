@@ -163,8 +163,8 @@ def _check(fn: str, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor | None,
 
 
 def _probs(q, k, window, doc_start, lse=None):
-    """(scaled scores' softmax P (B, H, T, T) or, without lse, the masked scores and P) in the
-    compute dtype; k's heads repeated for q's (grouped-query)."""
+    """(P, lse): the softmax (B, H, T, T) of the scaled, masked scores of q over k (k's heads
+    already repeated for q's) and its logsumexp (B, H, T), computed here unless given."""
     t = q.shape[2]
     ok = attention_mask(t, 0, window or None, q.device)
     if doc_start is not None:
@@ -182,15 +182,16 @@ def _torch_forward(q, k, v, window, doc_start):
     ct = _compute_dtype(q)
     with torch.autocast(q.device.type, enabled=False):  # the compute dtype, under autocast too
         qf, kf, vf = q.to(ct), _repeat_kv(q, k.to(ct)), _repeat_kv(q, v.to(ct))
-        p, l = _probs(qf, kf, window, doc_start)
+        p, z = _probs(qf, kf, window, doc_start)
         out.copy_(p @ vf)
-        lse.copy_(l)
+        lse.copy_(z)
     return out, lse
 
 
 def _torch_backward(grad_out, q, k, v, out, lse, rows, window, doc_start):
-    """The C++ backward's math (csrc/attn/attention.h): dS = P (dP - rowsum(do o)); only the
-    kept query rows' P and dS, dq on kept rows and dk, dv on kept keys (zero elsewhere)."""
+    """The C++ backward's math (csrc/attn/attention.h): dS = P (dP - rowsum(do o)). With
+    rows, the other query rows' output gradient counts as zero (so is their dq) and dk, dv
+    are zero on the other keys."""
     _check("attention_backward", q, k, rows, window, doc_start)
     b, h, t, d = q.shape
     hkv = k.shape[1]
