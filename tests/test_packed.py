@@ -1,7 +1,8 @@
 """Packed rows (chat fine-tuning): several conversations in one (B, T) row, each token
 attending only to its own conversation (doc_start, nanochat/ops/attention.py) at positions
-that restart per conversation. The C++ op and the SDPA fallback against float64 masked
-attention; a packed GPT forward/backward against each conversation run alone."""
+that restart per conversation. The C++ op and the SDPA baseline against float64 masked
+attention (the op's torch default: tests/test_attention_op.py); a packed GPT
+forward/backward against each conversation run alone."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import math
 
 import pytest
 import torch
-from nanochat.config import AttentionConfig, ModelConfig, MTPConfig
+from nanochat.config import AttentionConfig, ModelConfig, MTPConfig, RunConfig
 from nanochat.model import mtp
-from nanochat.model.gpt import GPT
+from nanochat.model.build import build_model
 from nanochat.ops import attention
 from nanochat.ops.attention import causal_attention
 from nanochat.ops.rows import RowSubset
@@ -71,11 +72,11 @@ def test_op_keeps_attention_inside_each_conversation(isa, window):
 
 
 @pytest.mark.parametrize("window", [None, 6])
-def test_sdpa_fallback_masks_the_same(monkeypatch, window):
-    monkeypatch.setenv("NANOCHAT_ATTENTION", "torch")
+def test_sdpa_baseline_masks_the_same(window):
+    """attend's SDPA path (op=False: a model built with ops="torch") masks the same."""
     q, k, v, go = _problem(H=4, Hkv=4)
     doc = doc_starts(LENGTHS)
-    out = attention.attend(q, k, v, 0, window, None, doc)
+    out = attention.attend(q, k, v, 0, window, None, doc, op=False)
     torch.testing.assert_close(out, _reference(q, k, v, go, window or 0, doc)[0].float(),
                                rtol=1e-4, atol=1e-5)
 
@@ -91,21 +92,19 @@ def test_bad_doc_start_is_a_clear_error():
                          torch.zeros(2, 8, dtype=torch.int64))
 
 
-def _model(**over) -> GPT:
+def _model(ops: str = "auto", **over):
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                       ffn_hidden=64, max_seq_len=64, **over)
-    torch.manual_seed(0)
-    return GPT(cfg, bitlinear="torch")
+    return build_model(RunConfig(model=cfg), bitlinear="torch", ops=ops)
 
 
-@pytest.mark.parametrize("impl", ["cpp", "torch"])
+@pytest.mark.parametrize("ops", ["auto", "torch"])
 @pytest.mark.parametrize("pattern", ["L", "SL"])
-def test_packed_model_equals_each_conversation_alone(monkeypatch, impl, pattern):
+def test_packed_model_equals_each_conversation_alone(ops, pattern):
     """Logits and parameter gradients of a packed batch equal those of each conversation
-    run alone at positions 0.. (RoPE restarts per conversation), on the C++ op and SDPA,
-    with full and sliding-window layers."""
-    monkeypatch.setenv("NANOCHAT_ATTENTION", impl)
-    model = _model(attention=AttentionConfig(pattern=pattern, window=4))
+    run alone at positions 0.. (RoPE restarts per conversation), on the C++ op and SDPA
+    (ops="torch"), with full and sliding-window layers."""
+    model = _model(ops, attention=AttentionConfig(pattern=pattern, window=4))
     g = torch.Generator().manual_seed(2)
     idx = torch.randint(0, 64, (2, 37), generator=g)
     tgt = torch.randint(0, 64, (2, 37), generator=g)

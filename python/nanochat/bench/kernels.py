@@ -30,7 +30,11 @@ Two more parts time what training runs around the GEMM (skip them with --no-trai
     and nano_125m's heads, batch 8 x 256), nanochat::attention (the C++ forward and
     backward of csrc/attn) vs torch's SDPA (flash forward and backward, k / v repeated
     for grouped-query heads, as GPT ran before); "kept" is the C++ backward inside a
-    Collider micro-batch keeping 65% of the rows. vs_torch = torch time / this time.
+    Collider micro-batch keeping 65% of the rows (both as the op runs: the C++ kernel, or
+    on the scalar ISA its torch default); "cpp" is the C++ kernel on the active ISA, scalar
+    included, and "default" the op's pure-torch default (other devices and dtypes): under
+    --isa scalar they show the choice of attention.py's _native. Attention runs on the last
+    ISA of --isa. vs_torch = torch time / this time.
 
 Columns: seconds per call (median), GOPS = 2*rows*cols*tokens/s, weight GB/s
 (TK2 bytes = rows*cols/4 per call), bw_fraction = weight GB/s / read bandwidth,
@@ -336,7 +340,15 @@ def _attention_rows(threads, rounds, min_time, quick, gen):
             o = attention.causal_attention(q, k, v, 0, rows)
             torch.autograd.grad(o, (q, k, v), go)
 
-        variants = {"torch": sdpa, "dense": lambda: ours(False), "kept": lambda: ours(True)}
+        def direct(fwd, bwd, q=q, k=k, v=v, go=go):  # one of the op's kernels, fwd then bwd
+            with torch.no_grad():
+                o, lse = fwd(q, k, v, 0, None)
+                bwd(go, q, k, v, o, lse, None, 0, None)
+
+        variants = {"torch": sdpa, "dense": lambda: ours(False), "kept": lambda: ours(True),
+                    "cpp": lambda: direct(attention._cpp_forward, attention._cpp_backward),
+                    "default": lambda: direct(attention._torch_forward,
+                                              attention._torch_backward)}
         for th in threads:
             times: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(rounds):
@@ -345,7 +357,7 @@ def _attention_rows(threads, rounds, min_time, quick, gen):
                 for name, fn in variants.items():
                     times[name].append(_time_calls(fn, min_time))
             med = {name: statistics.median(v) for name, v in times.items()}
-            for name in ("dense", "kept"):
+            for name in ("dense", "kept", "cpp", "default"):
                 yield {"op": "attention", "rows": h, "cols": d, "tokens": b * t, "threads": th,
                        "isa": ternary.active_isa(), "kernel": f"attention_{name}",
                        "batch": b, "heads": h, "kv_heads": hkv, "seq": t, "head_dim": d,
@@ -375,8 +387,10 @@ def main(args: argparse.Namespace) -> int:
                   f"{'2^%.1f MACs' % math.log2(m['macs']):>14} {vs:>8} torch", flush=True)
         elif m["op"] == "attention":
             shape = f"{m['batch']}x{m['seq']} h{m['heads']}/{m['kv_heads']} d{m['head_dim']}"
-            what = "kept 65%" if m["kernel"] == "attention_kept" else "all rows"
-            print(f"{'attention fwd+bwd':20} {shape:<22} {m['threads']:>3} {what:>9} "
+            what = {"attention_kept": "kept 65%", "attention_cpp": "cpp",
+                    "attention_default": "default"}.get(m["kernel"], "all rows")
+            print(f"{'attention fwd+bwd':20} {shape:<22} {m['threads']:>3} {m['isa']:>11} "
+                  f"{what:>9} "
                   f"{_fmt_time(m['seconds']):>10} {vs:>8} torch", flush=True)
         else:
             isa = {"tk2": m["isa"], "tk2x8": "tiles", "tk2_dram": "dram",

@@ -11,23 +11,26 @@ and the cache of an "S" layer stays at most window - 1 long however long the gen
 Grouped-query attention: k and v have Hkv heads, q head h reads kv head h // (H / Hkv)
 (llama.cpp's order).
 
-A full-sequence call on the CPU (float32, nothing cached: training, evaluation, a prefill)
-on an ISA with vector tiles (FAST_ISAS) runs `nanochat::attention`, the C++ forward and
-backward of csrc/attn/attention.cpp (16-query tiles, causal tiles skipped, grouped-query
-heads native; `nanochat bench kernels` times it against SDPA), so a model's forward is the
-same with and without grad; calls over a KV cache (decoding), other dtypes or devices and
-the scalar ISA run SDPA.
+A full-sequence call (nothing cached: training, evaluation, a prefill) runs
+`nanochat::attention`, one op in the convention of nanochat/ops/rmsnorm.py: a pure-torch
+default on every device and dtype (masked softmax over materialized (T, T) scores per head,
+float32 for bf16 / f16 inputs), and the C++ forward and backward of csrc/attn/attention.cpp
+(16-query tiles, causal tiles skipped, grouped-query heads native) registered for the CPU,
+which takes float32 on an ISA with vector tiles (`_native` decides) and hands other dtypes
+(bf16 autocast, float64 references) and the scalar ISA to the default. A model's forward is then the same with and without
+grad. Calls over a KV cache (decoding) run SDPA, as does every call of a model built with
+ops="torch" (nanochat/model/build.py: the plain-torch baseline, no op).
 Packed rows (chat fine-tuning packs several conversations into one row): `doc_start`
 (B, T) int64 holds, per token, the position of the first token of its conversation in the
 row, and a query then sees only keys of its own conversation: [max(window start,
-doc_start), q]. The C++ op skips key tiles before every query's start; SDPA takes the
-boolean mask (`packed_mask`). None (the default): one sequence per row, the plain causal
-path unchanged. Positions restart at each conversation too (nanochat/model/gpt.py), so a
+doc_start), q]. The C++ op skips key tiles before every query's start; the op's default
+and SDPA mask the scores (SDPA with `packed_mask`). doc_start None: one sequence per row,
+the plain causal path unchanged. Positions restart at each conversation too (nanochat/model/gpt.py), so a
 packed conversation computes what it would alone.
 Row subsets (nanochat/ops/rows.py; Collider, nanochat/train/collider.py, makes them): only
 the kept token rows carry an output gradient (a dropped row's is exactly zero) and the
 k / v projections drop the gradient of the dropped rows anyway, so given a subset the op's
-backward runs over the kept rows only:
+backward (C++ kernel and default alike) runs over the kept rows only:
 scores and their gradient for kept queries, dk / dv for kept keys. The dense backward
 spends ~5 T^2 D / 2 multiply-adds per head; the kept-row one (3 r + 2 r^2) / 5 of that at
 kept fraction r (0.56 at r = 0.65). Equal to autograd through masked softmax attention up to
@@ -39,7 +42,6 @@ float rounding (tests/test_attention_op.py).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -90,16 +92,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: int,
     """Scaled dot-product attention of q (B, H, T, D) over k, v (B, Hkv, cached + T, D), whose
     first `cached` keys precede the T new positions. Picks SDPA's plain causal / unmasked
     forms where they are exact (a full layer's prefill, a single new token that sees the
-    whole cache) and an explicit mask otherwise. rows: the (B, T) positions' row subset (the
-    kept-row backward where the op runs; module doc). doc_start: packed rows' (B, T)
-    sequence starts (module doc), full-sequence calls only. op=False: SDPA only (a
-    plain-torch baseline)."""
+    whole cache) and an explicit mask otherwise; a full-sequence call (cached 0) runs
+    nanochat::attention instead. rows: the (B, T) positions' row subset (the op's kept-row
+    backward; module doc). doc_start: packed rows' (B, T) sequence starts (module doc),
+    full-sequence calls only. op=False: SDPA only (a model built with ops="torch")."""
     if doc_start is not None:
         if cached:
             raise ValueError("attend: doc_start (packed rows) needs a full-sequence call, "
                              "not one over a KV cache")
         check_doc_start(doc_start, (q.shape[0], q.shape[2]))
-    if cached == 0 and op and op_applies(q, k, v):  # training and every full-sequence forward
+    if cached == 0 and op:  # training and every full-sequence forward
         return causal_attention(q, k, v, window or 0, rows, doc_start)
     k, v = _repeat_kv(q, k), _repeat_kv(q, v)
     if doc_start is not None:
@@ -123,28 +125,96 @@ def trim(kv: torch.Tensor, window: int | None) -> torch.Tensor:
     return kv[:, :, kv.shape[2] - keep:]
 
 
-# ---- the C++ op: forward, and the backward over kept rows (module doc) ----------------------
+# ---- nanochat::attention: forward, and the backward over kept rows (module doc) -------------
 
 
-# ISAs with vector attention tiles (csrc/attn: AVX2, AVX-512). On the scalar reference tiles
-# the op is slower than SDPA (`nanochat bench kernels --isa scalar`, op "attention"), so
-# SDPA runs there. ARM's NEON tiles (neon, neon_dotprod) are tested for agreement under qemu
-# but their speed against SDPA has not been measured on an ARM machine, so "auto" keeps SDPA
-# there; NANOCHAT_ATTENTION=cpp runs them.
-FAST_ISAS = ("avx2", "avx_vnni", "avx512", "avx512_vnni")
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for bf16/f16 inputs, float64 for float64 references."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
-def op_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether nanochat::attention runs this call: float32 CPU tensors outside autocast.
-    NANOCHAT_ATTENTION: auto (default) takes the op on an ISA with vector tiles (FAST_ISAS),
-    cpp on any ISA, torch never."""
-    from nanochat.ops import ternary
+def _flash_layouts(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty out (B, H, T, D) and logsumexp (B, H, T, in the compute dtype), laid out
+    (B, T, H, ...) in memory as torch's flash attention lays them out (the output's transpose
+    back to (B, T, H * D), which the next projection reads, is then free)."""
+    b, h, t, d = q.shape
+    return (q.new_empty((b, t, h, d)).transpose(1, 2),
+            q.new_empty((b, t, h), dtype=_compute_dtype(q)).transpose(1, 2))
 
-    mode = os.environ.get("NANOCHAT_ATTENTION", "auto")
-    return ((mode == "cpp" or (mode == "auto" and ternary.active_isa() in FAST_ISAS))
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v))
-            and q.shape[1] % k.shape[1] == 0 and q.shape[2] == k.shape[2]
-            and not torch.is_autocast_enabled("cpu"))
+
+def _check(fn: str, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor | None,
+           window: int, doc_start: torch.Tensor | None) -> None:
+    """The C++ op's argument checks (csrc/attn/attention.cpp), for the torch default."""
+    h, hkv = q.shape[1], k.shape[1]
+    if hkv <= 0 or h % hkv != 0:
+        raise ValueError(f"{fn}: heads ({h}) is not a multiple of kv_heads ({hkv})")
+    if window < 0:
+        raise ValueError(f"{fn}: window must be >= 0 (0: full causal), got {window}")
+    if doc_start is not None:
+        check_doc_start(doc_start, (q.shape[0], q.shape[2]))
+    if rows is not None and rows.numel():
+        n = q.shape[0] * q.shape[2]
+        bad = (rows < 0) | (rows >= n)
+        bad[1:] |= rows[1:] <= rows[:-1]
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"{fn}: rows[{i}] = {int(rows[i])} is not a sorted row index "
+                             f"below {n}")
+
+
+def _probs(q, k, window, doc_start, lse=None):
+    """(P, lse): the softmax (B, H, T, T) of the scaled, masked scores of q over k (k's heads
+    already repeated for q's) and its logsumexp (B, H, T), computed here unless given."""
+    t = q.shape[2]
+    ok = attention_mask(t, 0, window or None, q.device)
+    if doc_start is not None:
+        ok = ok & (torch.arange(t, device=q.device) >= doc_start[:, None, :, None])
+    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    s = s.masked_fill(~ok, float("-inf"))
+    lse = torch.logsumexp(s, -1) if lse is None else lse
+    return torch.exp(s - lse[..., None]), lse
+
+
+def _torch_forward(q, k, v, window, doc_start):
+    """The C++ forward's result by masked softmax over materialized (T, T) scores per head."""
+    _check("attention_forward", q, k, None, window, doc_start)
+    out, lse = _flash_layouts(q)
+    ct = _compute_dtype(q)
+    with torch.autocast(q.device.type, enabled=False):  # the compute dtype, under autocast too
+        qf, kf, vf = q.to(ct), _repeat_kv(q, k.to(ct)), _repeat_kv(q, v.to(ct))
+        p, z = _probs(qf, kf, window, doc_start)
+        out.copy_(p @ vf)
+        lse.copy_(z)
+    return out, lse
+
+
+def _torch_backward(grad_out, q, k, v, out, lse, rows, window, doc_start):
+    """The C++ backward's math (csrc/attn/attention.h): dS = P (dP - rowsum(do o)). With
+    rows, the other query rows' output gradient counts as zero (so is their dq) and dk, dv
+    are zero on the other keys."""
+    _check("attention_backward", q, k, rows, window, doc_start)
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    ct = _compute_dtype(q)
+    with torch.autocast(q.device.type, enabled=False):
+        qf, of, go = q.to(ct), out.to(ct), grad_out.to(ct)
+        kf, vf = _repeat_kv(q, k.to(ct)), _repeat_kv(q, v.to(ct))
+        keep = None
+        if rows is not None:  # (B, 1, T, 1): the kept rows; a dropped query adds nothing
+            keep = torch.zeros(b * t, dtype=torch.bool, device=q.device)
+            keep[rows] = True
+            keep = keep.view(b, 1, t, 1)
+            go = go.masked_fill(~keep, 0)
+        p, _ = _probs(qf, kf, window, doc_start, lse.to(ct))
+        ds = p * (go @ vf.transpose(-1, -2) - (go * of).sum(-1, keepdim=True))
+        scale = 1.0 / math.sqrt(d)
+        gq = ds @ kf * scale
+        gk = (ds.transpose(-1, -2) @ qf * scale).view(b, hkv, h // hkv, t, d).sum(2)
+        gv = (p.transpose(-1, -2) @ go).view(b, hkv, h // hkv, t, d).sum(2)
+        if keep is not None:
+            gk, gv = gk.masked_fill(~keep, 0), gv.masked_fill(~keep, 0)
+    # the inputs' layouts, as the C++ op and the fake kernel give them
+    return tuple(torch.empty_like(x).copy_(g) for x, g in ((q, gq), (k, gk), (v, gv)))
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -152,20 +222,12 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def _flash_layouts(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty out (B, H, T, D) and logsumexp (B, H, T), laid out (B, T, H, ...) in memory as
-    torch's flash attention lays them out (the output's transpose back to (B, T, H * D),
-    which the next projection reads, is then free)."""
-    b, h, t, d = q.shape
-    return q.new_empty((b, t, h, d)).transpose(1, 2), q.new_empty((b, t, h)).transpose(1, 2)
+def _doc_contiguous(doc_start: torch.Tensor | None) -> torch.Tensor | None:
+    return None if doc_start is None else doc_start.to(torch.int64).contiguous()
 
 
-@torch.library.custom_op("nanochat::attention", mutates_args=(), device_types="cpu")
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                  doc_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, H, T, D), logsumexp (B, H, T)) of causal attention (window 0: full) of q over
-    k, v (B, Hkv, T, D) (csrc/attn/attention.h); doc_start (B, T): packed rows' sequence
-    starts (module doc) or None."""
+def _cpp_forward(q, k, v, window, doc_start):
+    """csrc/attn's forward on the active ISA (float32 CPU tensors)."""
     out, lse = _flash_layouts(q)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     doc_start = _doc_contiguous(doc_start)  # held here: the buffer only borrows its memory
@@ -175,8 +237,45 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
     return out, lse
 
 
-def _doc_contiguous(doc_start: torch.Tensor | None) -> torch.Tensor | None:
-    return None if doc_start is None else doc_start.to(torch.int64).contiguous()
+def _cpp_backward(grad_out, q, k, v, out, lse, rows, window, doc_start):
+    """csrc/attn's backward over the kept rows on the active ISA (float32 CPU tensors)."""
+    gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    t = [_last_dim_contiguous(x) for x in (q, k, v, out, grad_out.float())] + [lse]
+    doc_start = _doc_contiguous(doc_start)
+    core().attention_backward(*(_buf(x) for x in t),
+                              None if rows is None else _buf(rows.contiguous()),
+                              _buf(gq), _buf(gk), _buf(gv), window, 1.0 / math.sqrt(q.shape[-1]),
+                              None if doc_start is None else _buf(doc_start))
+    return gq, gk, gv
+
+
+def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The one place that decides whether the CPU kernel runs the C++ op: float32 inputs on
+    an ISA with vector tiles. The scalar reference tiles are slower than the torch default
+    (`nanochat bench kernels --isa scalar --threads 1`, op "attention"), so the default runs
+    there; the AVX2 / AVX-512 tiles are faster (--isa avx2). ARM's NEON tiles take the C++
+    op as AVX2's do (vector tiles; their speed is unmeasured on an ARM machine)."""
+    from nanochat.ops import ternary
+
+    return (all(x.dtype == torch.float32 for x in (q, k, v)) and q.numel() > 0
+            and ternary.active_isa() != "scalar")
+
+
+@torch.library.custom_op("nanochat::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                  doc_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, T, D), logsumexp (B, H, T)) of causal attention (window 0: full) of q over
+    k, v (B, Hkv, T, D) (csrc/attn/attention.h); doc_start (B, T): packed rows' sequence
+    starts (module doc) or None. logsumexp is float32 (float64 for float64 inputs).
+    This body is the default on every device; the CPU kernel is below."""
+    return _torch_forward(q, k, v, window, doc_start)
+
+
+@_attention_op.register_kernel("cpu")
+def _(q, k, v, window, doc_start=None):
+    if not _native(q, k, v):
+        return _torch_forward(q, k, v, window, doc_start)
+    return _cpp_forward(q, k, v, window, doc_start)
 
 
 @_attention_op.register_fake
@@ -185,22 +284,23 @@ def _(q, k, v, window, doc_start=None):
     return _flash_layouts(q)
 
 
-@torch.library.custom_op("nanochat::attention_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("nanochat::attention_backward", mutates_args=())
 def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                            v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                            rows: torch.Tensor | None, window: int,
                            doc_start: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_q, grad_k, grad_v) on the listed rows (sorted flat b * T + t, int64; None: all),
-    zero elsewhere (csrc/attn/attention.h); doc_start as the forward's."""
-    gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    t = [_last_dim_contiguous(x) for x in (q, k, v, out, grad_out)] + [lse]
-    doc_start = _doc_contiguous(doc_start)
-    core().attention_backward(*(_buf(x) for x in t),
-                              None if rows is None else _buf(rows.contiguous()),
-                              _buf(gq), _buf(gk), _buf(gv), window, 1.0 / math.sqrt(q.shape[-1]),
-                              None if doc_start is None else _buf(doc_start))
-    return gq, gk, gv
+    zero elsewhere (csrc/attn/attention.h); doc_start as the forward's. This body is the
+    default on every device; the CPU kernel is below."""
+    return _torch_backward(grad_out, q, k, v, out, lse, rows, window, doc_start)
+
+
+@_attention_backward_op.register_kernel("cpu")
+def _(grad_out, q, k, v, out, lse, rows, window, doc_start=None):
+    if not _native(q, k, v):
+        return _torch_backward(grad_out, q, k, v, out, lse, rows, window, doc_start)
+    return _cpp_backward(grad_out, q, k, v, out, lse, rows, window, doc_start)
 
 
 @_attention_backward_op.register_fake
