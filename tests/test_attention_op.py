@@ -281,3 +281,26 @@ def test_model_trains_with_the_op_and_torch_ops_runs_none():
     torch.testing.assert_close(runs["auto"][0], runs["torch"][0], rtol=1e-5, atol=1e-6)
     for n, g in runs["torch"][1].items():
         torch.testing.assert_close(runs["auto"][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+
+def test_other_devices_attend_with_sdpa():
+    """Off the CPU a full-sequence call runs SDPA (on a GPU its fused kernels never hold the
+    (T, T) scores the op's default materializes), not nanochat::attention. Meta tensors
+    stand in for a GPU's: a dispatch mode sees every op they run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    for device in ("meta", "cpu"):
+        q, k, v = (torch.randn(2, h, 16, 8, device=device) for h in (4, 2, 2))
+        with Seen() as seen:
+            attention.attend(q, k, v, cached=0, window=None)
+        assert ("nanochat" in seen.ops) == (device == "cpu"), (device, seen.ops)

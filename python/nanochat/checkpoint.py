@@ -323,13 +323,13 @@ def read_shards(shards: Path, state_dict: dict | None = None) -> dict:
     any error."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._traverse import set_element
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import (
         DefaultLoadPlanner,
         _EmptyStateDictLoadPlanner,
     )
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-    from torch.distributed.checkpoint._traverse import set_element
 
     class Reader(dcp.FileSystemReader):
         def read_metadata(self, *args, **kwargs):

@@ -18,8 +18,9 @@ float32 for bf16 / f16 inputs), and the C++ forward and backward of csrc/attn/at
 (16-query tiles, causal tiles skipped, grouped-query heads native) registered for the CPU,
 which takes float32 on an ISA with vector tiles (`_native` decides) and hands other dtypes
 (bf16 autocast, float64 references) and the scalar ISA to the default. A model's forward is then the same with and without
-grad. Calls over a KV cache (decoding) run SDPA, as does every call of a model built with
-ops="torch" (nanochat/model/build.py: the plain-torch baseline, no op).
+grad. Calls over a KV cache (decoding) run SDPA, as do calls on other devices than the CPU
+(a GPU's fused SDPA kernels never materialize the scores) and every call of a model built
+with ops="torch" (nanochat/model/build.py: the plain-torch baseline, no op).
 Packed rows (chat fine-tuning packs several conversations into one row): `doc_start`
 (B, T) int64 holds, per token, the position of the first token of its conversation in the
 row, and a query then sees only keys of its own conversation: [max(window start,
@@ -101,7 +102,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: int,
             raise ValueError("attend: doc_start (packed rows) needs a full-sequence call, "
                              "not one over a KV cache")
         check_doc_start(doc_start, (q.shape[0], q.shape[2]))
-    if cached == 0 and op:  # training and every full-sequence forward
+    # Training and every full-sequence forward on the CPU. On a GPU, SDPA's fused kernels
+    # (flash / memory-efficient) never hold the (T, T) scores the op's default builds.
+    if cached == 0 and op and q.device.type == "cpu":
         return causal_attention(q, k, v, window or 0, rows, doc_start)
     k, v = _repeat_kv(q, k), _repeat_kv(q, v)
     if doc_start is not None:
