@@ -160,8 +160,8 @@ def _launch_torchrun(nproc: int) -> int:
     """`nanochat train --nproc N ...`: the same command under torchrun on this machine."""
     import subprocess
 
-    if nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    from nanochat.train.launch import torchrun_command
+
     argv, skip = [], False
     for a in sys.argv[1:]:
         if skip:
@@ -170,8 +170,7 @@ def _launch_torchrun(nproc: int) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "nanochat", *argv]
+    cmd = torchrun_command(nproc, argv)
     print("launching: " + " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
