@@ -561,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help="collect source files, train the tokenizer, tokenize (cached)",
         description="Walk the sources for files with the given extensions, skip binary and "
         "non-UTF-8 files, drop duplicates, split train/val by file, train a byte-level BPE "
-        "tokenizer on train and write train.bin/val.bin, tokenizer/ and manifest.json. "
+        "tokenizer on train and write token shards (train_00000.bin, val_00000.bin, ...), "
+        "tokenizer/ and manifest.json. "
         "Sources that are or hold parquet / JSON lines files (*.parquet, *.jsonl, .jsonl.gz, "
         ".jsonl.zst) are read record by record instead, tokenized in --workers processes "
         "and written as token shards (docs/data.md). "
@@ -574,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     pdp.add_argument("--workers", type=int, metavar="N",
                      help="tokenizer processes for parquet/JSONL (default: the CPU cores)")
     pdp.add_argument("--shard-tokens", type=int, metavar="N",
-                     help="tokens per shard file for parquet/JSONL (default: 2**28)")
+                     help="tokens per shard file (default: 2**28)")
     pdp.add_argument("--tokenizer-sample-bytes", type=int, metavar="N",
                      help="bytes of train text the tokenizer trains on, for parquet/JSONL "
                      "(default: 100000000)")
