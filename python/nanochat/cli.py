@@ -653,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     benches = [
         (kernels, "kernels", "ternary GEMV/GEMM per kernel path and thread count vs torch f32"),
         (bench_decode, "decode", "prefill/decode tokens/s of the C++ engine vs llama.cpp"),
-        (bench_train, "train", "training tokens/s and peak memory, C++ BitLinear vs torch"),
+        (bench_train, "train", "training tokens/s and peak memory, C++ BitLinear vs torch; "
+         "--nproc N: N torchrun ranks vs 1"),
         (bench_collider, "collider", "Collider token filtering: backward/step time, held-out loss"),
         (bench_arch, "arch", "step time and memory of mHC, MoE, hybrid attention vs plain"),
         (bench_optim, "optim", "optimizer-state bytes and step time: AdamW/Muon/Lion fp32 and "

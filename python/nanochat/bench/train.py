@@ -27,7 +27,7 @@ step (forward + backward + AdamW on the model as `train.parallel` wraps it: DDP,
 with `--parallel fsdp`) in 1 rank and in N ranks, each launched by torchrun exactly as
 `nanochat train --nproc` launches (train/launch.py; gloo on CPU), alternating 1 and N round
 by round. The machine's threads (--threads, default the CPUs this process may use) are
-split evenly over the ranks, so both rows use the same cores. A step is timed between
+split evenly over the ranks, at least one each, so by default both rows use the same cores. A step is timed between
 barriers on every rank; tokens/s counts all ranks' tokens (N x batch x seq per step), and
 `scaling_vs_1` is N ranks' tokens/s over 1 rank's (N is ideal; on a machine whose cores the
 one rank already uses, the ratio measures what the extra processes and the gradient
