@@ -135,7 +135,8 @@ def rank_memory(cfg, nproc: int) -> dict:
     bf16 units."""
     import torch
 
-    from nanochat.model.gpt import GPT, model_info
+    from nanochat.model.build import build_model
+    from nanochat.model.gpt import model_info
 
     t = cfg.train
     info = model_info(cfg.model, t.batch_size, t.seq_len)
@@ -143,8 +144,8 @@ def rank_memory(cfg, nproc: int) -> dict:
            "optimizer": info["optimizer_state_bytes"], "gathered": 0,
            "activations": info["activation_bytes"]}
     if nproc > 1:
-        with torch.device("meta"):
-            model = GPT(cfg.model)
+        with torch.device("meta"):  # shapes only, no memory
+            model = build_model(cfg, "meta", seed=None)
         blocks = [sum(p.numel() for p in b.parameters()) for b in [*model.blocks, *model.mtp]]
         root = info["total_params"] - sum(blocks)
         for k in ("params", "grads", "optimizer"):
