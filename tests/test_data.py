@@ -121,8 +121,11 @@ def test_prepare_manifest_and_files(prepared, src, tmp_path):
     out = tmp_path / "out"
     m = Manifest.load(out)
     assert m == prepared and m.out_dir == str(out)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer", "train.bin",
-                                                     "val.bin"]  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json", "tokenizer", "train_00000.bin", "val_00000.bin"]  # no temp files left
+    assert m.schema == corpus.SCHEMA_VERSION and m.text_field is None
+    assert m.shards == {s: [{"file": f"{s}_00000.bin", "tokens": m.split(s).tokens}]
+                        for s in ("train", "val")}
     assert m.sources == [str(src.resolve())] and m.extensions == [".py"]
     assert m.vocab_size == VOCAB and m.dtype == "uint16"
     assert m.skipped == {"binary": 1, "undecodable": 1, "empty": 1} and m.duplicates == 1
@@ -133,7 +136,7 @@ def test_prepare_manifest_and_files(prepared, src, tmp_path):
         docs = getattr(files, name)
         st = m.split(name)
         assert st.files == len(docs) and st.bytes == sum(len(d.text.encode()) for d in docs)
-        assert (out / f"{name}.bin").stat().st_size == 2 * st.tokens
+        assert (out / f"{name}_00000.bin").stat().st_size == 2 * st.tokens
     tok = Tokenizer.load(out / "tokenizer")
     assert tok.sha256() == m.tokenizer_sha256 and tok.vocab_size == VOCAB
     json.loads((out / "manifest.json").read_text())  # plain JSON
@@ -151,6 +154,75 @@ def test_token_files_hold_bos_then_each_document(prepared, src, tmp_path):
                                                                  getattr(files, name)]
         # bits-per-byte denominator: token_bytes over the tokens == the UTF-8 bytes
         assert int(data.token_bytes[arr].sum()) == prepared.split(name).bytes
+
+
+def test_source_tree_shards_hold_the_same_tokens(prepared, src, tmp_path):
+    """Small shards: the same token stream as one shard and as encoding each document with
+    <|bos|> before it; every shard full but the last; the shard count in the summary."""
+    one = TokenData(tmp_path / "out")
+    tok = one.tokenizer
+    files = collect([src], [".py"], VAL_FRACTION)
+    m = prepare([src], tmp_path / "small", VOCAB, VAL_FRACTION, [".py"], progress=False,
+                record_options={"shard_tokens": 100})
+    assert m.settings_hash != prepared.settings_hash  # shard_tokens is a setting
+    assert m.tokenizer_sha256 == prepared.tokenizer_sha256
+    many = TokenData(tmp_path / "small")
+    for name in ("train", "val"):
+        direct = np.concatenate([np.array([tok.bos_id, *ids], dtype=np.uint16) for ids in
+                                 tok.encode_batch([d.text for d in getattr(files, name)])])
+        assert np.array_equal(np.asarray(getattr(one, name)), direct)
+        assert np.array_equal(np.asarray(getattr(many, name)), direct)
+        sizes = [n for _, n in m.files_of(name)]
+        assert len(sizes) == -(-len(direct) // 100) and set(sizes[:-1]) <= {100}
+        assert [f for f, _ in m.files_of(name)] == [f"{name}_{i:05d}.bin"
+                                                    for i in range(len(sizes))]
+    assert f"in {len(m.shards['train'])} shard(s)" in "\n".join(corpus.summary_lines(m))
+    # prepared again with one shard: the old shards go, the manifest lists what is there
+    again = prepare([src], tmp_path / "small", VOCAB, VAL_FRACTION, [".py"], progress=False)
+    assert sorted(p.name for p in (tmp_path / "small").glob("*.bin")) == [
+        "train_00000.bin", "val_00000.bin"] and again.shards == prepared.shards
+
+
+def test_source_tree_shards_split_into_disjoint_rank_slices(src, tmp_path):
+    """Each of 2 ranks reads its own contiguous slice of the sharded stream: disjoint,
+    together the whole of it, crossing shard boundaries like the flat array."""
+    from nanochat.data.dataset import ShardedTokens
+    from nanochat.train.distributed import Group
+
+    m = prepare([src], tmp_path / "o", VOCAB, VAL_FRACTION, [".py"], progress=False,
+                record_options={"shard_tokens": 64})
+    train = TokenData(m.out_dir).train
+    assert isinstance(train, ShardedTokens) and len(m.shards["train"]) > 4
+    flat = np.asarray(train)
+    seq = 8
+    parts = [Group(rank, 2, rank).shard(train, seq) for rank in range(2)]
+    n = len(flat) // 2
+    assert [len(p) for p in parts] == [n, n]
+    assert np.array_equal(np.asarray(parts[0]), flat[:n])
+    assert np.array_equal(np.asarray(parts[1]), flat[n:2 * n])  # starts where rank 0 ends
+
+
+def test_flat_schema_1_directory_still_loads(prepared, tmp_path):
+    """A directory a source tree was prepared into before shards (train.bin, val.bin,
+    schema 1, shards null) reads as before, and preparing into it again replaces it."""
+    out = tmp_path / "out"
+    mf = out / "manifest.json"
+    d = json.loads(mf.read_text())
+    for name in ("train", "val"):
+        (out / f"{name}_00000.bin").rename(out / f"{name}.bin")
+    old_settings = {"schema": 1, "sources": d["sources"], "extensions": d["extensions"],
+                    "vocab_size": d["vocab_size"], "val_fraction": d["val_fraction"]}
+    mf.write_text(json.dumps({**d, "schema": 1, "shards": None,
+                              "settings_hash": corpus._hash(old_settings)}))
+    old = TokenData(out)
+    assert old.manifest.schema == corpus.FLAT_SCHEMA and old.manifest.files_of("train") == [
+        ("train.bin", prepared.train.tokens)]
+    assert isinstance(old.train, np.memmap) and len(old.val) == prepared.val.tokens
+    assert "train.bin" not in "\n".join(corpus.summary_lines(old.manifest))
+    new = prepare([prepared.sources[0]], out, VOCAB, VAL_FRACTION, [".py"], progress=False)
+    assert new.schema == corpus.SCHEMA_VERSION  # settings changed with the schema: redone
+    assert sorted(p.name for p in out.glob("*.bin")) == ["train_00000.bin", "val_00000.bin"]
+    assert np.array_equal(np.asarray(TokenData(out).train), np.asarray(old.train))
 
 
 def test_tokenizer_is_trained_on_train_only(tmp_path):
@@ -182,7 +254,7 @@ def test_cache_reuse_and_invalidation(prepared, src, tmp_path, capsys):
     assert changed.fingerprint != base.fingerprint
     assert changed.train.bytes + changed.val.bytes == base.train.bytes + base.val.bytes + 10
     # a damaged output -> prepared again
-    with open(tmp_path / "out" / "val.bin", "ab") as fh:
+    with open(tmp_path / "out" / "val_00000.bin", "ab") as fh:
         fh.write(b"\0\0")
     capsys.readouterr()
     repaired = prepare([src], tmp_path / "out", VOCAB, VAL_FRACTION, [".py"], progress=False)
@@ -224,9 +296,11 @@ def test_interrupted_prepare_leaves_no_stale_manifest(prepared, src, tmp_path, m
 
 
 def test_write_tokens_is_atomic(prepared, src, tmp_path, monkeypatch):
-    """A failure while writing leaves the previous train.bin untouched and no temp file."""
+    """A failure while writing a shard leaves the previous one untouched and no temp file."""
+    from nanochat.data.records import ShardWriter
+
     out = tmp_path / "out"
-    before = (out / "train.bin").read_bytes()
+    before = (out / "train_00000.bin").read_bytes()
     tok = Tokenizer.load(out / "tokenizer")
 
     class Bad:
@@ -236,8 +310,9 @@ def test_write_tokens_is_atomic(prepared, src, tmp_path, monkeypatch):
     good = collect([src], [".py"], VAL_FRACTION).train
     docs = (good * corpus.ENCODE_CHUNK)[:corpus.ENCODE_CHUNK] + [Bad()]  # fails in chunk 2
     with pytest.raises(OSError, match="disk full"):
-        corpus._write_tokens(docs, tok, out / "train.bin", np.dtype(np.uint16), False, "x")
-    assert (out / "train.bin").read_bytes() == before
+        corpus._write_tokens(docs, tok, ShardWriter(out, "train", 1 << 20, np.dtype(np.uint16)),
+                             False, "x")
+    assert (out / "train_00000.bin").read_bytes() == before
     assert not list(out.glob("*.tmp"))
 
 
@@ -287,11 +362,11 @@ def test_token_data_opens_read_only(prepared, tmp_path):
     ("no_manifest", FileNotFoundError, "manifest.json"),
     ("corrupt_manifest", ValueError, "manifest.json: not valid JSON"),
     ("dtype", ValueError, "dtype 'uint32' does not match"),
-    ("truncated", ValueError, r"train.bin: \d+ bytes, but .*manifest.json says"),
-    ("missing_bin", FileNotFoundError, "val.bin does not exist"),
+    ("truncated", ValueError, r"train_00000.bin: \d+ bytes, but .*manifest.json says"),
+    ("missing_bin", FileNotFoundError, "val_00000.bin does not exist"),
     ("schema", ValueError, "schema 99"),
     # an id past the vocabulary would index past the embedding table
-    ("bad_id", ValueError, rf"val.bin: token id {VOCAB + 5} at position 3 is out of range "
+    ("bad_id", ValueError, rf"val_00000.bin: token id {VOCAB + 5} at position 3 is out of range "
                            rf"for the vocabulary of {VOCAB} tokens"),
 ])
 def test_token_data_validation(prepared, tmp_path, damage, exc, match):
@@ -305,16 +380,16 @@ def test_token_data_validation(prepared, tmp_path, damage, exc, match):
     elif damage == "dtype":
         mf.write_text(json.dumps({**d, "dtype": "uint32"}))
     elif damage == "truncated":
-        with open(out / "train.bin", "r+b") as f:
+        with open(out / "train_00000.bin", "r+b") as f:
             f.truncate(f.seek(0, 2) - 2)
     elif damage == "missing_bin":
-        (out / "val.bin").unlink()
+        (out / "val_00000.bin").unlink()
     elif damage == "schema":
         mf.write_text(json.dumps({**d, "schema": 99}))
     elif damage == "bad_id":
-        val = np.fromfile(out / "val.bin", dtype=d["dtype"])
+        val = np.fromfile(out / "val_00000.bin", dtype=d["dtype"])
         val[3] = VOCAB + 5
-        val.tofile(out / "val.bin")
+        val.tofile(out / "val_00000.bin")
     with pytest.raises(exc, match=match):
         TokenData(out)
 
@@ -400,4 +475,5 @@ def test_prepare_default_stdlib(tmp_path):
     uni, bi = unigram_bigram_bpb(data)
     assert 0 < bi < uni < 8
     assert took < 120, took
-    assert os.path.getsize(Path(m.out_dir) / "train.bin") == 2 * m.train.tokens
+    assert sum(os.path.getsize(Path(m.out_dir) / f) for f, _ in m.files_of("train")) == (
+        2 * m.train.tokens)

@@ -87,3 +87,90 @@ def test_recipe_runs_training(tmp_path):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["attention"]["pattern"] == "SSSL"  # the recipe's config
     assert saved["train"]["max_steps"] == 3
+
+
+@pytest.mark.parametrize("name", sorted(recipes.RECIPES))
+def test_fsdp_plan_shards_memory_per_rank(name):
+    """--nproc N: the global batch stays, the sharded state per rank is 1/N of one GPU's,
+    the activations follow the per-rank micro-batch, and the command is torchrun's."""
+    from nanochat.model.gpt import model_info
+
+    one = recipes.plan(name, tokens_per_s=1000.0, nproc=1)
+    prev = one["memory_per_rank"]
+    for n in (2, 8):
+        p = recipes.plan(name, tokens_per_s=1000.0, nproc=n)
+        m = p["memory_per_rank"]
+        assert p["tokens_per_step"] == one["tokens_per_step"]  # same global batch
+        assert p["global_batch_sequences"] == (p["micro_batch_per_rank"]
+                                               * p["grad_accum_per_rank"] * n)
+        for k in ("params", "grads", "optimizer"):
+            assert m[k] == -(-one["memory_per_rank"][k] // n) < prev[k]
+        act = model_info(load_config(name).model, p["micro_batch_per_rank"],
+                         p["config"]["train"]["seq_len"])["activation_bytes"]
+        assert m["activations"] == act and m["gathered"] > 0
+        assert p["training_state_bytes"] == sum(v for k, v in m.items() if k != "total")
+        assert m["total"] < prev["total"]
+        assert p["tokens_per_s"] == 1000.0 * n and "linear scaling" in p["tokens_per_s_source"]
+        assert p["command"].startswith(f"torchrun --standalone --nproc_per_node={n} -m "
+                                       f"nanochat train --config {name} ")
+        cfg = load_config(name, p["overrides"])
+        assert cfg.train.parallel == "fsdp" and cfg.train.batch_size == p["micro_batch_per_rank"]
+        assert f"{n} GPUs, FSDP2" in recipes.format_plan(p)
+        prev = m
+
+
+@pytest.mark.parametrize("name", sorted(recipes.RECIPES))
+def test_one_rank_plan_is_the_single_process_plan(name):
+    """--nproc 1 plans what the dry run planned before --nproc: one process, unsharded."""
+    from nanochat.model.gpt import model_info
+
+    p = recipes.plan(name, tokens_per_s=1000.0, nproc=1)
+    r = recipes.RECIPES[name]
+    seq = load_config(name).model.max_seq_len
+    info = model_info(load_config(name).model, r.micro_batch, seq)
+    assert p["overrides"] == r.overrides(seq)
+    assert not any("parallel" in o for o in p["overrides"])
+    assert (p["micro_batch_per_rank"], p["grad_accum_per_rank"]) == (r.micro_batch, r.grad_accum)
+    assert p["training_state_bytes"] == info["training_state_bytes"]
+    assert p["param_state_bytes"] == info["params_bytes"] * 2 + info["optimizer_state_bytes"]
+    assert p["activation_bytes"] == info["activation_bytes"]
+    assert p["memory_per_rank"]["gathered"] == 0 and p["tokens_per_s"] == 1000.0
+    assert p["command"].startswith(f"nanochat train --config {name} --data DIR")
+
+
+def test_bad_nproc_is_a_clear_error(capsys):
+    with pytest.raises(ValueError, match=r"128 sequences per optimizer step do not split "
+                       r"evenly over 3 ranks; use one of 1, 2, 4, 8"):
+        recipes.plan("nano_125m", tokens_per_s=1000.0, nproc=3)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match=f"--nproc must be an integer >= 1, got {bad}"):
+            recipes.plan("nano_125m", tokens_per_s=1000.0, nproc=bad)
+    assert main(["recipe", "small_560m", "--dry-run", "--tokens-per-s", "1", "--nproc",
+                 "5"]) != 0
+    assert "over 5 ranks" in capsys.readouterr().err
+
+
+def test_cli_nproc_json(capsys):
+    assert main(["recipe", "medium_3b", "--dry-run", "--tokens-per-s", "1e5", "--nproc", "16",
+                 "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert (p["nproc"], p["parallel"], p["micro_batch_per_rank"],
+            p["grad_accum_per_rank"]) == (16, "fsdp", 2, 8)
+
+
+def test_run_with_nproc_launches_the_planned_torchrun_command(monkeypatch, capsys):
+    import subprocess
+
+    seen = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: seen.append(cmd) or 0)
+    assert main(["recipe", "nano_125m", "--nproc", "4", "--data", "d", "--out", "o",
+                 "--set", "optim.lr=0.001"]) == 0
+    (cmd,) = seen
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                        "-m"]
+    i = cmd.index("train")
+    assert cmd[i:i + 7] == ["train", "--config", "nano_125m", "--data", "d", "--out", "o"]
+    sets = [cmd[j + 1] for j, a in enumerate(cmd) if a == "--set"]
+    assert sets == recipes.RECIPES["nano_125m"].overrides(1024, 4) + ["optim.lr=0.001"]
+    assert "train.batch_size=16" in sets and "train.grad_accum=2" in sets
+    assert "launching: torchrun --standalone --nproc_per_node=4" in capsys.readouterr().out

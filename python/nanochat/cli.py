@@ -160,8 +160,8 @@ def _launch_torchrun(nproc: int) -> int:
     """`nanochat train --nproc N ...`: the same command under torchrun on this machine."""
     import subprocess
 
-    if nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    from nanochat.train.launch import torchrun_command
+
     argv, skip = [], False
     for a in sys.argv[1:]:
         if skip:
@@ -170,8 +170,7 @@ def _launch_torchrun(nproc: int) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "nanochat", *argv]
+    cmd = torchrun_command(nproc, argv)
     print("launching: " + " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
@@ -563,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help="collect source files, train the tokenizer, tokenize (cached)",
         description="Walk the sources for files with the given extensions, skip binary and "
         "non-UTF-8 files, drop duplicates, split train/val by file, train a byte-level BPE "
-        "tokenizer on train and write train.bin/val.bin, tokenizer/ and manifest.json. "
+        "tokenizer on train and write token shards (train_00000.bin, val_00000.bin, ...), "
+        "tokenizer/ and manifest.json. "
         "Sources that are or hold parquet / JSON lines files (*.parquet, *.jsonl, .jsonl.gz, "
         ".jsonl.zst) are read record by record instead, tokenized in --workers processes "
         "and written as token shards (docs/data.md). "
@@ -576,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     pdp.add_argument("--workers", type=int, metavar="N",
                      help="tokenizer processes for parquet/JSONL (default: the CPU cores)")
     pdp.add_argument("--shard-tokens", type=int, metavar="N",
-                     help="tokens per shard file for parquet/JSONL (default: 2**28)")
+                     help="tokens per shard file (default: 2**28)")
     pdp.add_argument("--tokenizer-sample-bytes", type=int, metavar="N",
                      help="bytes of train text the tokenizer trains on, for parquet/JSONL "
                      "(default: 100000000)")
@@ -654,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     benches = [
         (kernels, "kernels", "ternary GEMV/GEMM per kernel path and thread count vs torch f32"),
         (bench_decode, "decode", "prefill/decode tokens/s of the C++ engine vs llama.cpp"),
-        (bench_train, "train", "training tokens/s and peak memory, C++ BitLinear vs torch"),
+        (bench_train, "train", "training tokens/s and peak memory, C++ BitLinear vs torch; "
+         "--nproc N: N torchrun ranks vs 1"),
         (bench_collider, "collider", "Collider token filtering: backward/step time, held-out loss"),
         (bench_arch, "arch", "step time and memory of mHC, MoE, hybrid attention vs plain"),
         (bench_optim, "optim", "optimizer-state bytes and step time: AdamW/Muon/Lion fp32 and "

@@ -1,4 +1,4 @@
-"""Corpus discovery and preparation: source trees -> tokenizer + flat token files.
+"""Corpus discovery and preparation: source trees -> tokenizer + sharded token files.
 
     nanochat data prepare                      # the Python standard library, vocab 4096
     nanochat data prepare --source ~/src/proj --ext .py --ext .md --vocab-size 8192
@@ -11,22 +11,25 @@ val_fraction. The split does not depend on where the tree lives on disk or on wh
 files exist.
 
 `prepare` trains the tokenizer on the train split only, tokenizes every document with
-<|bos|> before it, and writes into out_dir:
+<|bos|> before it, and writes into out_dir the same layout as parquet/JSONL records:
 
-    train.bin, val.bin   flat token arrays (uint16 when vocab_size <= 65536, else uint32)
-    tokenizer/           tokenizer.json
-    manifest.json        settings, counts, tokenizer hash; written last
+    train_00000.bin, ...  token shards of at most shard_tokens tokens (uint16 when
+    val_00000.bin, ...    vocab_size <= 65536, else uint32), in document order
+    tokenizer/            tokenizer.json
+    manifest.json         settings, counts, tokenizer hash, the shard list (schema 2); last
 
 Each file is written under a temporary name and renamed, and the old manifest is removed
-first, so an interrupted run never leaves a manifest describing other files. A second
+first (then the old token files, whose count may differ), so an interrupted run never
+leaves a manifest describing other files. A second
 `prepare` with the same settings and unchanged sources (same relative paths, sizes and
 mtimes) returns the existing manifest. The default out_dir is
 $NANOCHAT_CACHE/data/<hash of the settings>, where NANOCHAT_CACHE defaults to
 $XDG_CACHE_HOME/nanochat, else ~/.cache/nanochat.
 
 Sources that are, or hold, parquet / JSON lines files go to records.py instead (read record
-by record in worker processes, written as token shards; manifest schema 2, docs/data.md).
-The source-tree path above writes the flat layout (schema 1); both schemas are read.
+by record in worker processes; docs/data.md). Both write schema 2. Directories of the flat
+layout (schema 1: train.bin, val.bin), what source trees were prepared into before, are
+still read.
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ from nanochat.data import records
 from nanochat.data.records import split_fraction
 from nanochat.data.tokenizer import MIN_VOCAB, Tokenizer
 
-SCHEMA_VERSION = 2  # 2: sharded token files listed in "shards" (records.py)
-FLAT_SCHEMA = 1  # train.bin/val.bin, what a source tree still prepares into; both are read
+SCHEMA_VERSION = 2  # 2: sharded token files listed in "shards" (records.ShardWriter)
+FLAT_SCHEMA = 1  # train.bin/val.bin, what source trees were prepared into; still read
 READABLE_SCHEMAS = (FLAT_SCHEMA, SCHEMA_VERSION)
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -60,6 +63,7 @@ SPLITS = ("train", "val")
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", ".git", ".hg",
                            ".svn", ".tox", ".venv", "node_modules"})
 ENCODE_CHUNK = 64  # documents per encode_batch call
+SHARD_TOKENS = 1 << 28  # default tokens per shard file (512 MiB of uint16)
 
 
 def default_sources() -> list[str]:
@@ -237,9 +241,9 @@ class Manifest:
     fingerprint: str  # of the source files' relative paths, sizes and mtimes
     created: str
     prepare_s: float = 0.0
-    # schema 2 (records.py): split -> [{"file": "train_00000.bin", "tokens": n}, ...]
+    # schema 2: split -> [{"file": "train_00000.bin", "tokens": n}, ...]
     shards: dict | None = None
-    text_field: str | None = None
+    text_field: str | None = None  # records (parquet/JSONL) only
     bad_records: dict | None = None  # per kind, "total" and "first" (file:line: reason)
     out_dir: str = field(default="", compare=False)  # where it lives; not serialized
 
@@ -319,9 +323,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def _settings(sources: list[Path], exts: list[str], vocab_size: int,
-              val_fraction: float) -> dict:
-    return {"schema": FLAT_SCHEMA, "sources": [str(s) for s in sources], "extensions": exts,
-            "vocab_size": vocab_size, "val_fraction": val_fraction}
+              val_fraction: float, shard_tokens: int = SHARD_TOKENS) -> dict:
+    return {"schema": SCHEMA_VERSION, "sources": [str(s) for s in sources], "extensions": exts,
+            "vocab_size": vocab_size, "val_fraction": val_fraction,
+            "shard_tokens": shard_tokens}
 
 
 def _hash(obj) -> str:
@@ -337,10 +342,10 @@ def _fingerprint(found: list[tuple[Path, Path, str]]) -> str:
 
 
 def default_out_dir(sources, vocab_size: int, val_fraction: float,
-                    extensions=(".py",)) -> Path:
+                    extensions=(".py",), shard_tokens: int = SHARD_TOKENS) -> Path:
     """cache_dir()/data/<first 12 hex of the settings hash>."""
     s = _settings(_resolve_sources(sources), _normalize_extensions(extensions), vocab_size,
-                  val_fraction)
+                  val_fraction, shard_tokens)
     return cache_dir() / "data" / _hash(s)[:12]
 
 
@@ -377,25 +382,26 @@ def _cached(out_dir: Path, settings_hash: str, fingerprint: str) -> Manifest | N
     return m
 
 
-def _write_tokens(docs: list[Document], tok: Tokenizer, dest: Path, dtype: np.dtype,
-                  progress: bool, desc: str) -> int:
-    """Tokenize docs (BOS before each) into dest atomically; returns the token count."""
-    n = 0
+def _write_tokens(docs: list[Document], tok: Tokenizer, writer: records.ShardWriter,
+                  progress: bool, desc: str) -> list[dict]:
+    """Tokenize docs (BOS before each) into writer's shards; returns the manifest's shard
+    list. On an error the shard being written is removed (no temp file is left)."""
     bar = _progress(None, progress, desc, "B", total=sum(d.nbytes for d in docs))
     try:
-        with atomic.open_atomic(dest) as f:
-            for i in range(0, len(docs), ENCODE_CHUNK):
-                chunk = docs[i:i + ENCODE_CHUNK]
-                ids = tok.encode_batch([d.text for d in chunk])
-                arr = np.concatenate([np.array([tok.bos_id, *x], dtype=dtype) for x in ids])
-                arr.tofile(f)
-                n += len(arr)
-                if progress:
-                    bar.update(sum(d.nbytes for d in chunk))
+        for i in range(0, len(docs), ENCODE_CHUNK):
+            chunk = docs[i:i + ENCODE_CHUNK]
+            ids = tok.encode_batch([d.text for d in chunk])
+            writer.write(np.concatenate([np.array([tok.bos_id, *x], dtype=writer.dtype)
+                                         for x in ids]))
+            if progress:
+                bar.update(sum(d.nbytes for d in chunk))
+        return writer.close()
+    except BaseException as e:
+        writer.abort(e)
+        raise
     finally:
         if progress:
             bar.close()
-    return n
 
 
 def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4096,
@@ -406,7 +412,8 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
     `tokenizer`: a tokenizer directory to use as it is instead of training one (e.g. an
     imported model's, RUN/checkpoints/step_000000/tokenizer); vocab_size is then its size.
     Sources that are (or hold) parquet/JSONL files go to prepare_records, with
-    record_options (text_field, workers, shard_tokens, tokenizer_sample_bytes)."""
+    record_options (text_field, workers, shard_tokens, tokenizer_sample_bytes); a source
+    tree takes shard_tokens of those."""
     t0 = time.perf_counter()
     if sources:
         roots = _resolve_sources(sources)
@@ -420,8 +427,12 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
                              f"records in {', '.join(str(r) for r in roots if kinds[r])}; "
                              f"trees in {', '.join(str(r) for r in roots if not kinds[r])}; "
                              "prepare them separately")
-    if record_options:  # a source tree: these options would be silently ignored
-        raise ValueError(f"{', '.join(record_options)}: only for parquet/JSONL sources")
+    tree_options = dict(record_options or {})
+    shard_tokens = tree_options.pop("shard_tokens", SHARD_TOKENS)
+    if tree_options:  # a source tree: these options would be silently ignored
+        raise ValueError(f"{', '.join(tree_options)}: only for parquet/JSONL sources")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
     given = Tokenizer.load(tokenizer) if tokenizer is not None else None
     if given is not None:
         vocab_size = given.vocab_size
@@ -432,7 +443,7 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
     exts = _normalize_extensions(extensions)
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    settings = _settings(roots, exts, vocab_size, val_fraction)
+    settings = _settings(roots, exts, vocab_size, val_fraction, shard_tokens)
     if given is not None:  # the cache key names the tokenizer used
         settings["tokenizer_sha256"] = given.sha256()
     settings_hash = _hash(settings)
@@ -446,6 +457,8 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
     files = collect(roots, exts, val_fraction, progress)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
+    for old in list(out.glob("train*.bin")) + list(out.glob("val*.bin")):
+        old.unlink()  # the previous run's token files: flat, or shards of another count
     if progress:
         n = sum(d.nbytes for d in files.train)
         print(f"training tokenizer (vocab {vocab_size}) on {len(files.train)} files, "
@@ -458,15 +471,17 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
     os.replace(tmp_tok, out / "tokenizer")
 
     dtype = token_dtype(vocab_size)
-    stats = {}
+    stats, shards = {}, {}
     for name in SPLITS:
         docs = getattr(files, name)
-        ntok = _write_tokens(docs, tok, out / f"{name}.bin", dtype, progress,
-                             f"tokenizing {name}")
-        stats[name] = SplitStats(len(docs), sum(d.nbytes for d in docs), ntok)
+        shards[name] = _write_tokens(docs, tok,
+                                     records.ShardWriter(out, name, shard_tokens, dtype),
+                                     progress, f"tokenizing {name}")
+        stats[name] = SplitStats(len(docs), sum(d.nbytes for d in docs),
+                                 sum(sh["tokens"] for sh in shards[name]))
 
     m = Manifest(
-        schema=FLAT_SCHEMA, sources=settings["sources"], extensions=exts,
+        schema=SCHEMA_VERSION, sources=settings["sources"], extensions=exts,
         vocab_size=vocab_size, val_fraction=val_fraction, dtype=dtype.name,
         train=stats["train"], val=stats["val"],
         skipped={"binary": files.binary, "undecodable": files.undecodable,
@@ -474,7 +489,7 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
         duplicates=files.duplicates, matched=files.matched, tokenizer_sha256=tok.sha256(),
         settings_hash=settings_hash, fingerprint=fingerprint,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        prepare_s=round(time.perf_counter() - t0, 2), out_dir=str(out),
+        prepare_s=round(time.perf_counter() - t0, 2), shards=shards, out_dir=str(out),
     )
     atomic.write_text(out / MANIFEST, json.dumps(m.to_dict(), indent=2) + "\n")
     return m
@@ -505,7 +520,7 @@ def _sample(files, text_field: str, val_fraction: float, limit: int) -> Iterator
 def prepare_records(roots: list[Path], out_dir=None, vocab_size: int = 4096,
                     val_fraction: float = 0.05, progress: bool = True, tokenizer=None,
                     text_field: str = "text", workers: int | None = None,
-                    shard_tokens: int = 1 << 28, tokenizer_sample_bytes: int = 100_000_000):
+                    shard_tokens: int = SHARD_TOKENS, tokenizer_sample_bytes: int = 100_000_000):
     """Prepare parquet/JSONL sources into out_dir (module doc); cached like prepare."""
     t0 = time.perf_counter()
     workers = _default_workers() if workers is None else workers
@@ -625,7 +640,7 @@ def prepare_records(roots: list[Path], out_dir=None, vocab_size: int = 4096,
 def summary_lines(m: Manifest) -> list[str]:
     """Human-readable summary of a manifest (what `nanochat data prepare` prints)."""
     sk = m.skipped
-    if m.shards is not None:  # parquet / JSONL records (records.py)
+    if m.text_field is not None:  # parquet / JSONL records (records.py)
         b = m.bad_records or {}
         bad = ", ".join(f"{b.get(k, 0)} {k.replace('_', ' ')}" for k in
                         ("invalid_json", "not_object", "missing_field", "wrong_type",
@@ -646,6 +661,9 @@ def summary_lines(m: Manifest) -> list[str]:
             f"prepared in  : {m.prepare_s:.1f} s  ({m.created})",
         ]
         return lines
+    def shards(split: str) -> str:  # a flat schema-1 directory has none
+        return f" in {len(m.shards[split])} shard(s)" if m.shards is not None else ""
+
     return [
         f"data dir     : {m.out_dir}",
         f"sources      : {', '.join(m.sources)}  ({', '.join(m.extensions)})",
@@ -653,7 +671,8 @@ def summary_lines(m: Manifest) -> list[str]:
         f"skipped      : {sk['binary']} binary, {sk['undecodable']} undecodable, "
         f"{sk['empty']} empty; {m.duplicates} duplicates dropped",
         f"bytes        : train {m.train.bytes:,}, val {m.val.bytes:,}",
-        f"tokens       : train {m.train.tokens:,}, val {m.val.tokens:,}  ({m.dtype}, "
+        f"tokens       : train {m.train.tokens:,}{shards('train')}, val {m.val.tokens:,}"
+        f"{shards('val')}  ({m.dtype}, "
         f"{m.train.bytes / max(m.train.tokens, 1):.2f} bytes/token on train)",
         f"tokenizer    : vocab {m.vocab_size}, sha256 {m.tokenizer_sha256[:16]}",
         f"prepared in  : {m.prepare_s:.1f} s  ({m.created})",

@@ -6,11 +6,12 @@
 `TokenData(dir)` validates manifest.json against the files next to it (dtype, sizes, the
 tokenizer hash), memory-maps the token files (no copy) and checks every token id against
 the vocabulary in one chunked pass (a prepared directory may come from someone else). Every
-check names the file it is about. A split is one np.memmap when it is one file (train.bin of
-a source tree, or a single shard) and a `ShardedTokens` over the shards' memmaps otherwise:
-the same token stream as their concatenation, indexed like an array (len, slices, integer
-arrays), so the loader's windows, the ranks' slices (train/distributed.py) and their
-checkpointed position work the same across shard boundaries.
+check names the file it is about. A split is one np.memmap when it is one file (a single
+shard, or train.bin of a flat schema-1 directory) and a `ShardedTokens` over the shards'
+memmaps otherwise: the same token stream as their concatenation, indexed like an array
+(len, slices, integer arrays), so the loader's windows, the ranks' slices
+(train/distributed.py) and their checkpointed position work the same across shard
+boundaries.
 
 Bits per byte convention (the same as the trainer's held-out eval): the targets are the
 val tokens after the first; bits/byte = sum over targets of -ln p(target), divided by
