@@ -120,6 +120,17 @@ def _normalize_extensions(extensions) -> list[str]:
     return sorted(set(exts))
 
 
+def _given_tokenizer(tokenizer, vocab_size: int):
+    """(the given tokenizer or None, the vocabulary size prepare builds for), checked."""
+    given = Tokenizer.load(tokenizer) if tokenizer is not None else None
+    if given is not None:
+        vocab_size = given.vocab_size
+    if not MIN_VOCAB <= vocab_size <= 2**32:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (5 special tokens + 256 bytes) "
+                         f"and fit in uint32, got {vocab_size}")
+    return given, vocab_size
+
+
 def _resolve_sources(sources) -> list[Path]:
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -433,12 +444,7 @@ def prepare(sources=None, out_dir: str | Path | None = None, vocab_size: int = 4
         raise ValueError(f"{', '.join(tree_options)}: only for parquet/JSONL sources")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    given = Tokenizer.load(tokenizer) if tokenizer is not None else None
-    if given is not None:
-        vocab_size = given.vocab_size
-    if not MIN_VOCAB <= vocab_size <= 2**32:
-        raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (5 special tokens + 256 bytes) "
-                         f"and fit in uint32, got {vocab_size}")
+    given, vocab_size = _given_tokenizer(tokenizer, vocab_size)
     roots = _resolve_sources(sources or default_sources())
     exts = _normalize_extensions(extensions)
     if not 0 < val_fraction < 1:
@@ -534,12 +540,7 @@ def prepare_records(roots: list[Path], out_dir=None, vocab_size: int = 4096,
         raise ValueError("text_field must be a non-empty name")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    given = Tokenizer.load(tokenizer) if tokenizer is not None else None
-    if given is not None:
-        vocab_size = given.vocab_size
-    if not MIN_VOCAB <= vocab_size <= 2**32:
-        raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (5 special tokens + 256 bytes) "
-                         f"and fit in uint32, got {vocab_size}")
+    given, vocab_size = _given_tokenizer(tokenizer, vocab_size)
     files = [(p, rel) for r in roots for p, rel in records.record_files(r, EXCLUDED_DIRS)]
     suffixes = sorted({next(s for s in sorted(records.RECORD_SUFFIXES, key=len, reverse=True)
                             if str(p).endswith(s)) for p, _ in files})
