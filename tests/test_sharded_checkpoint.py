@@ -95,3 +95,7 @@ def test_bad_shard_dirs_are_clear_errors(data_dir, tmp_path):  # noqa: F811
     with pytest.raises(checkpoint.UnsafeCheckpointError):  # never falls back to an older one
         checkpoint.load(tmp_path / "run", consolidate=False)
     assert not (tmp_path / "pwned").exists()
+    # a class that DCP's filesystem module imports from elsewhere is no index record
+    index.write_bytes(b"ctorch.distributed.checkpoint.filesystem\nPath\n(S'/x'\ntR.")
+    with pytest.raises(checkpoint.UnsafeCheckpointError, match="filesystem.Path"):
+        checkpoint.load(ckpt)

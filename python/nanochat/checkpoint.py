@@ -292,7 +292,9 @@ class _IndexUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module in _DCP_MODULES and not name.startswith("__"):
             obj = getattr(importlib.import_module(module), name, None)
-            if isinstance(obj, type):  # dataclasses and enums, built from data
+            # a record class defined there (dataclasses and enums, built from data), not a
+            # name the module imported from elsewhere
+            if isinstance(obj, type) and obj.__module__ == module:
                 return obj
         elif module == "torch" and (name == "Size" or isinstance(
                 getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
