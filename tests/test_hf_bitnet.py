@@ -39,9 +39,10 @@ EXACT_TOL, FLIP_TOL = 1e-5, 2e-2
 PACKED_MEAN = 5e-3
 
 
-def llama3_tokenizer_json(vocab: int) -> str:
+def llama3_tokenizer_json(vocab: int, specials: tuple[str, ...] = (BOS, EOS),
+                          texts: tuple[str, ...] = ()) -> str:
     """A LLaMA-3-style tokenizer.json (llama-bpe split regex + ByteLevel, BPE) of `vocab`
-    tokens with BOS/EOS specials, trained on a little varied text."""
+    tokens with `specials` first, trained on a little varied text (plus `texts`)."""
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTok
 
@@ -52,8 +53,8 @@ def llama3_tokenizer_json(vocab: int) -> str:
     tok.decoder = decoders.ByteLevel()
     text = ["def f(x):\n    return x * 2  # doubled\r\n", "The cat's hat isn't red.",
             "1234567 apples + 89 pears", "日本語のテキスト 😀 emoji",
-            "IT'S LOUD; THEY'RE HERE"] * 20
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[BOS, EOS],
+            "IT'S LOUD; THEY'RE HERE", *texts] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(text, trainer=trainer)

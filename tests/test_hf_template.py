@@ -18,9 +18,10 @@ pytest.importorskip("jinja2")
 
 from nanochat.cli import main
 from nanochat.data import template
-from nanochat.data.tokenizer import LLAMA3_REGEX, Tokenizer
+from nanochat.data.tokenizer import Tokenizer
 from nanochat.interop.hf_bitnet import import_hf
 from nanochat.train.sft import sft
+from test_hf_bitnet import llama3_tokenizer_json
 
 VOCAB = 512
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -50,25 +51,9 @@ CONVERSATIONS = [
 
 
 def llama3_chat_tokenizer_json() -> str:
-    """A LLaMA-3-style tokenizer.json (llama-bpe split, ByteLevel BPE) with LLaMA-3's chat
-    special tokens."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HFTok
-
-    tok = HFTok(models.BPE(ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    text = ["def f(x):\n    return x * 2  # doubled\r\n", "The cat's hat isn't red.",
-            "user assistant system\n\n", "1234567 apples + 89 pears 😀"] * 20
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, show_progress=False,
-                                  special_tokens=[BOS, EOS, HEADER_START, HEADER_END, EOT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(text, trainer=trainer)
-    short = VOCAB - tok.get_vocab_size(with_added_tokens=True)
-    tok.add_special_tokens([f"<|reserved_special_token_{i}|>" for i in range(short)])
-    return tok.to_str()
+    """test_hf_bitnet's LLaMA-3-style tokenizer.json with LLaMA-3's chat special tokens."""
+    return llama3_tokenizer_json(VOCAB, (BOS, EOS, HEADER_START, HEADER_END, EOT),
+                                 ("user assistant system\n\n",))
 
 
 def write_hf_dir(d, chat_template: str | None = TEMPLATE):
