@@ -347,12 +347,12 @@ def _descendants(pid: int) -> list[int]:
             except OSError:
                 continue
             parent[int(p)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, todo = [], [pid]
-    while todo:
-        kids = [c for c, pp in parent.items() if pp == todo[-1]]
-        todo.pop()
+    found, stack = [], [pid]  # depth-first over the process tree below pid
+    while stack:
+        top = stack.pop()
+        kids = [c for c, pp in parent.items() if pp == top]
         found += kids
-        todo += kids
+        stack += kids
     return found
 
 
