@@ -221,9 +221,9 @@ class ChatTemplate:
         ends = [i for i, (a, b) in zip(ids, offsets)
                 if tokenizer.is_special(i) and a < span[1] and b > span[0]]
         if not ends:
-            raise UnmarkableTemplate(f"{self.where}: the chat template ends an assistant turn with no "
-                             f"special token (it renders {text[span[0]:span[1]]!r}), so a "
-                             f"reply could not stop")
+            raise UnmarkableTemplate(f"{self.where}: the chat template ends an assistant turn "
+                                     f"with no special token (it renders "
+                                     f"{text[span[0]:span[1]]!r}), so a reply could not stop")
         return ends[-1]
 
 

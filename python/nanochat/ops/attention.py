@@ -17,17 +17,18 @@ default on every device and dtype (masked softmax over materialized (T, T) score
 float32 for bf16 / f16 inputs), and the C++ forward and backward of csrc/attn/attention.cpp
 (16-query tiles, causal tiles skipped, grouped-query heads native) registered for the CPU,
 which takes float32 on an ISA with vector tiles (`_native` decides) and hands other dtypes
-(bf16 autocast, float64 references) and the scalar ISA to the default. A model's forward is then the same with and without
-grad. Calls over a KV cache (decoding) run SDPA, as do calls on other devices than the CPU
-(a GPU's fused SDPA kernels never materialize the scores) and every call of a model built
-with ops="torch" (nanochat/model/build.py: the plain-torch baseline, no op).
+(bf16 autocast, float64 references) and the scalar ISA to the default. A model's forward is
+then the same with and without grad. Calls over a KV cache (decoding) run SDPA, as do
+calls on other devices than the CPU (a GPU's fused SDPA kernels never materialize the
+scores) and every call of a model built with ops="torch" (nanochat/model/build.py: the
+plain-torch baseline, no op).
 Packed rows (chat fine-tuning packs several conversations into one row): `doc_start`
 (B, T) int64 holds, per token, the position of the first token of its conversation in the
 row, and a query then sees only keys of its own conversation: [max(window start,
 doc_start), q]. The C++ op skips key tiles before every query's start; the op's default
 and SDPA mask the scores (SDPA with `packed_mask`). doc_start None: one sequence per row,
-the plain causal path unchanged. Positions restart at each conversation too (nanochat/model/gpt.py), so a
-packed conversation computes what it would alone.
+the plain causal path unchanged. Positions restart at each conversation too
+(nanochat/model/gpt.py), so a packed conversation computes what it would alone.
 Row subsets (nanochat/ops/rows.py; Collider, nanochat/train/collider.py, makes them): only
 the kept token rows carry an output gradient (a dropped row's is exactly zero) and the
 k / v projections drop the gradient of the dropped rows anyway, so given a subset the op's
